@@ -1,0 +1,132 @@
+"""`python -m lipsync_runner ...`: generate, download-models, make-test-assets.
+
+Exit codes a script can rely on: 0 success, 2 bad input or usage, 3 models missing or
+broken, 4 media processing failed, 1 anything else. Errors are one line on stderr;
+`--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
+from .settings import RunnerSettings
+
+EXIT_CODES = ((InvalidInputError, 2), (ModelFilesError, 3), (MediaProcessingError, 4), (LipSyncError, 1))
+
+
+def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lipsync_runner", description="MuseTalk lip-sync, streaming.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="lip-sync a video to an audio track")
+    gen.add_argument("--video", type=Path, required=True, help="input video (mp4, avi, mov, mkv, webm)")
+    gen.add_argument("--audio", type=Path, required=True, help="speech (mp3, wav, m4a, aac, ogg, or a video)")
+    gen.add_argument("--output", "-o", type=Path, required=True, help="output MP4")
+    gen.add_argument("--models-dir", type=Path, default=settings.models_dir,
+                     help="MuseTalk models directory (default: $MUSETALK_MODELS_DIR)")
+    gen.add_argument("--device", default=settings.device, help="cpu, cuda, cuda:N or auto ($LIP_SYNC_DEVICE)")
+    gen.add_argument("--bbox-shift", type=int, default=settings.bbox_shift,
+                     help="v1.0 only: move the mouth box down (+) or up (-) in pixels ($LIP_SYNC_BBOX_SHIFT)")
+    gen.add_argument("--batch-size", type=int, default=settings.batch_size, help="frames per model call")
+    gen.add_argument("--version", choices=["auto", "v15", "v1"], default=settings.model_version,
+                     help="MuseTalk UNet version (auto: v1.5 when present)")
+    gen.add_argument("--face-detector", choices=["auto", "haar", "fan"], default=settings.face_detector,
+                     help="auto: S3FD+FAN when its weights are in the models dir, else OpenCV Haar")
+    gen.add_argument("--crf", type=int, default=settings.crf, help="x264 quality (lower is better)")
+    gen.add_argument("--preset", default=settings.preset, help="x264 preset")
+
+    dl = sub.add_parser("download-models", help="fetch the real weights from the model hub")
+    dl.add_argument("--to", type=Path, required=True, help="models directory to fill")
+    dl.add_argument("--version", choices=["v15", "v1", "all"], default="v15")
+    dl.add_argument("--with-face-alignment", action="store_true", help="also fetch S3FD + FAN weights")
+
+    assets = sub.add_parser("make-test-assets",
+                            help="write tiny RANDOM-weight models in the real layout plus a test video and audio")
+    assets.add_argument("--to", type=Path, required=True)
+    assets.add_argument("--size", choices=["tiny", "full"], default="tiny",
+                        help="full: MuseTalk's real dimensions, random weights (for benchmarks)")
+    return parser
+
+
+def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
+    from tqdm import tqdm
+
+    from .faces import load_face_detector
+    from .musetalk import MuseTalk
+    from .pipeline import PipelineOptions, run, validate_inputs
+
+    validate_inputs(args.video, args.audio)  # fail fast, before loading models
+    model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version)
+    detector = load_face_detector(args.face_detector, model.layout.root, str(model.device))
+    options = PipelineOptions(bbox_shift=args.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
+                              extra_margin=settings.extra_margin, crf=args.crf, preset=args.preset,
+                              ffmpeg_timeout_s=settings.ffmpeg_timeout_s)
+    with tqdm(total=1000, unit="‰", desc="starting", bar_format="{desc:<9} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+        def progress(stage: str, fraction: float) -> None:
+            bar.set_description_str(stage)
+            bar.update(int(fraction * 1000) - bar.n)
+
+        result = run(model, detector, args.video, args.audio, args.output, options, progress=progress)
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(result.seconds.items(), key=lambda kv: -kv[1]))
+    print(f"wrote {result.output} ({result.frames} frames at {float(result.fps):.3f} fps, "
+          f"{result.width}x{result.height}; face in {result.face_frames}/{result.source_frames} input frames; "
+          f"detector {detector.name}; {timing})")
+    return 0
+
+
+def _make_test_assets(args: argparse.Namespace) -> int:
+    from .testing import write_face_video, write_models_dir, write_speech_like_audio
+
+    root: Path = args.to
+    models = write_models_dir(root / "models", size=args.size, versions=("v15", "v1"))
+    video = write_face_video(root / "face.mp4", seconds=4, size=(640, 360))
+    speech = write_speech_like_audio(root / "speech.wav", seconds=5)
+    print(f"models: {models} (random weights: the mouth will be noise, not speech)\nvideo: {video}\naudio: {speech}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = RunnerSettings()
+    args = _parser(settings).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+        _quiet_libraries()
+    try:
+        if args.command == "generate":
+            return _generate(args, settings)
+        if args.command == "download-models":
+            from .models.download import download_models
+
+            root = download_models(args.to, version=args.version, face_alignment=args.with_face_alignment)
+            print(f"models ready in {root}")
+            return 0
+        return _make_test_assets(args)
+    except LipSyncError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers print load-time advice that is noise for a CLI user."""
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass

@@ -1,0 +1,52 @@
+"""Errors that cross module boundaries, each carrying the HTTP status it maps to.
+
+The service turns these into responses and the CLI into one-line messages, so the
+text must be useful to an end user and never contain a traceback or internal path
+beyond the file the user named.
+"""
+
+from __future__ import annotations
+
+
+class LipSyncError(Exception):
+    """Base class: a failure with a message fit for the user."""
+
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInputError(LipSyncError):
+    """An upload that is not what it claims to be (not a video, no audio stream, ...)."""
+
+    http_status = 400
+
+
+class NoFaceError(InvalidInputError):
+    """The video has no detectable face in any frame."""
+
+
+class InputTooLargeError(LipSyncError):
+    """An input over a configured size or duration limit."""
+
+    http_status = 413
+
+
+class ModelFilesError(LipSyncError):
+    """The models directory is missing a file or holds a broken one."""
+
+    http_status = 503
+
+
+class MediaProcessingError(LipSyncError):
+    """ffmpeg failed on input that passed validation (a codec quirk, a crash, a hang)."""
+
+    http_status = 500
+
+
+class JobCancelledError(LipSyncError):
+    """The caller asked the pipeline to stop; nothing was written."""
+
+    http_status = 409

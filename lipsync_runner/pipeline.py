@@ -1,0 +1,231 @@
+"""One lip-sync job end to end, as a straight line of streaming stages.
+
+    validate -> audio features -> pass 1: decode + track faces -> pass 2: decode ->
+    crop -> prepare (VAE encode) -> generate (UNet + VAE decode) -> blend -> encode + mux
+
+Frames flow through in chunks and are never all held at once; only per-frame boxes
+(a few hundred bytes each) and the audio features (384 KB per second of audio) are
+kept for the whole job. The model is anything with `audio_features`, `prepare` and
+`generate` (the local MuseTalk component, or the GPU service's client).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from . import audio as audio_math
+from .blend import blend_faces
+from .crops import crop_faces
+from .errors import InvalidInputError, JobCancelledError, MediaProcessingError
+from .faces import FaceDetector, FaceTrack, track_faces
+from .framestore import FrameStore, pingpong_indices
+from .media import AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio, probe_video
+from .musetalk import LipSyncModel
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, float], None]
+"""Called with (stage, overall fraction done in 0..1)."""
+
+STAGES = ("audio", "decode", "faces", "prepare", "generate", "blend", "encode")
+DETECT_CHUNK = 32  # frames per face-detection call
+FACES_SHARE = 0.2  # share of the progress bar given to pass 1
+
+
+@dataclass
+class PipelineOptions:
+    bbox_shift: int = 0
+    batch_size: int = 8
+    version: str = "v15"
+    extra_margin: int = 10
+    crf: int = 18
+    preset: str = "veryfast"
+    ffmpeg_timeout_s: float | None = None
+
+
+@dataclass
+class JobResult:
+    output: Path
+    frames: int  # frames written
+    source_frames: int  # frames in the input video
+    face_frames: int  # input frames with a face
+    fps: Fraction
+    width: int
+    height: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class StageClock:
+    """Wall time per stage; nested stages are not double counted by construction of the call sites."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+def validate_inputs(video: Path, audio: Path) -> tuple[VideoInfo, AudioInfo]:
+    """Check both files by content (not extension) before any work starts."""
+    return probe_video(video), probe_audio(audio)
+
+
+def run(
+    model: LipSyncModel,
+    detector: FaceDetector,
+    video: Path | str,
+    audio: Path | str,
+    output: Path | str,
+    options: PipelineOptions | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    work_dir: Path | str | None = None,
+) -> JobResult:
+    """Lip-sync `video` to `audio` and write an MP4 to `output` (atomically: all or nothing)."""
+    opts = options or PipelineOptions()
+    video, audio, output = Path(video), Path(audio), Path(output)
+    clock = StageClock()
+    report = progress or (lambda stage, fraction: None)
+
+    def check_cancel() -> None:
+        if should_cancel is not None and should_cancel():
+            raise JobCancelledError("the job was cancelled")
+
+    info, _ = validate_inputs(video, audio)
+    fps = info.fps
+
+    report("audio", 0.0)
+    with clock("audio"):
+        pcm = decode_audio(audio, audio_math.SAMPLE_RATE, timeout_s=opts.ffmpeg_timeout_s)
+        n_out = audio_math.frame_count(len(pcm), fps)
+        if n_out == 0:
+            raise InvalidInputError(f"{audio.name} is shorter than one video frame")
+        steps = model.audio_features(pcm)
+    del pcm
+    check_cancel()
+
+    # The audio may outrun the video: then pass 2 plays frames backward, which a stream cannot.
+    store = FrameStore(info.height, info.width, work_dir) if n_out > info.frame_count_estimate - fps else None
+    try:
+        report("faces", 0.0)
+        track = _track(video, info, detector, opts, clock, store, check_cancel,
+                       lambda f: report("faces", FACES_SHARE * f))
+        if n_out > len(track.has_face) and store is None:  # the probe's frame count was too optimistic
+            store = FrameStore(info.height, info.width, work_dir)
+            _track(video, info, detector, opts, clock, store, check_cancel, lambda f: None)
+
+        result = _render(model, track, steps, video, audio, output, info, n_out, opts, clock, store,
+                         check_cancel, lambda f: report("generate", FACES_SHARE + (1 - FACES_SHARE) * f))
+    finally:
+        if store is not None:
+            store.close()
+    report("done", 1.0)
+    result.seconds = dict(clock.seconds)
+    return result
+
+
+def _chunks(reader: VideoReader, size: int, clock: StageClock) -> Iterator[np.ndarray]:
+    while True:
+        with clock("decode"):
+            chunk = reader.read_chunk(size)
+        if len(chunk) == 0:
+            return
+        yield chunk
+
+
+def _track(video: Path, info: VideoInfo, detector: FaceDetector, opts: PipelineOptions, clock: StageClock,
+           store: FrameStore | None, check_cancel: Callable[[], None],
+           progress: Callable[[float], None]) -> FaceTrack:
+    """Pass 1: decode every frame once, find the face crop of each, keep frames only if ping-pong needs them."""
+    expected = max(1, info.frame_count_estimate)
+
+    def frames() -> Iterator[np.ndarray]:
+        done = 0
+        with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s) as reader:
+            for chunk in _chunks(reader, DETECT_CHUNK, clock):
+                check_cancel()
+                if store is not None:
+                    store.append(chunk)
+                done += len(chunk)
+                progress(min(1.0, done / expected))
+                yield chunk
+
+    # Face detection time is measured as the total minus what decoding took inside the generator.
+    decode_before = clock.seconds["decode"]
+    start = time.perf_counter()
+    track = track_faces(frames(), detector, bbox_shift=opts.bbox_shift, version=opts.version,
+                        extra_margin=opts.extra_margin)
+    clock.seconds["faces"] += time.perf_counter() - start - (clock.seconds["decode"] - decode_before)
+    return track
+
+
+def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Path, audio: Path, output: Path,
+            info: VideoInfo, n_out: int, opts: PipelineOptions, clock: StageClock, store: FrameStore | None,
+            check_cancel: Callable[[], None], progress: Callable[[float], None]) -> JobResult:
+    """Pass 2: for each chunk of output frames, regenerate the mouth where there is a face, then encode."""
+    n_src = len(track.has_face)
+    reader = None if store is not None else VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s)
+    source = _chunks(reader, opts.batch_size, clock) if reader is not None else None
+    written = 0
+    try:
+        with VideoWriter(output, info.width, info.height, info.fps, audio_path=audio, crf=opts.crf,
+                         preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s) as writer:
+            for start in range(0, n_out, opts.batch_size):
+                check_cancel()
+                out_idx = np.arange(start, min(start + opts.batch_size, n_out))
+                if store is not None:
+                    src_idx = pingpong_indices(out_idx, n_src)
+                    with clock("decode"):
+                        frames = store.take(src_idx)
+                else:
+                    src_idx = out_idx  # n_out <= n_src: plain forward playback
+                    chunk = next(source, None)
+                    if chunk is None or len(chunk) < len(out_idx):
+                        raise MediaProcessingError(f"{video.name} ended early on the second read")
+                    frames = chunk[: len(out_idx)]
+                frames = _lip_sync_chunk(model, track, steps, frames, src_idx, out_idx, info.fps, clock)
+                with clock("encode"):
+                    writer.write(frames)
+                written += len(frames)
+                progress(written / n_out)
+            with clock("encode"):
+                writer.close()
+    finally:
+        if reader is not None:
+            reader.close()
+    return JobResult(output=output, frames=written, source_frames=n_src, face_frames=int(track.has_face.sum()),
+                     fps=info.fps, width=info.width, height=info.height)
+
+
+def _lip_sync_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, frames: np.ndarray,
+                    src_idx: np.ndarray, out_idx: np.ndarray, fps: Fraction, clock: StageClock) -> np.ndarray:
+    """Regenerate the lower face of the frames that have one; others pass through untouched."""
+    sel = np.flatnonzero(track.has_face[src_idx])
+    if len(sel) == 0:
+        return frames
+    boxes = track.boxes[src_idx[sel]]
+    landmarks = track.landmarks[src_idx[sel]] if track.landmarks is not None else None
+    with clock("prepare"):
+        crops = crop_faces(frames[sel], boxes)
+        latents = model.prepare(crops)
+    with clock("generate"):
+        windows = audio_math.frame_windows(steps, out_idx[sel], fps)
+        faces = model.generate(latents, windows)
+    with clock("blend"):
+        frames[sel] = blend_faces(frames[sel], faces, boxes, landmarks)
+    return frames

@@ -1,0 +1,197 @@
+"""Tiny random-weight MuseTalk models in the real on-disk layout, and test media.
+
+Tests and CPU benchmarks use these: same file names, same formats, same tensor shapes
+at every boundary (8-channel 32x32 latents, 384-wide audio tokens, 256x256 crops), just
+far fewer channels and layers, so the loading code cannot tell them from the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The published musetalk.json (TMElyralab/MuseTalk, v1.0 and v1.5 share it).
+FULL_UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 384,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 8,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+# stabilityai/sd-vae-ft-mse's config.json.
+FULL_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+# openai/whisper-tiny's encoder dimensions (the decoder is never run).
+FULL_WHISPER_CONFIG: dict[str, Any] = {
+    "d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 1536,
+    "decoder_layers": 4, "decoder_attention_heads": 6, "decoder_ffn_dim": 1536, "num_mel_bins": 80,
+    "max_source_positions": 1500, "max_target_positions": 448, "vocab_size": 51865,
+}
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    **FULL_UNET_CONFIG,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+TINY_VAE_CONFIG: dict[str, Any] = {**FULL_VAE_CONFIG, "block_out_channels": [4, 4, 8, 8], "layers_per_block": 1,
+                                   "norm_num_groups": 2}
+TINY_WHISPER_CONFIG: dict[str, Any] = {
+    **FULL_WHISPER_CONFIG, "encoder_ffn_dim": 64, "encoder_attention_heads": 2,
+    "decoder_layers": 1, "decoder_ffn_dim": 32, "decoder_attention_heads": 2, "vocab_size": 64,
+    "max_target_positions": 16, "decoder_start_token_id": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def write_models_dir(root: Path | str, *, size: str = "tiny", versions: tuple[str, ...] = ("v15",),
+                     seed: int = 0) -> Path:
+    """Write a random-weight MuseTalk models directory in the exact real layout; returns root."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    tiny = size == "tiny"
+    root = Path(root)
+    torch.manual_seed(seed)
+    unet_config = TINY_UNET_CONFIG if tiny else FULL_UNET_CONFIG
+    unet = UNet2DConditionModel.from_config(unet_config)
+    folders = {"v15": ("musetalkV15", "unet.pth"), "v1": ("musetalk", "pytorch_model.bin")}
+    for version in versions:
+        folder, weights = folders[version]
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "musetalk.json").write_text(json.dumps(unet_config, indent=2))
+        torch.save(unet.state_dict(), root / folder / weights)  # MuseTalk ships a plain state dict
+
+    vae = AutoencoderKL.from_config(TINY_VAE_CONFIG if tiny else FULL_VAE_CONFIG)
+    vae.save_pretrained(root / "sd-vae")
+
+    whisper = WhisperModel(WhisperConfig(**(TINY_WHISPER_CONFIG if tiny else FULL_WHISPER_CONFIG)))
+    whisper.save_pretrained(root / "whisper")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
+    return root
+
+
+# ---------------------------------------------------------------- media
+
+
+def face_image() -> np.ndarray:
+    """A real photographed face (scikit-image's astronaut, public domain), RGB uint8 512x512."""
+    from skimage import data
+
+    return data.astronaut()
+
+
+def face_frames(n: int, size: tuple[int, int] = (320, 240), *, face_px: int = 200, seed: int = 0):
+    """Yield n RGB frames (width, height) with the astronaut's head moving slowly, like a talking head."""
+    import cv2
+
+    width, height = size
+    img = face_image()[:300, 100:400]  # head and shoulders
+    img = cv2.resize(img, (face_px, face_px), interpolation=cv2.INTER_AREA)
+    rng = np.random.default_rng(seed)
+    background = np.full((height, width, 3), (70, 90, 110), np.uint8)
+    for i in range(n):
+        frame = background.copy()
+        dx = int(round(6 * np.sin(2 * np.pi * i / 50)))
+        dy = int(round(3 * np.cos(2 * np.pi * i / 70)))
+        x0 = (width - face_px) // 2 + dx
+        y0 = max(0, (height - face_px) // 2 + dy)
+        h = min(face_px, height - y0)
+        frame[y0 : y0 + h, x0 : x0 + face_px] = img[:h]
+        frame = np.clip(frame.astype(np.int16) + rng.integers(-2, 3, frame.shape), 0, 255).astype(np.uint8)
+        yield frame
+
+
+def write_face_video(path: Path | str, *, seconds: float = 2.0, fps: Fraction | float = 25,
+                     size: tuple[int, int] = (320, 240), face_px: int | None = None,
+                     blank_frames: tuple[int, ...] = (), with_audio: bool = False) -> Path:
+    """An H.264 talking-head clip; frames listed in blank_frames have no face (background only)."""
+    from .media import VideoWriter
+
+    fps = Fraction(fps).limit_denominator(1001)
+    n = int(seconds * fps)
+    path = Path(path)
+    face_px = face_px or int(min(size) * 0.8)
+    audio = None
+    if with_audio:
+        audio = write_speech_like_audio(path.with_suffix(".tmp.wav"), seconds=seconds)
+    try:
+        with VideoWriter(path, size[0], size[1], fps, audio_path=audio, crf=12) as writer:
+            for i, frame in enumerate(face_frames(n, size, face_px=face_px)):
+                if i in blank_frames:
+                    frame = np.full_like(frame, 90)
+                writer.write(frame)
+    finally:
+        if audio is not None:
+            audio.unlink(missing_ok=True)
+    return path
+
+
+def speech_like_signal(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """Syllable-rate amplitude-modulated harmonics with pauses: speech-like energy, float32 mono."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+    syllables = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 2
+    pauses = (np.sin(2 * np.pi * 0.5 * t) > -0.6).astype(float)
+    noise = rng.normal(0, 0.02, t.shape)
+    return (0.3 * voice * syllables * pauses + noise).astype(np.float32)
+
+
+def write_speech_like_audio(path: Path | str, *, seconds: float = 2.0, sample_rate: int = 44100) -> Path:
+    """Write speech_like_signal to any format ffmpeg infers from the suffix (wav, mp3, m4a, aac, ogg)."""
+    from .media import ffmpeg_exe
+
+    path = Path(path)
+    pcm = speech_like_signal(seconds, sample_rate)
+    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar", str(sample_rate), "-ac", "1",
+           "-i", "-"]
+    if path.suffix == ".ogg":
+        cmd += ["-c:a", "libvorbis"] if _has_encoder("libvorbis") else ["-c:a", "vorbis", "-strict", "-2", "-ac", "2"]
+    elif path.suffix in (".m4a", ".aac"):
+        cmd += ["-c:a", "aac"]
+    cmd.append(str(path))
+    subprocess.run(cmd, input=pcm.tobytes(), check=True)
+    return path
+
+
+def _has_encoder(name: str) -> bool:
+    from .media import ffmpeg_exe
+
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+    return f" {name} " in out
