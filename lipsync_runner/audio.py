@@ -64,9 +64,11 @@ def frame_windows(steps: np.ndarray, frame_indices: np.ndarray, fps: Fraction | 
     n_steps, layers, dim = steps.shape
     starts = window_starts(frame_indices, fps)
     # Index the padded sequence without materialising it: padded[k] = steps[k - left] or 0.
-    positions = starts[:, None] + np.arange(WINDOW_STEPS)[None, :] - left
-    if positions.size and (positions.max() >= n_steps + right):
+    if starts.size and starts.max() > n_steps + left:
         raise ValueError("frame index beyond the end of the audio")
+    # Steps past the padded end read as zeros too: above 50 fps MuseTalk's right padding is
+    # too short for the last frames (its script crashes there); zero is what padding means.
+    positions = starts[:, None] + np.arange(WINDOW_STEPS)[None, :] - left
     valid = (positions >= 0) & (positions < n_steps)
     out = np.zeros((len(starts), WINDOW_STEPS, layers, dim), dtype=np.float32)
     out[valid] = steps[positions[valid]]
@@ -75,11 +77,17 @@ def frame_windows(steps: np.ndarray, frame_indices: np.ndarray, fps: Fraction | 
 
 @lru_cache(maxsize=8)
 def positional_encoding(length: int, d_model: int = 384) -> np.ndarray:
-    """Standard sinusoidal encoding [length, d_model]: sin on even, cos on odd channels."""
-    position = np.arange(length, dtype=np.float32)[:, None]
-    div_term = np.exp(np.arange(0, d_model, 2, dtype=np.float32) * (-math.log(10000.0) / d_model))
-    pe = np.zeros((length, d_model), dtype=np.float32)
-    pe[:, 0::2] = np.sin(position * div_term)
-    pe[:, 1::2] = np.cos(position * div_term)
-    pe.setflags(write=False)
-    return pe
+    """Standard sinusoidal encoding [length, d_model]: sin on even, cos on odd channels.
+
+    Computed with torch float32 ops in MuseTalk's order so the values match bit for bit.
+    """
+    import torch
+
+    position = torch.arange(0, length, dtype=torch.float).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model)
+    pe[:, 0::2] = torch.sin(position * div_term)
+    pe[:, 1::2] = torch.cos(position * div_term)
+    out = pe.numpy()
+    out.setflags(write=False)
+    return out

@@ -27,6 +27,14 @@ def _broken(path: Path, exc: BaseException) -> ModelFilesError:
     return ModelFilesError(f"cannot load model file {path}: {type(exc).__name__}: {exc}")
 
 
+def _place(module, device: str, dtype: "torch.dtype | None"):
+    """Move to the device and, only when asked, to another dtype; inference mode, no grads."""
+    module = module.to(device)
+    if dtype is not None and dtype != module.dtype:
+        module = module.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
 def load_unet(layout: ModelsLayout, *, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "UNet2DConditionModel":
     """MuseTalk's UNet: diffusers `UNet2DConditionModel` from musetalk.json + a plain state dict."""
     import torch
@@ -43,7 +51,7 @@ def load_unet(layout: ModelsLayout, *, device: str = "cpu", dtype: "torch.dtype 
         unet.load_state_dict(state, strict=True)
     except Exception as exc:
         raise _broken(layout.unet_weights, exc) from None
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _place(unet, device, dtype)
 
 
 def load_vae(layout: ModelsLayout, *, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "AutoencoderKL":
@@ -54,7 +62,7 @@ def load_vae(layout: ModelsLayout, *, device: str = "cpu", dtype: "torch.dtype |
         vae = AutoencoderKL.from_pretrained(layout.vae_dir, local_files_only=True)
     except Exception as exc:
         raise _broken(layout.vae_dir, exc) from None
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _place(vae, device, dtype)
 
 
 def load_whisper_encoder(
@@ -71,4 +79,4 @@ def load_whisper_encoder(
         encoder = WhisperModel.from_pretrained(layout.whisper_dir, local_files_only=True).get_encoder()
     except Exception as exc:
         raise _broken(layout.whisper_dir, exc) from None
-    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False), extractor
+    return _place(encoder, device, dtype), extractor

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight models in MuseTalk's real layout, and test media."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach for the network
+warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+warnings.filterwarnings("ignore", message=".*low cpu memory usage.*")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny MuseTalk v1.5 + v1.0 directory (sd-vae, whisper, musetalkV15, musetalk)."""
+    from lipsync_runner.testing import write_models_dir
+
+    return write_models_dir(tmp_path_factory.mktemp("models"), versions=("v15", "v1"))
+
+
+@pytest.fixture(scope="session")
+def model(models_dir: Path):
+    from lipsync_runner.musetalk import MuseTalk
+
+    return MuseTalk.from_pretrained(models_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """face.mp4 (2 s, 25 fps, 320x240), speech_short.wav (1.2 s), speech_long.wav (3.3 s)."""
+    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+
+    root = tmp_path_factory.mktemp("media")
+    write_face_video(root / "face.mp4", seconds=2.0, fps=25, size=(320, 240))
+    write_speech_like_audio(root / "speech_short.wav", seconds=1.2)
+    write_speech_like_audio(root / "speech_long.wav", seconds=3.3)
+    return root
