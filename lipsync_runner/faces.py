@@ -243,6 +243,14 @@ class FanFaceDetector:
         with self._lock:
             return self._landmarks(frame, boxes)
 
+    def warmup(self) -> None:
+        """Run the whole path once on a blank frame.
+
+        face_alignment's heatmap decoding is numba-jitted without a cache: the first landmark call
+        in a process compiles it (several seconds on a small CPU). Call this at service start."""
+        frame = np.zeros((64, 64, 3), np.uint8)
+        self.landmarks_for_boxes(frame, np.array([[8.0, 8.0, 56.0, 56.0]]))
+
     # -- internals ------------------------------------------------------------------------
 
     def _detect_boxes(self, frames: np.ndarray, s: float) -> list[np.ndarray]:

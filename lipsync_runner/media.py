@@ -84,6 +84,11 @@ def _name(path: PathLike) -> str:
     return os.path.basename(os.fspath(path))
 
 
+def _url(path: PathLike) -> str:
+    """An explicit file URL: a name like "x:y", "-x" or "a|b" must not read as a protocol or option."""
+    return "file:" + os.path.abspath(os.fspath(path))
+
+
 def _redact(text: str, paths: dict[str, str]) -> str:
     """Replace full paths by what the user knows them as, and drop ffmpeg's object addresses."""
     for full, shown in sorted(paths.items(), key=lambda kv: -len(kv[0])):
@@ -94,11 +99,21 @@ def _redact(text: str, paths: dict[str, str]) -> str:
 def _path_aliases(path: PathLike, shown: str | None = None) -> dict[str, str]:
     p = os.fspath(path)
     shown = shown or _name(p)
-    return {p: shown, os.path.abspath(p): shown}
+    return {p: shown, os.path.abspath(p): shown, _url(p): shown}
+
+
+# ffmpeg's follow-on chatter after the real error; dropped so the cause stays in the tail.
+_STDERR_NOISE_RE = re.compile(
+    r"Task finished with error code|Terminating thread with return code|Could not open encoder before EOF"
+    r"|Nothing was written into output file|Last message repeated|Error sending frames to consumers"
+    r"|Error (?:closing file|writing trailer)"
+)
 
 
 def _stderr_tail(lines: Sequence[str], paths: dict[str, str]) -> str:
-    kept = [ln.strip() for ln in lines if ln.strip()][-_STDERR_TAIL_LINES:]
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    kept = [ln for ln in lines if not _STDERR_NOISE_RE.search(ln)] or lines
+    kept = kept[-_STDERR_TAIL_LINES:]
     return _redact(" | ".join(kept), paths) or "no error output"
 
 
@@ -367,7 +382,7 @@ def _scan_packets(path: PathLike, stream_spec: str, *, what: str, timeout_s: flo
     bitrate, and a truncated MP4 with its index up front still claims full length.
     """
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", os.fspath(path),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", _url(path),
          "-map", stream_spec, "-c", "copy", "-f", "framecrc", "-"],
         what=what, paths=_path_aliases(path), timeout_s=timeout_s,
         stdout=subprocess.PIPE, watch=_TRUNCATION_RE,
@@ -395,7 +410,10 @@ def _scan_packets(path: PathLike, stream_spec: str, *, what: str, timeout_s: flo
         proc.abort()
         raise
     proc.finish()
-    duration = float((end - start) * tb) if count and tb and end is not None and start is not None else None
+    duration = None
+    if count and tb and start is not None and end is not None:
+        # Packets before 0 are encoder priming (AAC) or reordering that decoding discards.
+        duration = float((end - max(start, 0)) * tb)
     return _PacketScan(count, duration, bool(proc.watch_hits))
 
 
@@ -416,7 +434,7 @@ def _open_and_decode(
 ) -> tuple[_Header, bytes]:
     """``ffmpeg -i PATH <output_args> pipe:1`` at info level: the input summary + a little decoded data."""
     res = _run_capture(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-i", os.fspath(path), *output_args, "pipe:1"],
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-i", _url(path), *output_args, "pipe:1"],
         what=what, paths=_path_aliases(path), timeout_s=timeout_s,
     )  # fmt: skip
     return _parse_header(res.stderr.decode("utf-8", "replace")), res.stdout
@@ -548,7 +566,7 @@ def decode_audio(path: PathLike, sample_rate: int = 16000, *, timeout_s: float |
     name = _name(path)
     probe_audio(path)  # a bad upload is the user's error (400), not a processing failure (500)
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", os.fspath(path),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", _url(path),
          "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(int(sample_rate)),
          "-c:a", "pcm_f32le", "-f", "f32le", "pipe:1"],
         what=f"decoding the audio of {name}", paths=_path_aliases(path), timeout_s=timeout_s,
@@ -595,7 +613,7 @@ class VideoReader:
         self._eof = False
         self._closed = False
         self._ff = _FfmpegProcess(
-            [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", self.path,
+            [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", _url(self.path),
              "-map", "0:V:0", "-an", "-sn", "-dn",
              # Pin the size to the probe: a mid-stream resolution change must not shear frames.
              "-vf", f"scale={self.width}:{self.height}",
@@ -706,7 +724,7 @@ class VideoWriter:
                 "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
                 "-r", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]  # fmt: skip
         if audio_path is not None:
-            args += ["-i", os.fspath(audio_path)]
+            args += ["-i", _url(audio_path)]
         args += ["-map", "0:v:0"]
         if audio_path is not None:
             args += ["-map", "1:a:0"]
@@ -716,7 +734,7 @@ class VideoWriter:
             args += ["-c:a", "aac", "-b:a", "128k"]
         if muxer in ("mp4", "mov"):
             args += ["-movflags", "+faststart"]  # index up front: playback starts before download ends
-        args += ["-f", muxer, os.fspath(self._tmp)]
+        args += ["-f", muxer, _url(self._tmp)]
 
         paths = _path_aliases(self._tmp, out.name) | _path_aliases(out)
         if audio_path is not None:

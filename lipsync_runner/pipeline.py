@@ -227,5 +227,5 @@ def _lip_sync_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, fr
         windows = audio_math.frame_windows(steps, out_idx[sel], fps)
         faces = model.generate(latents, windows)
     with clock("blend"):
-        frames[sel] = blend_faces(frames[sel], faces, boxes, landmarks)
+        frames[sel] = blend_faces(frames[sel], faces, boxes, landmarks, inplace=True)
     return frames
