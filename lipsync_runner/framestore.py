@@ -2,12 +2,14 @@
 
 When the audio outlasts the video MuseTalk plays the frames forward, then backward,
 and so on. A stream cannot run backward, so the frames of the first pass are kept in
-a single memory-mapped file: memory stays flat (pages belong to the OS cache), and no
-per-frame image files are written. Only used when the audio may outrun the video.
+a single raw file and read back with positioned reads (not a memory map, whose touched
+pages would count against the process): memory stays flat, and no per-frame image files
+are written. Only used when the audio outruns the video.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -19,7 +21,7 @@ class FrameStore:
         self.shape = (height, width, 3)
         self._file = tempfile.NamedTemporaryFile(prefix="frames-", suffix=".rgb", dir=directory, delete=True)
         self._count = 0
-        self._map: np.memmap | None = None
+        self._frame_bytes = height * width * 3
 
     def __len__(self) -> int:
         return self._count
@@ -28,17 +30,23 @@ class FrameStore:
         assert frames.shape[1:] == self.shape, (frames.shape, self.shape)
         self._file.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
         self._count += len(frames)
-        self._map = None
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Frames at the given indices, as a new writable array."""
-        if self._map is None:
-            self._file.flush()
-            self._map = np.memmap(self._file.name, dtype=np.uint8, mode="r", shape=(self._count, *self.shape))
-        return np.array(self._map[np.asarray(indices)])
+        self._file.flush()
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self._count):
+            raise IndexError(f"frame index out of range 0..{self._count - 1}")
+        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        fd = self._file.fileno()
+        for row, index in enumerate(indices):
+            view = memoryview(out[row]).cast("B")
+            got = os.preadv(fd, [view], int(index) * self._frame_bytes)
+            if got != self._frame_bytes:
+                raise OSError(f"short read from the frame store ({got} of {self._frame_bytes} bytes)")
+        return out
 
     def close(self) -> None:
-        self._map = None
         self._file.close()  # deletes the file
 
     def __enter__(self) -> "FrameStore":

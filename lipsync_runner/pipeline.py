@@ -47,6 +47,7 @@ class PipelineOptions:
     batch_size: int = 8
     version: str = "v15"
     extra_margin: int = 10
+    detect_every: int = 2  # face detection on every 2nd frame, interpolated between (then smoothed)
     crf: int = 18
     preset: str = "veryfast"
     ffmpeg_timeout_s: float | None = None
@@ -119,8 +120,8 @@ def run(
     del pcm
     check_cancel()
 
-    # The audio may outrun the video: then pass 2 plays frames backward, which a stream cannot.
-    store = FrameStore(info.height, info.width, work_dir) if n_out > info.frame_count_estimate - fps else None
+    # The audio outruns the video: pass 2 plays frames backward, which a stream cannot.
+    store = FrameStore(info.height, info.width, work_dir) if n_out > info.frame_count_estimate else None
     try:
         report("faces", 0.0)
         track = _track(video, info, detector, opts, clock, store, check_cancel,
@@ -169,7 +170,7 @@ def _track(video: Path, info: VideoInfo, detector: FaceDetector, opts: PipelineO
     decode_before = clock.seconds["decode"]
     start = time.perf_counter()
     track = track_faces(frames(), detector, bbox_shift=opts.bbox_shift, version=opts.version,
-                        extra_margin=opts.extra_margin)
+                        extra_margin=opts.extra_margin, detect_every=opts.detect_every)
     clock.seconds["faces"] += time.perf_counter() - start - (clock.seconds["decode"] - decode_before)
     return track
 
