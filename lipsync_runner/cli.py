@@ -51,6 +51,7 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     assets.add_argument("--to", type=Path, required=True)
     assets.add_argument("--size", choices=["tiny", "full"], default="tiny",
                         help="full: MuseTalk's real dimensions, random weights (for benchmarks)")
+    assets.add_argument("--media-only", action="store_true", help="only the test video and audio")
     return parser
 
 
@@ -84,10 +85,12 @@ def _make_test_assets(args: argparse.Namespace) -> int:
     from .testing import write_face_video, write_models_dir, write_speech_like_audio
 
     root: Path = args.to
-    models = write_models_dir(root / "models", size=args.size, versions=("v15", "v1"))
-    video = write_face_video(root / "face.mp4", seconds=4, size=(640, 360))
-    speech = write_speech_like_audio(root / "speech.wav", seconds=5)
-    print(f"models: {models} (random weights: the mouth will be noise, not speech)\nvideo: {video}\naudio: {speech}")
+    root.mkdir(parents=True, exist_ok=True)
+    if not args.media_only:
+        models = write_models_dir(root / "models", size=args.size, versions=("v15", "v1"))
+        print(f"models: {models} (random weights: the mouth will be noise, not speech)")
+    print(f"video: {write_face_video(root / 'face.mp4', seconds=4, size=(640, 360))}")
+    print(f"audio: {write_speech_like_audio(root / 'speech.wav', seconds=5)}")
     return 0
 
 
