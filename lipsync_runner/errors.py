@@ -50,3 +50,37 @@ class JobCancelledError(LipSyncError):
     """The caller asked the pipeline to stop; nothing was written."""
 
     http_status = 409
+
+
+class JobNotFoundError(LipSyncError):
+    """No such job (or an id that is not a well-formed job id, or another owner's job)."""
+
+    http_status = 404
+
+
+class JobNotFinishedError(LipSyncError):
+    """The job has no result yet (or failed / was cancelled): nothing to download."""
+
+    http_status = 409
+
+
+class ModelsNotReadyError(LipSyncError):
+    """The GPU runner has not loaded its models (yet, or it failed to)."""
+
+    http_status = 503
+
+
+class QueueFullError(LipSyncError):
+    """Admission control: too many queued jobs; retry later."""
+
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class InsufficientStorageError(LipSyncError):
+    """The data directory is below its free-space floor."""
+
+    http_status = 507
