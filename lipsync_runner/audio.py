@@ -33,10 +33,13 @@ def step_count(n_samples: int) -> int:
     return (n_samples * STEPS_PER_SECOND) // SAMPLE_RATE
 
 
-def split_pieces(pcm: np.ndarray) -> list[np.ndarray]:
-    """30 s pieces; Whisper's feature extractor pads each one to 30 s on its own."""
+def pad_pieces(pcm: np.ndarray) -> np.ndarray:
+    """[P, 480000] float32: the 30 s pieces, the last one zero-padded (a batchable array)."""
     size = PIECE_SECONDS * SAMPLE_RATE
-    return [pcm[i : i + size] for i in range(0, max(len(pcm), 1), size)]
+    n = max(1, -(-len(pcm) // size))
+    out = np.zeros((n, size), dtype=np.float32)
+    out.reshape(-1)[: len(pcm)] = pcm
+    return out
 
 
 def _padding_steps(fps: Fraction) -> tuple[int, int]:

@@ -68,7 +68,7 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     options = PipelineOptions(bbox_shift=args.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
                               extra_margin=settings.extra_margin, crf=args.crf, preset=args.preset,
                               ffmpeg_timeout_s=settings.ffmpeg_timeout_s)
-    with tqdm(total=1000, unit="‰", desc="starting", bar_format="{desc:<9} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+    with tqdm(total=1000, unit="‰", desc="starting", disable=None, bar_format="{desc:<9} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
         def progress(stage: str, fraction: float) -> None:
             bar.set_description_str(stage)
             bar.update(int(fraction * 1000) - bar.n)

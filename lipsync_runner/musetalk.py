@@ -79,16 +79,22 @@ class MuseTalk:
     def tokens_per_frame(self) -> int:
         return audio.WINDOW_STEPS * (self.whisper_encoder.config.encoder_layers + 1)
 
-    @torch.inference_mode()
     def audio_features(self, pcm: np.ndarray) -> np.ndarray:
         """16 kHz mono float PCM -> [S, layers + 1, d_model] encoder hidden states, S = floor(sec * 50)."""
         pcm = np.asarray(pcm, dtype=np.float32)
-        pieces = audio.split_pieces(pcm)
-        mel = self.feature_extractor(pieces, sampling_rate=audio.SAMPLE_RATE, return_tensors="pt").input_features
+        states = self.encode_pieces(audio.pad_pieces(pcm))
+        return states.reshape(-1, *states.shape[2:])[: audio.step_count(len(pcm))]
+
+    @torch.inference_mode()
+    def encode_pieces(self, pieces: np.ndarray) -> np.ndarray:
+        """[P, 480000] zero-padded 30 s pieces -> [P, 1500, layers + 1, d_model] hidden states.
+
+        Whisper's feature extractor pads each piece with zeros to 30 s anyway (and its
+        max-minus-8 clamp sees that padding), so padding beforehand changes nothing.
+        """
+        mel = self.feature_extractor(list(pieces), sampling_rate=audio.SAMPLE_RATE, return_tensors="pt").input_features
         out = self.whisper_encoder(mel.to(self.device, self.dtype), output_hidden_states=True)
-        states = torch.stack(out.hidden_states, dim=2)  # [pieces, 1500, layers + 1, d]
-        states = states.reshape(-1, *states.shape[2:])[: audio.step_count(len(pcm))]
-        return states.float().cpu().numpy()
+        return torch.stack(out.hidden_states, dim=2).float().cpu().numpy()
 
     @torch.inference_mode()
     def prepare(self, crops: np.ndarray) -> np.ndarray:

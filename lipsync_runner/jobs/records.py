@@ -1,0 +1,66 @@
+"""What a job is: its states and the record kept for it."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+# uuid4 in canonical form; anything else is "not found" without touching the filesystem
+JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_job_id(value: str) -> bool:
+    # fullmatch, not match: "$" would also accept a trailing newline
+    return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    processing = "processing"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobParams(BaseModel):
+    """What the user asked for (everything that changes the result)."""
+
+    bbox_shift: int = Field(default=0, ge=-100, le=100)
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    status: JobStatus = JobStatus.queued
+    stage: str = "queued"  # finer than status: audio, faces, generate, encode, done ...
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    params: JobParams = Field(default_factory=JobParams)
+    owner: str | None = None  # a token's fingerprint when jobs are scoped per token
+    video_filename: str  # the user's file names, for display only (never used as paths)
+    audio_filename: str
+    video_file: str  # file names inside the job's directory
+    audio_file: str
+    output_file: str | None = None  # set when completed
+    error: str | None = None
+    frames: int | None = None
+    timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, plus queue/total
+    attempts: int = 0  # times a worker started it (restarts re-queue)
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None  # any terminal state
+    expires_at: datetime | None = None  # when the sweeper removes it

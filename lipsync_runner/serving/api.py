@@ -1,0 +1,186 @@
+"""The CPU side of the service: jobs, their pipeline runs, health, for both API surfaces.
+
+`ApiCore` is what the BentoML `LipSync` service owns. The REST routes (`api/rest.py`) and
+the BentoML endpoints (service.py) both go through it, so they behave the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import InputTooLargeError, InvalidInputError, LipSyncError, ModelsNotReadyError
+from ..faces import FaceDetector, load_face_detector
+from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, SQLiteJobStore
+from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, probe_audio, probe_video
+from ..pipeline import PipelineOptions, run
+from ..settings import RunnerSettings
+from . import metrics
+from .packing import job_tag
+from .remote import RemoteModel, runner_submitter
+from .settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+MODEL_WAIT_S = 900  # a job recovered after a restart waits this long for the models to load
+
+
+class ApiCore:
+    def __init__(self, runner: Any, settings: ServiceSettings | None = None,
+                 runner_settings: RunnerSettings | None = None, *, max_video_bytes: int = 500 * 2**20,
+                 max_audio_bytes: int = 100 * 2**20) -> None:
+        self.runner = runner
+        self.settings = settings or ServiceSettings()
+        self.runner_settings = runner_settings or RunnerSettings()
+        self.max_video_bytes = max_video_bytes
+        self.max_audio_bytes = max_audio_bytes
+        data_dir = Path(self.settings.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.files = JobFiles(data_dir)
+        self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        self.manager = JobManager(
+            self.store, self.files, self._execute, workers=self.settings.job_workers,
+            retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
+            sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
+            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._detector: FaceDetector | None = None
+        self._detector_lock = threading.Lock()
+        self._started = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop
+        self.manager.start()
+
+    def stop(self) -> None:
+        self.manager.stop()
+        self.store.close()
+
+    # ------------------------------------------------------------------ runner access
+
+    def _submit(self):
+        return runner_submitter(self.runner, self.loop)
+
+    async def runner_health(self) -> dict[str, Any]:
+        try:
+            if hasattr(self.runner, "to_async"):
+                return await asyncio.wait_for(self.runner.to_async.health(), timeout=10)
+            return self.runner.health()
+        except Exception as exc:  # noqa: BLE001 - an unreachable runner is a health state, not a crash
+            return {"status": "unavailable", "models_loaded": False, "device": None, "model_version": None,
+                    "error": f"model runner unreachable: {type(exc).__name__}"}
+
+    def runner_health_sync(self) -> dict[str, Any]:
+        if hasattr(self.runner, "to_async"):
+            assert self.loop is not None
+            return asyncio.run_coroutine_threadsafe(self.runner_health(), self.loop).result(timeout=30)
+        return self.runner.health()
+
+    async def health(self) -> dict[str, Any]:
+        runner = await self.runner_health()
+        return {
+            "status": "ready" if runner.get("models_loaded") else runner.get("status", "unavailable"),
+            "models_loaded": bool(runner.get("models_loaded")),
+            "device": runner.get("device"),
+            "model_version": runner.get("model_version"),
+            "error": runner.get("error"),
+            "jobs": self.manager.counts(),
+            "version": __version__,
+            "uptime_s": round(time.time() - self._started, 1),
+        }
+
+    async def ensure_ready(self) -> None:
+        """503 (seed: 'Lip sync service not available') unless the models are loaded."""
+        runner = await self.runner_health()
+        if not runner.get("models_loaded"):
+            reason = runner.get("error") or f"models are {runner.get('status', 'unavailable')}"
+            raise ModelsNotReadyError(f"Models not loaded: {reason}")
+
+    # ------------------------------------------------------------------ BentoML endpoint uploads
+
+    async def submit_paths(self, video: Path, audio: Path, bbox_shift: int, owner: str | None = None) -> JobRecord:
+        """Jobs from the BentoML `generate` endpoint: its uploads sit in a per-request temp dir."""
+        params = _params(bbox_shift)
+        await self.ensure_ready()
+        for path, limit, kind, allowed in ((video, self.max_video_bytes, "video", VIDEO_EXTENSIONS),
+                                           (audio, self.max_audio_bytes, "audio", AUDIO_EXTENSIONS)):
+            if path.stat().st_size > limit:
+                raise InputTooLargeError(f"the {kind} file exceeds the maximum allowed size of {limit // 2**20} MB")
+            if path.suffix.lower() not in allowed:
+                raise InvalidInputError(f"Invalid {kind} format. Supported: {', '.join(allowed)}")
+        job_id, job_dir = self.manager.new_upload()
+        try:
+            video_file = "input_video" + video.suffix.lower()
+            audio_file = "input_audio" + audio.suffix.lower()
+            await asyncio.to_thread(shutil.copyfile, video, job_dir / video_file)
+            await asyncio.to_thread(shutil.copyfile, audio, job_dir / audio_file)
+            await asyncio.to_thread(probe_video, job_dir / video_file)
+            await asyncio.to_thread(probe_audio, job_dir / audio_file)
+        except BaseException:
+            self.manager.discard_upload(job_id)
+            raise
+        return self.manager.submit(job_id, video_file=video_file, audio_file=audio_file,
+                                   video_filename=video.name[:200], audio_filename=audio.name[:200], params=params,
+                                   owner=owner)
+
+    # ------------------------------------------------------------------ one job
+
+    def _face_detector(self) -> FaceDetector:
+        with self._detector_lock:
+            if self._detector is None:
+                self._detector = load_face_detector(self.runner_settings.face_detector,
+                                                    self.runner_settings.models_dir, "cpu")
+            return self._detector
+
+    def _wait_for_models(self, ctx: JobContext) -> dict[str, Any]:
+        deadline = time.monotonic() + MODEL_WAIT_S
+        while True:
+            health = self.runner_health_sync()
+            if health.get("models_loaded"):
+                return health
+            if health.get("status") == "error" or time.monotonic() > deadline:
+                raise ModelsNotReadyError(f"Models not loaded: {health.get('error') or 'timed out waiting'}")
+            if ctx.should_cancel():
+                return health
+            ctx.progress("waiting for models", 0.0)
+            time.sleep(1.0)
+
+    def _execute(self, ctx: JobContext) -> JobOutcome:
+        job = ctx.job
+        health = self._wait_for_models(ctx)
+        model = RemoteModel(self._submit(), chunk_frames=self.settings.chunk_frames, tag=job_tag(job.job_id),
+                            timeout_s=self.settings.runner_timeout_s)
+        options = PipelineOptions(
+            bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
+            version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
+            crf=self.runner_settings.crf, preset=self.runner_settings.preset,
+            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s)
+        output = self.files.output_path(job.job_id)
+        start = time.perf_counter()
+        try:
+            result = run(model, self._face_detector(), ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file,
+                         output, options, progress=ctx.progress, should_cancel=ctx.should_cancel,
+                         work_dir=ctx.work_dir)
+        except LipSyncError:
+            raise
+        metrics.job_finished(time.perf_counter() - start, result.frames)
+        return JobOutcome(output_file=output.name, frames=result.frames,
+                          timings={k: round(v, 3) for k, v in result.seconds.items()})
+
+
+def _params(bbox_shift: Any) -> JobParams:
+    try:
+        value = int(bbox_shift)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"bbox_shift must be an integer, got {bbox_shift!r}") from None
+    if not -100 <= value <= 100:
+        raise InvalidInputError(f"bbox_shift must be between -100 and 100, got {value}")
+    return JobParams(bbox_shift=value)

@@ -1,0 +1,47 @@
+"""Prometheus metrics of the service (served on /metrics by BentoML, all processes merged)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+FRAME_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@lru_cache(maxsize=1)
+def _instruments():
+    import bentoml
+
+    return {
+        "duration": bentoml.metrics.Histogram(
+            name="lipsync_job_duration_seconds", documentation="Processing time of completed jobs",
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)),
+        "frames": bentoml.metrics.Counter(name="lipsync_frames_generated",
+                                          documentation="Video frames written by completed jobs"),
+        "batch": bentoml.metrics.Histogram(
+            name="lipsync_runner_batch_size", documentation="Rows per runner batch, by endpoint",
+            labelnames=["endpoint"], buckets=FRAME_BUCKETS),
+        "jobs_per_batch": bentoml.metrics.Histogram(
+            name="lipsync_runner_jobs_per_batch", documentation="Distinct jobs in one generate batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)),
+    }
+
+
+def job_finished(seconds: float, frames: int) -> None:
+    m = _instruments()
+    m["duration"].observe(seconds)
+    m["frames"].inc(frames)
+
+
+def batch_served(endpoint: str, rows: int, jobs: int) -> None:
+    m = _instruments()
+    m["batch"].labels(endpoint=endpoint).observe(rows)
+    if endpoint == "generate":
+        m["jobs_per_batch"].observe(jobs)
+
+
+def job_counts_text(counts: dict[str, int]) -> str:
+    """Current jobs by status, from the job store (so it is right after restarts too)."""
+    lines = ["# HELP lipsync_jobs Jobs in the store by status", "# TYPE lipsync_jobs gauge"]
+    for status in ("queued", "processing", "completed", "failed", "cancelled"):
+        lines.append(f'lipsync_jobs{{status="{status}"}} {counts.get(status, 0)}')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""The pipeline's model, served by the runner service: same three calls, over BentoML.
+
+A job's worker thread calls these synchronously; each call is cut into chunks that are
+all sent at once as async requests on the server's event loop, so the adaptive batcher
+can merge them with each other and with other jobs' chunks into one GPU batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from .. import audio
+from ..errors import LipSyncError, ModelsNotReadyError
+from .packing import pack_generate
+
+Submit = Callable[[str, np.ndarray], "Future[np.ndarray]"]
+
+
+def runner_submitter(runner: Any, loop: asyncio.AbstractEventLoop | None) -> Submit:
+    """How to call the runner: async requests on `loop` for a BentoML proxy, direct calls otherwise.
+
+    A direct instance appears when the services share a process (development mode, tests).
+    """
+    if hasattr(runner, "to_async"):
+        client = runner.to_async
+
+        def submit(endpoint: str, array: np.ndarray) -> Future:
+            return asyncio.run_coroutine_threadsafe(getattr(client, endpoint)(array), loop)  # type: ignore[arg-type]
+    else:
+        def submit(endpoint: str, array: np.ndarray) -> Future:
+            future: Future = Future()
+            try:
+                future.set_result(getattr(runner, endpoint)(array))
+            except BaseException as exc:  # noqa: BLE001 - delivered through the future
+                future.set_exception(exc)
+            return future
+    return submit
+
+
+class RemoteModel:
+    """LipSyncModel over the runner service, for one job (its tag marks its rows in a batch)."""
+
+    def __init__(self, submit: Submit, *, chunk_frames: int, tag: float = 0.0, timeout_s: float = 600.0) -> None:
+        self.submit = submit
+        self.chunk_frames = chunk_frames
+        self.tag = tag
+        self.timeout_s = timeout_s
+
+    def _call_chunked(self, endpoint: str, rows: np.ndarray, chunk: int) -> np.ndarray:
+        futures = [self.submit(endpoint, rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
+        try:
+            return np.concatenate([np.asarray(f.result(timeout=self.timeout_s)) for f in futures])
+        except LipSyncError:
+            raise
+        except Exception as exc:  # transport errors, runner 503s: the job fails with a clear reason
+            for f in futures:
+                f.cancel()
+            message = str(exc) or type(exc).__name__
+            if "not loaded" in message.lower() or "503" in message:
+                raise ModelsNotReadyError(f"the model runner is not available: {message}") from exc
+            raise LipSyncError(f"the model runner failed: {message}") from exc
+
+    def audio_features(self, pcm: np.ndarray) -> np.ndarray:
+        pcm = np.asarray(pcm, dtype=np.float32)
+        states = self._call_chunked("audio_pieces", audio.pad_pieces(pcm), 1)
+        return states.reshape(-1, *states.shape[2:])[: audio.step_count(len(pcm))]
+
+    def prepare(self, crops: np.ndarray) -> np.ndarray:
+        return self._call_chunked("prepare", np.ascontiguousarray(crops), self.chunk_frames)
+
+    def generate(self, latents: np.ndarray, audio_windows: np.ndarray) -> np.ndarray:
+        packed = pack_generate(latents, audio_windows, self.tag)
+        return self._call_chunked("generate", packed, self.chunk_frames)

@@ -1,0 +1,31 @@
+"""Settings of the BentoML services, from the environment (documented in the README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("data"), description="Job records (SQLite) and job files.")
+    job_workers: int = Field(default=4, ge=1, le=64, description="Jobs processed at once (CPU side).")
+    retention_hours: float = Field(default=24.0, gt=0, description="Finished jobs are removed after this.")
+    sweep_interval_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=2, ge=1, description="Starts of a job, counting restarts of the server.")
+    max_queued_jobs: int = Field(default=100, ge=1, description="Beyond this, generate answers 429.")
+    free_space_floor_mb: int = Field(default=1024, ge=0, description="Refuse new jobs below this free space.")
+    debug: bool = Field(default=False, description="Tracebacks and internal messages in error responses.")
+
+    # GPU runner: adaptive batching (read when service.py is imported: decorator arguments)
+    max_batch_size: int = Field(default=64, ge=2, description="Frames per GPU batch at most.")
+    max_latency_ms: int = Field(default=60_000, ge=10, description="Longest a request may wait in the batcher.")
+    chunk_frames: int = Field(default=8, ge=1, le=256, description="Frames a job sends per runner call.")
+    runner_timeout_s: float = Field(default=600.0, gt=0)
+
+    @property
+    def retention_s(self) -> float:
+        return self.retention_hours * 3600

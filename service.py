@@ -1,0 +1,206 @@
+"""BentoML services: `LipSync` (API, CPU) in front of `MuseTalkRunner` (models, GPU).
+
+    bentoml serve service:LipSync
+
+Thin on purpose: the work lives in `lipsync_runner` (serving/ for the glue). Heavy
+imports happen inside `__init__`, so `bentoml build` can import this file cheaply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+
+from lipsync_runner.api.limits import ApiLimits, BodySizeLimitMiddleware
+from lipsync_runner.api.rest import create_rest_app
+from lipsync_runner.errors import LipSyncError
+from lipsync_runner.serving.settings import ServiceSettings
+
+SETTINGS = ServiceSettings()
+LIMITS = ApiLimits()
+BATCHING = {"batchable": True, "batch_dim": 0, "max_batch_size": SETTINGS.max_batch_size,
+            "max_latency_ms": SETTINGS.max_latency_ms}
+
+
+def _bentoml_errors(func):
+    """Our errors keep their HTTP status and message through BentoML's own error handling."""
+    import functools
+
+    from lipsync_runner.serving.errors import as_bentoml_error
+
+    if asyncio.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await func(*args, **kwargs)
+            except LipSyncError as exc:
+                raise as_bentoml_error(exc) from None
+    else:
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except LipSyncError as exc:
+                raise as_bentoml_error(exc) from None
+    return wrapper
+
+
+@bentoml.service(
+    name="MuseTalkRunner",
+    resources={"gpu": 1, "memory": "16Gi"},
+    workers=1,  # one model copy per GPU; concurrency comes from batching
+    traffic={"timeout": SETTINGS.runner_timeout_s, "max_concurrency": 1024},
+)
+class MuseTalkRunner:
+    """Owns MuseTalk's UNet, VAE and Whisper encoder; serves them in merged batches (numpy in/out)."""
+
+    def __init__(self) -> None:
+        from lipsync_runner.serving import metrics
+        from lipsync_runner.serving.runner import RunnerCore
+
+        self.core = RunnerCore()  # loads on a background thread: health answers meanwhile
+        self.core.add_observer(metrics.batch_served)
+
+    def __is_ready__(self) -> bool:
+        return self.core.ready
+
+    @bentoml.api
+    def health(self) -> dict[str, Any]:
+        return self.core.health()
+
+    @bentoml.api
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats.as_dict()
+
+    @bentoml.api(**BATCHING)
+    @_bentoml_errors
+    def prepare(self, crops: np.ndarray) -> np.ndarray:
+        """[B, 256, 256, 3] uint8 RGB face crops -> [B, 8, 32, 32] float32 latents."""
+        return self.core.prepare(crops)
+
+    @bentoml.api(**BATCHING)
+    @_bentoml_errors
+    def generate(self, packed: np.ndarray) -> np.ndarray:
+        """[B, 1 + 8*32*32 + 50*384] float32 (job tag, latents, audio window) -> [B, 256, 256, 3] uint8."""
+        return self.core.generate(packed)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=8, max_latency_ms=SETTINGS.max_latency_ms)
+    @_bentoml_errors
+    def audio_pieces(self, pieces: np.ndarray) -> np.ndarray:
+        """[P, 480000] 30 s pieces of 16 kHz audio -> [P, 1500, 5, 384] Whisper encoder states."""
+        return self.core.audio_pieces(pieces)
+
+
+_core = None  # the LipSync worker's ApiCore, for the REST routes mounted below
+
+
+def _manager():
+    return _core.manager
+
+
+async def _health() -> dict[str, Any]:
+    return await _core.health()
+
+
+async def _ensure_ready() -> None:
+    await _core.ensure_ready()
+
+
+rest_app = create_rest_app(_manager, _health, LIMITS, ensure_ready=_ensure_ready)
+
+
+@bentoml.service(
+    name="LipSync",
+    workers=1,  # the job manager lives in this process; scale out with replicas and a shared store
+    traffic={"timeout": LIMITS.wait_timeout_s + 60},
+)
+@bentoml.asgi_app(rest_app, path="/api/lip-sync")
+class LipSync:
+    """Lip-sync jobs: upload, status, download, cleanup; REST under /api/lip-sync and BentoML APIs."""
+
+    runner = bentoml.depends(MuseTalkRunner)
+
+    def __init__(self) -> None:
+        global _core
+        from lipsync_runner.serving.api import ApiCore
+
+        self.core = ApiCore(self.runner, SETTINGS, max_video_bytes=LIMITS.max_video_bytes,
+                            max_audio_bytes=LIMITS.max_audio_bytes)
+        _core = self.core
+
+    @bentoml.on_startup
+    async def _start_jobs(self) -> None:
+        self.core.start(asyncio.get_running_loop())
+
+    @bentoml.on_shutdown
+    def _stop_jobs(self) -> None:
+        self.core.stop()
+
+    async def __is_ready__(self) -> bool:
+        return bool((await self.core.runner_health()).get("models_loaded"))
+
+    async def __metrics__(self, content: str) -> str:
+        from lipsync_runner.serving.metrics import job_counts_text
+
+        return content + job_counts_text(self.core.manager.counts())
+
+    @bentoml.api
+    @_bentoml_errors
+    async def generate(self, video: Path, audio: Path, bbox_shift: int = 0, wait: bool = False,
+                       ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished."""
+        from lipsync_runner.api.schemas import status_body
+
+        job = await self.core.submit_paths(video, audio, bbox_shift)
+        if wait:
+            job = await self.core.manager.wait_async(job.job_id, timeout=LIMITS.wait_timeout_s)
+        elif ctx is not None:
+            ctx.response.status_code = 202
+        return status_body(job)
+
+    @bentoml.api
+    @_bentoml_errors
+    async def status(self, job_id: str) -> dict[str, Any]:
+        from lipsync_runner.api.schemas import status_body
+
+        return status_body(self.core.manager.get(job_id))
+
+    @bentoml.api
+    @_bentoml_errors
+    async def download(self, job_id: str) -> Path:
+        return self.core.manager.output_path(job_id)
+
+    @bentoml.api
+    @_bentoml_errors
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        from lipsync_runner.api.schemas import status_body
+
+        return status_body(self.core.manager.cancel(job_id))
+
+    @bentoml.api
+    @_bentoml_errors
+    async def cleanup(self, job_id: str) -> dict[str, Any]:
+        await asyncio.to_thread(self.core.manager.cleanup, job_id)
+        return {"success": True, "job_id": job_id, "message": "Job files removed"}
+
+    @bentoml.api
+    @_bentoml_errors
+    async def jobs(self, limit: int = 100) -> dict[str, Any]:
+        from lipsync_runner.api.schemas import job_summary
+
+        records = self.core.manager.list(limit=max(1, min(limit, 1000)))
+        return {"total": len(records), "jobs": [job_summary(r) for r in records]}
+
+    @bentoml.api
+    async def health(self) -> dict[str, Any]:
+        return await self.core.health()
+
+
+# Uploads to the BentoML `generate` endpoint are buffered by BentoML: refuse oversized
+# bodies before that happens (the REST route streams and checks each file on its own).
+LipSync.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=LIMITS.max_video_bytes + LIMITS.max_audio_bytes
+                            + 2**20, path_prefixes=("/generate",))
