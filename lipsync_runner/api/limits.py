@@ -86,12 +86,24 @@ class BodySizeLimitMiddleware:
     prefix works whether the wrapped app is mounted or not.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, paths_prefixes: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        paths_prefixes: Iterable[str] | None = None,
+        *,
+        path_prefixes: Iterable[str] | None = None,  # alias
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
+        if paths_prefixes is not None and path_prefixes is not None:
+            raise TypeError("pass paths_prefixes or path_prefixes, not both")
+        prefixes = paths_prefixes if paths_prefixes is not None else path_prefixes
         self.app = app
         self.max_bytes = int(max_bytes)
-        self.paths_prefixes = tuple(paths_prefixes) if paths_prefixes is not None else None
+        if isinstance(prefixes, str):
+            prefixes = (prefixes,)
+        self.paths_prefixes = tuple(prefixes) if prefixes is not None else None
 
     def _applies(self, scope: Scope) -> bool:
         if scope.get("type") != "http":

@@ -61,8 +61,7 @@ class ApiCore:
         self.manager.start()
 
     def stop(self) -> None:
-        self.manager.stop()
-        self.store.close()
+        self.manager.close()
 
     # ------------------------------------------------------------------ runner access
 

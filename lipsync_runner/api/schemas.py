@@ -1,0 +1,145 @@
+"""Response bodies of the REST API (field names follow the seed guide).
+
+Timestamps are UTC in the seed's ``YYYY-MM-DDTHH:MM:SS`` form. ``output_path`` is the
+name the result downloads as (``lip_sync_<job_id>.mp4``), never a server path.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lipsync_runner.jobs.records import JobRecord, JobStatus
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+DEFAULT_URL_PREFIX = "/api/lip-sync"
+
+
+def format_time(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc)
+    return value.strftime(TIME_FORMAT)
+
+
+def download_name(job_id: str) -> str:
+    return f"lip_sync_{job_id}.mp4"
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What went wrong, fit for the user.")
+    details: Optional[str] = Field(default=None, description="More detail, where there is any.")
+    message: Optional[str] = Field(default=None, description="413 only: the limit that was exceeded.")
+
+
+class HealthResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(description="'ready' when jobs can run; anything else means not ready (HTTP 503).")
+    models_loaded: bool
+    device: Optional[str] = None
+    error: Optional[str] = None
+
+
+class GenerateAccepted(BaseModel):
+    success: bool = True
+    job_id: str
+    status: JobStatus = Field(description="'queued' (or the current status when a wait timed out).")
+    message: str
+    status_url: str
+    download_url: str
+    output_path: Optional[str] = Field(default=None, description="Always null here: the job has not finished.")
+
+
+class GenerateResult(BaseModel):
+    """The seed's synchronous body, for ``wait=true``: HTTP 200 whether the job succeeded or not."""
+
+    success: bool
+    job_id: str
+    status: JobStatus
+    message: str = Field(description="'Lip sync completed successfully', or why the job failed.")
+    output_path: Optional[str] = Field(default=None, description="Download file name when completed.")
+    download_url: Optional[str] = None
+    status_url: str
+    error: Optional[str] = None
+
+
+class JobStatusResponse(BaseModel):
+    job_id: str
+    status: JobStatus
+    created_at: Optional[str] = Field(description="UTC, YYYY-MM-DDTHH:MM:SS")
+    completed_at: Optional[str] = Field(default=None, description="UTC; set in any terminal state.")
+    output_path: Optional[str] = Field(default=None, description="Download file name when completed.")
+    stage: str
+    progress: float = Field(ge=0.0, le=1.0)
+    error: Optional[str] = None
+    download_url: str
+    frames: Optional[int] = None
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, plus queue/total.")
+    attempts: int = 0
+    expires_at: Optional[str] = Field(default=None, description="UTC; when the job's files are removed.")
+    bbox_shift: int = 0
+
+    @classmethod
+    def from_record(cls, record: JobRecord, download_url: str) -> "JobStatusResponse":
+        return cls(
+            job_id=record.job_id,
+            status=record.status,
+            created_at=format_time(record.created_at),
+            completed_at=format_time(record.completed_at),
+            output_path=download_name(record.job_id) if record.status == JobStatus.completed else None,
+            stage=record.stage,
+            progress=record.progress,
+            error=record.error,
+            download_url=download_url,
+            frames=record.frames,
+            timings=dict(record.timings),
+            attempts=record.attempts,
+            expires_at=format_time(record.expires_at),
+            bbox_shift=record.params.bbox_shift,
+        )
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    status: JobStatus
+    created_at: Optional[str]
+    completed_at: Optional[str] = None
+    stage: str
+    progress: float
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> "JobSummary":
+        return cls(
+            job_id=record.job_id,
+            status=record.status,
+            created_at=format_time(record.created_at),
+            completed_at=format_time(record.completed_at),
+            stage=record.stage,
+            progress=record.progress,
+        )
+
+
+class JobListResponse(BaseModel):
+    total: int
+    jobs: list[JobSummary]
+
+
+class CleanupResponse(BaseModel):
+    success: bool = True
+    job_id: str
+    message: str = "Job files removed"
+
+
+def status_body(record: JobRecord, url_prefix: str = DEFAULT_URL_PREFIX) -> dict[str, Any]:
+    """The ``/status`` body of a job as plain JSON data (for callers outside the REST app)."""
+    url = f"{url_prefix.rstrip('/')}/download/{record.job_id}"
+    return JobStatusResponse.from_record(record, url).model_dump(mode="json")
+
+
+def job_summary(record: JobRecord) -> dict[str, Any]:
+    """One ``/jobs`` entry as plain JSON data."""
+    return JobSummary.from_record(record).model_dump(mode="json")
