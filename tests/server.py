@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,13 +35,23 @@ class Server:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group: a crash, not a shutdown."""
+    def processes(self) -> list[psutil.Process]:
+        """The server and every process it started (BentoML's workers leave its process group)."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """SIGKILL the server and all its workers at once: a crash, not a shutdown."""
+        for p in self.processes():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.proc.wait(timeout=30)
+        psutil.wait_procs(self.processes(), timeout=30)
 
 
 def start_server(workdir: Path, models_dir: Path | str, *, ready: bool = True, timeout: float = 180,
@@ -83,12 +94,16 @@ def start_server(workdir: Path, models_dir: Path | str, *, ready: bool = True, t
 
 
 def stop_server(server: Server) -> None:
+    children = server.processes()[1:]
     if server.proc.poll() is None:
         try:
-            os.killpg(server.proc.pid, signal.SIGTERM)
-            server.proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            server.proc.send_signal(signal.SIGTERM)
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             server.kill()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for p in alive:  # never leave a worker behind for the next test
+        p.kill()
 
 
 @contextmanager

@@ -140,7 +140,8 @@ def test_frames_of_concurrent_jobs_share_runner_batches(client, media_dir):
         t.start()
     for t in threads:
         t.join()
-    assert all(wait_done(client, i)["status"] == "completed" for i in ids)
+    results = [wait_done(client, i) for i in ids]
+    assert all(r["status"] == "completed" for r in results), results
     count, single = jobs_per_batch()
     multi_job_batches = (count - before[0]) - (single - before[1])
     assert multi_job_batches >= 1, "no generate batch held frames of two jobs"

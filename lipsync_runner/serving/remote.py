@@ -45,6 +45,8 @@ def runner_submitter(runner: Any, loop: asyncio.AbstractEventLoop | None) -> Sub
 class RemoteModel:
     """LipSyncModel over the runner service, for one job (its tag marks its rows in a batch)."""
 
+    TRANSPORT_RETRIES = 3
+
     def __init__(self, submit: Submit, *, chunk_frames: int, tag: float = 0.0, timeout_s: float = 600.0) -> None:
         self.submit = submit
         self.chunk_frames = chunk_frames
@@ -52,18 +54,31 @@ class RemoteModel:
         self.timeout_s = timeout_s
 
     def _call_chunked(self, endpoint: str, rows: np.ndarray, chunk: int) -> np.ndarray:
-        futures = [self.submit(endpoint, rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
-        try:
-            return np.concatenate([np.asarray(f.result(timeout=self.timeout_s)) for f in futures])
-        except LipSyncError:
-            raise
-        except Exception as exc:  # transport errors, runner 503s: the job fails with a clear reason
-            for f in futures:
-                f.cancel()
-            message = str(exc) or type(exc).__name__
-            if "not loaded" in message.lower() or "503" in message:
-                raise ModelsNotReadyError(f"the model runner is not available: {message}") from exc
-            raise LipSyncError(f"the model runner failed: {message}") from exc
+        chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
+        futures = [self.submit(endpoint, c) for c in chunks]
+        results = []
+        for attempt_chunk, future in zip(chunks, futures):
+            results.append(self._result(endpoint, attempt_chunk, future))
+        return np.concatenate(results)
+
+    def _result(self, endpoint: str, chunk: np.ndarray, future: Future) -> np.ndarray:
+        # Calls are pure functions of their input, so a request lost in transport (a pooled
+        # keep-alive connection the server closed just as we reused it) is safely sent again.
+        # In-flight requests are never cancelled: that would leave them in the runner's batcher.
+        for attempt in range(self.TRANSPORT_RETRIES + 1):
+            try:
+                return np.asarray(future.result(timeout=self.timeout_s))
+            except LipSyncError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                message = str(exc) or type(exc).__name__
+                if _is_transport_error(exc) and attempt < self.TRANSPORT_RETRIES:
+                    future = self.submit(endpoint, chunk)
+                    continue
+                if "not loaded" in message.lower() or "503" in message:
+                    raise ModelsNotReadyError(f"the model runner is not available: {message}") from exc
+                raise LipSyncError(f"the model runner failed: {message}") from exc
+        raise AssertionError("unreachable")
 
     def audio_features(self, pcm: np.ndarray) -> np.ndarray:
         pcm = np.asarray(pcm, dtype=np.float32)
@@ -76,3 +91,15 @@ class RemoteModel:
     def generate(self, latents: np.ndarray, audio_windows: np.ndarray) -> np.ndarray:
         packed = pack_generate(latents, audio_windows, self.tag)
         return self._call_chunked("generate", packed, self.chunk_frames)
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A request that did not reach the runner or lost its connection (not a runner-side error)."""
+    import httpx
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (httpx.TransportError, ConnectionError)) or "Server disconnected" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
