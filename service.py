@@ -9,18 +9,24 @@ imports happen inside `__init__`, so `bentoml build` can import this file cheapl
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 import bentoml
 import numpy as np
 
+from lipsync_runner.api.auth import BearerAuthMiddleware, request_owner
 from lipsync_runner.api.limits import ApiLimits, BodySizeLimitMiddleware
 from lipsync_runner.api.rest import create_rest_app
 from lipsync_runner.errors import LipSyncError
 from lipsync_runner.serving.settings import ServiceSettings
 
 SETTINGS = ServiceSettings()
+# Weights: a models directory when MUSETALK_MODELS_DIR is set (development, a mounted volume),
+# else the BentoML model store, which `bentoml build` packs into the Bento (import-models).
+MODELS_FROM_STORE = not os.environ.get("MUSETALK_MODELS_DIR")
+MODEL_TAG = os.environ.get("LIP_SYNC_BENTO_MODEL", "musetalk:latest")
 LIMITS = ApiLimits()
 BATCHING = {"batchable": True, "batch_dim": 0, "max_batch_size": SETTINGS.max_batch_size,
             "max_latency_ms": SETTINGS.max_latency_ms}
@@ -58,11 +64,18 @@ def _bentoml_errors(func):
 class MuseTalkRunner:
     """Owns MuseTalk's UNet, VAE and Whisper encoder; serves them in merged batches (numpy in/out)."""
 
+    if MODELS_FROM_STORE:
+        musetalk_model = bentoml.models.BentoModel(MODEL_TAG)
+
     def __init__(self) -> None:
         from lipsync_runner.serving import metrics
         from lipsync_runner.serving.runner import RunnerCore
+        from lipsync_runner.settings import RunnerSettings
 
-        self.core = RunnerCore()  # loads on a background thread: health answers meanwhile
+        settings = RunnerSettings()
+        if MODELS_FROM_STORE:
+            settings.models_dir = Path(self.musetalk_model.path)
+        self.core = RunnerCore(settings)  # loads on a background thread: health answers meanwhile
         self.core.add_observer(metrics.batch_served)
 
     def __is_ready__(self) -> bool:
@@ -155,7 +168,7 @@ class LipSync:
         """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished."""
         from lipsync_runner.api.schemas import status_body
 
-        job = await self.core.submit_paths(video, audio, bbox_shift)
+        job = await self.core.submit_paths(video, audio, bbox_shift, owner=_owner(ctx))
         if wait:
             job = await self.core.manager.wait_async(job.job_id, timeout=LIMITS.wait_timeout_s)
         elif ctx is not None:
@@ -164,35 +177,35 @@ class LipSync:
 
     @bentoml.api
     @_bentoml_errors
-    async def status(self, job_id: str) -> dict[str, Any]:
+    async def status(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
         from lipsync_runner.api.schemas import status_body
 
-        return status_body(self.core.manager.get(job_id))
+        return status_body(self.core.manager.get(job_id, _owner(ctx)))
 
     @bentoml.api
     @_bentoml_errors
-    async def download(self, job_id: str) -> Path:
-        return self.core.manager.output_path(job_id)
+    async def download(self, job_id: str, ctx: bentoml.Context = None) -> Path:
+        return self.core.manager.output_path(job_id, _owner(ctx))
 
     @bentoml.api
     @_bentoml_errors
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
         from lipsync_runner.api.schemas import status_body
 
-        return status_body(self.core.manager.cancel(job_id))
+        return status_body(self.core.manager.cancel(job_id, _owner(ctx)))
 
     @bentoml.api
     @_bentoml_errors
-    async def cleanup(self, job_id: str) -> dict[str, Any]:
-        await asyncio.to_thread(self.core.manager.cleanup, job_id)
+    async def cleanup(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
+        await asyncio.to_thread(self.core.manager.cleanup, job_id, _owner(ctx))
         return {"success": True, "job_id": job_id, "message": "Job files removed"}
 
     @bentoml.api
     @_bentoml_errors
-    async def jobs(self, limit: int = 100) -> dict[str, Any]:
+    async def jobs(self, limit: int = 100, ctx: bentoml.Context = None) -> dict[str, Any]:
         from lipsync_runner.api.schemas import job_summary
 
-        records = self.core.manager.list(limit=max(1, min(limit, 1000)))
+        records = self.core.manager.list(owner=_owner(ctx), limit=max(1, min(limit, 1000)))
         return {"total": len(records), "jobs": [job_summary(r) for r in records]}
 
     @bentoml.api
@@ -200,6 +213,12 @@ class LipSync:
         return await self.core.health()
 
 
+def _owner(ctx: bentoml.Context | None) -> str | None:
+    return request_owner(ctx.request.scope) if ctx is not None else None
+
+
+# First (outermost): requests without a valid token are refused before anything else runs.
+LipSync.add_asgi_middleware(BearerAuthMiddleware)
 # Uploads to the BentoML `generate` endpoint are buffered by BentoML: refuse oversized
 # bodies before that happens (the REST route streams and checks each file on its own).
 LipSync.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=LIMITS.max_video_bytes + LIMITS.max_audio_bytes

@@ -1,4 +1,4 @@
-"""`python -m lipsync_runner ...`: generate, download-models, make-test-assets.
+"""`python -m lipsync_runner ...`: generate, download-models, import-models, make-test-assets.
 
 Exit codes a script can rely on: 0 success, 2 bad input or usage, 3 models missing or
 broken, 4 media processing failed, 1 anything else. Errors are one line on stderr;
@@ -45,6 +45,10 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     dl.add_argument("--to", type=Path, required=True, help="models directory to fill")
     dl.add_argument("--version", choices=["v15", "v1", "all"], default="v15")
     dl.add_argument("--with-face-alignment", action="store_true", help="also fetch S3FD + FAN weights")
+
+    imp = sub.add_parser("import-models", help="copy a models directory into the BentoML model store")
+    imp.add_argument("--from", dest="source", type=Path, required=True, help="MuseTalk models directory")
+    imp.add_argument("--name", default="musetalk", help="model name in the store (the service uses musetalk)")
 
     assets = sub.add_parser("make-test-assets",
                             help="write tiny RANDOM-weight models in the real layout plus a test video and audio")
@@ -109,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
             root = download_models(args.to, version=args.version, face_alignment=args.with_face_alignment)
             print(f"models ready in {root}")
+            return 0
+        if args.command == "import-models":
+            from .models.bentostore import import_models_dir
+
+            print(f"imported {import_models_dir(args.source, name=args.name)}")
             return 0
         return _make_test_assets(args)
     except LipSyncError as exc:

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from lipsync_runner.api.auth import request_owner
 from lipsync_runner.errors import (
     InputTooLargeError,
     InvalidInputError,
@@ -83,8 +84,8 @@ class Manager(Protocol):
 
 
 def get_owner(request: Request) -> str | None:
-    """Who is asking: the single hook for per-token job scoping. No auth yet: everyone is None."""
-    return None
+    """Who is asking: the token's owner id when jobs are scoped per token (see api/auth.py), else None."""
+    return request_owner(request.scope)
 
 
 def _parse_bool(value: str | None, name: str) -> bool:

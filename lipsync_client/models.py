@@ -1,0 +1,106 @@
+"""Response bodies of the lip-sync REST API as pydantic models.
+
+They mirror the server's JSON and accept fields added later (``extra="allow"``).
+Timestamps arrive as UTC ``YYYY-MM-DDTHH:MM:SS`` and become timezone-aware datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "queued", "processing", "completed", "failed", "cancelled"
+FINISHED_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+def _utc(value: Optional[datetime]) -> Optional[datetime]:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data (what ``lipsync ... --json`` prints)."""
+        return self.model_dump(mode="json")
+
+
+class _Timestamps(_Body):
+    @field_validator("created_at", "completed_at", "expires_at", check_fields=False)
+    @classmethod
+    def _as_utc(cls, value: Optional[datetime]) -> Optional[datetime]:
+        return _utc(value)
+
+
+class Job(_Timestamps):
+    """A job, as ``GET /status/<id>`` describes it (``generate`` fills what it knows)."""
+
+    job_id: str
+    status: str = Field(description="queued, processing, completed, failed or cancelled")
+    stage: str = ""
+    progress: float = 0.0
+    error: Optional[str] = None
+    created_at: Optional[datetime] = None
+    completed_at: Optional[datetime] = None
+    expires_at: Optional[datetime] = None
+    output_path: Optional[str] = Field(default=None, description="The file name the result downloads as.")
+    download_url: Optional[str] = None
+    status_url: Optional[str] = None
+    frames: Optional[int] = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    attempts: int = 0
+    bbox_shift: Optional[int] = None
+    message: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @property
+    def completed(self) -> bool:
+        return self.status == COMPLETED
+
+    @property
+    def failed(self) -> bool:
+        """Ended without a result: failed or cancelled."""
+        return self.status in (FAILED, CANCELLED)
+
+
+class JobSummary(_Timestamps):
+    """One entry of ``GET /jobs``."""
+
+    job_id: str
+    status: str
+    stage: str = ""
+    progress: float = 0.0
+    created_at: Optional[datetime] = None
+    completed_at: Optional[datetime] = None
+
+
+class JobList(_Body):
+    total: int
+    jobs: list[JobSummary]
+
+
+class Health(_Body):
+    """``GET /health``. ``ready`` is true when the service can run jobs (HTTP 200)."""
+
+    status: str
+    models_loaded: bool = False
+    device: Optional[str] = None
+    model_version: Optional[str] = None
+    error: Optional[str] = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+
+class CleanupResult(_Body):
+    success: bool = True
+    job_id: str
+    message: str = ""
