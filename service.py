@@ -21,6 +21,7 @@ from lipsync_runner.api.limits import ApiLimits, BodySizeLimitMiddleware
 from lipsync_runner.api.rest import create_rest_app
 from lipsync_runner.errors import LipSyncError
 from lipsync_runner.serving.settings import ServiceSettings
+from lipsync_runner.ui import create_ui_app
 
 SETTINGS = ServiceSettings()
 # Weights: a models directory when MUSETALK_MODELS_DIR is set (development, a mounted volume),
@@ -132,6 +133,7 @@ rest_app = create_rest_app(_manager, _health, LIMITS, ensure_ready=_ensure_ready
     traffic={"timeout": LIMITS.wait_timeout_s + 60},
 )
 @bentoml.asgi_app(rest_app, path="/api/lip-sync")
+@bentoml.asgi_app(create_ui_app(), path="/ui")  # the browser page (lipsync_runner/ui)
 class LipSync:
     """Lip-sync jobs: upload, status, download, cleanup; REST under /api/lip-sync and BentoML APIs."""
 
@@ -141,8 +143,7 @@ class LipSync:
         global _core
         from lipsync_runner.serving.api import ApiCore
 
-        self.core = ApiCore(self.runner, SETTINGS, max_video_bytes=LIMITS.max_video_bytes,
-                            max_audio_bytes=LIMITS.max_audio_bytes)
+        self.core = ApiCore(self.runner, SETTINGS, limits=LIMITS)
         _core = self.core
 
     @bentoml.on_startup

@@ -28,7 +28,8 @@ from .crops import crop_faces
 from .errors import InvalidInputError, JobCancelledError, MediaProcessingError
 from .faces import FaceDetector, FaceTrack, track_faces
 from .framestore import FrameStore, pingpong_indices
-from .media import AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio, probe_video
+from .media import (PROBE_TIMEOUT_S, AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio,
+                    probe_video)
 from .musetalk import LipSyncModel
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,10 @@ class StageClock:
             self.seconds[stage] += time.perf_counter() - start
 
 
-def validate_inputs(video: Path, audio: Path) -> tuple[VideoInfo, AudioInfo]:
+def validate_inputs(video: Path, audio: Path, timeout_s: float | None = None) -> tuple[VideoInfo, AudioInfo]:
     """Check both files by content (not extension) before any work starts."""
-    return probe_video(video), probe_audio(audio)
+    bound = min(PROBE_TIMEOUT_S, timeout_s or PROBE_TIMEOUT_S)
+    return probe_video(video, timeout_s=bound), probe_audio(audio, timeout_s=bound)
 
 
 def run(
@@ -107,7 +109,7 @@ def run(
         if should_cancel is not None and should_cancel():
             raise JobCancelledError("the job was cancelled")
 
-    info, _ = validate_inputs(video, audio)
+    info, _ = validate_inputs(video, audio, opts.ffmpeg_timeout_s)
     fps = info.fps
 
     report("audio", 0.0)

@@ -35,6 +35,9 @@ class ApiLimits(BaseSettings):
 
     max_video_bytes: int = Field(default=500 * MiB, gt=0, description="Largest accepted video upload.")
     max_audio_bytes: int = Field(default=100 * MiB, gt=0, description="Largest accepted audio upload.")
+    max_video_seconds: float = Field(default=600.0, gt=0, description="Longest accepted video (413 above).")
+    max_audio_seconds: float = Field(default=600.0, gt=0, description="Longest accepted audio (413 above).")
+    max_video_pixels: int = Field(default=3840 * 2160, gt=0, description="Largest frame, width x height (413 above).")
     wait_timeout_s: float = Field(default=3600.0, gt=0, description="Longest a `wait=true` generate call blocks.")
     debug: bool = Field(default=False, description="Add tracebacks to 500 responses (development only).")
     url_prefix: str = Field(

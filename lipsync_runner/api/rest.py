@@ -37,7 +37,7 @@ from lipsync_runner.errors import (
     QueueFullError,
 )
 from lipsync_runner.jobs.records import JobParams, JobRecord, JobStatus, is_job_id
-from lipsync_runner.media import probe_audio, probe_video
+from lipsync_runner.api.validation import validate_media
 
 from .limits import ApiLimits, BodySizeLimitMiddleware, too_large_body
 from .schemas import (
@@ -284,8 +284,8 @@ def create_rest_app(
                 wait_flag = _parse_bool(upload.fields.get("wait"), "wait")
             video, audio = files["video"], files["audio"]
             # ffmpeg subprocesses: off the event loop
-            await anyio.to_thread.run_sync(probe_video, Path(job_dir) / video.file_name)
-            await anyio.to_thread.run_sync(probe_audio, Path(job_dir) / audio.file_name)
+            await anyio.to_thread.run_sync(validate_media, Path(job_dir) / video.file_name,
+                                           Path(job_dir) / audio.file_name, settings)
             record = await run_in_threadpool(
                 lambda: manager.submit(
                     job_id,

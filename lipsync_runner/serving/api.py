@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import InputTooLargeError, InvalidInputError, LipSyncError, ModelsNotReadyError
+from ..errors import (InputTooLargeError, InsufficientStorageError, InvalidInputError, LipSyncError,
+                      ModelsNotReadyError)
 from ..faces import FaceDetector, load_face_detector
 from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, SQLiteJobStore
-from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, probe_audio, probe_video
+from ..api.limits import ApiLimits
+from ..api.validation import validate_media
+from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from ..pipeline import PipelineOptions, run
 from ..settings import RunnerSettings
 from . import metrics
@@ -33,13 +36,13 @@ MODEL_WAIT_S = 900  # a job recovered after a restart waits this long for the mo
 
 class ApiCore:
     def __init__(self, runner: Any, settings: ServiceSettings | None = None,
-                 runner_settings: RunnerSettings | None = None, *, max_video_bytes: int = 500 * 2**20,
-                 max_audio_bytes: int = 100 * 2**20) -> None:
+                 runner_settings: RunnerSettings | None = None, limits: ApiLimits | None = None) -> None:
         self.runner = runner
         self.settings = settings or ServiceSettings()
         self.runner_settings = runner_settings or RunnerSettings()
-        self.max_video_bytes = max_video_bytes
-        self.max_audio_bytes = max_audio_bytes
+        self.limits = limits or ApiLimits()
+        self.max_video_bytes = self.limits.max_video_bytes
+        self.max_audio_bytes = self.limits.max_audio_bytes
         data_dir = Path(self.settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.files = JobFiles(data_dir)
@@ -94,6 +97,7 @@ class ApiCore:
             "jobs": self.manager.counts(),
             "version": __version__,
             "uptime_s": round(time.time() - self._started, 1),
+            "ui": "/ui/",
         }
 
     async def ensure_ready(self) -> None:
@@ -121,10 +125,12 @@ class ApiCore:
             audio_file = "input_audio" + audio.suffix.lower()
             await asyncio.to_thread(shutil.copyfile, video, job_dir / video_file)
             await asyncio.to_thread(shutil.copyfile, audio, job_dir / audio_file)
-            await asyncio.to_thread(probe_video, job_dir / video_file)
-            await asyncio.to_thread(probe_audio, job_dir / audio_file)
-        except BaseException:
+            await asyncio.to_thread(validate_media, job_dir / video_file, job_dir / audio_file, self.limits)
+        except BaseException as exc:
             self.manager.discard_upload(job_id)
+            if isinstance(exc, LipSyncError):
+                exc.message = exc.message.replace(video_file, video.name).replace(audio_file, audio.name)
+                exc.args = (exc.message,)
             raise
         return self.manager.submit(job_id, video_file=video_file, audio_file=audio_file,
                                    video_filename=video.name[:200], audio_filename=audio.name[:200], params=params,
@@ -152,6 +158,23 @@ class ApiCore:
             ctx.progress("waiting for models", 0.0)
             time.sleep(1.0)
 
+    def _guard_disk(self, progress):
+        """A progress callback that also fails the job cleanly when the disk fills up under it."""
+        floor = self.settings.free_space_floor_mb * 2**20
+        last_check = 0.0
+
+        def guarded(stage: str, fraction: float) -> None:
+            nonlocal last_check
+            now = time.monotonic()
+            if floor and now - last_check > 2.0:
+                last_check = now
+                if self.files.free_bytes() < floor:
+                    raise InsufficientStorageError(
+                        "the server ran out of disk space while processing the job; try again later")
+            progress(stage, fraction)
+
+        return guarded
+
     def _execute(self, ctx: JobContext) -> JobOutcome:
         job = ctx.job
         health = self._wait_for_models(ctx)
@@ -166,7 +189,7 @@ class ApiCore:
         start = time.perf_counter()
         try:
             result = run(model, self._face_detector(), ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file,
-                         output, options, progress=ctx.progress, should_cancel=ctx.should_cancel,
+                         output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
                          work_dir=ctx.work_dir)
         except LipSyncError:
             raise

@@ -33,6 +33,7 @@ class BatchStats:
     max_rows: Counter = field(default_factory=Counter)  # endpoint -> largest batch
     max_jobs_per_batch: int = 0  # generate: most distinct jobs seen in one batch
     multi_job_batches: int = 0  # generate: batches holding frames of 2+ jobs
+    oom_splits: int = 0  # batches split in half after running out of GPU memory
     seconds: Counter = field(default_factory=Counter)
 
     def record(self, endpoint: str, rows: int, seconds: float, jobs: int = 1) -> None:
@@ -51,6 +52,7 @@ class BatchStats:
             "mean_batch_size": {e: round(self.rows[e] / self.batches[e], 2) for e in endpoints},
             "busy_seconds": {e: round(self.seconds[e], 3) for e in endpoints},
             "max_jobs_per_batch": self.max_jobs_per_batch, "multi_job_batches": self.multi_job_batches,
+            "oom_splits": self.oom_splits,
         }
 
 
@@ -62,6 +64,7 @@ class RunnerCore:
         self.error: str | None = None
         self.stats = BatchStats()
         self._observers: list = []
+        self._row_cap: dict[str, int] = {}  # endpoint -> rows per call that fit, learnt from OOMs
         self._lock = threading.Lock()
         self.loaded_at: float | None = None
         if load:
@@ -118,7 +121,7 @@ class RunnerCore:
     def prepare(self, crops: np.ndarray) -> np.ndarray:
         model = self.require()
         start = time.perf_counter()
-        out = model.prepare(crops)
+        out = self._fit_in_memory("prepare", model.prepare, crops)
         self._served("prepare", len(crops), start)
         return out
 
@@ -126,13 +129,54 @@ class RunnerCore:
         model = self.require()
         start = time.perf_counter()
         tags, latents, windows = unpack_generate(packed, int(model.unet.config.cross_attention_dim))
-        out = model.generate(latents, windows)
+        out = self._fit_in_memory("generate", model.generate, latents, windows)
         self._served("generate", len(packed), start, jobs=len(np.unique(tags)))
         return out
 
     def audio_pieces(self, pieces: np.ndarray) -> np.ndarray:
         model = self.require()
         start = time.perf_counter()
-        out = model.encode_pieces(pieces)
+        out = self._fit_in_memory("audio_pieces", model.encode_pieces, pieces)
         self._served("audio_pieces", len(pieces), start)
         return out
+
+    def _fit_in_memory(self, endpoint: str, fn, *arrays: np.ndarray) -> np.ndarray:
+        """Run fn on the rows; on out-of-memory, retry in halves (and remember the smaller size).
+
+        The batcher may merge more frames than the GPU holds next to another tenant's work.
+        Each call's rows are independent, so halves give the same result; only a single row
+        that does not fit fails the request (and with it, cleanly, the jobs it came from).
+        """
+        n = len(arrays[0])
+        cap = self._row_cap.get(endpoint)
+        if cap is not None and n > cap:
+            return np.concatenate([self._fit_in_memory(endpoint, fn, *(a[i : i + cap] for a in arrays))
+                                   for i in range(0, n, cap)])
+        try:
+            return fn(*arrays)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            _release_cached_memory()
+            if n <= 1:
+                raise LipSyncError(f"the GPU ran out of memory on a single frame ({endpoint})") from None
+            half = (n + 1) // 2
+            with self._lock:
+                self.stats.oom_splits += 1
+                self._row_cap[endpoint] = min(self._row_cap.get(endpoint, n), half)
+            log.warning("%s: out of memory on %d rows, retrying in batches of %d", endpoint, n, half)
+            return np.concatenate([self._fit_in_memory(endpoint, fn, *(a[:half] for a in arrays)),
+                                   self._fit_in_memory(endpoint, fn, *(a[half:] for a in arrays))])
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _release_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,62 @@
+"""Client SDK and CLI for the MuseTalk lip-sync service (REST API under ``/api/lip-sync``).
+
+Light on purpose: it needs only httpx, pydantic and tqdm (for the CLI), never torch,
+numpy or bentoml, so it installs anywhere a script runs.
+
+    from lipsync_client import LipSyncClient
+
+    with LipSyncClient("https://my-deployment.bentoml.ai", token="...") as client:
+        job = client.generate("in.mp4", "speech.wav", wait=True, progress=lambda j: print(j.stage, j.progress))
+        client.download(job.job_id, "out.mp4")
+
+``AsyncLipSyncClient`` has the same methods as coroutines. Errors are typed
+(``lipsync_client.errors``) and carry the server's message. The ``lipsync`` command
+(``python -m lipsync_client``) wraps all of it; see ``lipsync --help`` for its exit codes.
+"""
+
+__version__ = "0.1.0"
+
+from .aio import AsyncLipSyncClient  # noqa: E402
+from .client import LipSyncClient  # noqa: E402
+from .errors import (  # noqa: E402
+    BadRequest,
+    ConnectionFailed,
+    InsufficientStorage,
+    JobFailed,
+    LipSyncClientError,
+    NotFinished,
+    NotFound,
+    PayloadTooLarge,
+    ServerError,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    UnexpectedResponse,
+    WaitTimeout,
+)
+from .models import CleanupResult, Health, Job, JobList, JobSummary  # noqa: E402
+
+__all__ = [
+    "AsyncLipSyncClient",
+    "BadRequest",
+    "CleanupResult",
+    "ConnectionFailed",
+    "Health",
+    "InsufficientStorage",
+    "Job",
+    "JobFailed",
+    "JobList",
+    "JobSummary",
+    "LipSyncClient",
+    "LipSyncClientError",
+    "NotFinished",
+    "NotFound",
+    "PayloadTooLarge",
+    "ServerError",
+    "ServiceUnavailable",
+    "TooManyRequests",
+    "Unauthorized",
+    "UnexpectedResponse",
+    "WaitTimeout",
+    "__version__",
+]

@@ -1,0 +1,130 @@
+"""``AsyncLipSyncClient``: the asyncio twin (an ``httpx.AsyncClient`` driving the shared core)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import httpx
+
+from ._core import (
+    DEFAULT_TIMEOUT,
+    API_PREFIX,
+    BytesCallback,
+    Call,
+    ClientCore,
+    FileInput,
+    Notify,
+    Op,
+    ProgressCallback,
+    Sleep,
+)
+from .models import CleanupResult, Health, Job, JobList
+
+
+class AsyncLipSyncClient:
+    """The async twin of ``LipSyncClient``: same arguments, same methods (awaitable), same errors.
+    ``progress`` callbacks may be plain functions or coroutine functions.
+
+        async with AsyncLipSyncClient("http://localhost:3000") as c:
+            job = await c.generate("in.mp4", "speech.wav", wait=True)
+            await c.download(job.job_id, "out.mp4")
+    """
+
+    def __init__(self, base_url: Optional[str] = None, token: Optional[str] = None,
+                 timeout: Union[float, httpx.Timeout, None] = DEFAULT_TIMEOUT, *, retries: int = 2,
+                 api_prefix: str = API_PREFIX, headers: Optional[dict[str, str]] = None,
+                 **httpx_options: Any) -> None:
+        self._core = ClientCore(base_url, token, api_prefix=api_prefix, retries=retries)
+        self._http = httpx.AsyncClient(**self._core.client_options(timeout, headers), **httpx_options)
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    @property
+    def api_url(self) -> str:
+        return self._core.root
+
+    async def health(self) -> Health:
+        return await self._run(self._core.health())
+
+    async def generate(self, video: FileInput, audio: FileInput, bbox_shift: int = 0, wait: bool = False, *,
+                       progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None) -> Job:
+        return await self._run(self._core.generate(video, audio, bbox_shift, wait, progress, timeout))
+
+    async def status(self, job_id: str) -> Job:
+        return await self._run(self._core.status(job_id))
+
+    async def wait(self, job_id: str, progress: Optional[ProgressCallback] = None,
+                   timeout: Optional[float] = None) -> Job:
+        return await self._run(self._core.wait(job_id, progress=progress, timeout=timeout))
+
+    async def download(self, job_id: str, path: Union[str, "os.PathLike[str]"],
+                       progress: Optional[BytesCallback] = None) -> Path:
+        return await self._run(self._core.download(job_id, path, progress))
+
+    async def cleanup(self, job_id: str) -> CleanupResult:
+        return await self._run(self._core.cleanup(job_id))
+
+    async def cancel(self, job_id: str) -> Job:
+        return await self._run(self._core.cancel(job_id))
+
+    async def jobs(self, limit: int = 100) -> JobList:
+        return await self._run(self._core.jobs(limit))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncLipSyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncLipSyncClient({self._core.base_url!r})"
+
+    # -- the driver
+
+    async def _run(self, op: Op) -> Any:
+        try:
+            step = next(op)
+            while True:
+                step = op.send(await self._perform(step))
+        except StopIteration as done:
+            return done.value
+        finally:
+            op.close()
+
+    async def _perform(self, step: Any) -> Any:
+        if isinstance(step, Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        if isinstance(step, Notify):
+            result = step.callback(step.job)
+            if inspect.isawaitable(result):
+                await result
+            return None
+        return await self._send(step)
+
+    async def _send(self, call: Call) -> Any:
+        try:
+            with ExitStack() as stack:
+                args = self._core.request_args(call, stack)
+                if call.download_to is None:
+                    return await self._http.request(**args)
+                async with self._http.stream(**args) as response:
+                    if response.status_code >= 300:
+                        await response.aread()
+                        return response
+                    with self._core.sink(call, response) as sink:
+                        async for chunk in response.aiter_bytes():
+                            sink.write(chunk)
+                    return sink.target
+        except httpx.TransportError as exc:
+            return exc

@@ -1,0 +1,357 @@
+"""``lipsync``: the command line of the lip-sync service.
+
+    lipsync generate VIDEO AUDIO -o OUT.mp4 [--server URL] [--bbox-shift N]
+    lipsync status JOB_ID [--json]
+    lipsync jobs [--limit N] [--json]
+    lipsync download JOB_ID -o OUT.mp4
+    lipsync wait JOB_ID
+    lipsync cancel JOB_ID
+    lipsync cleanup JOB_ID
+    lipsync health [--json]
+
+Results go to stdout (``generate``/``download`` print only the output path), progress bars and
+``error: ...`` lines to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tqdm import tqdm
+
+from . import __version__
+from .client import LipSyncClient
+from .errors import (
+    BadRequest,
+    ConnectionFailed,
+    JobFailed,
+    LipSyncClientError,
+    NotFinished,
+    NotFound,
+    PayloadTooLarge,
+    ServerError,
+    TooManyRequests,
+    Unauthorized,
+    WaitTimeout,
+)
+from .models import Job
+
+OK, JOB_FAILED, BAD_INPUT, NOT_FOUND, UNAUTHORIZED, UNAVAILABLE, TIMED_OUT, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 130
+
+EXIT_CODES = f"""\
+exit codes:
+  {OK}    success
+  {JOB_FAILED}    the job failed or was cancelled
+  {BAD_INPUT}    bad usage or input: missing file, refused upload (400), too large (413)
+  {NOT_FOUND}    unknown job (404), or the job has not finished (409)
+  {UNAUTHORIZED}    missing or wrong token (401/403)
+  {UNAVAILABLE}    server unavailable: cannot connect, not ready (503), queue full (429),
+       out of storage (507), other server errors
+  {TIMED_OUT}    --wait-timeout passed before the job finished (it keeps running)
+  {INTERRUPTED}  interrupted (Ctrl-C)
+errors are one line on stderr: "error: <message>".
+
+environment: LIPSYNC_SERVER (default http://localhost:3000), LIPSYNC_TOKEN (bearer token).
+"""
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code for an error (see EXIT_CODES)."""
+    if isinstance(exc, JobFailed):
+        return JOB_FAILED
+    if isinstance(exc, (BadRequest, PayloadTooLarge)):
+        return BAD_INPUT
+    if isinstance(exc, (NotFound, NotFinished)):
+        return NOT_FOUND
+    if isinstance(exc, Unauthorized):
+        return UNAUTHORIZED
+    if isinstance(exc, WaitTimeout):
+        return TIMED_OUT
+    if isinstance(exc, (ServerError, TooManyRequests, ConnectionFailed, LipSyncClientError)):
+        return UNAVAILABLE
+    if isinstance(exc, OSError):
+        return BAD_INPUT
+    return JOB_FAILED
+
+
+# ---------------------------------------------------------------------------- output helpers
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _fmt_time(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"
+
+
+def _print_job(job: Job) -> None:
+    rows = [("job_id", job.job_id), ("status", job.status), ("stage", job.stage or "-"),
+            ("progress", f"{job.progress * 100:.0f}%"), ("created_at", _fmt_time(job.created_at)),
+            ("completed_at", _fmt_time(job.completed_at))]
+    if job.frames is not None:
+        rows.append(("frames", str(job.frames)))
+    if job.output_path:
+        rows.append(("output", job.output_path))
+    if job.error:
+        rows.append(("error", job.error))
+    for key, value in rows:
+        print(f"{key + ':':<14}{value}")
+
+
+class JobProgress:
+    """A tqdm bar (0-100 %) fed by ``wait``'s progress callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = tqdm(total=100, unit="%", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]") if enabled else None
+
+    def __call__(self, job: Job) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_description_str(f"{job.status}" + (f" ({job.stage})" if job.stage else ""), refresh=False)
+        self.bar.n = round(job.progress * 100)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class ByteProgress:
+    def __init__(self, enabled: bool, desc: str) -> None:
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc,
+                            file=sys.stderr, dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def _output_target(out: str) -> Path:
+    target = Path(out).expanduser()
+    folder = target if target.is_dir() else target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {folder}")
+    return target
+
+
+def _require_file(path: str, what: str) -> None:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_generate(client: LipSyncClient, args: argparse.Namespace) -> int:
+    _require_file(args.video, "video")
+    _require_file(args.audio, "audio")
+    target = _output_target(args.output)
+    show = not (args.quiet or args.no_progress)
+    _note(args, f"uploading {Path(args.video).name} and {Path(args.audio).name} to {client.base_url}")
+    job = client.generate(args.video, args.audio, bbox_shift=args.bbox_shift)
+    _note(args, f"job {job.job_id} {job.status}")
+    bar = JobProgress(show)
+    try:
+        job = client.wait(job.job_id, progress=bar, timeout=args.wait_timeout)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"error: interrupted; job {job.job_id} keeps running on the server", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        bar.close()
+    return _download(client, args, job.job_id, target, show, cleanup=args.cleanup)
+
+
+def _download(client: LipSyncClient, args: argparse.Namespace, job_id: str, target: Path, show: bool,
+              cleanup: bool = False) -> int:
+    bar = ByteProgress(show, "download")
+    try:
+        path = client.download(job_id, target, progress=bar)
+    finally:
+        bar.close()
+    if cleanup:
+        client.cleanup(job_id)
+        _note(args, f"job {job_id} removed from the server")
+    print(path.resolve())
+    return OK
+
+
+def cmd_download(client: LipSyncClient, args: argparse.Namespace) -> int:
+    return _download(client, args, args.job_id, _output_target(args.output), not (args.quiet or args.no_progress))
+
+
+def cmd_wait(client: LipSyncClient, args: argparse.Namespace) -> int:
+    bar = JobProgress(not (args.quiet or args.no_progress))
+    try:
+        job = client.wait(args.job_id, progress=bar, timeout=args.wait_timeout)
+    finally:
+        bar.close()
+    _print_json(job.to_json()) if args.json else _print_job(job)
+    return OK
+
+
+def cmd_status(client: LipSyncClient, args: argparse.Namespace) -> int:
+    job = client.status(args.job_id)
+    _print_json(job.to_json()) if args.json else _print_job(job)
+    return OK
+
+
+def cmd_jobs(client: LipSyncClient, args: argparse.Namespace) -> int:
+    listing = client.jobs(limit=args.limit)
+    if args.json:
+        _print_json(listing.to_json())
+        return OK
+    if not listing.jobs:
+        _note(args, "no jobs")
+        return OK
+    print(f"{'JOB_ID':<36}  {'STATUS':<10}  {'PROGRESS':>8}  {'CREATED (UTC)':<19}  STAGE")
+    for j in listing.jobs:
+        created = j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "-"
+        print(f"{j.job_id:<36}  {j.status:<10}  {j.progress * 100:>7.0f}%  {created:<19}  {j.stage}")
+    return OK
+
+
+def cmd_cancel(client: LipSyncClient, args: argparse.Namespace) -> int:
+    job = client.cancel(args.job_id)
+    _print_json(job.to_json()) if args.json else print(f"job {job.job_id} {job.status}")
+    return OK
+
+
+def cmd_cleanup(client: LipSyncClient, args: argparse.Namespace) -> int:
+    result = client.cleanup(args.job_id)
+    _print_json(result.to_json()) if args.json else print(f"job {result.job_id} removed")
+    return OK
+
+
+def cmd_health(client: LipSyncClient, args: argparse.Namespace) -> int:
+    health = client.health()
+    if args.json:
+        _print_json(health.to_json())
+    elif health.ready:
+        print(f"ready: device={health.device or '-'} model_version={health.model_version or '-'}")
+    if not health.ready:
+        reason = f": {health.error}" if health.error else ""
+        print(f"error: service not ready ({health.status}){reason}", file=sys.stderr)
+        return UNAVAILABLE
+    return OK
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--server", metavar="URL", default=default,
+                        help="service URL, may include a path prefix (default: $LIPSYNC_SERVER "
+                             "or http://localhost:3000)")
+    parser.add_argument("--token", default=default, help="bearer token (default: $LIPSYNC_TOKEN)")
+    parser.add_argument("--timeout", type=float, metavar="S", default=argparse.SUPPRESS if suppress else 120.0,
+                        help="network timeout per request operation in seconds (default 120)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="no notes or progress bars on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lipsync", description="Client of the MuseTalk lip-sync service.", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lipsync-client {__version__}")
+    _connection_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=EXIT_CODES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        _connection_options(sub, suppress=True)
+        sub.set_defaults(func=func)
+        return sub
+
+    def json_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--json", action="store_true", help="print the JSON body")
+
+    def no_progress(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub = command("generate", cmd_generate, "upload a video and an audio track, wait, download the result")
+    sub.add_argument("video", help="input video (a face)")
+    sub.add_argument("audio", help="audio track to lip-sync to")
+    sub.add_argument("-o", "--output", default=".", metavar="OUT.mp4",
+                     help="where to write the result (a file, or a directory for lip_sync_<id>.mp4; default .)")
+    sub.add_argument("--bbox-shift", type=int, default=0, metavar="N", help="mouth box shift in pixels (-100..100)")
+    sub.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 6)")
+    sub.add_argument("--cleanup", action="store_true", help="remove the job from the server after the download")
+    no_progress(sub)
+
+    sub = command("status", cmd_status, "show a job's status")
+    sub.add_argument("job_id")
+    json_flag(sub)
+
+    sub = command("jobs", cmd_jobs, "list jobs, newest first")
+    sub.add_argument("--limit", type=int, default=100, metavar="N", help="at most N jobs (default 100)")
+    json_flag(sub)
+
+    sub = command("download", cmd_download, "download a completed job's result")
+    sub.add_argument("job_id")
+    sub.add_argument("-o", "--output", default=".", metavar="OUT.mp4", help="file or directory (default .)")
+    no_progress(sub)
+
+    sub = command("wait", cmd_wait, "wait for a job to finish (exit 1 if it failed)")
+    sub.add_argument("job_id")
+    sub.add_argument("--wait-timeout", type=float, metavar="S", help="give up after S seconds (exit 6)")
+    no_progress(sub)
+    json_flag(sub)
+
+    sub = command("cancel", cmd_cancel, "cancel a queued or running job")
+    sub.add_argument("job_id")
+    json_flag(sub)
+
+    sub = command("cleanup", cmd_cleanup, "cancel if running, then delete a job and its files")
+    sub.add_argument("job_id")
+    json_flag(sub)
+
+    sub = command("health", cmd_health, "is the service ready? (exit 5 if not)")
+    json_flag(sub)
+    return parser
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)  # usage errors exit 2
+    try:
+        with LipSyncClient(args.server, token=args.token, timeout=args.timeout) as client:
+            return args.func(client, args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except (LipSyncClientError, OSError) as exc:
+        message = exc.message if isinstance(exc, LipSyncClientError) else (
+            f"{exc.strerror}: {exc.filename}" if exc.filename and exc.strerror else str(exc))
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+        return exit_code(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

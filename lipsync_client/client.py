@@ -1,0 +1,141 @@
+"""``LipSyncClient``: the synchronous client (an ``httpx.Client`` driving the shared core)."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import httpx
+
+from ._core import (
+    DEFAULT_TIMEOUT,
+    API_PREFIX,
+    BytesCallback,
+    Call,
+    ClientCore,
+    FileInput,
+    Notify,
+    Op,
+    ProgressCallback,
+    Sleep,
+)
+from .models import CleanupResult, Health, Job, JobList
+
+
+class LipSyncClient:
+    """Client of the lip-sync REST API (``/api/lip-sync``), locally or on BentoCloud.
+
+    ``base_url`` defaults to ``$LIPSYNC_SERVER`` or ``http://localhost:3000`` and may carry a
+    path prefix; ``token`` (default ``$LIPSYNC_TOKEN``) is sent as ``Authorization: Bearer``.
+    ``timeout`` bounds each network operation (connect, each read/write), not a whole upload.
+    Idempotent GETs are retried ``retries`` times on connection errors. Errors are the typed
+    exceptions of ``lipsync_client.errors``.
+
+        with LipSyncClient("http://localhost:3000") as c:
+            job = c.generate("in.mp4", "speech.wav", wait=True, progress=print)
+            c.download(job.job_id, "out.mp4")
+    """
+
+    def __init__(self, base_url: Optional[str] = None, token: Optional[str] = None,
+                 timeout: Union[float, httpx.Timeout, None] = DEFAULT_TIMEOUT, *, retries: int = 2,
+                 api_prefix: str = API_PREFIX, headers: Optional[dict[str, str]] = None,
+                 **httpx_options: Any) -> None:
+        self._core = ClientCore(base_url, token, api_prefix=api_prefix, retries=retries)
+        self._http = httpx.Client(**self._core.client_options(timeout, headers), **httpx_options)
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    @property
+    def api_url(self) -> str:
+        return self._core.root
+
+    # -- the API
+
+    def health(self) -> Health:
+        """The service's health; ``.ready`` is False (no exception) while models load or failed to."""
+        return self._run(self._core.health())
+
+    def generate(self, video: FileInput, audio: FileInput, bbox_shift: int = 0, wait: bool = False, *,
+                 progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None) -> Job:
+        """Upload ``video`` and ``audio`` (paths or binary files, streamed from disk) and start a job.
+        With ``wait=True``, poll until it completes and return the finished job."""
+        return self._run(self._core.generate(video, audio, bbox_shift, wait, progress, timeout))
+
+    def status(self, job_id: str) -> Job:
+        return self._run(self._core.status(job_id))
+
+    def wait(self, job_id: str, progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None) -> Job:
+        """Poll until the job finishes; ``progress(job)`` on every change. JobFailed / WaitTimeout otherwise."""
+        return self._run(self._core.wait(job_id, progress=progress, timeout=timeout))
+
+    def download(self, job_id: str, path: Union[str, "os.PathLike[str]"],
+                 progress: Optional[BytesCallback] = None) -> Path:
+        """Stream the result to ``path`` (a file, or a directory to put ``lip_sync_<id>.mp4`` in).
+        ``progress(bytes_done, total_or_None)``. No partial file is left behind on error."""
+        return self._run(self._core.download(job_id, path, progress))
+
+    def cleanup(self, job_id: str) -> CleanupResult:
+        return self._run(self._core.cleanup(job_id))
+
+    def cancel(self, job_id: str) -> Job:
+        return self._run(self._core.cancel(job_id))
+
+    def jobs(self, limit: int = 100) -> JobList:
+        return self._run(self._core.jobs(limit))
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "LipSyncClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LipSyncClient({self._core.base_url!r})"
+
+    # -- the driver
+
+    def _run(self, op: Op) -> Any:
+        try:
+            step = next(op)
+            while True:
+                step = op.send(self._perform(step))
+        except StopIteration as done:
+            return done.value
+        finally:
+            op.close()
+
+    def _perform(self, step: Any) -> Any:
+        if isinstance(step, Sleep):
+            time.sleep(step.seconds)
+            return None
+        if isinstance(step, Notify):
+            step.callback(step.job)
+            return None
+        return self._send(step)
+
+    def _send(self, call: Call) -> Any:
+        try:
+            with ExitStack() as stack:
+                args = self._core.request_args(call, stack)
+                if call.download_to is None:
+                    return self._http.request(**args)
+                with self._http.stream(**args) as response:
+                    if response.status_code >= 300:
+                        response.read()
+                        return response
+                    with self._core.sink(call, response) as sink:
+                        for chunk in response.iter_bytes():
+                            sink.write(chunk)
+                    return sink.target
+        except httpx.TransportError as exc:
+            return exc

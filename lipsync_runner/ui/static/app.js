@@ -1,0 +1,582 @@
+// Lip sync page: a reference client for the public REST API under /api/lip-sync.
+//
+//   POST   {API}/generate          multipart video, audio, optional bbox_shift -> 202 {job_id}
+//   GET    {API}/status/{job_id}   status, stage, progress (0..1), error
+//   GET    {API}/download/{job_id} the MP4
+//   GET    {API}/jobs?limit=N      recent jobs, newest first
+//   DELETE {API}/cleanup/{job_id}  cancel if running, delete the files and the record
+//   POST   {API}/cancel/{job_id}   stop a queued or running job
+//   GET    {API}/health            open; 503 while the models load
+//
+// Errors are JSON {"error": ..., "message"?: ..., "details"?: ...}. With auth on, every call but
+// health needs "Authorization: Bearer <token>"; the token lives in sessionStorage (this tab only).
+
+const API = new URL(document.querySelector('meta[name="lipsync-api"]').content, document.baseURI)
+  .pathname.replace(/\/+$/, "");
+const TOKEN_KEY = "lipsync.token";
+const JOB_KEY = "lipsync.job";
+const POLL_MS = 500;
+const FINISHED = new Set(["completed", "failed", "cancelled"]);
+
+const $ = (id) => document.getElementById(id);
+
+// ------------------------------------------------------------------ API access
+
+class ApiError extends Error {
+  constructor(status, body, retryAfter = null) {
+    super(describe(status, body, retryAfter));
+    this.status = status;
+    this.body = body || {};
+  }
+}
+
+function describe(status, body, retryAfter) {
+  const b = body && typeof body === "object" ? body : {};
+  const parts = [b.error, b.message, b.details].filter((p) => typeof p === "string" && p);
+  let text = parts.length ? parts.join(": ") : status ? `Request failed (HTTP ${status})` : "Request failed";
+  if (!/[.!?)]$/.test(text)) text += ".";
+  if (status === 429 && retryAfter) text += ` Try again in ${retryAfter} s.`;
+  return text;
+}
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+
+function authHeaders() {
+  const t = token();
+  return t ? { Authorization: `Bearer ${t}` } : {};
+}
+
+async function readJson(res) {
+  try {
+    return await res.json();
+  } catch {
+    return {};
+  }
+}
+
+async function api(method, path) {
+  let res;
+  try {
+    res = await fetch(API + path, { method, headers: { Accept: "application/json", ...authHeaders() }, cache: "no-store" });
+  } catch {
+    throw new ApiError(0, { error: "Cannot reach the service (network error)" });
+  }
+  if (!res.ok) throw new ApiError(res.status, await readJson(res), res.headers.get("Retry-After"));
+  return res;
+}
+
+/** POST /generate with XMLHttpRequest, for upload progress. Resolves with the 202 body. */
+function uploadJob(form, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", `${API}/generate`);
+    xhr.responseType = "json";
+    xhr.setRequestHeader("Accept", "application/json");
+    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable) onProgress(e.loaded / e.total);
+    });
+    xhr.addEventListener("load", () => {
+      const body = xhr.response || {};
+      if (xhr.status >= 200 && xhr.status < 300) resolve(body);
+      else reject(new ApiError(xhr.status, body, xhr.getResponseHeader("Retry-After")));
+    });
+    xhr.addEventListener("error", () =>
+      reject(new ApiError(0, {
+        error: "The upload failed: the connection was closed",
+        details: "the server may have refused a file that is too large, or it is unreachable",
+      })));
+    xhr.send(form);
+  });
+}
+
+// ------------------------------------------------------------------ messages
+
+function setFieldError(field, text) {
+  const el = $(`${field}-error`);
+  el.textContent = text || "";
+  const input = $(field);
+  if (input) {
+    if (text) input.setAttribute("aria-invalid", "true");
+    else input.removeAttribute("aria-invalid");
+  }
+}
+
+function showTopError(text) {
+  const el = $("top-error");
+  el.textContent = text || "";
+  el.hidden = !text;
+}
+
+function clearFormErrors() {
+  for (const f of ["video", "audio", "bbox_shift"]) setFieldError(f, "");
+  showTopError("");
+}
+
+function announce(text) {
+  $("announce").textContent = text;
+}
+
+/** Which field an API error belongs to: token, video, audio, bbox_shift, or top (the whole form). */
+function errorField(err, files = {}) {
+  if (err.status === 401) return "token";
+  if (err.status !== 400 && err.status !== 413) return "top";
+  const text = [err.body.error, err.body.message, err.body.details].filter(Boolean).join(" ");
+  if (/bbox_shift/i.test(text)) return "bbox_shift";
+  const video = /\bvideo\b/i.test(text);
+  const audio = /\baudio\b/i.test(text);
+  if (video !== audio) return video ? "video" : "audio";
+  const named = ["video", "audio"].filter((k) => files[k] && text.includes(files[k].name));
+  if (named.length === 1) return named[0];
+  if (err.status === 413 && files.video && files.audio) {
+    // The request as a whole was too large: blame the bigger file.
+    return files.video.size >= files.audio.size ? "video" : "audio";
+  }
+  return "top";
+}
+
+function showApiError(err, files) {
+  const field = errorField(err, files);
+  if (field === "token") {
+    showTokenError(err.message);
+    return;
+  }
+  if (field === "top") {
+    showTopError(err.message);
+    if (err.status === 503) checkHealth();
+    return;
+  }
+  setFieldError(field, err.message);
+  $(field).focus();
+}
+
+function showTokenError(text) {
+  setFieldError("token", `${text} Enter a valid API token above.`);
+  $("token").focus();
+}
+
+// ------------------------------------------------------------------ health
+
+let healthTimer = null;
+
+async function checkHealth() {
+  clearTimeout(healthTimer);
+  const el = $("health");
+  try {
+    const res = await fetch(`${API}/health`, { cache: "no-store" });
+    const body = await readJson(res);
+    if (res.ok) {
+      el.dataset.state = "ready";
+      el.textContent = `Ready · ${body.device || "?"} · model ${body.model_version || "?"}`;
+      if (/not available/i.test($("top-error").textContent)) showTopError("");
+      return;
+    }
+    el.dataset.state = "down";
+    el.textContent = `Not ready: ${body.error || body.status || `HTTP ${res.status}`}`;
+  } catch {
+    el.dataset.state = "down";
+    el.textContent = "The service cannot be reached";
+  }
+  healthTimer = setTimeout(checkHealth, 3000);
+}
+
+// ------------------------------------------------------------------ token
+
+function showTokenState() {
+  $("token-state").textContent = token()
+    ? "A token is set for this browser tab."
+    : "Needed only if the service requires one. It is kept for this browser tab only.";
+}
+
+$("token-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const value = $("token").value.trim();
+  if (value) sessionStorage.setItem(TOKEN_KEY, value);
+  else sessionStorage.removeItem(TOKEN_KEY);
+  setFieldError("token", "");
+  showTokenState();
+  if (await refreshJobs()) {
+    announce(value ? "Token accepted." : "Token cleared.");
+    if (current && !current.finished && !current.timer) poll(current);
+  }
+});
+
+$("token-forget").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("token").value = "";
+  setFieldError("token", "");
+  showTokenState();
+  announce("Token forgotten.");
+  refreshJobs();
+});
+
+// ------------------------------------------------------------------ file fields, drag and drop
+
+function formatBytes(n) {
+  if (n >= 1024 * 1024) return `${(n / (1024 * 1024)).toFixed(1)} MB`;
+  if (n >= 1024) return `${Math.round(n / 1024)} KB`;
+  return `${n} bytes`;
+}
+
+function showFileInfo(kind) {
+  const file = $(kind).files[0];
+  $(`${kind}-info`).textContent = file ? `${file.name} · ${formatBytes(file.size)}` : "";
+  setFieldError(kind, "");
+}
+
+function putFile(kind, file) {
+  const dt = new DataTransfer();
+  dt.items.add(file);
+  $(kind).files = dt.files;
+  showFileInfo(kind);
+}
+
+for (const kind of ["video", "audio"]) {
+  const zone = $(`${kind}-drop`);
+  $(kind).addEventListener("change", () => showFileInfo(kind));
+  zone.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    e.stopPropagation();
+    e.dataTransfer.dropEffect = "copy";
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    e.stopPropagation();
+    zone.classList.remove("over");
+    const file = e.dataTransfer.files[0];
+    if (file) putFile(kind, file);
+  });
+}
+
+// Dropped elsewhere on the page: sort by type instead of letting the browser open the file.
+window.addEventListener("dragover", (e) => e.preventDefault());
+window.addEventListener("drop", (e) => {
+  e.preventDefault();
+  for (const file of e.dataTransfer.files) {
+    if (file.type.startsWith("video/")) putFile("video", file);
+    else if (file.type.startsWith("audio/")) putFile("audio", file);
+  }
+});
+
+$("bbox_shift").addEventListener("input", () => setFieldError("bbox_shift", ""));
+
+// ------------------------------------------------------------------ submitting
+
+$("job-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  clearFormErrors();
+  const files = { video: $("video").files[0], audio: $("audio").files[0] };
+  const missing = ["video", "audio"].filter((k) => !files[k]);
+  for (const k of missing) setFieldError(k, `Choose ${k === "video" ? "a video" : "an audio"} file.`);
+  if (missing.length) {
+    $(missing[0]).focus();
+    return;
+  }
+  const form = new FormData();
+  const shift = $("bbox_shift").value.trim();
+  if (shift) form.append("bbox_shift", shift);
+  form.append("video", files.video, files.video.name);
+  form.append("audio", files.audio, files.audio.name);
+
+  const button = $("submit");
+  button.disabled = true;
+  button.textContent = "Uploading…";
+  const previous = current;
+  showJob(null, files);
+  try {
+    const accepted = await uploadJob(form, (fraction) => showUpload(fraction));
+    track(accepted.job_id, files);
+    refreshJobs();
+  } catch (err) {
+    if (current && current.id === null) closeJob();
+    if (previous && previous.id) track(previous.id, previous.files);
+    showApiError(err, files);
+  } finally {
+    button.disabled = false;
+    button.textContent = "Generate";
+  }
+});
+
+// ------------------------------------------------------------------ the job panel
+
+let current = null; // {id, files, timer, resultUrl, inputUrls, finished, lastStatus}
+
+function humanStage(stage) {
+  return (stage || "").replace(/[_-]+/g, " ");
+}
+
+function setProgress(value) {
+  $("job-progress").value = Math.max(0, Math.min(1, value || 0));
+}
+
+function setStatus(text) {
+  $("job-status").textContent = text;
+}
+
+/** Show the job panel for a job (id null: still uploading), with the input previews when we have the files. */
+function showJob(id, files) {
+  closeJob();
+  current = { id, files: files || null, timer: null, resultUrl: null, inputUrls: [], finished: false, lastStatus: null };
+  const panel = $("job");
+  panel.hidden = false;
+  panel.dataset.status = id ? "" : "uploading";
+  $("job-id").textContent = id || "(uploading)";
+  $("job-error").textContent = "";
+  $("cancel").hidden = true;
+  $("download").hidden = true;
+  $("result-video").hidden = true;
+  $("result-note").hidden = false;
+  setProgress(0);
+  setStatus(id ? "Loading the job…" : "Uploading…");
+
+  const inputVideo = $("input-video");
+  const inputAudio = $("input-audio");
+  if (files) {
+    const v = URL.createObjectURL(files.video);
+    const a = URL.createObjectURL(files.audio);
+    current.inputUrls.push(v, a);
+    inputVideo.src = v;
+    inputAudio.src = a;
+  }
+  inputVideo.hidden = inputAudio.hidden = !files;
+  $("input-note").hidden = Boolean(files);
+}
+
+function closeJob() {
+  if (!current) return;
+  clearTimeout(current.timer);
+  for (const url of [current.resultUrl, ...current.inputUrls]) if (url) URL.revokeObjectURL(url);
+  for (const id of ["input-video", "input-audio", "result-video"]) {
+    const media = $(id);
+    media.removeAttribute("src");
+    media.load();
+  }
+  $("download").removeAttribute("href");
+  current = null;
+  $("job").hidden = true;
+  sessionStorage.removeItem(JOB_KEY);
+}
+
+function showUpload(fraction) {
+  setProgress(fraction);
+  setStatus(`Uploading… ${Math.round(fraction * 100)}%`);
+}
+
+function track(id, files) {
+  showJob(id, files);
+  sessionStorage.setItem(JOB_KEY, id);
+  markCurrentRow();
+  poll(current);
+}
+
+async function poll(job) {
+  job.timer = null;
+  let st;
+  try {
+    const res = await api("GET", `/status/${encodeURIComponent(job.id)}`);
+    st = await res.json();
+  } catch (err) {
+    if (current !== job) return;
+    if (err.status === 401) {
+      setStatus("Waiting for a valid API token…");
+      showTokenError(err.message);
+    } else if (err.status === 404) {
+      job.finished = true;
+      setStatus("This job no longer exists.");
+      sessionStorage.removeItem(JOB_KEY);
+    } else {
+      setStatus(`Status unavailable, retrying… (${err.message})`);
+      job.timer = setTimeout(() => poll(job), 2000);
+    }
+    return;
+  }
+  if (current !== job) return;
+  renderStatus(st);
+  if (st.status !== job.lastStatus) {
+    job.lastStatus = st.status;
+    refreshJobs();
+  }
+  if (st.status === "completed") {
+    job.finished = true;
+    await loadResult(job, st);
+  } else if (FINISHED.has(st.status)) {
+    job.finished = true;
+  } else {
+    job.timer = setTimeout(() => poll(job), POLL_MS);
+  }
+}
+
+function renderStatus(st) {
+  $("job").dataset.status = st.status;
+  $("cancel").hidden = FINISHED.has(st.status);
+  setProgress(st.status === "completed" ? 1 : st.progress);
+  const pct = `${Math.round((st.status === "completed" ? 1 : st.progress || 0) * 100)}%`;
+  if (st.status === "queued") setStatus(`Queued · waiting for a worker`);
+  else if (st.status === "processing") setStatus(`Processing · ${humanStage(st.stage)} · ${pct}`);
+  else if (st.status === "completed") {
+    const secs = st.timings && st.timings.total;
+    setStatus(`Completed${secs ? ` in ${secs.toFixed(1)} s` : ""}${st.frames ? ` · ${st.frames} frames` : ""}`);
+  } else setStatus(`${st.status[0].toUpperCase()}${st.status.slice(1)}`);
+  $("job-error").textContent = st.status === "failed" && st.error ? `The job failed: ${st.error}` : "";
+}
+
+/** Fetch the MP4 with the auth header, and use one blob URL for the player and the download link. */
+async function loadResult(job, st) {
+  let blob;
+  try {
+    const res = await api("GET", `/download/${encodeURIComponent(job.id)}`);
+    blob = await res.blob();
+  } catch (err) {
+    if (current !== job) return;
+    if (err.status === 401) showTokenError(err.message);
+    $("job-error").textContent = `The result could not be fetched: ${err.message}`;
+    return;
+  }
+  if (current !== job) return;
+  if (blob.type !== "video/mp4") blob = new Blob([blob], { type: "video/mp4" });
+  job.resultUrl = URL.createObjectURL(blob);
+  const video = $("result-video");
+  video.src = job.resultUrl;
+  video.hidden = false;
+  $("result-note").hidden = true;
+  const link = $("download");
+  link.href = job.resultUrl;
+  link.download = st.output_path || `lip_sync_${job.id}.mp4`;
+  link.textContent = `Download MP4 (${formatBytes(blob.size)})`;
+  link.hidden = false;
+  announce("The lip-synced video is ready.");
+}
+
+$("cancel").addEventListener("click", async () => {
+  const job = current;
+  if (!job || !job.id) return;
+  try {
+    await api("POST", `/cancel/${encodeURIComponent(job.id)}`);
+    announce("Job cancelled.");
+  } catch (err) {
+    if (err.status === 401) showTokenError(err.message);
+    else $("job-error").textContent = err.message;
+  }
+  if (current === job && !job.timer) poll(job);
+});
+
+// ------------------------------------------------------------------ recent jobs
+
+function localTime(utc) {
+  if (!utc) return "";
+  const d = new Date(`${utc}Z`);
+  return Number.isNaN(d.getTime()) ? utc : d.toLocaleString();
+}
+
+function button(text, label, className, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = className;
+  b.textContent = text;
+  b.setAttribute("aria-label", label);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function renderJobs(jobs) {
+  const list = $("jobs");
+  list.replaceChildren();
+  $("jobs-empty").hidden = jobs.length > 0;
+  for (const job of jobs) {
+    const li = document.createElement("li");
+    li.dataset.jobId = job.job_id;
+
+    const main = document.createElement("div");
+    main.className = "job-main";
+    const id = document.createElement("code");
+    id.textContent = job.job_id;
+    const when = document.createElement("span");
+    when.className = "job-when";
+    when.textContent = `created ${localTime(job.created_at)}`;
+    main.append(id, when);
+
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.dataset.status = job.status;
+    badge.textContent = job.status === "processing"
+      ? `processing · ${humanStage(job.stage)} ${Math.round(job.progress * 100)}%`
+      : job.status;
+
+    const short = job.job_id.slice(0, 8);
+    const buttons = document.createElement("div");
+    buttons.className = "job-buttons";
+    buttons.append(
+      button("Show", `Show job ${short}`, "secondary small", () => {
+        const files = current && current.id === job.job_id ? current.files : null;
+        track(job.job_id, files);
+        $("job-heading").focus();
+      }),
+      button("Clean up", `Clean up job ${short}`, "danger small", (e) => cleanup(job.job_id, e.currentTarget)),
+    );
+    li.append(main, badge, buttons);
+    list.append(li);
+  }
+  markCurrentRow();
+}
+
+function markCurrentRow() {
+  for (const li of $("jobs").children) li.classList.toggle("current", Boolean(current && li.dataset.jobId === current.id));
+}
+
+let jobsRequest = 0;
+
+/** Reload the list; true when it worked. */
+async function refreshJobs() {
+  const n = ++jobsRequest;
+  try {
+    const res = await api("GET", "/jobs?limit=20");
+    const body = await res.json();
+    if (n !== jobsRequest) return true;
+    $("jobs-error").textContent = "";
+    if (/token/i.test($("token-error").textContent)) setFieldError("token", "");
+    renderJobs(body.jobs || []);
+    return true;
+  } catch (err) {
+    if (n !== jobsRequest) return false;
+    if (err.status === 401) {
+      showTokenError(err.message);
+      $("jobs-error").textContent = "Enter a valid API token to see the jobs.";
+      renderJobs([]);
+      $("jobs-empty").hidden = true;
+    } else {
+      $("jobs-error").textContent = `The job list could not be loaded: ${err.message}`;
+    }
+    return false;
+  }
+}
+
+async function cleanup(id, btn) {
+  btn.disabled = true;
+  try {
+    await api("DELETE", `/cleanup/${encodeURIComponent(id)}`);
+    if (current && current.id === id) closeJob();
+    announce(`Job ${id.slice(0, 8)} cleaned up.`);
+  } catch (err) {
+    btn.disabled = false;
+    if (err.status === 401) showTokenError(err.message);
+    else $("jobs-error").textContent = `Job ${id.slice(0, 8)} could not be cleaned up: ${err.message}`;
+    return;
+  }
+  await refreshJobs();
+  $("jobs-heading").focus(); // the row (and its focused button) is gone
+}
+
+$("jobs-refresh").addEventListener("click", () => refreshJobs());
+
+// ------------------------------------------------------------------ start
+
+$("token").value = token();
+showTokenState();
+checkHealth();
+refreshJobs();
+const resume = sessionStorage.getItem(JOB_KEY);
+if (resume) track(resume, null);
