@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from .errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
 from .settings import RunnerSettings
 
+DEFAULT_CACHE_DIR = "~/.cache/lipsync-runner/avatars"
 EXIT_CODES = ((InvalidInputError, 2), (ModelFilesError, 3), (MediaProcessingError, 4), (LipSyncError, 1))
 
 
@@ -40,6 +42,10 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
                      help="auto: S3FD+FAN when its weights are in the models dir, else OpenCV Haar")
     gen.add_argument("--crf", type=int, default=settings.crf, help="x264 quality (lower is better)")
     gen.add_argument("--preset", default=settings.preset, help="x264 preset")
+    gen.add_argument("--cache-dir", type=Path,
+                     default=Path(os.environ.get("LIP_SYNC_AVATAR_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser(),
+                     help="avatar cache: face tracks and latents of videos seen before ($LIP_SYNC_AVATAR_CACHE_DIR)")
+    gen.add_argument("--no-cache", action="store_true", help="do not read or write the avatar cache")
 
     dl = sub.add_parser("download-models", help="fetch the real weights from the model hub")
     dl.add_argument("--to", type=Path, required=True, help="models directory to fill")
@@ -62,6 +68,7 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from tqdm import tqdm
 
+    from .avatar_cache import AvatarCache
     from .faces import load_face_detector
     from .musetalk import MuseTalk
     from .pipeline import PipelineOptions, run, validate_inputs
@@ -72,17 +79,22 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     options = PipelineOptions(bbox_shift=args.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
                               extra_margin=settings.extra_margin, crf=args.crf, preset=args.preset,
                               ffmpeg_timeout_s=settings.ffmpeg_timeout_s)
+    cache = None if args.no_cache else AvatarCache(args.cache_dir)
     with tqdm(total=1000, unit="‰", desc="starting", disable=None, bar_format="{desc:<9} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
         def progress(stage: str, fraction: float) -> None:
             bar.set_description_str(stage)
             bar.update(int(fraction * 1000) - bar.n)
 
-        result = run(model, detector, args.video, args.audio, args.output, options, progress=progress)
+        result = run(model, detector, args.video, args.audio, args.output, options, progress=progress, cache=cache)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(result.seconds.items(), key=lambda kv: -kv[1]))
     print(f"wrote {result.output} ({result.frames} frames at {float(result.fps):.3f} fps, "
           f"{result.width}x{result.height}; face in {result.face_frames}/{result.source_frames} input frames; "
-          f"detector {detector.name}; {timing})")
+          f"detector {detector.name}; avatar cache {_cache_word(result.cache_hit)}; {timing})")
     return 0
+
+
+def _cache_word(hit: bool | None) -> str:
+    return "off" if hit is None else ("hit" if hit else "miss")
 
 
 def _make_test_assets(args: argparse.Namespace) -> int:

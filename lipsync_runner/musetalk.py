@@ -76,6 +76,11 @@ class MuseTalk:
                          str(self.layout.root))
 
     @property
+    def weights_id(self) -> str:
+        """Changes whenever a model file changes (name, size, modification time): cache keys use it."""
+        return self.layout.fingerprint()
+
+    @property
     def tokens_per_frame(self) -> int:
         return audio.WINDOW_STEPS * (self.whisper_encoder.config.encoder_layers + 1)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import audio as audio_math
+from .avatar_cache import Avatar, AvatarCache, AvatarParams
 from .blend import blend_faces
 from .crops import crop_faces
 from .errors import InvalidInputError, JobCancelledError, MediaProcessingError
@@ -64,6 +65,7 @@ class JobResult:
     width: int
     height: int
     seconds: dict[str, float] = field(default_factory=dict)
+    cache_hit: bool | None = None  # None: no avatar cache in use
 
 
 class StageClock:
@@ -98,8 +100,12 @@ def run(
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     work_dir: Path | str | None = None,
+    cache: AvatarCache | None = None,
 ) -> JobResult:
-    """Lip-sync `video` to `audio` and write an MP4 to `output` (atomically: all or nothing)."""
+    """Lip-sync `video` to `audio` and write an MP4 to `output` (atomically: all or nothing).
+
+    With an avatar cache, the face track and the face latents of a video seen before are reused.
+    """
     opts = options or PipelineOptions()
     video, audio, output = Path(video), Path(audio), Path(output)
     clock = StageClock()
@@ -124,22 +130,57 @@ def run(
 
     # The audio outruns the video: pass 2 plays frames backward, which a stream cannot.
     store = FrameStore(info.height, info.width, work_dir) if n_out > info.frame_count_estimate else None
+    faces_progress = lambda f: report("faces", FACES_SHARE * f)  # noqa: E731
     try:
         report("faces", 0.0)
-        track = _track(video, info, detector, opts, clock, store, check_cancel,
-                       lambda f: report("faces", FACES_SHARE * f))
-        if n_out > len(track.has_face) and store is None:  # the probe's frame count was too optimistic
-            store = FrameStore(info.height, info.width, work_dir)
-            _track(video, info, detector, opts, clock, store, check_cancel, lambda f: None)
-
-        result = _render(model, track, steps, video, audio, output, info, n_out, opts, clock, store,
-                         check_cancel, lambda f: report("generate", FACES_SHARE + (1 - FACES_SHARE) * f))
+        with _prepared_video(cache, model, detector, video, info, opts, clock, store, check_cancel,
+                             faces_progress) as (track, avatar, hit):
+            if store is not None and len(store) == 0:  # the face track came from the cache
+                _fill_store(video, info, opts, clock, store, check_cancel)
+            if n_out > len(track.has_face) and store is None:  # the probe's frame count was too optimistic
+                store = FrameStore(info.height, info.width, work_dir)
+                _fill_store(video, info, opts, clock, store, check_cancel)
+            result = _render(model, track, steps, video, audio, output, info, n_out, opts, clock, store,
+                             check_cancel, lambda f: report("generate", FACES_SHARE + (1 - FACES_SHARE) * f),
+                             avatar)
+        result.cache_hit = hit if cache is not None else None
     finally:
         if store is not None:
             store.close()
     report("done", 1.0)
     result.seconds = dict(clock.seconds)
     return result
+
+
+@contextmanager
+def _prepared_video(cache: AvatarCache | None, model: LipSyncModel, detector: FaceDetector, video: Path,
+                    info: VideoInfo, opts: PipelineOptions, clock: StageClock, store: FrameStore | None,
+                    check_cancel: Callable[[], None], progress: Callable[[float], None]
+                    ) -> Iterator[tuple[FaceTrack, Avatar | None, bool]]:
+    """The face track (and, with a cache, the place its latents live): from the cache or computed now."""
+    def build() -> FaceTrack:
+        return _track(video, info, detector, opts, clock, store, check_cancel, progress)
+
+    if cache is None:
+        yield build(), None, False
+        return
+    params = AvatarParams(
+        bbox_shift=opts.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
+        version=opts.version, extra_margin=opts.extra_margin, detector=detector.name,
+        detect_every=opts.detect_every, weights_id=str(getattr(model, "weights_id", "")))
+    with clock("cache"):
+        key = params.key(cache.video_hash(video))
+    with cache.open(key, build) as (avatar, hit):
+        yield avatar.track, avatar, hit
+
+
+def _fill_store(video: Path, info: VideoInfo, opts: PipelineOptions, clock: StageClock, store: FrameStore,
+                check_cancel: Callable[[], None]) -> None:
+    """Decode every frame into the store (ping-pong needs them), without face detection."""
+    with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s) as reader:
+        for chunk in _chunks(reader, DETECT_CHUNK, clock):
+            check_cancel()
+            store.append(chunk)
 
 
 def _chunks(reader: VideoReader, size: int, clock: StageClock) -> Iterator[np.ndarray]:
@@ -179,7 +220,8 @@ def _track(video: Path, info: VideoInfo, detector: FaceDetector, opts: PipelineO
 
 def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Path, audio: Path, output: Path,
             info: VideoInfo, n_out: int, opts: PipelineOptions, clock: StageClock, store: FrameStore | None,
-            check_cancel: Callable[[], None], progress: Callable[[float], None]) -> JobResult:
+            check_cancel: Callable[[], None], progress: Callable[[float], None],
+            avatar: Avatar | None = None) -> JobResult:
     """Pass 2: for each chunk of output frames, regenerate the mouth where there is a face, then encode."""
     n_src = len(track.has_face)
     reader = None if store is not None else VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s)
@@ -201,7 +243,7 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
                     if chunk is None or len(chunk) < len(out_idx):
                         raise MediaProcessingError(f"{video.name} ended early on the second read")
                     frames = chunk[: len(out_idx)]
-                frames = _lip_sync_chunk(model, track, steps, frames, src_idx, out_idx, info.fps, clock)
+                frames = _lip_sync_chunk(model, track, steps, frames, src_idx, out_idx, info.fps, clock, avatar)
                 with clock("encode"):
                     writer.write(frames)
                 written += len(frames)
@@ -216,7 +258,8 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
 
 
 def _lip_sync_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, frames: np.ndarray,
-                    src_idx: np.ndarray, out_idx: np.ndarray, fps: Fraction, clock: StageClock) -> np.ndarray:
+                    src_idx: np.ndarray, out_idx: np.ndarray, fps: Fraction, clock: StageClock,
+                    avatar: Avatar | None = None) -> np.ndarray:
     """Regenerate the lower face of the frames that have one; others pass through untouched."""
     sel = np.flatnonzero(track.has_face[src_idx])
     if len(sel) == 0:
@@ -224,8 +267,11 @@ def _lip_sync_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, fr
     boxes = track.boxes[src_idx[sel]]
     landmarks = track.landmarks[src_idx[sel]] if track.landmarks is not None else None
     with clock("prepare"):
-        crops = crop_faces(frames[sel], boxes)
-        latents = model.prepare(crops)
+        if avatar is None:
+            latents = model.prepare(crop_faces(frames[sel], boxes))
+        else:  # only frames no job has prepared before go through the VAE encoder
+            latents = avatar.latents_for(src_idx[sel],
+                                         lambda rows: model.prepare(crop_faces(frames[sel[rows]], boxes[rows])))
     with clock("generate"):
         windows = audio_math.frame_windows(steps, out_idx[sel], fps)
         faces = model.generate(latents, windows)

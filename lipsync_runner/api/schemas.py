@@ -82,6 +82,8 @@ class JobStatusResponse(BaseModel):
     attempts: int = 0
     expires_at: Optional[str] = Field(default=None, description="UTC; when the job's files are removed.")
     bbox_shift: int = 0
+    avatar_cache: Optional[str] = Field(default=None, description="hit: the video was prepared before; miss; "
+                                        "null: no cache or not finished")
 
     @classmethod
     def from_record(cls, record: JobRecord, download_url: str) -> "JobStatusResponse":
@@ -100,6 +102,7 @@ class JobStatusResponse(BaseModel):
             attempts=record.attempts,
             expires_at=format_time(record.expires_at),
             bbox_shift=record.params.bbox_shift,
+            avatar_cache=record.avatar_cache,
         )
 
 

@@ -80,6 +80,7 @@ class JobOutcome:
     output_file: str  # a file name in the job's directory (or an absolute path inside it)
     frames: int
     timings: dict[str, float] = field(default_factory=dict)
+    cache_hit: bool | None = None  # avatar cache: hit, miss, or not used
 
 
 Executor = Callable[[JobContext], JobOutcome]
@@ -605,7 +606,9 @@ class JobManager:
             output_file = _output_name(work_dir, outcome.output_file)
             timings = {str(k): float(v) for k, v in (outcome.timings or {}).items()}
             outcome_fields = dict(status=JobStatus.completed, stage="done", progress=1.0,
-                                  output_file=output_file, frames=int(outcome.frames), error=None)
+                                  output_file=output_file, frames=int(outcome.frames), error=None,
+                                  avatar_cache=None if outcome.cache_hit is None else
+                                  ("hit" if outcome.cache_hit else "miss"))
         except JobCancelledError:
             outcome_fields = dict(status=JobStatus.cancelled, error=CANCELLED_MESSAGE)
         except LipSyncError as e:

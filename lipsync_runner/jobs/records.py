@@ -58,6 +58,7 @@ class JobRecord(BaseModel):
     output_file: str | None = None  # set when completed
     error: str | None = None
     frames: int | None = None
+    avatar_cache: str | None = None  # "hit" or "miss" when the job used the avatar cache
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, plus queue/total
     attempts: int = 0  # times a worker started it (restarts re-queue)
     created_at: datetime = Field(default_factory=utcnow)

@@ -61,6 +61,16 @@ class ModelsLayout:
         files += [p for p in (self.whisper_dir / n for n in WHISPER_WEIGHTS) if p.exists()][:1]
         return files
 
+    def fingerprint(self) -> str:
+        """A short id of the exact model files in use (cheap: no hashing of gigabytes)."""
+        import hashlib
+
+        parts = [f"{self.version}"]
+        for f in self.weight_files():
+            st = f.stat()
+            parts.append(f"{f.relative_to(self.root)}:{st.st_size}:{st.st_mtime_ns}")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
     def check(self) -> None:
         """Raise ModelFilesError naming the first missing or unreadable file."""
         _require_file(self.unet_config, json_file=True)

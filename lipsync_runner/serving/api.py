@@ -17,6 +17,7 @@ from typing import Any
 from .. import __version__
 from ..errors import (InputTooLargeError, InsufficientStorageError, InvalidInputError, LipSyncError,
                       ModelsNotReadyError)
+from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
 from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, SQLiteJobStore
 from ..api.limits import ApiLimits
@@ -52,6 +53,9 @@ class ApiCore:
             retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
             sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
             free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug)
+        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
+                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
+                        if self.settings.avatar_cache else None)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._detector: FaceDetector | None = None
         self._detector_lock = threading.Lock()
@@ -179,7 +183,7 @@ class ApiCore:
         job = ctx.job
         health = self._wait_for_models(ctx)
         model = RemoteModel(self._submit(), chunk_frames=self.settings.chunk_frames, tag=job_tag(job.job_id),
-                            timeout_s=self.settings.runner_timeout_s)
+                            timeout_s=self.settings.runner_timeout_s, weights_id=health.get("weights_id") or "")
         options = PipelineOptions(
             bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
             version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
@@ -190,12 +194,12 @@ class ApiCore:
         try:
             result = run(model, self._face_detector(), ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file,
                          output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
-                         work_dir=ctx.work_dir)
+                         work_dir=ctx.work_dir, cache=self.avatars)
         except LipSyncError:
             raise
         metrics.job_finished(time.perf_counter() - start, result.frames)
         return JobOutcome(output_file=output.name, frames=result.frames,
-                          timings={k: round(v, 3) for k, v in result.seconds.items()})
+                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit)
 
 
 def _params(bbox_shift: Any) -> JobParams:

@@ -47,8 +47,10 @@ class RemoteModel:
 
     TRANSPORT_RETRIES = 3
 
-    def __init__(self, submit: Submit, *, chunk_frames: int, tag: float = 0.0, timeout_s: float = 600.0) -> None:
+    def __init__(self, submit: Submit, *, chunk_frames: int, tag: float = 0.0, timeout_s: float = 600.0,
+                 weights_id: str = "") -> None:
         self.submit = submit
+        self.weights_id = weights_id  # the runner's model files, for avatar cache keys
         self.chunk_frames = chunk_frames
         self.tag = tag
         self.timeout_s = timeout_s

@@ -109,6 +109,7 @@ class RunnerCore:
             "model_version": info.version if info else None,
             "tokens_per_frame": self.model.tokens_per_frame if self.model else None,
             "d_model": int(self.model.unet.config.cross_attention_dim) if self.model else None,
+            "weights_id": self.model.weights_id if self.model else None,
             "error": self.error,
         }
 

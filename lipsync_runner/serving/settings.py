@@ -19,6 +19,9 @@ class ServiceSettings(BaseSettings):
     max_queued_jobs: int = Field(default=100, ge=1, description="Beyond this, generate answers 429.")
     free_space_floor_mb: int = Field(default=1024, ge=0, description="Refuse new jobs below this free space.")
     debug: bool = Field(default=False, description="Tracebacks and internal messages in error responses.")
+    avatar_cache: bool = Field(default=True, description="Reuse face tracks and latents of videos seen before.")
+    avatar_cache_dir: Path | None = Field(default=None, description="Default: <data_dir>/avatars.")
+    avatar_cache_gb: float = Field(default=20.0, gt=0, description="Size bound of the avatar cache (LRU).")
 
     # GPU runner: adaptive batching (read when service.py is imported: decorator arguments)
     max_batch_size: int = Field(default=64, ge=2, description="Frames per GPU batch at most.")

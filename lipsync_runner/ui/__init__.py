@@ -30,7 +30,8 @@ class UiApp:
     """ASGI app: the files in ``directory`` (``index.html`` at the mount root) plus the headers above."""
 
     def __init__(self, directory: Path | str = STATIC_DIR) -> None:
-        self.files = StaticFiles(directory=directory, html=True)
+        # check_dir=False: a build without the files answers 404/500 under /ui, never breaks the import
+        self.files = StaticFiles(directory=directory, html=True, check_dir=False)
 
     async def __call__(self, scope, receive, send) -> None:
         async def send_with_headers(message) -> None:

@@ -1,0 +1,118 @@
+"""Prepare once, dub many: a video seen before skips face tracking and VAE encoding,
+and produces exactly the frames a cold run produces."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lipsync_runner.avatar_cache import AvatarCache, AvatarParams
+from lipsync_runner.faces import FaceTrack, HaarFaceDetector
+from lipsync_runner.media import VideoReader
+from lipsync_runner.musetalk import MuseTalk
+from lipsync_runner.pipeline import PipelineOptions, run
+
+
+def frames_of(path: Path) -> np.ndarray:
+    with VideoReader(path) as reader:
+        return np.stack(list(reader))
+
+
+class CountingModel:
+    """The tiny MuseTalk, counting the frames that go through the VAE encoder."""
+
+    def __init__(self, model: MuseTalk) -> None:
+        self.model, self.prepared, self._lock = model, 0, threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def prepare(self, crops):
+        with self._lock:
+            self.prepared += len(crops)
+        return self.model.prepare(crops)
+
+
+@pytest.fixture
+def detector():
+    return HaarFaceDetector()
+
+
+def test_a_warm_run_skips_faces_and_prepare_and_gives_the_same_frames(model, detector, media_dir, tmp_path):
+    cache = AvatarCache(tmp_path / "cache")
+    counting = CountingModel(model)
+    args = (detector, media_dir / "face.mp4", media_dir / "speech_long.wav")
+    cold = run(counting, *args, tmp_path / "cold.mp4", PipelineOptions(batch_size=8), cache=cache)
+    assert cold.cache_hit is False and counting.prepared == 50  # each source frame once, ping-pong included
+    warm = run(counting, *args, tmp_path / "warm.mp4", PipelineOptions(batch_size=8), cache=cache)
+    assert warm.cache_hit is True and counting.prepared == 50  # nothing new went through the encoder
+    assert "faces" not in warm.seconds and warm.seconds.get("prepare", 0) < 0.5
+    np.testing.assert_array_equal(frames_of(warm.output), frames_of(cold.output))
+    uncached = run(model, *args, tmp_path / "plain.mp4", PipelineOptions(batch_size=8))
+    diff = np.abs(frames_of(uncached.output).astype(int) - frames_of(cold.output).astype(int))
+    assert diff.mean() < 0.5  # the same computation; at most float rounding apart
+
+
+def test_the_cache_survives_a_restart(model, detector, media_dir, tmp_path):
+    args = (model, detector, media_dir / "face.mp4", media_dir / "speech_short.wav")
+    assert run(*args, tmp_path / "a.mp4", cache=AvatarCache(tmp_path / "c")).cache_hit is False
+    assert run(*args, tmp_path / "b.mp4", cache=AvatarCache(tmp_path / "c")).cache_hit is True
+
+
+def test_concurrent_jobs_on_one_video_share_one_preparation(model, detector, media_dir, tmp_path):
+    cache = AvatarCache(tmp_path / "cache")
+    counting = CountingModel(model)
+    results = []
+
+    def job(i: int) -> None:
+        results.append(run(counting, detector, media_dir / "face.mp4", media_dir / "speech_short.wav",
+                           tmp_path / f"o{i}.mp4", PipelineOptions(batch_size=8), cache=cache))
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and cache.builds == 1  # one face track for the three jobs
+    assert sorted(r.cache_hit for r in results) == [False, True, True]
+    assert counting.prepared == 30  # 1.2 s at 25 fps: every frame encoded exactly once
+
+
+def test_any_parameter_or_model_change_makes_a_new_entry():
+    base = AvatarParams(bbox_shift=0, version="v15", extra_margin=10, detector="haar", detect_every=2,
+                        weights_id="abc")
+    key = base.key("videohash")
+    variants = [AvatarParams(**{**base.__dict__, field: value}) for field, value in
+                [("bbox_shift", 5), ("version", "v1"), ("extra_margin", 12), ("detector", "fan"),
+                 ("detect_every", 1), ("weights_id", "abd")]]
+    assert len({key, *(v.key("videohash") for v in variants)}) == 7
+    assert base.key("othervideo") != key
+
+
+def test_new_model_files_invalidate_the_cache(models_dir, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(models_dir, tmp_path / "models"))
+    before = MuseTalk.from_pretrained(copy, device="cpu").weights_id
+    unet = copy / "musetalkV15" / "unet.pth"
+    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))  # a new download
+    assert MuseTalk.from_pretrained(copy, device="cpu").weights_id != before
+
+
+def test_least_recently_used_entries_are_evicted_past_the_bound(tmp_path):
+    cache = AvatarCache(tmp_path / "c", max_bytes=10**9)
+    track = FaceTrack(boxes=np.zeros((100, 4), np.int32), landmarks=None, has_face=np.ones(100, bool),
+                      detector="haar")
+    for key in ("old", "mid", "new"):
+        with cache.open(key, lambda: track):
+            pass
+        os.utime(tmp_path / "c" / key / "last_used", (1000 + len(key), 1000 + len(os.listdir(tmp_path / "c"))))
+    entry = cache.size_bytes() // 3
+    cache.max_bytes = 2 * entry + entry // 2
+    with cache.open("new", lambda: track):  # in use: never evicted, and now the most recent
+        assert cache.evict() == ["old"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir()) == ["mid", "new"]
