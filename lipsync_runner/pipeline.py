@@ -15,6 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -222,31 +223,53 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
             info: VideoInfo, n_out: int, opts: PipelineOptions, clock: StageClock, store: FrameStore | None,
             check_cancel: Callable[[], None], progress: Callable[[float], None],
             avatar: Avatar | None = None) -> JobResult:
-    """Pass 2: for each chunk of output frames, regenerate the mouth where there is a face, then encode."""
+    """Pass 2, in three overlapped stages: while the model works on chunk k, chunk k+1 is read
+    (decode) and chunk k-1 is blended and encoded. Each stage keeps its order; at most three
+    chunks are in memory; the first error from any stage stops the others and is raised."""
     n_src = len(track.has_face)
     reader = None if store is not None else VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s)
     source = _chunks(reader, opts.batch_size, clock) if reader is not None else None
+    starts = list(range(0, n_out, opts.batch_size))
     written = 0
+
+    def read(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out_idx = np.arange(start, min(start + opts.batch_size, n_out))
+        if store is not None:
+            src_idx = pingpong_indices(out_idx, n_src)
+            with clock("decode"):
+                return out_idx, src_idx, store.take(src_idx)
+        chunk = next(source, None)  # n_out <= n_src: plain forward playback
+        if chunk is None or len(chunk) < len(out_idx):
+            raise MediaProcessingError(f"{video.name} ended early on the second read")
+        return out_idx, out_idx, chunk[: len(out_idx)]
+
+    def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
+        if pending is not None:
+            with clock("blend"):
+                frames[pending.sel] = blend_faces(frames[pending.sel], pending.faces, pending.boxes,
+                                                  pending.landmarks, inplace=True)
+        with clock("encode"):
+            writer.write(frames)
+        return len(frames)
+
     try:
         with VideoWriter(output, info.width, info.height, info.fps, audio_path=audio, crf=opts.crf,
-                         preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s) as writer:
-            for start in range(0, n_out, opts.batch_size):
+                         preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s) as writer, \
+                ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
+            next_read = pool.submit(read, starts[0])
+            last_write: Future | None = None
+            for k in range(len(starts)):
                 check_cancel()
-                out_idx = np.arange(start, min(start + opts.batch_size, n_out))
-                if store is not None:
-                    src_idx = pingpong_indices(out_idx, n_src)
-                    with clock("decode"):
-                        frames = store.take(src_idx)
-                else:
-                    src_idx = out_idx  # n_out <= n_src: plain forward playback
-                    chunk = next(source, None)
-                    if chunk is None or len(chunk) < len(out_idx):
-                        raise MediaProcessingError(f"{video.name} ended early on the second read")
-                    frames = chunk[: len(out_idx)]
-                frames = _lip_sync_chunk(model, track, steps, frames, src_idx, out_idx, info.fps, clock, avatar)
-                with clock("encode"):
-                    writer.write(frames)
-                written += len(frames)
+                out_idx, src_idx, frames = next_read.result()
+                if k + 1 < len(starts):
+                    next_read = pool.submit(read, starts[k + 1])
+                pending = _generate_chunk(model, track, steps, frames, src_idx, out_idx, info.fps, clock, avatar)
+                if last_write is not None:
+                    written += last_write.result()
+                    progress(written / n_out)
+                last_write = pool.submit(finish, writer, frames, pending)
+            if last_write is not None:
+                written += last_write.result()
                 progress(written / n_out)
             with clock("encode"):
                 writer.close()
@@ -257,13 +280,23 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
                      fps=info.fps, width=info.width, height=info.height)
 
 
-def _lip_sync_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, frames: np.ndarray,
+@dataclass
+class _Pending:
+    """Generated faces waiting to be pasted into their frames."""
+
+    sel: np.ndarray
+    faces: np.ndarray
+    boxes: np.ndarray
+    landmarks: np.ndarray | None
+
+
+def _generate_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, frames: np.ndarray,
                     src_idx: np.ndarray, out_idx: np.ndarray, fps: Fraction, clock: StageClock,
-                    avatar: Avatar | None = None) -> np.ndarray:
-    """Regenerate the lower face of the frames that have one; others pass through untouched."""
+                    avatar: Avatar | None = None) -> _Pending | None:
+    """Crop, prepare (or take cached latents) and generate the faces of one chunk's face frames."""
     sel = np.flatnonzero(track.has_face[src_idx])
     if len(sel) == 0:
-        return frames
+        return None
     boxes = track.boxes[src_idx[sel]]
     landmarks = track.landmarks[src_idx[sel]] if track.landmarks is not None else None
     with clock("prepare"):
@@ -275,6 +308,4 @@ def _lip_sync_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, fr
     with clock("generate"):
         windows = audio_math.frame_windows(steps, out_idx[sel], fps)
         faces = model.generate(latents, windows)
-    with clock("blend"):
-        frames[sel] = blend_faces(frames[sel], faces, boxes, landmarks, inplace=True)
-    return frames
+    return _Pending(sel, faces, boxes, landmarks)

@@ -12,25 +12,31 @@ import textwrap
 import tracemalloc
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lipsync_client import (
     AsyncLipSyncClient,
     BadRequest,
     ConnectionFailed,
+    Job,
     JobFailed,
     LipSyncClient,
     NotFinished,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    WaitTimeout,
 )
+from lipsync_client import errors as E
+from lipsync_client.cli import exit_code
 from lipsync_runner.media import probe_video
-from lipsync_runner.testing import write_face_video
+from lipsync_runner.testing import write_face_video, write_speech_like_audio
 
 from .server import ROOT, Server, free_port, running_server
 
 UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
+SPEECH_S = 0.6  # short jobs keep the module fast on the CPU
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +44,11 @@ def server(tmp_path_factory, models_dir) -> Server:
     with running_server(tmp_path_factory.mktemp("client-server"), models_dir,
                         LIP_SYNC_MAX_VIDEO_BYTES=str(3 * 2**20)) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    return write_speech_like_audio(tmp_path_factory.mktemp("speech") / "speech.wav", seconds=SPEECH_S)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +68,10 @@ def lipsync(*args: str, token: str | None = None) -> subprocess.CompletedProcess
 
 def assert_cli_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr  # one line, the last
     for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
+        assert word.lower() in errors[0].lower(), errors[0]
 
 
 def assert_playable(path: Path, seconds: float) -> None:
@@ -93,11 +104,11 @@ def test_the_client_imports_without_torch_numpy_or_bentoml():
 # ------------------------------------------------------------------ the SDK
 
 
-def test_sdk_generate_wait_download_list_cleanup(client, media_dir, tmp_path):
+def test_sdk_generate_wait_download_list_cleanup(client, media_dir, speech, tmp_path):
     health = client.health()
     assert health.ready and health.models_loaded and health.device == "cpu"
 
-    job = client.generate(media_dir / "face.mp4", media_dir / "speech_short.wav", bbox_shift=0)
+    job = client.generate(media_dir / "face.mp4", speech, bbox_shift=0)
     assert job.status == "queued" and not job.finished
 
     seen = []
@@ -109,7 +120,7 @@ def test_sdk_generate_wait_download_list_cleanup(client, media_dir, tmp_path):
 
     out = client.download(job.job_id, tmp_path / "out.mp4")
     assert out == tmp_path / "out.mp4"
-    assert_playable(out, 1.2)
+    assert_playable(out, SPEECH_S)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]  # no temporary file left
 
     listing = client.jobs()
@@ -120,7 +131,7 @@ def test_sdk_generate_wait_download_list_cleanup(client, media_dir, tmp_path):
         client.status(job.job_id)
 
 
-def test_async_twin_runs_a_job_with_an_async_progress_callback(server, media_dir, tmp_path):
+def test_async_twin_runs_a_job_with_an_async_progress_callback(server, media_dir, speech, tmp_path):
     async def scenario() -> None:
         seen = []
 
@@ -129,13 +140,13 @@ def test_async_twin_runs_a_job_with_an_async_progress_callback(server, media_dir
 
         async with AsyncLipSyncClient(server.url, timeout=60) as c:
             assert (await c.health()).ready
-            job = await c.generate(media_dir / "face.mp4", media_dir / "speech_short.wav", wait=True,
+            job = await c.generate(media_dir / "face.mp4", speech, wait=True,
                                    progress=progress)
             assert job.completed and seen[-1] == "completed"
             assert (await c.status(job.job_id)).completed
             out = await c.download(job.job_id, tmp_path)  # a directory: lip_sync_<id>.mp4 in it
             assert out.name == f"lip_sync_{job.job_id}.mp4"
-            assert_playable(out, 1.2)
+            assert_playable(out, SPEECH_S)
             assert job.job_id in [j.job_id for j in (await c.jobs()).jobs]
             await c.cleanup(job.job_id)
             with pytest.raises(NotFound):
@@ -146,8 +157,9 @@ def test_async_twin_runs_a_job_with_an_async_progress_callback(server, media_dir
     asyncio.run(scenario())
 
 
-def test_a_large_download_streams_to_disk_without_loading_it_into_memory(client, server, media_dir, tmp_path):
-    job = client.generate(media_dir / "face.mp4", media_dir / "speech_short.wav", wait=True)
+def test_a_large_download_streams_to_disk_without_loading_it_into_memory(client, server, media_dir, speech,
+                                                                          tmp_path):
+    job = client.generate(media_dir / "face.mp4", speech, wait=True)
     output = server.data_dir / "jobs" / job.job_id / "output.mp4"
     assert output.is_file()
     size = 300 * 2**20
@@ -203,13 +215,12 @@ def test_errors_map_to_typed_exceptions_with_the_servers_message(client, media_d
         client.download(job.job_id, tmp_path / "early.mp4")
     assert err.value.status_code == 409
     assert not (tmp_path / "early.mp4").exists()
+    with pytest.raises(WaitTimeout) as err:
+        client.wait(job.job_id, timeout=0.3)
+    assert err.value.job.job_id == job.job_id and not err.value.job.finished
+    assert_cli_error(lipsync("wait", job.job_id, "--wait-timeout", "0.2", "--server", client.base_url), 6, "still")
     client.cleanup(job.job_id)  # cancels it
 
-    blank = write_face_video(tmp_path / "room.mp4", seconds=1, blank_frames=tuple(range(25)))
-    with pytest.raises(JobFailed) as err:
-        client.generate(blank, media_dir / "speech_short.wav", wait=True)
-    assert err.value.job.status == "failed" and "no face" in err.value.job.error
-    client.cleanup(err.value.job.job_id)
 
 
 def test_a_server_that_is_down_raises_connection_failed(tmp_path):
@@ -222,17 +233,70 @@ def test_a_server_that_is_down_raises_connection_failed(tmp_path):
     assert_cli_error(lipsync("--server", down, "jobs"), 5, "cannot reach")
 
 
+def test_statuses_without_a_real_trigger_map_too_and_gets_are_retried():
+    """429 / 503 / 507 / 5xx and connection drops, which the tiny server cannot be made to give
+    cheaply, through a mock transport; plus a path prefix and the bearer header (BentoCloud style)."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        path = request.url.path
+        assert request.headers["authorization"] == "Bearer tok"
+        if path == "/team/api/lip-sync/jobs" and len(calls) == 1:
+            raise httpx.ConnectError("connection reset")
+        if path == "/team/api/lip-sync/jobs":
+            return httpx.Response(200, json={"total": 0, "jobs": []})
+        if path == "/team/api/lip-sync/health":
+            return httpx.Response(503, json={"status": "loading", "models_loaded": False, "error": "loading weights"})
+        if path.endswith("/generate"):
+            raise httpx.ConnectError("refused")
+        code = int(path.rsplit("/", 1)[-1][:3])
+        bodies = {429: {"error": "Too many queued jobs"}, 503: {"error": "Lip sync service not available",
+                  "details": "Models not loaded"}, 507: {"error": "Not enough free disk space"}}
+        if code in bodies:
+            return httpx.Response(code, json=bodies[code], headers={"Retry-After": "7"})
+        return httpx.Response(code, text="<html>oops</html>")
+
+    with LipSyncClient("https://deploy.example/team/", token="tok", transport=httpx.MockTransport(handler)) as c:
+        assert c.jobs().total == 0 and len(calls) == 2  # the GET was retried after the dropped connection
+        health = c.health()
+        assert not health.ready and health.error == "loading weights"
+        cases = {"429": E.TooManyRequests, "503": E.ServiceUnavailable, "507": E.InsufficientStorage,
+                 "500": E.ServerError, "502": E.ServerError}
+        for code, cls in cases.items():
+            with pytest.raises(cls) as err:
+                c.status(f"{code}-0000")
+            assert err.value.status_code == int(code) and exit_code(err.value) == 5
+        with pytest.raises(E.TooManyRequests) as err:
+            c.status("429-0000")
+        assert err.value.retry_after == 7.0
+        with pytest.raises(E.ServiceUnavailable, match="Lip sync service not available: Models not loaded"):
+            c.status("503-0000")
+        with pytest.raises(E.ServerError, match="HTTP 500 Internal Server Error"):
+            c.status("500-0000")
+        calls.clear()
+        with pytest.raises(ConnectionFailed):
+            c.generate(__file__, __file__)
+        assert len(calls) == 1  # a POST is never retried
+
+    failed = E.JobFailed(Job(job_id="j", status="failed"))
+    for exc, code in ((failed, 1), (E.BadRequest("x"), 2), (E.PayloadTooLarge("x"), 2), (E.NotFound("x"), 3),
+                      (E.NotFinished("x"), 3), (E.Unauthorized("x"), 4), (E.ConnectionFailed("x"), 5),
+                      (FileNotFoundError("x"), 2)):
+        assert exit_code(exc) == code
+
+
 # ------------------------------------------------------------------ the CLI
 
 
-def test_cli_generate_status_jobs_cleanup_health(server, media_dir, tmp_path):
+def test_cli_generate_status_jobs_cleanup_health(server, media_dir, speech, tmp_path):
     out = tmp_path / "result.mp4"
-    r = lipsync("generate", str(media_dir / "face.mp4"), str(media_dir / "speech_short.wav"), "-o", str(out),
+    r = lipsync("generate", str(media_dir / "face.mp4"), str(speech), "-o", str(out),
                 "--server", server.url, "--bbox-shift", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out.resolve())  # stdout: the output path, nothing else
     assert "100%" in r.stderr and "completed" in r.stderr  # the progress bar
-    assert_playable(out, 1.2)
+    assert_playable(out, SPEECH_S)
     job_id = next(line.split()[1] for line in r.stderr.splitlines() if line.startswith("job "))
 
     r = lipsync("status", job_id, "--json", "--server", server.url)
@@ -274,10 +338,17 @@ def test_cli_exit_codes_and_messages_for_bad_input(server, media_dir, tmp_path):
     assert_cli_error(lipsync("download", UNKNOWN_ID, "-o", str(out), "--server", server.url), 3)
     assert not out.exists()
 
-    blank = write_face_video(tmp_path / "room.mp4", seconds=1, blank_frames=tuple(range(25)))
-    r = lipsync("generate", str(blank), audio, "-o", str(out), "--no-progress", "--cleanup", "--server", server.url)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: job ")
-    assert "no face" in r.stderr and not out.exists()
+
+
+def test_a_failed_job_raises_job_failed_and_exits_1(client, server, media_dir, tmp_path):
+    blank = write_face_video(tmp_path / "room.mp4", seconds=1, blank_frames=tuple(range(25)))  # no face
+    job = client.generate(blank, media_dir / "speech_short.wav")
+    r = lipsync("wait", job.job_id, "--server", server.url)
+    assert_cli_error(r, 1, job.job_id, "failed", "no face")
+    with pytest.raises(JobFailed) as err:
+        client.wait(job.job_id)
+    assert err.value.job.status == "failed" and "no face" in err.value.job.error
+    client.cleanup(job.job_id)
 
 
 # ------------------------------------------------------------------ bearer tokens
@@ -296,12 +367,16 @@ def test_bearer_token_auth(tmp_path, models_dir, media_dir):
             with pytest.raises(Unauthorized):
                 wrong.generate(media_dir / "face.mp4", media_dir / "speech_short.wav")
         with LipSyncClient(srv.url, token="secret-token") as c:
-            job = c.generate(media_dir / "face.mp4", media_dir / "speech_short.wav", wait=True)
-            assert_playable(c.download(job.job_id, tmp_path / "auth.mp4"), 1.2)
+            job = c.generate(media_dir / "face.mp4", media_dir / "speech_long.wav")
+            assert c.status(job.job_id).job_id == job.job_id
             assert job.job_id in [j.job_id for j in c.jobs().jobs]
+            with pytest.raises(NotFinished):  # past the token check, the job is still running
+                c.download(job.job_id, tmp_path / "auth.mp4")
 
         assert_cli_error(lipsync("jobs", "--server", srv.url), 4, "token")
         assert_cli_error(lipsync("jobs", "--server", srv.url, "--token", "wrong-token"), 4)
         assert lipsync("health", "--server", srv.url).returncode == 0
         r = lipsync("jobs", "--json", "--server", srv.url, token="secret-token")  # from $LIPSYNC_TOKEN
         assert r.returncode == 0 and job.job_id in r.stdout
+        with LipSyncClient(srv.url, token="secret-token") as c:
+            c.cleanup(job.job_id)
