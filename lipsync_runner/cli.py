@@ -74,7 +74,8 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from .pipeline import PipelineOptions, run, validate_inputs
 
     validate_inputs(args.video, args.audio)  # fail fast, before loading models
-    model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version)
+    model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version,
+                                     compile=settings.compile)
     detector = load_face_detector(args.face_detector, model.layout.root, str(model.device))
     options = PipelineOptions(bbox_shift=args.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
                               extra_margin=settings.extra_margin, crf=args.crf, preset=args.preset,

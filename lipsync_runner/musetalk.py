@@ -58,7 +58,7 @@ class MuseTalk:
 
     @classmethod
     def from_pretrained(cls, models_dir: Path | str | None, *, device: str = "auto", version: str = "auto",
-                        dtype: torch.dtype | None = None) -> "MuseTalk":
+                        dtype: torch.dtype | None = None, compile: bool = False) -> "MuseTalk":
         layout = resolve_layout(models_dir, version)
         device = resolve_device(device)
         if dtype is None:
@@ -68,7 +68,20 @@ class MuseTalk:
         unet = load_unet(layout, device=device, dtype=dtype)
         vae = load_vae(layout, device=device, dtype=dtype)
         encoder, extractor = load_whisper_encoder(layout, device=device, dtype=dtype)
-        return cls(unet, vae, encoder, extractor, device=device, dtype=dtype, layout=layout)
+        model = cls(unet, vae, encoder, extractor, device=device, dtype=dtype, layout=layout)
+        if device.startswith("cuda"):
+            model.tune_for_gpu(compile=compile)
+        return model
+
+    def tune_for_gpu(self, *, compile: bool = False) -> None:
+        """Channels-last convolutions and cuDNN autotuning; optionally torch.compile (slow first batch)."""
+        torch.backends.cudnn.benchmark = True  # batch shapes repeat: autotuning pays off
+        torch.backends.cuda.matmul.allow_tf32 = True
+        self.unet.to(memory_format=torch.channels_last)
+        self.vae.to(memory_format=torch.channels_last)
+        if compile:
+            self.unet = torch.compile(self.unet, dynamic=True)
+            self.vae.decoder = torch.compile(self.vae.decoder, dynamic=True)
 
     @property
     def info(self) -> ModelInfo:

@@ -30,6 +30,7 @@ class RunnerSettings(BaseSettings):
     crf: int = Field(default=18, ge=0, le=51, description="x264 quality of the output video.")
     preset: str = Field(default="veryfast", description="x264 preset of the output video.")
     ffmpeg_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one ffmpeg process.")
+    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
 
 
 def resolve_device(device: str) -> str:

@@ -74,7 +74,7 @@ class RunnerCore:
         start = time.perf_counter()
         try:
             self.model = MuseTalk.from_pretrained(self.settings.models_dir, device=self.settings.device,
-                                                  version=self.settings.model_version)
+                                                  version=self.settings.model_version, compile=self.settings.compile)
             self.state = "ready"
             self.loaded_at = time.time()
             log.info("MuseTalk loaded in %.1f s: %s", time.perf_counter() - start, self.model.info)
