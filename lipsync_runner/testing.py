@@ -104,6 +104,21 @@ def write_models_dir(root: Path | str, *, size: str = "tiny", versions: tuple[st
     return root
 
 
+def synthetic_landmarks(x1: float, x2: float, y29: float, chin: float) -> np.ndarray:
+    """68 iBUG-like points: jaw contour (0..16) spanning x1..x2 with the chin (8) lowest at
+    ``chin``; every other point above the chin; landmark 29 (nose bridge) at y = ``y29``."""
+    lm = np.zeros((68, 2))
+    cx = (x1 + x2) / 2
+    t = np.linspace(-np.pi / 2, np.pi / 2, 17)
+    top = y29 - 0.3 * (chin - y29)
+    lm[:17, 0] = cx + (x2 - x1) / 2 * np.sin(t)
+    lm[:17, 1] = top + (chin - top) * np.cos(t)
+    lm[17:, 0] = np.linspace(cx - 0.3 * (x2 - x1), cx + 0.3 * (x2 - x1), 51)
+    lm[17:, 1] = np.linspace(y29 - 0.2 * (chin - y29), y29 + 0.7 * (chin - y29), 51)
+    lm[29] = (cx, y29)
+    return lm
+
+
 # ---------------------------------------------------------------- media
 
 

@@ -11,6 +11,7 @@ import pytest
 import skimage.data
 
 from lipsync_runner.errors import ModelFilesError, NoFaceError
+from lipsync_runner.testing import synthetic_landmarks
 from lipsync_runner.faces import (
     FAN_FILENAME,
     S3FD_FILENAME,
@@ -29,19 +30,6 @@ from lipsync_runner.faces import (
 ASTRONAUT_FACE_CENTER = (224.0, 113.0)
 
 
-def synthetic_landmarks(x1: float, x2: float, y29: float, chin: float) -> np.ndarray:
-    """68 iBUG-like points: jaw contour (0..16) spanning x1..x2 with the chin (8) lowest at
-    ``chin``; every other point above the chin; landmark 29 (nose bridge) at y = ``y29``."""
-    lm = np.zeros((68, 2))
-    cx = (x1 + x2) / 2
-    t = np.linspace(-np.pi / 2, np.pi / 2, 17)
-    top = y29 - 0.3 * (chin - y29)
-    lm[:17, 0] = cx + (x2 - x1) / 2 * np.sin(t)
-    lm[:17, 1] = top + (chin - top) * np.cos(t)
-    lm[17:, 0] = np.linspace(cx - 0.3 * (x2 - x1), cx + 0.3 * (x2 - x1), 51)
-    lm[17:, 1] = np.linspace(y29 - 0.2 * (chin - y29), y29 + 0.7 * (chin - y29), 51)
-    lm[29] = (cx, y29)
-    return lm
 
 
 def det_from(box, landmarks=None, score=1.0) -> FaceDetection:
