@@ -261,5 +261,8 @@ def test_a_job_survives_a_killed_server_and_finished_jobs_stay_downloadable(tmp_
             out = tmp_path / "after_restart.mp4"
             out.write_bytes(r.content)
             assert abs(probe_video(out).duration - 12) <= 0.05
+        # nothing of the killed attempt is left behind: no partial output, no frame scratch file
+        job_dir = server.data_dir / "jobs" / running
+        assert sorted(p.name for p in job_dir.iterdir()) == ["input_audio.wav", "input_video.mp4", "output.mp4"]
     finally:
         stop_server(server)
