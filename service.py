@@ -19,7 +19,8 @@ import numpy as np
 from lipsync_runner.api.auth import BearerAuthMiddleware, request_owner
 from lipsync_runner.api.limits import ApiLimits, BodySizeLimitMiddleware
 from lipsync_runner.api.rest import create_rest_app
-from lipsync_runner.errors import LipSyncError
+from lipsync_runner.errors import LipSyncError, QueueFullError
+from lipsync_runner.serving.bentoml_compat import RETRY_AFTER_KEY, BentoMLErrorBodies
 from lipsync_runner.serving.settings import ServiceSettings
 from lipsync_runner.ui import create_ui_app
 
@@ -82,12 +83,13 @@ class MuseTalkRunner:
     def __is_ready__(self) -> bool:
         return self.core.ready
 
+    # async: answered on the event loop, never queued behind a running batch
     @bentoml.api
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         return self.core.health()
 
     @bentoml.api
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         return self.core.stats.as_dict()
 
     @bentoml.api(**BATCHING)
@@ -169,7 +171,12 @@ class LipSync:
         """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished."""
         from lipsync_runner.api.schemas import status_body
 
-        job = await self.core.submit_paths(video, audio, bbox_shift, owner=_owner(ctx))
+        try:
+            job = await self.core.submit_paths(video, audio, bbox_shift, owner=_owner(ctx))
+        except QueueFullError as exc:  # the middleware turns this into a Retry-After header
+            if ctx is not None:
+                ctx.request.scope.setdefault("state", {})[RETRY_AFTER_KEY] = exc.retry_after_s
+            raise
         if wait:
             job = await self.core.manager.wait_async(job.job_id, timeout=LIMITS.wait_timeout_s)
         elif ctx is not None:
@@ -220,6 +227,8 @@ def _owner(ctx: bentoml.Context | None) -> str | None:
 
 # First (outermost): requests without a valid token are refused before anything else runs.
 LipSync.add_asgi_middleware(BearerAuthMiddleware)
+# BentoML's endpoints answer errors like the REST routes (bodies, Retry-After, 400 for broken forms).
+LipSync.add_asgi_middleware(BentoMLErrorBodies)
 # Uploads to the BentoML `generate` endpoint are buffered by BentoML: refuse oversized
 # bodies before that happens (the REST route streams and checks each file on its own).
 LipSync.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=LIMITS.max_video_bytes + LIMITS.max_audio_bytes

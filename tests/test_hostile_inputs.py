@@ -296,11 +296,6 @@ def test_broken_media_is_refused_on_the_bentoml_endpoint(client, server, media, 
     assert_clear_error(r, server, status, *words)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BentoML endpoints answer 4xx as [{'error': ...}] (BentoML's api_endpoint_wrapper wraps the detail in a "
-    "tuple), not the REST {'error': ...} that README 'BentoML endpoints' promises ('the same bodies'); and the "
-    "message names BentoML's temp copy (e.g. 'tmp786oowprclip.mp4': serving/api.py submit_paths uses video.name) "
-    "instead of the user's 'clip.mp4'"))
 def test_bentoml_error_bodies_match_the_rest_ones(client, server, media):
     r = post_files(client, "/generate", ("clip.mp4", media["text"]), ("speech.wav", media["speech.wav"]))
     assert r.status_code == 400
@@ -393,7 +388,6 @@ BENTOML_MULTIPART_500 = (
     "(UnicodeDecodeError), and starlette's HTTPException(400) for a malformed body is caught as an unexpected error")
 
 
-@pytest.mark.xfail(strict=True, reason=BENTOML_MULTIPART_500)
 @pytest.mark.parametrize("case", ["wrong file field name", "malformed body"])
 def test_broken_forms_on_the_bentoml_endpoint_are_400_not_500(client, server, media, case):
     kwargs, _, _ = _form_cases(media)[case]

@@ -3,7 +3,7 @@
 - While 2 jobs run, 8 client threads call status, jobs and health for ~15 s (bounded by time and
   count): no errors, and status p99 stays under a second (p50/p99 are printed; run with -s).
 - With `LIP_SYNC_MAX_QUEUED_JOBS=1`, generate answers 429 with a numeric Retry-After once a job
-  is waiting, on the REST route (and, see the xfail, not yet on the BentoML endpoint).
+  is waiting, on the REST route and on the BentoML endpoint.
 """
 
 from __future__ import annotations
@@ -74,16 +74,10 @@ def test_status_and_jobs_stay_fast_and_error_free_while_jobs_run(load):
     print(f"status latency: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
     assert p99 < STATUS_P99_LIMIT_S, f"status p99 {p99:.3f} s"
     # the jobs were really working meanwhile
-    assert all(b["status"] in ("processing", "completed") for b in after), after
+    assert all(b["status"] in ("processing", "completed") for b in after), [(b["status"], b["error"]) for b in after]
     print("jobs after the load: " + ", ".join(f"{b['status']} ({b['stage']}, {b['progress']:.2f})" for b in after))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lipsync_runner/serving/api.py ApiCore.runner_health: one lost pooled connection to the runner "
-    "(aiohttp ServerDisconnectedError) makes /api/lip-sync/health (and /readyz, and generate via ensure_ready) "
-    "answer 503 'model runner unreachable' under load; unlike RemoteModel it does not retry transport errors. "
-    "Also slow (p99 ~4 s): service.py MuseTalkRunner.health is a sync API, queued behind batches in the "
-    "runner's one-thread limiter"))
 def test_health_stays_200_while_jobs_run(load):
     result, _ = load
     errors = [s for s in result.errors if s.kind == "health"]
@@ -121,9 +115,6 @@ def test_generate_answers_429_with_retry_after_beyond_the_queue_limit(full_queue
     assert counts["queued"] >= 1, counts
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service.py LipSync.generate: the 429 goes through BentoMLException (serving/errors.py as_bentoml_error), "
-    "which carries no headers, so the BentoML endpoint's 429 has no Retry-After"))
 def test_the_bentoml_generate_endpoint_also_answers_429_with_retry_after(full_queue, server, media_dir,
                                                                            long_audio):
     accepted, refused = full_queue

@@ -26,8 +26,9 @@ from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from ..pipeline import PipelineOptions, run
 from ..settings import RunnerSettings
 from . import metrics
+from .bentoml_compat import user_filename
 from .packing import job_tag
-from .remote import RemoteModel, runner_submitter
+from .remote import RemoteModel, is_transport_error, runner_submitter
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,19 @@ class ApiCore:
         return runner_submitter(self.runner, self.loop)
 
     async def runner_health(self) -> dict[str, Any]:
-        try:
-            if hasattr(self.runner, "to_async"):
-                return await asyncio.wait_for(self.runner.to_async.health(), timeout=10)
+        if not hasattr(self.runner, "to_async"):
             return self.runner.health()
-        except Exception as exc:  # noqa: BLE001 - an unreachable runner is a health state, not a crash
-            return {"status": "unavailable", "models_loaded": False, "device": None, "model_version": None,
-                    "error": f"model runner unreachable: {type(exc).__name__}"}
+        # A pooled connection the runner closed just as we reused it is not an outage: ask again.
+        for attempt in range(3):
+            try:
+                return await asyncio.wait_for(self.runner.to_async.health(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - an unreachable runner is a health state, not a crash
+                if is_transport_error(exc) and attempt < 2:
+                    await asyncio.sleep(0.05 * (attempt + 1))
+                    continue
+                return {"status": "unavailable", "models_loaded": False, "device": None, "model_version": None,
+                        "error": f"model runner unreachable: {type(exc).__name__}"}
+        raise AssertionError("unreachable")
 
     def runner_health_sync(self) -> dict[str, Any]:
         if hasattr(self.runner, "to_async"):
@@ -133,12 +140,13 @@ class ApiCore:
         except BaseException as exc:
             self.manager.discard_upload(job_id)
             if isinstance(exc, LipSyncError):
-                exc.message = exc.message.replace(video_file, video.name).replace(audio_file, audio.name)
+                exc.message = (exc.message.replace(video_file, user_filename(video.name))
+                               .replace(audio_file, user_filename(audio.name)))
                 exc.args = (exc.message,)
             raise
         return self.manager.submit(job_id, video_file=video_file, audio_file=audio_file,
-                                   video_filename=video.name[:200], audio_filename=audio.name[:200], params=params,
-                                   owner=owner)
+                                   video_filename=user_filename(video.name)[:200],
+                                   audio_filename=user_filename(audio.name)[:200], params=params, owner=owner)
 
     # ------------------------------------------------------------------ one job
 

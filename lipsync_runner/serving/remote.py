@@ -8,6 +8,7 @@ can merge them with each other and with other jobs' chunks into one GPU batch.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -75,6 +76,7 @@ class RemoteModel:
             except Exception as exc:  # noqa: BLE001 - classified below
                 message = str(exc) or type(exc).__name__
                 if _is_transport_error(exc) and attempt < self.TRANSPORT_RETRIES:
+                    time.sleep(0.05 * 2**attempt)  # let a replaced connection pool settle
                     future = self.submit(endpoint, chunk)
                     continue
                 if "not loaded" in message.lower() or "503" in message:
@@ -97,11 +99,26 @@ class RemoteModel:
 
 def _is_transport_error(exc: BaseException) -> bool:
     """A request that did not reach the runner or lost its connection (not a runner-side error)."""
-    import httpx
+    kinds: tuple[type[BaseException], ...] = (ConnectionError,)
+    try:
+        import httpx
 
+        kinds += (httpx.TransportError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:  # BentoML's clients may run on aiohttp
+        import aiohttp
+
+        kinds += (aiohttp.ClientConnectionError,)
+    except ImportError:  # pragma: no cover
+        pass
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, (httpx.TransportError, ConnectionError)) or "Server disconnected" in str(seen):
+        if isinstance(seen, kinds) or "Server disconnected" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    return _is_transport_error(exc)
