@@ -65,24 +65,32 @@ class RemoteModel:
         return np.concatenate(results)
 
     def _result(self, endpoint: str, chunk: np.ndarray, future: Future) -> np.ndarray:
-        # Calls are pure functions of their input, so a request lost in transport (a pooled
-        # keep-alive connection the server closed just as we reused it) is safely sent again.
+        # Calls are pure functions of their input, so they are safely sent again when
+        # - the request was lost in transport (a pooled connection closed under it), or
+        # - the runner's batcher shed it ("overloaded": its queue would wait past max_latency_ms),
+        #   which is back-pressure from a busy GPU, not a failure: wait, then queue again.
         # In-flight requests are never cancelled: that would leave them in the runner's batcher.
-        for attempt in range(self.TRANSPORT_RETRIES + 1):
+        transport_retries = 0
+        deadline = time.monotonic() + self.timeout_s
+        backoff = 0.5
+        while True:
             try:
-                return np.asarray(future.result(timeout=self.timeout_s))
+                return np.asarray(future.result(timeout=max(1.0, deadline - time.monotonic())))
             except LipSyncError:
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below
                 message = str(exc) or type(exc).__name__
-                if _is_transport_error(exc) and attempt < self.TRANSPORT_RETRIES:
-                    time.sleep(0.05 * 2**attempt)  # let a replaced connection pool settle
-                    future = self.submit(endpoint, chunk)
-                    continue
-                if "not loaded" in message.lower() or "503" in message:
+                if _is_transport_error(exc) and transport_retries < self.TRANSPORT_RETRIES:
+                    time.sleep(0.05 * 2**transport_retries)  # let a replaced connection pool settle
+                    transport_retries += 1
+                elif _is_overloaded(message) and time.monotonic() + backoff < deadline:
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 8.0)
+                elif "not loaded" in message.lower() or "503" in message:
                     raise ModelsNotReadyError(f"the model runner is not available: {message}") from exc
-                raise LipSyncError(f"the model runner failed: {message}") from exc
-        raise AssertionError("unreachable")
+                else:
+                    raise LipSyncError(f"the model runner failed: {message}") from exc
+                future = self.submit(endpoint, chunk)
 
     def audio_features(self, pcm: np.ndarray) -> np.ndarray:
         pcm = np.asarray(pcm, dtype=np.float32)
@@ -118,6 +126,11 @@ def _is_transport_error(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _is_overloaded(message: str) -> bool:
+    """BentoML's adaptive batcher refusing a request it could not serve within max_latency_ms."""
+    return "overloaded" in message.lower()
 
 
 def is_transport_error(exc: BaseException) -> bool:
