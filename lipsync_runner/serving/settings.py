@@ -25,7 +25,10 @@ class ServiceSettings(BaseSettings):
 
     # GPU runner: adaptive batching (read when service.py is imported: decorator arguments)
     max_batch_size: int = Field(default=64, ge=2, description="Frames per GPU batch at most.")
-    max_latency_ms: int = Field(default=60_000, ge=10, description="Longest a request may wait in the batcher.")
+    # BentoML's batcher cancels a request that waited longer than this, and the caller only sees
+    # a 500. Under load (many jobs, a queue of chunks) that killed jobs; with the runner's own
+    # timeout as the bound, a busy GPU means waiting, not failing.
+    max_latency_ms: int = Field(default=600_000, ge=10, description="Longest a request may wait in the batcher.")
     chunk_frames: int = Field(default=8, ge=1, le=256, description="Frames a job sends per runner call.")
     runner_timeout_s: float = Field(default=600.0, gt=0)
 
