@@ -166,7 +166,7 @@ class LipSync:
 
     @bentoml.api
     @_bentoml_errors
-    async def generate(self, video: Path, audio: Path, bbox_shift: int = 0, wait: bool = False,
+    async def generate(self, video: Path, audio: Path, bbox_shift: int = LIMITS.bbox_shift, wait: bool = False,
                        ctx: bentoml.Context = None) -> dict[str, Any]:
         """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished."""
         from lipsync_runner.api.schemas import status_body

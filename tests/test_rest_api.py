@@ -638,3 +638,14 @@ def test_plain_body_helpers(client, fake, media) -> None:
     record = fake.get(job_id)
     assert status_body(record) == client.get(f"/status/{job_id}").json()
     assert job_summary(record) == client.get("/jobs").json()["jobs"][0]
+
+
+def test_a_missing_bbox_shift_takes_the_deployments_default(monkeypatch):
+    from lipsync_runner.api.limits import ApiLimits
+    from lipsync_runner.api.rest import _parse_bbox_shift
+
+    monkeypatch.setenv("LIP_SYNC_BBOX_SHIFT", "-7")
+    default = ApiLimits().bbox_shift
+    assert default == -7
+    assert _parse_bbox_shift(None, default) == -7 and _parse_bbox_shift("", default) == -7
+    assert _parse_bbox_shift("5", default) == 5

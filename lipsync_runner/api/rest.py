@@ -99,9 +99,9 @@ def _parse_bool(value: str | None, name: str) -> bool:
     raise InvalidInputError(f"Invalid {name}: expected true or false, got {value[:20]!r}")
 
 
-def _parse_bbox_shift(value: str | None) -> int:
+def _parse_bbox_shift(value: str | None, default: int = 0) -> int:
     if value is None or value.strip() == "":
-        return 0
+        return default  # the deployment's LIP_SYNC_BBOX_SHIFT, as in the seed's settings
     try:
         shift = int(value.strip())
     except ValueError:
@@ -279,7 +279,7 @@ def create_rest_app(
                 text_fields={"bbox_shift", "wait"},
             )
             files = upload.files
-            params = JobParams(bbox_shift=_parse_bbox_shift(upload.fields.get("bbox_shift")))
+            params = JobParams(bbox_shift=_parse_bbox_shift(upload.fields.get("bbox_shift"), settings.bbox_shift))
             if wait_flag is None:
                 wait_flag = _parse_bool(upload.fields.get("wait"), "wait")
             video, audio = files["video"], files["audio"]
