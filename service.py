@@ -19,8 +19,9 @@ import numpy as np
 from lipsync_runner.api.auth import BearerAuthMiddleware, request_owner
 from lipsync_runner.api.limits import ApiLimits, BodySizeLimitMiddleware
 from lipsync_runner.api.rest import create_rest_app
-from lipsync_runner.errors import LipSyncError, QueueFullError
+from lipsync_runner.errors import QueueFullError
 from lipsync_runner.serving.bentoml_compat import RETRY_AFTER_KEY, BentoMLErrorBodies
+from lipsync_runner.serving.errors import bentoml_errors
 from lipsync_runner.serving.settings import ServiceSettings
 from lipsync_runner.ui import create_ui_app
 
@@ -32,29 +33,6 @@ MODEL_TAG = os.environ.get("LIP_SYNC_BENTO_MODEL", "musetalk:latest")
 LIMITS = ApiLimits()
 BATCHING = {"batchable": True, "batch_dim": 0, "max_batch_size": SETTINGS.max_batch_size,
             "max_latency_ms": SETTINGS.max_latency_ms}
-
-
-def _bentoml_errors(func):
-    """Our errors keep their HTTP status and message through BentoML's own error handling."""
-    import functools
-
-    from lipsync_runner.serving.errors import as_bentoml_error
-
-    if asyncio.iscoroutinefunction(func):
-        @functools.wraps(func)
-        async def wrapper(*args, **kwargs):
-            try:
-                return await func(*args, **kwargs)
-            except LipSyncError as exc:
-                raise as_bentoml_error(exc) from None
-    else:
-        @functools.wraps(func)
-        def wrapper(*args, **kwargs):
-            try:
-                return func(*args, **kwargs)
-            except LipSyncError as exc:
-                raise as_bentoml_error(exc) from None
-    return wrapper
 
 
 @bentoml.service(
@@ -93,19 +71,19 @@ class MuseTalkRunner:
         return self.core.stats.as_dict()
 
     @bentoml.api(**BATCHING)
-    @_bentoml_errors
+    @bentoml_errors
     def prepare(self, crops: np.ndarray) -> np.ndarray:
         """[B, 256, 256, 3] uint8 RGB face crops -> [B, 8, 32, 32] float32 latents."""
         return self.core.prepare(crops)
 
     @bentoml.api(**BATCHING)
-    @_bentoml_errors
+    @bentoml_errors
     def generate(self, packed: np.ndarray) -> np.ndarray:
         """[B, 1 + 8*32*32 + 50*384] float32 (job tag, latents, audio window) -> [B, 256, 256, 3] uint8."""
         return self.core.generate(packed)
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=8, max_latency_ms=SETTINGS.max_latency_ms)
-    @_bentoml_errors
+    @bentoml_errors
     def audio_pieces(self, pieces: np.ndarray) -> np.ndarray:
         """[P, 480000] 30 s pieces of 16 kHz audio -> [P, 1500, 5, 384] Whisper encoder states."""
         return self.core.audio_pieces(pieces)
@@ -165,7 +143,7 @@ class LipSync:
         return content + job_counts_text(self.core.manager.counts())
 
     @bentoml.api
-    @_bentoml_errors
+    @bentoml_errors
     async def generate(self, video: Path, audio: Path, bbox_shift: int = LIMITS.bbox_shift, wait: bool = False,
                        ctx: bentoml.Context = None) -> dict[str, Any]:
         """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished."""
@@ -184,32 +162,32 @@ class LipSync:
         return status_body(job)
 
     @bentoml.api
-    @_bentoml_errors
+    @bentoml_errors
     async def status(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
         from lipsync_runner.api.schemas import status_body
 
         return status_body(self.core.manager.get(job_id, _owner(ctx)))
 
     @bentoml.api
-    @_bentoml_errors
+    @bentoml_errors
     async def download(self, job_id: str, ctx: bentoml.Context = None) -> Path:
         return self.core.manager.output_path(job_id, _owner(ctx))
 
     @bentoml.api
-    @_bentoml_errors
+    @bentoml_errors
     async def cancel(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
         from lipsync_runner.api.schemas import status_body
 
         return status_body(self.core.manager.cancel(job_id, _owner(ctx)))
 
     @bentoml.api
-    @_bentoml_errors
+    @bentoml_errors
     async def cleanup(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
         await asyncio.to_thread(self.core.manager.cleanup, job_id, _owner(ctx))
         return {"success": True, "job_id": job_id, "message": "Job files removed"}
 
     @bentoml.api
-    @_bentoml_errors
+    @bentoml_errors
     async def jobs(self, limit: int = 100, ctx: bentoml.Context = None) -> dict[str, Any]:
         from lipsync_runner.api.schemas import job_summary
 
