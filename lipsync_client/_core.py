@@ -361,3 +361,24 @@ def _file_part(value: FileInput, stack: ExitStack) -> tuple[str, IO[bytes], str]
         name = Path(getattr(value, "name", "upload") or "upload").name
     mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
     return name, handle, mime
+
+
+class ClientBase:
+    """What both clients share around the core: construction and the URLs they talk to."""
+
+    _http_class: type = httpx.Client  # httpx.AsyncClient in the async twin
+
+    def __init__(self, base_url: Optional[str] = None, token: Optional[str] = None,
+                 timeout: Union[float, httpx.Timeout, None] = DEFAULT_TIMEOUT, *, retries: int = 2,
+                 api_prefix: str = API_PREFIX, headers: Optional[dict[str, str]] = None,
+                 **httpx_options: Any) -> None:
+        self._core = ClientCore(base_url, token, api_prefix=api_prefix, retries=retries)
+        self._http = self._http_class(**self._core.client_options(timeout, headers), **httpx_options)
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    @property
+    def api_url(self) -> str:
+        return self._core.root

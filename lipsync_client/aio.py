@@ -12,11 +12,9 @@ from typing import Any, Optional, Union
 import httpx
 
 from ._core import (
-    DEFAULT_TIMEOUT,
-    API_PREFIX,
     BytesCallback,
     Call,
-    ClientCore,
+    ClientBase,
     FileInput,
     Notify,
     Op,
@@ -26,7 +24,7 @@ from ._core import (
 from .models import CleanupResult, Health, Job, JobList
 
 
-class AsyncLipSyncClient:
+class AsyncLipSyncClient(ClientBase):
     """The async twin of ``LipSyncClient``: same arguments, same methods (awaitable), same errors.
     ``progress`` callbacks may be plain functions or coroutine functions.
 
@@ -35,20 +33,7 @@ class AsyncLipSyncClient:
             await c.download(job.job_id, "out.mp4")
     """
 
-    def __init__(self, base_url: Optional[str] = None, token: Optional[str] = None,
-                 timeout: Union[float, httpx.Timeout, None] = DEFAULT_TIMEOUT, *, retries: int = 2,
-                 api_prefix: str = API_PREFIX, headers: Optional[dict[str, str]] = None,
-                 **httpx_options: Any) -> None:
-        self._core = ClientCore(base_url, token, api_prefix=api_prefix, retries=retries)
-        self._http = httpx.AsyncClient(**self._core.client_options(timeout, headers), **httpx_options)
-
-    @property
-    def base_url(self) -> str:
-        return self._core.base_url
-
-    @property
-    def api_url(self) -> str:
-        return self._core.root
+    _http_class = httpx.AsyncClient
 
     async def health(self) -> Health:
         return await self._run(self._core.health())

@@ -11,11 +11,9 @@ from typing import Any, Optional, Union
 import httpx
 
 from ._core import (
-    DEFAULT_TIMEOUT,
-    API_PREFIX,
     BytesCallback,
     Call,
-    ClientCore,
+    ClientBase,
     FileInput,
     Notify,
     Op,
@@ -25,7 +23,7 @@ from ._core import (
 from .models import CleanupResult, Health, Job, JobList
 
 
-class LipSyncClient:
+class LipSyncClient(ClientBase):
     """Client of the lip-sync REST API (``/api/lip-sync``), locally or on BentoCloud.
 
     ``base_url`` defaults to ``$LIPSYNC_SERVER`` or ``http://localhost:3000`` and may carry a
@@ -39,20 +37,7 @@ class LipSyncClient:
             c.download(job.job_id, "out.mp4")
     """
 
-    def __init__(self, base_url: Optional[str] = None, token: Optional[str] = None,
-                 timeout: Union[float, httpx.Timeout, None] = DEFAULT_TIMEOUT, *, retries: int = 2,
-                 api_prefix: str = API_PREFIX, headers: Optional[dict[str, str]] = None,
-                 **httpx_options: Any) -> None:
-        self._core = ClientCore(base_url, token, api_prefix=api_prefix, retries=retries)
-        self._http = httpx.Client(**self._core.client_options(timeout, headers), **httpx_options)
-
-    @property
-    def base_url(self) -> str:
-        return self._core.base_url
-
-    @property
-    def api_url(self) -> str:
-        return self._core.root
+    _http_class = httpx.Client
 
     # -- the API
 
