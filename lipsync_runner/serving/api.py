@@ -43,8 +43,6 @@ class ApiCore:
         self.settings = settings or ServiceSettings()
         self.runner_settings = runner_settings or RunnerSettings()
         self.limits = limits or ApiLimits()
-        self.max_video_bytes = self.limits.max_video_bytes
-        self.max_audio_bytes = self.limits.max_audio_bytes
         data_dir = Path(self.settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.files = JobFiles(data_dir)
@@ -124,8 +122,8 @@ class ApiCore:
         """Jobs from the BentoML `generate` endpoint: its uploads sit in a per-request temp dir."""
         params = _params(bbox_shift)
         await self.ensure_ready()
-        for path, limit, kind, allowed in ((video, self.max_video_bytes, "video", VIDEO_EXTENSIONS),
-                                           (audio, self.max_audio_bytes, "audio", AUDIO_EXTENSIONS)):
+        for path, limit, kind, allowed in ((video, self.limits.max_video_bytes, "video", VIDEO_EXTENSIONS),
+                                           (audio, self.limits.max_audio_bytes, "audio", AUDIO_EXTENSIONS)):
             if path.stat().st_size > limit:
                 raise InputTooLargeError(f"the {kind} file exceeds the maximum allowed size of {limit // 2**20} MB")
             if path.suffix.lower() not in allowed:

@@ -16,7 +16,6 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 BENTOML_PATHS = frozenset({"/generate", "/status", "/download", "/cancel", "/cleanup", "/jobs", "/health"})
 FORM_FIELDS = ("video", "audio")
-TEXT_FIELDS = frozenset({"bbox_shift", "wait"})
 RETRY_AFTER_KEY = "lipsync_retry_after"
 _BENTOML_TEMP_NAME = re.compile(r"^tmp[a-z0-9_]{8}(.+)$")
 
@@ -70,7 +69,8 @@ class _FormChecker:
         except Exception:  # noqa: BLE001 - any parser error means the body is malformed
             self.problem = "Malformed multipart body"
 
-    def verdict(self) -> str:
+    def fault(self) -> str | None:
+        """What is wrong with the form as far as our fields go, or None when it looked fine."""
         if self.problem:
             return self.problem
         unexpected = [f for f in self.files if f not in FORM_FIELDS]
@@ -79,7 +79,7 @@ class _FormChecker:
         missing = [f for f in FORM_FIELDS if f not in self.files]
         if missing:
             return f"Missing file field '{missing[0]}'"
-        return "The multipart form could not be read"
+        return None
 
 
 class BentoMLErrorBodies:
@@ -121,8 +121,9 @@ class BentoMLErrorBodies:
             if message.get("more_body"):
                 return
             status, payload = held["status"], bytes(body)
-            if status == 500 and checker is not None and (checker.problem or _form_incomplete(checker)):
-                status, payload = 400, json.dumps({"error": checker.verdict()}).encode()
+            fault = checker.fault() if status == 500 and checker is not None else None
+            if fault is not None:
+                status, payload = 400, json.dumps({"error": fault}).encode()
             else:
                 payload = _unwrap(payload)
             headers = [(k, v) for k, v in held.get("headers", []) if k not in (b"content-length", b"content-type")]
@@ -133,10 +134,6 @@ class BentoMLErrorBodies:
             await send({"type": "http.response.body", "body": payload})
 
         await self.app(scope, checked_receive, rewriting_send)
-
-
-def _form_incomplete(checker: _FormChecker) -> bool:
-    return any(f not in FORM_FIELDS for f in checker.files) or any(f not in checker.files for f in FORM_FIELDS)
 
 
 def _unwrap(payload: bytes) -> bytes:

@@ -80,7 +80,7 @@ class RemoteModel:
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below
                 message = str(exc) or type(exc).__name__
-                if _is_transport_error(exc) and transport_retries < self.TRANSPORT_RETRIES:
+                if is_transport_error(exc) and transport_retries < self.TRANSPORT_RETRIES:
                     time.sleep(0.05 * 2**transport_retries)  # let a replaced connection pool settle
                     transport_retries += 1
                 elif _is_overloaded(message) and time.monotonic() + backoff < deadline:
@@ -105,7 +105,7 @@ class RemoteModel:
         return self._call_chunked("generate", packed, self.chunk_frames)
 
 
-def _is_transport_error(exc: BaseException) -> bool:
+def is_transport_error(exc: BaseException) -> bool:
     """A request that did not reach the runner or lost its connection (not a runner-side error)."""
     kinds: tuple[type[BaseException], ...] = (ConnectionError,)
     try:
@@ -132,6 +132,3 @@ def _is_overloaded(message: str) -> bool:
     """BentoML's adaptive batcher refusing a request it could not serve within max_latency_ms."""
     return "overloaded" in message.lower()
 
-
-def is_transport_error(exc: BaseException) -> bool:
-    return _is_transport_error(exc)
