@@ -73,7 +73,7 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from .musetalk import MuseTalk
     from .pipeline import PipelineOptions, run, validate_inputs
 
-    validate_inputs(args.video, args.audio)  # fail fast, before loading models
+    video_info, _ = validate_inputs(args.video, args.audio)  # fail fast, before loading models
     model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version,
                                      compile=settings.compile)
     detector = load_face_detector(args.face_detector, model.layout.root, str(model.device))
@@ -86,7 +86,8 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
             bar.set_description_str(stage)
             bar.update(int(fraction * 1000) - bar.n)
 
-        result = run(model, detector, args.video, args.audio, args.output, options, progress=progress, cache=cache)
+        result = run(model, detector, args.video, args.audio, args.output, options, progress=progress, cache=cache,
+                     video_info=video_info)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(result.seconds.items(), key=lambda kv: -kv[1]))
     print(f"wrote {result.output} ({result.frames} frames at {float(result.fps):.3f} fps, "
           f"{result.width}x{result.height}; face in {result.face_frames}/{result.source_frames} input frames; "

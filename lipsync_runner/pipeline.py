@@ -102,10 +102,12 @@ def run(
     should_cancel: Callable[[], bool] | None = None,
     work_dir: Path | str | None = None,
     cache: AvatarCache | None = None,
+    video_info: VideoInfo | None = None,
 ) -> JobResult:
     """Lip-sync `video` to `audio` and write an MP4 to `output` (atomically: all or nothing).
 
     With an avatar cache, the face track and the face latents of a video seen before are reused.
+    `video_info`: the inputs were already checked with validate_inputs (do not probe them again).
     """
     opts = options or PipelineOptions()
     video, audio, output = Path(video), Path(audio), Path(output)
@@ -116,7 +118,7 @@ def run(
         if should_cancel is not None and should_cancel():
             raise JobCancelledError("the job was cancelled")
 
-    info, _ = validate_inputs(video, audio, opts.ffmpeg_timeout_s)
+    info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s)[0]
     fps = info.fps
 
     report("audio", 0.0)
