@@ -9,6 +9,8 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
+from ..params import JobParams
+
 # uuid4 in canonical form; anything else is "not found" without touching the filesystem
 JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -36,12 +38,6 @@ class JobStatus(str, Enum):
     @property
     def finished(self) -> bool:
         return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
-
-
-class JobParams(BaseModel):
-    """What the user asked for (everything that changes the result)."""
-
-    bbox_shift: int = Field(default=0, ge=-100, le=100)
 
 
 class JobRecord(BaseModel):
