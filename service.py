@@ -171,7 +171,8 @@ class LipSync:
     @bentoml.api
     @bentoml_errors
     async def download(self, job_id: str, ctx: bentoml.Context = None) -> Path:
-        return self.core.manager.output_path(job_id, _owner(ctx))
+        # off the event loop: with a bucket this first copies the result to local scratch
+        return await asyncio.to_thread(self.core.manager.output_path, job_id, _owner(ctx))
 
     @bentoml.api
     @bentoml_errors

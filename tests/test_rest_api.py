@@ -109,6 +109,11 @@ class FakeManager:
             raise JobNotFinishedError(f"Job is {record.status.value}: no result to download")
         return self.root / job_id / record.output_file
 
+    def open_output(self, job_id, owner=None):
+        from lipsync_runner.storage.local import LocalObject
+
+        return LocalObject(self.output_path(job_id, owner))
+
     def cancel(self, job_id, owner=None):
         record = self._record(job_id, owner)
         if record.status.finished:

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -38,6 +38,7 @@ from lipsync_runner.errors import (
 )
 from lipsync_runner.jobs.records import JobParams, JobRecord, JobStatus, is_job_id
 from lipsync_runner.api.validation import validate_media
+from lipsync_runner.storage import StoredObject, object_response
 
 from .limits import ApiLimits, BodySizeLimitMiddleware, too_large_body
 from .schemas import (
@@ -77,6 +78,7 @@ class Manager(Protocol):
     def get(self, job_id: str, owner: str | None = None) -> JobRecord: ...
     def list(self, owner: str | None = None, limit: int = 100) -> list[JobRecord]: ...
     def output_path(self, job_id: str, owner: str | None = None) -> Path: ...
+    def open_output(self, job_id: str, owner: str | None = None) -> StoredObject: ...
     def cancel(self, job_id: str, owner: str | None = None) -> JobRecord: ...
     def cleanup(self, job_id: str, owner: str | None = None) -> None: ...
     async def wait_async(self, job_id: str, timeout: float | None = None) -> JobRecord: ...
@@ -354,12 +356,12 @@ def create_rest_app(
         summary="Download the result video",
     )
     async def download(
-        job_id: str, manager: Manager = Depends(manager_dep), owner: Optional[str] = Depends(get_owner)
-    ) -> FileResponse:
-        path = Path(await run_in_threadpool(manager.output_path, _checked_id(job_id), owner))
-        if not await anyio.to_thread.run_sync(path.is_file):  # removed in the meantime
-            raise JobNotFoundError("Job output not found")
-        return FileResponse(path, media_type="video/mp4", filename=download_name(job_id))
+        job_id: str, request: Request, manager: Manager = Depends(manager_dep),
+        owner: Optional[str] = Depends(get_owner),
+    ) -> Response:
+        # a local file, a stream from the bucket (Range honoured either way), or a presigned redirect
+        stored = await run_in_threadpool(manager.open_output, _checked_id(job_id), owner)
+        return object_response(stored, download_name(job_id), range_header=request.headers.get("range"))
 
     @router.delete(
         "/cleanup/{job_id}",

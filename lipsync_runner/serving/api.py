@@ -19,7 +19,7 @@ from ..errors import (InputTooLargeError, InsufficientStorageError, InvalidInput
                       ModelsNotReadyError)
 from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
-from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, SQLiteJobStore
+from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, open_store
 from ..api.limits import ApiLimits
 from ..api.validation import validate_media
 from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
@@ -45,13 +45,19 @@ class ApiCore:
         self.limits = limits or ApiLimits()
         data_dir = Path(self.settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.files = JobFiles(data_dir)
-        self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        self.files = JobFiles(data_dir)  # uploads in progress and the workers' scratch (always local)
+        s = self.settings
+        self.store = open_store(s.database_url.get_secret_value() if s.database_url else None, data_dir,
+                                pool_size=s.job_workers + 8)
+        from ..storage import open_storage
+
+        self.storage = open_storage(s.storage_url, self.files, endpoint_url=s.s3_endpoint_url,
+                                    presigned_downloads=s.presigned_downloads, presign_expiry_s=s.presigned_expiry_s)
         self.manager = JobManager(
-            self.store, self.files, self._execute, workers=self.settings.job_workers,
-            retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
-            sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
-            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug)
+            self.store, self.files, self._execute, storage=self.storage, workers=s.job_workers,
+            retention_s=s.retention_s, max_attempts=s.max_attempts, sweep_interval_s=s.sweep_interval_s,
+            max_queued=s.max_queued_jobs, free_space_floor_bytes=s.free_space_floor_mb * 2**20, debug=s.debug,
+            lease_s=s.lease_s, poll_s=s.queue_poll_s)
         self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
                                     max_bytes=int(self.settings.avatar_cache_gb * 2**30))
                         if self.settings.avatar_cache else None)
