@@ -841,10 +841,6 @@ class JobManager:
         if not run.doomed and not run.lost:
             if not self._write_final(rec.job_id, final):
                 run.doomed = run.doomed or self._store_says_gone(rec.job_id)
-        with self._cond:
-            self._running.pop(rec.job_id, None)
-            self._durations.append(time.monotonic() - run.started)
-        self._notify(rec.job_id)
         try:
             if run.doomed:
                 self._remove_files(rec.job_id)  # removed while it ran: what it stored is an orphan
@@ -852,6 +848,10 @@ class JobManager:
                 self._files.remove(rec.job_id)  # scratch
         except Exception:
             log.exception("job %s: could not remove its files (the sweeper will)", rec.job_id)
+        with self._cond:
+            self._running.pop(rec.job_id, None)
+            self._durations.append(time.monotonic() - run.started)
+        self._notify(rec.job_id)
         self._release_if_idle()
         log.info("job %s: %s%s", rec.job_id, "removed while running" if run.doomed else
                  "given up (lease lost)" if run.lost else status.value,

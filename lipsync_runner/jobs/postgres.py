@@ -179,7 +179,7 @@ class PostgresJobStore:
             row = conn.execute("SELECT body FROM lipsync_jobs WHERE job_id = %s", (job_id,)).fetchone()
         return JobRecord.model_validate(row[0]) if row else None
 
-    def update(self, job_id: str, **fields: object) -> JobRecord:
+    def update(self, job_id: str, /, **fields: object) -> JobRecord:
         return self.modify(job_id, lambda current, now: fields)
 
     def modify(self, job_id: str, change: Change) -> JobRecord:

@@ -77,7 +77,7 @@ class JobStore(Protocol):
 
     def get(self, job_id: str) -> JobRecord | None: ...
 
-    def update(self, job_id: str, **fields: object) -> JobRecord: ...
+    def update(self, job_id: str, /, **fields: object) -> JobRecord: ...
 
     def modify(self, job_id: str, change: Change) -> JobRecord: ...
 
@@ -295,7 +295,7 @@ class SQLiteJobStore:
         with self._lock:
             return self._read(self._db(), job_id)
 
-    def update(self, job_id: str, **fields: object) -> JobRecord:
+    def update(self, job_id: str, /, **fields: object) -> JobRecord:
         return self.modify(job_id, lambda current, now: fields)
 
     def modify(self, job_id: str, change: Change) -> JobRecord:

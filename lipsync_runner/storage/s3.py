@@ -93,6 +93,7 @@ class S3Storage:
                         # S3-compatible servers (MinIO, moto, Ceph) expect path-style addressing
                         s3={"addressing_style": "path" if endpoint_url else "auto"})
         # a client (not a session) is thread-safe: one for every worker and request
+        self._owns_client = client is None
         self.client = client or boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
                                                                config=config)
         self.transfer = TransferConfig(multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=4,
@@ -126,10 +127,17 @@ class S3Storage:
             raise StorageUnavailableError("the file storage is unavailable; try again shortly") from e
 
     def fetch(self, job_id: str, name: str, dest: Path) -> None:
+        """One streamed GET into a temp file, renamed onto ``dest`` when complete."""
         dest = Path(dest)
         tmp = dest.with_name(f".{dest.name}.tmp")
         try:
-            self.client.download_file(self.bucket, self.key(job_id, name), str(tmp), Config=self.transfer)
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, name))["Body"]
+            try:
+                with tmp.open("wb") as f:
+                    for chunk in body.iter_chunks(CHUNK):
+                        f.write(chunk)
+            finally:
+                body.close()
         except ClientError as e:
             tmp.unlink(missing_ok=True)
             if _not_found(e):
@@ -207,4 +215,5 @@ class S3Storage:
         return removed
 
     def close(self) -> None:
-        self.client.close()
+        if self._owns_client:
+            self.client.close()
