@@ -159,32 +159,41 @@ class S3Server:
 
 @contextmanager
 def s3_server() -> Iterator[S3Server]:
-    """moto's S3 over HTTP on 127.0.0.1; the AWS_* variables point boto3 in this process at it."""
-    import logging
+    """moto's S3 server (``python -m moto.server``) in its own process on 127.0.0.1; the AWS_* variables
+    point boto3 in this process, and in servers started from it, at fake credentials."""
+    import sys
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    import httpx
 
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited: {Path(log.name).read_text()[-2000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                if httpx.get(url + "/moto-api/", timeout=2).status_code < 500:
                     break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield S3Server(url, server)
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.1)
+        yield S3Server(url, proc)
     finally:
-        server.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.unlink(log.name)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

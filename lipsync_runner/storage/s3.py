@@ -31,7 +31,7 @@ from ..jobs.records import is_job_id
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-PART = 16 << 20  # multipart part size: 16 MiB, 4 in flight per transfer at most
+PART = 16 << 20  # multipart part size (S3's minimum is 5 MiB)
 CONTENT_TYPES = {".mp4": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska",
                  ".avi": "video/x-msvideo", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4",
                  ".aac": "audio/aac", ".ogg": "audio/ogg"}
@@ -83,7 +83,8 @@ class S3Storage:
     is_local = False
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
-                 presigned_downloads: bool = False, presign_expiry_s: int = 3600, client=None) -> None:
+                 presigned_downloads: bool = False, presign_expiry_s: int = 3600, client=None,
+                 part_size: int = PART, max_concurrency: int = 4) -> None:
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.presigned_downloads = bool(presigned_downloads)
@@ -96,8 +97,9 @@ class S3Storage:
         self._owns_client = client is None
         self.client = client or boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
                                                                config=config)
-        self.transfer = TransferConfig(multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=4,
-                                       use_threads=True)
+        # at most max_concurrency parts of part_size bytes in memory per upload, whatever the file's size
+        self.transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+                                       max_concurrency=max_concurrency, use_threads=True)
         try:
             self.client.head_bucket(Bucket=bucket)
         except (ClientError, BotoCoreError) as e:
