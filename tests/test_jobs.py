@@ -879,27 +879,28 @@ def test_wait_async_does_not_block_the_event_loop(make_manager, executor):
     assert done.status is JobStatus.completed
 
 
-def test_concurrent_submits_are_each_processed_exactly_once(make_manager, executor):
+def test_concurrent_submits_are_each_processed_exactly_once(make_manager, executor, backend):
     manager = make_manager(workers=3, max_queued=1000)
     submitted, errors = [], []
+    clients, each = (6, 8) if backend.name == "sqlite" else (4, 5)  # a bucket round trip per file: fewer
 
     def client() -> None:
         try:
-            for _ in range(8):
+            for _ in range(each):
                 submitted.append(upload(manager).job_id)
         except Exception as e:  # pragma: no cover - the failure being tested for
             errors.append(e)
 
-    threads = [threading.Thread(target=client) for _ in range(6)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and len(set(submitted)) == 48
+    assert errors == [] and len(set(submitted)) == clients * each
     for job_id in submitted:
-        assert manager.wait(job_id, timeout=10).status is JobStatus.completed
+        assert manager.wait(job_id, timeout=20).status is JobStatus.completed
     assert sorted(executor.calls) == sorted(submitted)  # each exactly once
-    assert manager.counts()["completed"] == 48
+    assert manager.counts()["completed"] == clients * each
 
 
 # -- restarts --------------------------------------------------------------------------------
@@ -910,7 +911,7 @@ def test_a_job_interrupted_by_a_crash_is_requeued_and_completes(backend, data, m
     manager = make_manager(data, max_attempts=2)
     done = manager.wait(crashed.job_id, timeout=5)
     assert done.status is JobStatus.completed and done.attempts == 2
-    assert done.lease_owner is None and done.lease_expires_at is None
+    assert done.lease_owner == manager.replica_id and done.lease_expires_at is None
     assert executor.calls == [crashed.job_id]
 
 

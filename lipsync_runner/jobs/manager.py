@@ -836,8 +836,8 @@ class JobManager:
         started = rec.started_at or now
         timings["queue_s"] = max(0.0, (started - rec.created_at).total_seconds())
         timings["total_s"] = max(0.0, (now - rec.created_at).total_seconds())
-        final = {**self._finished_fields(status, now, **fields), "timings": timings, "lease_owner": None,
-                 "lease_expires_at": None}
+        # lease_owner stays: which worker ran the job is worth knowing afterwards
+        final = {**self._finished_fields(status, now, **fields), "timings": timings, "lease_expires_at": None}
         if not run.doomed and not run.lost:
             if not self._write_final(rec.job_id, final):
                 run.doomed = run.doomed or self._store_says_gone(rec.job_id)

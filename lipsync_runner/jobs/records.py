@@ -59,7 +59,7 @@ class JobRecord(BaseModel):
     attempts: int = 0  # times a worker started it (restarts re-queue)
     # The queue's bookkeeping (any replica may run any job): while 'processing', the job is held
     # by one worker whose lease it renews; past lease_expires_at any replica may take it again.
-    lease_owner: str | None = None
+    lease_owner: str | None = None  # "<host>:<pid>:<random>" of the holder (when finished: of the last one)
     lease_expires_at: datetime | None = None
     cancel_requested: bool = False  # cancel() on any replica; the worker holding the job stops
     created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,307 @@
+"""Scaled out for real: two LipSync API processes and one MuseTalkRunner process, deployed apart,
+on one PostgreSQL server and one S3 bucket (tiny models on the CPU).
+
+Each process is started the way deploy/kubernetes starts its pods: ``start-http-server`` on the
+service file with ``--service-name``; the API finds the runner through BentoML's dependency
+mapping (``--depends MuseTalkRunner=<url>``), not by starting one of its own. The replicas share
+nothing else: each has its own local data directory (scratch only).
+
+One module-scoped setup serves every check below, in order (they build on each other).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from lipsync_runner.media import probe_video
+
+from .server import ROOT, Server, free_port, stop_server
+
+API = "/api/lip-sync"
+LEASE_S = 3
+
+
+def start(workdir: Path, name: str, args: list[str], env: dict[str, str]) -> Server:
+    """A BentoML HTTP server process as a pod runs it (not yet waited for)."""
+    port = free_port()
+    data_dir = workdir / name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server", "service:LipSync", *args,
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env={**env, "LIP_SYNC_DATA_DIR": str(data_dir)}, stdout=log.open("ab"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(f"http://127.0.0.1:{port}", proc, log, data_dir)
+
+
+def wait_ready(server: Server, timeout: float = 300) -> Server:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.url} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.url + "/readyz", timeout=3).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{server.url} not ready after {timeout} s:\n{server.log_tail()}")
+
+
+@dataclass
+class Fleet:
+    runner: Server
+    a: Server
+    b: Server
+    db_url: str
+    s3: object
+    bucket: str
+    workdir: Path
+    env: dict[str, str]
+    api_args: list[str]
+    extra: list[Server] = field(default_factory=list)
+
+    def replica_of(self, lease_owner: str) -> Server:
+        """The API server whose worker process wrote this lease owner ("<host>:<pid>:<random>")."""
+        pid = int(lease_owner.split(":")[1])
+        for server in (self.a, self.b, *self.extra):
+            if pid in {p.pid for p in server.processes()}:
+                return server
+        raise AssertionError(f"no replica has pid {pid}")
+
+    def record(self, job_id: str) -> dict:
+        with psycopg.connect(self.db_url) as conn:
+            return conn.execute("SELECT body FROM lipsync_jobs WHERE job_id = %s", (job_id,)).fetchone()[0]
+
+    def keys(self, job_id: str = "") -> list[str]:
+        return self.s3.keys(self.bucket, f"fleet/jobs/{job_id}")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    """Small inputs: the face clip at 160x120; 0.4 s of speech (10 frames) and 2 s (50 frames)."""
+    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+
+    root = tmp_path_factory.mktemp("fleet-media")
+    write_face_video(root / "face.mp4", seconds=1.0, size=(160, 120))
+    write_speech_like_audio(root / "short.wav", seconds=0.4)
+    write_speech_like_audio(root / "long.wav", seconds=2.0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, models_dir, postgres, s3) -> Fleet:
+    workdir = tmp_path_factory.mktemp("fleet")
+    db_url = postgres.create_database()
+    bucket = s3.create_bucket()
+    env = {
+        **os.environ,  # the AWS_* variables of the s3 fixture
+        "MUSETALK_MODELS_DIR": str(models_dir),
+        "LIP_SYNC_DEVICE": "cpu",
+        "LIP_SYNC_FREE_SPACE_FLOOR_MB": "0",
+        "LIP_SYNC_JOB_WORKERS": "2",
+        "LIP_SYNC_CHUNK_FRAMES": "4",
+        "LIP_SYNC_DATABASE_URL": db_url,
+        "LIP_SYNC_STORAGE_URL": f"s3://{bucket}/fleet",
+        "LIP_SYNC_S3_ENDPOINT_URL": s3.endpoint_url,
+        "LIP_SYNC_LEASE_S": str(LEASE_S),
+        "LIP_SYNC_QUEUE_POLL_S": "0.3",
+        "BENTOML_CONFIG": str(ROOT / "configuration.yaml"),
+        "BENTOML_HOME": str(workdir / "bentoml-home"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    runner = start(workdir, "runner", ["--service-name", "MuseTalkRunner"], env)
+    api_args = ["--service-name", "LipSync", "--depends", f"MuseTalkRunner={runner.url}"]
+    a = start(workdir, "api-a", api_args, env)
+    b = start(workdir, "api-b", api_args, env)
+    fleet = Fleet(runner, a, b, db_url, s3, bucket, workdir, env, api_args)
+    try:
+        for server in (runner, a, b):
+            wait_ready(server)
+        yield fleet
+    finally:
+        for server in (a, b, *fleet.extra, runner):
+            stop_server(server)
+
+
+def submit(server: Server, media: Path, audio: str = "short.wav") -> str:
+    with (media / "face.mp4").open("rb") as v, (media / audio).open("rb") as w:
+        r = httpx.post(f"{server.url}{API}/generate", timeout=120,
+                       files={"video": ("face.mp4", v, "video/mp4"), "audio": (audio, w, "audio/wav")})
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def status(server: Server, job_id: str) -> dict:
+    r = httpx.get(f"{server.url}{API}/status/{job_id}", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(server: Server, job_id: str, statuses=("completed", "failed", "cancelled"), timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = status(server, job_id)
+        if body["status"] in statuses:
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {body['status']} ({body['stage']}) after {timeout} s")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_api_reaches_the_runner_through_the_dependency_mapping(fleet):
+    for api in (fleet.a, fleet.b):
+        body = httpx.get(f"{api.url}{API}/health", timeout=30).json()
+        assert body["models_loaded"] is True and body["model_version"] == "v15"
+        # the API did not start a runner of its own: one worker process, the LipSync service
+        workers = [" ".join(p.cmdline()) for p in api.processes()[1:]]
+        assert workers and all("MuseTalkRunner" not in w for w in workers), workers
+    # the runner runs as an inner service (it accepts the pickled arrays the API sends), so nothing
+    # but the API may reach it: deploy/kubernetes gives it a NetworkPolicy
+    assert httpx.post(f"{fleet.runner.url}/health", json={}, timeout=30).json()["models_loaded"] is True
+
+
+def test_a_job_submitted_to_one_replica_is_listed_polled_downloaded_and_cleaned_up_through_the_other(
+        fleet, media, tmp_path):
+    job_id = submit(fleet.a, media)
+    listed = httpx.get(f"{fleet.b.url}{API}/jobs", timeout=30).json()
+    assert job_id in [j["job_id"] for j in listed["jobs"]]
+    done = wait_for(fleet.b, job_id)
+    assert done["status"] == "completed", done
+    assert sorted(k.rsplit("/", 1)[1] for k in fleet.keys(job_id)) == ["input_audio.wav", "input_video.mp4",
+                                                                      "output.mp4"]
+
+    whole = httpx.get(f"{fleet.b.url}{API}/download/{job_id}", timeout=60)  # streamed from the bucket via B
+    assert whole.status_code == 200 and whole.headers["content-type"] == "video/mp4"
+    out = tmp_path / "out.mp4"
+    out.write_bytes(whole.content)
+    assert probe_video(out).frame_count_estimate == 10  # 0.4 s of speech at 25 fps
+    part = httpx.get(f"{fleet.a.url}{API}/download/{job_id}", headers={"Range": "bytes=8-15"}, timeout=60)
+    assert part.status_code == 206 and part.content == whole.content[8:16]
+
+    gone = httpx.delete(f"{fleet.b.url}{API}/cleanup/{job_id}", timeout=30)
+    assert gone.status_code == 200
+    assert httpx.get(f"{fleet.a.url}{API}/status/{job_id}", timeout=30).status_code == 404
+    assert fleet.keys(job_id) == []
+
+
+def test_a_cancel_sent_to_one_replica_stops_the_job_running_on_the_other(fleet, media):
+    job_id = submit(fleet.a, media, "long.wav")
+    wait_for(fleet.a, job_id, statuses=("processing",), timeout=120)
+    holder = fleet.replica_of(fleet.record(job_id)["lease_owner"])
+    other = fleet.b if holder is fleet.a else fleet.a
+    answer = httpx.post(f"{other.url}{API}/cancel/{job_id}", timeout=30).json()
+    assert answer["status"] in ("processing", "cancelled") and answer["stage"] in ("cancelling", "cancelled")
+    start = time.monotonic()
+    assert wait_for(holder, job_id, timeout=60)["status"] == "cancelled"
+    assert time.monotonic() - start < 10  # a heartbeat (2 s at most) plus a chunk
+    assert not any(k.endswith("output.mp4") for k in fleet.keys(job_id))
+
+
+def test_with_eight_jobs_queued_both_replicas_run_jobs(fleet, media):
+    jobs = [submit(fleet.a, media) for _ in range(8)]  # all to A: A alone could run 2 at a time
+    for job_id in jobs:
+        assert wait_for(fleet.b, job_id)["status"] == "completed"
+    ran_on = {job_id: fleet.replica_of(fleet.record(job_id)["lease_owner"]).url for job_id in jobs}
+    assert set(ran_on.values()) == {fleet.a.url, fleet.b.url}, ran_on
+    for job_id in jobs:
+        assert httpx.delete(f"{fleet.a.url}{API}/cleanup/{job_id}", timeout=30).status_code == 200
+
+
+def test_sigkill_of_the_replica_running_a_job_lets_the_other_finish_it(fleet, media):
+    job_id = submit(fleet.a, media, "long.wav")
+    deadline = time.monotonic() + 120
+    while (body := status(fleet.a, job_id))["progress"] <= 0.05 or body["status"] != "processing":
+        assert body["status"] in ("queued", "processing") and time.monotonic() < deadline, body
+        time.sleep(0.1)
+    victim = fleet.replica_of(fleet.record(job_id)["lease_owner"])
+    survivor = fleet.b if victim is fleet.a else fleet.a
+    victim.kill()  # mid-job, no shutdown hook runs
+    # replacements boot meanwhile: one for the dead pod, one as the surge of the rolling restart below
+    fleet.extra += [start(fleet.workdir, "api-c", fleet.api_args, fleet.env),
+                    start(fleet.workdir, "api-d", fleet.api_args, fleet.env)]
+
+    done = wait_for(survivor, job_id, timeout=180)
+    assert done["status"] == "completed" and done["attempts"] == 2, done
+    assert fleet.replica_of(fleet.record(job_id)["lease_owner"]) is survivor
+    assert sorted(k.rsplit("/", 1)[1] for k in fleet.keys(job_id)) == ["input_audio.wav", "input_video.mp4",
+                                                                      "output.mp4"]  # exactly one output
+    uploads = fleet.s3.client().list_multipart_uploads(Bucket=fleet.bucket).get("Uploads", [])
+    assert uploads == []
+    with psycopg.connect(fleet.db_url) as conn:
+        known = {j for (j,) in conn.execute("SELECT job_id FROM lipsync_jobs").fetchall()}
+    assert {k.split("/")[2] for k in fleet.keys()} <= known  # no object without its job
+    fleet.a, fleet.b = survivor, victim  # from here on: a is alive, b is the dead one
+
+
+def test_a_rolling_restart_during_a_stream_of_status_calls_fails_none(fleet, media):
+    """Old replica out, new one in, while a client polls. The client fails over only where a load
+    balancer would: a refused connection (a backend that is gone) goes to the next replica; a new
+    replica joins the rotation once it is ready (the readiness probe)."""
+    alive, replacement, surge = fleet.a, fleet.extra[0], fleet.extra[1]
+    job_id = submit(alive, media)
+    rotation = [alive]
+    results: list[int | str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        i = 0
+        while not stop.is_set():
+            for attempt in range(len(rotation)):
+                server = rotation[(i + attempt) % len(rotation)]
+                try:  # a new connection per call, as a proxy in front of the pods would open
+                    r = httpx.get(f"{server.url}{API}/status/{job_id}", timeout=30,
+                                  headers={"Connection": "close"})
+                    results.append(r.status_code)
+                    break
+                except httpx.ConnectError:
+                    continue  # that backend is gone: the next one
+                except httpx.HTTPError as e:
+                    results.append(type(e).__name__)
+                    break
+            else:
+                results.append("no backend")
+            i += 1
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for server in (replacement, surge):  # maxSurge: the new pods are ready before the old one goes
+            wait_ready(server)
+            rotation.append(server)
+        old = rotation.pop(0)
+        rotation.append(old)  # the old pod stays in rotation while it terminates (endpoints lag)
+        stop_server(old)  # SIGTERM: graceful
+        time.sleep(1.0)
+        rotation.remove(old)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        poller.join()
+    failures = [r for r in results if r != 200]
+    assert len(results) > 20 and failures == [], f"{len(failures)} of {len(results)} failed: {failures[:10]}"
+    assert wait_for(surge, job_id)["status"] == "completed"  # the job went on regardless
+
+
+def test_cleanup_through_any_replica_leaves_the_bucket_empty(fleet):
+    survivor = fleet.extra[1]
+    jobs = httpx.get(f"{survivor.url}{API}/jobs", params={"limit": 1000}, timeout=30).json()["jobs"]
+    for job in jobs:
+        assert httpx.delete(f"{survivor.url}{API}/cleanup/{job['job_id']}", timeout=30).status_code == 200
+    assert fleet.keys() == []
