@@ -199,3 +199,68 @@ def s3_server() -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ------------------------------------------------------------------- BentoML processes, deployed apart
+
+
+def start_bento(workdir: Path, name: str, args: list[str], env: dict[str, str]):
+    """``start-http-server service:LipSync <args>`` as a pod runs it (not waited for): a tests.server.Server.
+
+    ``--service-name MuseTalkRunner`` serves the runner as an inner service; ``--service-name LipSync
+    --depends MuseTalkRunner=<url>`` the API, reaching that runner through BentoML's dependency map.
+    """
+    import sys
+
+    from .server import ROOT, Server
+
+    port = free_port()
+    data_dir = workdir / name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server", "service:LipSync", *args,
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env={**env, "LIP_SYNC_DATA_DIR": str(data_dir)}, stdout=log.open("ab"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(f"http://127.0.0.1:{port}", proc, log, data_dir)
+
+
+def wait_ready(server, timeout: float = 300):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.url} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.url + "/readyz", timeout=3).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{server.url} not ready after {timeout} s:\n{server.log_tail()}")
+
+
+def fleet_env(workdir: Path, models_dir: Path, database_url: str, storage_url: str, s3_endpoint: str,
+              **extra: str) -> dict[str, str]:
+    """The environment of API replicas (and their runner) on one database and one bucket, tiny models."""
+    from .server import ROOT
+
+    return {
+        **os.environ,  # the AWS_* variables of s3_server()
+        "MUSETALK_MODELS_DIR": str(models_dir),
+        "LIP_SYNC_DEVICE": "cpu",
+        "LIP_SYNC_FREE_SPACE_FLOOR_MB": "0",
+        "LIP_SYNC_JOB_WORKERS": "2",
+        "LIP_SYNC_CHUNK_FRAMES": "4",
+        "LIP_SYNC_DATABASE_URL": database_url,
+        "LIP_SYNC_STORAGE_URL": storage_url,
+        "LIP_SYNC_S3_ENDPOINT_URL": s3_endpoint,
+        "BENTOML_CONFIG": str(ROOT / "configuration.yaml"),
+        "BENTOML_HOME": str(workdir / "bentoml-home"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        **extra,
+    }

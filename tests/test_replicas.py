@@ -11,9 +11,6 @@ One module-scoped setup serves every check below, in order (they build on each o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,38 +22,11 @@ import pytest
 
 from lipsync_runner.media import probe_video
 
-from .server import ROOT, Server, free_port, stop_server
+from .backends import fleet_env, start_bento, wait_ready
+from .server import Server, stop_server
 
 API = "/api/lip-sync"
 LEASE_S = 3
-
-
-def start(workdir: Path, name: str, args: list[str], env: dict[str, str]) -> Server:
-    """A BentoML HTTP server process as a pod runs it (not yet waited for)."""
-    port = free_port()
-    data_dir = workdir / name
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log = workdir / f"{name}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server", "service:LipSync", *args,
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env={**env, "LIP_SYNC_DATA_DIR": str(data_dir)}, stdout=log.open("ab"),
-        stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(f"http://127.0.0.1:{port}", proc, log, data_dir)
-
-
-def wait_ready(server: Server, timeout: float = 300) -> Server:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.url} exited with {server.proc.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.url + "/readyz", timeout=3).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{server.url} not ready after {timeout} s:\n{server.log_tail()}")
 
 
 @dataclass
@@ -90,13 +60,13 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
-    """Small inputs: the face clip at 160x120; 0.4 s of speech (10 frames) and 2 s (50 frames)."""
+    """Small inputs: the face clip at 160x120; 0.4 s of speech (10 frames) and 1.6 s (40 frames)."""
     from lipsync_runner.testing import write_face_video, write_speech_like_audio
 
     root = tmp_path_factory.mktemp("fleet-media")
     write_face_video(root / "face.mp4", seconds=1.0, size=(160, 120))
     write_speech_like_audio(root / "short.wav", seconds=0.4)
-    write_speech_like_audio(root / "long.wav", seconds=2.0)
+    write_speech_like_audio(root / "long.wav", seconds=1.6)
     return root
 
 
@@ -105,28 +75,12 @@ def fleet(tmp_path_factory, models_dir, postgres, s3) -> Fleet:
     workdir = tmp_path_factory.mktemp("fleet")
     db_url = postgres.create_database()
     bucket = s3.create_bucket()
-    env = {
-        **os.environ,  # the AWS_* variables of the s3 fixture
-        "MUSETALK_MODELS_DIR": str(models_dir),
-        "LIP_SYNC_DEVICE": "cpu",
-        "LIP_SYNC_FREE_SPACE_FLOOR_MB": "0",
-        "LIP_SYNC_JOB_WORKERS": "2",
-        "LIP_SYNC_CHUNK_FRAMES": "4",
-        "LIP_SYNC_DATABASE_URL": db_url,
-        "LIP_SYNC_STORAGE_URL": f"s3://{bucket}/fleet",
-        "LIP_SYNC_S3_ENDPOINT_URL": s3.endpoint_url,
-        "LIP_SYNC_LEASE_S": str(LEASE_S),
-        "LIP_SYNC_QUEUE_POLL_S": "0.3",
-        "BENTOML_CONFIG": str(ROOT / "configuration.yaml"),
-        "BENTOML_HOME": str(workdir / "bentoml-home"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    runner = start(workdir, "runner", ["--service-name", "MuseTalkRunner"], env)
+    env = fleet_env(workdir, models_dir, db_url, f"s3://{bucket}/fleet", s3.endpoint_url,
+                    LIP_SYNC_LEASE_S=str(LEASE_S), LIP_SYNC_QUEUE_POLL_S="0.3")
+    runner = start_bento(workdir, "runner", ["--service-name", "MuseTalkRunner"], env)
     api_args = ["--service-name", "LipSync", "--depends", f"MuseTalkRunner={runner.url}"]
-    a = start(workdir, "api-a", api_args, env)
-    b = start(workdir, "api-b", api_args, env)
+    a = start_bento(workdir, "api-a", api_args, env)
+    b = start_bento(workdir, "api-b", api_args, env)
     fleet = Fleet(runner, a, b, db_url, s3, bucket, workdir, env, api_args)
     try:
         for server in (runner, a, b):
@@ -233,10 +187,10 @@ def test_sigkill_of_the_replica_running_a_job_lets_the_other_finish_it(fleet, me
     survivor = fleet.b if victim is fleet.a else fleet.a
     victim.kill()  # mid-job, no shutdown hook runs
     # replacements boot meanwhile: one for the dead pod, one as the surge of the rolling restart below
-    fleet.extra += [start(fleet.workdir, "api-c", fleet.api_args, fleet.env),
-                    start(fleet.workdir, "api-d", fleet.api_args, fleet.env)]
+    fleet.extra += [start_bento(fleet.workdir, "api-c", fleet.api_args, fleet.env),
+                    start_bento(fleet.workdir, "api-d", fleet.api_args, fleet.env)]
 
-    done = wait_for(survivor, job_id, timeout=180)
+    done = wait_for(survivor, job_id, timeout=600)  # generous: two new replicas boot meanwhile
     assert done["status"] == "completed" and done["attempts"] == 2, done
     assert fleet.replica_of(fleet.record(job_id)["lease_owner"]) is survivor
     assert sorted(k.rsplit("/", 1)[1] for k in fleet.keys(job_id)) == ["input_audio.wav", "input_video.mp4",
