@@ -310,6 +310,14 @@ def test_the_api_runs_several_replicas_with_rolling_updates():
     assert set(spec["selector"]["matchLabels"].items()) <= set(_pod_labels(_api()).items())
 
 
+def test_a_terminating_api_pod_keeps_serving_until_it_has_left_the_endpoints():
+    """preStop: the pause in which the Service stops routing to the pod, before SIGTERM; then time
+    for the requests in flight within the grace period."""
+    pod = _api()["spec"]["template"]["spec"]
+    pause = _container(_api())["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 5 <= pause and pause + 30 <= pod["terminationGracePeriodSeconds"]
+
+
 def test_the_api_finds_the_runner_through_bentomls_dependency_mapping():
     api_args = _start_http_server_args(_container(_api()))
     assert api_args["service_name"] == "LipSync"

@@ -1078,7 +1078,15 @@ def test_two_replicas_share_one_queue(replicas, executor, backend, data):
         b.new_upload()
     for job_id, _ in held:
         (a if job_id in a._uploads else b).discard_upload(job_id)
-    executor.release.set()
+    on_a = first if first.job_id in a._running else second
+
+    async def wait_on_b():  # wait=true on the replica that does not run the job
+        waiter = asyncio.create_task(b.wait_async(on_a.job_id, timeout=10))
+        await asyncio.sleep(0.1)
+        executor.release.set()
+        return await waiter
+
+    assert asyncio.run(wait_on_b()).status is JobStatus.completed
     for job in (first, second):
         assert b.wait(job.job_id, timeout=5).status is JobStatus.completed
         assert b.open_output(job.job_id).size == len(b"result of " + job.job_id.encode())
