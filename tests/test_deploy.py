@@ -375,18 +375,36 @@ def test_the_pdb_keeps_an_api_pod_up_and_still_allows_drains():
         "spec"]["minReplicas"]
 
 
-@pytest.mark.parametrize("name", [API, RUNNER])
-def test_probes_are_sized_for_model_loading(name):
-    c = _container(_one("Deployment", name=name))
+def _startup_budget_s(probe: dict) -> int:
+    return probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def test_the_runner_probes_are_sized_for_model_loading():
+    c = _container(_runner())
     expected = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
     for probe_name, path in expected.items():
         probe = c[probe_name]
         assert probe["httpGet"]["path"] == path, probe_name
         assert _resolve_port(c, probe["httpGet"]["port"]) == API_PORT, probe_name
-    startup = c["startupProbe"]
-    budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup.get(
-        "failureThreshold", 3)
+    budget = _startup_budget_s(c["startupProbe"])
     assert budget >= MIN_STARTUP_BUDGET_S, f"startup budget {budget}s < {MIN_STARTUP_BUDGET_S}s"
+
+
+def test_api_readiness_does_not_follow_the_runner():
+    """/readyz of the API is 503 while its runner has no models (runner_probe, __is_ready__): as the
+    readiness probe, a runner restart would take every API pod out of the Service, status and
+    downloads included. The API pods are ready when they serve (/livez)."""
+    c = _container(_api())
+    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe_name]["httpGet"]["path"] == "/livez", probe_name
+        assert _resolve_port(c, c[probe_name]["httpGet"]["port"]) == API_PORT
+
+
+def test_the_single_pod_waits_for_its_models():
+    docs = _kubectl_kustomize(SINGLE_POD)
+    c = _container(_one("Deployment", docs, API))
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert _startup_budget_s(c["startupProbe"]) >= MIN_STARTUP_BUDGET_S
 
 
 @pytest.mark.parametrize("name", [API, RUNNER])
