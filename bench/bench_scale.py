@@ -2,17 +2,18 @@
 
     python bench/bench_scale.py claims                      # PostgreSQL vs SQLite claim latency, 1/4/16 workers
     python bench/bench_scale.py claims --database-url postgresql://...   # an existing server (tables lipsync_*)
-    python bench/bench_scale.py fleet --replicas 1 2 --jobs 12           # jobs/min and status p99
+    python bench/bench_scale.py fleet --configs 1x2 2x2 1x4 --jobs 12    # jobs/min and status p99
 
 ``claims`` queues --jobs jobs and lets W worker threads drain the queue with ``claim()`` (and a
 lease renewal after each, as the heartbeat does), split over two stores as two replicas would be;
 it prints the latency of one claim (p50/p99) and claims per second. Without --database-url it
 starts a throwaway PostgreSQL cluster on the loopback (tests/backends.py).
 
-``fleet`` starts a throwaway PostgreSQL, moto's S3 server, one MuseTalkRunner and N LipSync API
-replicas apart (as deploy/kubernetes does, tiny random-weight models on the CPU), submits --jobs
-jobs round-robin over the replicas while a client polls ``GET /status`` at --status-rate per second
-(round-robin too), and prints jobs per minute (first submit to last completion) and status latency.
+``fleet`` starts a throwaway PostgreSQL, moto's S3 server and one MuseTalkRunner, then for each
+config ``<replicas>x<job workers per replica>`` that many LipSync API replicas apart (as
+deploy/kubernetes does, tiny random-weight models on the CPU); it submits --jobs jobs round-robin
+over the replicas while a client polls ``GET /status`` at --status-rate per second (round-robin
+too), and prints jobs per minute (first submit to last completion) and status latency.
 Everything stays on 127.0.0.1.
 """
 
@@ -134,27 +135,34 @@ def run_fleet(args: argparse.Namespace) -> None:
         write_face_video(media / "face.mp4", seconds=2.0, size=(320, 240))
         write_speech_like_audio(media / "speech.wav", seconds=args.audio_seconds)
         bucket = s3.create_bucket()
-        env = fleet_env(root, models, pg.create_database(), f"s3://{bucket}/bench", s3.endpoint_url,
-                        LIP_SYNC_JOB_WORKERS=str(args.workers), LIP_SYNC_MAX_QUEUED_JOBS="1000")
+        database = pg.create_database()
+        env = fleet_env(root, models, database, f"s3://{bucket}/bench", s3.endpoint_url,
+                        LIP_SYNC_MAX_QUEUED_JOBS="1000")
         runner = start_bento(root, "runner", ["--service-name", "MuseTalkRunner"], env)
         api_args = ["--service-name", "LipSync", "--depends", f"MuseTalkRunner={runner.url}"]
-        apis = [start_bento(root, f"api-{i}", api_args, env) for i in range(max(args.replicas))]
         try:
-            for server in (runner, *apis):
-                wait_ready(server)
-            print(f"# {args.jobs} jobs of {args.audio_seconds} s speech on a 2 s 320x240 clip, "
-                  f"{args.workers} job workers per replica, status polled {args.status_rate}/s")
-            print("| API replicas | jobs | wall s | jobs/min | status n | status p50 ms | status p99 ms | "
+            wait_ready(runner)
+            print(f"# {args.jobs} jobs of {args.audio_seconds} s speech on a 2 s 320x240 clip, status polled "
+                  f"{args.status_rate}/s; one runner")
+            print("| API replicas x job workers | jobs | wall s | jobs/min | status n | status p50 ms | status p99 ms | "
                   "status max ms | errors | load before | load after |")
             print("|---|---|---|---|---|---|---|---|---|---|---|")
-            for n in args.replicas:
-                fleet_round(apis[:n], media, args, httpx)
+            for config in args.configs:
+                replicas, workers = (int(x) for x in config.lower().split("x"))
+                apis = [start_bento(root, f"api-{config}-{i}", api_args, {**env, "LIP_SYNC_JOB_WORKERS": str(workers)})
+                        for i in range(replicas)]
+                try:
+                    for server in apis:
+                        wait_ready(server)
+                    fleet_round(apis, media, args, httpx, label=config)
+                finally:
+                    for server in apis:
+                        stop_server(server)
         finally:
-            for server in (*apis, runner):
-                stop_server(server)
+            stop_server(runner)
 
 
-def fleet_round(apis, media: Path, args: argparse.Namespace, httpx) -> None:
+def fleet_round(apis, media: Path, args: argparse.Namespace, httpx, label: str) -> None:
     before = load()
     latencies: list[float] = []
     errors: list[str] = []
@@ -206,7 +214,7 @@ def fleet_round(apis, media: Path, args: argparse.Namespace, httpx) -> None:
     with httpx.Client(timeout=60) as client:
         for job_id in jobs:
             client.delete(f"{apis[0].url}{API}/cleanup/{job_id}")
-    print(f"| {len(apis)} | {args.jobs} | {wall:.1f} | {args.jobs / wall * 60:.1f} | {len(latencies)} | "
+    print(f"| {label} | {args.jobs} | {wall:.1f} | {args.jobs / wall * 60:.1f} | {len(latencies)} | "
           f"{pct(latencies, 50):.1f} | {pct(latencies, 99):.1f} | {max(latencies, default=float('nan')):.1f} | "
           f"{len(errors)} | {before} | {load()} |", flush=True)
     if errors:
@@ -221,9 +229,9 @@ def main() -> None:
     claims.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16])
     claims.add_argument("--database-url", default=None)
     fleet = sub.add_parser("fleet")
-    fleet.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    fleet.add_argument("--configs", nargs="+", default=["1x2", "2x2", "1x4"],
+                       help="<API replicas>x<job workers per replica>")
     fleet.add_argument("--jobs", type=int, default=12)
-    fleet.add_argument("--workers", type=int, default=2, help="job workers per API replica")
     fleet.add_argument("--audio-seconds", type=float, default=1.2)
     fleet.add_argument("--status-rate", type=float, default=20.0)
     args = parser.parse_args()
