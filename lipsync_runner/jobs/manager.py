@@ -288,6 +288,10 @@ class JobManager:
                 raise
         return job_id, directory
 
+    def check_free_space(self) -> None:
+        """InsufficientStorageError (507) below the free-space floor (re-checked while uploads stream)."""
+        self._files.check_free_space(self.free_space_floor_bytes)
+
     def _retry_after_s(self) -> int:
         """About when a queue slot frees up: one job's time spread over the workers."""
         mean = sum(self._durations) / len(self._durations) if self._durations else DEFAULT_JOB_SECONDS
@@ -313,11 +317,13 @@ class JobManager:
         audio_filename: str,
         params: JobParams,
         owner: str | None = None,
+        media: dict | None = None,
     ) -> JobRecord:
         """Record the uploaded job as queued and enqueue it.
 
         ``video_file``/``audio_file`` are plain names of files already in the job's
-        directory (``ValueError`` otherwise); the ``*_filename`` are the user's, for display.
+        directory (``ValueError`` otherwise); the ``*_filename`` are the user's, for display;
+        ``media``: what admission learnt of the inputs (durations, size, fps).
         """
         directory = self._files.job_dir(job_id)
         for name in (video_file, audio_file):
@@ -333,6 +339,7 @@ class JobManager:
             audio_filename=audio_filename,
             video_file=video_file,
             audio_file=audio_file,
+            media=media,
         )
         with self._files_lock:
             self._store.create(record)
@@ -390,6 +397,17 @@ class JobManager:
             path = None
         if path is None or not path.is_file():
             raise JobNotFinishedError("the job's output file is no longer available")
+        return path
+
+    def input_path(self, job_id: str, name: str, owner: str | None = None) -> Path:
+        """A file admission stored with the job (an input, its thumbnail); JobNotFoundError if absent."""
+        self._lookup(job_id, owner)
+        try:
+            path = self._files.path(job_id, name)
+        except ValueError:
+            raise JobNotFoundError("no such job") from None
+        if not path.is_file():
+            raise JobNotFoundError("no such job")
         return path
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
