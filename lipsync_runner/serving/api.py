@@ -44,14 +44,16 @@ class ApiCore:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.files = JobFiles(data_dir)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
+                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
+                        if self.settings.avatar_cache else None)
         self.manager = JobManager(
             self.store, self.files, self._execute, workers=self.settings.job_workers,
             retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
             sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
-            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug)
-        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
-                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
-                        if self.settings.avatar_cache else None)
+            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug,
+            on_removed=self.avatars.release_job if self.avatars is not None else None)
+        self._stop = threading.Event()
         self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready)
         self.auth_enabled = AuthSettings().enabled
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -64,9 +66,21 @@ class ApiCore:
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.loop = loop
         self.manager.start()
+        if self.avatars is not None:  # every replica's own cache: expired here, not by the shared sweeper
+            threading.Thread(target=self._expire_avatars, name="avatar-expiry", daemon=True).start()
 
     def stop(self) -> None:
+        self._stop.set()
         self.manager.close()
+
+    def _expire_avatars(self) -> None:
+        while True:
+            try:
+                self.avatars.expire(self.settings.retention_s)
+            except Exception:
+                log.exception("avatar cache expiry failed")
+            if self._stop.wait(self.settings.sweep_interval_s):
+                return
 
     # ------------------------------------------------------------------ runner access
 
@@ -173,7 +187,8 @@ class ApiCore:
         try:
             result = run(model, self._face_detector(), ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file,
                          output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
-                         work_dir=ctx.work_dir, cache=self.avatars)
+                         work_dir=ctx.work_dir,
+                         cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
         except LipSyncError:
             raise
         metrics.job_finished(time.perf_counter() - start, result.frames)
