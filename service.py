@@ -21,6 +21,7 @@ from lipsync_runner.api.limits import ApiLimits, BodySizeLimitMiddleware
 from lipsync_runner.api.rest import create_rest_app
 from lipsync_runner.errors import QueueFullError
 from lipsync_runner.serving.bentoml_compat import RETRY_AFTER_KEY, BentoMLErrorBodies
+from lipsync_runner.serving.docs_page import DocsPage
 from lipsync_runner.serving.errors import bentoml_errors
 from lipsync_runner.serving.settings import ServiceSettings
 from lipsync_runner.ui import create_ui_app
@@ -203,7 +204,9 @@ def _owner(ctx: bentoml.Context | None) -> str | None:
     return request_owner(ctx.request.scope) if ctx is not None else None
 
 
-# First (outermost): requests without a valid token are refused before anything else runs.
+# Outermost: the product's API reference at / and /docs.json (public, like BentoML's stock page it replaces).
+LipSync.add_asgi_middleware(DocsPage)
+# Then: requests without a valid token are refused before anything else runs.
 LipSync.add_asgi_middleware(BearerAuthMiddleware)
 # BentoML's endpoints answer errors like the REST routes (bodies, Retry-After, 400 for broken forms).
 LipSync.add_asgi_middleware(BentoMLErrorBodies)
