@@ -319,6 +319,7 @@ function renderParams() {
     if (applies(prop)) box.append(paramField(name, prop));
     else notOffered.push(`${name} (${prop[MODEL_VERSIONS_KEY].join(", ")} only)`);
   }
+  box.dataset.modelVersion = service.modelVersion || ""; // which model the controls were chosen for
   const note = $("params-note");
   note.textContent = notOffered.length && service.modelVersion
     ? `Not offered for the loaded model (${service.modelVersion}): ${notOffered.join(", ")}.`
