@@ -14,8 +14,9 @@ temporary directory laid out like the checkout after `./scripts/demo.sh`: `demo/
 quick) and `.venv`. The one edit made to the blocks: `http://localhost:3000` becomes the test
 server's address. The bash blocks run in order in one bash process, as if pasted into one terminal
 (so `$JOB` set in one block is there in the next), with `set -euo pipefail` and a `curl` that fails
-on an HTTP error status. Each python block runs on its own in `.venv/bin/python`, the checkout
-importable as from the repository root. Every MP4 the examples write must be a playable video.
+on an HTTP error status. Each python block runs in its own `.venv/bin/python`, the checkout
+importable as from the repository root, alongside the shell (they share nothing). Every MP4 the
+examples write must be a playable video of the demo's length.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ README_URL = "http://localhost:3000"
 RUN = "<!-- readme-test: run -->"
 SKIP = re.compile(r"^<!-- readme-test: skip (\S.*?) -->$")
 FENCE = re.compile(r"^```(\w*)\s*$")
-TIMEOUT_S = 600  # all of one language's blocks; generous: the jobs share two loaded CPU cores
+TIMEOUT_S = 600  # per process; generous: the jobs share two loaded CPU cores
 
 BASH_PRELUDE = """\
 set -euo pipefail
@@ -124,13 +125,34 @@ def demo_checkout(root: Path, media_dir: Path) -> Path:
     return root
 
 
-def run_blocks(blocks: list[Block], command: list[str], script: str, cwd: Path, env: dict) -> str:
-    where = ", ".join(f"README.md:{b.line}" for b in blocks)
-    result = subprocess.run(command, input=script, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
-    output = f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
-    assert result.returncode == 0, f"the README's blocks at {where} failed (exit {result.returncode}):\n{output}"
-    return result.stdout
+@dataclass
+class Run:
+    """Blocks started as one process; output goes to files (the runs overlap, so no pipe may fill up)."""
+
+    blocks: list[Block]
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    def finish(self) -> str:
+        where = ", ".join(f"README.md:{b.line}" for b in self.blocks)
+        try:
+            code = self.proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        output = f"--- stdout\n{self.out.read_text()[-4000:]}\n--- stderr\n{self.err.read_text()[-4000:]}"
+        assert code == 0, f"the README's blocks at {where} failed (exit {code}):\n{output}"
+        return self.out.read_text()
+
+
+def start(blocks: list[Block], command: list[str], script: str, cwd: Path, env: dict, logs: Path) -> Run:
+    name = f"line-{blocks[0].line}"
+    (logs / f"{name}.in").write_text(script)
+    out, err = logs / f"{name}.out", logs / f"{name}.err"
+    with (logs / f"{name}.in").open() as stdin, out.open("w") as o, err.open("w") as e:
+        proc = subprocess.Popen(command, stdin=stdin, stdout=o, stderr=e, cwd=cwd, env=env)
+    return Run(blocks, proc, out, err)
 
 
 def test_the_readme_examples_run_as_pasted(open_server, media_dir, tmp_path):
@@ -149,11 +171,23 @@ def test_the_readme_examples_run_as_pasted(open_server, media_dir, tmp_path):
 
     bash, python = runnable("bash"), runnable("python")
     assert bash and python
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # The shell blocks in order in one shell; each Python block in its own interpreter, alongside
+    # (they share nothing, and the overlap keeps this test short).
     script = BASH_PRELUDE + "".join(f"echo '>>> README.md:{b.line}'\n{localize(b.code)}\n" for b in bash)
-    out = run_blocks(bash, ["bash", "-s"], script, work, env)
-    assert re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", out), out
-    for block in python:
-        run_blocks([block], [str(ROOT / ".venv" / "bin" / "python"), "-"], localize(block.code), work, env)
+    runs = [start(bash, ["bash", "-s"], script, work, env, logs)]
+    runs += [start([b], [str(ROOT / ".venv" / "bin" / "python"), "-"], localize(b.code), work, env, logs)
+             for b in python]
+    try:
+        outputs = [run.finish() for run in runs]
+    finally:
+        for run in runs:  # one failed: leave nothing running
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+    job_id = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    assert re.search(job_id, outputs[0]), outputs[0]  # `echo "$JOB"` printed a real job id
 
     written = sorted(p for p in (work / "demo").rglob("*.mp4") if p.name != "face.mp4")
     written += sorted(work.glob("*.mp4"))
