@@ -74,7 +74,7 @@ def test_title_version_and_description_are_the_products(spec):
     assert "BentoML" not in text.split("####")[0], "the introduction is about the product"
     assert "](./ui/)" in text, "a link to the web page"
     assert "use this one" in text and REST_TAG in text and BENTOML_TAG in text  # which surface to use
-    assert "contact" not in info
+    assert "contact" not in info and "servers" not in spec  # no BentoML contact, no server picker
     # no image of any kind in any text Swagger UI renders as Markdown (the stock page had five badges)
     rendered = json.dumps(spec)
     assert not re.search(r"!\[[^\]]*\]\(", rendered) and "<img" not in rendered

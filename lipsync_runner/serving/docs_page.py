@@ -198,6 +198,7 @@ def product_openapi(spec: dict[str, Any], *, version: str = __version__,
                     rest_prefix: str = REST_PREFIX) -> dict[str, Any]:
     """BentoML's OpenAPI document of the LipSync service, made the product's (a new dict)."""
     spec = copy.deepcopy(spec)
+    spec.pop("servers", None)  # BentoML's [{"url": "."}]: the page's own origin, without a server picker
     spec["info"] = {"title": TITLE, "version": version, "description": description(version, rest_prefix)}
     spec["tags"] = [
         {"name": REST_TAG, "description": f"The seed guide's REST API under `{rest_prefix}`: use this one."},
