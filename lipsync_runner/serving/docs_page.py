@@ -10,8 +10,9 @@ public URLs only,
   Swagger UI build from ``/static_content/`` (served locally by BentoML) and nothing from
   outside: a Content-Security-Policy keeps it that way;
 * passes ``GET /docs.json`` on to BentoML and rewrites the JSON it answers with
-  ``product_openapi``: our title, version and description, the REST routes tagged and
-  documented with examples, the BentoML endpoints labelled as such, the token scheme.
+  ``product_openapi``: our title, version and description, the REST routes documented with
+  examples (under their own tags, listed first), the BentoML endpoints and the probes labelled
+  as such, the token scheme.
 
 Nothing inside BentoML is patched. ``tests/test_docs_page.py`` pins the parts of BentoML's
 spec this rewrites, so a BentoML upgrade that changes them fails there first.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, MutableMapping
 
 from .. import __version__
+from ..api.auth import OPEN_PATHS, OPEN_PREFIXES
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -41,7 +43,6 @@ BENTOML_TAG = "BentoML endpoints"
 INFRA_TAG = "Probes and metrics"
 BENTOML_STOCK_TAGS = {"Service APIs": BENTOML_TAG, "Infrastructure": INFRA_TAG}  # what BentoML 1.4 calls them
 SECURITY_SCHEME = "bearerToken"
-OPEN_OPERATIONS = {"/health", f"{REST_PREFIX}/health"}  # stay open when auth is on (api/auth.py)
 
 # Swagger UI's own inline styles need 'unsafe-inline'; everything else is same-origin or data:.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
@@ -87,7 +88,8 @@ Errors are JSON, `{{"error": "..."}}`, with the HTTP status that says what kind:
 (with `Retry-After`), 503 models not loaded, 507 server disk full.
 
 When the service has API tokens configured, every job route needs `Authorization: Bearer <token>`
-(the **Authorize** button below). Health, the probes, the metrics and this page stay open.
+(the **Authorize** button below; the lock marks those routes). Health, the parameter schema, the
+probes and this page stay open; `/metrics` is open only with `LIP_SYNC_OPEN_METRICS=true`.
 """
 
 
@@ -104,7 +106,9 @@ def _examples(rest_prefix: str) -> dict[str, Any]:
     job_id = "3f2c1a9e-8b7d-4c6e-9f01-2a3b4c5d6e7f"
     created = datetime(2026, 2, 10, 12, 0, 0, tzinfo=timezone.utc)
     base = dict(job_id=job_id, video_filename="face.mp4", audio_filename="speech.wav",
-                video_file="input_video.mp4", audio_file="input_audio.wav", created_at=created)
+                video_file="input_video.mp4", audio_file="input_audio.wav", created_at=created,
+                media={"video": {"duration_s": 4.0, "width": 640, "height": 360, "fps": "25/1"},
+                       "audio": {"duration_s": 5.0}})
     completed = JobRecord(**base, status=JobStatus.completed, stage="done", progress=1.0, output_file="output.mp4",
                           frames=125, attempts=1, started_at=created + timedelta(seconds=1),
                           completed_at=created + timedelta(seconds=41), expires_at=created + timedelta(hours=24),
@@ -118,16 +122,16 @@ def _examples(rest_prefix: str) -> dict[str, Any]:
         "accepted": accepted.model_dump(mode="json"),
         "completed": status_body(completed, rest_prefix),
         "running": status_body(running, rest_prefix),
-        "jobs": {"total": 2, "jobs": [job_summary(running), job_summary(completed)]},
+        "jobs": {"total": 2, "jobs": [job_summary(running, rest_prefix), job_summary(completed, rest_prefix)]},
         "cleanup": CleanupResponse(job_id=job_id).model_dump(mode="json"),
         "health": {"status": "ready", "models_loaded": True, "device": "cuda", "model_version": "v15",
-                   "error": None, "version": __version__, "ui": "/ui/"},
+                   "error": None, "version": __version__, "auth": False, "ui": "/ui/"},
         "loading": {"status": "loading", "models_loaded": False, "device": None, "model_version": None,
                     "error": None},
     }
 
 
-# (method, path below the REST prefix) -> description, and examples by status code
+# (method, path below the REST prefix) -> description (unless the route has its own), and examples by status code
 REST_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/health"): {
         "description": "Open even when tokens are required. 200 when jobs can run; 503 while the models "
@@ -163,8 +167,22 @@ REST_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "examples": {"200": "running"},
     },
     ("get", "/jobs"): {
-        "description": "The jobs this caller may see, newest first.",
+        "description": "The jobs this caller may see, newest first, with their inputs' names and durations.",
         "examples": {"200": "jobs"},
+    },
+    ("get", "/params"): {
+        "description": "The job parameters as a JSON schema: name, type, range, default and description of each; "
+                       "`x-model-versions` lists the MuseTalk versions that use a parameter. `generate` takes "
+                       "them as form fields; the web page builds its form from this.",
+        "examples": {},
+    },
+    ("get", "/jobs/{job_id}/inputs/{kind}"): {
+        "description": "`kind` is `video` or `audio`: the file as it was uploaded, for playback. Range requests work.",
+        "examples": {},
+    },
+    ("get", "/jobs/{job_id}/thumbnail.jpg"): {
+        "description": "A JPEG of the job's video (its first frame), for job lists.",
+        "examples": {},
     },
 }
 
@@ -187,7 +205,8 @@ METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 def _tag_of(path: str, op: dict[str, Any], rest_prefix: str) -> str:
     if path == rest_prefix or path.startswith(rest_prefix + "/"):
-        return REST_TAG
+        own = op.get("tags") or []  # the REST app's own grouping (api/rest.py), when it has one
+        return own[0] if own else REST_TAG
     if "x-bentoml-name" in op:
         return BENTOML_TAG
     stock = [BENTOML_STOCK_TAGS[t] for t in op.get("tags", []) if t in BENTOML_STOCK_TAGS]
@@ -200,31 +219,35 @@ def product_openapi(spec: dict[str, Any], *, version: str = __version__,
     spec = copy.deepcopy(spec)
     spec.pop("servers", None)  # BentoML's [{"url": "."}]: the page's own origin, without a server picker
     spec["info"] = {"title": TITLE, "version": version, "description": description(version, rest_prefix)}
-    spec["tags"] = [
-        {"name": REST_TAG, "description": f"The seed guide's REST API under `{rest_prefix}`: use this one."},
-        {"name": BENTOML_TAG, "description": "BentoML's own endpoints, for `bentoml.SyncHTTPClient` and "
-                                             "BentoCloud: every route is a POST; same bodies as the REST API."},
-        {"name": INFRA_TAG, "description": "Kubernetes probes and Prometheus metrics."},
-    ]
     components = spec.setdefault("components", {})
     components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
         "type": "http", "scheme": "bearer",
         "description": "Only when the service has API tokens configured (LIP_SYNC_API_TOKENS).",
     }
     examples = _examples(rest_prefix)
+    rest_tags: list[str] = []  # in order of appearance: Swagger UI lists the sections in spec["tags"] order
     for path, item in spec.get("paths", {}).items():
         for method in METHODS:
             op = item.get(method)
             if not isinstance(op, dict):
                 continue
+            rest = path.startswith(rest_prefix + "/")
             tag = _tag_of(path, op, rest_prefix)
             op["tags"] = [tag]
-            if tag == REST_TAG:
+            if rest:
+                rest_tags += [tag] if tag not in rest_tags else []
                 _document_rest(op, method, path[len(rest_prefix):], examples)
             elif tag == BENTOML_TAG:
                 _document_bentoml(op, rest_prefix)
-            if tag != INFRA_TAG and path not in OPEN_OPERATIONS:
+            if not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):  # api/auth.py's rule
                 op["security"] = [{SECURITY_SCHEME: []}]
+    spec["tags"] = [
+        *({"name": t, "description": f"The REST API under `{rest_prefix}` (the seed guide's contract): use this one."}
+          for t in rest_tags),
+        {"name": BENTOML_TAG, "description": "BentoML's own endpoints, for `bentoml.SyncHTTPClient` and "
+                                             "BentoCloud: every route is a POST; same bodies as the REST API."},
+        {"name": INFRA_TAG, "description": "Kubernetes probes and Prometheus metrics."},
+    ]
     schemas = components.get("schemas", {})
     text = json.dumps(spec["paths"])
     for name in UNUSED_SCHEMAS:
@@ -238,7 +261,7 @@ def _document_rest(op: dict[str, Any], method: str, sub_path: str, examples: dic
     docs = REST_OPERATIONS.get((method, sub_path))
     if docs is None:  # a route added since: tagged, with its own summary
         return
-    op["description"] = docs["description"]
+    op.setdefault("description", docs["description"])  # the route's own words win, as its tags do
     for code, name in docs["examples"].items():
         content = op["responses"].get(code, {}).get("content", {}).get("application/json")
         if content is not None:

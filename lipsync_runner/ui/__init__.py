@@ -5,20 +5,13 @@ it doubles as a reference client. ``create_ui_app()`` is a plain ASGI app that s
 with a strict Content-Security-Policy; ``service.py`` mounts it with ``bentoml.asgi_app``. The
 auth middleware leaves ``/ui`` open: the page holds no data, and every API call it makes
 carries the token the user enters.
-
-``params.json`` next to the page is the job parameters' JSON schema (``JobParams``), the same
-document as ``GET /api/lip-sync/params``: the page reads that route first and this file only
-while the route is missing (it is being added to the REST API; delete this then).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from starlette.staticfiles import StaticFiles
-
-from ..params import JobParams
 
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -39,7 +32,6 @@ class UiApp:
     def __init__(self, directory: Path | str = STATIC_DIR) -> None:
         # check_dir=False: a build without the files answers 404/500 under /ui, never breaks the import
         self.files = StaticFiles(directory=directory, html=True, check_dir=False)
-        self.params = json.dumps(JobParams.model_json_schema()).encode()
 
     async def __call__(self, scope, receive, send) -> None:
         async def send_with_headers(message) -> None:
@@ -47,18 +39,7 @@ class UiApp:
                 message = {**message, "headers": [*message.get("headers", []), *HEADERS]}
             await send(message)
 
-        if scope["type"] == "http" and _route_path(scope) == "/params.json" and scope.get("method") in ("GET", "HEAD"):
-            await send_with_headers({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(self.params)).encode())]})
-            await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else self.params})
-            return
         await self.files(scope, receive, send_with_headers)
-
-
-def _route_path(scope) -> str:
-    """The path below the mount point (Starlette keeps the full path and sets root_path)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
 
 
 def create_ui_app() -> UiApp:

@@ -3,7 +3,7 @@
 //   POST   {API}/generate          multipart video, audio, the job parameters -> 202 {job_id}
 //   GET    {API}/status/{job_id}   status, stage, progress (0..1), error
 //   GET    {API}/download/{job_id} the MP4
-//   GET    {API}/jobs?limit=N      recent jobs, newest first (input names and durations)
+//   GET    {API}/jobs?limit=N      recent jobs, newest first (each with `inputs`: names, durations)
 //   GET    {API}/jobs/{job_id}/inputs/video, .../inputs/audio, .../thumbnail.jpg   a job's inputs
 //   DELETE {API}/cleanup/{job_id}  cancel if running, delete the files and the record
 //   POST   {API}/cancel/{job_id}   stop a queued or running job
@@ -260,19 +260,17 @@ function paramFieldIds() {
   return shownParams().map(paramId);
 }
 
-/** GET {API}/params; until that route exists, the same schema served next to this page. */
+/** GET {API}/params (open, like health): the schema the controls are made from. */
 async function loadParams() {
-  for (const url of [`${API}/params`, "params.json"]) {
-    try {
-      const res = await fetch(url, { headers: { Accept: "application/json", ...authHeaders() }, cache: "no-store" });
-      if (res.ok) {
-        paramSchema = await res.json();
-        renderParams();
-        return;
-      }
-    } catch {
-      // next source
+  try {
+    const res = await fetch(`${API}/params`, { headers: { Accept: "application/json" }, cache: "no-store" });
+    if (res.ok) {
+      paramSchema = await res.json();
+      renderParams();
+      return;
     }
+  } catch {
+    // below
   }
   $("params-note").textContent = "The job parameters could not be loaded; jobs use the service's defaults.";
   $("params-note").hidden = false;
@@ -690,11 +688,12 @@ function seconds(value) {
   return typeof value === "number" && Number.isFinite(value) ? ` · ${value.toFixed(1)} s` : "";
 }
 
-/** "face.mp4 · 4.0 s + speech.wav · 5.0 s" from the job list's input names and durations. */
+/** "face.mp4 · 4.0 s + speech.wav · 5.0 s" from a job's `inputs` (names and durations). */
 function inputsLine(job) {
+  const inputs = job.inputs || {};
   const parts = [["video_filename", "video_duration_s"], ["audio_filename", "audio_duration_s"]]
-    .filter(([name]) => job[name])
-    .map(([name, duration]) => `${job[name]}${seconds(job[duration])}`);
+    .filter(([name]) => inputs[name])
+    .map(([name, duration]) => `${inputs[name]}${seconds(inputs[duration])}`);
   return parts.join(" + ");
 }
 
