@@ -20,6 +20,7 @@ from lipsync_runner.api.auth import BearerAuthMiddleware, is_authenticated, requ
 from lipsync_runner.api.limits import ApiLimits
 from lipsync_runner.api.rest import create_rest_app
 from lipsync_runner.serving.bentoml_compat import BentoMLSurface
+from lipsync_runner.serving.docs_page import DocsPage
 from lipsync_runner.serving.errors import bentoml_errors
 from lipsync_runner.serving.settings import ServiceSettings
 from lipsync_runner.serving.signature import job_params_signature
@@ -178,7 +179,9 @@ def _owner(ctx: bentoml.Context | None) -> str | None:
     return request_owner(ctx.request.scope) if ctx is not None else None
 
 
-# First (outermost): requests without a valid token are refused before anything else runs.
+# Outermost: the product's API reference at / and /docs.json (public, like BentoML's stock page it replaces).
+LipSync.add_asgi_middleware(DocsPage, rest_prefix=REST_PATH)
+# Then: requests without a valid token are refused before anything else runs.
 LipSync.add_asgi_middleware(BearerAuthMiddleware)
 # BentoML's side answers like the REST API: its generate streams through the REST route (one
 # admission path, no buffered uploads), errors are JSON in one vocabulary, probes say what they mean.

@@ -25,6 +25,9 @@ from .errors import InvalidInputError
 
 #: Form fields that are request options, not job parameters.
 REQUEST_FIELDS = frozenset({"wait"})
+#: JSON-schema keyword on a parameter that only some MuseTalk versions use (health's `model_version`
+#: values); the web page offers such a parameter only when the loaded model is one of them.
+MODEL_VERSIONS_KEY = "x-model-versions"
 
 
 class JobParams(BaseModel):
@@ -35,7 +38,8 @@ class JobParams(BaseModel):
     bbox_shift: int = Field(
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
-                    "v1.5 ignores it, as MuseTalk v1.5 does.")
+                    "v1.5 ignores it, as MuseTalk v1.5 does.",
+        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"]})
 
 
 def field_names() -> tuple[str, ...]:

@@ -57,6 +57,9 @@ def test_bento_source_has_the_code_and_no_weights_or_data(bento: Path):
     src = bento / "src"
     files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
     assert {"service.py", "configuration.yaml", "lipsync_runner/musetalk.py", "lipsync_runner/pipeline.py"} <= files
+    # the pages' static files: the web page and the API reference at / (docs_page.py reads them at startup)
+    assert {"lipsync_runner/ui/static/app.js", "lipsync_runner/serving/docs_static/index.html",
+            "lipsync_runner/serving/docs_static/docs.js"} <= files
     assert not [f for f in files if f.startswith(("tests/", "data/", "models/", "demo/"))]
     assert not [f for f in files if f.endswith((".pth", ".bin", ".safetensors", ".pyc"))]
 
