@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import get_args
 
 from .errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
 from .settings import RunnerSettings
@@ -38,8 +39,9 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=settings.batch_size, help="frames per model call")
     gen.add_argument("--version", choices=["auto", "v15", "v1"], default=settings.model_version,
                      help="MuseTalk UNet version (auto: v1.5 when present)")
-    gen.add_argument("--face-detector", choices=["auto", "haar", "fan"], default=settings.face_detector,
-                     help="auto: S3FD+FAN when its weights are in the models dir, else OpenCV Haar")
+    gen.add_argument("--face-detector", choices=get_args(RunnerSettings.model_fields["face_detector"].annotation),
+                     default=settings.face_detector,
+                     help="auto: S3FD+FAN when its weights are in the models dir, else MediaPipe, else OpenCV Haar")
     gen.add_argument("--crf", type=int, default=settings.crf, help="x264 quality (lower is better)")
     gen.add_argument("--preset", default=settings.preset, help="x264 preset")
     gen.add_argument("--cache-dir", type=Path,

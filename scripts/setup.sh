@@ -10,3 +10,5 @@ if [ "${1:-}" = "dev" ]; then
 else
     .venv/bin/python -m pip install --quiet -r requirements.txt
 fi
+# mediapipe without its declared dependencies (why: requirements-nodeps.txt)
+.venv/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
