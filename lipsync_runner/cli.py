@@ -53,6 +53,8 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     dl.add_argument("--to", type=Path, required=True, help="models directory to fill")
     dl.add_argument("--version", choices=["v15", "v1", "all"], default="v15")
     dl.add_argument("--with-face-alignment", action="store_true", help="also fetch S3FD + FAN weights")
+    dl.add_argument("--without-face-parsing", action="store_true",
+                    help="skip MuseTalk's BiSeNet face-parsing weights (the blend then follows landmark contours)")
 
     imp = sub.add_parser("import-models", help="copy a models directory into the BentoML model store")
     imp.add_argument("--from", dest="source", type=Path, required=True, help="MuseTalk models directory")
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "download-models":
             from .models.download import download_models
 
-            root = download_models(args.to, version=args.version, face_alignment=args.with_face_alignment)
+            root = download_models(args.to, version=args.version, face_alignment=args.with_face_alignment,
+                                   face_parsing=not args.without_face_parsing)
             print(f"models ready in {root}")
             return 0
         if args.command == "import-models":

@@ -210,3 +210,32 @@ def _has_encoder(name: str) -> bool:
 
     out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
     return f" {name} " in out
+
+
+# ---------------------------------------------------------------- face parsing
+
+
+def write_face_parsing(models_dir: Path | str, *, seed: int = 0) -> Path:
+    """Random-weight BiSeNet face parsing in MuseTalk's files: ``face-parse-bisent/79999_iter.pth``
+    (the whole network's state dict) and ``resnet18-5c106cde.pth`` (torchvision's ResNet-18 layout:
+    no ``num_batches_tracked``, with the ImageNet ``fc`` classifier). Full size: the network has
+    no config file, so it cannot be shrunk (about 100 MB together)."""
+    import torch
+
+    from .models.face_parsing import PARSING_DIR, PARSING_WEIGHTS, RESNET_WEIGHTS, BiSeNet
+
+    torch.manual_seed(seed)
+    folder = Path(models_dir) / PARSING_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    net = BiSeNet().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as trained weights have
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), folder / PARSING_WEIGHTS)
+    trunk = {k: v for k, v in net.cp.resnet.state_dict().items() if not k.endswith("num_batches_tracked")}
+    trunk["fc.weight"] = torch.randn(1000, 512) * 0.01
+    trunk["fc.bias"] = torch.zeros(1000)
+    torch.save(trunk, folder / RESNET_WEIGHTS)
+    return folder
