@@ -129,6 +129,15 @@ def face_image() -> np.ndarray:
     return data.astronaut()
 
 
+def face_placement(i: int, size: tuple[int, int] = (320, 240), face_px: int = 200) -> tuple[float, int, int]:
+    """Where face_frames puts the astronaut in frame i: (scale, x0, y0). A point (x, y) of the
+    astronaut photo lands at ``((x - 100) * scale + x0, y * scale + y0)`` in that frame."""
+    width, height = size
+    dx = int(round(6 * np.sin(2 * np.pi * i / 50)))
+    dy = int(round(3 * np.cos(2 * np.pi * i / 70)))
+    return face_px / 300.0, (width - face_px) // 2 + dx, max(0, (height - face_px) // 2 + dy)
+
+
 def face_frames(n: int, size: tuple[int, int] = (320, 240), *, face_px: int = 200, seed: int = 0):
     """Yield n RGB frames (width, height) with the astronaut's head moving slowly, like a talking head."""
     import cv2
@@ -140,10 +149,7 @@ def face_frames(n: int, size: tuple[int, int] = (320, 240), *, face_px: int = 20
     background = np.full((height, width, 3), (70, 90, 110), np.uint8)
     for i in range(n):
         frame = background.copy()
-        dx = int(round(6 * np.sin(2 * np.pi * i / 50)))
-        dy = int(round(3 * np.cos(2 * np.pi * i / 70)))
-        x0 = (width - face_px) // 2 + dx
-        y0 = max(0, (height - face_px) // 2 + dy)
+        _, x0, y0 = face_placement(i, size, face_px)
         h = min(face_px, height - y0)
         frame[y0 : y0 + h, x0 : x0 + face_px] = img[:h]
         frame = np.clip(frame.astype(np.int16) + rng.integers(-2, 3, frame.shape), 0, 255).astype(np.uint8)
