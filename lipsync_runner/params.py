@@ -36,6 +36,11 @@ class JobParams(BaseModel):
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
                     "v1.5 ignores it, as MuseTalk v1.5 does.")
+    sharpen: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
+                    "0 is off; up to 1 puts the source's own fine detail back outside the mouth and "
+                    "sharpens the generated mouth to the same scale.")
 
 
 def field_names() -> tuple[str, ...]:
