@@ -185,3 +185,38 @@ def test_parsing_masks_on_a_real_face_are_box_sized_and_empty_above_the_middle(p
     assert masks[1] is None
     assert masks[0].shape == (120, 110) and masks[0].dtype == np.float32
     assert masks[0][: 130 - 70 - 4].max() == 0.0  # rows above the box centre (y 130), less the blur
+
+
+# --------------------------------------------------------------------------- in the pipeline
+
+
+def test_the_pipeline_blends_with_the_providers_masks_and_restores_detail_when_asked(
+        model, media_dir: Path, tmp_path: Path, monkeypatch):
+    """A provider whose masks are all zero leaves every frame as it was: the masks are used, not
+    blend.py's own (which would paste the random model's grey mouth). `sharpen` reaches the blend."""
+    import lipsync_runner.pipeline as pipeline
+    from lipsync_runner.faces import HaarFaceDetector
+    from lipsync_runner.media import VideoReader
+
+    calls = []
+
+    class ZeroMasks:
+        name = "zero"
+
+        def __call__(self, frames, boxes, landmarks=None):
+            calls.append((frames.shape, boxes.copy()))
+            return [np.zeros((b[3] - b[1], b[2] - b[0]), np.float32) for b in boxes]
+
+    detail_calls = []
+    real_restore = pipeline.restore_detail
+    monkeypatch.setattr(pipeline, "restore_detail", lambda *a: detail_calls.append(a[-1]) or real_restore(*a))
+    out = tmp_path / "o.mp4"
+    result = pipeline.run(model, HaarFaceDetector(), media_dir / "face.mp4", media_dir / "speech_short.wav", out,
+                          pipeline.PipelineOptions(batch_size=8, sharpen=0.5), masks=ZeroMasks())
+    assert sum(shape[0] for shape, _ in calls) == result.frames  # every written frame has the face
+    assert all(boxes.shape[1] == 4 and (boxes >= 0).all() for _, boxes in calls)
+    assert detail_calls and set(detail_calls) == {0.5}
+    with VideoReader(media_dir / "face.mp4") as a, VideoReader(out) as b:
+        src = np.stack(list(a))[: result.frames].astype(int)
+        got = np.stack(list(b)).astype(int)
+    assert np.abs(got - src).mean() < 2.0  # re-encoding only: no face was pasted
