@@ -210,9 +210,13 @@ def test_the_pipeline_blends_with_the_providers_masks_and_restores_detail_when_a
     detail_calls = []
     real_restore = pipeline.restore_detail
     monkeypatch.setattr(pipeline, "restore_detail", lambda *a: detail_calls.append(a[-1]) or real_restore(*a))
+    from lipsync_runner.testing import write_speech_like_audio
+
+    speech = write_speech_like_audio(tmp_path / "speech.wav", seconds=0.4)  # 10 frames: enough to see the wiring
     out = tmp_path / "o.mp4"
-    result = pipeline.run(model, HaarFaceDetector(), media_dir / "face.mp4", media_dir / "speech_short.wav", out,
+    result = pipeline.run(model, HaarFaceDetector(), media_dir / "face.mp4", speech, out,
                           pipeline.PipelineOptions(batch_size=8, sharpen=0.5), masks=ZeroMasks())
+    assert result.frames == 10
     assert sum(shape[0] for shape, _ in calls) == result.frames  # every written frame has the face
     assert all(boxes.shape[1] == 4 and (boxes >= 0).all() for _, boxes in calls)
     assert detail_calls and set(detail_calls) == {0.5}
