@@ -19,8 +19,8 @@ EOF
 
 MODE="${1:-runtime}"
 case "$MODE" in
-    runtime) FILES=(requirements.txt pyproject.toml); REQUIREMENTS=requirements.txt ;;
-    dev) FILES=(requirements.txt requirements-dev.txt pyproject.toml); REQUIREMENTS=requirements-dev.txt ;;
+    runtime) FILES=(requirements.txt requirements-nodeps.txt pyproject.toml); REQUIREMENTS=requirements.txt ;;
+    dev) FILES=(requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml); REQUIREMENTS=requirements-dev.txt ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
 esac
@@ -58,6 +58,9 @@ step "setup: installing $what into $VENV"
 step "       on a fresh machine this downloads about 2.5 GB (torch is most of it) and takes 5 to 10 minutes;"
 step "       pip reports each package below, and a second run skips all of this"
 "$VENV/bin/python" -m pip install --progress-bar on --disable-pip-version-check -r "$REQUIREMENTS"
+# mediapipe without its declared dependencies (why: requirements-nodeps.txt)
+step "setup: installing mediapipe (the offline landmark detector) without its clashing dependencies"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 
 # Editable: the code stays in this checkout. --no-deps: the client's few dependencies are pinned above.
 # setuptools>=64 builds editable installs in a temporary directory: no build/ is left in the checkout.
@@ -66,7 +69,7 @@ step "setup: installing this project in editable mode (the lipsync command, lips
 
 fingerprint >"$STAMP"
 if [ "$MODE" = dev ]; then  # dev includes the runtime set
-    FILES=(requirements.txt pyproject.toml)
+    FILES=(requirements.txt requirements-nodeps.txt pyproject.toml)
     fingerprint >"$VENV/.setup-runtime.sha256"
 fi
 step "setup: done in ${SECONDS} s; $VENV holds $(du -sh "$VENV" 2>/dev/null | cut -f1)"

@@ -181,7 +181,7 @@ class ApiCore:
             bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
             version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
             crf=self.runner_settings.crf, preset=self.runner_settings.preset,
-            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s)
+            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s, sharpen=job.params.sharpen)
         output = self.files.output_path(job.job_id)
         start = time.perf_counter()
         try:
