@@ -115,7 +115,7 @@ def _make_test_assets(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if not args.media_only:
         models = write_models_dir(root / "models", size=args.size, versions=("v15", "v1"))
-        print(f"models: {models} (random weights: the mouth will be noise, not speech)")
+        print(f"models: {models} (random weights: the mouth is regenerated but does not follow the speech)")
     print(f"video: {write_face_video(root / 'face.mp4', seconds=4, size=(640, 360))}")
     print(f"audio: {write_speech_like_audio(root / 'speech.wav', seconds=5)}")
     return 0
