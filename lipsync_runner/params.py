@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,17 +48,27 @@ class JobParams(BaseModel):
                     "sharpens the generated mouth to the same scale.")
 
 
+_INT_RE = re.compile(r"[+-]?\d+")
+
+
 def field_names() -> tuple[str, ...]:
     return tuple(JobParams.model_fields)
 
 
 def _decode_value(raw: str) -> Any:
-    """A form value as sent by curl (`bounce`, `5`, `[...]`) or by BentoML's client (JSON: `"bounce"`)."""
+    """A form value as sent by curl (`bounce`, `5`, `[...]`) or by BentoML's client (JSON: `"bounce"`).
+
+    Only JSON's structured forms are decoded here (strings in quotes, lists, objects, null); a bare
+    number or word stays text and the schema parses it by the field's type, so `0E0` or `5.0` are
+    not integers and `1e3` is not a word.
+    """
     text = raw.strip()
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+    if text[:1] in ('"', "[", "{") or text == "null":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -85,6 +96,10 @@ def parse_fields(fields: Mapping[str, Any], defaults: Mapping[str, Any] | None =
         value = _decode_value(raw) if isinstance(raw, str) else raw
         if value is None or value == "":
             continue
+        info = JobParams.model_fields.get(name)
+        if info is not None and info.annotation is int and isinstance(value, str) and not _INT_RE.fullmatch(value):
+            # pydantic would read "5.0" as 5; an integer parameter takes integers only
+            raise InvalidInputError(f"Invalid parameters: {name}: Input should be a valid integer, got {value[:20]!r}")
         values[name] = value
     try:
         return JobParams.model_validate(values)
