@@ -48,6 +48,16 @@ def read_frames(path: Path) -> np.ndarray:
         return np.stack(list(reader))
 
 
+def pipeline_track(path: Path):
+    """The face track the pipeline finds in `path` (same detector, chunks and detection stride)."""
+    from lipsync_runner.faces import HaarFaceDetector, track_faces
+    from lipsync_runner.pipeline import DETECT_CHUNK, PipelineOptions
+
+    frames = read_frames(path)
+    chunks = (frames[k : k + DETECT_CHUNK] for k in range(0, len(frames), DETECT_CHUNK))
+    return track_faces(chunks, HaarFaceDetector(), detect_every=PipelineOptions().detect_every)
+
+
 # ------------------------------------------------------------------ speech with pauses
 
 @dataclass(frozen=True)
