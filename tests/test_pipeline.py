@@ -77,12 +77,16 @@ def test_frame_store_returns_frames_by_index(tmp_path: Path):
 # ------------------------------------------------------------------ the CLI, end to end
 
 
-@pytest.mark.parametrize("audio_name, seconds", [("speech_long.wav", 3.3), ("speech_short.wav", 1.2)])
+@pytest.mark.parametrize("audio_name, options, seconds", [
+    ("speech_long.wav", [], 3.3), ("speech_short.wav", [], 1.2),
+    ("speech_long.wav", ["--sync-mode", "cut_off", "--silence", "generate", "--segments", '[{"start": 0.5, "end": 1}]'],
+     2.0),  # job parameters from the schema: the output lasts as long as the 2 s video
+])
 def test_cli_output_follows_the_audio_with_the_inputs_size_and_rate(media_dir, models_dir, tmp_path, audio_name,
-                                                                    seconds):
+                                                                    options, seconds):
     out = tmp_path / "out.mp4"
     result = cli("generate", "--video", media_dir / "face.mp4", "--audio", media_dir / audio_name,
-                 "--output", out, "--models-dir", models_dir, "--device", "cpu", "--batch-size", "8")
+                 "--output", out, "--models-dir", models_dir, "--device", "cpu", "--batch-size", "8", *options)
     assert result.returncode == 0, result.stderr
     info = probe_video(out)
     assert (info.width, info.height, info.fps) == (320, 240, Fraction(25))
@@ -118,6 +122,14 @@ def test_cli_rejects_corrupt_or_empty_video_with_one_clear_line(media_dir, model
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_cli_refuses_bad_job_parameters_before_any_work(media_dir, tmp_path):
+    result = cli("generate", "--video", media_dir / "face.mp4", "--audio", media_dir / "speech_short.wav",
+                 "--output", tmp_path / "o.mp4", "--models-dir", tmp_path / "no-models", "--sync-mode", "sideways")
+    assert result.returncode == 2  # not 3: the models were never looked at
+    assert "sync_mode: Input should be 'bounce', 'loop', 'cut_off', 'silence' or 'remap'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_rejects_audio_without_sound(media_dir, models_dir, tmp_path):
     text = tmp_path / "speech.mp3"
     text.write_text("not audio")
@@ -138,7 +150,7 @@ def test_cli_without_models_says_where_to_get_them(media_dir, tmp_path):
 
 def test_only_the_mouth_region_is_regenerated(model, detector, media_dir, tmp_path):
     out = run(model, detector, media_dir / "face.mp4", media_dir / "speech_long.wav", tmp_path / "o.mp4",
-              PipelineOptions(batch_size=16))
+              PipelineOptions(params=JobParams(silence="generate"), batch_size=16))  # pauses too (frames 30, 81)
     src = read_all(media_dir / "face.mp4")
     got = read_all(out.output)
     assert len(got) == out.frames == 82 and out.source_frames == 50 and out.face_frames == 50
