@@ -35,6 +35,14 @@ class NullModel:
         return np.full((len(latents), 256, 256, 3), 128, np.uint8)
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process and of its finished children (the ffmpeg processes)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -72,15 +80,18 @@ def main() -> None:
 
         options.params = JobParams(silence="generate")
     load_before = os.getloadavg()
+    cpu_before = _cpu_seconds()
     start = time.perf_counter()
     result = pipeline.run(NullModel(), HaarFaceDetector(), video, audio, args.work / "out.mp4", options,
                           work_dir=args.work)
     wall = time.perf_counter() - start
+    cpu_self, cpu_children = (after - before for after, before in zip(_cpu_seconds(), cpu_before))
     n = result.frames
     print(f"code: {Path(lipsync_runner.__file__).parent.parent}")
     print(f"clip: {args.size} {args.seconds:g} s, {result.source_frames} frames; output {n} frames; "
           f"decoder opened {len(opened)}x")
-    print(f"wall {wall:.2f} s = {1000 * wall / n:.1f} ms/frame")
+    print(f"wall {wall:.2f} s = {1000 * wall / n:.1f} ms/frame; CPU {1000 * cpu_self / n:.1f} ms/frame in Python "
+          f"+ {1000 * cpu_children / n:.1f} ms/frame in ffmpeg (user + system, all threads)")
     for stage, secs in sorted(result.seconds.items(), key=lambda kv: -kv[1]):
         print(f"  {stage:<9} {secs:6.2f} s  {1000 * secs / n:6.1f} ms/frame")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")

@@ -113,8 +113,8 @@ class FrameSource:
     that repeats frames needs no store) and any frame ahead (decoded now). Requests of exactly the
     next frames in order get the decoder's own buffer: no copy.
 
-    `clock(stage)` times "decode" (ffmpeg's output read, page cache included) and "spool"
-    (writing to the store); the store's read-backs count as "decode" too, as they replace it.
+    `clock(stage)` times "decode" (waiting for ffmpeg's frames), "spool" (writing them to the
+    store) and "store" (reading them back).
     """
 
     def __init__(self, open_reader: Callable[[], ChunkReader], shape: tuple[int, int, int], *,
@@ -183,7 +183,7 @@ class FrameSource:
         if stored.any():
             if self.store is None:
                 raise RuntimeError("the plan goes back in the video but its frames were not stored")
-            with self._clock("decode"):
+            with self._clock("store"):
                 out[stored] = self.store.take(idx[stored])
         return out
 

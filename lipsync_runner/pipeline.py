@@ -43,6 +43,7 @@ from .media import (PROBE_TIMEOUT_S, AudioInfo, VideoInfo, VideoReader, VideoWri
 from .musetalk import LipSyncModel
 from .params import JobParams
 from .plan import DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, spools_frames
+from .settings import RunnerSettings
 from .soundtrack import write_soundtrack
 from .speech import SpeechSettings, speech_frames
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, float], None]
 """Called with (stage, overall fraction done in 0..1)."""
 
-STAGES = ("audio", "speech", "decode", "spool", "faces", "prepare", "generate", "blend", "encode")
+STAGES = ("audio", "speech", "decode", "spool", "store", "faces", "prepare", "generate", "blend", "encode")
 DETECT_CHUNK = 32  # frames per face-detection call
 FACES_SHARE = 0.2  # share of the progress bar given to decoding and face tracking
 DEFAULT_MAX_SPOOL_BYTES = 20 * 2**30
@@ -72,7 +73,7 @@ class PipelineOptions:
     max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
 
     @classmethod
-    def from_settings(cls, settings, params: JobParams | None = None, **overrides) -> "PipelineOptions":
+    def from_settings(cls, settings: RunnerSettings, params: JobParams | None = None, **overrides) -> "PipelineOptions":
         """Options from RunnerSettings (the deployment) and the job's parameters."""
         values = dict(
             params=params or JobParams(), batch_size=settings.batch_size, extra_margin=settings.extra_margin,
