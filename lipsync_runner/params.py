@@ -143,13 +143,18 @@ def form_properties() -> dict[str, Any]:
     """JSON-schema properties of the job parameters, for a multipart/form-data request body."""
     schema = JobParams.model_json_schema()
     defs = schema.get("$defs", {})
-    props = {}
-    for name, prop in schema["properties"].items():
-        prop = dict(prop)
-        if "$ref" in prop:  # inline enums and nested models: form docs have no $defs
-            prop = {**defs[prop.pop("$ref").rsplit("/", 1)[-1]], **prop}
-        props[name] = prop
-    return props
+
+    def inline(node: Any) -> Any:  # enums and nested models (segments' items too): form docs have no $defs
+        if isinstance(node, dict):
+            if "$ref" in node:
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return inline({**defs[node["$ref"].rsplit("/", 1)[-1]], **rest})
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {name: inline(prop) for name, prop in schema["properties"].items()}
 
 
 # --------------------------------------------------------------------------- command lines

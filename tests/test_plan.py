@@ -12,7 +12,7 @@ import pytest
 
 from lipsync_runner.audio import SAMPLE_RATE, frame_count
 from lipsync_runner.errors import InvalidInputError
-from lipsync_runner.params import JobParams, parse_fields
+from lipsync_runner.params import JobParams, form_properties, parse_fields
 from lipsync_runner.plan import (AudioPiece, build_plan, fade_out_of, fade_within, frame_at, needs_random_access,
                                  output_length, scratch_bytes, source_frames, spools_frames)
 
@@ -186,6 +186,16 @@ def test_sync_mode_and_silence_are_checked_by_the_schema():
     with pytest.raises(InvalidInputError, match="sync_mode: Input should be 'bounce', 'loop'"):
         parse_fields({"sync_mode": "stretch"})
     assert parse_fields({"segments": "[]"}).segments is None  # empty: the whole output
+
+
+def test_the_form_schema_spells_out_segments_without_references():
+    import json
+
+    props = form_properties()  # multipart form docs have no $defs to point into
+    assert "$ref" not in json.dumps(props)
+    item = props["segments"]["anyOf"][0]["items"]
+    assert set(item["properties"]) == {"start", "end", "audio_start"} and item["additionalProperties"] is False
+    assert props["sync_mode"]["enum"] == ["bounce", "loop", "cut_off", "silence", "remap"]
 
 
 # ------------------------------------------------------------------ the sound track
