@@ -207,6 +207,26 @@ def test_the_sound_track_is_the_audio_file_unless_the_plan_cuts_pads_or_moves_it
     assert plan_for(9, 5, sync_mode="cut_off").sound_is_the_audio
 
 
+def test_the_laid_out_sound_track_has_each_piece_where_the_plan_puts_it(tmp_path):
+    from scipy.io import wavfile
+
+    from lipsync_runner.media import decode_audio
+    from lipsync_runner.soundtrack import write_soundtrack
+
+    rng = np.random.default_rng(0)
+    pcm = (rng.uniform(-0.5, 0.5, 3 * SAMPLE_RATE) * 32767).astype(np.int16)  # 3 s of noise: no two stretches alike
+    wavfile.write(tmp_path / "in.wav", SAMPLE_RATE, pcm)
+    plan = plan_for(100, 75, segments=[{"start": 1.0, "end": 2.0, "audio_start": 0.0}], sync_mode="silence")
+    out = decode_audio(write_soundtrack(tmp_path / "in.wav", plan.sound, tmp_path / "out.wav"), SAMPLE_RATE)
+    src = pcm.astype(np.float32) / 32768
+    second = SAMPLE_RATE
+    assert len(out) == 4 * second  # the output's 100 frames at 25 fps
+    np.testing.assert_allclose(out[:second], src[:second], atol=1e-4)  # the audio on the video's timeline
+    np.testing.assert_allclose(out[second : 2 * second], src[:second], atol=1e-4)  # the segment: from audio_start
+    np.testing.assert_allclose(out[2 * second : 3 * second], src[2 * second :], atol=1e-4)  # back on the timeline
+    assert not out[3 * second :].any()  # past the end of the audio: silence
+
+
 # ------------------------------------------------------------------ scratch space for the disk reservation
 
 def test_scratch_estimate_is_the_frame_store_and_the_laid_out_sound():
