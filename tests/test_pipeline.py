@@ -77,16 +77,12 @@ def test_frame_store_returns_frames_by_index(tmp_path: Path):
 # ------------------------------------------------------------------ the CLI, end to end
 
 
-@pytest.mark.parametrize("audio_name, options, seconds", [
-    ("speech_long.wav", [], 3.3), ("speech_short.wav", [], 1.2),
-    ("speech_long.wav", ["--sync-mode", "cut_off", "--silence", "generate", "--segments", '[{"start": 0.5, "end": 1}]'],
-     2.0),  # job parameters from the schema: the output lasts as long as the 2 s video
-])
+@pytest.mark.parametrize("audio_name, seconds", [("speech_long.wav", 3.3), ("speech_short.wav", 1.2)])
 def test_cli_output_follows_the_audio_with_the_inputs_size_and_rate(media_dir, models_dir, tmp_path, audio_name,
-                                                                    options, seconds):
+                                                                    seconds):
     out = tmp_path / "out.mp4"
     result = cli("generate", "--video", media_dir / "face.mp4", "--audio", media_dir / audio_name,
-                 "--output", out, "--models-dir", models_dir, "--device", "cpu", "--batch-size", "8", *options)
+                 "--output", out, "--models-dir", models_dir, "--device", "cpu", "--batch-size", "8")
     assert result.returncode == 0, result.stderr
     info = probe_video(out)
     assert (info.width, info.height, info.fps) == (320, 240, Fraction(25))
@@ -122,12 +118,29 @@ def test_cli_rejects_corrupt_or_empty_video_with_one_clear_line(media_dir, model
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_cli_refuses_bad_job_parameters_before_any_work(media_dir, tmp_path):
-    result = cli("generate", "--video", media_dir / "face.mp4", "--audio", media_dir / "speech_short.wav",
-                 "--output", tmp_path / "o.mp4", "--models-dir", tmp_path / "no-models", "--sync-mode", "sideways")
-    assert result.returncode == 2  # not 3: the models were never looked at
-    assert "sync_mode: Input should be 'bounce', 'loop', 'cut_off', 'silence' or 'remap'" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_cli_takes_the_job_parameters_from_the_schema(media_dir, models_dir, tmp_path, capsys):
+    from lipsync_runner.cli import main  # in-process: the subprocess tests above cover the process boundary
+
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--video", str(media_dir / "face.mp4"), "--audio", str(media_dir / "speech_long.wav"),
+                 "--output", str(out), "--models-dir", str(models_dir), "--device", "cpu", "--no-cache",
+                 "--sync-mode", "cut_off", "--silence", "generate", "--segments", '[{"start": 0.5, "end": 1.0}]'])
+    assert code == 0, capsys.readouterr().err
+    assert len(read_all(out)) == 50  # cut_off: as long as the 2 s video, not the 3.3 s audio
+    assert "mouth generated in 12;" in capsys.readouterr().out  # frames 13..24: the segment only
+    assert probe_audio(out).duration == pytest.approx(2.0, abs=0.03)
+
+
+def test_cli_refuses_bad_job_parameters_before_any_work(media_dir, tmp_path, capsys):
+    from lipsync_runner.cli import main
+
+    code = main(["generate", "--video", str(media_dir / "face.mp4"), "--audio", str(media_dir / "speech_short.wav"),
+                 "--output", str(tmp_path / "o.mp4"), "--models-dir", str(tmp_path / "no-models"),
+                 "--sync-mode", "sideways"])
+    err = capsys.readouterr().err
+    assert code == 2  # not 3: the models were never looked at
+    assert err.startswith("error: Invalid parameters: sync_mode: Input should be 'bounce', 'loop', 'cut_off'")
+    assert "Traceback" not in err and not (tmp_path / "o.mp4").exists()
 
 
 def test_cli_rejects_audio_without_sound(media_dir, models_dir, tmp_path):
