@@ -45,8 +45,10 @@ def filter_graph(pieces: Sequence[AudioPiece]) -> str:
 def write_soundtrack(audio: Path, pieces: Sequence[AudioPiece], path: Path, *,
                      timeout_s: float | None = None) -> Path:
     """Write the sound track the pieces describe to `path` (WAV); MediaProcessingError if ffmpeg fails."""
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-i", str(audio),
-           "-filter_complex", filter_graph(pieces), "-map", "[out]", "-c:a", "pcm_s16le", "-f", "wav", str(path)]
+    source = f"file:{audio.resolve()}"  # as media.py does: a name like "a:b" or "-x" is no protocol or option
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-i", source,
+           "-filter_complex", filter_graph(pieces), "-map", "[out]", "-c:a", "pcm_s16le", "-f", "wav",
+           f"file:{path.resolve()}"]
     try:
         res = subprocess.run(cmd, capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -56,5 +58,5 @@ def write_soundtrack(audio: Path, pieces: Sequence[AudioPiece], path: Path, *,
         path.unlink(missing_ok=True)
         tail = res.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
         raise MediaProcessingError(f"laying out the sound track of {audio.name} failed: "
-                                   f"{tail[0].replace(str(audio), audio.name)}")
+                                   f"{tail[0].replace(source, audio.name).replace(str(audio), audio.name)}")
     return path
