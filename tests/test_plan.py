@@ -44,6 +44,7 @@ def test_bounce_plays_forward_then_backward():
 
 def test_loop_restarts_from_the_first_frame():
     assert source_frames("loop", 10, 4).tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert source_frames("loop", 3, 5).tolist() == [0, 1, 2]  # a longer video: its first frames
 
 
 def test_cut_off_and_silence_play_the_video_straight():
