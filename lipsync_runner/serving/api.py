@@ -177,11 +177,9 @@ class ApiCore:
         health = self._wait_for_models(ctx)
         model = RemoteModel(self._submit(), chunk_frames=self.settings.chunk_frames, tag=job_tag(job.job_id),
                             timeout_s=self.settings.runner_timeout_s, weights_id=health.get("weights_id") or "")
-        options = PipelineOptions(
-            bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
-            version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
-            crf=self.runner_settings.crf, preset=self.runner_settings.preset,
-            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s, sharpen=job.params.sharpen)
+        options = PipelineOptions.from_settings(self.runner_settings, job.params,
+                                                version=health.get("model_version") or "v15",
+                                                batch_size=self.settings.chunk_frames * 4)
         output = self.files.output_path(job.job_id)
         start = time.perf_counter()
         try:
