@@ -41,7 +41,9 @@ class Segment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     start: float = Field(ge=0, le=MAX_SEGMENT_SECONDS, description="Start, in seconds of the video.")
-    end: float = Field(gt=0, le=MAX_SEGMENT_SECONDS, description="End (exclusive), in seconds of the video.")
+    # ge, not gt: OpenAPI 3.0 (BentoML's document) has no numeric exclusiveMinimum; end > start >= 0
+    # is checked below.
+    end: float = Field(ge=0, le=MAX_SEGMENT_SECONDS, description="End (exclusive), in seconds of the video.")
     audio_start: float | None = Field(
         default=None, ge=0, le=MAX_SEGMENT_SECONDS,
         description="Where in the audio this segment's speech starts (seconds). Default: `start`, i.e. the "
