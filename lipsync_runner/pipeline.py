@@ -30,8 +30,8 @@ from .crops import crop_faces
 from .errors import InvalidInputError, JobCancelledError, MediaProcessingError
 from .faces import FaceDetector, FaceTrack, track_faces
 from .framestore import FrameStore, pingpong_indices
-from .media import (PROBE_TIMEOUT_S, AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio,
-                    probe_video)
+from .media import (PROBE_TIMEOUT_S, AudioInfo, MediaLimits, VideoInfo, VideoReader, VideoWriter, decode_audio,
+                    probe_audio, probe_video)
 from .musetalk import LipSyncModel
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class PipelineOptions:
     crf: int = 18
     preset: str = "veryfast"
     ffmpeg_timeout_s: float | None = None
+    limits: MediaLimits = field(default_factory=MediaLimits)  # decoding stops (413) past these
 
 
 @dataclass
@@ -123,7 +124,8 @@ def run(
 
     report("audio", 0.0)
     with clock("audio"):
-        pcm = decode_audio(audio, audio_math.SAMPLE_RATE, timeout_s=opts.ffmpeg_timeout_s)
+        pcm = decode_audio(audio, audio_math.SAMPLE_RATE, timeout_s=opts.ffmpeg_timeout_s,
+                           max_seconds=opts.limits.max_audio_seconds)
         n_out = audio_math.frame_count(len(pcm), fps)
         if n_out == 0:
             raise InvalidInputError(f"{audio.name} is shorter than one video frame")
@@ -180,10 +182,15 @@ def _prepared_video(cache: AvatarCache | None, model: LipSyncModel, detector: Fa
 def _fill_store(video: Path, info: VideoInfo, opts: PipelineOptions, clock: StageClock, store: FrameStore,
                 check_cancel: Callable[[], None]) -> None:
     """Decode every frame into the store (ping-pong needs them), without face detection."""
-    with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s) as reader:
+    with _reader(video, info, opts) as reader:
         for chunk in _chunks(reader, DETECT_CHUNK, clock):
             check_cancel()
             store.append(chunk)
+
+
+def _reader(video: Path, info: VideoInfo, opts: PipelineOptions) -> VideoReader:
+    """A decode of the video that stops (413) once it passes the job's frame limit."""
+    return VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s, max_frames=opts.limits.max_frames(info.fps))
 
 
 def _chunks(reader: VideoReader, size: int, clock: StageClock) -> Iterator[np.ndarray]:
@@ -203,7 +210,7 @@ def _track(video: Path, info: VideoInfo, detector: FaceDetector, opts: PipelineO
 
     def frames() -> Iterator[np.ndarray]:
         done = 0
-        with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s) as reader:
+        with _reader(video, info, opts) as reader:
             for chunk in _chunks(reader, DETECT_CHUNK, clock):
                 check_cancel()
                 if store is not None:
@@ -229,7 +236,7 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
     (decode) and chunk k-1 is blended and encoded. Each stage keeps its order; at most three
     chunks are in memory; the first error from any stage stops the others and is raised."""
     n_src = len(track.has_face)
-    reader = None if store is not None else VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s)
+    reader = None if store is not None else _reader(video, info, opts)
     source = _chunks(reader, opts.batch_size, clock) if reader is not None else None
     starts = list(range(0, n_out, opts.batch_size))
     written = 0

@@ -21,9 +21,10 @@ from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
 from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, SQLiteJobStore
 from ..api.limits import ApiLimits
-from ..api.validation import validate_media
+from ..api.validation import media_limits, validate_media
 from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
-from ..pipeline import PipelineOptions, run
+from ..pipeline import PipelineOptions, run, validate_inputs
+from ..scratch import Reservation, ScratchLedger, check_admissible
 from ..settings import RunnerSettings
 from . import metrics
 from .bentoml_compat import user_filename
@@ -34,6 +35,7 @@ from .settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 MODEL_WAIT_S = 900  # a job recovered after a restart waits this long for the models to load
+SCRATCH_WAIT_S = 600  # a job whose scratch does not fit waits this long for running jobs to release theirs
 
 
 class ApiCore:
@@ -52,6 +54,8 @@ class ApiCore:
             retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
             sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
             free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug)
+        # Disk held for running jobs' scratch (frame store, output): admission and job start check it.
+        self.scratch = ScratchLedger(data_dir, floor_bytes=self.settings.free_space_floor_mb * 2**20)
         self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
                                     max_bytes=int(self.settings.avatar_cache_gb * 2**30))
                         if self.settings.avatar_cache else None)
@@ -134,7 +138,8 @@ class ApiCore:
             audio_file = "input_audio" + audio.suffix.lower()
             await asyncio.to_thread(shutil.copyfile, video, job_dir / video_file)
             await asyncio.to_thread(shutil.copyfile, audio, job_dir / audio_file)
-            await asyncio.to_thread(validate_media, job_dir / video_file, job_dir / audio_file, self.limits)
+            await asyncio.to_thread(validate_media, job_dir / video_file, job_dir / audio_file, self.limits,
+                                    self.scratch)
         except BaseException as exc:
             self.manager.discard_upload(job_id)
             if isinstance(exc, LipSyncError):
@@ -168,19 +173,22 @@ class ApiCore:
             ctx.progress("waiting for models", 0.0)
             time.sleep(1.0)
 
-    def _guard_disk(self, progress):
-        """A progress callback that also fails the job cleanly when the disk fills up under it."""
+    def _guard_disk(self, progress, reservation: Reservation | None = None):
+        """A progress callback that also fails the job cleanly when the disk fills up under it,
+        or when it writes past its scratch reservation and the disk has no more room for it."""
         floor = self.settings.free_space_floor_mb * 2**20
         last_check = 0.0
 
         def guarded(stage: str, fraction: float) -> None:
             nonlocal last_check
             now = time.monotonic()
-            if floor and now - last_check > 2.0:
+            if now - last_check > 2.0:
                 last_check = now
-                if self.files.free_bytes() < floor:
+                if floor and self.files.free_bytes() < floor:
                     raise InsufficientStorageError(
                         "the server ran out of disk space while processing the job; try again later")
+                if reservation is not None:
+                    reservation.check()
             progress(stage, fraction)
 
         return guarded
@@ -194,15 +202,18 @@ class ApiCore:
             bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
             version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
             crf=self.runner_settings.crf, preset=self.runner_settings.preset,
-            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s)
+            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s, limits=media_limits(self.limits))
         output = self.files.output_path(job.job_id)
+        video, audio = ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file
         start = time.perf_counter()
-        try:
-            result = run(model, self._face_detector(), ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file,
-                         output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
-                         work_dir=ctx.work_dir, cache=self.avatars)
-        except LipSyncError:
-            raise
+        # Probed once here (run() takes the result): the scratch estimate needs both probes.
+        video_info, audio_info = validate_inputs(video, audio, self.runner_settings.ffmpeg_timeout_s)
+        need = check_admissible(video_info, audio_info, self.limits)
+        with self.scratch.reserve(need, directory=ctx.work_dir, wait_s=SCRATCH_WAIT_S,
+                                  should_cancel=ctx.should_cancel) as reservation:
+            result = run(model, self._face_detector(), video, audio, output, options,
+                         progress=self._guard_disk(ctx.progress, reservation), should_cancel=ctx.should_cancel,
+                         work_dir=ctx.work_dir, cache=self.avatars, video_info=video_info)
         metrics.job_finished(time.perf_counter() - start, result.frames)
         return JobOutcome(output_file=output.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit)
