@@ -206,23 +206,31 @@ class _FfmpegProcess:
         stream = self.proc.stderr
         assert stream is not None
         while raw := stream.readline(_MAX_LINE_BYTES):
-            rest = raw
+            size, rest = len(raw), raw
             while not rest.endswith(b"\n") and len(rest) == _MAX_LINE_BYTES:  # drop the rest of a long line
+                self._count_head(size)
                 rest = stream.readline(_MAX_LINE_BYTES)
+                size += len(rest)
             line = raw.decode("utf-8", "replace").rstrip()
             self._tail.append(line)
-            if self._head_open:
-                self._head_bytes += len(raw)
-                if self._head_bytes > self._head_cap:
+            if self._count_head(size):
+                self._head_bytes += size
+                self.head.append(line)
+                if self._head_end is not None and self._head_end.search(line):
                     self._head_open = False
-                    self.head_overflow = True
-                    self.kill()
-                else:
-                    self.head.append(line)
-                    if self._head_end is not None and self._head_end.search(line):
-                        self._head_open = False
             if self._watch is not None and self._watch.search(line) and len(self.watch_hits) < 10:
                 self.watch_hits.append(line)
+
+    def _count_head(self, size: int) -> bool:
+        """Whether a line of ``size`` bytes still belongs to the head; past the cap, stop ffmpeg."""
+        if not self._head_open:
+            return False
+        if self._head_bytes + size > self._head_cap:
+            self._head_open = False
+            self.head_overflow = True
+            self.kill()
+            return False
+        return True
 
     def _on_timeout(self) -> None:
         self.timed_out = True

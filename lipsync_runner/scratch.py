@@ -72,7 +72,8 @@ def estimate(video: VideoInfo, audio: AudioInfo) -> ScratchEstimate:
 
 
 def _gb(n: int | float) -> str:
-    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 2**20:.0f} MB"
+    """Decimal units, as the LIP_SYNC_MAX_JOB_SCRATCH_GB setting and disk vendors count."""
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 10**6:.0f} MB"
 
 
 class ScratchCap(Protocol):
