@@ -223,13 +223,13 @@ class ScratchLedger:
             used = reservation.used()
             if used < reservation.nbytes:
                 return
-            extra = used - reservation.nbytes + GROWTH_STEP_BYTES
+            missing = used - reservation.nbytes
             available = self._available()  # this reservation has nothing unused: it is not counted
-            if extra > available:
+            if missing >= available:
                 raise InsufficientStorageError(
                     f"the job has written {_gb(used)}, more than the {_gb(reservation.nbytes)} reserved for it, "
                     f"and the server has no more disk space for it; try again later")
-            reservation.nbytes += extra
+            reservation.nbytes += missing + min(GROWTH_STEP_BYTES, available - missing)
 
     def _release(self, reservation: Reservation) -> None:
         with self._cond:
