@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..media import AudioInfo, MediaLimits, VideoInfo, probe_audio, probe_video
+from ..media import PROBE_TIMEOUT_S, AudioInfo, MediaLimits, VideoInfo, probe_audio, probe_video
 from ..scratch import ScratchLedger, check_admissible
 from .limits import ApiLimits
 
@@ -15,15 +15,16 @@ def media_limits(limits: ApiLimits) -> MediaLimits:
                        max_video_pixels=limits.max_video_pixels, max_fps=limits.max_fps)
 
 
-def validate_media(video: Path, audio: Path, limits: ApiLimits,
-                   scratch: ScratchLedger | None = None) -> tuple[VideoInfo, AudioInfo]:
+def validate_media(video: Path, audio: Path, limits: ApiLimits, scratch: ScratchLedger | None = None, *,
+                   timeout_s: float = PROBE_TIMEOUT_S) -> tuple[VideoInfo, AudioInfo]:
     """Probe both files by content (InvalidInputError, 400) and check them against the limits.
 
     413 for size, duration, frame rate, frame count, or a scratch need over the per-job cap;
     507 when ``scratch`` (the data directory's ledger) cannot hold the job's scratch now.
+    ``timeout_s`` bounds each probe.
     """
-    video_info = probe_video(video)
-    audio_info = probe_audio(audio)
+    video_info = probe_video(video, timeout_s=timeout_s)
+    audio_info = probe_audio(audio, timeout_s=timeout_s)
     checks = media_limits(limits)
     checks.check_video(video_info, video.name)
     checks.check_audio(audio_info, audio.name)

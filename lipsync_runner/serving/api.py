@@ -22,9 +22,9 @@ from ..faces import FaceDetector, load_face_detector
 from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, SQLiteJobStore
 from ..api.limits import ApiLimits
 from ..api.validation import media_limits, validate_media
-from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
-from ..pipeline import PipelineOptions, run, validate_inputs
-from ..scratch import Reservation, ScratchLedger, check_admissible
+from ..media import AUDIO_EXTENSIONS, PROBE_TIMEOUT_S, VIDEO_EXTENSIONS
+from ..pipeline import PipelineOptions, run
+from ..scratch import Reservation, ScratchLedger, estimate
 from ..settings import RunnerSettings
 from . import metrics
 from .bentoml_compat import user_filename
@@ -206,9 +206,11 @@ class ApiCore:
         output = self.files.output_path(job.job_id)
         video, audio = ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file
         start = time.perf_counter()
-        # Probed once here (run() takes the result): the scratch estimate needs both probes.
-        video_info, audio_info = validate_inputs(video, audio, self.runner_settings.ffmpeg_timeout_s)
-        need = check_admissible(video_info, audio_info, self.limits)
+        # Probed once here (run() takes the result), and checked again: a job queued before a
+        # restart meets today's limits. The scratch reservation needs both probes.
+        video_info, audio_info = validate_media(video, audio, self.limits, timeout_s=min(
+            PROBE_TIMEOUT_S, self.runner_settings.ffmpeg_timeout_s))
+        need = estimate(video_info, audio_info).total
         with self.scratch.reserve(need, directory=ctx.work_dir, wait_s=SCRATCH_WAIT_S,
                                   should_cancel=ctx.should_cancel) as reservation:
             result = run(model, self._face_detector(), video, audio, output, options,
