@@ -546,7 +546,8 @@ def _refuse_demuxer(name: str, kind: str, demuxer: str, allowed: Sequence[str]) 
             return InvalidInputError(f"{name} is not a video file: it is a still image ({codec})")
         return InvalidInputError(f"{name} is not an audio file: it is a still image ({codec})")
     if kind == "video" and demuxer in AUDIO_DEMUXERS:  # an mp3/wav/... given as the video
-        return InvalidInputError(f"{name} is not a video file: it has no video stream ({DEMUXER_LABELS[demuxer]} audio)")
+        label = DEMUXER_LABELS[demuxer]
+        return InvalidInputError(f"{name} is not a video file: it has no video stream ({label} audio)")
     accepted = ", ".join(DEMUXER_LABELS[d] for d in allowed)
     return InvalidInputError(
         f"{name} is not a supported {kind} file: its content is in the '{demuxer}' format (accepted: {accepted})")

