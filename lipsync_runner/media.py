@@ -448,8 +448,10 @@ class _Deadline:
         return left
 
 
-def _input_args(path: PathLike, demuxer: str, allowed: Sequence[str]) -> list[str]:
-    """``-i`` for an untrusted file: the file protocol only, whitelisted demuxers, ``-f`` once known."""
+def input_args(path: PathLike, demuxer: str, allowed: Sequence[str] = VIDEO_DEMUXERS) -> list[str]:
+    """``-i`` for an untrusted file: the file protocol only, whitelisted demuxers, and ``-f`` with
+    the probed demuxer (VideoInfo.demuxer / AudioInfo.demuxer). Every ffmpeg call on an upload
+    takes its input through this."""
     forced = ["-f", demuxer] if demuxer else []
     return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(allowed), *forced, "-i", _url(path)]
 
@@ -470,7 +472,7 @@ def _scan_packets(path: PathLike, stream_spec: str, demuxer: str, allowed: Seque
     (Packet timestamps can lie too; decoding counts real samples, see decode_audio.)
     """
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *_input_args(path, demuxer, allowed),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *input_args(path, demuxer, allowed),
          "-map", stream_spec, "-c", "copy", "-f", "framecrc", "-"],
         what=what, paths=_path_aliases(path), timeout_s=timeout_s,
         stdout=subprocess.PIPE, watch=_TRUNCATION_RE,
@@ -527,7 +529,7 @@ def _detected_demuxer(path: PathLike, allowed: Sequence[str], deadline: _Deadlin
     """The demuxer ffmpeg picks for a file it refused as not whitelisted (a debug-level rerun
     that stops right after the format probe)."""
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "debug", *_input_args(path, "", allowed)],
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "debug", *input_args(path, "", allowed)],
         what=deadline.what, paths=_path_aliases(path), timeout_s=deadline.left(),
         head_cap=64 * 1024, head_end=_NOT_WHITELISTED_RE,
     )  # fmt: skip
@@ -561,7 +563,7 @@ def _open_and_decode(
     and a summary longer than PROBE_STDERR_CAP_BYTES (it is not parsed, and ffmpeg is stopped)."""
     name = _name(path)
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", *_input_args(path, "", allowed),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", *input_args(path, "", allowed),
          *output_args, "pipe:1"],
         what=deadline.what, paths=_path_aliases(path), timeout_s=deadline.left(), stdout=subprocess.PIPE,
         head_cap=PROBE_STDERR_CAP_BYTES, head_end=_HEADER_END_RE,
@@ -776,7 +778,7 @@ def decode_audio(path: PathLike, sample_rate: int = 16000, *, timeout_s: float |
     info = info or probe_audio(path)
     limit_bytes = None if max_seconds is None else int((max_seconds + AUDIO_LIMIT_SLACK_S) * sample_rate) * 4
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *_input_args(path, info.demuxer, AUDIO_DEMUXERS),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *input_args(path, info.demuxer, AUDIO_DEMUXERS),
          "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(int(sample_rate)),
          "-c:a", "pcm_f32le", "-f", "f32le", "pipe:1"],
         what=f"decoding the audio of {name}", paths=_path_aliases(path), timeout_s=timeout_s,
@@ -835,7 +837,7 @@ class VideoReader:
         self._closed = False
         self._ff = _FfmpegProcess(
             [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error",
-             *_input_args(self.path, self.info.demuxer, VIDEO_DEMUXERS),
+             *input_args(self.path, self.info.demuxer, VIDEO_DEMUXERS),
              "-map", "0:V:0", "-an", "-sn", "-dn",
              # Pin the size to the probe: a mid-stream resolution change must not shear frames.
              "-vf", f"scale={self.width}:{self.height}",
@@ -952,7 +954,7 @@ class VideoWriter:
                 "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
                 "-r", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]  # fmt: skip
         if audio_path is not None and audio_info is not None:
-            args += _input_args(audio_path, audio_info.demuxer, AUDIO_DEMUXERS)
+            args += input_args(audio_path, audio_info.demuxer, AUDIO_DEMUXERS)
         args += ["-map", "0:v:0"]
         if audio_path is not None:
             args += ["-map", "1:a:0"]

@@ -34,7 +34,7 @@ from ..params import JobParams, parse_fields
 from ..scratch import ScratchLedger
 from .limits import ApiLimits
 from .schemas import GenerateAccepted, GenerateResult, download_name
-from .thumbnails import THUMBNAIL_NAME, write_thumbnail
+from .thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
 from .uploads import SavedFile, UploadGuard, is_multipart, receive_multipart
 from .validation import validate_media
 
@@ -151,7 +151,8 @@ class Admission:
                 # ffmpeg subprocesses: off the event loop
                 video_info, audio_info = await anyio.to_thread.run_sync(
                     validate_media, job_dir / video.file_name, job_dir / audio.file_name, self.limits, self.scratch)
-                await anyio.to_thread.run_sync(write_thumbnail, job_dir / video.file_name, job_dir / THUMBNAIL_NAME)
+                await anyio.to_thread.run_sync(write_thumbnail, job_dir / video.file_name, job_dir / THUMBNAIL_NAME,
+                                               THUMBNAIL_WIDTH, video_info.demuxer)
                 record = await run_in_threadpool(lambda: manager.submit(
                     job_id, video_file=video.file_name, audio_file=audio.file_name,
                     video_filename=video.display_name, audio_filename=audio.display_name,
