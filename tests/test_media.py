@@ -706,19 +706,17 @@ def test_a_header_of_millions_of_metadata_lines_is_refused_in_bounded_memory_and
     import psutil
 
     ffmpeg(*lavfi_video(1, size="64x64"), "-c:v", "libx264", "-preset", "ultrafast", tmp_path / "clip.mkv")
-    path = mkv_with_huge_metadata(tmp_path / "clip.mkv", tmp_path / "input.mkv", lines=2_000_000)
-    assert path.stat().st_size < 5 * 2**20  # 2 MB that ffmpeg prints as 2 x 44 MB of summary
+    path = mkv_with_huge_metadata(tmp_path / "clip.mkv", tmp_path / "input.mkv", lines=1_000_000)
+    assert path.stat().st_size < 5 * 2**20  # 1 MB that ffmpeg prints as 2 x 22 MB of summary
     rss_before = psutil.Process().memory_info().rss
     tracemalloc.start()
     try:
         with pytest.raises(InvalidInputError, match=r"input\.mkv is not a readable video file: its header is too"):
-            probe_video(path, timeout_s=30)
-        with pytest.raises(InvalidInputError, match=r"input\.mkv is not a readable audio file: its header is too"):
-            probe_audio(path, timeout_s=30)
+            probe_video(path, timeout_s=30)  # a timeout would be a 500, not this
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 16 * 2**20  # the old probe kept all of it: 619 MB and 51 s for this file
+    assert peak < 16 * 2**20  # the old probe kept all of it: 619 MB and 51 s for a 2M-line file
     assert psutil.Process().memory_info().rss - rss_before < 64 * 2**20
 
 
