@@ -92,6 +92,7 @@ def blend_faces(
     landmarks: np.ndarray | None = None,
     *,
     masks: Sequence[np.ndarray | None] | None = None,
+    weights: np.ndarray | None = None,
     inplace: bool = False,
     upper_ratio: float = UPPER_RATIO,
     feather: float = FEATHER,
@@ -101,6 +102,7 @@ def blend_faces(
     ``landmarks``: ``[B, 68, 2]`` in frame pixels (NaN rows allowed) or None. Frames whose box row
     is invalid (-1: no face) are left as they are. ``masks``: optional precomputed
     :func:`lower_face_mask` per frame (matching the box size), e.g. from a per-video cache.
+    ``weights``: ``[B]`` in [0, 1] scaling each frame's mask (cross-fades: 1 = generated, 0 = source).
 
     Returns a new array, or ``frames`` itself modified in place with ``inplace=True`` (cheaper:
     only the blended rectangles are written).
@@ -137,6 +139,8 @@ def blend_faces(
         face = resize_to_box(np.asarray(faces[i]), (x1, y1, x2, y2))[r0:r1, c0:c1].astype(np.float32)
         region = out[i, y1 + r0 : y1 + r1, x1 + c0 : x1 + c1]
         m = mask[r0:r1, c0:c1, None]
+        if weights is not None and weights[i] < 1:
+            m = m * np.float32(weights[i])
         base = region.astype(np.float32)
         base += m * (face - base)
         base += 0.5

@@ -1,11 +1,12 @@
 """Scratch disk of jobs: what a job will write, and reservations that keep jobs within the disk.
 
-A job writes next to its inputs: the raw frame store when the audio outlasts the video
-(ping-pong playback reads frames backward, so every decoded frame is kept raw: a
-10-minute 1080p30 video needs about 112 GB), and the output video. Without a bound the
+A job writes next to its inputs: the raw frame store (framestore.py; always when the plan
+goes back in the video, as ping-pong does with a longer audio: a 10-minute 1080p30 video
+needs about 112 GB), a laid-out sound track, and the output video. Without a bound the
 first job to fill the disk fails every other running job at the free-space floor.
 
-* :func:`estimate` says how much a job will write, from the two probes.
+* :func:`estimate` says how much a job will write, from the two probes and the job's
+  parameters, by the pipeline's own rules (``plan.spools_frames`` / ``plan.scratch_bytes``).
 * :func:`check_admissible` is the admission check: 413 when the estimate is over the
   per-job cap (``LIP_SYNC_MAX_JOB_SCRATCH_GB``), 507 when the disk cannot hold it now.
 * :class:`ScratchLedger` is one process's reservations on one directory's file system:
@@ -30,7 +31,10 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import InputTooLargeError, InsufficientStorageError, JobCancelledError
+from .framestore import store_bytes
 from .media import AudioInfo, VideoInfo
+from .params import JobParams
+from .plan import needs_random_access, output_length, scratch_bytes, spools_frames
 
 GB = 10**9
 
@@ -45,30 +49,51 @@ GROWTH_STEP_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class ScratchEstimate:
-    frame_store_bytes: int  # raw RGB frames kept for ping-pong (0 when the audio is not longer)
-    output_bytes: int
+    frame_store_bytes: int  # raw RGB frames kept on disk (0 when the plan needs no store)
+    sound_bytes: int  # the output's sound track, when the plan lays it out anew (PCM)
+    output_bytes: int  # the output video
     output_frames: int
     stored_frames: int
+    random_access: bool  # the store is there because the plan goes back in the video (ping-pong)
 
     @property
     def total(self) -> int:
-        return self.frame_store_bytes + self.output_bytes
+        return self.frame_store_bytes + self.sound_bytes + self.output_bytes
 
 
-def estimate(video: VideoInfo, audio: AudioInfo) -> ScratchEstimate:
-    """What a job on these inputs writes, by the pipeline's own rules.
+def default_max_spool_bytes() -> int:
+    """The deployment's spool bound (LIP_SYNC_MAX_SPOOL_GB), as the pipeline reads it."""
+    from .settings import RunnerSettings
 
-    The output has floor(audio seconds x fps) frames; when that is more than the video's
-    frames, every source frame goes to the raw frame store (frames x width x height x 3).
-    One frame of slack on each side of that decision: the probe's counts are rounded.
+    return int(RunnerSettings().max_spool_gb * 2**30)
+
+
+def estimate(video: VideoInfo, audio: AudioInfo, params: JobParams | None = None, *,
+             max_spool_bytes: int | None = None) -> ScratchEstimate:
+    """What a job on these inputs writes at most, by the pipeline's own rules (plan.py).
+
+    The frame store (frames x width x height x 3) when plan.spools_frames says so on a cold
+    job: always when the plan goes back in the video (a longer audio with bounce, loop or
+    silence), otherwise while it stays under ``max_spool_bytes``; one frame of slack, as the
+    probe's count is rounded. Plus the laid-out sound track (plan.scratch_bytes) and the output.
     """
-    out_frames = math.floor(audio.duration * video.fps)
-    pixels = video.width * video.height
-    stored = video.frame_count_estimate + 1 if out_frames + 1 > video.frame_count_estimate else 0
-    output = math.ceil(out_frames * pixels * OUTPUT_BYTES_PER_PIXEL
-                       + max(audio.duration, out_frames / video.fps) * OUTPUT_AUDIO_BYTES_PER_S)
-    return ScratchEstimate(frame_store_bytes=stored * pixels * 3, output_bytes=output + OUTPUT_OVERHEAD_BYTES,
-                           output_frames=out_frames, stored_frames=stored)
+    params = params or JobParams()
+    spool = default_max_spool_bytes() if max_spool_bytes is None else int(max_spool_bytes)
+    fps, width, height = video.fps, video.width, video.height
+    n_video = max(1, video.frame_count_estimate)
+    n_audio = max(1, math.floor(audio.duration * fps))
+    stores = spools_frames(params, n_video=n_video, n_audio=n_audio, width=width, height=height,
+                           max_spool_bytes=spool, cold=True)
+    plan_total = scratch_bytes(params, n_video=n_video, width=width, height=height, fps=fps,
+                               audio_seconds=audio.duration, audio_rate=audio.sample_rate,
+                               audio_channels=audio.channels, max_spool_bytes=spool, cold=True)
+    sound = plan_total - (store_bytes(n_video, width, height) if stores else 0)
+    n_out = output_length(params.sync_mode, n_video, n_audio)
+    output = math.ceil(n_out * width * height * OUTPUT_BYTES_PER_PIXEL + n_out / fps * OUTPUT_AUDIO_BYTES_PER_S)
+    stored = n_video + 1 if stores else 0
+    return ScratchEstimate(frame_store_bytes=store_bytes(stored, width, height), sound_bytes=sound,
+                           output_bytes=output + OUTPUT_OVERHEAD_BYTES, output_frames=n_out, stored_frames=stored,
+                           random_access=needs_random_access(params.sync_mode, n_video, n_audio))
 
 
 def _gb(n: int | float) -> str:
@@ -84,18 +109,23 @@ class ScratchCap(Protocol):
 
 
 def check_admissible(video_info: VideoInfo, audio_info: AudioInfo, limits: ScratchCap,
-                     ledger: ScratchLedger | None = None) -> int:
+                     ledger: ScratchLedger | None = None, *, params: JobParams | None = None,
+                     max_spool_bytes: int | None = None) -> int:
     """The admission check, after probing: the job's scratch need in bytes.
 
     InputTooLargeError (413) when it is over the per-job cap; InsufficientStorageError (507)
     when ``ledger`` cannot hold it now (free space minus outstanding reservations minus the
     floor). Nothing is reserved: the job reserves when it starts.
     """
-    need = estimate(video_info, audio_info)
+    need = estimate(video_info, audio_info, params, max_spool_bytes=max_spool_bytes)
     cap = limits.max_job_scratch_bytes
     if cap and need.total > cap:
-        detail = (f"{need.stored_frames:,} raw {video_info.width}x{video_info.height} frames kept for the "
-                  f"ping-pong loop plus the output" if need.frame_store_bytes else "the output video")
+        if need.frame_store_bytes:
+            why = " for the ping-pong loop" if need.random_access else ""
+            detail = f"{need.stored_frames:,} raw {video_info.width}x{video_info.height} frames kept on disk{why} " \
+                     "plus the output"
+        else:
+            detail = "the output video"
         raise InputTooLargeError(
             f"this job would need about {_gb(need.total)} of scratch disk ({detail}), over the per-job limit "
             f"of {_gb(cap)}; use a shorter or smaller video, or audio no longer than the video")

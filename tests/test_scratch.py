@@ -47,18 +47,23 @@ def fake_disk(free: int):
 
 
 def test_ten_minutes_of_1080p_with_longer_audio_needs_about_112_gb_of_frames() -> None:
-    need = estimate(video(), audio(610))
-    assert need.stored_frames == 18_001  # every source frame (one of slack), kept raw for ping-pong
+    need = estimate(video(), audio(610))  # bounce (the default) plays the video back: the store at any size
+    assert need.random_access
+    assert need.stored_frames == 18_001  # every source frame (one of slack), kept raw
     assert need.frame_store_bytes == 18_001 * 1920 * 1080 * 3  # 112.0 GB
-    assert need.output_frames == 18_300
+    assert need.output_frames == 18_300 and need.sound_bytes == 0  # the audio is muxed as it is
     assert 1e9 < need.output_bytes < 3e9  # 18,300 H.264 frames at crf 18, generously
     assert need.total == need.frame_store_bytes + need.output_bytes
 
 
-def test_audio_no_longer_than_the_video_needs_only_the_output() -> None:
-    need = estimate(video(), audio(590))
-    assert need.frame_store_bytes == 0 and need.stored_frames == 0
-    assert need.total == need.output_bytes
+def test_a_forward_plan_stores_frames_only_while_they_fit_the_spool_bound() -> None:
+    assert estimate(video(), audio(590)).frame_store_bytes == 0  # 110 GB > 20 GiB: decoded twice instead
+    small = estimate(video(320, 240, Fraction(25), 2), audio(1))  # cold: the frames decoded to track are kept
+    assert small.frame_store_bytes == 51 * 320 * 240 * 3 and not small.random_access
+    assert estimate(video(320, 240, Fraction(25), 2), audio(1), max_spool_bytes=0).frame_store_bytes == 0
+    cut = estimate(video(seconds=10), audio(20), JobParams(sync_mode="cut_off"), max_spool_bytes=0)
+    assert cut.frame_store_bytes == 0 and cut.output_frames == 300  # cut_off never goes back
+    assert cut.sound_bytes > 0  # the sound track is laid out anew (cut to the video)
 
 
 # --------------------------------------------------------------------------- admission
@@ -67,9 +72,9 @@ def test_audio_no_longer_than_the_video_needs_only_the_output() -> None:
 def test_a_job_over_the_per_job_cap_is_413_at_admission(media_dir: Path) -> None:
     """2 s of 320x240 at 25 fps with 3.3 s of speech: 51 raw frames (11.8 MB) plus the output."""
     face, speech = media_dir / "face.mp4", media_dir / "speech_long.wav"
-    with pytest.raises(InputTooLargeError, match=r"about 1\d MB of scratch disk \(51 raw 320x240 frames kept for "
-                                                 r"the ping-pong loop plus the output\), over the per-job limit of "
-                                                 r"10 MB") as exc:
+    with pytest.raises(InputTooLargeError, match=r"about 1\d MB of scratch disk \(51 raw 320x240 frames kept on "
+                                                 r"disk for the ping-pong loop plus the output\), over the per-job "
+                                                 r"limit of 10 MB") as exc:
         validate_media(face, speech, ApiLimits(max_job_scratch_gb=0.01))
     assert exc.value.http_status == 413
     video_info, audio_info = validate_media(face, speech, ApiLimits(max_job_scratch_gb=0.02))

@@ -149,8 +149,8 @@ class Admission:
                 params = parse_fields({k: v for k, v in fields.items() if k != "wait"}, self.defaults)
                 video, audio = files[VIDEO_FIELD], files[AUDIO_FIELD]
                 # ffmpeg subprocesses: off the event loop
-                video_info, audio_info = await anyio.to_thread.run_sync(
-                    validate_media, job_dir / video.file_name, job_dir / audio.file_name, self.limits, self.scratch)
+                video_info, audio_info = await anyio.to_thread.run_sync(lambda: validate_media(
+                    job_dir / video.file_name, job_dir / audio.file_name, self.limits, self.scratch, params=params))
                 await anyio.to_thread.run_sync(write_thumbnail, job_dir / video.file_name, job_dir / THUMBNAIL_NAME,
                                                THUMBNAIL_WIDTH, video_info.demuxer)
                 record = await run_in_threadpool(lambda: manager.submit(

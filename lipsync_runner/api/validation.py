@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..media import PROBE_TIMEOUT_S, AudioInfo, MediaLimits, VideoInfo, probe_audio, probe_video
+from ..params import JobParams
 from ..scratch import ScratchLedger, check_admissible
 from .limits import ApiLimits
 
@@ -16,17 +17,17 @@ def media_limits(limits: ApiLimits) -> MediaLimits:
 
 
 def validate_media(video: Path, audio: Path, limits: ApiLimits, scratch: ScratchLedger | None = None, *,
-                   timeout_s: float = PROBE_TIMEOUT_S) -> tuple[VideoInfo, AudioInfo]:
+                   params: JobParams | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[VideoInfo, AudioInfo]:
     """Probe both files by content (InvalidInputError, 400) and check them against the limits.
 
     413 for size, duration, frame rate, frame count, or a scratch need over the per-job cap;
     507 when ``scratch`` (the data directory's ledger) cannot hold the job's scratch now.
-    ``timeout_s`` bounds each probe.
+    ``params``: the job's (the scratch need depends on the sync mode). ``timeout_s`` bounds each probe.
     """
     video_info = probe_video(video, timeout_s=timeout_s)
     audio_info = probe_audio(audio, timeout_s=timeout_s)
     checks = media_limits(limits)
     checks.check_video(video_info, video.name)
     checks.check_audio(audio_info, audio.name)
-    check_admissible(video_info, audio_info, limits, scratch)
+    check_admissible(video_info, audio_info, limits, scratch, params=params)
     return video_info, audio_info

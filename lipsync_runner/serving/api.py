@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import InsufficientStorageError, LipSyncError, ModelsNotReadyError
+from ..errors import InsufficientStorageError, ModelsNotReadyError
 from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
 from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, SQLiteJobStore
@@ -187,12 +187,10 @@ class ApiCore:
         health = self._wait_for_models(ctx)
         model = RemoteModel(self._submit(), chunk_frames=self.settings.chunk_frames, tag=job_tag(job.job_id),
                             timeout_s=self.settings.runner_timeout_s, weights_id=health.get("weights_id") or "")
-        options = PipelineOptions(
-            bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
-            version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
-            crf=self.runner_settings.crf, preset=self.runner_settings.preset,
-            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s, sharpen=job.params.sharpen,
-            limits=media_limits(self.limits))
+        options = PipelineOptions.from_settings(self.runner_settings, job.params,
+                                                version=health.get("model_version") or "v15",
+                                                batch_size=self.settings.chunk_frames * 4,
+                                                limits=media_limits(self.limits))
         output = self.files.output_path(job.job_id)
         video, audio = ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file
         start = time.perf_counter()
@@ -200,7 +198,7 @@ class ApiCore:
         # restart meets today's limits. The scratch reservation needs both probes.
         video_info, audio_info = validate_media(video, audio, self.limits, timeout_s=min(
             PROBE_TIMEOUT_S, self.runner_settings.ffmpeg_timeout_s))
-        need = estimate(video_info, audio_info).total
+        need = estimate(video_info, audio_info, job.params, max_spool_bytes=options.max_spool_bytes).total
         with self.scratch.reserve(need, directory=ctx.work_dir, wait_s=SCRATCH_WAIT_S,
                                   should_cancel=ctx.should_cancel) as reservation:
             result = run(model, self._face_detector(), video, audio, output, options,
