@@ -40,8 +40,8 @@ from .errors import InvalidInputError, JobCancelledError
 from .faces import FaceDetector, FaceTrack, track_faces
 from .framestore import FrameSource, FrameStore
 from .masks import MaskProvider, masks_for
-from .media import (PROBE_TIMEOUT_S, AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio,
-                    probe_video)
+from .media import (PROBE_TIMEOUT_S, AudioInfo, MediaLimits, VideoInfo, VideoReader, VideoWriter, decode_audio,
+                    probe_audio, probe_video)
 from .musetalk import LipSyncModel
 from .params import JobParams
 from .plan import DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, spools_frames
@@ -73,6 +73,7 @@ class PipelineOptions:
     speech: SpeechSettings = field(default_factory=SpeechSettings)
     fade_frames: int = DEFAULT_FADE_FRAMES
     max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
+    limits: MediaLimits = field(default_factory=MediaLimits)  # decoding stops (413) past these
 
     @classmethod
     def from_settings(cls, settings: RunnerSettings, params: JobParams | None = None, **overrides) -> "PipelineOptions":
@@ -186,7 +187,8 @@ def run(
     video, audio, output = Path(video), Path(audio), Path(output)
     info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s)[0]
     clock = StageClock()
-    frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s),
+    frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
+                                             max_frames=opts.limits.max_frames(info.fps)),
                          (info.height, info.width, 3), clock=clock, name=video.name)
     job = JobState(model=model, detector=detector, video=video, audio=audio, output=output, info=info, opts=opts,
                    clock=clock, report=progress or (lambda stage, fraction: None), should_cancel=should_cancel,
@@ -215,7 +217,8 @@ def _read_audio(job: JobState) -> None:
     job.report("audio", 0.0)
     fps = job.info.fps
     with job.clock("audio"):
-        job.pcm = decode_audio(job.audio, audio_math.SAMPLE_RATE, timeout_s=job.opts.ffmpeg_timeout_s)
+        job.pcm = decode_audio(job.audio, audio_math.SAMPLE_RATE, timeout_s=job.opts.ffmpeg_timeout_s,
+                               max_seconds=job.opts.limits.max_audio_seconds)
         job.n_audio = audio_math.frame_count(len(job.pcm), fps)
         if job.n_audio == 0:
             raise InvalidInputError(f"{job.audio.name} is shorter than one video frame")

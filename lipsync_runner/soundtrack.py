@@ -9,13 +9,14 @@ muxes that file. Times come from the plan as exact fractions and are cut at samp
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
 from .errors import MediaProcessingError
-from .media import ffmpeg_exe
+from .media import AUDIO_DEMUXERS, ffmpeg_exe, input_args
 from .plan import AudioPiece
 
 
@@ -45,8 +46,8 @@ def filter_graph(pieces: Sequence[AudioPiece]) -> str:
 def write_soundtrack(audio: Path, pieces: Sequence[AudioPiece], path: Path, *,
                      timeout_s: float | None = None) -> Path:
     """Write the sound track the pieces describe to `path` (WAV); MediaProcessingError if ffmpeg fails."""
-    source = f"file:{audio.resolve()}"  # as media.py does: a name like "a:b" or "-x" is no protocol or option
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-i", source,
+    source = f"file:{os.path.abspath(audio)}"  # the URL input_args names it by (to take it out of messages)
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", *input_args(audio, "", AUDIO_DEMUXERS),
            "-filter_complex", filter_graph(pieces), "-map", "[out]", "-c:a", "pcm_s16le", "-f", "wav",
            f"file:{path.resolve()}"]
     try:
