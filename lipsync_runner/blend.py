@@ -13,11 +13,19 @@ The mask is then blurred, forced to 0 above the box's middle row with a smooth r
 tapered to 0 at the box's sides and bottom so no hard edge is left at the box border. Only the
 bounding rectangle of the mask's non-zero pixels inside the box is touched: every pixel where the
 mask is 0, and everything outside the box, stays bit-identical to the input frame.
+
+Per-frame cost: a mask depends only on the box size (ellipse) or on the box size and the
+landmarks as ``cv2.fillPoly`` sees them (1/16 px fixed point), so masks are kept in LRU caches
+with the bounding rectangle of their non-zero pixels; only that rectangle of the frame is read,
+converted and written. The results are bit-identical to computing everything per frame.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -28,6 +36,9 @@ from .crops import box_is_valid, clip_box, resize_to_box
 UPPER_RATIO = 0.5
 #: Gaussian feather kernel size as a fraction of the box's larger side.
 FEATHER = 0.08
+#: Masks kept per process: box sizes of the videos in flight (ellipse), landmark shapes (jaw).
+ELLIPSE_CACHE_SIZE = 512
+POLYGON_CACHE_SIZE = 256
 
 
 def _odd(n: float) -> int:
@@ -35,40 +46,49 @@ def _odd(n: float) -> int:
     return n if n % 2 else n + 1
 
 
-def lower_face_mask(
-    box_hw: tuple[int, int],
-    landmarks_in_box: np.ndarray | None = None,
-    *,
-    upper_ratio: float = UPPER_RATIO,
-    feather: float = FEATHER,
-) -> np.ndarray:
-    """Feathered lower-face mask ``float32 [h, w]`` in [0, 1] for a crop box of size ``box_hw``.
+@dataclass(frozen=True)
+class BoxMask:
+    """A read-only mask ``float32 [h, w]`` and the rectangle ``rows r0:r1, cols c0:c1`` outside
+    which it is 0 (empty when r0 == r1): blending reads and writes only that rectangle."""
 
-    ``landmarks_in_box``: (68, 2) iBUG landmarks in box coordinates (frame landmarks minus the
-    box's x1, y1), or None / non-finite for the landmark-free ellipse. Rows above
-    ``upper_ratio * h`` are exactly 0; the box border (sides and bottom) is exactly 0.
-    """
-    h, w = int(box_hw[0]), int(box_hw[1])
-    if h <= 0 or w <= 0:
-        return np.zeros((max(h, 0), max(w, 0)), np.float32)
+    mask: np.ndarray
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> BoxMask:
+        rows = np.flatnonzero(mask.any(axis=1))
+        if len(rows) == 0:
+            return cls(mask, 0, 0, 0, 0)
+        cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
+        return cls(mask, int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+
+    @property
+    def empty(self) -> bool:
+        return self.r1 <= self.r0
+
+    def weights(self, scale: float = 1.0) -> np.ndarray:
+        """The non-zero rectangle as ``[r, c, 1]`` float32, times ``scale`` (a cross-fade weight)."""
+        sub = self.mask[self.r0 : self.r1, self.c0 : self.c1, None]
+        return sub if scale == 1.0 else sub * np.float32(scale)
+
+
+def _feathered(canvas: np.ndarray, h: int, w: int, upper_ratio: float, feather: float) -> np.ndarray:
+    """Blur the drawn shape and apply the top ramp and the border taper (see the module docstring)."""
     k = _odd(feather * max(h, w))
     r = k // 2
     top = upper_ratio * h
-
-    canvas = np.zeros((h, w), np.uint8)
-    lm = None if landmarks_in_box is None else np.asarray(landmarks_in_box, dtype=np.float64)
-    if lm is not None and lm.shape == (68, 2) and np.all(np.isfinite(lm)):
-        jaw = lm[2:15]
-        y_close = max(top, float(lm[29, 1]))
-        poly = np.concatenate([[[jaw[0, 0], y_close]], jaw, [[jaw[-1, 0], y_close]]])
-        cv2.fillPoly(canvas, [np.rint(poly * 16).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
-    else:
-        # mouth and chin of a frontal face in a MuseTalk crop box: the box's middle row is about
-        # the nose bridge, the chin close to the bottom
-        center = (int(round(w * 0.5 * 16)), int(round(h * 0.70 * 16)))
-        axes = (int(round(w * 0.36 * 16)), int(round(h * 0.26 * 16)))
-        cv2.ellipse(canvas, center, axes, 0, 0, 360, 255, thickness=-1, lineType=cv2.LINE_AA, shift=4)
-    mask = cv2.GaussianBlur(canvas, (k, k), 0).astype(np.float32) * (1.0 / 255.0)
+    # The top ramp zeroes every row above ceil(top - 0.5) whatever the blur gives it, so only the
+    # rows below, plus the kernel's reach r above them, are blurred. cv2's 8-bit Gaussian is
+    # separable and bit-exact, so those rows equal the whole-canvas blur's; the r rows at the cut
+    # see a reflected border instead, and the ramp zeroes them.
+    t0 = max(0, math.ceil(top - 0.5) - r)
+    mask = np.zeros((h, w), np.float32)
+    if t0 < h:
+        mask[t0:] = cv2.GaussianBlur(canvas[t0:], (k, k), 0)
+        mask[t0:] *= np.float32(1.0 / 255.0)
 
     # smooth ramp from 0 at the top boundary to 1 one kernel below it
     ys = (np.arange(h, dtype=np.float32) + 0.5 - top) / max(k, 1)
@@ -85,60 +105,171 @@ def lower_face_mask(
     return mask
 
 
+@lru_cache(maxsize=ELLIPSE_CACHE_SIZE)
+def _ellipse_mask(h: int, w: int, upper_ratio: float, feather: float) -> BoxMask:
+    # mouth and chin of a frontal face in a MuseTalk crop box: the box's middle row is about
+    # the nose bridge, the chin close to the bottom
+    canvas = np.zeros((h, w), np.uint8)
+    center = (int(round(w * 0.5 * 16)), int(round(h * 0.70 * 16)))
+    axes = (int(round(w * 0.36 * 16)), int(round(h * 0.26 * 16)))
+    cv2.ellipse(canvas, center, axes, 0, 0, 360, 255, thickness=-1, lineType=cv2.LINE_AA, shift=4)
+    mask = _feathered(canvas, h, w, upper_ratio, feather)
+    mask.setflags(write=False)
+    return BoxMask.of(mask)
+
+
+@lru_cache(maxsize=POLYGON_CACHE_SIZE)
+def _polygon_mask(h: int, w: int, poly: bytes, upper_ratio: float, feather: float) -> BoxMask:
+    canvas = np.zeros((h, w), np.uint8)
+    points = np.frombuffer(poly, dtype=np.int32).reshape(-1, 2)
+    cv2.fillPoly(canvas, [points], 255, lineType=cv2.LINE_AA, shift=4)
+    mask = _feathered(canvas, h, w, upper_ratio, feather)
+    mask.setflags(write=False)
+    return BoxMask.of(mask)
+
+
+def _jaw_polygon(lm: np.ndarray, top: float) -> bytes | None:
+    """The jaw region in fillPoly's 1/16 px fixed point (the cache key), or None without landmarks."""
+    if lm.shape != (68, 2) or not np.all(np.isfinite(lm)):
+        return None
+    jaw = lm[2:15]
+    y_close = max(top, float(lm[29, 1]))
+    poly = np.concatenate([[[jaw[0, 0], y_close]], jaw, [[jaw[-1, 0], y_close]]])
+    return np.rint(poly * 16).astype(np.int32).tobytes()
+
+
+def box_mask(
+    box_hw: tuple[int, int],
+    landmarks_in_box: np.ndarray | None = None,
+    *,
+    upper_ratio: float = UPPER_RATIO,
+    feather: float = FEATHER,
+) -> BoxMask:
+    """The cached :func:`lower_face_mask` with its non-zero rectangle (shared: read-only)."""
+    h, w = int(box_hw[0]), int(box_hw[1])
+    if h <= 0 or w <= 0:
+        return BoxMask(np.zeros((max(h, 0), max(w, 0)), np.float32), 0, 0, 0, 0)
+    poly = None
+    if landmarks_in_box is not None:
+        poly = _jaw_polygon(np.asarray(landmarks_in_box, dtype=np.float64), upper_ratio * h)
+    if poly is None:
+        return _ellipse_mask(h, w, float(upper_ratio), float(feather))
+    return _polygon_mask(h, w, poly, float(upper_ratio), float(feather))
+
+
+def lower_face_mask(
+    box_hw: tuple[int, int],
+    landmarks_in_box: np.ndarray | None = None,
+    *,
+    upper_ratio: float = UPPER_RATIO,
+    feather: float = FEATHER,
+) -> np.ndarray:
+    """Feathered lower-face mask ``float32 [h, w]`` in [0, 1] for a crop box of size ``box_hw``.
+
+    ``landmarks_in_box``: (68, 2) iBUG landmarks in box coordinates (frame landmarks minus the
+    box's x1, y1), or None / non-finite for the landmark-free ellipse. Rows above
+    ``upper_ratio * h`` are exactly 0; the box border (sides and bottom) is exactly 0.
+    Returns the caller's own (writable) copy of the cached mask.
+    """
+    return box_mask(box_hw, landmarks_in_box, upper_ratio=upper_ratio, feather=feather).mask.copy()
+
+
+def _frame_landmarks(landmarks: np.ndarray | None, i: int, x1: int, y1: int) -> np.ndarray | None:
+    if landmarks is None:
+        return None
+    lm = np.asarray(landmarks[i], dtype=np.float64)
+    if not np.all(np.isfinite(lm)):
+        return None
+    return lm - np.array([x1, y1], dtype=np.float64)
+
+
+def _given_mask(mask: np.ndarray, box, clipped: tuple[int, int, int, int]) -> BoxMask:
+    """A caller's mask for the clipped box; a mask of the whole (unclipped) box is cut to it."""
+    x1, y1, x2, y2 = clipped
+    h, w = y2 - y1, x2 - x1
+    mask = np.asarray(mask, dtype=np.float32)
+    if mask.shape != (h, w):
+        bx1, by1, bx2, by2 = (int(c) for c in box)
+        if mask.shape != (by2 - by1, bx2 - bx1):
+            raise ValueError(f"mask {mask.shape} does not match box size {(h, w)}")
+        mask = mask[y1 - by1 : y2 - by1, x1 - bx1 : x2 - bx1]
+    return BoxMask.of(mask)
+
+
 def blend_faces(
-    frames: np.ndarray,
+    frames: np.ndarray | Sequence[np.ndarray],
     faces: np.ndarray,
     boxes: np.ndarray,
     landmarks: np.ndarray | None = None,
     *,
     masks: Sequence[np.ndarray | None] | None = None,
+    weights: Sequence[float] | np.ndarray | None = None,
     inplace: bool = False,
     upper_ratio: float = UPPER_RATIO,
     feather: float = FEATHER,
-) -> np.ndarray:
+) -> np.ndarray | list[np.ndarray]:
     """Paste generated faces ``[B, s, s, 3]`` into frames ``[B, H, W, 3]`` at ``boxes`` ``[B, 4]``.
 
-    ``landmarks``: ``[B, 68, 2]`` in frame pixels (NaN rows allowed) or None. Frames whose box row
-    is invalid (-1: no face) are left as they are. ``masks``: optional precomputed
-    :func:`lower_face_mask` per frame (matching the box size), e.g. from a per-video cache.
+    * ``landmarks``: ``[B, 68, 2]`` in frame pixels (NaN rows allowed) or None. Frames whose box row
+      is invalid (-1: no face) are left as they are.
+    * ``masks``: optional per-frame masks in box coordinates, float in [0, 1] (e.g. face-parsing
+      masks, or :func:`lower_face_mask` from a per-video cache): the size of the box clipped to the
+      frame, or of the whole box (then cut to the frame). A None entry gets the default mask.
+    * ``weights``: optional ``[B]`` floats in [0, 1] that scale each frame's mask (cross-fades:
+      1 = the generated face as masked, 0 = the source frame unchanged).
+    * ``frames`` may also be a list of ``[H, W, 3]`` arrays, e.g. views of the face frames of a
+      larger chunk: they are blended in place (``inplace=True`` is required) and no whole frame is
+      copied.
 
     Returns a new array, or ``frames`` itself modified in place with ``inplace=True`` (cheaper:
     only the blended rectangles are written).
     """
-    frames = np.asarray(frames)
-    out = frames if inplace else frames.copy()
+    if isinstance(frames, np.ndarray):
+        out = frames if inplace else frames.copy()
+        H, W = out.shape[1:3]
+    else:
+        if not inplace:
+            raise ValueError("a list of frames is blended in place: pass inplace=True")
+        out = list(frames)
+        H, W = (out[0].shape[:2]) if out else (0, 0)
     boxes = np.asarray(boxes).reshape(-1, 4)
     if not (len(out) == len(faces) == len(boxes)):
         raise ValueError(f"{len(out)} frames, {len(faces)} faces and {len(boxes)} boxes")
-    H, W = out.shape[1:3]
+    if masks is not None and len(masks) != len(out):
+        raise ValueError(f"{len(out)} frames but {len(masks)} masks")
+    scale = None
+    if weights is not None:
+        scale = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if len(scale) != len(out):
+            raise ValueError(f"{len(out)} frames but {len(scale)} weights")
+        if not np.all((scale >= 0) & (scale <= 1)):
+            raise ValueError("blend weights must be in [0, 1]")
     for i in range(len(out)):
         box = boxes[i]
-        if not box_is_valid(box):
+        if not box_is_valid(box) or (scale is not None and scale[i] == 0):
             continue
+        frame = out[i]
+        if frame.shape[:2] != (H, W):
+            raise ValueError(f"frame {i} is {frame.shape[:2]}, frame 0 is {(H, W)}")
         x1, y1, x2, y2 = clip_box(box, (H, W))
         if x2 <= x1 or y2 <= y1:
             continue
-        h, w = y2 - y1, x2 - x1
-        mask = None if masks is None else masks[i]
-        if mask is None:
-            lm = None
-            if landmarks is not None:
-                lm_i = np.asarray(landmarks[i], dtype=np.float64)
-                if np.all(np.isfinite(lm_i)):
-                    lm = lm_i - np.array([x1, y1], dtype=np.float64)
-            mask = lower_face_mask((h, w), lm, upper_ratio=upper_ratio, feather=feather)
-        elif mask.shape != (h, w):
-            raise ValueError(f"mask {mask.shape} does not match box size {(h, w)}")
-        rows = np.flatnonzero(mask.any(axis=1))
-        if len(rows) == 0:
+        given = None if masks is None else masks[i]
+        if given is None:
+            bm = box_mask((y2 - y1, x2 - x1), _frame_landmarks(landmarks, i, x1, y1),
+                          upper_ratio=upper_ratio, feather=feather)
+        else:
+            bm = _given_mask(given, box, (x1, y1, x2, y2))
+        if bm.empty:
             continue
-        cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
-        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        face = resize_to_box(np.asarray(faces[i]), (x1, y1, x2, y2))[r0:r1, c0:c1].astype(np.float32)
-        region = out[i, y1 + r0 : y1 + r1, x1 + c0 : x1 + c1]
-        m = mask[r0:r1, c0:c1, None]
+        m = bm.weights(1.0 if scale is None else float(scale[i]))
+        face = resize_to_box(np.asarray(faces[i]), (x1, y1, x2, y2))
+        diff = face[bm.r0 : bm.r1, bm.c0 : bm.c1].astype(np.float32)
+        region = frame[y1 + bm.r0 : y1 + bm.r1, x1 + bm.c0 : x1 + bm.c1]
         base = region.astype(np.float32)
-        base += m * (face - base)
+        diff -= base
+        diff *= m
+        base += diff  # base + m * (face - base)
         base += 0.5
-        region[...] = base.astype(np.uint8)  # truncation after +0.5: rounding; m == 0 -> unchanged
+        np.copyto(region, base, casting="unsafe")  # truncation after +0.5: rounding; m == 0 -> unchanged
     return out
