@@ -248,8 +248,8 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
     def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
         if pending is not None:
             with clock("blend"):
-                frames[pending.sel] = blend_faces(frames[pending.sel], pending.faces, pending.boxes,
-                                                  pending.landmarks, inplace=True)
+                blend_faces([frames[i] for i in pending.sel], pending.faces, pending.boxes, pending.landmarks,
+                            inplace=True)  # views: only the face rectangles are written, no frame copied
         with clock("encode"):
             writer.write(frames)
         return len(frames)
@@ -303,10 +303,10 @@ def _generate_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, fr
     landmarks = track.landmarks[src_idx[sel]] if track.landmarks is not None else None
     with clock("prepare"):
         if avatar is None:
-            latents = model.prepare(crop_faces(frames[sel], boxes))
+            latents = model.prepare(crop_faces([frames[i] for i in sel], boxes))
         else:  # only frames no job has prepared before go through the VAE encoder
             latents = avatar.latents_for(src_idx[sel],
-                                         lambda rows: model.prepare(crop_faces(frames[sel[rows]], boxes[rows])))
+                                         lambda rows: model.prepare(crop_faces([frames[i] for i in sel[rows]], boxes[rows])))
     with clock("generate"):
         windows = audio_math.frame_windows(steps, out_idx[sel], fps)
         faces = model.generate(latents, windows)
