@@ -174,26 +174,47 @@ def lower_face_mask(
     return box_mask(box_hw, landmarks_in_box, upper_ratio=upper_ratio, feather=feather).mask.copy()
 
 
-def _frame_landmarks(landmarks: np.ndarray | None, i: int, x1: int, y1: int) -> np.ndarray | None:
-    if landmarks is None:
-        return None
-    lm = np.asarray(landmarks[i], dtype=np.float64)
-    if not np.all(np.isfinite(lm)):
-        return None
-    return lm - np.array([x1, y1], dtype=np.float64)
-
-
-def _given_mask(mask: np.ndarray, box, clipped: tuple[int, int, int, int]) -> BoxMask:
-    """A caller's mask for the clipped box; a mask of the whole (unclipped) box is cut to it."""
+def frame_mask(
+    i: int,
+    box,
+    clipped: tuple[int, int, int, int],
+    landmarks: np.ndarray | None = None,
+    masks: Sequence[np.ndarray | None] | None = None,
+    *,
+    upper_ratio: float = UPPER_RATIO,
+    feather: float = FEATHER,
+) -> BoxMask:
+    """Frame i's mask for its box ``clipped`` to the frame: the caller's ``masks[i]`` (of the
+    clipped box, or of the whole box, then cut to the frame), else the cached lower-face mask."""
     x1, y1, x2, y2 = clipped
     h, w = y2 - y1, x2 - x1
-    mask = np.asarray(mask, dtype=np.float32)
+    given = None if masks is None else masks[i]
+    if given is None:
+        lm = None
+        if landmarks is not None:
+            lm_i = np.asarray(landmarks[i], dtype=np.float64)
+            if np.all(np.isfinite(lm_i)):
+                lm = lm_i - np.array([x1, y1], dtype=np.float64)
+        return box_mask((h, w), lm, upper_ratio=upper_ratio, feather=feather)
+    mask = np.asarray(given, dtype=np.float32)
     if mask.shape != (h, w):
         bx1, by1, bx2, by2 = (int(c) for c in box)
         if mask.shape != (by2 - by1, bx2 - bx1):
             raise ValueError(f"mask {mask.shape} does not match box size {(h, w)}")
         mask = mask[y1 - by1 : y2 - by1, x1 - bx1 : x2 - bx1]
     return BoxMask.of(mask)
+
+
+def blend_weights(weights: Sequence[float] | np.ndarray | None, n: int) -> np.ndarray | None:
+    """Validated per-frame cross-fade weights (float64 [n] in [0, 1]), or None."""
+    if weights is None:
+        return None
+    scale = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(scale) != n:
+        raise ValueError(f"{n} frames but {len(scale)} weights")
+    if not np.all((scale >= 0) & (scale <= 1)):
+        raise ValueError("blend weights must be in [0, 1]")
+    return scale
 
 
 def blend_faces(
@@ -237,13 +258,7 @@ def blend_faces(
         raise ValueError(f"{len(out)} frames, {len(faces)} faces and {len(boxes)} boxes")
     if masks is not None and len(masks) != len(out):
         raise ValueError(f"{len(out)} frames but {len(masks)} masks")
-    scale = None
-    if weights is not None:
-        scale = np.asarray(weights, dtype=np.float64).reshape(-1)
-        if len(scale) != len(out):
-            raise ValueError(f"{len(out)} frames but {len(scale)} weights")
-        if not np.all((scale >= 0) & (scale <= 1)):
-            raise ValueError("blend weights must be in [0, 1]")
+    scale = blend_weights(weights, len(out))
     for i in range(len(out)):
         box = boxes[i]
         if not box_is_valid(box) or (scale is not None and scale[i] == 0):
@@ -254,12 +269,7 @@ def blend_faces(
         x1, y1, x2, y2 = clip_box(box, (H, W))
         if x2 <= x1 or y2 <= y1:
             continue
-        given = None if masks is None else masks[i]
-        if given is None:
-            bm = box_mask((y2 - y1, x2 - x1), _frame_landmarks(landmarks, i, x1, y1),
-                          upper_ratio=upper_ratio, feather=feather)
-        else:
-            bm = _given_mask(given, box, (x1, y1, x2, y2))
+        bm = frame_mask(i, box, (x1, y1, x2, y2), landmarks, masks, upper_ratio=upper_ratio, feather=feather)
         if bm.empty:
             continue
         m = bm.weights(1.0 if scale is None else float(scale[i]))

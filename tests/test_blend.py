@@ -6,9 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync_runner.blend import blend_faces, lower_face_mask
+from lipsync_runner.blend import _ellipse_mask, blend_faces, lower_face_mask
 from lipsync_runner.crops import CROP_SIZE, crop_faces
-from lipsync_runner.testing import synthetic_landmarks
+from lipsync_runner.testing import landmarks_for_boxes, synthetic_landmarks
+
+from . import blend_reference as ref
 
 H, W = 360, 640
 BOX = (260, 80, 380, 240)  # x1, y1, x2, y2: 120 wide, 160 high
@@ -146,42 +148,9 @@ def test_blend_of_the_unchanged_crop_is_nearly_lossless():
 # The per-frame cost work (issue 16) must not change a pixel: the crops, masks and blends below are
 # compared with tests/blend_reference.py, the code as it was before, on a real face clip.
 
-from lipsync_runner.blend import _ellipse_mask  # noqa: E402
 
-from . import blend_reference as ref  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """25 frames of a 640x360 talking head (frame 8 without a face), their Haar crop boxes, and
-    generated faces that differ from the frames everywhere."""
-    from lipsync_runner.faces import HaarFaceDetector, track_faces
-    from lipsync_runner.media import VideoReader
-    from lipsync_runner.testing import write_face_video
-
-    path = write_face_video(tmp_path_factory.mktemp("clip") / "face.mp4", seconds=1.0, size=(640, 360),
-                            blank_frames=(8,))
-    with VideoReader(path) as reader:
-        frames = reader.read_chunk(64)
-    track = track_faces([frames], HaarFaceDetector(), detect_every=2, fill_gaps=0)
-    assert not track.has_face[8] and track.has_face.sum() >= 20
-    faces = 255 - ref.crop_faces(frames, track.boxes)  # a face, in negative: differs from the frame
-    return frames, track.boxes, faces
-
-
-def _landmarks_for(boxes, seed=0):
-    """Per-frame jaw landmarks that follow each box, jittered by sub-pixel amounts (as a tracker's)."""
-    rng = np.random.default_rng(seed)
-    lms = np.full((len(boxes), 68, 2), np.nan)
-    for i, (x1, y1, x2, y2) in enumerate(boxes):
-        if x1 >= 0:
-            lms[i] = synthetic_landmarks(x1 + 4, x2 - 4, y29=(y1 + y2 - 10) / 2, chin=y2 - 10)
-            lms[i] += rng.normal(0, 0.3, (68, 2))
-    return lms
-
-
-def test_crops_match_the_old_code_on_the_test_clip(clip):
-    frames, boxes, _ = clip
+def test_crops_match_the_old_code_on_the_test_clip(face_clip):
+    frames, boxes, _ = face_clip
     off_frame = boxes.copy()
     off_frame[off_frame[:, 0] >= 0] += [320, 200, 320, 200]  # partly right of and below the frame
     face = boxes[:, 0] >= 0
@@ -192,9 +161,9 @@ def test_crops_match_the_old_code_on_the_test_clip(clip):
 
 
 @pytest.mark.parametrize("case", ["ellipse", "landmarks", "off_frame"])
-def test_blend_matches_the_old_code_on_the_test_clip(clip, case):
-    frames, boxes, faces = clip
-    lms = _landmarks_for(boxes) if case == "landmarks" else None
+def test_blend_matches_the_old_code_on_the_test_clip(face_clip, case):
+    frames, boxes, faces = face_clip
+    lms = landmarks_for_boxes(boxes) if case == "landmarks" else None
     if case == "off_frame":
         boxes = boxes.copy()
         boxes[boxes[:, 0] >= 0] += [320, 200, 320, 200]  # partly outside
@@ -215,8 +184,8 @@ def test_masks_match_the_old_code_for_every_size_and_kernel():
                                           ref.lower_face_mask((h, w), lm, upper_ratio=upper, feather=feather))
 
 
-def test_masks_are_computed_once_per_box_size(clip):
-    frames, boxes, faces = clip
+def test_masks_are_computed_once_per_box_size(face_clip):
+    frames, boxes, faces = face_clip
     _ellipse_mask.cache_clear()
     blend_faces(frames, faces, boxes)
     sizes = {(int(y2 - y1), int(x2 - x1)) for x1, y1, x2, y2 in boxes if x1 >= 0}
@@ -228,8 +197,8 @@ def test_masks_are_computed_once_per_box_size(clip):
     assert lower_face_mask(next(iter(sizes))).any()
 
 
-def test_weights_scale_each_frames_mask(clip):
-    frames, boxes, faces = clip
+def test_weights_scale_each_frames_mask(face_clip):
+    frames, boxes, faces = face_clip
     sel = np.flatnonzero(boxes[:, 0] >= 0)[:3]
     f, fa, b = frames[sel], faces[sel], boxes[sel]
     full = blend_faces(f, fa, b)
@@ -246,8 +215,8 @@ def test_weights_scale_each_frames_mask(clip):
             blend_faces(f, fa, b, weights=bad)
 
 
-def test_a_list_of_frame_views_is_blended_in_place_without_copying_frames(clip):
-    frames, boxes, faces = clip
+def test_a_list_of_frame_views_is_blended_in_place_without_copying_frames(face_clip):
+    frames, boxes, faces = face_clip
     chunk = frames[:10].copy()
     sel = np.flatnonzero(boxes[:10, 0] >= 0)
     views = [chunk[i] for i in sel]
