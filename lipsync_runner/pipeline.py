@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from .crops import crop_faces
 from .errors import InvalidInputError, JobCancelledError, MediaProcessingError
 from .faces import FaceDetector, FaceTrack, track_faces
 from .framestore import FrameStore, pingpong_indices
+from .hwcodecs import VideoCodecs, video_codecs
 from .media import (PROBE_TIMEOUT_S, AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio,
                     probe_video)
 from .musetalk import LipSyncModel
@@ -54,6 +55,7 @@ class PipelineOptions:
     crf: int = 18
     preset: str = "veryfast"
     ffmpeg_timeout_s: float | None = None
+    codecs: VideoCodecs | None = None  # NVDEC/NVENC or software; None: hwcodecs.video_codecs() (detected once)
 
 
 @dataclass
@@ -110,6 +112,7 @@ def run(
     `video_info`: the inputs were already checked with validate_inputs (do not probe them again).
     """
     opts = options or PipelineOptions()
+    opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
     video, audio, output = Path(video), Path(audio), Path(output)
     clock = StageClock()
     report = progress or (lambda stage, fraction: None)
@@ -180,7 +183,7 @@ def _prepared_video(cache: AvatarCache | None, model: LipSyncModel, detector: Fa
 def _fill_store(video: Path, info: VideoInfo, opts: PipelineOptions, clock: StageClock, store: FrameStore,
                 check_cancel: Callable[[], None]) -> None:
     """Decode every frame into the store (ping-pong needs them), without face detection."""
-    with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s) as reader:
+    with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s, hwaccel=opts.codecs.hwaccel) as reader:
         for chunk in _chunks(reader, DETECT_CHUNK, clock):
             check_cancel()
             store.append(chunk)
@@ -203,7 +206,7 @@ def _track(video: Path, info: VideoInfo, detector: FaceDetector, opts: PipelineO
 
     def frames() -> Iterator[np.ndarray]:
         done = 0
-        with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s) as reader:
+        with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s, hwaccel=opts.codecs.hwaccel) as reader:
             for chunk in _chunks(reader, DETECT_CHUNK, clock):
                 check_cancel()
                 if store is not None:
@@ -229,7 +232,8 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
     (decode) and chunk k-1 is blended and encoded. Each stage keeps its order; at most three
     chunks are in memory; the first error from any stage stops the others and is raised."""
     n_src = len(track.has_face)
-    reader = None if store is not None else VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s)
+    reader = None if store is not None else VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
+                                                        hwaccel=opts.codecs.hwaccel)
     source = _chunks(reader, opts.batch_size, clock) if reader is not None else None
     starts = list(range(0, n_out, opts.batch_size))
     written = 0
@@ -256,7 +260,7 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
 
     try:
         with VideoWriter(output, info.width, info.height, info.fps, audio_path=audio, crf=opts.crf,
-                         preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s) as writer, \
+                         preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder) as writer, \
                 ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
             next_read = pool.submit(read, starts[0])
             last_write: Future | None = None

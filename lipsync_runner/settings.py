@@ -31,6 +31,8 @@ class RunnerSettings(BaseSettings):
     preset: str = Field(default="veryfast", description="x264 preset of the output video.")
     ffmpeg_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one ffmpeg process.")
     compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
+    hw_codecs: Literal["auto", "off"] = Field(
+        default="auto", description="auto: NVDEC/NVENC when ffmpeg has them and a GPU takes a trial frame; off: never.")
 
 
 def resolve_device(device: str) -> str:
