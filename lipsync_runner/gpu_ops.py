@@ -38,27 +38,31 @@ _S45 = 0.70710678118654752440084436210485
 _LANCZOS_CS = ((1, 0), (-_S45, -_S45), (0, 1), (_S45, -_S45), (-1, 0), (_S45, _S45), (0, -1), (-_S45, _S45))
 
 
-def _lanczos4_coeffs(x: np.float32) -> np.ndarray:
-    """OpenCV's 8 Lanczos-4 coefficients for a fractional offset ``x`` (float32 like OpenCV)."""
-    y0 = -(float(x) + 3) * math.pi * 0.25
-    s0, c0 = math.sin(y0), math.cos(y0)
-    c = np.zeros(8, np.float32)
-    total = np.float32(0)
-    for i in range(8):
-        yi = np.float32(x + np.float32(3 - i))
-        if abs(yi) >= 1e-6:
-            y = -float(yi) * math.pi * 0.25
-            c[i] = np.float32((_LANCZOS_CS[i][0] * s0 + _LANCZOS_CS[i][1] * c0) / (y * y))
-        else:
-            c[i] = np.float32(1e30)  # OpenCV's way of making this tap 1 and the others 0
-        total = np.float32(total + c[i])
-    return c * (np.float32(1) / total)
+def _lanczos4_coeffs(x: np.ndarray) -> np.ndarray:
+    """OpenCV's 8 Lanczos-4 coefficients ``float32 [n, 8]`` for fractional offsets ``x`` ``float32 [n]``,
+    with OpenCV's float32 roundings (interpolateLanczos4 in imgproc/src/resize.cpp)."""
+    x3 = (x + np.float32(3)).astype(np.float32)
+    y0 = -x3.astype(np.float64) * math.pi * 0.25
+    s0, c0 = np.sin(y0)[:, None], np.cos(y0)[:, None]
+    taps = np.arange(8)
+    yi = (x3[:, None] - taps.astype(np.float32)[None, :]).astype(np.float32)
+    y = -yi.astype(np.float64) * math.pi * 0.25
+    cs = np.array(_LANCZOS_CS)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = ((cs[:, 0] * s0 + cs[:, 1] * c0) / (y * y)).astype(np.float32)
+    c = np.where(np.abs(yi) >= np.float32(1e-6), c, np.float32(1e30))  # OpenCV: this tap 1, the others 0
+    total = np.zeros(len(x), np.float32)
+    for k in taps:  # OpenCV sums in order, in float32
+        total = (total + c[:, k]).astype(np.float32)
+    return (c * (np.float32(1) / total)[:, None]).astype(np.float32)
 
 
-def _source_position(d: int, scale: float) -> tuple[int, np.float32]:
-    fx = np.float32((d + 0.5) * scale - 0.5)
-    sx = math.floor(fx)
-    return sx, np.float32(fx - np.float32(sx))
+def _source_positions(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer source index and float32 fraction of each output sample, as OpenCV's resize computes them."""
+    scale = 1.0 / (dst / src)  # OpenCV: scale_x = 1. / inv_scale_x
+    fx = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
+    sx = np.floor(fx).astype(np.int64)
+    return sx, (fx - sx.astype(np.float32)).astype(np.float32)
 
 
 @lru_cache(maxsize=1024)
@@ -71,30 +75,27 @@ def resize_matrix(src: int, dst: int, kind: str) -> np.ndarray:
     if src <= 0 or dst <= 0:
         raise ValueError(f"cannot resize {src} samples to {dst}")
     m = np.zeros((dst, src), np.float64)
-    scale = src / dst
+    rows = np.arange(dst)
     if kind == "lanczos4":
-        for d in range(dst):
-            sx, fx = _source_position(d, scale)
-            fixed = np.rint(_lanczos4_coeffs(fx) * np.float32(_COEF_SCALE))
-            for k in range(8):  # taps beyond the edge repeat the edge sample
-                m[d, min(max(sx - 3 + k, 0), src - 1)] += fixed[k]
+        sx, fx = _source_positions(src, dst)
+        fixed = np.rint(_lanczos4_coeffs(fx) * np.float32(_COEF_SCALE))
+        for k in range(8):  # taps beyond the edge repeat the edge sample
+            np.add.at(m, (rows, np.clip(sx - 3 + k, 0, src - 1)), fixed[:, k])
         m /= _COEF_SCALE
     elif kind == "linear":
-        for d in range(dst):
-            sx, fx = _source_position(d, scale)
-            if sx < 0:
-                sx, fx = 0, np.float32(0)
-            if sx >= src - 1:
-                sx, fx = src - 1, np.float32(0)
-            m[d, sx] += np.rint(np.float32(1 - fx) * np.float32(_COEF_SCALE))
-            m[d, min(sx + 1, src - 1)] += np.rint(fx * np.float32(_COEF_SCALE))
+        sx, fx = _source_positions(src, dst)
+        edge = (sx < 0) | (sx >= src - 1)
+        fx = np.where(edge, np.float32(0), fx).astype(np.float32)
+        sx = np.clip(sx, 0, src - 1)
+        np.add.at(m, (rows, sx), np.rint((np.float32(1) - fx) * np.float32(_COEF_SCALE)))
+        np.add.at(m, (rows, np.minimum(sx + 1, src - 1)), np.rint(fx * np.float32(_COEF_SCALE)))
         m /= _COEF_SCALE
     elif kind == "area":
-        for d in range(dst):
-            a, b = d * scale, (d + 1) * scale
-            for s in range(int(math.floor(a)), min(src, int(math.ceil(b)))):
-                m[d, s] = max(0.0, min(b, s + 1) - max(a, s))
-            m[d] /= m[d].sum()
+        scale = src / dst
+        lo, hi = rows[:, None] * scale, (rows[:, None] + 1) * scale
+        cells = np.arange(src)[None, :]
+        m = np.clip(np.minimum(hi, cells + 1) - np.maximum(lo, cells), 0.0, None)
+        m /= m.sum(axis=1, keepdims=True)
     else:
         raise ValueError(f"unknown resize kind {kind!r} (lanczos4, linear, area)")
     m.setflags(write=False)
@@ -106,31 +107,35 @@ def _as_tensor(x, device: torch.device | str | None) -> torch.Tensor:
     return t if device is None else t.to(device)
 
 
-def _resize_batch(images: list[torch.Tensor], sizes: list[tuple[int, int]], kinds: list[str],
+def _resize_batch(images: list[torch.Tensor], windows: list[tuple[int, int, int, int, int, int]], kinds: list[str],
                   dtype: torch.dtype) -> torch.Tensor:
-    """Resize images ``[h_i, w_i, C]`` to ``sizes[i]`` = (out_h, out_w) in one batched matmul.
+    """Resize images ``[h_i, w_i, C]`` in one batched pair of matmuls.
 
-    Returns float ``[B, max out_h, max out_w, C]`` before rounding; rows/cols past an image's own
-    output size are 0.
+    ``windows[i]`` = (out_h, out_w, r0, r1, c0, c1): the image is resized to out_h x out_w and only
+    rows r0:r1, cols c0:c1 of the result are computed (each output pixel depends only on its own
+    row and column of the matrices, so this equals cutting the full resize). Returns float
+    ``[B, max rows, max cols, C]`` before rounding, zero past each image's own window.
     """
     dev = images[0].device
     hin = max(im.shape[0] for im in images)
     win = max(im.shape[1] for im in images)
-    hout = max(s[0] for s in sizes)
-    wout = max(s[1] for s in sizes)
+    hout = max(w[3] - w[2] for w in windows)
+    wout = max(w[5] - w[4] for w in windows)
     b, c = len(images), images[0].shape[2]
     x = torch.zeros((b, hin, win, c), dtype=dtype, device=dev)
     wy = np.zeros((b, hout, hin))
     wx = np.zeros((b, wout, win))
-    for i, (im, (oh, ow), kind) in enumerate(zip(images, sizes, kinds)):
+    for i, (im, (oh, ow, r0, r1, c0, c1), kind) in enumerate(zip(images, windows, kinds)):
         h, w = im.shape[:2]
         x[i, :h, :w] = im
-        wy[i, :oh, :h] = resize_matrix(h, oh, kind)
-        wx[i, :ow, :w] = resize_matrix(w, ow, kind)
+        wy[i, : r1 - r0, :h] = resize_matrix(h, oh, kind)[r0:r1]
+        wx[i, : c1 - c0, :w] = resize_matrix(w, ow, kind)[c0:c1]
     wy_t = torch.from_numpy(wy).to(dev, dtype)
     wx_t = torch.from_numpy(wx).to(dev, dtype)
-    horizontal = torch.einsum("bow,bhwc->bhoc", wx_t, x)
-    return torch.einsum("bph,bhoc->bpoc", wy_t, horizontal)
+    # The cheaper order of the two passes (the same sums either way)
+    if hin * win * wout + hout * hin * wout <= hout * hin * win + hout * win * wout:
+        return torch.einsum("bph,bhoc->bpoc", wy_t, torch.einsum("bow,bhwc->bhoc", wx_t, x))
+    return torch.einsum("bow,bpwc->bpoc", wx_t, torch.einsum("bph,bhwc->bpwc", wy_t, x))
 
 
 def _to_uint8(v: torch.Tensor) -> torch.Tensor:
@@ -159,7 +164,7 @@ def crop_faces(frames, boxes: np.ndarray, size: int = CROP_SIZE, *, device: torc
         rows.append(i)
         regions.append(x[i, y1:y2, x1:x2])
     if rows:
-        resized = _resize_batch(regions, [(size, size)] * len(rows), ["lanczos4"] * len(rows), dtype)
+        resized = _resize_batch(regions, [(size, size, 0, size, 0, size)] * len(rows), ["lanczos4"] * len(rows), dtype)
         out[rows] = _to_uint8(resized)
     return out
 
@@ -210,7 +215,7 @@ def blend_faces(frames, faces, boxes: np.ndarray, landmarks: np.ndarray | None =
     if not jobs:
         return out
 
-    # Faces resized to their boxes, in groups of one filter (area, bilinear) per batched matmul.
+    # Faces resized to their boxes (only each mask's rectangle of it), one batched matmul per filter.
     resized: dict[int, torch.Tensor] = {}
     groups: dict[str | None, list[int]] = {}
     for j, (i, (x1, y1, x2, y2), _, _) in enumerate(jobs):
@@ -218,14 +223,18 @@ def blend_faces(frames, faces, boxes: np.ndarray, landmarks: np.ndarray | None =
     for kind, members in groups.items():
         if kind is None:
             for j in members:
-                resized[j] = f[jobs[j][0]]
+                bm = jobs[j][2]
+                resized[j] = f[jobs[j][0], bm.r0 : bm.r1, bm.c0 : bm.c1]
             continue
-        sizes = [(jobs[j][1][3] - jobs[j][1][1], jobs[j][1][2] - jobs[j][1][0]) for j in members]
+        windows = []
+        for j in members:
+            (x1, y1, x2, y2), bm = jobs[j][1], jobs[j][2]
+            windows.append((y2 - y1, x2 - x1, bm.r0, bm.r1, bm.c0, bm.c1))
+        batch = _resize_batch([f[jobs[j][0]] for j in members], windows, [kind] * len(members), torch.float32)
         # area averages round half to even in OpenCV (cvRound), fixed-point bilinear rounds half up
-        batch = _resize_batch([f[jobs[j][0]] for j in members], sizes, [kind] * len(members), torch.float32)
         rounded = torch.round(batch).clamp_(0, 255).to(torch.uint8) if kind == "area" else _to_uint8(batch)
-        for k, (j, (h, w)) in enumerate(zip(members, sizes)):
-            resized[j] = rounded[k, :h, :w]
+        for k, (j, win) in enumerate(zip(members, windows)):
+            resized[j] = rounded[k, : win[3] - win[2], : win[5] - win[4]]
 
     # Masks (float32, the CPU module's cached arrays times the weight) to the device in one copy.
     rh = max(bm.r1 - bm.r0 for _, _, bm, _ in jobs)
@@ -239,7 +248,7 @@ def blend_faces(frames, faces, boxes: np.ndarray, landmarks: np.ndarray | None =
         rows, cols = bm.r1 - bm.r0, bm.c1 - bm.c0
         region = out[i, y1 + bm.r0 : y1 + bm.r1, x1 + bm.c0 : x1 + bm.c1]
         base = region.to(torch.float32)
-        face = resized[j][bm.r0 : bm.r1, bm.c0 : bm.c1].to(torch.float32)
+        face = resized[j].to(torch.float32)
         blended = base + mask_t[j, :rows, :cols] * (face - base) + 0.5
         region.copy_(torch.floor(blended).to(torch.uint8))  # values in [0, 255.5): floor is rounding
     return out
