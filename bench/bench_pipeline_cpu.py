@@ -4,6 +4,7 @@
     python bench/bench_pipeline_cpu.py --sizes 720p --repeats 3
     python bench/bench_pipeline_cpu.py --seconds 2 --sizes 320x240    # a quick smoke run
     python bench/bench_pipeline_cpu.py --profile prof.txt   # also cProfile one cold 720p run
+    python bench/bench_pipeline_cpu.py --py-spy spy.txt --sizes 720p   # sample every thread of one cold run
 
 Everything but the model is real: `lipsync_runner.pipeline.run`, the face detector the service
 would load without face-alignment weights (Haar), the avatar cache, ffmpeg decode and x264 encode.
@@ -28,6 +29,11 @@ the pipeline's stage times in ms per frame (stages overlap in the render pass, s
 more than the wall time), the CPU seconds of this process and of its ffmpeg children, and the
 load average before and after. The ratio cold / transcode is the issue-16 target (<= 1.5x at 720p).
 The last line is the whole result as JSON.
+
+--py-spy FILE runs one cold job of the first size under py-spy (all threads, 100 samples/s, idle
+threads left out) and writes where the samples fall: by thread, by innermost Python function
+(the function calling into OpenCV/numpy/the pipe is where that C time is counted), and inclusive
+for the pipeline's own functions. ffmpeg's own CPU is in the transcode/cold rows, not here.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ import os
 import platform
 import pstats
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -200,6 +208,76 @@ def profile_cold(size: tuple[int, int], args, work: Path, model, detector, path:
     print(f"# cProfile of a cold {size[0]}x{size[1]} run written to {path}")
 
 
+def one_cold_run(video: Path, audio: Path, args, work: Path, model, detector) -> None:
+    from lipsync_runner.avatar_cache import AvatarCache
+    from lipsync_runner.pipeline import PipelineOptions
+
+    row = pipeline_run("cold", model, detector, video, audio, work / "cold.mp4",
+                       PipelineOptions(batch_size=args.batch_size), AvatarCache(work / "avatars"))
+    print(json.dumps(row), flush=True)
+
+
+def py_spy(args, out: Path) -> None:
+    """One cold run of the first size in a child process under py-spy; a summary of the samples."""
+    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-spy-") as tmp:
+        work = Path(tmp)
+        video = write_face_video(work / "clip.mp4", seconds=args.seconds, size=_size(args.sizes[0])[1], fps=25)
+        audio = write_speech_like_audio(work / "speech.wav", seconds=args.seconds)
+        raw = work / "spy.raw"
+        cmd = [exe, "record", "-r", "100", "-f", "raw", "--threads", "-o", str(raw), "--", sys.executable, __file__,
+               "--only-cold", str(video), str(audio), "--batch-size", str(args.batch_size)]
+        subprocess.run(cmd, check=True)
+        summary = summarise_py_spy(raw.read_text())
+    header = f"# {args.sizes[0]} {args.seconds:g} s, machine: {machine()}, load average {_load()}\n"
+    out.write_text(header + summary)
+    print(header + summary)
+
+
+def summarise_py_spy(raw: str, top: int = 25) -> str:
+    from collections import Counter
+
+    by_thread: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread = frames[0]
+        calls = frames[1:] or ["?"]
+        if any("main (bench_pipeline_cpu.py" in f for f in calls) and not any("pipeline_run" in f for f in calls):
+            continue  # the main thread before and after the job: imports, the null model's face
+        total += n
+        by_thread[thread.split(" ")[0] + " " + _thread_name(calls)] += n
+        leaf[calls[-1] if calls != ["?"] else "(native threads)"] += n
+        for f in {f for f in calls if "lipsync_runner" in f or "bench_" in f}:
+            inclusive[f] += n
+    lines = [f"# py-spy: {total} samples at 100/s of the active threads during one cold run", "", "## by thread"]
+    lines += [f"{n:7d} {100 * n / total:5.1f}%  {t}" for t, n in by_thread.most_common()]
+    lines += ["", "## innermost Python function (self)"]
+    lines += [f"{n:7d} {100 * n / total:5.1f}%  {f}" for f, n in leaf.most_common(top)]
+    lines += ["", "## the pipeline's functions (inclusive)"]
+    lines += [f"{n:7d} {100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def _thread_name(calls: list[str]) -> str:
+    """A readable role for a thread from its outermost frames."""
+    if calls == ["?"]:
+        return "(no Python frames: OpenCV/torch worker threads)"
+    text = ";".join(calls[:6])
+    for key, name in (("_drain_stderr", "(ffmpeg stderr)"), ("_worker", "(pool worker)"), ("<module>", "(main)")):
+        if key in text:
+            return name
+    return ""
+
+
 def _size(text: str) -> tuple[str, tuple[int, int]]:
     if text in SIZES:
         return text, SIZES[text]
@@ -233,7 +311,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of one cold run of the first size")
+    parser.add_argument("--py-spy", type=Path, default=None, help="write a py-spy summary of one cold run of the first size")
+    parser.add_argument("--only-cold", nargs=2, type=Path, metavar=("VIDEO", "AUDIO"),
+                        help=argparse.SUPPRESS)  # the run py-spy samples
     args = parser.parse_args()
+    if args.py_spy is not None:
+        py_spy(args, args.py_spy)
+        return
 
     from lipsync_runner.faces import load_face_detector
 
@@ -245,6 +329,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-cpu-") as tmp:
         work = Path(tmp)
+        if args.only_cold:
+            one_cold_run(*args.only_cold, args, work, model, detector)
+            return
         for text in args.sizes:
             label, size = _size(text)
             results.append(bench_size(label, size, args, work, model, detector))
