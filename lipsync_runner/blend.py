@@ -202,6 +202,8 @@ def frame_mask(
         if mask.shape != (by2 - by1, bx2 - bx1):
             raise ValueError(f"mask {mask.shape} does not match box size {(h, w)}")
         mask = mask[y1 - by1 : y2 - by1, x1 - bx1 : x2 - bx1]
+    if mask.size and not (mask.min() >= 0 and mask.max() <= 1):  # NaN fails too
+        raise ValueError(f"mask {i} has values outside [0, 1]")
     return BoxMask.of(mask)
 
 

@@ -132,6 +132,9 @@ def test_blend_accepts_precomputed_masks():
     )
     with pytest.raises(ValueError):
         blend_faces(frames, faces, boxes, masks=[mask[:-1]])
+    for bad in (mask * 2, mask - 0.5, np.full_like(mask, np.nan)):
+        with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+            blend_faces(frames, faces, boxes, masks=[bad])
 
 
 def test_blend_of_the_unchanged_crop_is_nearly_lossless():
