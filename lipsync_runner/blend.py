@@ -15,20 +15,22 @@ bounding rectangle of the mask's non-zero pixels inside the box is touched: ever
 mask is 0, and everything outside the box, stays bit-identical to the input frame.
 
 Per-frame cost: a mask depends only on the box size (ellipse) or on the box size and the
-landmarks as ``cv2.fillPoly`` sees them (1/16 px fixed point), so masks are kept in LRU caches
-with the bounding rectangle of their non-zero pixels; only that rectangle of the frame is read,
-converted and written. The results are bit-identical to computing everything per frame.
+landmarks as ``cv2.fillPoly`` sees them (1/16 px fixed point), so masks are kept in an LRU cache
+bounded in bytes, as the bounding rectangle of their non-zero pixels; only that rectangle of the
+frame is read, converted and written. The results are bit-identical to computing every mask per
+frame.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import cv2
 import numpy as np
+from cachetools import LRUCache, cached
 
 from .crops import box_is_valid, clip_box, resize_to_box
 
@@ -36,9 +38,9 @@ from .crops import box_is_valid, clip_box, resize_to_box
 UPPER_RATIO = 0.5
 #: Gaussian feather kernel size as a fraction of the box's larger side.
 FEATHER = 0.08
-#: Masks kept per process: box sizes of the videos in flight (ellipse), landmark shapes (jaw).
-ELLIPSE_CACHE_SIZE = 512
-POLYGON_CACHE_SIZE = 256
+#: Bytes of blend masks kept per process (an LRU shared by the box sizes and jaw shapes in use):
+#: a 720p face box's mask is about 70 KB, a 1080p one 150 KB.
+MASK_CACHE_BYTES = 64 * 2**20
 
 
 def _odd(n: float) -> int:
@@ -48,10 +50,12 @@ def _odd(n: float) -> int:
 
 @dataclass(frozen=True)
 class BoxMask:
-    """A read-only mask ``float32 [h, w]`` and the rectangle ``rows r0:r1, cols c0:c1`` outside
-    which it is 0 (empty when r0 == r1): blending reads and writes only that rectangle."""
+    """A box's mask: its size, and the rectangle ``rows r0:r1, cols c0:c1`` outside which it is 0
+    (empty when r0 == r1), kept as ``rect`` float32 (read-only, shared): blending reads and
+    writes only that rectangle."""
 
-    mask: np.ndarray
+    shape: tuple[int, int]
+    rect: np.ndarray
     r0: int
     r1: int
     c0: int
@@ -59,20 +63,39 @@ class BoxMask:
 
     @classmethod
     def of(cls, mask: np.ndarray) -> BoxMask:
+        shape = (int(mask.shape[0]), int(mask.shape[1]))
         rows = np.flatnonzero(mask.any(axis=1))
         if len(rows) == 0:
-            return cls(mask, 0, 0, 0, 0)
+            return cls(shape, np.zeros((0, 0), np.float32), 0, 0, 0, 0)
         cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
-        return cls(mask, int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        rect = np.ascontiguousarray(mask[r0:r1, c0:c1], dtype=np.float32)
+        rect.setflags(write=False)
+        return cls(shape, rect, r0, r1, c0, c1)
 
     @property
     def empty(self) -> bool:
         return self.r1 <= self.r0
 
+    @property
+    def nbytes(self) -> int:
+        return self.rect.nbytes + 200
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The whole mask ``float32 [h, w]`` (a new array)."""
+        full = np.zeros(self.shape, np.float32)
+        full[self.r0 : self.r1, self.c0 : self.c1] = self.rect
+        return full
+
     def weights(self, scale: float = 1.0) -> np.ndarray:
         """The non-zero rectangle as ``[r, c, 1]`` float32, times ``scale`` (a cross-fade weight)."""
-        sub = self.mask[self.r0 : self.r1, self.c0 : self.c1, None]
+        sub = self.rect[:, :, None]
         return sub if scale == 1.0 else sub * np.float32(scale)
+
+
+_MASKS: LRUCache = LRUCache(maxsize=MASK_CACHE_BYTES, getsizeof=lambda bm: bm.nbytes)
+_MASKS_LOCK = threading.Lock()
 
 
 def _feathered(canvas: np.ndarray, h: int, w: int, upper_ratio: float, feather: float) -> np.ndarray:
@@ -105,7 +128,7 @@ def _feathered(canvas: np.ndarray, h: int, w: int, upper_ratio: float, feather: 
     return mask
 
 
-@lru_cache(maxsize=ELLIPSE_CACHE_SIZE)
+@cached(_MASKS, key=lambda *args: ("ellipse", *args), lock=_MASKS_LOCK, info=True)
 def _ellipse_mask(h: int, w: int, upper_ratio: float, feather: float) -> BoxMask:
     # mouth and chin of a frontal face in a MuseTalk crop box: the box's middle row is about
     # the nose bridge, the chin close to the bottom
@@ -113,19 +136,15 @@ def _ellipse_mask(h: int, w: int, upper_ratio: float, feather: float) -> BoxMask
     center = (int(round(w * 0.5 * 16)), int(round(h * 0.70 * 16)))
     axes = (int(round(w * 0.36 * 16)), int(round(h * 0.26 * 16)))
     cv2.ellipse(canvas, center, axes, 0, 0, 360, 255, thickness=-1, lineType=cv2.LINE_AA, shift=4)
-    mask = _feathered(canvas, h, w, upper_ratio, feather)
-    mask.setflags(write=False)
-    return BoxMask.of(mask)
+    return BoxMask.of(_feathered(canvas, h, w, upper_ratio, feather))
 
 
-@lru_cache(maxsize=POLYGON_CACHE_SIZE)
+@cached(_MASKS, key=lambda *args: ("jaw", *args), lock=_MASKS_LOCK, info=True)
 def _polygon_mask(h: int, w: int, poly: bytes, upper_ratio: float, feather: float) -> BoxMask:
     canvas = np.zeros((h, w), np.uint8)
     points = np.frombuffer(poly, dtype=np.int32).reshape(-1, 2)
     cv2.fillPoly(canvas, [points], 255, lineType=cv2.LINE_AA, shift=4)
-    mask = _feathered(canvas, h, w, upper_ratio, feather)
-    mask.setflags(write=False)
-    return BoxMask.of(mask)
+    return BoxMask.of(_feathered(canvas, h, w, upper_ratio, feather))
 
 
 def _jaw_polygon(lm: np.ndarray, top: float) -> bytes | None:
@@ -148,7 +167,7 @@ def box_mask(
     """The cached :func:`lower_face_mask` with its non-zero rectangle (shared: read-only)."""
     h, w = int(box_hw[0]), int(box_hw[1])
     if h <= 0 or w <= 0:
-        return BoxMask(np.zeros((max(h, 0), max(w, 0)), np.float32), 0, 0, 0, 0)
+        return BoxMask.of(np.zeros((max(h, 0), max(w, 0)), np.float32))
     poly = None
     if landmarks_in_box is not None:
         poly = _jaw_polygon(np.asarray(landmarks_in_box, dtype=np.float64), upper_ratio * h)
@@ -169,9 +188,9 @@ def lower_face_mask(
     ``landmarks_in_box``: (68, 2) iBUG landmarks in box coordinates (frame landmarks minus the
     box's x1, y1), or None / non-finite for the landmark-free ellipse. Rows above
     ``upper_ratio * h`` are exactly 0; the box border (sides and bottom) is exactly 0.
-    Returns the caller's own (writable) copy of the cached mask.
+    Returns the caller's own (writable) array, built from the cached mask.
     """
-    return box_mask(box_hw, landmarks_in_box, upper_ratio=upper_ratio, feather=feather).mask.copy()
+    return box_mask(box_hw, landmarks_in_box, upper_ratio=upper_ratio, feather=feather).mask
 
 
 def frame_mask(

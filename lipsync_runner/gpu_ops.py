@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
+import threading
 
 import numpy as np
 import torch
+from cachetools import LRUCache, cached
 
 from .blend import FEATHER, UPPER_RATIO, BoxMask, blend_weights, frame_mask
 from .crops import CROP_SIZE, box_is_valid, clip_box
@@ -65,12 +66,18 @@ def _source_positions(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     return sx, (fx - sx.astype(np.float32)).astype(np.float32)
 
 
-@lru_cache(maxsize=1024)
+#: Bytes of resampling matrices kept (one per source size, target size and filter in use).
+MATRIX_CACHE_BYTES = 64 * 2**20
+_MATRICES: LRUCache = LRUCache(maxsize=MATRIX_CACHE_BYTES, getsizeof=lambda m: m.nbytes)
+
+
+@cached(_MATRICES, lock=threading.Lock())
 def resize_matrix(src: int, dst: int, kind: str) -> np.ndarray:
-    """float64 ``[dst, src]`` weights of OpenCV's 1-D resize of ``src`` samples to ``dst``.
+    """float32 ``[dst, src]`` weights of OpenCV's 1-D resize of ``src`` samples to ``dst``.
 
     ``kind``: ``lanczos4`` (INTER_LANCZOS4), ``linear`` (INTER_LINEAR) or ``area`` (INTER_AREA,
-    used to shrink). Read-only (shared).
+    used to shrink). The fixed-point filters' weights (multiples of 1/2048) are exact in float32.
+    Read-only (shared).
     """
     if src <= 0 or dst <= 0:
         raise ValueError(f"cannot resize {src} samples to {dst}")
@@ -98,6 +105,7 @@ def resize_matrix(src: int, dst: int, kind: str) -> np.ndarray:
         m /= m.sum(axis=1, keepdims=True)
     else:
         raise ValueError(f"unknown resize kind {kind!r} (lanczos4, linear, area)")
+    m = m.astype(np.float32)
     m.setflags(write=False)
     return m
 
