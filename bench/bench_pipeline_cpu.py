@@ -229,6 +229,8 @@ def py_spy(args, out: Path) -> None:
         raw = work / "spy.raw"
         cmd = [exe, "record", "-r", "100", "-f", "raw", "--threads", "-o", str(raw), "--", sys.executable, __file__,
                "--only-cold", str(video), str(audio), "--batch-size", str(args.batch_size)]
+        if args.cv2_threads is not None:
+            cmd += ["--cv2-threads", str(args.cv2_threads)]
         subprocess.run(cmd, check=True)
         summary = summarise_py_spy(raw.read_text())
     header = f"# {args.sizes[0]} {args.seconds:g} s, machine: {machine()}, load average {_load()}\n"
@@ -312,6 +314,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of one cold run of the first size")
     parser.add_argument("--py-spy", type=Path, default=None, help="write a py-spy summary of one cold run of the first size")
+    parser.add_argument("--cv2-threads", type=int, default=None,
+                        help="cv2.setNumThreads for the run (default: OpenCV's own choice, one per core)")
     parser.add_argument("--only-cold", nargs=2, type=Path, metavar=("VIDEO", "AUDIO"),
                         help=argparse.SUPPRESS)  # the run py-spy samples
     args = parser.parse_args()
@@ -319,9 +323,13 @@ def main() -> None:
         py_spy(args, args.py_spy)
         return
 
+    import cv2
+
     from lipsync_runner.faces import load_face_detector
 
-    print(f"# machine: {machine()}; load average {_load()}")
+    if args.cv2_threads is not None:
+        cv2.setNumThreads(args.cv2_threads)
+    print(f"# machine: {machine()}; load average {_load()}; OpenCV threads {cv2.getNumThreads()}")
     print(f"# {args.seconds:g} s 25 fps clips, null model, detector: ", end="")
     detector = load_face_detector("auto", None, "cpu")
     print(detector.name, flush=True)

@@ -21,7 +21,7 @@ import logging
 import re
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,13 @@ class VideoCodecs:
 
     ``encoder``: the ffmpeg video encoder (``libx264`` or ``h264_nvenc``); ``hwaccel``: the
     ``-hwaccel`` method for decoding (``cuda``) or None for software; ``reason``: why the
-    hardware path is or is not in use (for logs and health).
+    hardware path is or is not in use (for logs and health); ``threads``: x264's thread count.
     """
 
     encoder: str = "libx264"
     hwaccel: str | None = None
     reason: str = "software codecs"
+    threads: int | None = None  # x264 threads per encode (None: x264's choice); NVENC ignores it
 
     @property
     def uses_gpu(self) -> bool:
@@ -138,18 +139,22 @@ _cache: dict[str, VideoCodecs] = {}
 _lock = threading.Lock()
 
 
-def video_codecs(mode: str | None = None, ffmpeg: str | None = None) -> VideoCodecs:
+def video_codecs(mode: str | None = None, ffmpeg: str | None = None, *, x264_threads: int | None = None) -> VideoCodecs:
     """The codecs jobs use: hardware where it works (``mode`` ``auto``), software with ``off``.
 
-    ``mode`` defaults to the ``LIP_SYNC_HW_CODECS`` setting, ``ffmpeg`` to the one media.py uses.
-    Detection runs once per ffmpeg binary and process (a second or so, at the first job).
+    ``mode`` and ``x264_threads`` default to the ``LIP_SYNC_HW_CODECS`` and ``LIP_SYNC_X264_THREADS``
+    settings, ``ffmpeg`` to the one media.py uses. Detection runs once per ffmpeg binary and
+    process (five short ffmpeg runs, at the first job).
     """
-    if mode is None:
+    if mode is None or x264_threads is None:
         from .settings import RunnerSettings
 
-        mode = RunnerSettings().hw_codecs
+        settings = RunnerSettings()
+        mode = settings.hw_codecs if mode is None else mode
+        x264_threads = settings.x264_threads if x264_threads is None else x264_threads
+    threads = x264_threads or None
     if mode == "off":
-        return VideoCodecs(reason="hardware codecs off (LIP_SYNC_HW_CODECS=off)")
+        return VideoCodecs(reason="hardware codecs off (LIP_SYNC_HW_CODECS=off)", threads=threads)
     if mode != "auto":
         raise ValueError(f"unknown hardware codec mode {mode!r} (auto, off)")
     if ffmpeg is None:
@@ -160,7 +165,8 @@ def video_codecs(mode: str | None = None, ffmpeg: str | None = None) -> VideoCod
         if ffmpeg not in _cache:
             _cache[ffmpeg] = detect(ffmpeg)
             log.info("video codecs: %s", _cache[ffmpeg].reason)
-        return _cache[ffmpeg]
+        found = _cache[ffmpeg]
+    return found if found.threads == threads else replace(found, threads=threads)
 
 
 def clear_cache() -> None:

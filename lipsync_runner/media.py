@@ -752,7 +752,7 @@ class VideoWriter:
         if audio_path is not None:
             args += ["-map", "1:a:0"]
         args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", *_video_codec_args(codec, preset, crf), "-pix_fmt", "yuv420p"]
-        if threads:
+        if threads and codec == "libx264":
             args += ["-threads", str(int(threads))]
         if audio_path is not None:
             args += ["-c:a", "aac", "-b:a", "128k"]

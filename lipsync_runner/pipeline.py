@@ -260,7 +260,8 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
 
     try:
         with VideoWriter(output, info.width, info.height, info.fps, audio_path=audio, crf=opts.crf,
-                         preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder) as writer, \
+                         preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
+                         threads=opts.codecs.threads) as writer, \
                 ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
             next_read = pool.submit(read, starts[0])
             last_write: Future | None = None

@@ -108,6 +108,9 @@ def test_detection_runs_once_per_ffmpeg_and_can_be_switched_off(fake_ffmpeg, mon
     first = video_codecs("auto", str(exe))
     n = len(_calls(log))
     assert video_codecs("auto", str(exe)) is first and len(_calls(log)) == n  # cached
+    monkeypatch.setenv("LIP_SYNC_X264_THREADS", "2")
+    assert video_codecs("auto", str(exe)).threads == 2 and len(_calls(log)) == n
+    monkeypatch.delenv("LIP_SYNC_X264_THREADS")
     monkeypatch.setenv("LIP_SYNC_HW_CODECS", "off")
     off = video_codecs(ffmpeg=str(exe))  # the setting, read when no mode is given
     assert not off.uses_gpu and "off" in off.reason and len(_calls(log)) == n
@@ -190,10 +193,12 @@ def test_the_pipeline_decodes_and_encodes_with_the_detected_codecs(logged_ffmpeg
     from lipsync_runner.faces import HaarFaceDetector
     from lipsync_runner.pipeline import PipelineOptions, run
 
-    codecs = VideoCodecs(encoder="libx264", hwaccel="none", reason="test")
+    codecs = VideoCodecs(encoder="libx264", hwaccel="none", reason="test", threads=2)
     result = run(_NullModel(), HaarFaceDetector(), media_dir / "face.mp4", media_dir / "speech_short.wav",
                  tmp_path / "out.mp4", PipelineOptions(codecs=codecs))
     assert result.frames == 30
     decodes = [c for c in logged_ffmpeg.read_text().splitlines() if "-f rawvideo -pix_fmt rgb24 pipe:1" in c]
     assert len(decodes) == 2 and all(" -hwaccel none -i " in c for c in decodes)  # both passes
+    encodes = [c for c in logged_ffmpeg.read_text().splitlines() if "-c:v libx264" in c]
+    assert len(encodes) == 1 and " -threads 2 " in encodes[0]
     assert os.path.getsize(tmp_path / "out.mp4") > 0
