@@ -62,8 +62,9 @@ class BoxMask:
     c1: int
 
     @classmethod
-    def of(cls, mask: np.ndarray) -> BoxMask:
-        shape = (int(mask.shape[0]), int(mask.shape[1]))
+    def of(cls, mask: np.ndarray, *, shape: tuple[int, int] | None = None, row0: int = 0) -> BoxMask:
+        """From a mask, or from its rows ``row0:`` of a mask of ``shape`` (the rows above are 0)."""
+        shape = (int(mask.shape[0]), int(mask.shape[1])) if shape is None else (int(shape[0]), int(shape[1]))
         rows = np.flatnonzero(mask.any(axis=1))
         if len(rows) == 0:
             return cls(shape, np.zeros((0, 0), np.float32), 0, 0, 0, 0)
@@ -71,7 +72,7 @@ class BoxMask:
         r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
         rect = np.ascontiguousarray(mask[r0:r1, c0:c1], dtype=np.float32)
         rect.setflags(write=False)
-        return cls(shape, rect, r0, r1, c0, c1)
+        return cls(shape, rect, r0 + row0, r1 + row0, c0, c1)
 
     @property
     def empty(self) -> bool:
@@ -98,34 +99,36 @@ _MASKS: LRUCache = LRUCache(maxsize=MASK_CACHE_BYTES, getsizeof=lambda bm: bm.nb
 _MASKS_LOCK = threading.Lock()
 
 
-def _feathered(canvas: np.ndarray, h: int, w: int, upper_ratio: float, feather: float) -> np.ndarray:
+def _feathered(canvas: np.ndarray, h: int, w: int, upper_ratio: float, feather: float) -> BoxMask:
     """Blur the drawn shape and apply the top ramp and the border taper (see the module docstring)."""
     k = _odd(feather * max(h, w))
     r = k // 2
     top = upper_ratio * h
-    # The top ramp zeroes every row above ceil(top - 0.5) whatever the blur gives it, so only the
-    # rows below, plus the kernel's reach r above them, are blurred. cv2's 8-bit Gaussian is
-    # separable and bit-exact, so those rows equal the whole-canvas blur's; the r rows at the cut
-    # see a reflected border instead, and the ramp zeroes them.
+    # The top ramp zeroes every row above ceil(top - 0.5), whatever the blur gives it, so only the
+    # rows from there down, plus the kernel's reach r above them, are computed at all. cv2's 8-bit
+    # Gaussian is separable and bit-exact, so those rows equal the whole-canvas blur's; the r rows
+    # at the cut see a reflected border instead, and the ramp zeroes them. Every other step is
+    # elementwise: the result is the whole-box computation's, bit for bit.
     t0 = max(0, math.ceil(top - 0.5) - r)
-    mask = np.zeros((h, w), np.float32)
-    if t0 < h:
-        mask[t0:] = cv2.GaussianBlur(canvas[t0:], (k, k), 0)
-        mask[t0:] *= np.float32(1.0 / 255.0)
+    if t0 >= h:
+        return BoxMask.of(np.zeros((h, w), np.float32))
+    mask = cv2.GaussianBlur(canvas[t0:], (k, k), 0).astype(np.float32)
+    mask *= np.float32(1.0 / 255.0)
+    rows = np.arange(t0, h, dtype=np.float32)
 
     # smooth ramp from 0 at the top boundary to 1 one kernel below it
-    ys = (np.arange(h, dtype=np.float32) + 0.5 - top) / max(k, 1)
+    ys = (rows + 0.5 - top) / max(k, 1)
     ramp_y = np.clip(ys, 0.0, 1.0)
     ramp_y = ramp_y * ramp_y * (3 - 2 * ramp_y)
     # taper to 0 at the sides and the bottom (over half a kernel)
     t = max(r, 1)
     xs = np.arange(w, dtype=np.float32)
     ramp_x = np.clip(np.minimum(xs, w - 1 - xs) / t, 0.0, 1.0)
-    ramp_bottom = np.clip((h - 1 - np.arange(h, dtype=np.float32)) / t, 0.0, 1.0)
+    ramp_bottom = np.clip((h - 1 - rows) / t, 0.0, 1.0)
     mask *= (ramp_y * ramp_bottom)[:, None]
     mask *= ramp_x[None, :]
     mask[mask < 1.0 / 512] = 0.0  # below half a grey level: exactly unchanged
-    return mask
+    return BoxMask.of(mask, shape=(h, w), row0=t0)
 
 
 @cached(_MASKS, key=lambda *args: ("ellipse", *args), lock=_MASKS_LOCK, info=True)
@@ -136,7 +139,7 @@ def _ellipse_mask(h: int, w: int, upper_ratio: float, feather: float) -> BoxMask
     center = (int(round(w * 0.5 * 16)), int(round(h * 0.70 * 16)))
     axes = (int(round(w * 0.36 * 16)), int(round(h * 0.26 * 16)))
     cv2.ellipse(canvas, center, axes, 0, 0, 360, 255, thickness=-1, lineType=cv2.LINE_AA, shift=4)
-    return BoxMask.of(_feathered(canvas, h, w, upper_ratio, feather))
+    return _feathered(canvas, h, w, upper_ratio, feather)
 
 
 @cached(_MASKS, key=lambda *args: ("jaw", *args), lock=_MASKS_LOCK, info=True)
@@ -144,7 +147,7 @@ def _polygon_mask(h: int, w: int, poly: bytes, upper_ratio: float, feather: floa
     canvas = np.zeros((h, w), np.uint8)
     points = np.frombuffer(poly, dtype=np.int32).reshape(-1, 2)
     cv2.fillPoly(canvas, [points], 255, lineType=cv2.LINE_AA, shift=4)
-    return BoxMask.of(_feathered(canvas, h, w, upper_ratio, feather))
+    return _feathered(canvas, h, w, upper_ratio, feather)
 
 
 def _jaw_polygon(lm: np.ndarray, top: float) -> bytes | None:
