@@ -167,12 +167,11 @@ def pipeline_run(kind: str, model, detector, video: Path, audio: Path, out: Path
 
 def bench_size(label: str, size: tuple[int, int], args, work: Path, model, detector) -> dict:
     from lipsync_runner.avatar_cache import AvatarCache
-    from lipsync_runner.pipeline import PipelineOptions
     from lipsync_runner.testing import write_face_video, write_speech_like_audio
 
     video = write_face_video(work / f"clip-{label}.mp4", seconds=args.seconds, size=size, fps=25)
     audio = write_speech_like_audio(work / f"speech-{label}.wav", seconds=args.seconds)
-    opts = PipelineOptions(batch_size=args.batch_size)
+    opts = _options(args)
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
         cache = AvatarCache(work / f"avatars-{label}-{rep}")
@@ -194,13 +193,12 @@ def profile_cold(size: tuple[int, int], args, work: Path, model, detector, path:
     """cProfile of one cold run (main thread only: the render pass's reader and blend+encode
     threads are not in it; use py-spy for those)."""
     from lipsync_runner.avatar_cache import AvatarCache
-    from lipsync_runner.pipeline import PipelineOptions
     from lipsync_runner.testing import write_face_video, write_speech_like_audio
 
     video = write_face_video(work / "clip-profile.mp4", seconds=args.seconds, size=size, fps=25)
     audio = write_speech_like_audio(work / "speech-profile.wav", seconds=args.seconds)
     prof = cProfile.Profile()
-    pipeline_run("cold", model, detector, video, audio, work / "profile.mp4", PipelineOptions(batch_size=args.batch_size),
+    pipeline_run("cold", model, detector, video, audio, work / "profile.mp4", _options(args),
                  AvatarCache(work / "avatars-profile"), profile=prof)
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
@@ -210,10 +208,9 @@ def profile_cold(size: tuple[int, int], args, work: Path, model, detector, path:
 
 def one_cold_run(video: Path, audio: Path, args, work: Path, model, detector) -> None:
     from lipsync_runner.avatar_cache import AvatarCache
-    from lipsync_runner.pipeline import PipelineOptions
 
     row = pipeline_run("cold", model, detector, video, audio, work / "cold.mp4",
-                       PipelineOptions(batch_size=args.batch_size), AvatarCache(work / "avatars"))
+                       _options(args), AvatarCache(work / "avatars"))
     print(json.dumps(row), flush=True)
 
 
@@ -280,6 +277,15 @@ def _thread_name(calls: list[str]) -> str:
     return ""
 
 
+def _options(args):
+    """Pipeline options with the video codecs resolved beforehand: hardware-codec detection (a few
+    ffmpeg runs, once per process) must not land in the first measured run."""
+    from lipsync_runner.hwcodecs import video_codecs
+    from lipsync_runner.pipeline import PipelineOptions
+
+    return PipelineOptions(batch_size=args.batch_size, codecs=video_codecs())
+
+
 def _size(text: str) -> tuple[str, tuple[int, int]]:
     if text in SIZES:
         return text, SIZES[text]
@@ -330,9 +336,9 @@ def main() -> None:
     if args.cv2_threads is not None:
         cv2.setNumThreads(args.cv2_threads)
     print(f"# machine: {machine()}; load average {_load()}; OpenCV threads {cv2.getNumThreads()}")
-    print(f"# {args.seconds:g} s 25 fps clips, null model, detector: ", end="")
     detector = load_face_detector("auto", None, "cpu")
-    print(detector.name, flush=True)
+    print(f"# {args.seconds:g} s 25 fps clips, null model, detector: {detector.name}; "
+          f"video codecs: {_options(args).codecs.reason}", flush=True)
     model = NullModel()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-cpu-") as tmp:
