@@ -243,7 +243,7 @@ def blend_weights(weights: Sequence[float] | np.ndarray | None, n: int) -> np.nd
 
 def blend_faces(
     frames: np.ndarray | Sequence[np.ndarray],
-    faces: np.ndarray,
+    faces: np.ndarray | Sequence[np.ndarray],
     boxes: np.ndarray,
     landmarks: np.ndarray | None = None,
     *,
@@ -255,6 +255,8 @@ def blend_faces(
 ) -> np.ndarray | list[np.ndarray]:
     """Paste generated faces ``[B, s, s, 3]`` into frames ``[B, H, W, 3]`` at ``boxes`` ``[B, 4]``.
 
+    * ``faces`` may also be a list of per-frame faces already at their (frame-clipped) box size
+      (detail.restore_detail's output): those are pasted as they are.
     * ``landmarks``: ``[B, 68, 2]`` in frame pixels (NaN rows allowed) or None. Frames whose box row
       is invalid (-1: no face) are left as they are.
     * ``masks``: optional per-frame masks in box coordinates, float in [0, 1] (e.g. face-parsing

@@ -57,3 +57,15 @@ def face_clip(tmp_path_factory: pytest.TempPathFactory):
     assert not track.has_face[8] and track.has_face.sum() >= 12
     faces = 255 - crop_faces(frames, track.boxes)  # a face, in negative: differs from the frame
     return frames, track.boxes, faces
+
+
+@pytest.fixture(scope="session")
+def open_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
+    """The real server as a newcomer starts it: no API tokens, tiny models (v1.5 loaded).
+
+    Shared by the README examples (test_readme.py) and the browser's view without auth (test_ui.py).
+    """
+    from .server import running_server
+
+    with running_server(tmp_path_factory.mktemp("open-server"), models_dir) as server:
+        yield server
