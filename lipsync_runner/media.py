@@ -825,7 +825,7 @@ class VideoReader:
     """
 
     def __init__(self, path: PathLike, info: VideoInfo | None = None, *, timeout_s: float | None = None,
-                 max_frames: int | None = None) -> None:
+                 max_frames: int | None = None, hwaccel: str | None = None) -> None:
         self.path = os.fspath(path)
         self.info = info if info is not None else probe_video(path)
         self.width, self.height = self.info.width, self.info.height
@@ -835,8 +835,11 @@ class VideoReader:
         self.frames_read = 0
         self._eof = False
         self._closed = False
+        # hwaccel (e.g. "cuda": NVDEC, see hwcodecs.py) decodes on the GPU where it can; the frames
+        # come back to system memory, and a stream the GPU cannot decode falls back to software.
+        hw = ["-hwaccel", hwaccel] if hwaccel else []
         self._ff = _FfmpegProcess(
-            [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error",
+            [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *hw,
              *input_args(self.path, self.info.demuxer, VIDEO_DEMUXERS),
              "-map", "0:V:0", "-an", "-sn", "-dn",
              # Pin the size to the probe: a mid-stream resolution change must not shear frames.
@@ -905,6 +908,20 @@ class VideoReader:
 
 _MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
+# x264 preset -> NVENC preset (p1 fastest .. p7 best) of about the same place on the speed scale.
+_NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p4",
+                  "medium": "p5", "slow": "p6", "slower": "p7", "veryslow": "p7", "placebo": "p7"}
+
+
+def _video_codec_args(codec: str, preset: str, crf: int) -> list[str]:
+    """Encoder options: x264 preset + CRF, or NVENC's constant-quality mode at the same number."""
+    if codec == "libx264":
+        return ["-c:v", "libx264", "-preset", preset, "-crf", str(int(crf))]
+    if codec == "h264_nvenc":
+        return ["-c:v", "h264_nvenc", "-preset", _NVENC_PRESETS.get(preset, "p4"), "-tune", "hq",
+                "-rc", "vbr", "-cq", str(int(crf)), "-b:v", "0"]
+    raise ValueError(f"unsupported video encoder {codec!r} (libx264, h264_nvenc)")
+
 
 class VideoWriter:
     """Encode RGB frames to H.264 (yuv420p) with an optional AAC audio track.
@@ -920,6 +937,9 @@ class VideoWriter:
       place only by a successful :meth:`close`; an exception inside the ``with``
       block (or a failed ffmpeg) kills ffmpeg and leaves no file behind.
     * ``timeout_s`` bounds the writer's wall-clock life, caller time included.
+    * ``codec``: ``libx264`` (``preset``, ``crf``) or ``h264_nvenc`` (the preset mapped to NVENC's
+      p1..p7, ``crf`` as its constant-quality level; see hwcodecs.py); ``threads``: encoder
+      threads (None: ffmpeg's choice).
     """
 
     def __init__(
@@ -933,6 +953,8 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "veryfast",
         timeout_s: float | None = None,
+        codec: str = "libx264",
+        threads: int | None = None,
     ) -> None:
         if int(width) <= 0 or int(height) <= 0:
             raise ValueError(f"invalid frame size {width}x{height}")
@@ -958,8 +980,9 @@ class VideoWriter:
         args += ["-map", "0:v:0"]
         if audio_path is not None:
             args += ["-map", "1:a:0"]
-        args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
-                 "-c:v", "libx264", "-preset", preset, "-crf", str(int(crf)), "-pix_fmt", "yuv420p"]  # fmt: skip
+        args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", *_video_codec_args(codec, preset, crf), "-pix_fmt", "yuv420p"]
+        if threads and codec == "libx264":
+            args += ["-threads", str(int(threads))]
         if audio_path is not None:
             args += ["-c:a", "aac", "-b:a", "128k"]
         if muxer in ("mp4", "mov"):

@@ -25,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from .detail import restore_detail
 from .errors import InvalidInputError, JobCancelledError
 from .faces import FaceDetector, FaceTrack, track_faces
 from .framestore import FrameSource, FrameStore
+from .hwcodecs import VideoCodecs, video_codecs
 from .masks import MaskProvider, masks_for
 from .media import (PROBE_TIMEOUT_S, AudioInfo, MediaLimits, VideoInfo, VideoReader, VideoWriter, decode_audio,
                     probe_audio, probe_video)
@@ -74,6 +75,7 @@ class PipelineOptions:
     fade_frames: int = DEFAULT_FADE_FRAMES
     max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
     limits: MediaLimits = field(default_factory=MediaLimits)  # decoding stops (413) past these
+    codecs: VideoCodecs | None = None  # NVDEC/NVENC or software; None: hwcodecs.video_codecs() (detected once)
 
     @classmethod
     def from_settings(cls, settings: RunnerSettings, params: JobParams | None = None, **overrides) -> "PipelineOptions":
@@ -184,11 +186,13 @@ def run(
     `masks`: where the blend masks come from (masks.py: MuseTalk's face parsing, or the contour).
     """
     opts = options or PipelineOptions()
+    opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
     video, audio, output = Path(video), Path(audio), Path(output)
     info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s)[0]
     clock = StageClock()
     frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
-                                             max_frames=opts.limits.max_frames(info.fps)),
+                                             max_frames=opts.limits.max_frames(info.fps),
+                                             hwaccel=opts.codecs.hwaccel),
                          (info.height, info.width, 3), clock=clock, name=video.name)
     job = JobState(model=model, detector=detector, video=video, audio=audio, output=output, info=info, opts=opts,
                    clock=clock, report=progress or (lambda stage, fraction: None), should_cancel=should_cancel,
@@ -341,19 +345,22 @@ def _render(job: JobState) -> JobResult:
     def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
         if pending is not None:
             with job.clock("blend"):
-                source = frames[pending.sel]
-                faces = pending.faces
-                if job.params.sharpen > 0:
-                    faces = restore_detail(source, faces, pending.boxes, pending.landmarks, job.params.sharpen)
-                frame_masks = masks_for(job.masks, source, pending.boxes, pending.landmarks)
-                frames[pending.sel] = blend_faces(source, faces, pending.boxes, pending.landmarks,
-                                                  masks=frame_masks, weights=pending.weights, inplace=True)
+                faces, frame_masks = pending.faces, None
+                if job.params.sharpen > 0 or job.masks is not None:  # these take the frames as one array
+                    source = frames[pending.sel]
+                    if job.params.sharpen > 0:
+                        faces = restore_detail(source, faces, pending.boxes, pending.landmarks, job.params.sharpen)
+                    frame_masks = masks_for(job.masks, source, pending.boxes, pending.landmarks)
+                # views of the chunk's frames: only the mask rectangles are written, no frame is copied
+                blend_faces([frames[i] for i in pending.sel], faces, pending.boxes, pending.landmarks,
+                            masks=frame_masks, weights=pending.weights, inplace=True)
         with job.clock("encode"):
             writer.write(frames)
         return len(frames)
 
     with VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
-                     preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s) as writer, \
+                     preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
+                     threads=opts.codecs.threads) as writer, \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
         next_read = pool.submit(read, starts[0])
         last_write: Future | None = None
@@ -389,10 +396,10 @@ def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray) -> _
     landmarks = track.landmarks[src] if track.landmarks is not None else None
     with clock("prepare"):
         if job.avatar is None:
-            latents = model.prepare(crop_faces(frames[sel], boxes))
+            latents = model.prepare(crop_faces([frames[i] for i in sel], boxes))
         else:  # only frames no job has prepared before go through the VAE encoder
-            latents = job.avatar.latents_for(src, lambda todo: model.prepare(crop_faces(frames[sel[todo]],
-                                                                                         boxes[todo])))
+            latents = job.avatar.latents_for(
+                src, lambda todo: model.prepare(crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
     with clock("generate"):
         windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
         faces = model.generate(latents, windows)

@@ -31,6 +31,12 @@ class RunnerSettings(BaseSettings):
     preset: str = Field(default="veryfast", description="x264 preset of the output video.")
     ffmpeg_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one ffmpeg process.")
     compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
+    x264_threads: int = Field(
+        default=0, ge=0, le=64,
+        description="x264 threads per job; 0: x264's own choice (1.5 per core). 2 costs 13-28 % less CPU "
+                    "per frame on a 2-core machine (docs/benchmarks.md): use it when jobs run side by side.")
+    hw_codecs: Literal["auto", "off"] = Field(
+        default="auto", description="auto: NVDEC/NVENC when ffmpeg has them and a GPU takes a trial frame; off: never.")
     # Speech activity of the new audio (silence=keep): lipsync_runner/speech.py
     vad_aggressiveness: int = Field(default=2, ge=0, le=3, description="WebRTC VAD mode: 0 lenient .. 3 strict.")
     silence_floor_db: float = Field(default=-45.0, le=0, description="Quieter 10 ms frames (dBFS) are silence.")
