@@ -16,15 +16,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidInputError
 
 #: Form fields that are request options, not job parameters.
 REQUEST_FIELDS = frozenset({"wait"})
+#: JSON-schema keyword on a parameter that only some MuseTalk versions use (health's `model_version`
+#: values); the web page offers such a parameter only when the loaded model is one of them.
+MODEL_VERSIONS_KEY = "x-model-versions"
+
+#: Segment times are seconds; no video we accept is longer than a day.
+MAX_SEGMENT_SECONDS = 86_400.0
+MAX_SEGMENTS = 1000
+
+
+class Segment(BaseModel):
+    """One stretch of the output where the mouth is re-synced (seconds; start inclusive, end exclusive)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: float = Field(ge=0, le=MAX_SEGMENT_SECONDS, description="Start, in seconds of the video.")
+    # ge, not gt: OpenAPI 3.0 (BentoML's document) has no numeric exclusiveMinimum; end > start >= 0
+    # is checked below.
+    end: float = Field(ge=0, le=MAX_SEGMENT_SECONDS, description="End (exclusive), in seconds of the video.")
+    audio_start: float | None = Field(
+        default=None, ge=0, le=MAX_SEGMENT_SECONDS,
+        description="Where in the audio this segment's speech starts (seconds). Default: `start`, i.e. the "
+                    "audio is laid on the video's timeline. Rounded to whole frames.")
+
+    @model_validator(mode="after")
+    def _end_after_start(self) -> "Segment":
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end:g} s) must be after start ({self.start:g} s)")
+        return self
 
 
 class JobParams(BaseModel):
@@ -35,7 +64,49 @@ class JobParams(BaseModel):
     bbox_shift: int = Field(
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
-                    "v1.5 ignores it, as MuseTalk v1.5 does.")
+                    "v1.5 ignores it, as MuseTalk v1.5 does.",
+        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"]})
+    sharpen: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
+                    "0 is off; up to 1 puts the source's own fine detail back outside the mouth and "
+                    "sharpens the generated mouth to the same scale.")
+    sync_mode: Literal["bounce", "loop", "cut_off", "silence", "remap"] = Field(
+        default="bounce",
+        description="When the audio and the video differ in length. bounce: the output lasts as long as the "
+                    "audio; a shorter video plays forward, then backward, and so on (MuseTalk's ping-pong). "
+                    "loop: as long as the audio; a shorter video restarts from its first frame. cut_off: as "
+                    "long as the shorter of the two; the rest of the longer one is dropped (audio included). "
+                    "silence: as long as the longer of the two; a shorter audio is padded with silence and "
+                    "the video's tail keeps its original mouth (a shorter video bounces). remap: as long as "
+                    "the audio; the video is retimed (frames repeated or skipped evenly) to fit it. "
+                    "With a longer video, bounce and loop play its first frames only.")
+    silence: Literal["keep", "generate"] = Field(
+        default="keep",
+        description="Silent stretches of the new audio. keep: frames show the source mouth, with a short "
+                    "cross-fade at each boundary; generate: the model's mouth everywhere (MuseTalk).")
+    segments: list[Segment] | None = Field(
+        default=None, max_length=MAX_SEGMENTS,
+        description='JSON list of {"start", "end"[, "audio_start"]} in seconds: the mouth is re-synced only '
+                    "inside these stretches of the output (its timeline is the video's unless the audio is "
+                    "longer under bounce, loop or remap); outside, frames pass through untouched. The output "
+                    "keeps the new audio; a segment with audio_start plays the audio from there. "
+                    "Ordered and non-overlapping. Default: the whole output.")
+
+    @field_validator("segments")
+    @classmethod
+    def _ordered_segments(cls, segments: list[Segment] | None) -> list[Segment] | None:
+        if not segments:
+            return None  # an empty list means "the whole output", as leaving it out does
+        for k in range(1, len(segments)):
+            prev, cur = segments[k - 1], segments[k]
+            if cur.start < prev.end:
+                raise ValueError(f"segment {k} ({cur.start:g}-{cur.end:g} s) starts before segment {k - 1} "
+                                 f"ends ({prev.end:g} s): segments must be ordered and must not overlap")
+        return segments
+
+
+_INT_RE = re.compile(r"[+-]?\d+")
 
 
 def field_names() -> tuple[str, ...]:
@@ -43,12 +114,19 @@ def field_names() -> tuple[str, ...]:
 
 
 def _decode_value(raw: str) -> Any:
-    """A form value as sent by curl (`bounce`, `5`, `[...]`) or by BentoML's client (JSON: `"bounce"`)."""
+    """A form value as sent by curl (`bounce`, `5`, `[...]`) or by BentoML's client (JSON: `"bounce"`).
+
+    Only JSON's structured forms are decoded here (strings in quotes, lists, objects, null); a bare
+    number or word stays text and the schema parses it by the field's type, so `0E0` or `5.0` are
+    not integers and `1e3` is not a word.
+    """
     text = raw.strip()
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+    if text[:1] in ('"', "[", "{") or text == "null":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -56,7 +134,7 @@ def validation_message(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = str(err.get("msg", "invalid value"))
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")  # our validators' own words
         if err.get("type") == "extra_forbidden":
             msg = "unknown parameter"
         problems.append(f"{loc}: {msg}" if loc else msg)
@@ -76,6 +154,10 @@ def parse_fields(fields: Mapping[str, Any], defaults: Mapping[str, Any] | None =
         value = _decode_value(raw) if isinstance(raw, str) else raw
         if value is None or value == "":
             continue
+        info = JobParams.model_fields.get(name)
+        if info is not None and info.annotation is int and isinstance(value, str) and not _INT_RE.fullmatch(value):
+            # pydantic would read "5.0" as 5; an integer parameter takes integers only
+            raise InvalidInputError(f"Invalid parameters: {name}: Input should be a valid integer, got {value[:20]!r}")
         values[name] = value
     try:
         return JobParams.model_validate(values)
@@ -87,13 +169,18 @@ def form_properties() -> dict[str, Any]:
     """JSON-schema properties of the job parameters, for a multipart/form-data request body."""
     schema = JobParams.model_json_schema()
     defs = schema.get("$defs", {})
-    props = {}
-    for name, prop in schema["properties"].items():
-        prop = dict(prop)
-        if "$ref" in prop:  # inline enums and nested models: form docs have no $defs
-            prop = {**defs[prop.pop("$ref").rsplit("/", 1)[-1]], **prop}
-        props[name] = prop
-    return props
+
+    def inline(node: Any) -> Any:  # enums and nested models (segments' items too): form docs have no $defs
+        if isinstance(node, dict):
+            if "$ref" in node:
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return inline({**defs[node["$ref"].rsplit("/", 1)[-1]], **rest})
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {name: inline(prop) for name, prop in schema["properties"].items()}
 
 
 # --------------------------------------------------------------------------- command lines

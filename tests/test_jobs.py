@@ -802,6 +802,33 @@ def test_open_output_streams_any_byte_range_of_the_stored_result(make_manager, b
     assert stored.redirect_url("x.mp4") is None  # presigned redirects are off unless configured
 
 
+def test_what_admission_stored_with_a_job_is_served_by_any_replica(make_manager, backend, tmp_path, data):
+    """The thumbnail (any other file admission left in the upload directory) and the media summary
+    travel with the job: with a bucket, a replica that never saw the upload serves them."""
+    removed: list[str] = []
+    manager = make_manager(workers=1, on_removed=removed.append)
+    other = make_manager(tmp_path / "b", on_removed=removed.append) if backend.shared else manager
+    job_id, directory = manager.new_upload()
+    for name, content in (("video.mp4", b"video"), ("audio.wav", b"audio"), ("thumbnail.jpg", b"jpeg")):
+        (directory / name).write_bytes(content)
+    media = {"video": {"duration_s": 2.0, "width": 320, "height": 240, "fps": "25/1"}}
+    manager.submit(job_id, video_file="video.mp4", audio_file="audio.wav", video_filename="ok.mp4",
+                   audio_filename="speech.wav", params=JobParams(), owner="alice", media=media)
+    assert backend.stored(data, job_id) >= {"video.mp4", "audio.wav", "thumbnail.jpg"}
+    assert other.get(job_id).media == media
+    stored = other.open_file(job_id, "thumbnail.jpg", owner="alice")
+    assert b"".join(stored.iter_range(0, stored.size)) == b"jpeg"
+    assert other.input_path(job_id, "video.mp4", owner="alice").read_bytes() == b"video"
+    for name, owner in (("thumbnail.jpg", "bob"), ("missing.jpg", "alice"), ("../jobs.sqlite3", "alice")):
+        with pytest.raises(JobNotFoundError):
+            other.open_file(job_id, name, owner=owner)
+        with pytest.raises(JobNotFoundError):
+            other.input_path(job_id, name, owner=owner)
+    manager.wait(job_id, timeout=5)
+    other.cleanup(job_id, owner="alice")
+    assert removed == [job_id] and backend.stored(data, job_id) == set()
+
+
 def test_jobs_are_scoped_to_their_owner(make_manager):
     manager = make_manager()
     alices = upload(manager, owner="alice")

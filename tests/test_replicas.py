@@ -154,7 +154,7 @@ def test_eight_jobs_submitted_to_one_replica_run_on_both_and_are_served_by_the_o
 
     ran_on_a = next(j for j, url in ran_on.items() if url == fleet.a.url)
     assert sorted(k.rsplit("/", 1)[1] for k in fleet.keys(ran_on_a)) == ["input_audio.wav", "input_video.mp4",
-                                                                        "output.mp4"]
+                                                                        "output.mp4", "thumbnail.jpg"]
     whole = httpx.get(f"{fleet.b.url}{API}/download/{ran_on_a}", timeout=60)  # from the bucket, through B
     assert whole.status_code == 200 and whole.headers["content-type"] == "video/mp4"
     out = tmp_path / "out.mp4"
@@ -162,6 +162,15 @@ def test_eight_jobs_submitted_to_one_replica_run_on_both_and_are_served_by_the_o
     assert probe_video(out).frame_count_estimate == 10  # 0.4 s of speech at 25 fps
     part = httpx.get(f"{fleet.b.url}{API}/download/{ran_on_a}", headers={"Range": "bytes=8-15"}, timeout=60)
     assert part.status_code == 206 and part.content == whole.content[8:16]
+    bento = httpx.post(f"{fleet.b.url}/download", json={"job_id": ran_on_a}, timeout=60)  # BentoML's surface
+    assert bento.status_code == 200 and bento.content == whole.content
+    # what the web page shows next to it: the thumbnail, and the uploaded video played by ranges
+    thumb = httpx.get(f"{fleet.b.url}{API}/jobs/{ran_on_a}/thumbnail.jpg", timeout=30)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert thumb.content.startswith(b"\xff\xd8")
+    video = httpx.get(f"{fleet.b.url}{API}/jobs/{ran_on_a}/inputs/video", headers={"Range": "bytes=4-11"}, timeout=30)
+    assert video.status_code == 206 and video.content == (media / "face.mp4").read_bytes()[4:12]
+    assert video.headers["content-disposition"].startswith("inline")
 
     for job_id in jobs:
         assert httpx.delete(f"{fleet.b.url}{API}/cleanup/{job_id}", timeout=30).status_code == 200
@@ -193,7 +202,7 @@ def test_sigkill_of_the_replica_running_a_job_lets_the_other_finish_it(fleet, me
     assert done["status"] == "completed" and done["attempts"] == 2, done
     assert fleet.replica_of(fleet.record(job_id)["lease_owner"]) is survivor
     assert sorted(k.rsplit("/", 1)[1] for k in fleet.keys(job_id)) == ["input_audio.wav", "input_video.mp4",
-                                                                      "output.mp4"]  # exactly one output
+                                                                      "output.mp4", "thumbnail.jpg"]  # one output
     uploads = fleet.s3.client().list_multipart_uploads(Bucket=fleet.bucket).get("Uploads", [])
     assert uploads == []
     with psycopg.connect(fleet.db_url) as conn:

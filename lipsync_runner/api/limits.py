@@ -38,12 +38,28 @@ class ApiLimits(BaseSettings):
     max_video_seconds: float = Field(default=600.0, gt=0, description="Longest accepted video (413 above).")
     max_audio_seconds: float = Field(default=600.0, gt=0, description="Longest accepted audio (413 above).")
     max_video_pixels: int = Field(default=3840 * 2160, gt=0, description="Largest frame, width x height (413 above).")
+    max_fps: float = Field(default=120.0, gt=0, description="Highest accepted video frame rate (413 above).")
+    max_job_scratch_gb: float = Field(
+        default=200.0, ge=0, description="Most scratch disk one job may need: raw ping-pong frames plus the output "
+                                         "(413 above; 0: no cap).")
     wait_timeout_s: float = Field(default=3600.0, gt=0, description="Longest a `wait=true` generate call blocks.")
     bbox_shift: int = Field(default=0, ge=-100, le=100, description="bbox_shift of jobs that do not give one.")
     debug: bool = Field(default=False, description="Add tracebacks to 500 responses (development only).")
+    max_uploads_per_client: int = Field(default=4, ge=1, description="Uploads one client (token, or address "
+                                        "without auth) may have in progress at once (429 beyond).")
+    max_concurrent_uploads: int = Field(default=32, ge=1, description="Uploads in progress at once (429 beyond).")
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0, description="An upload with no data for this long "
+                                         "is cut off (408).")
+    upload_min_bytes_per_s: int = Field(default=32 * 1024, ge=0, description="Slowest average upload rate "
+                                        "accepted once the grace period has passed (408 below).")
+    upload_rate_grace_s: float = Field(default=20.0, ge=0, description="Seconds before the minimum rate applies.")
     url_prefix: str = Field(
         default="/api/lip-sync", description="Public path the API is mounted at (for status/download URLs)."
     )
+
+    @property
+    def max_job_scratch_bytes(self) -> int | None:
+        return int(self.max_job_scratch_gb * 10**9) or None
 
     @property
     def max_request_bytes(self) -> int:

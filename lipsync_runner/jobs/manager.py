@@ -4,8 +4,8 @@ The API layer owns one :class:`JobManager` per process. A request goes
 
     new_upload() -> (job id, empty local directory)   # admission: free space, queue length
     ... the API streams and validates the uploads into that directory ...
-    submit(job id, file names, params)                # inputs -> storage, then record 'queued'
-    get / list / wait_async / open_output / output_path / cancel / cleanup
+    submit(job id, file names, params, media=...)     # the directory's files -> storage, then 'queued'
+    get / list / wait_async / open_output / output_path / open_file / input_path / cancel / cleanup
 
 **The store is the queue.** Workers ``claim`` the oldest queued job from the
 :class:`JobStore`; with PostgreSQL every replica of the API claims from the same table, so
@@ -156,6 +156,7 @@ class JobManager:
         lease_s: float = 30.0,
         poll_s: float = 1.0,
         replica_id: str | None = None,
+        on_removed: Callable[[str], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -184,6 +185,7 @@ class JobManager:
         self.heartbeat_s = min(2.0, self.lease_s / 3)
         self.poll_s = float(poll_s)  # idle workers look at the shared queue this often
         self.replica_id = replica_id or default_replica_id()
+        self._on_removed = on_removed  # (job id): a job is gone for good (cleanup, expiry): e.g. its avatar refs
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # job state changes (waiters)
@@ -394,6 +396,10 @@ class JobManager:
                 raise
         return job_id, directory
 
+    def check_free_space(self) -> None:
+        """InsufficientStorageError (507) below the free-space floor (re-checked while uploads stream)."""
+        self._files.check_free_space(self.free_space_floor_bytes)
+
     def _retry_after_s(self) -> int:
         """About when a queue slot frees up: one job's time spread over the workers."""
         mean = sum(self._durations) / len(self._durations) if self._durations else DEFAULT_JOB_SECONDS
@@ -423,11 +429,13 @@ class JobManager:
         audio_filename: str,
         params: JobParams,
         owner: str | None = None,
+        media: dict | None = None,
     ) -> JobRecord:
         """Store the uploaded inputs, then record the job as queued (any replica may then run it).
 
         ``video_file``/``audio_file`` are plain names of files already in the job's
-        directory (``ValueError`` otherwise); the ``*_filename`` are the user's, for display.
+        directory (``ValueError`` otherwise); the ``*_filename`` are the user's, for display;
+        ``media``: what admission learnt of the inputs (durations, size, fps).
         """
         directory = self._files.job_dir(job_id)
         for name in (video_file, audio_file):
@@ -443,14 +451,20 @@ class JobManager:
             audio_filename=audio_filename,
             video_file=video_file,
             audio_file=audio_file,
+            media=media,
         )
-        for name in dict.fromkeys((video_file, audio_file)):
-            self._storage.put(job_id, name, directory / name)  # a bucket: streamed multipart upload
+        # the inputs first, then what else admission left there (the thumbnail): a bucket gets
+        # each as a streamed multipart upload
+        extras = sorted(p.name for p in directory.iterdir() if is_plain_name(p.name) and p.is_file())
+        for name in dict.fromkeys((video_file, audio_file, *extras)):
+            self._storage.put(job_id, name, directory / name)
         with self._files_lock:
             self._store.create(record)  # the job exists (and its upload reservation ends) only now
             self._uploads.pop(job_id, None)
         if not self._storage.is_local:
-            self._files.remove(job_id)  # the local copy was only the upload buffer
+            with self._lock:  # a worker here that claimed the job already works in this directory: keep it
+                if job_id not in self._running:
+                    self._files.remove(job_id)  # the local copy was only the upload buffer
         self._wake_workers()
         log.info("job %s: queued", job_id)
         return record
@@ -514,13 +528,32 @@ class JobManager:
         if obj.local_path is not None:
             return obj.local_path
         rec = self._lookup(job_id, owner)
-        dest = self._files.path(job_id, rec.output_file or OUTPUT_NAME)
+        try:
+            return self._local_copy(job_id, rec.output_file or OUTPUT_NAME, obj)
+        except FileNotFoundError:
+            raise JobNotFinishedError("the job's output file is no longer available") from None
+
+    def open_file(self, job_id: str, name: str, owner: str | None = None) -> StoredObject:
+        """A file admission stored with the job (an input, its thumbnail), for streaming
+        (``storage.object_response``); JobNotFoundError if absent."""
+        self._lookup(job_id, owner)
+        try:
+            return self._storage.open(job_id, name)
+        except (FileNotFoundError, ValueError):
+            raise JobNotFoundError("no such job") from None
+
+    def input_path(self, job_id: str, name: str, owner: str | None = None) -> Path:
+        """:meth:`open_file` as a local file (with a bucket: copied to this replica's scratch first,
+        like :meth:`output_path`)."""
+        obj = self.open_file(job_id, name, owner)
+        return obj.local_path if obj.local_path is not None else self._local_copy(job_id, name, obj)
+
+    def _local_copy(self, job_id: str, name: str, obj: StoredObject) -> Path:
+        """A stored file in this replica's scratch (the local orphan sweep removes it later)."""
+        dest = self._files.path(job_id, name)
         if not (dest.is_file() and dest.stat().st_size == obj.size):
             dest.parent.mkdir(exist_ok=True)
-            try:
-                self._storage.fetch(job_id, rec.output_file or OUTPUT_NAME, dest)
-            except FileNotFoundError:
-                raise JobNotFinishedError("the job's output file is no longer available") from None
+            self._storage.fetch(job_id, name, dest)
         return dest
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
@@ -624,7 +657,17 @@ class JobManager:
         self._notify(job_id)
         if run is None:
             self._remove_files(job_id)
+        self._removed(job_id)
         log.info("job %s: removed%s", job_id, " (its worker is stopping)" if run is not None else "")
+
+    def _removed(self, job_id: str) -> None:
+        """The job is gone for good (cleanup, expiry): tell the hook (e.g. the avatar cache's job refs)."""
+        if self._on_removed is None:
+            return
+        try:
+            self._on_removed(job_id)
+        except Exception:
+            log.exception("job %s: the removal hook failed", job_id)
 
     def _remove_files(self, job_id: str) -> None:
         self._storage.delete(job_id)
@@ -654,6 +697,7 @@ class JobManager:
                     self._remove_files(rec.job_id)
                 except Exception:
                     log.exception("job %s: could not remove its files (the sweeper will retry)", rec.job_id)
+                self._removed(rec.job_id)
                 log.info("job %s: expired and removed", rec.job_id)
                 removed += 1
             removed += self._remove_stored_orphans(grace)
@@ -848,6 +892,8 @@ class JobManager:
                 self._files.remove(rec.job_id)  # scratch
         except Exception:
             log.exception("job %s: could not remove its files (the sweeper will)", rec.job_id)
+        if run.doomed:  # what the run itself left here (its avatar refs) outlived the cleanup's hook
+            self._removed(rec.job_id)
         with self._cond:
             self._running.pop(rec.job_id, None)
             self._durations.append(time.monotonic() - run.started)

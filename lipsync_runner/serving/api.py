@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import (InputTooLargeError, InsufficientStorageError, InvalidInputError, LipSyncError,
-                      ModelsNotReadyError)
+from ..errors import InsufficientStorageError, ModelsNotReadyError
 from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
-from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, open_store
+from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, open_store
+from ..api.auth import AuthSettings
 from ..api.limits import ApiLimits
-from ..api.validation import validate_media
-from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from ..api.operations import JobOperations
+from ..api.validation import media_limits, validate_media
+from ..media import PROBE_TIMEOUT_S
 from ..pipeline import PipelineOptions, run
+from ..scratch import Reservation, ScratchLedger, estimate
 from ..settings import RunnerSettings
 from . import metrics
-from .bentoml_compat import user_filename
 from .packing import job_tag
 from .remote import RemoteModel, is_transport_error, runner_submitter
 from .settings import ServiceSettings
@@ -34,6 +34,7 @@ from .settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 MODEL_WAIT_S = 900  # a job recovered after a restart waits this long for the models to load
+SCRATCH_WAIT_S = 600  # a job whose scratch does not fit waits this long for running jobs to release theirs
 
 
 class ApiCore:
@@ -53,14 +54,22 @@ class ApiCore:
 
         self.storage = open_storage(s.storage_url, self.files, endpoint_url=s.s3_endpoint_url,
                                     presigned_downloads=s.presigned_downloads, presign_expiry_s=s.presigned_expiry_s)
+        self.avatars = (AvatarCache(s.avatar_cache_dir or data_dir / "avatars",
+                                    max_bytes=int(s.avatar_cache_gb * 2**30))
+                        if s.avatar_cache else None)
         self.manager = JobManager(
             self.store, self.files, self._execute, storage=self.storage, workers=s.job_workers,
             retention_s=s.retention_s, max_attempts=s.max_attempts, sweep_interval_s=s.sweep_interval_s,
             max_queued=s.max_queued_jobs, free_space_floor_bytes=s.free_space_floor_mb * 2**20, debug=s.debug,
-            lease_s=s.lease_s, poll_s=s.queue_poll_s)
-        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
-                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
-                        if self.settings.avatar_cache else None)
+            lease_s=s.lease_s, poll_s=s.queue_poll_s,
+            on_removed=self.avatars.release_job if self.avatars is not None else None)
+        self._stop = threading.Event()
+        # Disk held for running jobs' scratch (frame store, output): admission and job start check it.
+        # Always the local data directory: with a bucket too, jobs run in local scratch.
+        self.scratch = ScratchLedger(data_dir, floor_bytes=s.free_space_floor_mb * 2**20)
+        self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready,
+                                        scratch=self.scratch)
+        self.auth_enabled = AuthSettings().enabled
         self.loop: asyncio.AbstractEventLoop | None = None
         self._detector: FaceDetector | None = None
         self._detector_lock = threading.Lock()
@@ -71,9 +80,23 @@ class ApiCore:
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.loop = loop
         self.manager.start()
+        if self.avatars is not None:  # every replica's own cache: expired here, not by the shared sweeper
+            threading.Thread(target=self._expire_avatars, name="avatar-expiry", daemon=True).start()
 
     def stop(self) -> None:
+        self._stop.set()
         self.manager.close()
+
+    def _expire_avatars(self) -> None:
+        while True:
+            try:
+                self.avatars.expire(self.settings.retention_s)
+                if self.store.shared:  # jobs cleaned up through another replica: their entries here go too
+                    self.avatars.release_missing(lambda job_id: self.store.get(job_id) is not None)
+            except Exception:
+                log.exception("avatar cache expiry failed")
+            if self._stop.wait(self.settings.sweep_interval_s):
+                return
 
     # ------------------------------------------------------------------ runner access
 
@@ -101,19 +124,23 @@ class ApiCore:
             return asyncio.run_coroutine_threadsafe(self.runner_health(), self.loop).result(timeout=30)
         return self.runner.health()
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self, *, authenticated: bool = True) -> dict[str, Any]:
+        """The health body; job counts (all tenants') only for a caller with a token, or with auth off."""
         runner = await self.runner_health()
-        return {
+        body = {
             "status": "ready" if runner.get("models_loaded") else runner.get("status", "unavailable"),
             "models_loaded": bool(runner.get("models_loaded")),
             "device": runner.get("device"),
             "model_version": runner.get("model_version"),
             "error": runner.get("error"),
-            "jobs": self.manager.counts(),
             "version": __version__,
             "uptime_s": round(time.time() - self._started, 1),
+            "auth": self.auth_enabled,
             "ui": "/ui/",
         }
+        if authenticated:
+            body["jobs"] = await asyncio.to_thread(self.manager.counts)
+        return body
 
     async def ensure_ready(self) -> None:
         """503 (seed: 'Lip sync service not available') unless the models are loaded."""
@@ -121,36 +148,6 @@ class ApiCore:
         if not runner.get("models_loaded"):
             reason = runner.get("error") or f"models are {runner.get('status', 'unavailable')}"
             raise ModelsNotReadyError(f"Models not loaded: {reason}")
-
-    # ------------------------------------------------------------------ BentoML endpoint uploads
-
-    async def submit_paths(self, video: Path, audio: Path, bbox_shift: int, owner: str | None = None) -> JobRecord:
-        """Jobs from the BentoML `generate` endpoint: its uploads sit in a per-request temp dir."""
-        params = _params(bbox_shift)
-        await self.ensure_ready()
-        for path, limit, kind, allowed in ((video, self.limits.max_video_bytes, "video", VIDEO_EXTENSIONS),
-                                           (audio, self.limits.max_audio_bytes, "audio", AUDIO_EXTENSIONS)):
-            if path.stat().st_size > limit:
-                raise InputTooLargeError(f"the {kind} file exceeds the maximum allowed size of {limit // 2**20} MB")
-            if path.suffix.lower() not in allowed:
-                raise InvalidInputError(f"Invalid {kind} format. Supported: {', '.join(allowed)}")
-        job_id, job_dir = self.manager.new_upload()
-        try:
-            video_file = "input_video" + video.suffix.lower()
-            audio_file = "input_audio" + audio.suffix.lower()
-            await asyncio.to_thread(shutil.copyfile, video, job_dir / video_file)
-            await asyncio.to_thread(shutil.copyfile, audio, job_dir / audio_file)
-            await asyncio.to_thread(validate_media, job_dir / video_file, job_dir / audio_file, self.limits)
-        except BaseException as exc:
-            self.manager.discard_upload(job_id)
-            if isinstance(exc, LipSyncError):
-                exc.message = (exc.message.replace(video_file, user_filename(video.name))
-                               .replace(audio_file, user_filename(audio.name)))
-                exc.args = (exc.message,)
-            raise
-        return self.manager.submit(job_id, video_file=video_file, audio_file=audio_file,
-                                   video_filename=user_filename(video.name)[:200],
-                                   audio_filename=user_filename(audio.name)[:200], params=params, owner=owner)
 
     # ------------------------------------------------------------------ one job
 
@@ -174,19 +171,22 @@ class ApiCore:
             ctx.progress("waiting for models", 0.0)
             time.sleep(1.0)
 
-    def _guard_disk(self, progress):
-        """A progress callback that also fails the job cleanly when the disk fills up under it."""
+    def _guard_disk(self, progress, reservation: Reservation | None = None):
+        """A progress callback that also fails the job cleanly when the disk fills up under it,
+        or when it writes past its scratch reservation and the disk has no more room for it."""
         floor = self.settings.free_space_floor_mb * 2**20
         last_check = 0.0
 
         def guarded(stage: str, fraction: float) -> None:
             nonlocal last_check
             now = time.monotonic()
-            if floor and now - last_check > 2.0:
+            if now - last_check > 2.0:
                 last_check = now
-                if self.files.free_bytes() < floor:
+                if floor and self.files.free_bytes() < floor:
                     raise InsufficientStorageError(
                         "the server ran out of disk space while processing the job; try again later")
+                if reservation is not None:
+                    reservation.check()
             progress(stage, fraction)
 
         return guarded
@@ -196,29 +196,24 @@ class ApiCore:
         health = self._wait_for_models(ctx)
         model = RemoteModel(self._submit(), chunk_frames=self.settings.chunk_frames, tag=job_tag(job.job_id),
                             timeout_s=self.settings.runner_timeout_s, weights_id=health.get("weights_id") or "")
-        options = PipelineOptions(
-            bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
-            version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
-            crf=self.runner_settings.crf, preset=self.runner_settings.preset,
-            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s)
+        options = PipelineOptions.from_settings(self.runner_settings, job.params,
+                                                version=health.get("model_version") or "v15",
+                                                batch_size=self.settings.chunk_frames * 4,
+                                                limits=media_limits(self.limits))
         output = self.files.output_path(job.job_id)
+        video, audio = ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file
         start = time.perf_counter()
-        try:
-            result = run(model, self._face_detector(), ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file,
-                         output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
-                         work_dir=ctx.work_dir, cache=self.avatars)
-        except LipSyncError:
-            raise
+        # Probed once here (run() takes the result), and checked again: a job queued before a
+        # restart meets today's limits. The scratch reservation needs both probes.
+        video_info, audio_info = validate_media(video, audio, self.limits, timeout_s=min(
+            PROBE_TIMEOUT_S, self.runner_settings.ffmpeg_timeout_s))
+        need = estimate(video_info, audio_info, job.params, max_spool_bytes=options.max_spool_bytes).total
+        with self.scratch.reserve(need, directory=ctx.work_dir, wait_s=SCRATCH_WAIT_S,
+                                  should_cancel=ctx.should_cancel) as reservation:
+            result = run(model, self._face_detector(), video, audio, output, options,
+                         progress=self._guard_disk(ctx.progress, reservation), should_cancel=ctx.should_cancel,
+                         work_dir=ctx.work_dir, video_info=video_info,
+                         cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
         metrics.job_finished(time.perf_counter() - start, result.frames)
         return JobOutcome(output_file=output.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit)
-
-
-def _params(bbox_shift: Any) -> JobParams:
-    try:
-        value = int(bbox_shift)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"bbox_shift must be an integer, got {bbox_shift!r}") from None
-    if not -100 <= value <= 100:
-        raise InvalidInputError(f"bbox_shift must be between -100 and 100, got {value}")
-    return JobParams(bbox_shift=value)

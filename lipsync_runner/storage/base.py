@@ -6,10 +6,18 @@ from collections.abc import Collection, Container, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 if TYPE_CHECKING:
     from ..jobs.files import JobFiles
+
+
+def content_disposition(disposition: str, filename: str) -> str:
+    """A Content-Disposition value as Starlette's FileResponse writes it (RFC 5987 for non-ASCII names)."""
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"{disposition}; filename*=utf-8''{quoted}"
+    return f'{disposition}; filename="{filename}"'
 
 
 @runtime_checkable
@@ -25,7 +33,7 @@ class StoredObject(Protocol):
         """Bytes ``start`` up to (not including) ``stop``, in chunks, streamed from the store."""
         ...
 
-    def redirect_url(self, filename: str) -> str | None:
+    def redirect_url(self, filename: str, disposition: str = "attachment") -> str | None:
         """A URL the client may fetch the object from itself (presigned), or None."""
         ...
 

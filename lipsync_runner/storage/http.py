@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from datetime import timezone
-from email.utils import format_datetime, quote
+from email.utils import format_datetime
 
 import anyio
 from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
-from .base import StoredObject
+from .base import StoredObject, content_disposition
 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 
@@ -65,13 +65,15 @@ async def _stream(obj: StoredObject, start: int, stop: int) -> AsyncIterator[byt
 
 
 def object_response(obj: StoredObject, filename: str, *, range_header: str | None = None,
-                    media_type: str = "video/mp4", allow_redirect: bool = True) -> Response:
-    """The response that downloads ``obj`` as ``filename``."""
-    if allow_redirect and (url := obj.redirect_url(filename)):
+                    media_type: str = "video/mp4", allow_redirect: bool = True, inline: bool = False) -> Response:
+    """The response that downloads ``obj`` as ``filename`` (``inline``: for playback in the page)."""
+    disposition = "inline" if inline else "attachment"
+    if allow_redirect and (url := obj.redirect_url(filename, disposition)):
         return RedirectResponse(url, status_code=307)
-    if obj.local_path is not None:
-        return FileResponse(obj.local_path, media_type=media_type, filename=filename)
-    headers = {"accept-ranges": "bytes", "content-disposition": f'attachment; filename="{quote(filename)}"'}
+    if obj.local_path is not None:  # Starlette does Range (and HEAD) itself
+        return FileResponse(obj.local_path, media_type=media_type, filename=filename,
+                            content_disposition_type=disposition)
+    headers = {"accept-ranges": "bytes", "content-disposition": content_disposition(disposition, filename)}
     if obj.etag:
         headers["etag"] = obj.etag
     if obj.last_modified is not None:

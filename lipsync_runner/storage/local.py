@@ -8,6 +8,7 @@ only when the data directory is one shared filesystem (a ReadWriteMany volume).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Collection, Container, Iterator
 from datetime import datetime, timezone
@@ -38,7 +39,7 @@ class LocalObject:
                 left -= len(chunk)
                 yield chunk
 
-    def redirect_url(self, filename: str) -> str | None:
+    def redirect_url(self, filename: str, disposition: str = "attachment") -> str | None:
         return None
 
 
@@ -64,7 +65,7 @@ class LocalStorage:
             if not src.is_file():
                 raise FileNotFoundError(name)
             return
-        tmp = Path(dest).with_name(f".{Path(dest).name}.tmp")
+        tmp = Path(dest).with_name(f".{Path(dest).name}.{secrets.token_hex(4)}.tmp")  # two readers may fetch at once
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Collection, Container, Iterator
 from datetime import datetime
-from email.utils import quote
 from pathlib import Path
 
 import boto3
@@ -27,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ..errors import LipSyncError
 from ..jobs.files import is_plain_name
 from ..jobs.records import is_job_id
+from .base import content_disposition
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ CHUNK = 1 << 20
 PART = 16 << 20  # multipart part size (S3's minimum is 5 MiB)
 CONTENT_TYPES = {".mp4": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska",
                  ".avi": "video/x-msvideo", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4",
-                 ".aac": "audio/aac", ".ogg": "audio/ogg"}
+                 ".aac": "audio/aac", ".ogg": "audio/ogg", ".jpg": "image/jpeg"}
 
 
 class StorageUnavailableError(LipSyncError):
@@ -69,14 +70,15 @@ class S3Object:
         finally:
             body.close()
 
-    def redirect_url(self, filename: str) -> str | None:
+    def redirect_url(self, filename: str, disposition: str = "attachment") -> str | None:
         if not self._s.presigned_downloads:
             return None
+        content_type = CONTENT_TYPES.get(Path(filename).suffix.lower(), "application/octet-stream")
         return self._s.client.generate_presigned_url(
             "get_object", ExpiresIn=self._s.presign_expiry_s,
             Params={"Bucket": self._s.bucket, "Key": self.key,
-                    "ResponseContentDisposition": f'attachment; filename="{quote(filename)}"',
-                    "ResponseContentType": CONTENT_TYPES.get(Path(filename).suffix.lower(), "application/octet-stream")})
+                    "ResponseContentDisposition": content_disposition(disposition, filename),
+                    "ResponseContentType": content_type})
 
 
 class S3Storage:
@@ -131,7 +133,7 @@ class S3Storage:
     def fetch(self, job_id: str, name: str, dest: Path) -> None:
         """One streamed GET into a temp file, renamed onto ``dest`` when complete."""
         dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")  # two readers may fetch at once
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, name))["Body"]
             try:
