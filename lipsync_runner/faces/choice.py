@@ -1,0 +1,248 @@
+"""Which face is dubbed: one person's per-frame crop boxes out of all the tracks found.
+
+The job parameters ``face``, ``face_point`` and ``face_boxes`` (lipsync_runner/params.py) become a
+:class:`FaceChoice`; :func:`choose_track` turns the tracks found in a video into the
+:class:`FaceTrack` the render uses: that person's crop box on every frame where they are seen,
+short detector misses filled, smoothed, and ``has_face`` False on every other frame (those frames
+pass through untouched, whoever else is on them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidInputError, NoFaceError
+from .boxes import clamp_box
+from .identity import FaceTracks, IdentityTrack, iou
+from .smoothing import OneEuro, runs, smooth_runs
+from .speaker import speech_correlation
+
+FACE_RULES = ("largest", "center", "speaker")
+#: A person on screen for less than this share of the longest-seen person's frames is not a
+#: candidate for largest / center / speaker (a passer-by, a face on a poster seen for a moment).
+MIN_SCREEN_SHARE = 0.25
+DEFAULT_FPS = 25.0
+
+KeyBox = tuple[int, tuple[int, int, int, int] | None]
+
+
+@dataclass
+class FaceTrack:
+    """Per-frame crop boxes of the person being dubbed, for a whole video (no frames kept)."""
+
+    boxes: np.ndarray  # (N, 4) int32 crop boxes x1, y1, x2, y2; rows of -1 where no face
+    landmarks: np.ndarray | None  # (N, 68, 2) float32 frame pixels, NaN rows where no face; None (Haar)
+    has_face: np.ndarray  # (N,) bool
+    detector: str
+    track_id: int | None = None  # the chosen person's id in `summary` (None: explicit boxes)
+    summary: dict[str, Any] | None = None  # FaceTracks.summary(): everyone found, for the job status
+
+    def __len__(self) -> int:
+        return len(self.has_face)
+
+    def landmarks_or_none(self, start: int, stop: int) -> np.ndarray | None:
+        """Landmarks for frames [start, stop) or None when the track has none."""
+        return None if self.landmarks is None else self.landmarks[start:stop]
+
+
+@dataclass(frozen=True)
+class FaceChoice:
+    """Whose face is dubbed; at most one of a non-default ``face``, ``point`` and ``boxes``.
+
+    * ``face``: ``largest`` (the most screen area over time), ``center`` (nearest the frame's
+      centre on average), ``speaker`` (mouth moving with the new audio) or a track id from an
+      earlier job's status on the same video.
+    * ``point``: (x, y) pixels; the person whose face box holds it on the first frame they appear.
+    * ``boxes``: explicit crop boxes ``(frame, (x1, y1, x2, y2) or None)``, frames increasing; no
+      detection runs. A box holds (interpolated towards the next one) until the next given frame,
+      the last one to the end of the video; None ends a stretch; frames before the first pass through.
+    """
+
+    face: str | int = "largest"
+    point: tuple[float, float] | None = None
+    boxes: tuple[KeyBox, ...] | None = None
+
+    @classmethod
+    def from_params(cls, params: Any) -> FaceChoice:
+        """From a JobParams (any object with ``face``, ``face_point``, ``face_boxes``)."""
+        boxes = getattr(params, "face_boxes", None)
+        point = getattr(params, "face_point", None)
+        return cls(
+            face=getattr(params, "face", "largest"),
+            point=None if point is None else (float(point[0]), float(point[1])),
+            boxes=None if boxes is None else tuple(
+                (int(k.frame), None if k.box is None else tuple(int(v) for v in k.box)) for k in boxes),
+        )
+
+    @property
+    def needs_detection(self) -> bool:
+        return self.boxes is None
+
+    @property
+    def needs_audio(self) -> bool:
+        return self.boxes is None and self.point is None and self.face == "speaker"
+
+    def key(self) -> str:
+        """Canonical text of the choice, for a cache key (equal choices give equal text)."""
+        return json.dumps({"face": self.face, "point": self.point,
+                           "boxes": None if self.boxes is None else [[f, b] for f, b in self.boxes]},
+                          sort_keys=True, separators=(",", ":"))
+
+
+def choose_track(tracks: FaceTracks, choice: FaceChoice | None, frame_hw: tuple[int, int],
+                 audio_envelope: np.ndarray | None = None, fps: float | None = None, *,
+                 fill_gaps: int = 2, smoothing: OneEuro | None = OneEuro()) -> FaceTrack:
+    """The chosen person's :class:`FaceTrack` (see FaceChoice for the rules).
+
+    * Short misses: a run of at most ``fill_gaps`` frames where the person's face was not found,
+      between two frames where it was, with overlapping crop boxes (IoU >= 0.3), is filled by
+      linear interpolation (a detector blinking is far likelier than a face vanishing that
+      briefly, and passing those frames through would flicker). ``fill_gaps=0`` disables it.
+    * Smoothing: a zero-lag One-Euro filter on crop boxes and landmarks within each run of
+      frames with the face (smoothing.py); None disables it. ``fps`` (default 25) sets its time base.
+    * ``audio_envelope`` (per source frame, speaker.audio_envelope) is needed for ``face=speaker``.
+
+    Raises NoFaceError when nobody was found, InvalidInputError when the choice names nobody
+    (an unknown track id, a point on no face, boxes past the video's end).
+    """
+    choice = choice or FaceChoice()
+    if choice.boxes is not None:
+        return explicit_track(choice.boxes, tracks.n_frames, frame_hw, tracks.summary())
+    if not tracks.tracks:
+        raise NoFaceError("no face was detected in any frame of the video")
+    track = pick(tracks, choice, frame_hw, audio_envelope)
+    crops, lms, present = tracks.dense(track)
+    n = tracks.n_frames
+
+    if fill_gaps > 0:
+        for a, b in runs(~present):
+            if a == 0 or b == n or b - a > fill_gaps or iou(crops[a - 1], crops[b]) < 0.3:
+                continue
+            t = ((np.arange(a, b) - (a - 1)) / (b - a + 1))[:, None]
+            crops[a:b] = (1 - t) * crops[a - 1] + t * crops[b]
+            if lms is not None:
+                lms[a:b] = (1 - t[:, :, None]) * lms[a - 1] + t[:, :, None] * lms[b]
+            present[a:b] = True
+
+    if smoothing is not None:
+        rate = float(fps or DEFAULT_FPS)
+        scale = crops[:, 3] - crops[:, 1]
+        crops = smooth_runs(crops, present, scale, rate, smoothing)
+        if lms is not None:
+            lms = smooth_runs(lms, present, scale, rate, smoothing)
+
+    boxes = np.full((n, 4), -1, np.int32)
+    for i in np.flatnonzero(present):
+        boxes[i] = clamp_box(np.rint(crops[i]), frame_hw)
+    if lms is not None:
+        lms = lms.astype(np.float32)
+        lms[~present] = np.nan
+    return FaceTrack(boxes=boxes, landmarks=lms, has_face=present, detector=tracks.detector, track_id=track.id,
+                     summary=tracks.summary(track.id))
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def pick(tracks: FaceTracks, choice: FaceChoice, frame_hw: tuple[int, int],
+         audio_envelope: np.ndarray | None = None) -> IdentityTrack:
+    """The track a choice names (tracks non-empty)."""
+    if choice.point is not None:
+        return _under_point(tracks, choice.point)
+    face = choice.face
+    if isinstance(face, (int, np.integer)) and not isinstance(face, bool):
+        found = tracks.by_id(int(face))
+        if found is None:
+            raise InvalidInputError(f"face={face}: this video has no face track {face}; "
+                                    f"its tracks are {_ids(tracks)}")
+        return found
+    if face not in FACE_RULES:
+        raise ValueError(f"unknown face rule {face!r} (expected one of {FACE_RULES} or a track id)")
+    cands = candidates(tracks)
+    dense = {t.id: tracks.dense(t) for t in cands}
+    if face == "largest" or (face == "speaker" and len(cands) == 1):
+        return max(cands, key=lambda t: _screen_area(*dense[t.id][::2]))
+    if face == "center":
+        h, w = frame_hw
+        centre = np.array([w / 2, h / 2])
+
+        def off_centre(t: IdentityTrack) -> float:
+            crops, _, present = dense[t.id]
+            c = (crops[present, :2] + crops[present, 2:]) / 2
+            return float(np.linalg.norm(c - centre, axis=1).mean())
+        return min(cands, key=off_centre)
+    # speaker
+    if audio_envelope is None:
+        raise ValueError("face=speaker needs the audio envelope (speaker.audio_envelope)")
+    scores = {t.id: speech_correlation(t.frames, t.mouth, audio_envelope) for t in cands}
+    # ties (no evidence at all) go to the largest face
+    return max(cands, key=lambda t: (round(scores[t.id], 6), _screen_area(*dense[t.id][::2])))
+
+
+def candidates(tracks: FaceTracks) -> list[IdentityTrack]:
+    """Tracks on screen long enough to be chosen by a rule (see MIN_SCREEN_SHARE)."""
+    counts = {t.id: int(tracks.dense(t)[2].sum()) for t in tracks.tracks}
+    longest = max(counts.values())
+    return [t for t in tracks.tracks if counts[t.id] >= MIN_SCREEN_SHARE * longest]
+
+
+def _screen_area(crops: np.ndarray, present: np.ndarray) -> float:
+    c = crops[present]
+    return float(((c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])).sum())
+
+
+def _ids(tracks: FaceTracks) -> str:
+    return ", ".join(str(t.id) for t in tracks.tracks) or "none"
+
+
+def _under_point(tracks: FaceTracks, point: tuple[float, float]) -> IdentityTrack:
+    x, y = point
+    hits = []
+    for t in tracks.tracks:
+        # the face as a person sees it: the detector's box or the crop box, whichever is larger
+        b, c = t.boxes[0], t.crops[0]
+        x1, y1, x2, y2 = min(b[0], c[0]), min(b[1], c[1]), max(b[2], c[2]), max(b[3], c[3])
+        if x1 <= x <= x2 and y1 <= y <= y2:
+            hits.append((float(np.hypot(x - (x1 + x2) / 2, y - (y1 + y2) / 2)), t.id, t))
+    if not hits:
+        seen = "; ".join(f"track {t.id} from frame {t.first_frame} at {[int(v) for v in t.crops[0]]}"
+                         for t in tracks.tracks)
+        raise InvalidInputError(f"face_point={x:g},{y:g}: no face lies under that point on the first frame "
+                                f"it appears in (faces found: {seen})")
+    return min(hits, key=lambda h: (h[0], h[1]))[2]
+
+
+# --------------------------------------------------------------------------- explicit boxes
+
+
+def explicit_track(keys: Sequence[KeyBox], n_frames: int, frame_hw: tuple[int, int],
+                   summary: dict[str, Any] | None = None) -> FaceTrack:
+    """A FaceTrack from user-given crop boxes (FaceChoice.boxes rules); no detection, no smoothing."""
+    keys = sorted(keys, key=lambda k: k[0])
+    for frame, box in keys:
+        if frame >= n_frames:
+            raise InvalidInputError(f"face_boxes: frame {frame} is past the end of the video "
+                                    f"({n_frames} frames, numbered from 0)")
+        if box is not None and (box[0] >= frame_hw[1] or box[1] >= frame_hw[0] or box[2] <= 0 or box[3] <= 0):
+            raise InvalidInputError(f"face_boxes: the box {list(box)} of frame {frame} lies outside the "
+                                    f"{frame_hw[1]}x{frame_hw[0]} frame")
+    boxes = np.full((n_frames, 4), -1, np.int32)
+    has = np.zeros(n_frames, bool)
+    for k, (frame, box) in enumerate(keys):
+        if box is None:
+            continue
+        nxt = keys[k + 1] if k + 1 < len(keys) else (n_frames, None)
+        stop, to = nxt
+        a = np.asarray(box, np.float64)
+        b = a if to is None else np.asarray(to, np.float64)
+        for i in range(frame, stop):
+            t = (i - frame) / (stop - frame)
+            boxes[i] = clamp_box(np.rint((1 - t) * a + t * b), frame_hw)
+            has[i] = True
+    return FaceTrack(boxes=boxes, landmarks=None, has_face=has, detector="explicit", track_id=None,
+                     summary=summary)
