@@ -53,6 +53,7 @@ class AvatarParams:
     detector: str
     detect_every: int
     weights_id: str  # changes when the model files change
+    face: str = '{"boxes":null,"face":"largest","point":null}'  # FaceChoice.key(): whose face is tracked
 
     def key(self, video_sha256: str) -> str:
         blob = json.dumps({"video": video_sha256, "format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)

@@ -28,7 +28,7 @@ from .avatar_cache import Avatar, AvatarCache, AvatarParams
 from .blend import blend_faces
 from .crops import crop_faces
 from .errors import InvalidInputError, JobCancelledError, MediaProcessingError
-from .faces import FaceDetector, FaceTrack, track_faces
+from .faces import FaceChoice, FaceDetector, FaceTrack, track_faces
 from .framestore import FrameStore, pingpong_indices
 from .media import (PROBE_TIMEOUT_S, AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio,
                     probe_video)
@@ -54,6 +54,7 @@ class PipelineOptions:
     crf: int = 18
     preset: str = "veryfast"
     ffmpeg_timeout_s: float | None = None
+    face: FaceChoice = field(default_factory=FaceChoice)  # whose face (FaceChoice.from_params(job params))
 
 
 @dataclass
@@ -170,7 +171,7 @@ def _prepared_video(cache: AvatarCache | None, model: LipSyncModel, detector: Fa
     params = AvatarParams(
         bbox_shift=opts.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
         version=opts.version, extra_margin=opts.extra_margin, detector=detector.name,
-        detect_every=opts.detect_every, weights_id=str(getattr(model, "weights_id", "")))
+        detect_every=opts.detect_every, weights_id=str(getattr(model, "weights_id", "")), face=opts.face.key())
     with clock("cache"):
         key = params.key(cache.video_hash(video))
     with cache.open(key, build) as (avatar, hit):
@@ -216,7 +217,7 @@ def _track(video: Path, info: VideoInfo, detector: FaceDetector, opts: PipelineO
     decode_before = clock.seconds["decode"]
     start = time.perf_counter()
     track = track_faces(frames(), detector, bbox_shift=opts.bbox_shift, version=opts.version,
-                        extra_margin=opts.extra_margin, detect_every=opts.detect_every)
+                        extra_margin=opts.extra_margin, detect_every=opts.detect_every, choice=opts.face, fps=info.fps)
     clock.seconds["faces"] += time.perf_counter() - start - (clock.seconds["decode"] - decode_before)
     return track
 
