@@ -11,7 +11,7 @@ import pytest
 import skimage.data
 
 from lipsync_runner.errors import ModelFilesError, NoFaceError
-from lipsync_runner.testing import synthetic_landmarks
+from lipsync_runner.testing import actor_frames, synthetic_landmarks, two_people
 from lipsync_runner.faces import (
     FAN_FILENAME,
     S3FD_FILENAME,
@@ -69,6 +69,18 @@ def test_haar_finds_a_scaled_translated_face_in_a_larger_canvas(haar):
     ex, ey = ox + ASTRONAUT_FACE_CENTER[0] * scale, oy + ASTRONAUT_FACE_CENTER[1] * scale
     assert abs(cx - ex) < 15 and abs(cy - ey) < 15
     assert 40 < det.box[2] - det.box[0] < 80
+
+
+def test_haar_finds_every_face_of_two_real_people_largest_first(haar):
+    actors = two_people(1, (480, 270))  # Grace Hopper (170 px head shot) left, the astronaut (140 px) right
+    [dets] = haar.detect(next(actor_frames(actors, 1, (480, 270)))[None])
+    assert len(dets) == 2
+    areas = [(d.box[2] - d.box[0]) * (d.box[3] - d.box[1]) for d in dets]
+    assert areas[0] > areas[1]
+    for d, actor in zip(dets, actors):
+        cx, cy = _center(d.box)
+        ex, ey = actor.face_center(0)
+        assert abs(cx - ex) < actor.size / 6 and abs(cy - ey) < actor.size / 4
 
 
 def test_haar_finds_no_face_in_flat_or_noise_frames(haar):

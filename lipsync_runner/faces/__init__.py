@@ -30,7 +30,6 @@ from .detection import (
     FaceDetector,
     FanFaceDetector,
     HaarFaceDetector,
-    by_area,
     fan_weights_present,
     load_face_detector,
 )
@@ -60,7 +59,6 @@ __all__ = [
     "OneEuro",
     "TrackerSettings",
     "audio_envelope",
-    "by_area",
     "choose_track",
     "explicit_track",
     "fan_weights_present",

@@ -50,11 +50,6 @@ class FaceDetector(Protocol):
         ...
 
 
-def by_area(detections: list[FaceDetection]) -> list[FaceDetection]:
-    """Largest box first (the protocol's order); equal areas keep their order."""
-    return sorted(detections, key=lambda d: -float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])))
-
-
 def _suppress_nested(rects: np.ndarray, overlap: float = 0.5) -> list[int]:
     """Indices of the boxes (x, y, w, h; largest first) not lying mostly inside a larger kept one.
 
