@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, NoFaceError
+from ..params import FACE_RULES
 from .boxes import clamp_box
 from .identity import FaceTracks, IdentityTrack, iou
 from .smoothing import OneEuro, runs, smooth_runs
 from .speaker import speech_correlation
 
-FACE_RULES = ("largest", "center", "speaker")
 #: A person on screen for less than this share of the longest-seen person's frames is not a
 #: candidate for largest / center / speaker (a passer-by, a face on a poster seen for a moment).
 MIN_SCREEN_SHARE = 0.25
