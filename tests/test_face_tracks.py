@@ -155,9 +155,9 @@ def test_landmarks_keep_identity_and_travel_with_the_track():
 def test_summary_is_json_and_says_who_is_where():
     a, b = [40, 50, 120, 130], [240, 50, 320, 130]
     tracks = tracks_of([[a]] * 5 + [[a, b]] * 15)
-    s = tracks.summary(chosen=1)
+    s = tracks.summary(chosen=[1])
     assert json.loads(json.dumps(s)) == s
-    assert s["count"] == 2 and s["frames"] == 20 and s["chosen"] == 1
+    assert s["count"] == 2 and s["frames"] == 20 and s["chosen"] == [1]
     assert s["tracks"][0] == {"id": 0, "first_frame": 0, "last_frame": 19, "frames": 20, "box": a}
     assert s["tracks"][1] == {"id": 1, "first_frame": 5, "last_frame": 19, "frames": 15, "box": b}
 
@@ -185,6 +185,18 @@ def test_largest_means_most_screen_area_over_the_video_not_in_one_frame():
     tracks = tracks_of(script)
     track = choose_track(tracks, FaceChoice(), (200, 400))
     assert track.track_id == 1 and track.has_face.all()
+
+
+def test_a_rule_follows_the_person_across_a_cut_and_never_dubs_someone_on_screen_with_them():
+    a, b, after_cut = [20, 40, 140, 160], [260, 60, 340, 140], [170, 50, 270, 150]
+    script = [[a, b]] * 10 + [[b]] * 5 + [[]] * 3 + [[after_cut]] * 12  # a leaves; then a new shot
+    tracks = tracks_of(script)
+    assert len(tracks) == 3
+    track = choose_track(tracks, FaceChoice(), (200, 400), smoothing=None)
+    assert track.summary["chosen"] == [0, 2] and track.track_id == 0
+    assert track.has_face.tolist() == [True] * 10 + [False] * 8 + [True] * 12  # b is never dubbed
+    assert tuple(track.boxes[0]) == tuple(a) and tuple(track.boxes[-1]) == tuple(after_cut)
+    assert choose_track(tracks, FaceChoice(face=0), (200, 400)).has_face.sum() == 10  # an id is one track
 
 
 def test_center_picks_the_face_nearest_the_middle():

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import InvalidInputError, NoFaceError
 from ..params import FACE_RULES
 from .boxes import clamp_box
+from .detection import NUM_LANDMARKS
 from .identity import FaceTracks, IdentityTrack, iou
 from .smoothing import OneEuro, runs, smooth_runs
 from .speaker import speech_correlation
@@ -39,7 +40,7 @@ class FaceTrack:
     landmarks: np.ndarray | None  # (N, 68, 2) float32 frame pixels, NaN rows where no face; None (Haar)
     has_face: np.ndarray  # (N,) bool
     detector: str
-    track_id: int | None = None  # the chosen person's id in `summary` (None: explicit boxes)
+    track_id: int | None = None  # the chosen person's (first) track id in `summary` (None: explicit boxes)
     summary: dict[str, Any] | None = None  # FaceTracks.summary(): everyone found, for the job status
 
     def __len__(self) -> int:
@@ -56,7 +57,8 @@ class FaceChoice:
 
     * ``face``: ``largest`` (the most screen area over time), ``center`` (nearest the frame's
       centre on average), ``speaker`` (mouth moving with the new audio) or a track id from an
-      earlier job's status on the same video.
+      earlier job's status on the same video. A rule also takes the tracks never on screen
+      together with the chosen one (the same person after a cut): see chosen_tracks.
     * ``point``: (x, y) pixels; the person whose face box holds it on the first frame they appear.
     * ``boxes``: explicit crop boxes ``(frame, (x1, y1, x2, y2) or None)``, frames increasing; no
       detection runs. A box holds (interpolated towards the next one) until the next given frame,
@@ -115,10 +117,29 @@ def choose_track(tracks: FaceTracks, choice: FaceChoice | None, frame_hw: tuple[
         return explicit_track(choice.boxes, tracks.n_frames, frame_hw, tracks.summary())
     if not tracks.tracks:
         raise NoFaceError("no face was detected in any frame of the video")
-    track = pick(tracks, choice, frame_hw, audio_envelope)
-    crops, lms, present = tracks.dense(track)
+    chosen = chosen_tracks(tracks, choice, frame_hw, audio_envelope)
     n = tracks.n_frames
+    boxes = np.full((n, 4), -1, np.int32)
+    has = np.zeros(n, bool)
+    with_landmarks = all(t.landmarks is not None for t in chosen)
+    lms_out = np.full((n, NUM_LANDMARKS, 2), np.nan, np.float32) if with_landmarks else None
+    for track in chosen:  # highest rank first: it keeps a frame two tracks might both reach
+        crops, lms, present = _steady(tracks, track, fill_gaps, smoothing, float(fps or DEFAULT_FPS))
+        mine = present & ~has
+        for i in np.flatnonzero(mine):
+            boxes[i] = clamp_box(np.rint(crops[i]), frame_hw)
+        if lms_out is not None and lms is not None:
+            lms_out[mine] = lms[mine]
+        has |= mine
+    return FaceTrack(boxes=boxes, landmarks=lms_out, has_face=has, detector=tracks.detector, track_id=chosen[0].id,
+                     summary=tracks.summary([t.id for t in chosen]))
 
+
+def _steady(tracks: FaceTracks, track: IdentityTrack, fill_gaps: int, smoothing: OneEuro | None, rate: float
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """One track's per-frame crops, landmarks and presence, short misses filled, smoothed."""
+    crops, lms, present = tracks.dense(track)
+    n = len(present)
     if fill_gaps > 0:
         for a, b in runs(~present):
             if a == 0 or b == n or b - a > fill_gaps or iou(crops[a - 1], crops[b]) < 0.3:
@@ -128,60 +149,65 @@ def choose_track(tracks: FaceTracks, choice: FaceChoice | None, frame_hw: tuple[
             if lms is not None:
                 lms[a:b] = (1 - t[:, :, None]) * lms[a - 1] + t[:, :, None] * lms[b]
             present[a:b] = True
-
     if smoothing is not None:
-        rate = float(fps or DEFAULT_FPS)
         scale = crops[:, 3] - crops[:, 1]
         crops = smooth_runs(crops, present, scale, rate, smoothing)
         if lms is not None:
             lms = smooth_runs(lms, present, scale, rate, smoothing)
-
-    boxes = np.full((n, 4), -1, np.int32)
-    for i in np.flatnonzero(present):
-        boxes[i] = clamp_box(np.rint(crops[i]), frame_hw)
-    if lms is not None:
-        lms = lms.astype(np.float32)
-        lms[~present] = np.nan
-    return FaceTrack(boxes=boxes, landmarks=lms, has_face=present, detector=tracks.detector, track_id=track.id,
-                     summary=tracks.summary(track.id))
+    return crops, lms, present
 
 
 # --------------------------------------------------------------------------- the rules
 
 
-def pick(tracks: FaceTracks, choice: FaceChoice, frame_hw: tuple[int, int],
-         audio_envelope: np.ndarray | None = None) -> IdentityTrack:
-    """The track a choice names (tracks non-empty)."""
+def chosen_tracks(tracks: FaceTracks, choice: FaceChoice, frame_hw: tuple[int, int],
+                  audio_envelope: np.ndarray | None = None) -> list[IdentityTrack]:
+    """The tracks dubbed, the one the choice names first (tracks non-empty).
+
+    A point or a track id names one track. A rule (largest, center, speaker) ranks every track
+    and takes the best, then, best first, every track that is never on screen together with one
+    already taken: the same person in the next shot after a cut, or back after leaving the frame
+    (their track ended), as far as can be told without recognising faces. Whoever shares the
+    screen with the chosen person is someone else and is never dubbed."""
     if choice.point is not None:
-        return _under_point(tracks, choice.point)
+        return [_under_point(tracks, choice.point)]
     face = choice.face
     if isinstance(face, (int, np.integer)) and not isinstance(face, bool):
         found = tracks.by_id(int(face))
         if found is None:
             raise InvalidInputError(f"face={face}: this video has no face track {face}; "
                                     f"its tracks are {_ids(tracks)}")
-        return found
-    if face not in FACE_RULES:
-        raise ValueError(f"unknown face rule {face!r} (expected one of {FACE_RULES} or a track id)")
-    cands = candidates(tracks)
-    dense = {t.id: tracks.dense(t) for t in cands}
-    if face == "largest" or (face == "speaker" and len(cands) == 1):
-        return max(cands, key=lambda t: _screen_area(*dense[t.id][::2]))
-    if face == "center":
+        return [found]
+    chosen: list[IdentityTrack] = []
+    for t in ranked(tracks, face, frame_hw, audio_envelope):
+        if all(t.last_frame < c.first_frame or t.first_frame > c.last_frame for c in chosen):
+            chosen.append(t)
+    return chosen
+
+
+def ranked(tracks: FaceTracks, rule: str, frame_hw: tuple[int, int],
+           audio_envelope: np.ndarray | None = None) -> list[IdentityTrack]:
+    """Every track, best first by ``rule``; tracks seen too briefly to be candidates come last."""
+    if rule not in FACE_RULES:
+        raise ValueError(f"unknown face rule {rule!r} (expected one of {FACE_RULES} or a track id)")
+    cands = {t.id for t in candidates(tracks)}
+    dense = {t.id: tracks.dense(t) for t in tracks.tracks}
+    area = {t.id: _screen_area(dense[t.id][0], dense[t.id][2]) for t in tracks.tracks}
+    if rule == "largest" or (rule == "speaker" and len(cands) == 1):
+        score = dict(area)
+    elif rule == "center":
         h, w = frame_hw
         centre = np.array([w / 2, h / 2])
-
-        def off_centre(t: IdentityTrack) -> float:
+        score = {}
+        for t in tracks.tracks:
             crops, _, present = dense[t.id]
             c = (crops[present, :2] + crops[present, 2:]) / 2
-            return float(np.linalg.norm(c - centre, axis=1).mean())
-        return min(cands, key=off_centre)
-    # speaker
-    if audio_envelope is None:
-        raise ValueError("face=speaker needs the audio envelope (speaker.audio_envelope)")
-    scores = {t.id: speech_correlation(t.frames, t.mouth, audio_envelope) for t in cands}
-    # ties (no evidence at all) go to the largest face
-    return max(cands, key=lambda t: (round(scores[t.id], 6), _screen_area(*dense[t.id][::2])))
+            score[t.id] = -float(np.linalg.norm(c - centre, axis=1).mean())
+    else:  # speaker; no evidence either way (0) ties, and ties go to the larger face
+        if audio_envelope is None:
+            raise ValueError("face=speaker needs the audio envelope (speaker.audio_envelope)")
+        score = {t.id: round(speech_correlation(t.frames, t.mouth, audio_envelope), 6) for t in tracks.tracks}
+    return sorted(tracks.tracks, key=lambda t: (t.id not in cands, -score[t.id], -area[t.id], t.id))
 
 
 def candidates(tracks: FaceTracks) -> list[IdentityTrack]:

@@ -111,10 +111,11 @@ class FaceTracks:
                         lms[k] = lms[src]
         return crops, lms, present
 
-    def summary(self, chosen: int | None = None) -> dict[str, Any]:
-        """JSON-able: how many people, and per person when and where (for a client to pick one).
+    def summary(self, chosen: list[int] | None = None) -> dict[str, Any]:
+        """JSON-able: how many tracks, and per track when and where (for a client to pick one).
 
-        ``box`` is the person's mean crop box (the region that is re-generated), ints."""
+        ``box`` is the track's mean crop box (the region that is re-generated), ints; ``chosen``
+        the ids of the tracks dubbed ([] when none was, or explicit boxes were given)."""
         tracks = []
         for t in self.tracks:
             _, _, present = self.dense(t)
@@ -125,7 +126,7 @@ class FaceTracks:
                 "frames": int(present.sum()),
                 "box": [int(round(v)) for v in t.crops.mean(axis=0)],
             })
-        return {"count": len(tracks), "frames": self.n_frames, "chosen": chosen, "tracks": tracks}
+        return {"count": len(tracks), "frames": self.n_frames, "chosen": list(chosen or []), "tracks": tracks}
 
 
 @dataclass
