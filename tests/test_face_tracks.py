@@ -199,6 +199,15 @@ def test_a_rule_follows_the_person_across_a_cut_and_never_dubs_someone_on_screen
     assert choose_track(tracks, FaceChoice(face=0), (200, 400)).has_face.sum() == 10  # an id is one track
 
 
+def test_someone_else_back_after_a_long_look_away_is_still_someone_else():
+    a, b = [20, 40, 140, 160], [260, 60, 340, 140]
+    script = [[a, b]] * 10 + [[b]] * 5 + [[]] * 30 + [[[262, 60, 342, 140]]] * 10  # b gone for 30 frames
+    tracks = tracks_of(script)
+    assert len(tracks) == 3  # longer than max_age: b's return is a new track, never on screen with a
+    track = choose_track(tracks, FaceChoice(), (200, 400))
+    assert track.summary["chosen"] == [0] and track.has_face.sum() == 10
+
+
 def test_center_picks_the_face_nearest_the_middle():
     left, middle = [20, 50, 120, 150], [170, 60, 240, 130]
     track = choose_track(tracks_of([[left, middle]] * 10), FaceChoice(face="center"), (200, 400))

@@ -168,7 +168,8 @@ def chosen_tracks(tracks: FaceTracks, choice: FaceChoice, frame_hw: tuple[int, i
     and takes the best, then, best first, every track that is never on screen together with one
     already taken: the same person in the next shot after a cut, or back after leaving the frame
     (their track ended), as far as can be told without recognising faces. Whoever shares the
-    screen with the chosen person is someone else and is never dubbed."""
+    screen with the chosen person is someone else and is never dubbed, nor is a track that
+    starts where one of theirs ended (that person back after a long look away)."""
     if choice.point is not None:
         return [_under_point(tracks, choice.point)]
     face = choice.face
@@ -179,10 +180,41 @@ def chosen_tracks(tracks: FaceTracks, choice: FaceChoice, frame_hw: tuple[int, i
                                     f"its tracks are {_ids(tracks)}")
         return [found]
     chosen: list[IdentityTrack] = []
+    others: list[IdentityTrack] = []
     for t in ranked(tracks, face, frame_hw, audio_envelope):
-        if all(t.last_frame < c.first_frame or t.first_frame > c.last_frame for c in chosen):
-            chosen.append(t)
+        (others if any(_together(t, c) for c in chosen) else chosen).append(t)
+    # A track that starts where one of the others ended is that person back (after turning
+    # away for longer than a track waits), not the chosen one.
+    moved = True
+    while moved:
+        moved = False
+        for t in chosen[1:]:
+            if _continues(t, chosen + others) in others:
+                chosen.remove(t)
+                others.append(t)
+                moved = True
+                break
     return chosen
+
+
+def _together(a: IdentityTrack, b: IdentityTrack) -> bool:
+    """Both on screen at some time (their spans from first to last sighting overlap)."""
+    return not (a.last_frame < b.first_frame or a.first_frame > b.last_frame)
+
+
+def _continues(t: IdentityTrack, pool: list[IdentityTrack]) -> IdentityTrack | None:
+    """The track of ``pool`` that ended before ``t`` began, nearest to where ``t`` begins (within
+    half a face: someone back where they were, not a new shot's framing), or None."""
+    start = (t.crops[0, :2] + t.crops[0, 2:]) / 2
+    size = float(np.sqrt(np.prod(t.crops[0, 2:] - t.crops[0, :2])))
+    best, best_d = None, 0.5
+    for x in pool:
+        if x is t or x.last_frame >= t.first_frame:
+            continue
+        d = float(np.linalg.norm((x.crops[-1, :2] + x.crops[-1, 2:]) / 2 - start)) / max(size, 1e-6)
+        if d < best_d or (d == best_d and best is not None and x.last_frame > best.last_frame):
+            best, best_d = x, d
+    return best
 
 
 def ranked(tracks: FaceTracks, rule: str, frame_hw: tuple[int, int],
