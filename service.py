@@ -16,16 +16,18 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from lipsync_runner.api.auth import BearerAuthMiddleware, request_owner
-from lipsync_runner.api.limits import ApiLimits, BodySizeLimitMiddleware
+from lipsync_runner.api.auth import BearerAuthMiddleware, is_authenticated, request_owner
+from lipsync_runner.api.limits import ApiLimits
 from lipsync_runner.api.rest import create_rest_app
-from lipsync_runner.errors import QueueFullError
-from lipsync_runner.serving.bentoml_compat import RETRY_AFTER_KEY, BentoMLErrorBodies
+from lipsync_runner.serving.bentoml_compat import BentoMLSurface
+from lipsync_runner.serving.docs_page import DocsPage
 from lipsync_runner.serving.errors import bentoml_errors
 from lipsync_runner.serving.settings import ServiceSettings
+from lipsync_runner.serving.signature import job_params_signature
 from lipsync_runner.ui import create_ui_app
 
 SETTINGS = ServiceSettings()
+REST_PATH = "/api/lip-sync"  # where the REST app is mounted (LIP_SYNC_URL_PREFIX: where clients see it)
 # Weights: a models directory when MUSETALK_MODELS_DIR is set (development, a mounted volume),
 # else the BentoML model store, which `bentoml build` packs into the Bento (import-models).
 MODELS_FROM_STORE = not os.environ.get("MUSETALK_MODELS_DIR")
@@ -89,22 +91,8 @@ class MuseTalkRunner:
         return self.core.audio_pieces(pieces)
 
 
-_core = None  # the LipSync worker's ApiCore, for the REST routes mounted below
-
-
-def _manager():
-    return _core.manager
-
-
-async def _health() -> dict[str, Any]:
-    return await _core.health()
-
-
-async def _ensure_ready() -> None:
-    await _core.ensure_ready()
-
-
-rest_app = create_rest_app(_manager, _health, LIMITS, ensure_ready=_ensure_ready)
+# The REST routes; the LipSync worker gives them its operations and health when it starts.
+rest_app = create_rest_app(None, None, LIMITS)
 
 
 @bentoml.service(
@@ -112,7 +100,7 @@ rest_app = create_rest_app(_manager, _health, LIMITS, ensure_ready=_ensure_ready
     workers=1,  # the job manager lives in this process; scale out with replicas and a shared store
     traffic={"timeout": LIMITS.wait_timeout_s + 60},
 )
-@bentoml.asgi_app(rest_app, path="/api/lip-sync")
+@bentoml.asgi_app(rest_app, path=REST_PATH)
 @bentoml.asgi_app(create_ui_app(), path="/ui")  # the browser page (lipsync_runner/ui)
 class LipSync:
     """Lip-sync jobs: upload, status, download, cleanup; REST under /api/lip-sync and BentoML APIs."""
@@ -120,11 +108,11 @@ class LipSync:
     runner = bentoml.depends(MuseTalkRunner)
 
     def __init__(self) -> None:
-        global _core
         from lipsync_runner.serving.api import ApiCore
 
         self.core = ApiCore(self.runner, SETTINGS, limits=LIMITS)
-        _core = self.core
+        rest_app.state.operations = self.core.operations
+        rest_app.state.health = self.core.health
 
     @bentoml.on_startup
     async def _start_jobs(self) -> None:
@@ -144,70 +132,57 @@ class LipSync:
 
     @bentoml.api
     @bentoml_errors
-    async def generate(self, video: Path, audio: Path, bbox_shift: int = LIMITS.bbox_shift, wait: bool = False,
-                       ctx: bentoml.Context = None) -> dict[str, Any]:
-        """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished."""
-        from lipsync_runner.api.schemas import status_body
+    @job_params_signature(bentoml.Context, defaults={"bbox_shift": LIMITS.bbox_shift})
+    async def generate(self, *, video: Path, audio: Path, wait: bool = False, ctx: bentoml.Context = None,
+                       **params: Any) -> dict[str, Any]:
+        """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished.
 
-        try:
-            job = await self.core.submit_paths(video, audio, bbox_shift, owner=_owner(ctx))
-        except QueueFullError as exc:  # the middleware turns this into a Retry-After header
-            if ctx is not None:
-                ctx.request.scope.setdefault("state", {})[RETRY_AFTER_KEY] = exc.retry_after_s
-            raise
-        if wait:
-            job = await self.core.manager.wait_async(job.job_id, timeout=LIMITS.wait_timeout_s)
-        elif ctx is not None:
-            ctx.response.status_code = 202
-        return status_body(job)
+        Over HTTP this endpoint is served by the REST route (the upload streams through the one
+        admission path: serving/bentoml_compat.py); this body runs for calls in process.
+        """
+        answer = await self.core.operations.admission.admit_files(video, audio, params, owner=_owner(ctx), wait=wait)
+        if ctx is not None:
+            ctx.response.status_code = answer.status_code
+        return answer.body
 
     @bentoml.api
     @bentoml_errors
     async def status(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
-        from lipsync_runner.api.schemas import status_body
-
-        return status_body(self.core.manager.get(job_id, _owner(ctx)))
+        return await self.core.operations.status(job_id, _owner(ctx))
 
     @bentoml.api
     @bentoml_errors
     async def download(self, job_id: str, ctx: bentoml.Context = None) -> Path:
-        return self.core.manager.output_path(job_id, _owner(ctx))
+        return await self.core.operations.download(job_id, _owner(ctx))  # the REST route's own file response
 
     @bentoml.api
     @bentoml_errors
     async def cancel(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
-        from lipsync_runner.api.schemas import status_body
-
-        return status_body(self.core.manager.cancel(job_id, _owner(ctx)))
+        return await self.core.operations.cancel(job_id, _owner(ctx))
 
     @bentoml.api
     @bentoml_errors
     async def cleanup(self, job_id: str, ctx: bentoml.Context = None) -> dict[str, Any]:
-        await asyncio.to_thread(self.core.manager.cleanup, job_id, _owner(ctx))
-        return {"success": True, "job_id": job_id, "message": "Job files removed"}
+        return await self.core.operations.cleanup(job_id, _owner(ctx))
 
     @bentoml.api
     @bentoml_errors
     async def jobs(self, limit: int = 100, ctx: bentoml.Context = None) -> dict[str, Any]:
-        from lipsync_runner.api.schemas import job_summary
-
-        records = self.core.manager.list(owner=_owner(ctx), limit=max(1, min(limit, 1000)))
-        return {"total": len(records), "jobs": [job_summary(r) for r in records]}
+        return await self.core.operations.jobs(_owner(ctx), limit)
 
     @bentoml.api
-    async def health(self) -> dict[str, Any]:
-        return await self.core.health()
+    async def health(self, ctx: bentoml.Context = None) -> dict[str, Any]:
+        return await self.core.health(authenticated=ctx is None or is_authenticated(ctx.request.scope))
 
 
 def _owner(ctx: bentoml.Context | None) -> str | None:
     return request_owner(ctx.request.scope) if ctx is not None else None
 
 
-# First (outermost): requests without a valid token are refused before anything else runs.
+# Outermost: the product's API reference at / and /docs.json (public, like BentoML's stock page it replaces).
+LipSync.add_asgi_middleware(DocsPage, rest_prefix=REST_PATH)
+# Then: requests without a valid token are refused before anything else runs.
 LipSync.add_asgi_middleware(BearerAuthMiddleware)
-# BentoML's endpoints answer errors like the REST routes (bodies, Retry-After, 400 for broken forms).
-LipSync.add_asgi_middleware(BentoMLErrorBodies)
-# Uploads to the BentoML `generate` endpoint are buffered by BentoML: refuse oversized
-# bodies before that happens (the REST route streams and checks each file on its own).
-LipSync.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=LIMITS.max_video_bytes + LIMITS.max_audio_bytes
-                            + 2**20, path_prefixes=("/generate",))
+# BentoML's side answers like the REST API: its generate streams through the REST route (one
+# admission path, no buffered uploads), errors are JSON in one vocabulary, probes say what they mean.
+LipSync.add_asgi_middleware(BentoMLSurface, rest_generate_path=f"{REST_PATH}/generate")

@@ -10,11 +10,12 @@ file next to the target, renamed once complete) is shared too.
 
 from __future__ import annotations
 
+import json
 import mimetypes
 import os
 import secrets
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,19 @@ def api_root(base_url: str, api_prefix: str = API_PREFIX) -> str:
     if prefix and base_url.endswith(prefix):
         return base_url
     return base_url + prefix
+
+
+def form_fields(params: Mapping[str, Any]) -> dict[str, str]:
+    """Job parameters (lipsync_runner/params.py JobParams, by name) as form fields: strings as they are,
+    anything else as JSON (lists of segments, numbers, booleans); None means "not given"."""
+    fields = {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        fields[name] = value if isinstance(value, str) else json.dumps(value)
+    return fields
 
 
 def error_message(response: httpx.Response, body: Any) -> str:
@@ -282,10 +296,9 @@ class ClientCore:
         raise_for_status(response)
         return parse(response, Health)
 
-    def generate(self, video: FileInput, audio: FileInput, bbox_shift: int = 0, wait: bool = False,
+    def generate(self, video: FileInput, audio: FileInput, params: Mapping[str, Any], wait: bool = False,
                  progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None) -> Op:
-        call = Call("POST", "/generate", data={"bbox_shift": str(int(bbox_shift))},
-                    files={"video": video, "audio": audio})
+        call = Call("POST", "/generate", data=form_fields(params), files={"video": video, "audio": audio})
         response = yield from self._call(call)
         job = parse(response, Job)
         if wait:

@@ -38,9 +38,17 @@ class AsyncLipSyncClient(ClientBase):
     async def health(self) -> Health:
         return await self._run(self._core.health())
 
-    async def generate(self, video: FileInput, audio: FileInput, bbox_shift: int = 0, wait: bool = False, *,
-                       progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None) -> Job:
-        return await self._run(self._core.generate(video, audio, bbox_shift, wait, progress, timeout))
+    async def generate(self, video: FileInput, audio: FileInput, bbox_shift: Optional[int] = None,
+                 wait: bool = False, *, progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
+                 **params: Any) -> Job:
+        """Upload ``video`` and ``audio`` (paths or binary files, streamed from disk) and start a job.
+
+        ``params``: any job parameter by name (``bbox_shift=5``, ``sync_mode="loop"``, ``segments=[...]``:
+        ``GET /api/lip-sync/params`` lists them; the server checks them and answers 400 for a bad one).
+        A parameter left out takes the deployment's default. With ``wait=True``, poll until it
+        completes and return the finished job."""
+        params = {"bbox_shift": bbox_shift, **params}
+        return await self._run(self._core.generate(video, audio, params, wait, progress, timeout))
 
     async def status(self, job_id: str) -> Job:
         return await self._run(self._core.status(job_id))

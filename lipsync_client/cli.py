@@ -1,6 +1,6 @@
 """``lipsync``: the command line of the lip-sync service.
 
-    lipsync generate VIDEO AUDIO -o OUT.mp4 [--server URL] [--bbox-shift N]
+    lipsync generate VIDEO AUDIO -o OUT.mp4 [--server URL] [--bbox-shift N] [any job parameter]
     lipsync status JOB_ID [--json]
     lipsync jobs [--limit N] [--json]
     lipsync download JOB_ID -o OUT.mp4
@@ -39,6 +39,9 @@ from .errors import (
     WaitTimeout,
 )
 from .models import Job
+
+from lipsync_runner.errors import InvalidInputError  # noqa: E402 - the schema is light (pydantic only)
+from lipsync_runner.params import add_cli_arguments, cli_fields, parse_fields  # noqa: E402
 
 OK, JOB_FAILED, BAD_INPUT, NOT_FOUND, UNAUTHORIZED, UNAVAILABLE, TIMED_OUT, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 130
 
@@ -167,8 +170,10 @@ def cmd_generate(client: LipSyncClient, args: argparse.Namespace) -> int:
     _require_file(args.audio, "audio")
     target = _output_target(args.output)
     show = not (args.quiet or args.no_progress)
+    fields = cli_fields(args)
+    parse_fields(fields)  # refuse a bad parameter here (exit 2), before a long upload
     _note(args, f"uploading {Path(args.video).name} and {Path(args.audio).name} to {client.base_url}")
-    job = client.generate(args.video, args.audio, bbox_shift=args.bbox_shift)
+    job = client.generate(args.video, args.audio, **fields)
     _note(args, f"job {job.job_id} {job.status}")
     bar = JobProgress(show)
     try:
@@ -297,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("audio", help="audio track to lip-sync to")
     sub.add_argument("-o", "--output", default=".", metavar="OUT.mp4",
                      help="where to write the result (a file, or a directory for lip_sync_<id>.mp4; default .)")
-    sub.add_argument("--bbox-shift", type=int, default=0, metavar="N", help="mouth box shift in pixels (-100..100)")
+    add_cli_arguments(sub)  # one option per job parameter, from the schema (lipsync_runner/params.py)
     sub.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 6)")
     sub.add_argument("--cleanup", action="store_true", help="remove the job from the server after the download")
     no_progress(sub)
@@ -346,6 +351,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except InvalidInputError as exc:  # a job parameter the schema refuses
+        print(f"error: {_one_line(exc.message)}", file=sys.stderr)
+        return BAD_INPUT
     except (LipSyncClientError, OSError) as exc:
         message = exc.message if isinstance(exc, LipSyncClientError) else (
             f"{exc.strerror}: {exc.filename}" if exc.filename and exc.strerror else str(exc))

@@ -34,6 +34,12 @@ class InputTooLargeError(LipSyncError):
     http_status = 413
 
 
+class UploadTooSlowError(LipSyncError):
+    """An upload that stalled or crawled below the minimum transfer rate (it would hold a slot)."""
+
+    http_status = 408
+
+
 class ModelFilesError(LipSyncError):
     """The models directory is missing a file or holds a broken one."""
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
@@ -26,6 +26,9 @@ from .errors import InvalidInputError
 
 #: Form fields that are request options, not job parameters.
 REQUEST_FIELDS = frozenset({"wait"})
+#: JSON-schema keyword on a parameter that only some MuseTalk versions use (health's `model_version`
+#: values); the web page offers such a parameter only when the loaded model is one of them.
+MODEL_VERSIONS_KEY = "x-model-versions"
 
 
 FACE_RULES = ("largest", "center", "speaker")
@@ -59,7 +62,13 @@ class JobParams(BaseModel):
     bbox_shift: int = Field(
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
-                    "v1.5 ignores it, as MuseTalk v1.5 does.")
+                    "v1.5 ignores it, as MuseTalk v1.5 does.",
+        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"]})
+    sharpen: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
+                    "0 is off; up to 1 puts the source's own fine detail back outside the mouth and "
+                    "sharpens the generated mouth to the same scale.")
     face: Literal["largest", "center", "speaker"] | Annotated[int, Field(ge=0)] = Field(
         default="largest",
         description="Whose face is dubbed when several are on screen: largest (most screen area over "
@@ -124,17 +133,27 @@ class JobParams(BaseModel):
         return self
 
 
+_INT_RE = re.compile(r"[+-]?\d+")
+
+
 def field_names() -> tuple[str, ...]:
     return tuple(JobParams.model_fields)
 
 
 def _decode_value(raw: str) -> Any:
-    """A form value as sent by curl (`bounce`, `5`, `[...]`) or by BentoML's client (JSON: `"bounce"`)."""
+    """A form value as sent by curl (`bounce`, `5`, `[...]`) or by BentoML's client (JSON: `"bounce"`).
+
+    Only JSON's structured forms are decoded here (strings in quotes, lists, objects, null); a bare
+    number or word stays text and the schema parses it by the field's type, so `0E0` or `5.0` are
+    not integers and `1e3` is not a word.
+    """
     text = raw.strip()
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+    if text[:1] in ('"', "[", "{") or text == "null":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -162,6 +181,10 @@ def parse_fields(fields: Mapping[str, Any], defaults: Mapping[str, Any] | None =
         value = _decode_value(raw) if isinstance(raw, str) else raw
         if value is None or value == "":
             continue
+        info = JobParams.model_fields.get(name)
+        if info is not None and info.annotation is int and isinstance(value, str) and not _INT_RE.fullmatch(value):
+            # pydantic would read "5.0" as 5; an integer parameter takes integers only
+            raise InvalidInputError(f"Invalid parameters: {name}: Input should be a valid integer, got {value[:20]!r}")
         values[name] = value
     try:
         return JobParams.model_validate(values)

@@ -32,6 +32,82 @@ def test_auth_is_off_without_tokens():
     assert not TokenSet(AuthSettings(api_tokens="", api_tokens_file=None)).enabled
 
 
+@pytest.mark.parametrize("value", [",", " , ,", ",,,"])
+def test_a_token_list_of_only_separators_refuses_to_start(value):
+    with pytest.raises(ValueError, match="holds no token"):
+        AuthSettings(api_tokens=value)
+
+
+def test_an_unreadable_tokens_file_keeps_the_last_good_set(tmp_path: Path, caplog):
+    file = tmp_path / "tokens"
+    file.write_text("good-token\n")
+    tokens = TokenSet(AuthSettings(api_tokens_file=file))
+    assert tokens.match("good-token")
+    file.unlink()  # a Secret being replaced, or a permission slip: not a reason to lock everyone out
+    with caplog.at_level("ERROR"):
+        assert tokens.match("good-token") and not tokens.match("other")
+    assert "keeping the last good set" in caplog.text
+    file.write_text("")  # readable and empty means what it says
+    import os
+    os.utime(file, (time.time() + 10, time.time() + 10))
+    assert not tokens.match("good-token")
+
+
+def test_a_rewrite_within_one_mtime_tick_is_still_seen(tmp_path: Path):
+    file = tmp_path / "tokens"
+    file.write_text("first-token\n")
+    clock = [0.0]
+    tokens = TokenSet(AuthSettings(api_tokens_file=file), clock=lambda: clock[0])
+    stamp = file.stat().st_mtime_ns
+    file.write_text("second-token-longer\n")
+    import os
+    os.utime(file, ns=(stamp, stamp))  # same mtime as before: only the size tells
+    assert tokens.match("second-token-longer")
+    file.write_text("third-token-longer!\n")  # same size and same mtime: the periodic re-read tells
+    os.utime(file, ns=(stamp, stamp))
+    assert tokens.match("second-token-longer")
+    clock[0] += 60
+    assert tokens.match("third-token-longer!") and not tokens.match("second-token-longer")
+
+
+def _asgi_app_behind_auth(**settings):
+    from lipsync_runner.api.auth import BearerAuthMiddleware
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.accept"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return BearerAuthMiddleware(app, AuthSettings(api_tokens=A, **settings)), seen
+
+
+def test_open_paths_are_exact_and_websockets_need_a_token():
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    app, seen = _asgi_app_behind_auth()
+    c = TestClient(app)
+    assert c.get("/ui").status_code == 200 and c.get("/ui/app.js").status_code == 200
+    for closed in ("/uiX", "/ui-admin/secrets", "/metrics", "/api/lip-sync/jobs"):
+        assert c.get(closed).status_code == 401, closed
+    assert c.get("/metrics", headers={"Authorization": f"Bearer {A}"}).status_code == 200
+    assert c.get("/api/lip-sync/openapi.json").status_code == 200  # the schema is open, as documented
+    with pytest.raises(WebSocketDisconnect) as refused:
+        with c.websocket_connect("/anything"):
+            pass
+    assert refused.value.code == 1008
+    with c.websocket_connect("/anything", headers={"Authorization": f"Bearer {A}"}):
+        pass
+    assert seen.count("/anything") == 1  # only the authenticated websocket reached the app
+    open_metrics, _ = _asgi_app_behind_auth(open_metrics=True)
+    assert TestClient(open_metrics).get("/metrics").status_code == 200
+
+
 def test_owner_ids_do_not_reveal_the_token():
     assert owner_of(A) != owner_of(B) and A not in owner_of(A) and len(owner_of(A)) == 24
 
@@ -48,11 +124,17 @@ def client(server, token: str | None) -> httpx.Client:
     return httpx.Client(base_url=server.url, headers=headers, timeout=120)
 
 
-def test_health_and_probes_stay_open(server):
+def test_health_and_probes_stay_open_without_other_tenants_counts(server):
     with client(server, None) as c:
-        assert c.get(f"{API}/health").status_code == 200
+        health = c.get(f"{API}/health")
+        assert health.status_code == 200 and health.json()["auth"] is True
+        assert "jobs" not in health.json()  # every tenant's job counts: not for anonymous callers
         assert c.get("/readyz").status_code == 200 and c.get("/livez").status_code == 200
-        assert c.post("/health", json={}).status_code == 200
+        assert "jobs" not in c.post("/health", json={}).json()
+        assert c.get("/metrics").status_code == 401
+    with client(server, A) as c:
+        assert "completed" in c.get(f"{API}/health").json()["jobs"]
+        assert "jobs" in c.post("/health", json={}).json()
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token", A + "x"])

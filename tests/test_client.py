@@ -84,11 +84,14 @@ def assert_playable(path: Path, seconds: float) -> None:
 
 
 def test_the_client_imports_without_torch_numpy_or_bentoml():
+    """Light: of the server package it uses only the job-parameter schema (pydantic only)."""
     code = textwrap.dedent("""
         import sys
+        ALLOWED = ("lipsync_runner", "lipsync_runner.params", "lipsync_runner.errors")
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "numpy", "bentoml", "lipsync_runner"):
+                if name.split(".")[0] in ("torch", "numpy", "bentoml", "cv2") or (
+                        name.startswith("lipsync_runner") and name not in ALLOWED):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
         import lipsync_client, lipsync_client.cli
@@ -284,6 +287,40 @@ def test_statuses_without_a_real_trigger_map_too_and_gets_are_retried():
                       (E.NotFinished("x"), 3), (E.Unauthorized("x"), 4), (E.ConnectionFailed("x"), 5),
                       (FileNotFoundError("x"), 2)):
         assert exit_code(exc) == code
+
+
+def test_every_job_parameter_reaches_the_server_by_its_schema_name(tmp_path):
+    """The SDK and the CLI take each JobParams field (lipsync_runner/params.py) and send it as is."""
+    from lipsync_client.cli import build_parser
+    from lipsync_runner.params import JobParams
+
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        sent.append({part.split(b'"')[1].decode(): part.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0]
+                     for part in body.split(b"--" + request.headers["content-type"].split("boundary=")[1].encode())
+                     if b'name="' in part and b"filename=" not in part})
+        return httpx.Response(202, json={"job_id": "j", "status": "queued"})
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"x")
+    example = {name: (info.default if info.default is not None else "x") for name, info in JobParams.model_fields.items()}
+    with LipSyncClient("http://t", transport=httpx.MockTransport(handler)) as c:
+        c.generate(video, video, **example)
+        c.generate(video, video)  # nothing given: nothing sent, the deployment's defaults apply
+    assert set(sent[0]) == set(JobParams.model_fields)
+    assert sent[0]["bbox_shift"] == json.dumps(example["bbox_shift"]).encode()
+    assert sent[1] == {}
+    options = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    assert {f"param_{name}" for name in JobParams.model_fields} <= options
+
+
+def test_the_cli_refuses_a_bad_parameter_before_uploading(tmp_path):
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"x")
+    r = lipsync("generate", str(video), str(video), "--server", "http://127.0.0.1:9", "--bbox-shift", "999")
+    assert r.returncode == 2 and "bbox_shift" in r.stderr and "less than or equal to 100" in r.stderr
 
 
 # ------------------------------------------------------------------ the CLI

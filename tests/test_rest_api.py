@@ -28,10 +28,8 @@ from lipsync_runner.errors import (
 from lipsync_runner.jobs.records import JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
 from lipsync_runner.media import ffmpeg_exe
 
-TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}$")
+TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")  # ISO 8601, UTC, with its zone
 PREFIX = "/api/lip-sync"
-BAD_VIDEO_FORMAT = "Invalid video format. Supported: .mp4, .avi, .mov, .mkv, .webm"  # the seed's message
-BAD_AUDIO_FORMAT = "Invalid audio format. Supported: .mp3, .wav, .m4a, .aac, .ogg"
 
 
 # --------------------------------------------------------------------------- fake manager
@@ -68,12 +66,17 @@ class FakeManager:
         if job_dir is not None and not self.keep_discarded_dirs:
             shutil.rmtree(job_dir, ignore_errors=True)
 
-    def submit(self, job_id, *, video_file, audio_file, video_filename, audio_filename, params, owner=None):
+    def check_free_space(self) -> None:
+        if self.fail_new_upload is not None and isinstance(self.fail_new_upload, InsufficientStorageError):
+            raise self.fail_new_upload
+
+    def submit(self, job_id, *, video_file, audio_file, video_filename, audio_filename, params, owner=None,
+               media=None):
         assert job_id in self.uploads
         assert isinstance(params, JobParams)
         self.submitted.append(
             dict(job_id=job_id, video_file=video_file, audio_file=audio_file, video_filename=video_filename,
-                 audio_filename=audio_filename, params=params, owner=owner)
+                 audio_filename=audio_filename, params=params, owner=owner, media=media)
         )  # fmt: skip
         record = JobRecord(
             job_id=job_id,
@@ -83,6 +86,7 @@ class FakeManager:
             audio_filename=audio_filename,
             video_file=video_file,
             audio_file=audio_file,
+            media=media,
             expires_at=utcnow() + timedelta(hours=24),
         )
         self.jobs[job_id] = record
@@ -102,6 +106,13 @@ class FakeManager:
     def list(self, owner=None, limit=100):
         mine = [r for r in self.jobs.values() if r.owner == owner]
         return sorted(mine, key=lambda r: r.created_at, reverse=True)[:limit]
+
+    def input_path(self, job_id, name, owner=None):
+        self._record(job_id, owner)
+        path = self.root / job_id / name
+        if not path.is_file():
+            raise JobNotFoundError("Job not found")
+        return path
 
     def output_path(self, job_id, owner=None):
         record = self._record(job_id, owner)
@@ -159,9 +170,12 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _ffmpeg(*src, "-c:v", "libx264", "-pix_fmt", "yuv420p", str(root / "video_only.mp4"))
     _ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000:duration=1", str(root / "audio.wav"))
     (root / "notes.txt").write_text("this is not a video\n" * 20)
+    _ffmpeg(*src, "-f", "lavfi", "-i", "sine=frequency=300:sample_rate=16000:duration=1", "-c:v", "libx264",
+            "-pix_fmt", "yuv420p", "-c:a", "aac", str(root / "with_sound.mp4"))
     return {
         "video": root / "video_only.mp4",
         "audio": root / "audio.wav",
+        "av": root / "with_sound.mp4",
         "text": root / "notes.txt",
     }
 
@@ -282,14 +296,54 @@ def test_generate_queues_job_and_stores_files_under_safe_names(client, fake, med
         "output_path": None,
     }
     job_dir = fake.root / job_id
-    assert sorted(p.name for p in job_dir.iterdir()) == ["input_audio.wav", "input_video.mp4"]
+    assert sorted(p.name for p in job_dir.iterdir()) == ["input_audio.wav", "input_video.mp4", "thumbnail.jpg"]
     assert (job_dir / "input_video.mp4").read_bytes() == media["video"].read_bytes()
     assert (job_dir / "input_audio.wav").read_bytes() == media["audio"].read_bytes()
     (sub,) = fake.submitted
     assert sub["video_file"] == "input_video.mp4" and sub["audio_file"] == "input_audio.wav"
     assert sub["video_filename"] == "My Clip.MP4" and sub["audio_filename"] == "voice.wav"
     assert sub["params"].bbox_shift == -7 and sub["owner"] is None
+    assert sub["media"] == {"video": {"duration_s": 1.0, "fps": "10/1", "width": 64, "height": 64, "frames": 10},
+                            "audio": {"duration_s": 1.0}}
     assert fake.discarded == []
+
+
+def test_inputs_are_recognised_by_content_not_by_name(client, fake, media) -> None:
+    """An MP4 with sound as the audio, names without or with the wrong extension: all by content."""
+    cases = [dict(video_name="clip", audio_name="speech"),  # no extension at all
+             dict(video_name="clip.txt", audio_name="voice.flac"),  # wrong ones
+             dict(audio="av", audio_name="dub.mp4")]  # a video whose sound track is the speech
+    for kw in cases:
+        names = {k: v for k, v in kw.items() if k.endswith("_name")}
+        kinds = {k: v for k, v in kw.items() if not k.endswith("_name")}
+        resp = client.post("/generate", files=_files(media, **kinds, **names))
+        assert resp.status_code == 202, (kw, resp.text)
+    stored = [(s["video_file"], s["audio_file"], s["video_filename"], s["audio_filename"]) for s in fake.submitted]
+    assert stored == [("input_video", "input_audio", "clip", "speech"),
+                      ("input_video", "input_audio", "clip.txt", "voice.flac"),
+                      ("input_video.mp4", "input_audio.mp4", "clip.mp4", "dub.mp4")]
+
+
+def test_a_job_keeps_its_inputs_viewable(client, fake, media) -> None:
+    job_id = _queued(client, media)
+    status = client.get(f"/status/{job_id}").json()
+    inputs = status["inputs"]
+    assert inputs["video_filename"] == "clip.mp4" and inputs["audio_filename"] == "speech.wav"
+    assert inputs["video_duration_s"] == 1.0 and inputs["width"] == 64 and inputs["fps"] == "10/1"
+    prefix = PREFIX + f"/jobs/{job_id}"
+    assert inputs["video_url"] == prefix + "/inputs/video" and inputs["thumbnail_url"] == prefix + "/thumbnail.jpg"
+    video = client.get(f"/jobs/{job_id}/inputs/video")
+    assert video.status_code == 200 and video.content == media["video"].read_bytes()
+    assert video.headers["content-type"] == "video/mp4"
+    assert video.headers["content-disposition"].startswith("inline")
+    assert client.get(f"/jobs/{job_id}/inputs/audio").content == media["audio"].read_bytes()
+    thumb = client.get(f"/jobs/{job_id}/thumbnail.jpg")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert thumb.content[:2] == b"\xff\xd8"  # a JPEG
+    assert client.head(f"/jobs/{job_id}/inputs/video").headers["content-length"] == str(media["video"].stat().st_size)
+    for bad in (f"/jobs/{job_id}/inputs/output", f"/jobs/{job_id}/inputs/..%2Fjobs.sqlite3", f"/jobs/{new_job_id()}/inputs/video"):
+        resp = client.get(bad)
+        assert resp.status_code == 404 and resp.json()["error"] in ("Job not found", "Not found"), bad
 
 
 def test_generate_wait_returns_final_body(client, fake, media) -> None:
@@ -321,11 +375,11 @@ def test_generate_wait_returns_final_body(client, fake, media) -> None:
     "case, files_kw, data, expect",
     [
         ("text as mp4", dict(video="text"), {}, "clip.mp4"),
-        ("txt extension", dict(video_name="clip.txt"), {}, BAD_VIDEO_FORMAT),
-        ("bad audio ext", dict(audio_name="a.flac"), {}, BAD_AUDIO_FORMAT),
+        ("text as audio", dict(audio="text", audio_name="a.wav"), {}, "a.wav"),
         ("video-only audio", dict(audio="video", audio_name="speech.m4a"), {}, "speech.m4a has no audio stream"),
-        ("bbox not int", {}, {"bbox_shift": "abc"}, "bbox_shift: must be an integer"),
-        ("bbox range", {}, {"bbox_shift": "101"}, "bbox_shift: must be between -100 and 100"),
+        ("bbox not int", {}, {"bbox_shift": "abc"}, "bbox_shift: Input should be a valid integer"),
+        ("bbox range", {}, {"bbox_shift": "101"}, "bbox_shift: Input should be less than or equal to 100"),
+        ("unknown param", {}, {"bbox_shfit": "5"}, "Unknown form field 'bbox_shfit'"),
         ("bad wait", {}, {"wait": "maybe"}, "Invalid wait"),
     ],
 )  # fmt: skip
@@ -524,7 +578,7 @@ def test_cleanup_cancel_and_jobs(client, fake, media) -> None:
     body = resp.json()
     assert body["total"] == 3 and {j["job_id"] for j in body["jobs"]} == {a, b, c}
     for job in body["jobs"]:
-        assert set(job) == {"job_id", "status", "created_at", "completed_at", "stage", "progress"}
+        assert set(job) == {"job_id", "status", "created_at", "completed_at", "stage", "progress", "inputs"}
         assert TIME_RE.match(job["created_at"])
     assert client.get("/jobs?limit=2").json()["total"] == 2
     for bad in ("0", "1001", "abc"):
@@ -568,7 +622,7 @@ def test_unhandled_error_is_500_without_internals(fake, health, limits, response
 
 def test_unknown_route_and_openapi(client) -> None:
     resp = client.get("/nope")
-    assert resp.status_code == 404 and resp.json() == {"error": "Not Found"}
+    assert resp.status_code == 404 and resp.json() == {"error": "Not found"}
     spec = client.get("/openapi.json").json()
     assert {"/health", "/generate", "/status/{job_id}", "/download/{job_id}", "/cleanup/{job_id}",
             "/cancel/{job_id}", "/jobs"} <= set(spec["paths"])  # fmt: skip
@@ -585,26 +639,35 @@ def test_limits_from_environment(monkeypatch) -> None:
 
 
 @pytest.mark.anyio
-async def test_generate_chunked_body_over_request_limit(fake, health, responses_seen) -> None:
+async def test_generate_refuses_unknown_and_oversized_fields_while_streaming(fake, health, responses_seen) -> None:
     limits = ApiLimits(max_video_bytes=1000, max_audio_bytes=1000)
     app = create_rest_app(lambda: fake, health, limits)
     boundary = "zz"
     pulled = 0
 
-    async def body():  # an ignored text field, so only the whole-body limit can stop it
-        nonlocal pulled
-        yield _part_header(boundary, "comment")
-        for _ in range(200):
-            pulled += 1
-            yield b"x" * 65536
+    def body(field: str):
+        async def gen():
+            nonlocal pulled
+            yield _part_header(boundary, field)
+            for _ in range(200):
+                pulled += 1
+                yield b"1" * 65536
+        return gen()
 
+    ctype = f"multipart/form-data; boundary={boundary}"
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as ac:
-        ctype = f"multipart/form-data; boundary={boundary}"
-        resp = await ac.post("/generate", content=body(), headers={"content-type": ctype})
-    responses_seen.append(resp.content)
-    assert resp.status_code == 413 and resp.json()["error"] == "File too large"
-    assert pulled * 65536 <= limits.max_request_bytes + 2 * 65536
-    assert fake.discarded and list(fake.root.iterdir()) == []
+        # a field nobody reads (a typo of a parameter) is refused, not streamed to the end
+        resp = await ac.post("/generate", content=body("comment"), headers={"content-type": ctype})
+        responses_seen.append(resp.content)
+        assert resp.status_code == 400 and "Unknown form field 'comment'" in resp.json()["error"]
+        assert pulled <= 2
+        # a known field is cut off at its own bound, far below the whole-body limit
+        pulled = 0
+        resp = await ac.post("/generate", content=body("bbox_shift"), headers={"content-type": ctype})
+        responses_seen.append(resp.content)
+        assert resp.status_code == 400 and "too long" in resp.json()["error"]
+        assert pulled * 65536 <= 2 * 256 * 1024
+    assert len(fake.discarded) == 2 and list(fake.root.iterdir()) == []
 
 
 def test_ensure_ready_hook_refuses_uploads_with_503(fake, health, limits, responses_seen, media) -> None:
@@ -640,12 +703,9 @@ def test_plain_body_helpers(client, fake, media) -> None:
     assert job_summary(record) == client.get("/jobs").json()["jobs"][0]
 
 
-def test_a_missing_bbox_shift_takes_the_deployments_default(monkeypatch):
-    from lipsync_runner.api.limits import ApiLimits
-    from lipsync_runner.api.rest import _parse_bbox_shift
-
+def test_a_missing_bbox_shift_takes_the_deployments_default(monkeypatch, fake, health, responses_seen, media):
     monkeypatch.setenv("LIP_SYNC_BBOX_SHIFT", "-7")
-    default = ApiLimits().bbox_shift
-    assert default == -7
-    assert _parse_bbox_shift(None, default) == -7 and _parse_bbox_shift("", default) == -7
-    assert _parse_bbox_shift("5", default) == 5
+    client = _client(create_rest_app(lambda: fake, health, ApiLimits()), responses_seen)
+    for data in ({}, {"bbox_shift": ""}, {"bbox_shift": "null"}, {"bbox_shift": "5"}):
+        assert client.post("/generate", files=_files(media), data=data).status_code == 202
+    assert [s["params"].bbox_shift for s in fake.submitted] == [-7, -7, -7, 5]

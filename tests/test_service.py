@@ -3,6 +3,7 @@ surfaces: the seed guide's REST paths and BentoML's own endpoints."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -119,6 +120,56 @@ def test_bentoml_sync_client_runs_a_job(server, media_dir, tmp_path):
         assert_playable_mp4_with_audio(Path(path), 3.3)
         assert job["job_id"] in [j["job_id"] for j in c.jobs()["jobs"]]
         assert c.cleanup(job_id=job["job_id"])["success"] is True
+
+
+def test_the_two_surfaces_answer_alike(server, client, media_dir, tmp_path):
+    """REST and BentoML endpoints share one admission path and one set of operations."""
+    face, speech = media_dir / "face.mp4", media_dir / "speech_short.wav"
+
+    def bentoml_generate(video: Path, **fields) -> httpx.Response:  # as BentoML's client sends it: JSON fields
+        with video.open("rb") as v, speech.open("rb") as a:
+            data = {k: json.dumps(v_) for k, v_ in fields.items()}
+            return client.post("/generate", files={"video": (video.name, v), "audio": (speech.name, a)}, data=data)
+
+    rest, bento = upload(client, face, speech, bbox_shift="0"), bentoml_generate(face, bbox_shift=0, wait=False)
+    assert rest.status_code == bento.status_code == 202
+    assert set(rest.json()) == set(bento.json()) and rest.json()["status"] == bento.json()["status"] == "queued"
+    job_id = bento.json()["job_id"]
+    assert bento.json()["status_url"] == f"{API}/status/{job_id}"
+
+    # bad input: the same status and the same words
+    text = tmp_path / "clip.mp4"
+    text.write_text("hello, not a video\n" * 50)
+    a, b = upload(client, text, speech), bentoml_generate(text)
+    assert a.status_code == b.status_code == 400 and a.json() == b.json()
+    a, b = upload(client, face, speech, bbox_shift="up"), bentoml_generate(face, bbox_shift="up")
+    assert a.status_code == b.status_code == 400 and a.json() == b.json()
+    # BentoML's generate streams: a video over the limit is cut off with the seed's 413 body
+    big = tmp_path / "big.mp4"
+    big.write_bytes(face.read_bytes() * 40)
+    a, b = upload(client, big, speech), bentoml_generate(big)
+    assert a.status_code == b.status_code == 413 and a.json() == b.json() and a.json()["error"] == "File too large"
+
+    # status, list, download, 404: identical
+    done = wait_done(client, job_id)
+    assert done["status"] == "completed"
+    assert client.post("/status", json={"job_id": job_id}).json() == client.get(f"{API}/status/{job_id}").json()
+    assert client.post("/jobs", json={"limit": 5}).json() == client.get(f"{API}/jobs?limit=5").json()
+    rest_file, bento_file = client.get(f"{API}/download/{job_id}"), client.post("/download", json={"job_id": job_id})
+    assert rest_file.content == bento_file.content and len(rest_file.content) > 1000
+    assert rest_file.headers["content-disposition"] == bento_file.headers["content-disposition"]
+    assert f"lip_sync_{job_id}.mp4" in rest_file.headers["content-disposition"]
+    assert client.head(f"{API}/download/{job_id}").headers["content-length"] == str(len(rest_file.content))
+    unknown = "00000000-0000-4000-8000-000000000000"
+    assert (client.get(f"{API}/status/{unknown}").json() == client.post("/status", json={"job_id": unknown}).json()
+            == {"error": "Job not found"})
+    # paths nobody serves, and the probes, answer JSON too
+    for r in (client.get("/nothing-here"), client.get(f"{API}/nothing-here"), client.put("/status")):
+        assert r.status_code in (404, 405) and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["error"] in ("Not found", "Method not allowed")
+    assert client.get("/readyz").json() == {"status": "ready"}
+    client.delete(f"{API}/cleanup/{job_id}")
+    client.delete(f"{API}/cleanup/{rest.json()['job_id']}")
 
 
 # ------------------------------------------------------------------ batching across jobs
@@ -263,6 +314,7 @@ def test_a_job_survives_a_killed_server_and_finished_jobs_stay_downloadable(tmp_
             assert abs(probe_video(out).duration - 12) <= 0.05
         # nothing of the killed attempt is left behind: no partial output, no frame scratch file
         job_dir = server.data_dir / "jobs" / running
-        assert sorted(p.name for p in job_dir.iterdir()) == ["input_audio.wav", "input_video.mp4", "output.mp4"]
+        assert sorted(p.name for p in job_dir.iterdir()) == ["input_audio.wav", "input_video.mp4", "output.mp4",
+                                                             "thumbnail.jpg"]
     finally:
         stop_server(server)

@@ -2,9 +2,15 @@
 
 Off unless tokens are configured (`LIP_SYNC_API_TOKENS`, comma-separated, and/or
 `LIP_SYNC_API_TOKENS_FILE`, one per line: a mounted Kubernetes Secret, re-read when it
-changes). Health, probes, metrics and the API schema stay open. With
-`LIP_SYNC_SCOPE_JOBS_TO_TOKEN=true` each job belongs to the token that created it:
-other tokens get 404 for it, as if it did not exist.
+changes). Probes, health, the API schema, the docs page and the web page stay open;
+everything else needs `Authorization: Bearer <token>`, websockets included. With
+`LIP_SYNC_SCOPE_JOBS_TO_TOKEN=true` each job belongs to the token that created it: other
+tokens get 404 for it, as if it did not exist.
+
+A tokens file that cannot be read (a Secret being replaced, a permission slip) keeps the
+last good set and logs, rather than locking every client out; a file that is readable but
+empty means what it says: no tokens. Settings that would silently turn auth off (a
+token list of only separators) refuse to start.
 """
 
 from __future__ import annotations
@@ -13,18 +19,24 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import UNAUTHORIZED
 
 log = logging.getLogger(__name__)
 
-# Always reachable: liveness/readiness probes, health (seed contract), metrics, schema, docs page.
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/health", "/api/lip-sync/health",
-                        "/schema.json", "/docs.json", "/"})
-OPEN_PREFIXES = ("/static_content/", "/ui")
+# Always reachable: liveness/readiness probes, health (seed contract), schema, docs page.
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/api/lip-sync/health", "/schema.json",
+                        "/docs.json", "/", "/api/lip-sync/openapi.json", "/api/lip-sync/params", "/ui"})
+# Path prefixes whose subtree is open (each ends with "/": "/ui" must not open "/uiX").
+OPEN_PREFIXES = ("/static_content/", "/ui/")
+TOKENS_RECHECK_S = 5.0  # the file is re-read at least this often, whatever its mtime says
 
 
 class AuthSettings(BaseSettings):
@@ -33,6 +45,23 @@ class AuthSettings(BaseSettings):
     api_tokens: str = Field(default="", description="Comma-separated bearer tokens; empty: auth off.")
     api_tokens_file: Path | None = Field(default=None, description="File with one token per line.")
     scope_jobs_to_token: bool = Field(default=False, description="Jobs are visible only to their creator's token.")
+    open_metrics: bool = Field(default=False, description="With auth on, serve /metrics without a token "
+                               "(its job counts are aggregates over all tenants).")
+
+    @model_validator(mode="after")
+    def _no_silent_off(self) -> "AuthSettings":
+        if self.api_tokens.strip() and not _split(self.api_tokens):
+            raise ValueError("LIP_SYNC_API_TOKENS is set but holds no token (only separators): refusing to start "
+                             "with auth silently off; unset it to run without auth")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(_split(self.api_tokens)) or self.api_tokens_file is not None
+
+
+def _split(text: str) -> set[str]:
+    return {t.strip() for t in text.split(",") if t.strip()}
 
 
 def owner_of(token: str) -> str:
@@ -43,32 +72,45 @@ def owner_of(token: str) -> str:
 class TokenSet:
     """The accepted tokens, from the environment and a file that may be rotated underneath us."""
 
-    def __init__(self, settings: AuthSettings) -> None:
+    def __init__(self, settings: AuthSettings, clock=time.monotonic) -> None:
         self.settings = settings
-        self._static = {t.strip() for t in settings.api_tokens.split(",") if t.strip()}
+        self._static = _split(settings.api_tokens)
         self._file_tokens: set[str] = set()
-        self._file_mtime: float | None = None
+        self._file_state: tuple | None = None
+        self._checked_at = float("-inf")
+        self._clock = clock
         self._lock = threading.Lock()
-        self._refresh()
+        self._refresh(force=True)
 
-    def _refresh(self) -> None:
+    def _refresh(self, force: bool = False) -> None:
         path = self.settings.api_tokens_file
         if path is None:
             return
+        now = self._clock()
         try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            log.error("API tokens file %s is unreadable: refusing all requests that need a token", path)
-            self._file_tokens, self._file_mtime = set(), None
+            st = os.stat(path)
+            # mtime alone misses a rewrite within the clock's granularity and an atomic swap of a
+            # Kubernetes Secret's ..data link; the inode and size catch those, the timer the rest
+            state = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+            if not force and state == self._file_state and now - self._checked_at < TOKENS_RECHECK_S:
+                return
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            if self._file_state is None and force:
+                log.error("API tokens file %s cannot be read (%s): no file tokens until it can", path,
+                          exc.strerror or type(exc).__name__)
+            else:
+                log.error("API tokens file %s cannot be read (%s): keeping the last good set", path,
+                          exc.strerror or type(exc).__name__)
+            self._checked_at = now
             return
-        if mtime != self._file_mtime:
-            lines = path.read_text().splitlines()
-            self._file_tokens = {ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
-            self._file_mtime = mtime
+        self._file_tokens = {ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
+        self._file_state = state
+        self._checked_at = now
 
     @property
     def enabled(self) -> bool:
-        return bool(self._static) or self.settings.api_tokens_file is not None
+        return self.settings.enabled
 
     def match(self, presented: str) -> bool:
         with self._lock:
@@ -83,6 +125,20 @@ def request_owner(scope: dict) -> str | None:
     return (scope.get("state") or {}).get("lipsync_owner")
 
 
+def request_client(scope: dict) -> str:
+    """Who is asking, for fairness between clients: the token's fingerprint, else the peer address."""
+    state = scope.get("state") or {}
+    if state.get("lipsync_token_id"):
+        return "token:" + state["lipsync_token_id"]
+    client = scope.get("client")
+    return "addr:" + (client[0] if client else "unknown")
+
+
+def is_authenticated(scope: dict) -> bool:
+    """True when auth is off or the request carried a valid token (open paths included)."""
+    return bool((scope.get("state") or {}).get("lipsync_authenticated"))
+
+
 class BearerAuthMiddleware:
     """ASGI middleware: 401 without a valid `Authorization: Bearer <token>` (open paths excepted)."""
 
@@ -92,20 +148,34 @@ class BearerAuthMiddleware:
         self.tokens = TokenSet(self.settings)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not self.tokens.enabled or _is_open(scope.get("path", "")):
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        if not self.tokens.enabled:
+            state["lipsync_authenticated"] = True
             await self.app(scope, receive, send)
             return
         token = _bearer(scope)
-        if not self.tokens.match(token):
-            await _unauthorized(send)
+        valid = self.tokens.match(token)
+        if valid:
+            state["lipsync_authenticated"] = True
+            state["lipsync_token_id"] = owner_of(token)
+            if self.settings.scope_jobs_to_token:
+                state["lipsync_owner"] = owner_of(token)
+        if not valid and not self._is_open(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})  # policy violation, before accept
+            else:
+                await _unauthorized(send)
             return
-        if self.settings.scope_jobs_to_token:
-            scope.setdefault("state", {})["lipsync_owner"] = owner_of(token)
         await self.app(scope, receive, send)
 
-
-def _is_open(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+    def _is_open(self, scope) -> bool:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path == "/metrics":
+            return self.settings.open_metrics
+        return scope["type"] == "http" and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES))
 
 
 def _bearer(scope) -> str:
@@ -117,7 +187,7 @@ def _bearer(scope) -> str:
 
 
 async def _unauthorized(send) -> None:
-    body = json.dumps({"error": "Missing or invalid API token"}).encode()
+    body = json.dumps({"error": UNAUTHORIZED}).encode()
     await send({"type": "http.response.start", "status": 401, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"www-authenticate", b'Bearer realm="lip-sync"')]})

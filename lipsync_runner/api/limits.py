@@ -41,6 +41,14 @@ class ApiLimits(BaseSettings):
     wait_timeout_s: float = Field(default=3600.0, gt=0, description="Longest a `wait=true` generate call blocks.")
     bbox_shift: int = Field(default=0, ge=-100, le=100, description="bbox_shift of jobs that do not give one.")
     debug: bool = Field(default=False, description="Add tracebacks to 500 responses (development only).")
+    max_uploads_per_client: int = Field(default=4, ge=1, description="Uploads one client (token, or address "
+                                        "without auth) may have in progress at once (429 beyond).")
+    max_concurrent_uploads: int = Field(default=32, ge=1, description="Uploads in progress at once (429 beyond).")
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0, description="An upload with no data for this long "
+                                         "is cut off (408).")
+    upload_min_bytes_per_s: int = Field(default=32 * 1024, ge=0, description="Slowest average upload rate "
+                                        "accepted once the grace period has passed (408 below).")
+    upload_rate_grace_s: float = Field(default=20.0, ge=0, description="Seconds before the minimum rate applies.")
     url_prefix: str = Field(
         default="/api/lip-sync", description="Public path the API is mounted at (for status/download URLs)."
     )

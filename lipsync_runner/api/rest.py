@@ -1,45 +1,38 @@
 """The seed-compatible REST API (``/api/lip-sync/...``) as a FastAPI app factory.
 
-Routes are relative to the mount point: ``/health``, ``/generate``, ``/status/{id}``,
-``/download/{id}``, ``/cleanup/{id}``, ``/cancel/{id}``, ``/jobs``. Every error body
-is ``{"error": ...}`` (413 keeps the seed's ``{"error": "File too large", "message": ...}``),
-and no response ever names a server-side path.
+Routes are relative to the mount point: ``/health``, ``/params``, ``/generate``,
+``/status/{id}``, ``/download/{id}``, ``/cleanup/{id}``, ``/cancel/{id}``, ``/jobs``, and a
+job's inputs (``/jobs/{id}/inputs/video|audio``, ``/jobs/{id}/thumbnail.jpg``). Each route
+only reads its request and calls `JobOperations` (operations.py), the code BentoML's
+endpoints call too. Every error body is ``{"error": ...}`` (errors.py), and no response
+ever names a server-side path.
 
-``POST /generate`` with ``wait=true`` (query or form field) blocks until the job
-finishes and answers the seed's synchronous body with HTTP 200 -- ``success: false``
-plus ``error`` when the job failed or was cancelled; if the wait times out it answers
-202 like an asynchronous submit.
+``POST /generate`` with ``wait=true`` (query or form field) blocks until the job finishes
+and answers the seed's synchronous body with HTTP 200 -- ``success: false`` plus ``error``
+when the job failed or was cancelled; if the wait times out it answers 202 like an
+asynchronous submit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import traceback
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Protocol
+from typing import Any, Awaitable, Callable, Optional
 
-import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from lipsync_runner.api.auth import request_owner
-from lipsync_runner.errors import (
-    InputTooLargeError,
-    InvalidInputError,
-    JobNotFoundError,
-    LipSyncError,
-    ModelsNotReadyError,
-    QueueFullError,
-)
-from lipsync_runner.jobs.records import JobParams, JobRecord, JobStatus, is_job_id
-from lipsync_runner.api.validation import validate_media
+from lipsync_runner import __version__
+from lipsync_runner.api.auth import is_authenticated, request_client, request_owner
+from lipsync_runner.errors import LipSyncError
 
-from .limits import ApiLimits, BodySizeLimitMiddleware, too_large_body
+from .admission import parse_wait
+from .errors import INTERNAL, error_body, error_headers, generic_error
+from .limits import ApiLimits, BodySizeLimitMiddleware
+from .operations import JobOperations, Manager
 from .schemas import (
     CleanupResponse,
     ErrorResponse,
@@ -48,39 +41,13 @@ from .schemas import (
     HealthResponse,
     JobListResponse,
     JobStatusResponse,
-    JobSummary,
-    download_name,
 )
-from .uploads import SavedFile, is_multipart, media_specs, receive_multipart
+from ..params import form_properties
 
 log = logging.getLogger(__name__)
 
-BBOX_SHIFT_MIN, BBOX_SHIFT_MAX = -100, 100
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off"}
-
-
-class Manager(Protocol):
-    def new_upload(self) -> tuple[str, Path]: ...
-    def discard_upload(self, job_id: str) -> None: ...
-    def submit(
-        self,
-        job_id: str,
-        *,
-        video_file: str,
-        audio_file: str,
-        video_filename: str,
-        audio_filename: str,
-        params: JobParams,
-        owner: str | None = None,
-    ) -> JobRecord: ...
-    def get(self, job_id: str, owner: str | None = None) -> JobRecord: ...
-    def list(self, owner: str | None = None, limit: int = 100) -> list[JobRecord]: ...
-    def output_path(self, job_id: str, owner: str | None = None) -> Path: ...
-    def cancel(self, job_id: str, owner: str | None = None) -> JobRecord: ...
-    def cleanup(self, job_id: str, owner: str | None = None) -> None: ...
-    async def wait_async(self, job_id: str, timeout: float | None = None) -> JobRecord: ...
-    def counts(self) -> dict[str, int]: ...
+TAG_JOBS = "Jobs (REST)"
+TAG_SERVICE = "Service (REST)"
 
 
 def get_owner(request: Request) -> str | None:
@@ -88,98 +55,60 @@ def get_owner(request: Request) -> str | None:
     return request_owner(request.scope)
 
 
-def _parse_bool(value: str | None, name: str) -> bool:
-    if value is None:
-        return False
-    v = value.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise InvalidInputError(f"Invalid {name}: expected true or false, got {value[:20]!r}")
-
-
-def _parse_bbox_shift(value: str | None, default: int = 0) -> int:
-    if value is None or value.strip() == "":
-        return default  # the deployment's LIP_SYNC_BBOX_SHIFT, as in the seed's settings
-    try:
-        shift = int(value.strip())
-    except ValueError:
-        raise InvalidInputError(f"Invalid bbox_shift: must be an integer, got {value[:20]!r}") from None
-    if not BBOX_SHIFT_MIN <= shift <= BBOX_SHIFT_MAX:
-        raise InvalidInputError(f"Invalid bbox_shift: must be between {BBOX_SHIFT_MIN} and {BBOX_SHIFT_MAX}")
-    return shift
-
-
-def _checked_id(job_id: str) -> str:
-    if not is_job_id(job_id):
-        raise JobNotFoundError("Job not found")
-    return job_id
-
-
-def _error_body(exc: LipSyncError) -> dict[str, Any]:
-    if isinstance(exc, InputTooLargeError):
-        return too_large_body(exc.message)
-    if isinstance(exc, ModelsNotReadyError):
-        return {"error": "Lip sync service not available", "details": exc.message}
-    return {"error": exc.message}
-
-
-def _scrub(exc: LipSyncError, job_dir: Path, files: dict[str, SavedFile]) -> None:
-    """Name files as the user knows them and drop any server path from a message."""
-    msg = exc.message
-    for root in {str(job_dir), str(job_dir.resolve())}:
-        msg = msg.replace(root + "/", "").replace(root, "")
-    for saved in files.values():
-        msg = msg.replace(saved.file_name, saved.display_name)
-    exc.message = msg
-    exc.args = (msg,)
+def generate_request_body() -> dict[str, Any]:
+    """The multipart form of POST /generate, from JobParams (documented once, in params.py)."""
+    return {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["video", "audio"],
+            "properties": {
+                "video": {"type": "string", "format": "binary",
+                          "description": "The video with the face: mp4, mov, mkv, webm or avi (checked by content)"},
+                "audio": {"type": "string", "format": "binary",
+                          "description": "The new speech: wav, mp3, m4a, aac or ogg, or any video whose sound track "
+                                         "should be used (checked by content)"},
+                **form_properties(),
+                "wait": {"type": "boolean", "default": False,
+                         "description": "Block until the job finishes (the seed's synchronous style)."},
+            },
+        }}},
+    }
 
 
 def create_rest_app(
-    get_manager: Callable[[], Manager],
-    get_health: Callable[[], Awaitable[dict]],
+    get_manager: Callable[[], Manager] | None,
+    get_health: Callable[[], Awaitable[dict]] | None,
     settings: ApiLimits,
     *,
     ensure_ready: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """The REST API, to be mounted at ``settings.url_prefix`` (default ``/api/lip-sync``).
 
+    The routes use ``app.state.operations`` (a JobOperations) and ``app.state.health`` (an async
+    callable returning the health body). With ``get_manager`` they are built here; without, the
+    owner of the app sets them (service.py does, when its worker starts).
     ``ensure_ready``, when given, is awaited first thing in ``POST /generate``; it raises
     (e.g. ModelsNotReadyError -> 503) to refuse uploads the service cannot process.
     """
-    prefix = settings.url_prefix.rstrip("/")
-    specs = media_specs(settings.max_video_bytes, settings.max_audio_bytes)
-
     app = FastAPI(
-        title="Lip sync API",
+        title="Lip sync REST API",
         description="MuseTalk lip sync: upload a video and an audio track, poll the job, download the result.",
-        version="1.0",
+        version=__version__,
     )
+    if get_manager is not None:
+        app.state.operations = JobOperations(get_manager, settings, ensure_ready=ensure_ready)
+    if get_health is not None:
+        app.state.health = get_health
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate",)
     )
-
-    def manager_dep() -> Manager:
-        return get_manager()
-
-    def status_url(job_id: str) -> str:
-        return f"{prefix}/status/{job_id}"
-
-    def download_url(job_id: str) -> str:
-        return f"{prefix}/download/{job_id}"
-
-    def job_status(record: JobRecord) -> JobStatusResponse:
-        return JobStatusResponse.from_record(record, download_url(record.job_id))
 
     # ------------------------------------------------------------------ errors
 
     @app.exception_handler(LipSyncError)
     async def lipsync_error(request: Request, exc: LipSyncError) -> JSONResponse:
-        headers = {}
-        if isinstance(exc, QueueFullError):
-            headers["Retry-After"] = str(max(1, int(exc.retry_after_s)))
-        return JSONResponse(_error_body(exc), status_code=exc.http_status, headers=headers)
+        return JSONResponse(error_body(exc), status_code=exc.http_status, headers=error_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -191,7 +120,8 @@ def create_rest_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(generic_error(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
@@ -200,7 +130,7 @@ def create_rest_app(
     @app.exception_handler(Exception)
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        body: dict[str, Any] = {"error": "Internal server error"}
+        body: dict[str, Any] = {"error": INTERNAL}
         if settings.debug:
             body["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return JSONResponse(body, status_code=500)
@@ -208,16 +138,21 @@ def create_rest_app(
     # ------------------------------------------------------------------ routes
 
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 429, 500, 503, 507)
+        code: {"model": ErrorResponse} for code in (400, 404, 408, 409, 413, 429, 500, 503, 507)
     }
     router = APIRouter(responses={400: errors[400], 500: errors[500]})
+    job_errors = {404: errors[404]}
 
-    @router.get(
-        "/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, summary="Readiness"
-    )
-    async def health() -> JSONResponse:
+    def ops(request: Request) -> JobOperations:
+        return request.app.state.operations
+
+    @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}},
+                summary="Readiness", tags=[TAG_SERVICE])
+    async def health(request: Request) -> JSONResponse:
         try:
-            body = dict(await get_health())
+            body = dict(await request.app.state.health())
+            if not is_authenticated(request.scope):
+                body.pop("jobs", None)  # every tenant's counts: only for callers with a token
         except Exception:
             log.exception("health check failed")
             body = {"status": "error", "models_loaded": False, "device": None, "error": "Health check failed"}
@@ -227,172 +162,81 @@ def create_rest_app(
         ready = body.get("status") == "ready"
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    @router.get("/params", summary="The job parameters (JSON schema)", tags=[TAG_SERVICE],
+                description="Every parameter `POST /generate` accepts, with its type, range, default and "
+                            "description. The web page renders its controls from it.")
+    async def params() -> dict[str, Any]:
+        return JobOperations.params_schema()
+
     @router.post(
         "/generate",
         status_code=202,
         response_model=GenerateAccepted,
         responses={
             200: {"model": GenerateResult, "description": "wait=true: the finished job (success true or false)"},
-            **{code: errors[code] for code in (413, 429, 503, 507)},
+            **{code: errors[code] for code in (408, 413, 429, 503, 507)},
         },
         summary="Queue a lip sync job",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["video", "audio"],
-                            "properties": {
-                                "video": {"type": "string", "format": "binary", "description": "mp4 avi mov mkv webm"},
-                                "audio": {"type": "string", "format": "binary", "description": "mp3 wav m4a aac ogg"},
-                                "bbox_shift": {"type": "integer", "minimum": -100, "maximum": 100, "default": 0},
-                                "wait": {"type": "boolean", "default": False},
-                            },
-                        }
-                    }
-                },
-            }
-        },
+        tags=[TAG_JOBS],
+        openapi_extra={"requestBody": generate_request_body()},
     )
     async def generate(
         request: Request,
         wait: Optional[str] = Query(None, description="true: block until the job finishes (the seed's behaviour)"),
-        manager: Manager = Depends(manager_dep),
         owner: Optional[str] = Depends(get_owner),
     ) -> JSONResponse:
-        wait_flag = _parse_bool(wait, "wait") if wait is not None else None
-        if not is_multipart(request.headers.get("content-type")):
-            raise InvalidInputError("Expected a multipart/form-data request with 'video' and 'audio' files")
-        if ensure_ready is not None:
-            await ensure_ready()  # 503 before anything is stored or read
+        answer = await ops(request).admission.admit_stream(
+            request.stream(), request.headers.get("content-type"), owner=owner,
+            client=request_client(request.scope), wait=parse_wait(wait))
+        return JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
 
-        job_id, job_dir = await run_in_threadpool(manager.new_upload)  # 429 / 507 before reading the body
-        files: dict[str, SavedFile] = {}
-        try:
-            upload = await receive_multipart(
-                request.stream(),
-                request.headers.get("content-type"),
-                Path(job_dir),
-                specs,
-                text_fields={"bbox_shift", "wait"},
-            )
-            files = upload.files
-            params = JobParams(bbox_shift=_parse_bbox_shift(upload.fields.get("bbox_shift"), settings.bbox_shift))
-            if wait_flag is None:
-                wait_flag = _parse_bool(upload.fields.get("wait"), "wait")
-            video, audio = files["video"], files["audio"]
-            # ffmpeg subprocesses: off the event loop
-            await anyio.to_thread.run_sync(validate_media, Path(job_dir) / video.file_name,
-                                           Path(job_dir) / audio.file_name, settings)
-            record = await run_in_threadpool(
-                lambda: manager.submit(
-                    job_id,
-                    video_file=video.file_name,
-                    audio_file=audio.file_name,
-                    video_filename=video.display_name,
-                    audio_filename=audio.display_name,
-                    params=params,
-                    owner=owner,
-                )
-            )
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await run_in_threadpool(manager.discard_upload, job_id)
-                except Exception:
-                    log.exception("discarding upload %s failed", job_id)
-            if isinstance(exc, LipSyncError):
-                _scrub(exc, Path(job_dir), files)
-            raise
+    @router.get("/status/{job_id}", response_model=JobStatusResponse, responses=job_errors, summary="Job status",
+                tags=[TAG_JOBS])
+    async def status(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
+        return await ops(request).status(job_id, owner)
 
-        if wait_flag:
-            try:
-                record = await manager.wait_async(job_id, timeout=settings.wait_timeout_s)
-            except (asyncio.TimeoutError, TimeoutError):
-                record = await run_in_threadpool(manager.get, job_id, owner)
-            if record.status.finished:
-                ok = record.status == JobStatus.completed
-                error = None if ok else (record.error or f"Lip sync job {record.status.value}")
-                result = GenerateResult(
-                    success=ok,
-                    job_id=job_id,
-                    status=record.status,
-                    message="Lip sync completed successfully" if ok else error,
-                    output_path=download_name(job_id) if ok else None,
-                    download_url=download_url(job_id) if ok else None,
-                    status_url=status_url(job_id),
-                    error=error,
-                )
-                return JSONResponse(result.model_dump(mode="json"), status_code=200)
-
-        accepted = GenerateAccepted(
-            job_id=job_id,
-            status=record.status,
-            message="Lip sync job queued" if record.status == JobStatus.queued else "Lip sync job running",
-            status_url=status_url(job_id),
-            download_url=download_url(job_id),
-        )
-        return JSONResponse(
-            accepted.model_dump(mode="json"), status_code=202, headers={"Location": status_url(job_id)}
-        )
-
-    job_errors = {404: errors[404]}
-
-    @router.get("/status/{job_id}", response_model=JobStatusResponse, responses=job_errors, summary="Job status")
-    async def status(
-        job_id: str, manager: Manager = Depends(manager_dep), owner: Optional[str] = Depends(get_owner)
-    ) -> JobStatusResponse:
-        record = await run_in_threadpool(manager.get, _checked_id(job_id), owner)
-        return job_status(record)
-
+    @router.head("/download/{job_id}", include_in_schema=False)
     @router.get(
         "/download/{job_id}",
         response_class=FileResponse,
-        responses={200: {"content": {"video/mp4": {}}}, 404: errors[404], 409: errors[409]},
-        summary="Download the result video",
+        responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "a byte range (Range header)"},
+                   404: errors[404], 409: errors[409]},
+        summary="Download the result video", tags=[TAG_JOBS],
     )
-    async def download(
-        job_id: str, manager: Manager = Depends(manager_dep), owner: Optional[str] = Depends(get_owner)
-    ) -> FileResponse:
-        path = Path(await run_in_threadpool(manager.output_path, _checked_id(job_id), owner))
-        if not await anyio.to_thread.run_sync(path.is_file):  # removed in the meantime
-            raise JobNotFoundError("Job output not found")
-        return FileResponse(path, media_type="video/mp4", filename=download_name(job_id))
+    async def download(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> FileResponse:
+        return await ops(request).download(job_id, owner)
 
-    @router.delete(
-        "/cleanup/{job_id}",
-        response_model=CleanupResponse,
-        responses={404: errors[404], 409: errors[409]},
-        summary="Remove a job and its files",
-    )
-    async def cleanup(
-        job_id: str, manager: Manager = Depends(manager_dep), owner: Optional[str] = Depends(get_owner)
-    ) -> CleanupResponse:
-        await run_in_threadpool(manager.cleanup, _checked_id(job_id), owner)
-        return CleanupResponse(job_id=job_id)
+    @router.delete("/cleanup/{job_id}", response_model=CleanupResponse, responses={404: errors[404], 409: errors[409]},
+                   summary="Remove a job and its files", tags=[TAG_JOBS])
+    async def cleanup(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
+        return await ops(request).cleanup(job_id, owner)
 
-    @router.post(
-        "/cancel/{job_id}",
-        response_model=JobStatusResponse,
-        responses={404: errors[404], 409: errors[409]},
-        summary="Cancel a queued or running job",
-    )
-    async def cancel(
-        job_id: str, manager: Manager = Depends(manager_dep), owner: Optional[str] = Depends(get_owner)
-    ) -> JobStatusResponse:
-        record = await run_in_threadpool(manager.cancel, _checked_id(job_id), owner)
-        return job_status(record)
+    @router.post("/cancel/{job_id}", response_model=JobStatusResponse, responses={404: errors[404], 409: errors[409]},
+                 summary="Cancel a queued or running job", tags=[TAG_JOBS])
+    async def cancel(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
+        return await ops(request).cancel(job_id, owner)
 
-    @router.get("/jobs", response_model=JobListResponse, summary="List jobs, newest first")
+    @router.get("/jobs", response_model=JobListResponse, summary="List jobs, newest first", tags=[TAG_JOBS])
     async def jobs(
+        request: Request,
         limit: int = Query(100, ge=1, le=1000, description="At most this many jobs"),
-        manager: Manager = Depends(manager_dep),
         owner: Optional[str] = Depends(get_owner),
-    ) -> JobListResponse:
-        records = await run_in_threadpool(lambda: manager.list(owner=owner, limit=limit))
-        return JobListResponse(total=len(records), jobs=[JobSummary.from_record(r) for r in records])
+    ) -> dict[str, Any]:
+        return await ops(request).jobs(owner, limit)
+
+    @router.head("/jobs/{job_id}/inputs/{kind}", include_in_schema=False)
+    @router.get("/jobs/{job_id}/inputs/{kind}", response_class=FileResponse,
+                      responses=job_errors, summary="A job's uploaded video or audio", tags=[TAG_JOBS],
+                      description="`kind` is `video` or `audio`. Range requests work (for playback).")
+    async def job_input(request: Request, job_id: str, kind: str,
+                        owner: Optional[str] = Depends(get_owner)) -> FileResponse:
+        return await ops(request).input_file(job_id, kind, owner)
+
+    @router.head("/jobs/{job_id}/thumbnail.jpg", include_in_schema=False)
+    @router.get("/jobs/{job_id}/thumbnail.jpg", response_class=FileResponse,
+                      responses=job_errors, summary="A JPEG of the job's video", tags=[TAG_JOBS])
+    async def thumbnail(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> FileResponse:
+        return await ops(request).thumbnail(job_id, owner)
 
     app.include_router(router)
     return app

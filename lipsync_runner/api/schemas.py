@@ -1,7 +1,8 @@
 """Response bodies of the REST API (field names follow the seed guide).
 
-Timestamps are UTC in the seed's ``YYYY-MM-DDTHH:MM:SS`` form. ``output_path`` is the
-name the result downloads as (``lip_sync_<job_id>.mp4``), never a server path.
+Timestamps are ISO 8601 in UTC with their zone (``2026-02-10T12:00:00Z``): the seed's form
+plus the ``Z`` that says which time it is. ``output_path`` is the name the result downloads
+as (``lip_sync_<job_id>.mp4``), never a server path. Progress is rounded to 0.1 %.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lipsync_runner.jobs.records import JobRecord, JobStatus
 
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 DEFAULT_URL_PREFIX = "/api/lip-sync"
+PROGRESS_DIGITS = 3
 
 
 def format_time(value: datetime | None) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc)
-    return value.strftime(TIME_FORMAT)
+    if value.tzinfo is None:  # records are always aware; a naive value is UTC by convention
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime(TIME_FORMAT)
+
+
+def round_progress(value: float) -> float:
+    return round(float(value), PROGRESS_DIGITS)
 
 
 def download_name(job_id: str) -> str:
@@ -67,11 +73,37 @@ class GenerateResult(BaseModel):
     error: Optional[str] = None
 
 
+class JobInputs(BaseModel):
+    """What the job was given: the user's file names, durations, and where to look at them."""
+
+    video_filename: str
+    audio_filename: str
+    video_duration_s: Optional[float] = None
+    audio_duration_s: Optional[float] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    fps: Optional[str] = Field(default=None, description="Exact frame rate as a fraction, e.g. 30000/1001.")
+    video_url: str = Field(description="GET: the uploaded video, for playback")
+    audio_url: str = Field(description="GET: the uploaded audio, for playback")
+    thumbnail_url: str = Field(description="GET: a JPEG of the video's first frame")
+
+    @classmethod
+    def from_record(cls, record: JobRecord, prefix: str) -> "JobInputs":
+        video = (record.media or {}).get("video", {})
+        audio = (record.media or {}).get("audio", {})
+        base = f"{prefix}/jobs/{record.job_id}"
+        return cls(video_filename=record.video_filename, audio_filename=record.audio_filename,
+                   video_duration_s=video.get("duration_s"), audio_duration_s=audio.get("duration_s"),
+                   width=video.get("width"), height=video.get("height"), fps=video.get("fps"),
+                   video_url=f"{base}/inputs/video", audio_url=f"{base}/inputs/audio",
+                   thumbnail_url=f"{base}/thumbnail.jpg")
+
+
 class JobStatusResponse(BaseModel):
     job_id: str
     status: JobStatus
-    created_at: Optional[str] = Field(description="UTC, YYYY-MM-DDTHH:MM:SS")
-    completed_at: Optional[str] = Field(default=None, description="UTC; set in any terminal state.")
+    created_at: Optional[str] = Field(description="ISO 8601, UTC: YYYY-MM-DDTHH:MM:SSZ")
+    completed_at: Optional[str] = Field(default=None, description="ISO 8601, UTC; set in any terminal state.")
     output_path: Optional[str] = Field(default=None, description="Download file name when completed.")
     stage: str
     progress: float = Field(ge=0.0, le=1.0)
@@ -80,8 +112,10 @@ class JobStatusResponse(BaseModel):
     frames: Optional[int] = None
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, plus queue/total.")
     attempts: int = 0
-    expires_at: Optional[str] = Field(default=None, description="UTC; when the job's files are removed.")
+    expires_at: Optional[str] = Field(default=None, description="ISO 8601, UTC; when the job's files are removed.")
     bbox_shift: int = 0
+    params: dict[str, Any] = Field(default_factory=dict, description="The job's parameters (see GET /params).")
+    inputs: JobInputs
     avatar_cache: Optional[str] = Field(default=None, description="hit: the video was prepared before; miss; "
                                         "null: no cache or not finished")
 
@@ -94,7 +128,7 @@ class JobStatusResponse(BaseModel):
             completed_at=format_time(record.completed_at),
             output_path=download_name(record.job_id) if record.status == JobStatus.completed else None,
             stage=record.stage,
-            progress=record.progress,
+            progress=round_progress(record.progress),
             error=record.error,
             download_url=download_url,
             frames=record.frames,
@@ -102,6 +136,8 @@ class JobStatusResponse(BaseModel):
             attempts=record.attempts,
             expires_at=format_time(record.expires_at),
             bbox_shift=record.params.bbox_shift,
+            params=record.params.model_dump(mode="json"),
+            inputs=JobInputs.from_record(record, download_url.rsplit("/download/", 1)[0]),
             avatar_cache=record.avatar_cache,
         )
 
@@ -113,16 +149,18 @@ class JobSummary(BaseModel):
     completed_at: Optional[str] = None
     stage: str
     progress: float
+    inputs: JobInputs
 
     @classmethod
-    def from_record(cls, record: JobRecord) -> "JobSummary":
+    def from_record(cls, record: JobRecord, url_prefix: str = DEFAULT_URL_PREFIX) -> "JobSummary":
         return cls(
             job_id=record.job_id,
             status=record.status,
             created_at=format_time(record.created_at),
             completed_at=format_time(record.completed_at),
             stage=record.stage,
-            progress=record.progress,
+            progress=round_progress(record.progress),
+            inputs=JobInputs.from_record(record, url_prefix.rstrip("/")),
         )
 
 
@@ -143,6 +181,6 @@ def status_body(record: JobRecord, url_prefix: str = DEFAULT_URL_PREFIX) -> dict
     return JobStatusResponse.from_record(record, url).model_dump(mode="json")
 
 
-def job_summary(record: JobRecord) -> dict[str, Any]:
+def job_summary(record: JobRecord, url_prefix: str = DEFAULT_URL_PREFIX) -> dict[str, Any]:
     """One ``/jobs`` entry as plain JSON data."""
-    return JobSummary.from_record(record).model_dump(mode="json")
+    return JobSummary.from_record(record, url_prefix).model_dump(mode="json")

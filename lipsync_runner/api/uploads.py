@@ -2,35 +2,42 @@
 
 The request body is fed chunk by chunk (as the server receives it) through
 python-multipart's low-level ``MultipartParser``; file parts are written to disk
-as they arrive, under fixed names (``input_video<ext>`` / ``input_audio<ext>``),
-and counted per part: a part over its limit aborts the upload with 413 before any
-byte past the limit is written. Nothing is buffered beyond one request chunk.
+as they arrive, under fixed names (``input_video[.ext]`` / ``input_audio[.ext]``),
+and watched by an :class:`UploadGuard`: a part over its limit aborts the upload with
+413 before any byte past the limit is written, an upload that stalls or crawls below
+the minimum rate is cut off with 408 (it would hold a slot for an hour), and free
+space is re-checked as the bytes arrive (507). Nothing is buffered beyond one request
+chunk.
 
-The user's file name is used for two things only: its extension (which must be in
-the allowed list) and a sanitised display name. It is never part of a path.
+Inputs are recognised by their content (ffmpeg probes them later); the user's file
+name is only a hint: a known extension is kept on the stored name, and a sanitised
+display name is kept for messages. It is never part of a path.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, AsyncIterator, Mapping
+from typing import IO, AsyncIterator
 
 import anyio
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from lipsync_runner.errors import InputTooLargeError, InvalidInputError
+from lipsync_runner.errors import InputTooLargeError, InvalidInputError, UploadTooSlowError
 from lipsync_runner.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 
-from .limits import human_size
+from .limits import ApiLimits, human_size
 
 MAX_DISPLAY_NAME_CHARS = 200
-MAX_TEXT_FIELD_BYTES = 64  # bbox_shift, wait: a handful of characters
-MAX_PARTS = 16  # two files, two options, and some slack for clients that send extras
+MAX_TEXT_FIELD_BYTES = 256 * 1024  # a job parameter: a number, a word, or a JSON list (segments, key-frame boxes)
+MAX_PARTS = 32  # two files, the job parameters, and some slack for clients that send extras
 MAX_HEADER_BYTES = 8 * 1024
+SPACE_CHECK_BYTES = 8 * 2**20  # free space is re-checked every this many bytes received
 
 
 @dataclass(frozen=True)
@@ -40,15 +47,69 @@ class FileFieldSpec:
     field: str  # form field name ("video")
     stem: str  # file name stem inside the job directory ("input_video")
     kind: str  # for messages ("video")
-    extensions: tuple[str, ...]
+    hint_extensions: tuple[str, ...]  # kept on the stored name when the user's name has one (a hint to ffmpeg)
     max_bytes: int
 
 
 def media_specs(max_video_bytes: int, max_audio_bytes: int) -> dict[str, FileFieldSpec]:
+    known = tuple(dict.fromkeys(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS))
     return {
-        "video": FileFieldSpec("video", "input_video", "video", VIDEO_EXTENSIONS, max_video_bytes),
-        "audio": FileFieldSpec("audio", "input_audio", "audio", AUDIO_EXTENSIONS, max_audio_bytes),
+        "video": FileFieldSpec("video", "input_video", "video", known, max_video_bytes),
+        "audio": FileFieldSpec("audio", "input_audio", "audio", known, max_audio_bytes),
     }
+
+
+class UploadGuard:
+    """What one upload may do: file sizes, transfer rate, and the disk it lands on.
+
+    * each file stops at its limit (413);
+    * no byte for ``upload_idle_timeout_s``, or an average below ``upload_min_bytes_per_s``
+      once ``upload_rate_grace_s`` have passed: 408, the slot is freed;
+    * every ``SPACE_CHECK_BYTES`` the free-space floor is checked again (507), so parallel
+      uploads cannot fill the disk under the running jobs.
+    """
+
+    def __init__(self, limits: ApiLimits, check_space: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self.specs = media_specs(limits.max_video_bytes, limits.max_audio_bytes)
+        self.check_space = check_space
+        self.clock = clock
+        self.started = clock()
+        self.received = 0
+        self._next_space_check = SPACE_CHECK_BYTES
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return self.limits.upload_idle_timeout_s
+
+    def saved_file(self, field: str, raw_filename: str | None) -> SavedFile:
+        spec = self.specs[field]
+        ext = os.path.splitext(sanitize_filename(raw_filename, ""))[1].lower()
+        ext = ext if ext in spec.hint_extensions else ""
+        display = sanitize_filename(raw_filename, f"{spec.field}{ext}")
+        return SavedFile(field=field, file_name=f"{spec.stem}{ext}", display_name=display)
+
+    def check_size(self, field: str, size: int) -> None:
+        spec = self.specs[field]
+        if size > spec.max_bytes:
+            raise InputTooLargeError(
+                f"The uploaded {spec.kind} exceeds the maximum allowed size of {human_size(spec.max_bytes)}")
+
+    def received_bytes(self, n: int) -> None:
+        """Account for ``n`` more bytes of the request body."""
+        self.received += n
+        elapsed = self.clock() - self.started
+        if elapsed > self.limits.upload_rate_grace_s and self.received / elapsed < self.limits.upload_min_bytes_per_s:
+            raise UploadTooSlowError(
+                f"Upload too slow: {self.received / elapsed / 1024:.0f} KB/s, below the minimum of "
+                f"{self.limits.upload_min_bytes_per_s / 1024:.0f} KB/s")
+        if self.check_space is not None and self.received >= self._next_space_check:
+            self._next_space_check = self.received + SPACE_CHECK_BYTES
+            self.check_space()
+
+    def idle(self) -> UploadTooSlowError:
+        return UploadTooSlowError(f"Upload stalled: no data for {self.idle_timeout_s:g} s")
 
 
 @dataclass
@@ -107,9 +168,10 @@ class _Part:
 class _MultipartReceiver:
     """Callbacks for MultipartParser; file I/O is queued and done off the event loop."""
 
-    def __init__(self, dest: Path, specs: Mapping[str, FileFieldSpec], text_fields: frozenset[str]) -> None:
+    def __init__(self, dest: Path, guard: UploadGuard, text_fields: frozenset[str]) -> None:
         self.dest = dest
-        self.specs = specs
+        self.guard = guard
+        self.specs = guard.specs
         self.text_fields = text_fields
         self.result = UploadResult()
         self.part = _Part()
@@ -173,12 +235,8 @@ class _MultipartReceiver:
             if name in self.result.files:
                 raise InvalidInputError(f"Field '{name}' was sent more than once")
             raw_filename = _decode(options[b"filename"]) if is_file else ""
-            ext = os.path.splitext(sanitize_filename(raw_filename, ""))[1].lower()
-            if ext not in spec.extensions:
-                raise InvalidInputError(f"Invalid {spec.kind} format. Supported: {', '.join(spec.extensions)}")
-            display = sanitize_filename(raw_filename, f"{spec.field}{ext}")
             part.spec = spec
-            part.saved = SavedFile(field=name, file_name=f"{spec.stem}{ext}", display_name=display)
+            part.saved = self.guard.saved_file(name, raw_filename)
             self._ops.append(("open", part, b""))
         elif is_file:
             expected = " and ".join(f"'{f}'" for f in self.specs)
@@ -187,15 +245,16 @@ class _MultipartReceiver:
             if name in self.result.fields:
                 raise InvalidInputError(f"Field '{name}' was sent more than once")
             part.text = bytearray()
-        # any other text field is ignored (its data is dropped as it streams by)
+        else:  # a typo of a parameter must not silently do nothing
+            known = ", ".join(sorted(self.text_fields))
+            raise InvalidInputError(f"Unknown form field '{sanitize_filename(name, '?')[:64]}'; the fields are "
+                                    f"'video', 'audio' and: {known}")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.part
         n = end - start
         if part.spec is not None:
-            if part.size + n > part.spec.max_bytes:
-                limit = human_size(part.spec.max_bytes)
-                raise InputTooLargeError(f"The uploaded {part.spec.kind} exceeds the maximum allowed size of {limit}")
+            self.guard.check_size(part.spec.field, part.size + n)
             part.size += n
             self._ops.append(("data", part, data[start:end]))
         elif part.text is not None:
@@ -251,34 +310,50 @@ class _MultipartReceiver:
                 pass
 
 
+async def _chunks(stream: AsyncIterator[bytes], guard: UploadGuard) -> AsyncIterator[bytes]:
+    """The body's chunks; UploadTooSlowError when none arrives within the idle timeout."""
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            with anyio.fail_after(guard.idle_timeout_s):
+                chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise guard.idle() from None
+        guard.received_bytes(len(chunk))
+        yield chunk
+
+
 async def receive_multipart(
     stream: AsyncIterator[bytes],
     content_type: str | None,
     dest: Path,
-    specs: Mapping[str, FileFieldSpec],
     *,
+    guard: UploadGuard,
     text_fields: frozenset[str] | set[str] = frozenset(),
 ) -> UploadResult:
     """Parse a multipart/form-data body from ``stream`` into ``dest``.
 
-    Returns the saved files (all of ``specs`` present) and the collected text fields.
+    Returns the saved files (``video`` and ``audio``) and the collected text fields.
     Raises InvalidInputError (400) for a malformed or incomplete body, a missing,
-    duplicate or unexpected file field, or a file extension not allowed by its spec;
-    InputTooLargeError (413) as soon as a file part passes its ``max_bytes``. On any
-    failure (client disconnect and cancellation included) the files written so far
-    are deleted.
+    duplicate or unexpected file field; InputTooLargeError (413) as soon as a file
+    part passes its limit; UploadTooSlowError (408) for a stalled or crawling upload;
+    InsufficientStorageError (507) when the disk fills up meanwhile. On any failure
+    (client disconnect and cancellation included) the files written so far are deleted.
     """
     ctype, params = parse_options_header(content_type or "")
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
         raise InvalidInputError("Expected a multipart/form-data request with 'video' and 'audio' files")
-    receiver = _MultipartReceiver(dest, specs, frozenset(text_fields))
+    receiver = _MultipartReceiver(dest, guard, frozenset(text_fields))
+    specs = guard.specs
     try:
         try:
             parser = MultipartParser(boundary, receiver.callbacks(), max_header_size=MAX_HEADER_BYTES)
         except FormParserError:
             raise InvalidInputError("Malformed multipart body: invalid boundary") from None
-        async for chunk in stream:
+        async for chunk in _chunks(stream, guard):
             if not chunk:
                 continue
             try:

@@ -127,6 +127,7 @@ class JobManager:
         free_space_floor_bytes: int = 0,
         debug: bool = False,
         orphan_grace_s: float = 600,
+        on_removed: Callable[[str], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -143,6 +144,7 @@ class JobManager:
         self.free_space_floor_bytes = int(free_space_floor_bytes)
         self.debug = bool(debug)
         self.orphan_grace_s = float(orphan_grace_s)  # periodic sweeps leave younger orphans alone
+        self._on_removed = on_removed  # (job id): a job is gone for good (cleanup, expiry): e.g. its avatar refs
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -288,6 +290,10 @@ class JobManager:
                 raise
         return job_id, directory
 
+    def check_free_space(self) -> None:
+        """InsufficientStorageError (507) below the free-space floor (re-checked while uploads stream)."""
+        self._files.check_free_space(self.free_space_floor_bytes)
+
     def _retry_after_s(self) -> int:
         """About when a queue slot frees up: one job's time spread over the workers."""
         mean = sum(self._durations) / len(self._durations) if self._durations else DEFAULT_JOB_SECONDS
@@ -313,11 +319,13 @@ class JobManager:
         audio_filename: str,
         params: JobParams,
         owner: str | None = None,
+        media: dict | None = None,
     ) -> JobRecord:
         """Record the uploaded job as queued and enqueue it.
 
         ``video_file``/``audio_file`` are plain names of files already in the job's
-        directory (``ValueError`` otherwise); the ``*_filename`` are the user's, for display.
+        directory (``ValueError`` otherwise); the ``*_filename`` are the user's, for display;
+        ``media``: what admission learnt of the inputs (durations, size, fps).
         """
         directory = self._files.job_dir(job_id)
         for name in (video_file, audio_file):
@@ -333,6 +341,7 @@ class JobManager:
             audio_filename=audio_filename,
             video_file=video_file,
             audio_file=audio_file,
+            media=media,
         )
         with self._files_lock:
             self._store.create(record)
@@ -390,6 +399,17 @@ class JobManager:
             path = None
         if path is None or not path.is_file():
             raise JobNotFinishedError("the job's output file is no longer available")
+        return path
+
+    def input_path(self, job_id: str, name: str, owner: str | None = None) -> Path:
+        """A file admission stored with the job (an input, its thumbnail); JobNotFoundError if absent."""
+        self._lookup(job_id, owner)
+        try:
+            path = self._files.path(job_id, name)
+        except ValueError:
+            raise JobNotFoundError("no such job") from None
+        if not path.is_file():
+            raise JobNotFoundError("no such job")
         return path
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
@@ -491,7 +511,16 @@ class JobManager:
             self._notify(job_id)
         if run is None:
             self._files.remove(job_id)
+        self._removed(job_id)
         log.info("job %s: removed%s", job_id, " (its worker is stopping)" if run is not None else "")
+
+    def _removed(self, job_id: str) -> None:
+        if self._on_removed is None:
+            return
+        try:
+            self._on_removed(job_id)
+        except Exception:
+            log.exception("job %s: the removal hook failed", job_id)
 
     def _drop_from_queue(self, job_id: str) -> None:
         if job_id in self._queued_ids:
@@ -520,6 +549,7 @@ class JobManager:
                 self._files.remove(rec.job_id)
             except OSError:
                 log.exception("job %s: could not remove its files (the sweeper will retry)", rec.job_id)
+            self._removed(rec.job_id)
             log.info("job %s: expired and removed", rec.job_id)
             removed += 1
         removed += self._remove_orphans(self.orphan_grace_s if orphan_grace_s is None else orphan_grace_s)

@@ -55,6 +55,7 @@ class JobRecord(BaseModel):
     error: str | None = None
     frames: int | None = None
     avatar_cache: str | None = None  # "hit" or "miss" when the job used the avatar cache
+    media: dict | None = None  # what admission learnt of the inputs: durations, size, fps (api/admission.py)
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, plus queue/total
     attempts: int = 0  # times a worker started it (restarts re-queue)
     created_at: datetime = Field(default_factory=utcnow)

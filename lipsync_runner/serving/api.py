@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import (InputTooLargeError, InsufficientStorageError, InvalidInputError, LipSyncError,
-                      ModelsNotReadyError)
+from ..errors import InsufficientStorageError, LipSyncError, ModelsNotReadyError
 from ..avatar_cache import AvatarCache
-from ..faces import FaceDetector, load_face_detector
-from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, JobParams, JobRecord, SQLiteJobStore
+from ..faces import FaceChoice, FaceDetector, load_face_detector
+from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, SQLiteJobStore
+from ..api.auth import AuthSettings
 from ..api.limits import ApiLimits
-from ..api.validation import validate_media
-from ..media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from ..api.operations import JobOperations
 from ..pipeline import PipelineOptions, run
 from ..settings import RunnerSettings
 from . import metrics
-from .bentoml_compat import user_filename
 from .packing import job_tag
 from .remote import RemoteModel, is_transport_error, runner_submitter
 from .settings import ServiceSettings
@@ -47,14 +44,18 @@ class ApiCore:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.files = JobFiles(data_dir)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
+                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
+                        if self.settings.avatar_cache else None)
         self.manager = JobManager(
             self.store, self.files, self._execute, workers=self.settings.job_workers,
             retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
             sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
-            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug)
-        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
-                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
-                        if self.settings.avatar_cache else None)
+            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug,
+            on_removed=self.avatars.release_job if self.avatars is not None else None)
+        self._stop = threading.Event()
+        self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready)
+        self.auth_enabled = AuthSettings().enabled
         self.loop: asyncio.AbstractEventLoop | None = None
         self._detector: FaceDetector | None = None
         self._detector_lock = threading.Lock()
@@ -65,9 +66,21 @@ class ApiCore:
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.loop = loop
         self.manager.start()
+        if self.avatars is not None:  # every replica's own cache: expired here, not by the shared sweeper
+            threading.Thread(target=self._expire_avatars, name="avatar-expiry", daemon=True).start()
 
     def stop(self) -> None:
+        self._stop.set()
         self.manager.close()
+
+    def _expire_avatars(self) -> None:
+        while True:
+            try:
+                self.avatars.expire(self.settings.retention_s)
+            except Exception:
+                log.exception("avatar cache expiry failed")
+            if self._stop.wait(self.settings.sweep_interval_s):
+                return
 
     # ------------------------------------------------------------------ runner access
 
@@ -95,19 +108,23 @@ class ApiCore:
             return asyncio.run_coroutine_threadsafe(self.runner_health(), self.loop).result(timeout=30)
         return self.runner.health()
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self, *, authenticated: bool = True) -> dict[str, Any]:
+        """The health body; job counts (all tenants') only for a caller with a token, or with auth off."""
         runner = await self.runner_health()
-        return {
+        body = {
             "status": "ready" if runner.get("models_loaded") else runner.get("status", "unavailable"),
             "models_loaded": bool(runner.get("models_loaded")),
             "device": runner.get("device"),
             "model_version": runner.get("model_version"),
             "error": runner.get("error"),
-            "jobs": self.manager.counts(),
             "version": __version__,
             "uptime_s": round(time.time() - self._started, 1),
+            "auth": self.auth_enabled,
             "ui": "/ui/",
         }
+        if authenticated:
+            body["jobs"] = await asyncio.to_thread(self.manager.counts)
+        return body
 
     async def ensure_ready(self) -> None:
         """503 (seed: 'Lip sync service not available') unless the models are loaded."""
@@ -115,36 +132,6 @@ class ApiCore:
         if not runner.get("models_loaded"):
             reason = runner.get("error") or f"models are {runner.get('status', 'unavailable')}"
             raise ModelsNotReadyError(f"Models not loaded: {reason}")
-
-    # ------------------------------------------------------------------ BentoML endpoint uploads
-
-    async def submit_paths(self, video: Path, audio: Path, bbox_shift: int, owner: str | None = None) -> JobRecord:
-        """Jobs from the BentoML `generate` endpoint: its uploads sit in a per-request temp dir."""
-        params = _params(bbox_shift)
-        await self.ensure_ready()
-        for path, limit, kind, allowed in ((video, self.limits.max_video_bytes, "video", VIDEO_EXTENSIONS),
-                                           (audio, self.limits.max_audio_bytes, "audio", AUDIO_EXTENSIONS)):
-            if path.stat().st_size > limit:
-                raise InputTooLargeError(f"the {kind} file exceeds the maximum allowed size of {limit // 2**20} MB")
-            if path.suffix.lower() not in allowed:
-                raise InvalidInputError(f"Invalid {kind} format. Supported: {', '.join(allowed)}")
-        job_id, job_dir = self.manager.new_upload()
-        try:
-            video_file = "input_video" + video.suffix.lower()
-            audio_file = "input_audio" + audio.suffix.lower()
-            await asyncio.to_thread(shutil.copyfile, video, job_dir / video_file)
-            await asyncio.to_thread(shutil.copyfile, audio, job_dir / audio_file)
-            await asyncio.to_thread(validate_media, job_dir / video_file, job_dir / audio_file, self.limits)
-        except BaseException as exc:
-            self.manager.discard_upload(job_id)
-            if isinstance(exc, LipSyncError):
-                exc.message = (exc.message.replace(video_file, user_filename(video.name))
-                               .replace(audio_file, user_filename(audio.name)))
-                exc.args = (exc.message,)
-            raise
-        return self.manager.submit(job_id, video_file=video_file, audio_file=audio_file,
-                                   video_filename=user_filename(video.name)[:200],
-                                   audio_filename=user_filename(audio.name)[:200], params=params, owner=owner)
 
     # ------------------------------------------------------------------ one job
 
@@ -194,25 +181,17 @@ class ApiCore:
             bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
             version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
             crf=self.runner_settings.crf, preset=self.runner_settings.preset,
-            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s)
+            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s, sharpen=job.params.sharpen,
+            face=FaceChoice.from_params(job.params))
         output = self.files.output_path(job.job_id)
         start = time.perf_counter()
         try:
             result = run(model, self._face_detector(), ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file,
                          output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
-                         work_dir=ctx.work_dir, cache=self.avatars)
+                         work_dir=ctx.work_dir,
+                         cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
         except LipSyncError:
             raise
         metrics.job_finished(time.perf_counter() - start, result.frames)
         return JobOutcome(output_file=output.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit)
-
-
-def _params(bbox_shift: Any) -> JobParams:
-    try:
-        value = int(bbox_shift)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"bbox_shift must be an integer, got {bbox_shift!r}") from None
-    if not -100 <= value <= 100:
-        raise InvalidInputError(f"bbox_shift must be between -100 and 100, got {value}")
-    return JobParams(bbox_shift=value)

@@ -1,0 +1,128 @@
+"""What each job endpoint does, once, for both API surfaces.
+
+The REST routes (`rest.py`) and BentoML's endpoints (service.py) are thin wrappers over
+`JobOperations`: they parse their own request shape, call the same method, and answer
+with the same body (or the same file response), so the two surfaces cannot drift.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import FileResponse
+
+from ..errors import JobNotFoundError
+from ..jobs.records import JobRecord, is_job_id
+from ..params import JobParams
+from .admission import Admission
+from .limits import ApiLimits
+from .schemas import CleanupResponse, JobListResponse, JobStatusResponse, JobSummary, download_name
+from .thumbnails import THUMBNAIL_NAME
+
+MAX_LIST_LIMIT = 1000
+INPUT_KINDS = ("video", "audio")
+
+
+class Manager(Protocol):
+    """The job manager as the API uses it (lipsync_runner.jobs.JobManager)."""
+
+    def new_upload(self) -> tuple[str, Path]: ...
+    def discard_upload(self, job_id: str) -> None: ...
+    def submit(self, job_id: str, *, video_file: str, audio_file: str, video_filename: str, audio_filename: str,
+               params: JobParams, owner: str | None = None, **extra: Any) -> JobRecord: ...
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord: ...
+    def list(self, owner: str | None = None, limit: int = 100) -> list[JobRecord]: ...
+    def output_path(self, job_id: str, owner: str | None = None) -> Path: ...
+    def input_path(self, job_id: str, name: str, owner: str | None = None) -> Path: ...
+    def cancel(self, job_id: str, owner: str | None = None) -> JobRecord: ...
+    def cleanup(self, job_id: str, owner: str | None = None) -> None: ...
+    async def wait_async(self, job_id: str, timeout: float | None = None) -> JobRecord: ...
+    def counts(self) -> dict[str, int]: ...
+    def check_free_space(self) -> None: ...
+
+
+def checked_id(job_id: str) -> str:
+    """A canonical job id, or 404 before anything (store, filesystem) is touched."""
+    if not is_job_id(job_id):
+        raise JobNotFoundError("Job not found")
+    return job_id
+
+
+class JobOperations:
+    def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
+                 ensure_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.get_manager = get_manager
+        self.limits = limits
+        self.prefix = limits.url_prefix.rstrip("/")
+        self.admission = Admission(get_manager, limits, ensure_ready=ensure_ready,
+                                   status_url=self.status_url, download_url=self.download_url)
+
+    # ------------------------------------------------------------------ urls
+
+    def status_url(self, job_id: str) -> str:
+        return f"{self.prefix}/status/{job_id}"
+
+    def download_url(self, job_id: str) -> str:
+        return f"{self.prefix}/download/{job_id}"
+
+    # ------------------------------------------------------------------ bodies
+
+    def status_body(self, record: JobRecord) -> dict[str, Any]:
+        return JobStatusResponse.from_record(record, self.download_url(record.job_id)).model_dump(mode="json")
+
+    async def status(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        record = await run_in_threadpool(self.get_manager().get, checked_id(job_id), owner)
+        return self.status_body(record)
+
+    async def cancel(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        record = await run_in_threadpool(self.get_manager().cancel, checked_id(job_id), owner)
+        return self.status_body(record)
+
+    async def cleanup(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        await run_in_threadpool(self.get_manager().cleanup, checked_id(job_id), owner)
+        return CleanupResponse(job_id=job_id).model_dump(mode="json")
+
+    async def jobs(self, owner: str | None, limit: int = 100) -> dict[str, Any]:
+        limit = max(1, min(int(limit), MAX_LIST_LIMIT))
+        records = await run_in_threadpool(lambda: self.get_manager().list(owner=owner, limit=limit))
+        return JobListResponse(total=len(records),
+                               jobs=[JobSummary.from_record(r, self.prefix) for r in records]).model_dump(mode="json")
+
+    @staticmethod
+    def params_schema() -> dict[str, Any]:
+        return JobParams.model_json_schema()
+
+    # ------------------------------------------------------------------ files
+
+    async def download(self, job_id: str, owner: str | None) -> FileResponse:
+        """The result (Range and HEAD work; the same file name on both surfaces)."""
+        path = Path(await run_in_threadpool(self.get_manager().output_path, checked_id(job_id), owner))
+        return await _file_response(path, "video/mp4", download_name(job_id), "Job output not found")
+
+    async def input_file(self, job_id: str, kind: str, owner: str | None) -> FileResponse:
+        """A job's uploaded video or audio, for playback next to the result."""
+        manager = self.get_manager()
+        if kind not in INPUT_KINDS:
+            raise JobNotFoundError("Job not found")
+        record = await run_in_threadpool(manager.get, checked_id(job_id), owner)
+        name = record.video_file if kind == "video" else record.audio_file
+        path = Path(await run_in_threadpool(manager.input_path, job_id, name, owner))
+        shown = record.video_filename if kind == "video" else record.audio_filename
+        media_type = mimetypes.guess_type(shown)[0] or ("video/mp4" if kind == "video" else "audio/wav")
+        return await _file_response(path, media_type, shown, "Job input not found", inline=True)
+
+    async def thumbnail(self, job_id: str, owner: str | None) -> FileResponse:
+        path = Path(await run_in_threadpool(self.get_manager().input_path, checked_id(job_id), THUMBNAIL_NAME, owner))
+        return await _file_response(path, "image/jpeg", f"{job_id}.jpg", "Job thumbnail not found", inline=True)
+
+
+async def _file_response(path: Path, media_type: str, filename: str, missing: str, *,
+                         inline: bool = False) -> FileResponse:
+    if not await run_in_threadpool(path.is_file):  # removed in the meantime
+        raise JobNotFoundError(missing)
+    return FileResponse(path, media_type=media_type, filename=filename,
+                        content_disposition_type="inline" if inline else "attachment")
