@@ -104,6 +104,8 @@ class JobParams(BaseModel):
     @field_validator("face_point", mode="before")
     @classmethod
     def _point_from_text(cls, value: Any) -> Any:
+        if value is None:
+            return None
         if isinstance(value, str):
             m = _POINT_RE.match(value)
             if not m:

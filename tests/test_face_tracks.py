@@ -446,6 +446,16 @@ def test_bad_face_parameters_are_a_400_naming_the_field(fields, message):
     assert info.value.http_status == 400
 
 
+@pytest.mark.parametrize("fields", [{}, {"face": "1"}, {"face_point": "3,4"},
+                                    {"face_boxes": '[{"frame": 2, "box": [1, 2, 30, 40]}, {"frame": 5, "box": null}]'}])
+def test_face_parameters_survive_the_job_record(fields):
+    from lipsync_runner.params import JobParams
+
+    params = parse_fields(fields)  # a job record stores them as JSON and reads them back
+    assert JobParams.model_validate_json(params.model_dump_json()) == params
+    assert JobParams.model_validate(json.loads(params.model_dump_json())) == params
+
+
 def test_the_cache_key_of_a_choice_changes_with_the_choice():
     keys = {FaceChoice().key(), FaceChoice(face="center").key(), FaceChoice(face=1).key(),
             FaceChoice(point=(1.0, 2.0)).key(), FaceChoice(boxes=((0, (1, 2, 3, 4)),)).key()}
