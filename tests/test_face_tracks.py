@@ -21,7 +21,6 @@ from lipsync_runner.faces import (
     FaceTracks,
     HaarFaceDetector,
     IdentityTracker,
-    OneEuro,
     TrackerSettings,
     audio_envelope,
     choose_track,
