@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import get_args
 
 from .errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
-from .params import JobParams, parse_fields
+from .params import add_cli_arguments, from_cli_args
 from .settings import RunnerSettings
 
 DEFAULT_CACHE_DIR = "~/.cache/lipsync-runner/avatars"
@@ -35,21 +35,19 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     gen.add_argument("--models-dir", type=Path, default=settings.models_dir,
                      help="MuseTalk models directory (default: $MUSETALK_MODELS_DIR)")
     gen.add_argument("--device", default=settings.device, help="cpu, cuda, cuda:N or auto ($LIP_SYNC_DEVICE)")
-    gen.add_argument("--bbox-shift", type=int, default=settings.bbox_shift,
-                     help="v1.0 only: move the mouth box down (+) or up (-) in pixels ($LIP_SYNC_BBOX_SHIFT)")
     gen.add_argument("--batch-size", type=int, default=settings.batch_size, help="frames per model call")
     gen.add_argument("--version", choices=["auto", "v15", "v1"], default=settings.model_version,
                      help="MuseTalk UNet version (auto: v1.5 when present)")
     gen.add_argument("--face-detector", choices=get_args(RunnerSettings.model_fields["face_detector"].annotation),
                      default=settings.face_detector,
                      help="auto: S3FD+FAN when its weights are in the models dir, else MediaPipe, else OpenCV Haar")
-    gen.add_argument("--sharpen", type=float, default=0.0, help=JobParams.model_fields["sharpen"].description)
     gen.add_argument("--crf", type=int, default=settings.crf, help="x264 quality (lower is better)")
     gen.add_argument("--preset", default=settings.preset, help="x264 preset")
     gen.add_argument("--cache-dir", type=Path,
                      default=Path(os.environ.get("LIP_SYNC_AVATAR_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser(),
                      help="avatar cache: face tracks and latents of videos seen before ($LIP_SYNC_AVATAR_CACHE_DIR)")
     gen.add_argument("--no-cache", action="store_true", help="do not read or write the avatar cache")
+    add_cli_arguments(gen, _param_defaults(settings))
 
     dl = sub.add_parser("download-models", help="fetch the real weights from the model hub")
     dl.add_argument("--to", type=Path, required=True, help="models directory to fill")
@@ -71,6 +69,11 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     return parser
 
 
+def _param_defaults(settings: RunnerSettings) -> dict[str, object]:
+    """Job parameters whose default is a deployment setting (the seed's LIP_SYNC_BBOX_SHIFT)."""
+    return {"bbox_shift": settings.bbox_shift}
+
+
 def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from tqdm import tqdm
 
@@ -80,15 +83,14 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from .musetalk import MuseTalk
     from .pipeline import PipelineOptions, run, validate_inputs
 
+    params = from_cli_args(args, _param_defaults(settings))  # bad options: exit 2 before any work
     video_info, _ = validate_inputs(args.video, args.audio)  # fail fast, before loading models
     model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version,
                                      compile=settings.compile)
-    params = parse_fields({"bbox_shift": args.bbox_shift, "sharpen": args.sharpen})  # the API's ranges (exit 2)
     detector = load_face_detector(args.face_detector, model.layout.root, str(model.device))
     masks = load_mask_provider(model.layout.root, version=model.layout.version, device=str(model.device))
-    options = PipelineOptions(bbox_shift=params.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
-                              extra_margin=settings.extra_margin, crf=args.crf, preset=args.preset,
-                              ffmpeg_timeout_s=settings.ffmpeg_timeout_s, sharpen=params.sharpen)
+    options = PipelineOptions.from_settings(settings, params, batch_size=args.batch_size,
+                                            version=model.layout.version, crf=args.crf, preset=args.preset)
     cache = None if args.no_cache else AvatarCache(args.cache_dir)
     with tqdm(total=1000, unit="‰", desc="starting", disable=None, bar_format="{desc:<9} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
         def progress(stage: str, fraction: float) -> None:
@@ -99,7 +101,8 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
                      video_info=video_info, masks=masks)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(result.seconds.items(), key=lambda kv: -kv[1]))
     print(f"wrote {result.output} ({result.frames} frames at {float(result.fps):.3f} fps, "
-          f"{result.width}x{result.height}; face in {result.face_frames}/{result.source_frames} input frames; "
+          f"{result.width}x{result.height}; face in {result.face_frames}/{result.source_frames} input frames, "
+          f"mouth generated in {result.generated}; "
           f"detector {detector.name}; masks {masks.name}; avatar cache {_cache_word(result.cache_hit)}; {timing})")
     return 0
 

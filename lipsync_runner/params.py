@@ -30,6 +30,31 @@ REQUEST_FIELDS = frozenset({"wait"})
 #: values); the web page offers such a parameter only when the loaded model is one of them.
 MODEL_VERSIONS_KEY = "x-model-versions"
 
+#: Segment times are seconds; no video we accept is longer than a day.
+MAX_SEGMENT_SECONDS = 86_400.0
+MAX_SEGMENTS = 1000
+
+
+class Segment(BaseModel):
+    """One stretch of the output where the mouth is re-synced (seconds; start inclusive, end exclusive)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: float = Field(ge=0, le=MAX_SEGMENT_SECONDS, description="Start, in seconds of the video.")
+    # ge, not gt: OpenAPI 3.0 (BentoML's document) has no numeric exclusiveMinimum; end > start >= 0
+    # is checked below.
+    end: float = Field(ge=0, le=MAX_SEGMENT_SECONDS, description="End (exclusive), in seconds of the video.")
+    audio_start: float | None = Field(
+        default=None, ge=0, le=MAX_SEGMENT_SECONDS,
+        description="Where in the audio this segment's speech starts (seconds). Default: `start`, i.e. the "
+                    "audio is laid on the video's timeline. Rounded to whole frames.")
+
+    @model_validator(mode="after")
+    def _end_after_start(self) -> "Segment":
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end:g} s) must be after start ({self.start:g} s)")
+        return self
+
 
 FACE_RULES = ("largest", "center", "speaker")
 _POINT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*[,; ]\s*(\d+(?:\.\d*)?)\s*$")
@@ -69,6 +94,39 @@ class JobParams(BaseModel):
         description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
                     "0 is off; up to 1 puts the source's own fine detail back outside the mouth and "
                     "sharpens the generated mouth to the same scale.")
+    sync_mode: Literal["bounce", "loop", "cut_off", "silence", "remap"] = Field(
+        default="bounce",
+        description="When the audio and the video differ in length. bounce: the output lasts as long as the "
+                    "audio; a shorter video plays forward, then backward, and so on (MuseTalk's ping-pong). "
+                    "loop: as long as the audio; a shorter video restarts from its first frame. cut_off: as "
+                    "long as the shorter of the two; the rest of the longer one is dropped (audio included). "
+                    "silence: as long as the longer of the two; a shorter audio is padded with silence and "
+                    "the video's tail keeps its original mouth (a shorter video bounces). remap: as long as "
+                    "the audio; the video is retimed (frames repeated or skipped evenly) to fit it. "
+                    "With a longer video, bounce and loop play its first frames only.")
+    silence: Literal["keep", "generate"] = Field(
+        default="keep",
+        description="Silent stretches of the new audio. keep: frames show the source mouth, with a short "
+                    "cross-fade at each boundary; generate: the model's mouth everywhere (MuseTalk).")
+    segments: list[Segment] | None = Field(
+        default=None, max_length=MAX_SEGMENTS,
+        description='JSON list of {"start", "end"[, "audio_start"]} in seconds: the mouth is re-synced only '
+                    "inside these stretches of the output (its timeline is the video's unless the audio is "
+                    "longer under bounce, loop or remap); outside, frames pass through untouched. The output "
+                    "keeps the new audio; a segment with audio_start plays the audio from there. "
+                    "Ordered and non-overlapping. Default: the whole output.")
+
+    @field_validator("segments")
+    @classmethod
+    def _ordered_segments(cls, segments: list[Segment] | None) -> list[Segment] | None:
+        if not segments:
+            return None  # an empty list means "the whole output", as leaving it out does
+        for k in range(1, len(segments)):
+            prev, cur = segments[k - 1], segments[k]
+            if cur.start < prev.end:
+                raise ValueError(f"segment {k} ({cur.start:g}-{cur.end:g} s) starts before segment {k - 1} "
+                                 f"ends ({prev.end:g} s): segments must be ordered and must not overlap")
+        return segments
     face: Literal["largest", "center", "speaker"] | Annotated[int, Field(ge=0)] = Field(
         default="largest",
         description="Whose face is dubbed when several are on screen: largest (most screen area over "
@@ -163,7 +221,7 @@ def validation_message(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = str(err.get("msg", "invalid value"))
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")  # our validators' own words
         if err.get("type") == "extra_forbidden":
             msg = "unknown parameter"
         problems.append(f"{loc}: {msg}" if loc else msg)
@@ -199,14 +257,14 @@ def form_properties() -> dict[str, Any]:
     schema = JobParams.model_json_schema()
     defs = schema.get("$defs", {})
 
-    def inline(node: Any) -> Any:  # enums and nested models, at any depth: form docs have no $defs
+    def inline(node: Any) -> Any:  # enums and nested models (segments' items too): form docs have no $defs
+        if isinstance(node, dict):
+            if "$ref" in node:
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return inline({**defs[node["$ref"].rsplit("/", 1)[-1]], **rest})
+            return {k: inline(v) for k, v in node.items()}
         if isinstance(node, list):
             return [inline(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        node = {k: inline(v) for k, v in node.items()}
-        if "$ref" in node:
-            node = {**inline(defs[node.pop("$ref").rsplit("/", 1)[-1]]), **node}
         return node
 
     return {name: inline(prop) for name, prop in schema["properties"].items()}

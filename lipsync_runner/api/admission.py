@@ -31,9 +31,10 @@ from ..errors import InvalidInputError, LipSyncError, QueueFullError
 from ..jobs.records import JobRecord, JobStatus
 from ..media import AudioInfo, VideoInfo
 from ..params import JobParams, parse_fields
+from ..scratch import ScratchLedger
 from .limits import ApiLimits
 from .schemas import GenerateAccepted, GenerateResult, download_name
-from .thumbnails import THUMBNAIL_NAME, write_thumbnail
+from .thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
 from .uploads import SavedFile, UploadGuard, is_multipart, receive_multipart
 from .validation import validate_media
 
@@ -88,8 +89,10 @@ class UploadSlots:
 class Admission:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
-                 status_url: Callable[[str], str], download_url: Callable[[str], str]) -> None:
+                 status_url: Callable[[str], str], download_url: Callable[[str], str],
+                 scratch: ScratchLedger | None = None) -> None:
         self.get_manager = get_manager
+        self.scratch = scratch  # the data directory's scratch reservations (507 when a job cannot fit)
         self.limits = limits
         self.ensure_ready = ensure_ready
         self.status_url = status_url
@@ -146,9 +149,10 @@ class Admission:
                 params = parse_fields({k: v for k, v in fields.items() if k != "wait"}, self.defaults)
                 video, audio = files[VIDEO_FIELD], files[AUDIO_FIELD]
                 # ffmpeg subprocesses: off the event loop
-                video_info, audio_info = await anyio.to_thread.run_sync(
-                    validate_media, job_dir / video.file_name, job_dir / audio.file_name, self.limits)
-                await anyio.to_thread.run_sync(write_thumbnail, job_dir / video.file_name, job_dir / THUMBNAIL_NAME)
+                video_info, audio_info = await anyio.to_thread.run_sync(lambda: validate_media(
+                    job_dir / video.file_name, job_dir / audio.file_name, self.limits, self.scratch, params=params))
+                await anyio.to_thread.run_sync(write_thumbnail, job_dir / video.file_name, job_dir / THUMBNAIL_NAME,
+                                               THUMBNAIL_WIDTH, video_info.demuxer)
                 record = await run_in_threadpool(lambda: manager.submit(
                     job_id, video_file=video.file_name, audio_file=audio.file_name,
                     video_filename=video.display_name, audio_filename=audio.display_name,

@@ -18,6 +18,7 @@ from starlette.responses import FileResponse
 from ..errors import JobNotFoundError
 from ..jobs.records import JobRecord, is_job_id
 from ..params import JobParams
+from ..scratch import ScratchLedger
 from .admission import Admission
 from .limits import ApiLimits
 from .schemas import CleanupResponse, JobListResponse, JobStatusResponse, JobSummary, download_name
@@ -54,12 +55,13 @@ def checked_id(job_id: str) -> str:
 
 class JobOperations:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
-                 ensure_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+                 ensure_ready: Callable[[], Awaitable[None]] | None = None,
+                 scratch: ScratchLedger | None = None) -> None:
         self.get_manager = get_manager
         self.limits = limits
         self.prefix = limits.url_prefix.rstrip("/")
         self.admission = Admission(get_manager, limits, ensure_ready=ensure_ready,
-                                   status_url=self.status_url, download_url=self.download_url)
+                                   status_url=self.status_url, download_url=self.download_url, scratch=scratch)
 
     # ------------------------------------------------------------------ urls
 

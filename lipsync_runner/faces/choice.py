@@ -9,6 +9,7 @@ pass through untouched, whoever else is on them).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,11 +90,19 @@ class FaceChoice:
     def needs_audio(self) -> bool:
         return self.boxes is None and self.point is None and self.face == "speaker"
 
-    def key(self) -> str:
-        """Canonical text of the choice, for a cache key (equal choices give equal text)."""
-        return json.dumps({"face": self.face, "point": self.point,
-                           "boxes": None if self.boxes is None else [[f, b] for f, b in self.boxes]},
-                          sort_keys=True, separators=(",", ":"))
+    def key(self, audio_envelope: np.ndarray | None = None) -> str:
+        """Canonical text of the choice, for a cache key (equal choices give equal text).
+
+        ``face=speaker`` picks by the audio, so its key holds a digest of the audio envelope: the
+        same video with another audio may dub someone else. (A client that reuses a video passes
+        the track id from the first job's status, ``faces.chosen``, and hits the cache.)"""
+        body: dict[str, Any] = {"face": self.face, "point": self.point,
+                                "boxes": None if self.boxes is None else [[f, b] for f, b in self.boxes]}
+        if self.needs_audio:
+            if audio_envelope is None:
+                raise ValueError("face=speaker: the cache key needs the audio envelope")
+            body["audio"] = hashlib.sha256(np.asarray(audio_envelope, np.float32).tobytes()).hexdigest()[:32]
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
 def choose_track(tracks: FaceTracks, choice: FaceChoice | None, frame_hw: tuple[int, int],

@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from .detection import NUM_LANDMARKS, FaceDetection
 
 _FORBIDDEN = 1e6  # cost of a pair outside the gates
+MAX_LISTED = 32  # tracks listed in a summary (a crowd or a long video with many cuts finds hundreds)
 
 
 @dataclass(frozen=True)
@@ -115,18 +116,24 @@ class FaceTracks:
         """JSON-able: how many tracks, and per track when and where (for a client to pick one).
 
         ``box`` is the track's mean crop box (the region that is re-generated), ints; ``chosen``
-        the ids of the tracks dubbed ([] when none was, or explicit boxes were given)."""
+        the ids of the tracks dubbed ([] when none was, or explicit boxes were given). It goes
+        into the job status, so at most MAX_LISTED tracks are listed (in id order): the chosen
+        ones, then those seen on most frames; ``count`` is always the number found."""
+        frames = {t.id: int(self.dense(t)[2].sum()) for t in self.tracks}
+        keep = set(chosen or [])
+        keep |= set(sorted(frames, key=lambda i: (-frames[i], i))[: max(0, MAX_LISTED - len(keep))])
         tracks = []
         for t in self.tracks:
-            _, _, present = self.dense(t)
+            if t.id not in keep:
+                continue
             tracks.append({
                 "id": t.id,
                 "first_frame": t.first_frame,
                 "last_frame": t.last_frame,
-                "frames": int(present.sum()),
+                "frames": frames[t.id],
                 "box": [int(round(v)) for v in t.crops.mean(axis=0)],
             })
-        return {"count": len(tracks), "frames": self.n_frames, "chosen": list(chosen or []), "tracks": tracks}
+        return {"count": len(self.tracks), "frames": self.n_frames, "chosen": list(chosen or []), "tracks": tracks}
 
 
 @dataclass
