@@ -486,6 +486,8 @@ def test_the_pipeline_dubs_the_chosen_person_and_leaves_the_other_untouched(mode
     with VideoReader(out.output) as r:
         got = np.stack(list(r))
     assert out.frames == n and out.face_frames == n
+    # the status' summary: both people found and the one under the point dubbed; explicit boxes find nobody
+    assert (out.faces["count"], len(out.faces["chosen"])) == ((2, 1) if "face_point" in fields else (0, 0))
     def mouth_change(actor: Actor, i: int) -> float:
         mx, my = (int(v) for v in actor.mouth_center(i))
         mouth = (slice(my - 8, my + 8), slice(mx - 15, mx + 15))
@@ -498,3 +500,104 @@ def test_the_pipeline_dubs_the_chosen_person_and_leaves_the_other_untouched(mode
         ox1, oy1, ox2, oy2 = (max(0, v) for v in other.tile(i))
         tile = (slice(oy1, oy2), slice(ox1, ox2))
         assert np.abs(got[i][tile].astype(int) - src[i][tile].astype(int)).mean() < 3, f"frame {i}: the other changed"
+
+
+def test_the_pipeline_dubs_the_speaker_found_from_the_audio_it_decodes(model, tmp_path):
+    from lipsync_runner.faces import load_face_detector
+    from lipsync_runner.media import VideoReader
+    from lipsync_runner.params import JobParams
+    from lipsync_runner.pipeline import PipelineOptions, run
+    from lipsync_runner.testing import write_actors_video, write_speech_like_audio
+
+    n = 50
+    env = audio_envelope(speech_like_signal(n / 25), 25)  # the loudness of the audio file written below
+    other = audio_envelope(speech_like_signal(n / 25, seed=5)[::-1], 25)
+    actors = two_people(n, SIZE)  # Hopper (larger: `largest` would pick her) and the astronaut, who speaks
+    actors[0].mouth, actors[1].mouth = other / other.max(), env / env.max()
+    video = write_actors_video(tmp_path / "two.mp4", actors, n, size=SIZE)
+    audio = write_speech_like_audio(tmp_path / "a.wav", seconds=n / 25, sample_rate=16000)
+    # one short segment: only frames 0-4 are generated (the model's time), the choice sees all 50
+    params = JobParams(face="speaker", silence="generate", segments=[{"start": 0, "end": 0.2}])
+    out = run(model, load_face_detector("mediapipe"), video, audio, tmp_path / "o.mp4",
+              PipelineOptions(params=params, batch_size=8, crf=8))
+    assert out.faces["count"] == 2 and len(out.faces["chosen"]) == 1
+    chosen = next(t for t in out.faces["tracks"] if t["id"] == out.faces["chosen"][0])
+    x1, y1, x2, y2 = chosen["box"]
+    cx, cy = actors[1].face_center(0)
+    assert x1 < cx < x2 and y1 < cy < y2, "the summary's chosen track is not the astronaut"
+    with VideoReader(video) as r:
+        src = np.stack(list(r))
+    with VideoReader(out.output) as r:
+        got = np.stack(list(r))
+    for i in (0, 1):  # fully generated frames of the segment
+        changes = []
+        for actor in actors:
+            mx, my = (int(v) for v in actor.mouth_center(i))
+            mouth = (slice(my - 8, my + 8), slice(mx - 15, mx + 15))
+            changes.append(float(np.abs(got[i][mouth].astype(int) - src[i][mouth].astype(int)).mean()))
+        assert changes[1] > 10 and changes[0] < 4, f"frame {i}: mouth changes (Hopper, astronaut) {changes}"
+
+
+def test_a_speaker_choice_is_cached_per_audio():
+    env = audio_envelope(speech_like_signal(2.0), 25)
+    speaker = FaceChoice(face="speaker")
+    assert speaker.key(env) == speaker.key(env.copy()) != speaker.key(env[::-1].copy())
+    assert FaceChoice().key(env) == FaceChoice().key()  # other choices do not depend on the audio
+    with pytest.raises(ValueError, match="audio envelope"):
+        speaker.key()
+
+
+def test_the_avatar_cache_keeps_the_face_summary_for_warm_jobs(tmp_path):
+    from lipsync_runner.avatar_cache import AvatarCache
+
+    tracks = tracks_of([[[40, 50, 120, 130], [240, 50, 320, 130]]] * 6)
+    track = choose_track(tracks, FaceChoice(face=1), (200, 400))
+    cache = AvatarCache(tmp_path / "avatars")
+    with cache.open("k", lambda: track) as (cold, hit):
+        assert not hit
+    with cache.open("k", lambda: pytest.fail("a hit builds nothing")) as (warm, hit):
+        assert hit and warm.track.track_id == 1
+        assert warm.track.summary == track.summary and warm.track.summary["chosen"] == [1]
+
+
+def test_a_summary_lists_the_chosen_and_the_longest_seen_when_there_are_many():
+    from lipsync_runner.faces.identity import MAX_LISTED, IdentityTrack
+
+    def person(i: int, frames: int) -> IdentityTrack:
+        box = np.tile([10.0 * i, 0, 10.0 * i + 8, 8], (frames, 1))
+        return IdentityTrack(id=i, frames=np.arange(frames), boxes=box, crops=box, landmarks=None,
+                             mouth=np.zeros(frames), scores=np.ones(frames))
+
+    people = [person(i, 1 + i % 7) for i in range(MAX_LISTED + 8)]  # a crowd
+    tracks = FaceTracks(people, 10, (100, 1000), np.ones(10, bool), "scripted")
+    s = tracks.summary(chosen=[0])  # on one frame only, but dubbed: listed
+    ids = [t["id"] for t in s["tracks"]]
+    assert s["count"] == MAX_LISTED + 8 and len(ids) == MAX_LISTED and ids == sorted(ids) and 0 in ids
+    shortest_listed = min(t["frames"] for t in s["tracks"] if t["id"] != 0)
+    assert all(t.frames.size <= shortest_listed for t in people if t.id not in ids)
+
+
+def test_the_job_status_carries_the_face_summary(tmp_path):
+    from lipsync_runner.api.schemas import status_body
+    from lipsync_runner.jobs import OUTPUT_NAME, JobManager, JobOutcome, JobParams, JobStatus
+
+    summary = tracks_of([[[40, 50, 120, 130]]] * 5).summary(chosen=[0])
+
+    def execute(ctx):
+        ctx.output_path.write_bytes(b"mp4")
+        return JobOutcome(output_file=OUTPUT_NAME, frames=5, faces=summary)
+
+    manager = JobManager.from_data_dir(tmp_path / "data", execute, orphan_grace_s=0)
+    manager.start()
+    try:
+        job_id, directory = manager.new_upload()
+        (directory / "video.mp4").write_bytes(b"video")
+        (directory / "audio.wav").write_bytes(b"audio")
+        manager.submit(job_id, video_file="video.mp4", audio_file="audio.wav", video_filename="v.mp4",
+                       audio_filename="a.wav", params=JobParams())
+        done = manager.wait(job_id, timeout=10)
+        assert done.status is JobStatus.completed
+        assert manager.store.get(job_id).faces == summary  # stored, so a restart keeps it
+        assert status_body(done)["faces"] == summary
+    finally:
+        manager.close(timeout=5)
