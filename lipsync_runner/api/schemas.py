@@ -118,6 +118,12 @@ class JobStatusResponse(BaseModel):
     inputs: JobInputs
     avatar_cache: Optional[str] = Field(default=None, description="hit: the video was prepared before; miss; "
                                         "null: no cache or not finished")
+    faces: Optional[dict[str, Any]] = Field(
+        default=None, description="When completed: the people found in the video, as face tracks. count; "
+                                  "frames; chosen (the track ids dubbed); tracks (at most 32: the chosen ones "
+                                  "and those seen longest), each {id, first_frame, last_frame, frames, box: "
+                                  "mean crop box [x1, y1, x2, y2]}. A track id is a `face` for a later job on "
+                                  "the same video.")
 
     @classmethod
     def from_record(cls, record: JobRecord, download_url: str) -> "JobStatusResponse":
@@ -139,6 +145,7 @@ class JobStatusResponse(BaseModel):
             params=record.params.model_dump(mode="json"),
             inputs=JobInputs.from_record(record, download_url.rsplit("/download/", 1)[0]),
             avatar_cache=record.avatar_cache,
+            faces=record.faces,
         )
 
 

@@ -105,6 +105,7 @@ class JobOutcome:
     frames: int
     timings: dict[str, float] = field(default_factory=dict)
     cache_hit: bool | None = None  # avatar cache: hit, miss, or not used
+    faces: dict | None = None  # the face tracks found and who was dubbed (faces.FaceTracks.summary)
 
 
 Executor = Callable[[JobContext], JobOutcome]
@@ -848,7 +849,7 @@ class JobManager:
             outcome_fields = dict(status=JobStatus.completed, stage="done", progress=1.0,
                                   output_file=output_file, frames=int(outcome.frames), error=None,
                                   avatar_cache=None if outcome.cache_hit is None else
-                                  ("hit" if outcome.cache_hit else "miss"))
+                                  ("hit" if outcome.cache_hit else "miss"), faces=outcome.faces)
         except JobCancelledError:
             outcome_fields = dict(status=JobStatus.cancelled, error=CANCELLED_MESSAGE)
         except LipSyncError as e:

@@ -216,4 +216,5 @@ class ApiCore:
                          cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
         metrics.job_finished(time.perf_counter() - start, result.frames)
         return JobOutcome(output_file=output.name, frames=result.frames,
-                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit)
+                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
+                          faces=result.faces)
