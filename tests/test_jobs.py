@@ -56,12 +56,13 @@ BAD_IDS = [
     "..",
     "",
     "abc",
-    str(uuid.uuid4()).upper(),
+    # fixed values, not uuid4() calls: pytest-xdist collects in each worker and needs the same ids
+    "478657B5-9D26-4A66-89DE-BA081ADB7473",
     "\0",
-    str(uuid.uuid4()) + "\0",
-    str(uuid.uuid4()) + "\n",
-    "../" + str(uuid.uuid4()),
-    "c974d470-edb9-11f1-ad47-02fc00000001",  # a uuid, but not a v4 one (v1; fixed: xdist collects in each worker)
+    "95607072-63de-47a8-98f4-1cd218553f39\0",
+    "918edcb1-36ba-46da-9767-107c80b488b4\n",
+    "../2c218a6a-1731-445b-94e7-16b6809b7265",
+    "c974d470-edb9-11f1-ad47-02fc00000001",  # a uuid, but not a v4 one
 ]
 
 
