@@ -35,6 +35,7 @@ from .errors import (  # noqa: E402
     WaitTimeout,
 )
 from .models import CleanupResult, Health, Job, JobList, JobSummary  # noqa: E402
+from .webhooks import WebhookVerificationError, verify_webhook  # noqa: E402
 
 __all__ = [
     "AsyncLipSyncClient",
@@ -58,5 +59,7 @@ __all__ = [
     "Unauthorized",
     "UnexpectedResponse",
     "WaitTimeout",
+    "WebhookVerificationError",
     "__version__",
+    "verify_webhook",
 ]

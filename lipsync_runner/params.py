@@ -17,14 +17,49 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
-from typing import Any
+from enum import Enum
+from typing import Annotated, Any, Optional
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from .errors import InvalidInputError
 
 #: Form fields that are request options, not job parameters.
 REQUEST_FIELDS = frozenset({"wait"})
+
+MAX_URL_CHARS = 2048
+
+
+class WebhookEvent(str, Enum):
+    started = "started"
+    progress = "progress"  # throttled: at most one per LIP_SYNC_WEBHOOK_PROGRESS_INTERVAL_S per job
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+#: The events a job with a `webhook_url` and no `webhook_events` sends: the job's end.
+DEFAULT_WEBHOOK_EVENTS = (WebhookEvent.completed, WebhookEvent.failed, WebhookEvent.cancelled)
+
+
+def _check_url(value: Optional[str], schemes: tuple[str, ...]) -> Optional[str]:
+    """Shape only (scheme, host, no spaces); which addresses may be reached is netguard's job, at fetch time."""
+    if value is None:
+        return None
+    value = value.strip()
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("a URL must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        raise ValueError("not a valid URL") from None
+    if parts.scheme.lower() not in schemes:
+        raise ValueError(f"the URL must start with {' or '.join(s + '://' for s in schemes)}")
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    return value
 
 
 class JobParams(BaseModel):
@@ -36,6 +71,62 @@ class JobParams(BaseModel):
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
                     "v1.5 ignores it, as MuseTalk v1.5 does.")
+    webhook_url: Optional[str] = Field(
+        default=None, max_length=MAX_URL_CHARS,
+        description="http(s) URL that receives the job's status as signed JSON POSTs (Lipsync-Signature: "
+                    "t=...,v1=HMAC-SHA256 of 't.body'; verify with lipsync_client.verify_webhook). "
+                    "Retried with back-off until a 2xx.")
+    webhook_events: Annotated[Optional[list[WebhookEvent]], WithJsonSchema(
+        {"type": "array", "items": {"type": "string", "enum": [e.value for e in WebhookEvent]}})] = Field(
+        default=None,
+        description="Which events to send to webhook_url: started, progress, completed, failed, cancelled "
+                    "(a list, or comma-separated). Default: completed, failed, cancelled.")
+    video_url: Optional[str] = Field(
+        default=None, max_length=MAX_URL_CHARS,
+        description="Fetch the video from this http(s) (or s3:// with object storage) URL instead of an "
+                    "upload. Same limits as an upload; private and loopback addresses are refused.")
+    audio_url: Optional[str] = Field(
+        default=None, max_length=MAX_URL_CHARS,
+        description="Fetch the audio from this URL instead of an upload (as video_url).")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: Optional[str]) -> Optional[str]:
+        return _check_url(value, ("http", "https"))
+
+    @field_validator("video_url", "audio_url")
+    @classmethod
+    def _input_url(cls, value: Optional[str]) -> Optional[str]:
+        return _check_url(value, ("http", "https", "s3"))
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _events_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a form or a command line: "completed,failed"
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _events_unique(cls, value: Optional[list[WebhookEvent]]) -> Optional[list[WebhookEvent]]:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("name at least one event (or leave it out for the default)")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _events_need_url(self) -> "JobParams":
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
+        return self
+
+    @property
+    def selected_webhook_events(self) -> frozenset[WebhookEvent]:
+        """The events this job sends (none without a webhook_url)."""
+        if self.webhook_url is None:
+            return frozenset()
+        return frozenset(self.webhook_events or DEFAULT_WEBHOOK_EVENTS)
 
 
 def field_names() -> tuple[str, ...]:
