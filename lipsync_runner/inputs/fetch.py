@@ -39,7 +39,6 @@ from ..api.uploads import FileFieldSpec, sanitize_filename
 from ..errors import InputTooLargeError, InvalidInputError
 from ..netguard import AddressPolicy, URLRefusedError, guarded_client, parse_allowlist, redact_url
 
-CHUNK_BYTES = 256 * 1024
 
 # What a server's Content-Type says, when the URL's path has no extension we accept.
 CONTENT_TYPE_EXTENSIONS = {
@@ -191,7 +190,7 @@ def fetch_input(url: str, dest_dir: Path, spec: FileFieldSpec, *, settings: Fetc
                 sink = _Sink(dest_dir, spec, deadline, settings.url_max_fetch_s)
                 if declared.isdigit() and int(declared) > spec.max_bytes:
                     raise sink.too_large()
-                sink.write(response.iter_raw(CHUNK_BYTES))
+                sink.write(response.iter_raw())  # as the bytes arrive (a chunk size would buffer up to it)
                 sink.commit(dest_dir / f"{spec.stem}{ext}")
     except httpx.HTTPError as e:
         if sink is not None:
