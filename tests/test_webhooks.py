@@ -9,9 +9,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +36,7 @@ from lipsync_runner.webhooks import (
 )
 from tests.loopback_http import LoopbackServer, Reply
 
+ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_test_3f9a"
 LOOPBACK_OK = AddressPolicy(allowlist=parse_allowlist("127.0.0.1"))
 
@@ -343,3 +348,23 @@ def test_a_dispatcher_needs_a_secret(outbox, monkeypatch):
         WebhookDispatcher(outbox, WebhookSettings())
     monkeypatch.setenv("LIP_SYNC_WEBHOOK_SECRET", "whsec_new, whsec_old")
     assert WebhookSettings().secrets == ("whsec_new", "whsec_old")
+
+
+def test_the_verifier_needs_only_the_standard_library(tmp_path):
+    """A receiver may copy lipsync_client/webhooks.py alone: it imports and verifies with httpx and pydantic blocked."""
+    body, t = b'{"event":"completed"}', int(time.time())
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("httpx", "pydantic", "lipsync_client", "lipsync_runner"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        spec = importlib.util.spec_from_file_location("webhooks", {str(ROOT / "lipsync_client" / "webhooks.py")!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        print(mod.verify_webhook({body!r}, {signature_header(body, [SECRET], t)!r}, {SECRET!r})["event"])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "completed"
