@@ -219,9 +219,9 @@ class GuardedTransport(httpx.HTTPTransport):
     No proxies from the environment: a proxy would do the resolving, out of our sight.
     """
 
-    def __init__(self, policy: AddressPolicy, *,
+    def __init__(self, policy: AddressPolicy, *, ssl_context: ssl.SSLContext | None = None,
                  limits: httpx.Limits = httpx.Limits(max_connections=10, max_keepalive_connections=2)) -> None:
-        ssl_context = _ssl_context()
+        ssl_context = ssl_context or _ssl_context()
         super().__init__(verify=ssl_context, trust_env=False, limits=limits)
         self.backend = GuardedBackend(policy)
         self._pool.close()
@@ -235,9 +235,14 @@ class GuardedTransport(httpx.HTTPTransport):
 
 
 def guarded_client(policy: AddressPolicy, *, timeout: httpx.Timeout, follow_redirects: bool = False,
-                   max_redirects: int = 5, headers: dict[str, str] | None = None) -> httpx.Client:
-    """An ``httpx.Client`` that can reach only what ``policy`` allows, on every hop."""
-    return httpx.Client(transport=GuardedTransport(policy), timeout=timeout, follow_redirects=follow_redirects,
+                   max_redirects: int = 5, headers: dict[str, str] | None = None,
+                   ssl_context: ssl.SSLContext | None = None) -> httpx.Client:
+    """An ``httpx.Client`` that can reach only what ``policy`` allows, on every hop.
+
+    ``ssl_context``: default, certifi's CAs with host name checks (tests pass one that trusts their CA).
+    """
+    return httpx.Client(transport=GuardedTransport(policy, ssl_context=ssl_context), timeout=timeout,
+                        follow_redirects=follow_redirects,
                         max_redirects=max_redirects, headers=headers, trust_env=False)
 
 

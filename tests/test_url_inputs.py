@@ -8,15 +8,26 @@ followed, and an allowed name must be connected to at the address our resolver v
 from __future__ import annotations
 
 import hashlib
+import shutil
+import ssl
+import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lipsync_runner.api.uploads import media_specs
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError
 from lipsync_runner.inputs.fetch import FetchSettings, fetch_input
-from lipsync_runner.netguard import AddressPolicy, URLRefusedError, forbidden_class, parse_allowlist, system_resolver
+from lipsync_runner.netguard import (
+    AddressPolicy,
+    URLRefusedError,
+    forbidden_class,
+    guarded_client,
+    parse_allowlist,
+    system_resolver,
+)
 from tests.loopback_http import LoopbackServer, Reply
 
 VIDEO_BYTES = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40  # content is checked later, by the worker
@@ -147,6 +158,27 @@ def test_the_connection_goes_to_the_vetted_address_without_a_second_lookup(serve
     assert got.size == len(VIDEO_BYTES)
     assert dns.asked == ["pinned.test"]
     assert server.requests[0].headers["host"] == f"pinned.test:{server.port}"  # virtual hosting still works
+
+
+def test_tls_is_verified_against_the_urls_host_not_the_vetted_address(tmp_path):
+    """Connecting to the vetted IP must not weaken TLS: the certificate is checked against the URL's name."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-subj", "/CN=files.test", "-addext", "subjectAltName=DNS:files.test",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    trust = ssl.create_default_context(cafile=str(cert))
+    dns = FakeDNS({"files.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    policy = AddressPolicy(allowlist=parse_allowlist("files.test,other.test"), resolver=dns)
+    with LoopbackServer(tls=server_tls) as srv, guarded_client(policy, timeout=httpx.Timeout(5),
+                                                                ssl_context=trust) as client:
+        srv.routes["/face.mp4"] = lambda req: Reply(200, {}, VIDEO_BYTES)
+        assert client.get(srv.url("/face.mp4", host="files.test")).content == VIDEO_BYTES
+        with pytest.raises(httpx.ConnectError, match="(?i)hostname|certificate"):
+            client.get(srv.url("/face.mp4", host="other.test"))  # same address, wrong name for the certificate
 
 
 def test_redirect_limit(server, tmp_path):
