@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import InvalidInputError
 
@@ -168,6 +170,19 @@ class AddressPolicy:
                 # the address itself is not shown: it would map the internal network for the caller
                 raise URLRefusedError(f"{host} refused: it resolves to a {reason} address")
         return addresses
+
+
+class OutboundSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    url_allowlist: str = Field(default="", description="Hosts (comma-separated; *.example.com for subdomains) that "
+                               "URL inputs and webhooks may reach even on loopback or private addresses.")
+
+
+def default_policy(resolve_timeout_s: float = 10.0) -> AddressPolicy:
+    """The deployment's policy: ``LIP_SYNC_URL_ALLOWLIST`` and the system resolver."""
+    return AddressPolicy(allowlist=parse_allowlist(OutboundSettings().url_allowlist),
+                         resolve_timeout_s=resolve_timeout_s)
 
 
 class GuardedBackend(httpcore.NetworkBackend):

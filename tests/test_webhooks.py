@@ -264,10 +264,10 @@ def script(*steps):
 
 
 def test_delivery_is_signed_and_retried_with_backoff_after_the_receiver_fails_twice(receiver, outbox):
-    receiver.routes["/hook"] = script(500, ("slow", 1.0))  # an error, then no answer in time, then 200
+    receiver.routes["/hook"] = script(500, ("slow", 3.0))  # an error, then no answer in time, then 200
     rec = job(receiver.url("/hook"), status=JobStatus.completed, frames=50)
     retry = RetryPolicy(first_delay_s=0.2, factor=2, jitter=0)
-    with WebhookDispatcher(outbox, settings(timeout=0.4), policy=LOOPBACK_OK, retry=retry, poll_s=0.05) as dispatcher:
+    with WebhookDispatcher(outbox, settings(timeout=1.0), policy=LOOPBACK_OK, retry=retry, poll_s=0.05) as dispatcher:
         notifier = WebhookNotifier(outbox, wake=dispatcher.wake)
         d = notifier.job_event(rec, WebhookEvent.completed)
         row = wait_for(lambda: next((r for r in outbox.for_job(rec.job_id) if r.state == "delivered"), None))
@@ -280,7 +280,7 @@ def test_delivery_is_signed_and_retried_with_backoff_after_the_receiver_fails_tw
         assert hit.headers["lipsync-attempt"] == str(i) and hit.headers["content-type"] == "application/json"
         assert hit.body == hits[0].body  # the same event, frozen
     gap1, gap2 = hits[1].at - hits[0].at, hits[2].at - hits[1].at
-    assert gap1 >= 0.2 and gap2 >= 0.4 + 0.4  # back-off doubles (the second also waited out the 0.4 s time-out)
+    assert gap1 >= 0.2 and gap2 >= 1.0 + 0.4  # back-off doubles (the second also waited out the 1 s time-out)
     assert (row.attempts, row.last_status, row.last_error) == (3, 200, None)
     (status,) = deliveries_status(outbox, rec.job_id)
     assert status["state"] == "delivered" and status["attempts"] == 3 and status["delivered_at"]

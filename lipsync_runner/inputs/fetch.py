@@ -37,7 +37,7 @@ from .. import __version__
 from ..api.limits import human_size
 from ..api.uploads import FileFieldSpec, sanitize_filename
 from ..errors import InputTooLargeError, InvalidInputError
-from ..netguard import AddressPolicy, URLRefusedError, guarded_client, parse_allowlist, redact_url
+from ..netguard import AddressPolicy, URLRefusedError, default_policy, guarded_client, redact_url
 
 
 # What a server's Content-Type says, when the URL's path has no extension we accept.
@@ -55,16 +55,13 @@ S3Reader = Callable[[str], Iterable[bytes]]
 class FetchSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
-    url_allowlist: str = Field(default="", description="Hosts (comma-separated; *.example.com for subdomains) "
-                               "that input URLs and webhooks may reach even on private addresses.")
     url_connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect (and DNS) timeout of a URL input.")
     url_read_timeout_s: float = Field(default=30.0, gt=0, description="Longest silence while a URL input downloads.")
     url_max_redirects: int = Field(default=5, ge=0, le=20, description="Redirects followed for a URL input.")
     url_max_fetch_s: float = Field(default=900.0, gt=0, description="Longest a URL input may take to download.")
 
     def policy(self) -> AddressPolicy:
-        return AddressPolicy(allowlist=parse_allowlist(self.url_allowlist),
-                             resolve_timeout_s=self.url_connect_timeout_s)
+        return default_policy(resolve_timeout_s=self.url_connect_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -144,8 +141,8 @@ def fetch_input(url: str, dest_dir: Path, spec: FileFieldSpec, *, settings: Fetc
                 policy: AddressPolicy | None = None, s3_reader: S3Reader | None = None) -> FetchedInput:
     """Download ``url`` into ``dest_dir`` as ``<spec.stem><ext>``; InvalidInputError (400) or InputTooLargeError (413).
 
-    ``policy`` defaults to the settings' (allow-list from ``LIP_SYNC_URL_ALLOWLIST``, the system
-    resolver); tests pass one with their own resolver.
+    ``policy`` defaults to the deployment's (allow-list from ``LIP_SYNC_URL_ALLOWLIST``, the
+    system resolver); tests pass one with their own resolver.
     """
     settings = settings or FetchSettings()
     policy = policy or settings.policy()

@@ -25,7 +25,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .. import __version__
-from ..netguard import AddressPolicy, URLRefusedError, guarded_client, parse_allowlist, redact_url
+from ..netguard import AddressPolicy, URLRefusedError, default_policy, guarded_client, redact_url
 from .outbox import WebhookDelivery, WebhookOutbox
 from .signing import EVENT_HEADER, EVENT_ID_HEADER, SIGNATURE_HEADER, parse_secrets, signature_header
 
@@ -47,14 +47,13 @@ class WebhookSettings(BaseSettings):
     webhook_progress_interval_s: float = Field(default=10.0, ge=0, description="At most one progress event per job "
                                                "per this many seconds.")
     webhook_concurrency: int = Field(default=4, ge=1, le=64, description="Deliveries made at once.")
-    url_allowlist: str = Field(default="", description="Hosts reachable on private addresses (as for URL inputs).")
 
     @property
     def secrets(self) -> tuple[str, ...]:
         return parse_secrets(self.webhook_secret.get_secret_value())
 
     def policy(self) -> AddressPolicy:
-        return AddressPolicy(allowlist=parse_allowlist(self.url_allowlist), resolve_timeout_s=self.webhook_timeout_s)
+        return default_policy(resolve_timeout_s=self.webhook_timeout_s)
 
     def retry(self) -> "RetryPolicy":
         return RetryPolicy(first_delay_s=self.webhook_retry_first_s, max_delay_s=self.webhook_retry_max_s,
