@@ -214,6 +214,14 @@ def test_a_declared_length_over_the_limit_fails_before_the_body(server, tmp_path
     assert leftovers(tmp_path) == []
 
 
+def test_a_body_shorter_than_its_content_length_is_an_incomplete_file(server, tmp_path):
+    server.routes["/short.mp4"] = lambda req: Reply(200, {"Content-Length": "10000", "Connection": "close"},
+                                                    VIDEO_BYTES[:100])
+    with pytest.raises(InvalidInputError, match="arrived incomplete"):
+        fetch(server.url("/short.mp4"), tmp_path, AddressPolicy(allowlist=parse_allowlist("127.0.0.1")))
+    assert leftovers(tmp_path) == []
+
+
 def test_a_server_that_stops_sending_hits_the_read_timeout(server, tmp_path):
     def stall(req):
         def chunks():

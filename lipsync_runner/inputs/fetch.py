@@ -132,6 +132,8 @@ def _http_error(exc: httpx.HTTPError, what: str, settings: FetchSettings) -> Inv
         return InvalidInputError(f"{what}: the server sent nothing for {settings.url_read_timeout_s:g} s")
     if isinstance(exc, httpx.UnsupportedProtocol):
         return InvalidInputError(f"{what}: redirected to a URL that is not http or https")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return InvalidInputError(f"{what}: the server broke off the transfer (the file arrived incomplete)")
     if isinstance(exc, httpx.ConnectError):
         return InvalidInputError(f"{what}: could not connect to the server")
     return InvalidInputError(f"{what}: the download failed ({type(exc).__name__})")
