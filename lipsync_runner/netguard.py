@@ -41,6 +41,7 @@ Resolver = Callable[[str, int], Sequence[str]]
 """``(host, port) -> addresses`` as strings; raises OSError when the name does not resolve."""
 
 ALLOWED_SCHEMES = ("http", "https")
+DEFAULT_LIMITS = httpx.Limits(max_connections=10, max_keepalive_connections=2)
 
 _net = ipaddress.ip_network
 # Checked in this order, so an address gets the most specific name (metadata before link-local).
@@ -235,7 +236,7 @@ class GuardedTransport(httpx.HTTPTransport):
     """
 
     def __init__(self, policy: AddressPolicy, *, ssl_context: ssl.SSLContext | None = None,
-                 limits: httpx.Limits = httpx.Limits(max_connections=10, max_keepalive_connections=2)) -> None:
+                 limits: httpx.Limits = DEFAULT_LIMITS) -> None:
         ssl_context = ssl_context or _ssl_context()
         super().__init__(verify=ssl_context, trust_env=False, limits=limits)
         self.backend = GuardedBackend(policy)

@@ -117,7 +117,7 @@ def test_concurrent_requests_with_one_key_create_one_job(tmp_path):
         barrier = threading.Barrier(len(stores))
         results: list = [None] * len(stores)
 
-        def post(i: int) -> None:
+        def post(i: int, key=key, barrier=barrier, results=results) -> None:
             barrier.wait()
             results[i] = admit(stores[i], "o", key, fp(), new_job_id(), now=NOW)
 

@@ -317,7 +317,8 @@ def test_permanent_refusals_are_not_retried(receiver, outbox):
     assert by_job[refused.job_id].state == "failed" and "loopback" in by_job[refused.job_id].last_error
     assert by_job[gone.job_id].state == "failed" and by_job[gone.job_id].last_status == 410
     assert by_job[moved.job_id].state == "pending" and by_job[moved.job_id].last_error == "redirects are not followed"
-    assert sorted(receiver.paths()) == ["/gone", "/moved"]  # the refused one never reached the receiver; /elsewhere never
+    # the refused one never reached the receiver, and /elsewhere was never asked for
+    assert sorted(receiver.paths()) == ["/gone", "/moved"]
 
 
 def test_deliveries_survive_a_restart(receiver, tmp_path):

@@ -39,7 +39,6 @@ from ..api.uploads import FileFieldSpec, sanitize_filename
 from ..errors import InputTooLargeError, InvalidInputError
 from ..netguard import AddressPolicy, URLRefusedError, default_policy, guarded_client, redact_url
 
-
 # What a server's Content-Type says, when the URL's path has no extension we accept.
 CONTENT_TYPE_EXTENSIONS = {
     "video/mp4": ".mp4", "video/quicktime": ".mov", "video/x-matroska": ".mkv", "video/webm": ".webm",

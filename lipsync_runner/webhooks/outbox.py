@@ -162,7 +162,7 @@ class SQLiteWebhookOutbox:
 
     @staticmethod
     def _from_row(row: tuple[object, ...]) -> WebhookDelivery:
-        data = dict(zip(_COLUMNS, row))
+        data = dict(zip(_COLUMNS, row, strict=True))
         for c in _TIME_COLUMNS:
             data[c] = _dt(data[c])  # type: ignore[arg-type]
         return WebhookDelivery.model_validate(data)
@@ -177,8 +177,8 @@ class SQLiteWebhookOutbox:
                 db.execute(
                     f"DELETE FROM webhook_deliveries WHERE job_id = ? AND delivered_at IS NULL AND failed_at IS NULL "
                     f"AND event IN ({', '.join('?' * len(stale))})", (delivery.job_id, *stale))
-            db.execute(f"INSERT INTO webhook_deliveries ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                       self._row(delivery))
+            db.execute(f"INSERT INTO webhook_deliveries ({', '.join(_COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * len(_COLUMNS))})", self._row(delivery))
         return delivery
 
     def claim(self, now: datetime, limit: int, lease_s: float) -> list[WebhookDelivery]:
