@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -192,8 +191,6 @@ class GuardedBackend(httpcore.NetworkBackend):
     def __init__(self, policy: AddressPolicy, inner: httpcore.NetworkBackend | None = None) -> None:
         self.policy = policy
         self.inner = inner or httpcore.SyncBackend()
-        self.connected: list[tuple[str, str]] = []  # (host, address) of each connection: for tests and logs
-        self._lock = threading.Lock()
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                     local_address: str | None = None, socket_options: Iterable[Any] | None = None
@@ -207,8 +204,6 @@ class GuardedBackend(httpcore.NetworkBackend):
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
                 last = e
                 continue
-            with self._lock:
-                self.connected.append((host, address))
             return stream
         assert last is not None
         raise last
