@@ -256,12 +256,12 @@ def test_http_errors_and_formats(server, tmp_path):
     policy = AddressPolicy(allowlist=parse_allowlist("127.0.0.1"))
     with pytest.raises(InvalidInputError, match="answered HTTP 404"):
         fetch(server.url("/missing.mp4"), tmp_path, policy)
-    # no extension in the path: the Content-Type decides; neither: a clear 400
+    # the name is only a hint (the content decides later): the path's extension, else the
+    # Content-Type's, else none at all -- never a refusal
     server.routes["/blob"] = lambda req: Reply(200, {"Content-Type": "audio/mpeg"}, b"ID3" + b"\x00" * 100)
     assert fetch(server.url("/blob?sig=abc"), tmp_path, policy, kind="audio").file_name == "input_audio.mp3"
-    server.routes["/page"] = lambda req: Reply(200, {"Content-Type": "text/html"}, b"<html>")
-    with pytest.raises(InvalidInputError, match="cannot tell the video format"):
-        fetch(server.url("/page"), tmp_path, policy)
+    server.routes["/key"] = lambda req: Reply(200, {"Content-Type": "application/octet-stream"}, b"\x00" * 100)
+    assert fetch(server.url("/key"), tmp_path, policy).file_name == "input_video"
     server.routes["/to-ftp"] = lambda req: Reply(302, {"Location": "ftp://127.0.0.1/a.mp4"})
     with pytest.raises(InvalidInputError, match="not http or https"):
         fetch(server.url("/to-ftp"), tmp_path, policy)

@@ -12,7 +12,8 @@ slow origin must not hold a connection open). What the fetch guarantees:
   compressed body cannot expand past the limit on our side.
 * **Time:** connect and read timeouts, a redirect limit and a bound on the whole transfer.
 * **Files:** written under a temporary name and renamed when complete; a failed fetch leaves
-  nothing behind. The file's format is checked by content afterwards, as for uploads.
+  nothing behind. Like an upload, the file is recognised by its content afterwards; the URL's
+  extension or the Content-Type only gives the stored name a hint for ffmpeg.
 
 ``s3://`` URLs are read through an ``s3_reader`` (the storage layer's streaming GET) with the
 same counting; without object storage configured they are refused with a clear message.
@@ -39,7 +40,7 @@ from ..api.uploads import FileFieldSpec, sanitize_filename
 from ..errors import InputTooLargeError, InvalidInputError
 from ..netguard import AddressPolicy, URLRefusedError, default_policy, guarded_client, redact_url
 
-# What a server's Content-Type says, when the URL's path has no extension we accept.
+# What a server's Content-Type suggests, when the URL's path has no known extension (a hint only).
 CONTENT_TYPE_EXTENSIONS = {
     "video/mp4": ".mp4", "video/quicktime": ".mov", "video/x-matroska": ".mkv", "video/webm": ".webm",
     "video/x-msvideo": ".avi", "video/avi": ".avi",
@@ -74,17 +75,18 @@ class FetchedInput:
 
 
 def _extension(paths: Iterable[str], content_type: str | None, spec: FileFieldSpec) -> str:
+    """A hint for ffmpeg, as for uploads: the URL's extension, else the Content-Type's, else none.
+
+    Never a refusal: the file is recognised by its content afterwards (a bucket key without an
+    extension, or a server that says application/octet-stream, is fine).
+    """
     for path in paths:
         ext = posixpath.splitext(unquote(path))[1].lower()
-        if ext in spec.extensions:
+        if ext in spec.hint_extensions:
             return ext
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     ext = CONTENT_TYPE_EXTENSIONS.get(mime, "")
-    if ext in spec.extensions:
-        return ext
-    raise InvalidInputError(
-        f"{spec.field}_url: cannot tell the {spec.kind} format (the URL's path has no "
-        f"{', '.join(spec.extensions)} extension and the server's Content-Type is {mime or 'missing'})")
+    return ext if ext in spec.hint_extensions else ""
 
 
 class _Sink:
