@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("audio", help="audio track to lip-sync to")
     sub.add_argument("-o", "--output", default=".", metavar="OUT.mp4",
                      help="where to write the result (a file, or a directory for lip_sync_<id>.mp4; default .)")
-    add_cli_arguments(sub)  # one option per job parameter, from the schema (lipsync_runner/params.py)
+    add_cli_arguments(sub, surface="service")  # one option per job parameter, from the schema (lipsync_runner/params.py)
     sub.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 6)")
     sub.add_argument("--cleanup", action="store_true", help="remove the job from the server after the download")
     no_progress(sub)

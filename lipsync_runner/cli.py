@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from .errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
+from .params import add_cli_arguments, from_cli_args
 from .settings import RunnerSettings
 
 DEFAULT_CACHE_DIR = "~/.cache/lipsync-runner/avatars"
@@ -33,8 +34,6 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     gen.add_argument("--models-dir", type=Path, default=settings.models_dir,
                      help="MuseTalk models directory (default: $MUSETALK_MODELS_DIR)")
     gen.add_argument("--device", default=settings.device, help="cpu, cuda, cuda:N or auto ($LIP_SYNC_DEVICE)")
-    gen.add_argument("--bbox-shift", type=int, default=settings.bbox_shift,
-                     help="v1.0 only: move the mouth box down (+) or up (-) in pixels ($LIP_SYNC_BBOX_SHIFT)")
     gen.add_argument("--batch-size", type=int, default=settings.batch_size, help="frames per model call")
     gen.add_argument("--version", choices=["auto", "v15", "v1"], default=settings.model_version,
                      help="MuseTalk UNet version (auto: v1.5 when present)")
@@ -46,6 +45,8 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
                      default=Path(os.environ.get("LIP_SYNC_AVATAR_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser(),
                      help="avatar cache: face tracks and latents of videos seen before ($LIP_SYNC_AVATAR_CACHE_DIR)")
     gen.add_argument("--no-cache", action="store_true", help="do not read or write the avatar cache")
+    # the job parameters from the schema; the service-only ones (URL inputs, webhooks) stay out
+    add_cli_arguments(gen, _param_defaults(settings), surface="local")
 
     dl = sub.add_parser("download-models", help="fetch the real weights from the model hub")
     dl.add_argument("--to", type=Path, required=True, help="models directory to fill")
@@ -65,6 +66,10 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     return parser
 
 
+def _param_defaults(settings: RunnerSettings) -> dict[str, object]:
+    return {"bbox_shift": settings.bbox_shift}  # $LIP_SYNC_BBOX_SHIFT
+
+
 def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from tqdm import tqdm
 
@@ -73,11 +78,12 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from .musetalk import MuseTalk
     from .pipeline import PipelineOptions, run, validate_inputs
 
+    params = from_cli_args(args, _param_defaults(settings))  # 400-style refusal: exit 2, before anything runs
     video_info, _ = validate_inputs(args.video, args.audio)  # fail fast, before loading models
     model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version,
                                      compile=settings.compile)
     detector = load_face_detector(args.face_detector, model.layout.root, str(model.device))
-    options = PipelineOptions(bbox_shift=args.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
+    options = PipelineOptions(bbox_shift=params.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
                               extra_margin=settings.extra_margin, crf=args.crf, preset=args.preset,
                               ffmpeg_timeout_s=settings.ffmpeg_timeout_s)
     cache = None if args.no_cache else AvatarCache(args.cache_dir)

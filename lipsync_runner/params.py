@@ -9,6 +9,12 @@ type, range and description. Everything that takes job parameters derives from i
 * the SDK (`lipsync_client`) sends the fields by these names (tests hold it to that);
 * the web page renders its controls from `GET /api/lip-sync/params` (this schema).
 
+Where a parameter applies: a field marked ``json_schema_extra={"surface": "service"}``
+only means something to the service (inputs by URL, webhooks: the worker fetches, the API
+process delivers). `add_cli_arguments(..., surface="local")` leaves those out of the local
+command line (`python -m lipsync_runner generate`); the service's surfaces (REST, BentoML,
+SDK, the `lipsync` CLI) take every field. A field without the marker applies everywhere.
+
 Light on purpose (pydantic only): the client package imports it.
 """
 
@@ -18,7 +24,7 @@ import argparse
 import json
 from collections.abc import Mapping
 from enum import Enum
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
@@ -27,6 +33,9 @@ from .errors import InvalidInputError
 
 #: Form fields that are request options, not job parameters.
 REQUEST_FIELDS = frozenset({"wait"})
+
+Surface = Literal["local", "service"]
+SERVICE_ONLY: dict[str, Any] = {"surface": "service"}  # json_schema_extra of a service-only field
 
 MAX_URL_CHARS = 2048
 
@@ -72,21 +81,21 @@ class JobParams(BaseModel):
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
                     "v1.5 ignores it, as MuseTalk v1.5 does.")
     webhook_url: Optional[str] = Field(
-        default=None, max_length=MAX_URL_CHARS,
+        default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
         description="http(s) URL that receives the job's status as signed JSON POSTs (Lipsync-Signature: "
                     "t=...,v1=HMAC-SHA256 of 't.body'; verify with lipsync_client.verify_webhook). "
                     "Retried with back-off until a 2xx.")
     webhook_events: Annotated[Optional[list[WebhookEvent]], WithJsonSchema(
         {"type": "array", "items": {"type": "string", "enum": [e.value for e in WebhookEvent]}})] = Field(
-        default=None,
+        default=None, json_schema_extra=SERVICE_ONLY,
         description="Which events to send to webhook_url: started, progress, completed, failed, cancelled "
                     "(a list, or comma-separated). Default: completed, failed, cancelled.")
     video_url: Optional[str] = Field(
-        default=None, max_length=MAX_URL_CHARS,
+        default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
         description="Fetch the video from this http(s) (or s3:// with object storage) URL instead of an "
                     "upload. Same limits as an upload; private and loopback addresses are refused.")
     audio_url: Optional[str] = Field(
-        default=None, max_length=MAX_URL_CHARS,
+        default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
         description="Fetch the audio from this URL instead of an upload (as video_url).")
 
     @field_validator("webhook_url")
@@ -129,8 +138,14 @@ class JobParams(BaseModel):
         return frozenset(self.webhook_events or DEFAULT_WEBHOOK_EVENTS)
 
 
-def field_names() -> tuple[str, ...]:
-    return tuple(JobParams.model_fields)
+def field_names(surface: Surface = "service") -> tuple[str, ...]:
+    """The parameters a surface takes: all of them on the service, the unmarked ones locally."""
+    return tuple(name for name, info in JobParams.model_fields.items()
+                 if surface == "service" or not _service_only(info.json_schema_extra))
+
+
+def _service_only(extra: Any) -> bool:
+    return isinstance(extra, dict) and extra.get("surface") == "service"
 
 
 def _decode_value(raw: str) -> Any:
@@ -194,14 +209,17 @@ def _cli_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
-    """One option per job parameter (`--bbox-shift N` ...), help text from the schema.
+def add_cli_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None, *,
+                      surface: Surface) -> None:
+    """One option per job parameter of ``surface`` (`--bbox-shift N` ...), help text from the schema.
 
     Values are parsed by `from_cli_args` through the same schema, so the command lines
-    accept and refuse exactly what the API does.
+    accept and refuse exactly what the API does. ``surface="local"`` leaves out the
+    service-only fields (see the module's docstring).
     """
     group = parser.add_argument_group("job parameters")
-    for name, info in JobParams.model_fields.items():
+    for name in field_names(surface):
+        info = JobParams.model_fields[name]
         default = (defaults or {}).get(name, info.default)
         group.add_argument(_cli_flag(name), dest=f"param_{name}", default=None, metavar=name.upper(),
                            help=f"{info.description} (default: {default})")

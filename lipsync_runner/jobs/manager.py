@@ -15,6 +15,12 @@ jobs are re-queued in creation order and directories without a record are remove
 Finished jobs are kept ``retention_s`` seconds, then the sweeper removes record and files.
 
 One manager per data directory (``start`` takes a lock on it); everything is thread-safe.
+
+``on_event(job_id, event)``, when given, is told what happens to jobs: ``started``,
+``progress`` (when the progress is written, at most every PROGRESS_WRITE_INTERVAL_S),
+``completed``, ``failed``, ``cancelled`` and ``removed`` (cleanup, expiry). It is called
+after the store says so, outside the manager's locks, on whichever thread made the change;
+an exception in it is logged and ignored. Webhooks, usage and job logs hang off it.
 """
 
 from __future__ import annotations
@@ -86,6 +92,9 @@ class JobOutcome:
 Executor = Callable[[JobContext], JobOutcome]
 """Runs the pipeline; raises LipSyncError (failure shown to the user) or any Exception (internal)."""
 
+EventListener = Callable[[str, str], None]
+"""``(job_id, event)``: started, progress, completed, failed, cancelled, removed."""
+
 
 @dataclass
 class _Running:
@@ -127,6 +136,7 @@ class JobManager:
         free_space_floor_bytes: int = 0,
         debug: bool = False,
         orphan_grace_s: float = 600,
+        on_event: EventListener | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -143,6 +153,7 @@ class JobManager:
         self.free_space_floor_bytes = int(free_space_floor_bytes)
         self.debug = bool(debug)
         self.orphan_grace_s = float(orphan_grace_s)  # periodic sweeps leave younger orphans alone
+        self.on_event = on_event
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -181,7 +192,7 @@ class JobManager:
             if self._active:
                 return
             self._files.acquire_lock()
-            self._recover()
+            failed = self._recover()
             self._active = True
             self._stop_event = threading.Event()
             generation = self._generation
@@ -195,6 +206,8 @@ class JobManager:
             for t in self._threads:
                 t.start()
         log.info("job manager started: %d worker(s), %d job(s) queued", self.workers, len(self._queue))
+        for job_id in failed:
+            self._emit(job_id, JobStatus.failed.value)
 
     def stop(self, timeout: float = 10) -> None:
         """Stop taking jobs and join the threads (for up to ``timeout`` seconds).
@@ -227,9 +240,10 @@ class JobManager:
         self._files.release_lock()
         self._store.close()
 
-    def _recover(self) -> None:
-        """Re-queue interrupted and queued jobs; fail those out of attempts or inputs; drop orphans."""
+    def _recover(self) -> list[str]:
+        """Re-queue interrupted and queued jobs; fail those out of attempts or inputs (their ids); drop orphans."""
         requeue: list[JobRecord] = []
+        failed: list[str] = []
         now = utcnow()
         for rec in self._store.list(statuses={JobStatus.processing, JobStatus.queued}, limit=None):
             if rec.job_id in self._running or rec.job_id in self._queued_ids:
@@ -247,15 +261,18 @@ class JobManager:
                         reason += "; its input files are gone"
                     self._store.update(rec.job_id, **self._finished_fields(JobStatus.failed, now, error=reason))
                     log.warning("job %s: %s", rec.job_id, reason)
+                    failed.append(rec.job_id)
             elif inputs_ok:
                 requeue.append(rec)
             else:
                 self._store.update(rec.job_id, **self._finished_fields(
                     JobStatus.failed, now, error="the job's input files are missing"))
+                failed.append(rec.job_id)
         requeue.sort(key=lambda r: r.created_at)
         for rec in requeue:
             self._enqueue(rec.job_id)
         self._remove_orphans(grace_s=0.0)
+        return failed
 
     def _inputs_present(self, rec: JobRecord) -> bool:
         try:
@@ -488,6 +505,7 @@ class JobManager:
                                                                      error=CANCELLED_MESSAGE))
             self._notify(job_id)
         log.info("job %s: cancelled", job_id)
+        self._emit(job_id, JobStatus.cancelled.value)
         return rec
 
     def cleanup(self, job_id: str, owner: str | None = None) -> None:
@@ -510,6 +528,7 @@ class JobManager:
         if run is None:
             self._files.remove(job_id)
         log.info("job %s: removed%s", job_id, " (its worker is stopping)" if run is not None else "")
+        self._emit(job_id, "removed")
 
     def _drop_from_queue(self, job_id: str) -> None:
         if job_id in self._queued_ids:
@@ -539,6 +558,7 @@ class JobManager:
             except OSError:
                 log.exception("job %s: could not remove its files (the sweeper will retry)", rec.job_id)
             log.info("job %s: expired and removed", rec.job_id)
+            self._emit(rec.job_id, "removed")
             removed += 1
         removed += self._remove_orphans(self.orphan_grace_s if orphan_grace_s is None else orphan_grace_s)
         return removed
@@ -575,6 +595,7 @@ class JobManager:
             claimed = self._claim(generation)
             if claimed is None:
                 return
+            self._emit(claimed[0].job_id, "started")
             try:
                 self._run(*claimed)
             except BaseException:  # never lose a worker to a bug in the bookkeeping
@@ -667,6 +688,8 @@ class JobManager:
                 log.exception("job %s: could not remove its files (the sweeper will)", rec.job_id)
         log.info("job %s: %s%s", rec.job_id, status.value,
                  f" ({fields['error']})" if status is not JobStatus.completed and fields.get("error") else "")
+        if not run.doomed:
+            self._emit(rec.job_id, status.value)
 
     def _finished_fields(self, status: JobStatus, now: datetime, **fields: object) -> dict[str, object]:
         base: dict[str, object] = {"stage": status.value, "completed_at": now,
@@ -693,9 +716,19 @@ class JobManager:
         try:
             self._store.update(run.job_id, stage=stage, progress=fraction)
         except JobNotFoundError:
-            pass
+            return
         except Exception:
             log.warning("job %s: could not record progress", run.job_id, exc_info=True)
+            return
+        self._emit(run.job_id, "progress")
+
+    def _emit(self, job_id: str, event: str) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(job_id, event)
+        except Exception:
+            log.exception("job %s: the %s event listener failed", job_id, event)
 
 
 def _output_name(work_dir: Path, output_file: str) -> str:
