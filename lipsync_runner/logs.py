@@ -130,3 +130,21 @@ def log_job_event(logger: logging.Logger, record: JobRecord, event: str, *, leve
                   **extra: Any) -> None:
     """One line for one job event (``queued``, ``started``, ``stage``, ``completed``, ``failed`` ...)."""
     logger.log(level, "job %s: %s", record.job_id, event, extra=job_event_fields(record, event, **extra))
+
+
+def configure_service_logging(data_dir: Path, settings: Optional[LogSettings] = None) -> bool:
+    """At service start: JSON lines (``LIP_SYNC_LOG_FORMAT=json``) on BentoML's handlers, job events at INFO.
+
+    The redactor knows the deployment's secrets: the webhook signing secrets and the API tokens.
+    """
+    from .api.auth import AuthSettings
+    from .webhooks.delivery import WebhookSettings
+
+    auth = AuthSettings()
+    tokens = [t.strip() for t in auth.api_tokens.split(",") if t.strip()]
+    redactor = Redactor([*WebhookSettings().secrets, *tokens], data_dir)
+    if not configure_logging(settings, redactor=redactor):
+        return False
+    # BentoML's server config leaves the root logger at WARNING: the job events are INFO lines
+    logging.getLogger("lipsync_runner").setLevel(logging.INFO)
+    return True

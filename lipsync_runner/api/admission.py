@@ -1,9 +1,16 @@
 """The one admission path of a lip-sync job, for both API surfaces.
 
-    ready? (503) -> upload slot for this client (429) -> job slot: queue and disk (429, 507)
+    ready? (503) -> Idempotency-Key reserved (409 while another request holds it)
+    -> upload slot for this client (429) -> job slot: queue and disk (429, 507)
     -> receive the inputs into the job's directory (streamed; 400, 408, 413, 507)
-    -> job parameters from JobParams (400) -> the inputs by content (400, 413)
-    -> submit (queued) -> optionally wait -> the response body
+    -> job parameters from JobParams (400), URLs and webhook checked (400)
+    -> each input an upload or a URL, not both (400) -> the uploads by content (400, 413)
+    -> submit (queued) -> the key names the job -> optionally wait -> the response body
+
+An input given by URL (``video_url``/``audio_url``) is not fetched here: a reference file
+stands for it in the job's directory (inputs/reference.py) and the worker fetches it with
+the upload limits. A request whose Idempotency-Key already names a job reads its body into
+scratch space only to compare it with the original (200 and the original job, or 409).
 
 The REST route `POST /api/lip-sync/generate` streams its multipart body through here, and
 so does BentoML's `POST /generate` (serving/bentoml_compat.py routes it to the REST route
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,22 +35,30 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InvalidInputError, LipSyncError, QueueFullError
+from ..errors import InvalidInputError, JobNotFoundError, LipSyncError, QueueFullError
+from ..idempotency import REPLAYED_HEADER, IdempotencyInProgressError, Reservation, file_digest, request_fingerprint
+from ..inputs.reference import url_display_name, write_reference
 from ..jobs.records import JobRecord, JobStatus
+from ..logs import log_job_event
 from ..media import AudioInfo, VideoInfo
 from ..params import JobParams, parse_fields
 from .limits import ApiLimits
 from .schemas import GenerateAccepted, GenerateResult, download_name
 from .thumbnails import THUMBNAIL_NAME, write_thumbnail
-from .uploads import SavedFile, UploadGuard, is_multipart, receive_multipart
-from .validation import validate_media
+from .uploads import SavedFile, UploadGuard, is_json, is_multipart, receive_json, receive_multipart
+from .validation import validate_audio, validate_video
 
 if TYPE_CHECKING:
+    from .integration import Integration
     from .operations import Manager
 
 log = logging.getLogger(__name__)
+events_log = logging.getLogger("lipsync_runner.jobs.events")
 
 VIDEO_FIELD, AUDIO_FIELD = "video", "audio"
+INPUTS = (VIDEO_FIELD, AUDIO_FIELD)
+NOT_A_FORM = ("Expected a multipart/form-data request with 'video' and 'audio' files, or an application/json "
+              "body with video_url and audio_url")
 
 
 @dataclass
@@ -88,37 +104,53 @@ class UploadSlots:
 class Admission:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
-                 status_url: Callable[[str], str], download_url: Callable[[str], str]) -> None:
+                 status_url: Callable[[str], str], download_url: Callable[[str], str],
+                 integration: Integration | None = None) -> None:
         self.get_manager = get_manager
         self.limits = limits
         self.ensure_ready = ensure_ready
         self.status_url = status_url
         self.download_url = download_url
+        self.integration = integration  # None: no webhooks, no Idempotency-Key (refused with 400)
         self.slots = UploadSlots(limits.max_uploads_per_client, limits.max_concurrent_uploads)
         self.defaults = {"bbox_shift": limits.bbox_shift}  # the deployment's LIP_SYNC_BBOX_SHIFT
 
     # ------------------------------------------------------------------ the two entries
 
     async def admit_stream(self, stream: AsyncIterator[bytes], content_type: str | None, *, owner: str | None,
-                           client: str, wait: bool | None = None) -> Response:
-        """A multipart/form-data body: `video`, `audio` files and the job parameters as fields."""
+                           client: str, wait: bool | None = None, idempotency_key: str | None = None) -> Response:
+        """A multipart/form-data body (`video`, `audio` files or URL fields, and the job parameters as
+        fields), or an application/json object of job parameters (inputs by URL)."""
+        if is_json(content_type):
+            if self.ensure_ready is not None:
+                await self.ensure_ready()
+            fields = await receive_json(stream, idle_timeout_s=self.limits.upload_idle_timeout_s)
+            _refuse_files_in_json(fields)
+
+            async def receive_fields(job_dir: Path, guard: UploadGuard) -> tuple[dict[str, SavedFile], dict[str, Any]]:
+                return {}, fields
+
+            return await self._admit(receive_fields, owner=owner, client=client, wait=wait,
+                                     idempotency_key=idempotency_key, ready=True)
         if not is_multipart(content_type):  # before any slot is taken or byte read
-            raise InvalidInputError("Expected a multipart/form-data request with 'video' and 'audio' files")
+            raise InvalidInputError(NOT_A_FORM)
 
         async def receive(job_dir: Path, guard: UploadGuard) -> tuple[dict[str, SavedFile], dict[str, str]]:
             upload = await receive_multipart(stream, content_type, job_dir, guard=guard,
-                                             text_fields=_TEXT_FIELDS)
+                                             text_fields=_TEXT_FIELDS, required_files=())
             return upload.files, upload.fields
 
-        return await self._admit(receive, owner=owner, client=client, wait=wait)
+        return await self._admit(receive, owner=owner, client=client, wait=wait, idempotency_key=idempotency_key)
 
-    async def admit_files(self, video: Path, audio: Path, fields: Mapping[str, Any], *, owner: str | None,
-                          video_name: str | None = None, audio_name: str | None = None,
-                          wait: bool | None = None) -> Response:
-        """Files already on disk (a `generate` called in process)."""
+    async def admit_files(self, video: Path | None, audio: Path | None, fields: Mapping[str, Any], *,
+                          owner: str | None, video_name: str | None = None, audio_name: str | None = None,
+                          wait: bool | None = None, idempotency_key: str | None = None) -> Response:
+        """Files already on disk (a `generate` called in process); an input left out comes from its URL field."""
         async def receive(job_dir: Path, guard: UploadGuard) -> tuple[dict[str, SavedFile], dict[str, Any]]:
             saved = {}
             for field, path, name in ((VIDEO_FIELD, video, video_name), (AUDIO_FIELD, audio, audio_name)):
+                if path is None:
+                    continue
                 file = guard.saved_file(field, name or path.name)
                 size = path.stat().st_size
                 guard.check_size(field, size)
@@ -127,44 +159,127 @@ class Admission:
                 saved[field] = file
             return saved, dict(fields)
 
-        return await self._admit(receive, owner=owner, client=owner or "local", wait=wait)
+        return await self._admit(receive, owner=owner, client=owner or "local", wait=wait,
+                                 idempotency_key=idempotency_key)
 
     # ------------------------------------------------------------------ the path
 
-    async def _admit(self, receive, *, owner: str | None, client: str, wait: bool | None) -> Response:
-        if self.ensure_ready is not None:
+    async def _admit(self, receive, *, owner: str | None, client: str, wait: bool | None,
+                     idempotency_key: str | None = None, ready: bool = False) -> Response:
+        if self.ensure_ready is not None and not ready:
             await self.ensure_ready()  # 503 before anything is stored or read
         manager = self.get_manager()
-        with self.slots.hold(client):
-            job_id, job_dir = await run_in_threadpool(manager.new_upload)  # 429 / 507 before the body
-            job_dir = Path(job_dir)
-            files: dict[str, SavedFile] = {}
-            try:
-                guard = UploadGuard(self.limits, check_space=manager.check_free_space)
-                files, fields = await receive(job_dir, guard)
-                wait_flag = wait if wait is not None else _parse_bool(fields.get("wait"), "wait")
-                params = parse_fields({k: v for k, v in fields.items() if k != "wait"}, self.defaults)
-                video, audio = files[VIDEO_FIELD], files[AUDIO_FIELD]
-                # ffmpeg subprocesses: off the event loop
-                video_info, audio_info = await anyio.to_thread.run_sync(
-                    validate_media, job_dir / video.file_name, job_dir / audio.file_name, self.limits)
-                await anyio.to_thread.run_sync(write_thumbnail, job_dir / video.file_name, job_dir / THUMBNAIL_NAME)
-                record = await run_in_threadpool(lambda: manager.submit(
-                    job_id, video_file=video.file_name, audio_file=audio.file_name,
-                    video_filename=video.display_name, audio_filename=audio.display_name,
-                    params=params, owner=owner, media=media_summary(video_info, audio_info)))
-            except BaseException as exc:
+        reservation = None
+        if idempotency_key is not None:
+            if self.integration is None:
+                raise InvalidInputError("Idempotency-Key is not supported by this server")
+            # before any slot is taken or byte read: a second request with the key is answered at once
+            reservation = await run_in_threadpool(self.integration.keys.reserve, owner, idempotency_key)
+        try:
+            with self.slots.hold(client):
+                if reservation is not None and not reservation.owned:
+                    return await self._replay(manager, receive, reservation, owner, wait)
+                record, wait_flag = await self._receive_and_submit(manager, receive, owner, reservation, wait)
+        except BaseException:
+            if reservation is not None:
                 with anyio.CancelScope(shield=True):
-                    try:
-                        await run_in_threadpool(manager.discard_upload, job_id)
-                    except Exception:
-                        log.exception("discarding upload %s failed", job_id)
-                if isinstance(exc, LipSyncError):
-                    _scrub(exc, job_dir, files)
-                raise
+                    await run_in_threadpool(self.integration.keys.release, reservation)
+            raise
         if wait_flag:
             return await self._wait(manager, record, owner)
         return self.accepted(record)
+
+    async def _receive_and_submit(self, manager: Manager, receive, owner: str | None,
+                                  reservation: Reservation | None, wait: bool | None) -> tuple[JobRecord, bool]:
+        job_id, job_dir = await run_in_threadpool(manager.new_upload)  # 429 / 507 before the body
+        job_dir = Path(job_dir)
+        files: dict[str, SavedFile] = {}
+        try:
+            guard = UploadGuard(self.limits, check_space=manager.check_free_space)
+            files, fields = await receive(job_dir, guard)
+            wait_flag, params = self._params(fields, wait)
+            inputs = _inputs(files, params)
+            names, shown = {}, {}
+            for field, given in inputs.items():
+                if isinstance(given, SavedFile):
+                    names[field], shown[field] = given.file_name, given.display_name
+                else:  # a URL: the worker fetches it
+                    names[field] = write_reference(job_dir, field, given)
+                    shown[field] = url_display_name(given, field)
+            media = await anyio.to_thread.run_sync(self._check_uploads, job_dir, files)  # ffmpeg: off the loop
+            fingerprint = (await anyio.to_thread.run_sync(_fingerprint, params, job_dir, files)
+                           if reservation is not None else None)
+            record = await run_in_threadpool(lambda: manager.submit(
+                job_id, video_file=names[VIDEO_FIELD], audio_file=names[AUDIO_FIELD],
+                video_filename=shown[VIDEO_FIELD], audio_filename=shown[AUDIO_FIELD],
+                params=params, owner=owner, media=media))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await run_in_threadpool(manager.discard_upload, job_id)
+                except Exception:
+                    log.exception("discarding upload %s failed", job_id)
+            if isinstance(exc, LipSyncError):
+                _scrub(exc, job_dir, files)
+            raise
+        if reservation is not None:
+            assert self.integration is not None and fingerprint is not None
+            await run_in_threadpool(self.integration.keys.complete, reservation, fingerprint, job_id)
+        log_job_event(events_log, record, "queued")
+        return record, wait_flag
+
+    def _params(self, fields: Mapping[str, Any], wait: bool | None) -> tuple[bool, JobParams]:
+        """``wait`` (the query's, if given, else the field's) and the job parameters, checked."""
+        wait_flag = wait if wait is not None else _parse_bool(fields.get("wait"), "wait")
+        params = parse_fields({k: v for k, v in fields.items() if k != "wait"}, self.defaults)
+        if self.integration is not None:
+            self.integration.check_params(params)
+        elif params.webhook_url is not None:
+            raise InvalidInputError("webhook_url: this server does not send webhooks")
+        return wait_flag, params
+
+    def _check_uploads(self, job_dir: Path, files: dict[str, SavedFile]) -> dict[str, Any] | None:
+        """The uploaded inputs by content (a URL input is checked by the worker once fetched)."""
+        video = files.get(VIDEO_FIELD)
+        audio = files.get(AUDIO_FIELD)
+        video_info = validate_video(job_dir / video.file_name, self.limits) if video else None
+        audio_info = validate_audio(job_dir / audio.file_name, self.limits) if audio else None
+        if video is not None:
+            write_thumbnail(job_dir / video.file_name, job_dir / THUMBNAIL_NAME)
+        return media_summary(video_info, audio_info) if video_info or audio_info else None
+
+    async def _replay(self, manager: Manager, receive, reservation: Reservation, owner: str | None,
+                      wait: bool | None) -> Response:
+        """The key already names a job: the original job (200) if this request is the same one, else 409."""
+        assert self.integration is not None
+        scratch = Path(await run_in_threadpool(
+            lambda: tempfile.mkdtemp(prefix="replay-", dir=self.integration.scratch_dir)))
+        files: dict[str, SavedFile] = {}
+        try:
+            guard = UploadGuard(self.limits, check_space=manager.check_free_space)
+            files, fields = await receive(scratch, guard)
+            wait_flag, params = self._params(fields, wait)
+            _inputs(files, params)
+            fingerprint = await anyio.to_thread.run_sync(_fingerprint, params, scratch, files)
+        except LipSyncError as exc:
+            _scrub(exc, scratch, files)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(shutil.rmtree, scratch, True)
+        job_id = self.integration.keys.replayed_job(reservation, fingerprint)  # 409 for another request
+        try:
+            record = await run_in_threadpool(manager.get, job_id, owner)
+        except JobNotFoundError:
+            # removed while the key still named it (cleanup forgets keys; this is the race in between)
+            await run_in_threadpool(self.integration.key_store.forget_job, job_id)
+            raise IdempotencyInProgressError(
+                "The job this Idempotency-Key created no longer exists; retry to create a new one",
+                retry_after_s=1) from None
+        answer = await self._wait(manager, record, owner) if wait_flag else self.accepted(record)
+        answer.status_code = 200
+        answer.headers[REPLAYED_HEADER] = "true"
+        return answer
 
     async def _wait(self, manager: Manager, record: JobRecord, owner: str | None) -> Response:
         try:
@@ -215,13 +330,52 @@ def parse_wait(value: str | None) -> bool | None:
     return None if value is None else _parse_bool(value, "wait")
 
 
-def media_summary(video: VideoInfo, audio: AudioInfo) -> dict[str, Any]:
-    """What the job list shows of its inputs, and what the job need not probe again."""
-    return {
-        "video": {"duration_s": round(video.duration, 3), "fps": f"{video.fps.numerator}/{video.fps.denominator}",
-                  "width": video.width, "height": video.height, "frames": video.frame_count_estimate},
-        "audio": {"duration_s": round(audio.duration, 3)},
-    }
+def media_summary(video: VideoInfo | None, audio: AudioInfo | None) -> dict[str, Any]:
+    """What the job list shows of its inputs, and what the job need not probe again (what is known)."""
+    summary: dict[str, Any] = {}
+    if video is not None:
+        summary["video"] = {"duration_s": round(video.duration, 3),
+                            "fps": f"{video.fps.numerator}/{video.fps.denominator}", "width": video.width,
+                            "height": video.height, "frames": video.frame_count_estimate}
+    if audio is not None:
+        summary["audio"] = {"duration_s": round(audio.duration, 3)}
+    return summary
+
+
+def _inputs(files: Mapping[str, SavedFile], params: JobParams) -> dict[str, SavedFile | str]:
+    """Each input is an upload or a URL: exactly one of the two (400 otherwise)."""
+    inputs: dict[str, SavedFile | str] = {}
+    missing = []
+    for field in INPUTS:
+        url = getattr(params, f"{field}_url")
+        if field in files and url is not None:
+            raise InvalidInputError(f"Give the {field} as a '{field}' file or as {field}_url, not both")
+        if field in files:
+            inputs[field] = files[field]
+        elif url is not None:
+            inputs[field] = url
+        else:
+            missing.append(field)
+    if missing:
+        names = ", ".join(repr(m) for m in missing)
+        urls = " / ".join(f"{m}_url" for m in missing)
+        raise InvalidInputError(f"Missing required file field(s): {names} (or give {urls} instead)")
+    empty = [f for f in files.values() if f.size == 0]
+    if empty:
+        raise InvalidInputError(f"The uploaded {empty[0].field} file is empty")
+    return inputs
+
+
+def _fingerprint(params: JobParams, job_dir: Path, files: Mapping[str, SavedFile]) -> str:
+    """What makes a retried request the same one: every parameter (URLs included) and the uploads' bytes."""
+    return request_fingerprint(params, {field: file_digest(job_dir / f.file_name) for field, f in files.items()})
+
+
+def _refuse_files_in_json(fields: Mapping[str, Any]) -> None:
+    sent = [f for f in INPUTS if f in fields]
+    if sent:
+        raise InvalidInputError(f"A JSON body cannot carry files ({', '.join(sent)}): upload them as "
+                                "multipart/form-data, or give video_url and audio_url")
 
 
 def _scrub(exc: LipSyncError, job_dir: Path, files: dict[str, SavedFile]) -> None:

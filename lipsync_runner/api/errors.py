@@ -34,8 +34,10 @@ def error_body(exc: LipSyncError) -> dict[str, Any]:
 
 
 def error_headers(exc: LipSyncError) -> dict[str, str]:
-    if isinstance(exc, QueueFullError):
-        return {"Retry-After": str(max(1, int(exc.retry_after_s)))}
+    """``Retry-After`` for an error that says when to come back (429 queue full, 409 key in progress)."""
+    retry_after = getattr(exc, "retry_after_s", None)
+    if isinstance(exc, QueueFullError) or retry_after is not None:
+        return {"Retry-After": str(max(1, int(retry_after or 1)))}
     return {}
 
 

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import mimetypes
 from collections.abc import Awaitable, Callable
+from datetime import date
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse
 
 from ..errors import JobNotFoundError
+from ..inputs.reference import fetched_file, is_reference
 from ..jobs.records import JobRecord, is_job_id
 from ..params import JobParams
 from .admission import Admission
 from .limits import ApiLimits
 from .schemas import CleanupResponse, JobListResponse, JobStatusResponse, JobSummary, download_name
 from .thumbnails import THUMBNAIL_NAME
+
+if TYPE_CHECKING:
+    from .integration import Integration
 
 MAX_LIST_LIMIT = 1000
 INPUT_KINDS = ("video", "audio")
@@ -54,12 +59,15 @@ def checked_id(job_id: str) -> str:
 
 class JobOperations:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
-                 ensure_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+                 ensure_ready: Callable[[], Awaitable[None]] | None = None,
+                 integration: Integration | None = None) -> None:
         self.get_manager = get_manager
         self.limits = limits
         self.prefix = limits.url_prefix.rstrip("/")
+        self.integration = integration  # webhooks, Idempotency-Key, queue ETA, usage (api/integration.py)
         self.admission = Admission(get_manager, limits, ensure_ready=ensure_ready,
-                                   status_url=self.status_url, download_url=self.download_url)
+                                   status_url=self.status_url, download_url=self.download_url,
+                                   integration=integration)
 
     # ------------------------------------------------------------------ urls
 
@@ -72,15 +80,16 @@ class JobOperations:
     # ------------------------------------------------------------------ bodies
 
     def status_body(self, record: JobRecord) -> dict[str, Any]:
-        return JobStatusResponse.from_record(record, self.download_url(record.job_id)).model_dump(mode="json")
+        """GET /status's body (also each webhook's); reads the queue and the outbox: call it off the loop."""
+        extras = self.integration.status_extras(record) if self.integration is not None else {}
+        return JobStatusResponse.from_record(record, self.download_url(record.job_id), **extras).model_dump(mode="json")
 
     async def status(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        record = await run_in_threadpool(self.get_manager().get, checked_id(job_id), owner)
-        return self.status_body(record)
+        return await run_in_threadpool(lambda: self.status_body(self.get_manager().get(checked_id(job_id), owner)))
 
     async def cancel(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        record = await run_in_threadpool(self.get_manager().cancel, checked_id(job_id), owner)
-        return self.status_body(record)
+        return await run_in_threadpool(
+            lambda: self.status_body(self.get_manager().cancel(checked_id(job_id), owner)))
 
     async def cleanup(self, job_id: str, owner: str | None) -> dict[str, Any]:
         await run_in_threadpool(self.get_manager().cleanup, checked_id(job_id), owner)
@@ -96,6 +105,12 @@ class JobOperations:
     def params_schema() -> dict[str, Any]:
         return JobParams.model_json_schema()
 
+    async def usage(self, owner: str | None, since: date | None = None, until: date | None = None) -> dict[str, Any]:
+        """The caller's own usage (``owner`` comes from its token, never from the request) by UTC day."""
+        if self.integration is None:
+            raise JobNotFoundError("Usage is not recorded by this server")
+        return await run_in_threadpool(self.integration.usage, owner, since, until)
+
     # ------------------------------------------------------------------ files
 
     async def download(self, job_id: str, owner: str | None) -> FileResponse:
@@ -110,6 +125,11 @@ class JobOperations:
             raise JobNotFoundError("Job not found")
         record = await run_in_threadpool(manager.get, checked_id(job_id), owner)
         name = record.video_file if kind == "video" else record.audio_file
+        if is_reference(name):  # given by URL: the fetched file, once the worker has it
+            reference = Path(await run_in_threadpool(manager.input_path, job_id, name, owner))
+            name = await run_in_threadpool(fetched_file, reference.parent, name)
+            if name is None:
+                raise JobNotFoundError("Job input not found")
         path = Path(await run_in_threadpool(manager.input_path, job_id, name, owner))
         shown = record.video_filename if kind == "video" else record.audio_filename
         media_type = mimetypes.guess_type(shown)[0] or ("video/mp4" if kind == "video" else "audio/wav")

@@ -1,8 +1,9 @@
 """The seed-compatible REST API (``/api/lip-sync/...``) as a FastAPI app factory.
 
 Routes are relative to the mount point: ``/health``, ``/params``, ``/generate``,
-``/status/{id}``, ``/download/{id}``, ``/cleanup/{id}``, ``/cancel/{id}``, ``/jobs``, and a
-job's inputs (``/jobs/{id}/inputs/video|audio``, ``/jobs/{id}/thumbnail.jpg``). Each route
+``/status/{id}``, ``/download/{id}``, ``/cleanup/{id}``, ``/cancel/{id}``, ``/jobs``, a
+job's inputs (``/jobs/{id}/inputs/video|audio``, ``/jobs/{id}/thumbnail.jpg``) and the
+caller's ``/usage``. Each route
 only reads its request and calls `JobOperations` (operations.py), the code BentoML's
 endpoints call too. Every error body is ``{"error": ...}`` (errors.py), and no response
 ever names a server-side path.
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Awaitable, Callable, Optional
+from datetime import date
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,6 +30,8 @@ from starlette.requests import ClientDisconnect
 from lipsync_runner import __version__
 from lipsync_runner.api.auth import is_authenticated, request_client, request_owner
 from lipsync_runner.errors import LipSyncError
+from lipsync_runner.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, parse_key
+from lipsync_runner.usage import UsageSummary
 
 from .admission import parse_wait
 from .errors import INTERNAL, error_body, error_headers, generic_error
@@ -44,6 +48,9 @@ from .schemas import (
 )
 from ..params import form_properties
 
+if TYPE_CHECKING:
+    from .integration import Integration
+
 log = logging.getLogger(__name__)
 
 TAG_JOBS = "Jobs (REST)"
@@ -56,12 +63,15 @@ def get_owner(request: Request) -> str | None:
 
 
 def generate_request_body() -> dict[str, Any]:
-    """The multipart form of POST /generate, from JobParams (documented once, in params.py)."""
+    """The bodies of POST /generate, from JobParams (documented once, in params.py): a multipart form
+    (files and/or URL fields), or a JSON object of the parameters (inputs by URL)."""
+    wait = {"type": "boolean", "default": False,
+            "description": "Block until the job finishes (the seed's synchronous style)."}
     return {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
             "type": "object",
-            "required": ["video", "audio"],
+            "description": "Each input is a file (video, audio) or a URL (video_url, audio_url), not both.",
             "properties": {
                 "video": {"type": "string", "format": "binary",
                           "description": "The video with the face: mp4, mov, mkv, webm or avi (checked by content)"},
@@ -69,9 +79,13 @@ def generate_request_body() -> dict[str, Any]:
                           "description": "The new speech: wav, mp3, m4a, aac or ogg, or any video whose sound track "
                                          "should be used (checked by content)"},
                 **form_properties(),
-                "wait": {"type": "boolean", "default": False,
-                         "description": "Block until the job finishes (the seed's synchronous style)."},
+                "wait": wait,
             },
+        }}, "application/json": {"schema": {
+            "type": "object",
+            "description": "Inputs by URL: video_url and audio_url, plus any job parameter.",
+            "required": ["video_url", "audio_url"],
+            "properties": {**form_properties(), "wait": wait},
         }}},
     }
 
@@ -82,6 +96,7 @@ def create_rest_app(
     settings: ApiLimits,
     *,
     ensure_ready: Callable[[], Awaitable[None]] | None = None,
+    integration: Integration | None = None,
 ) -> FastAPI:
     """The REST API, to be mounted at ``settings.url_prefix`` (default ``/api/lip-sync``).
 
@@ -97,7 +112,8 @@ def create_rest_app(
         version=__version__,
     )
     if get_manager is not None:
-        app.state.operations = JobOperations(get_manager, settings, ensure_ready=ensure_ready)
+        app.state.operations = JobOperations(get_manager, settings, ensure_ready=ensure_ready,
+                                             integration=integration)
     if get_health is not None:
         app.state.health = get_health
     app.add_middleware(
@@ -173,8 +189,9 @@ def create_rest_app(
         status_code=202,
         response_model=GenerateAccepted,
         responses={
-            200: {"model": GenerateResult, "description": "wait=true: the finished job (success true or false)"},
-            **{code: errors[code] for code in (408, 413, 429, 503, 507)},
+            200: {"model": GenerateResult, "description": "wait=true: the finished job (success true or false); "
+                  "a replayed Idempotency-Key: the original job's body"},
+            **{code: errors[code] for code in (408, 409, 413, 429, 503, 507)},
         },
         summary="Queue a lip sync job",
         tags=[TAG_JOBS],
@@ -183,11 +200,16 @@ def create_rest_app(
     async def generate(
         request: Request,
         wait: Optional[str] = Query(None, description="true: block until the job finishes (the seed's behaviour)"),
+        idempotency_key: Optional[str] = Header(
+            None, alias=IDEMPOTENCY_HEADER,
+            description="Any unique string (a UUID): a retry with the same key and the same request returns the "
+                        f"original job (200, {REPLAYED_HEADER}: true) for 24 h; another request with the key is 409, "
+                        "and 409 with Retry-After while the first is still being received."),
         owner: Optional[str] = Depends(get_owner),
     ) -> JSONResponse:
         answer = await ops(request).admission.admit_stream(
             request.stream(), request.headers.get("content-type"), owner=owner,
-            client=request_client(request.scope), wait=parse_wait(wait))
+            client=request_client(request.scope), wait=parse_wait(wait), idempotency_key=parse_key(idempotency_key))
         return JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
 
     @router.get("/status/{job_id}", response_model=JobStatusResponse, responses=job_errors, summary="Job status",
@@ -215,6 +237,17 @@ def create_rest_app(
                  summary="Cancel a queued or running job", tags=[TAG_JOBS])
     async def cancel(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
         return await ops(request).cancel(job_id, owner)
+
+    @router.get("/usage", response_model=UsageSummary, summary="Your usage by UTC day", tags=[TAG_SERVICE],
+                description="Jobs (by final status), output seconds and frames of the caller's own jobs (its "
+                            "token's, with jobs scoped per token), between two UTC days; the last 30 by default.")
+    async def usage(
+        request: Request,
+        since: Optional[date] = Query(None, description="First UTC day, YYYY-MM-DD"),
+        until: Optional[date] = Query(None, description="Last UTC day, YYYY-MM-DD (default today)"),
+        owner: Optional[str] = Depends(get_owner),
+    ) -> dict[str, Any]:
+        return await ops(request).usage(owner, since, until)
 
     @router.get("/jobs", response_model=JobListResponse, summary="List jobs, newest first", tags=[TAG_JOBS])
     async def jobs(

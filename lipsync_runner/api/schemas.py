@@ -12,7 +12,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lipsync_runner.inputs.reference import is_reference
 from lipsync_runner.jobs.records import JobRecord, JobStatus
+from lipsync_runner.params import WebhookEvent
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 DEFAULT_URL_PREFIX = "/api/lip-sync"
@@ -86,6 +88,9 @@ class JobInputs(BaseModel):
     video_url: str = Field(description="GET: the uploaded video, for playback")
     audio_url: str = Field(description="GET: the uploaded audio, for playback")
     thumbnail_url: str = Field(description="GET: a JPEG of the video's first frame")
+    video_source: str = Field(default="upload", description="upload, or url: given as video_url and fetched by the "
+                              "worker (playback and thumbnail once fetched)")
+    audio_source: str = Field(default="upload", description="upload, or url (audio_url)")
 
     @classmethod
     def from_record(cls, record: JobRecord, prefix: str) -> "JobInputs":
@@ -96,7 +101,22 @@ class JobInputs(BaseModel):
                    video_duration_s=video.get("duration_s"), audio_duration_s=audio.get("duration_s"),
                    width=video.get("width"), height=video.get("height"), fps=video.get("fps"),
                    video_url=f"{base}/inputs/video", audio_url=f"{base}/inputs/audio",
-                   thumbnail_url=f"{base}/thumbnail.jpg")
+                   thumbnail_url=f"{base}/thumbnail.jpg",
+                   video_source="url" if is_reference(record.video_file) else "upload",
+                   audio_source="url" if is_reference(record.audio_file) else "upload")
+
+
+class WebhookDeliveryStatus(BaseModel):
+    """One webhook delivery as the job's status shows it."""
+
+    event: WebhookEvent
+    event_id: str = Field(description="Also the Lipsync-Event-Id header: the same on every retry.")
+    state: str = Field(description="pending, delivered, or failed (given up)")
+    attempts: int
+    last_status: Optional[int] = Field(default=None, description="The receiver's HTTP status at the last attempt.")
+    last_error: Optional[str] = None
+    delivered_at: Optional[str] = None
+    next_attempt_at: Optional[str] = Field(default=None, description="ISO 8601, UTC; when pending.")
 
 
 class JobStatusResponse(BaseModel):
@@ -118,9 +138,15 @@ class JobStatusResponse(BaseModel):
     inputs: JobInputs
     avatar_cache: Optional[str] = Field(default=None, description="hit: the video was prepared before; miss; "
                                         "null: no cache or not finished")
+    queue_position: Optional[int] = Field(default=None, description="Queued jobs: 1 for the job that starts next.")
+    eta_s: Optional[float] = Field(default=None, description="Queued or processing: expected seconds until the job "
+                                   "finishes, from recent throughput; null until there is any.")
+    webhooks: Optional[list[WebhookDeliveryStatus]] = Field(
+        default=None, description="With webhook_url: each delivery (event, state, attempts, last_status, ...).")
 
     @classmethod
-    def from_record(cls, record: JobRecord, download_url: str) -> "JobStatusResponse":
+    def from_record(cls, record: JobRecord, download_url: str, **extras: Any) -> "JobStatusResponse":
+        """``extras``: queue_position, eta_s, webhooks (api/integration.py `status_extras`)."""
         return cls(
             job_id=record.job_id,
             status=record.status,
@@ -139,6 +165,7 @@ class JobStatusResponse(BaseModel):
             params=record.params.model_dump(mode="json"),
             inputs=JobInputs.from_record(record, download_url.rsplit("/download/", 1)[0]),
             avatar_cache=record.avatar_cache,
+            **extras,
         )
 
 

@@ -9,10 +9,9 @@ from ..media import AudioInfo, VideoInfo, probe_audio, probe_video
 from .limits import ApiLimits
 
 
-def validate_media(video: Path, audio: Path, limits: ApiLimits) -> tuple[VideoInfo, AudioInfo]:
-    """Probe both files by content (InvalidInputError, 400) and check duration and size limits (413)."""
+def validate_video(video: Path, limits: ApiLimits) -> VideoInfo:
+    """Probe the video by content (InvalidInputError, 400) and check its resolution and duration (413)."""
     video_info = probe_video(video)
-    audio_info = probe_audio(audio)
     pixels = video_info.width * video_info.height
     if pixels > limits.max_video_pixels:
         raise InputTooLargeError(
@@ -21,7 +20,19 @@ def validate_media(video: Path, audio: Path, limits: ApiLimits) -> tuple[VideoIn
     if video_info.duration > limits.max_video_seconds:
         raise InputTooLargeError(
             f"{video.name}: {video_info.duration:.1f} s of video is over the limit of {limits.max_video_seconds:g} s")
+    return video_info
+
+
+def validate_audio(audio: Path, limits: ApiLimits) -> AudioInfo:
+    """Probe the audio by content (400) and check its duration (413)."""
+    audio_info = probe_audio(audio)
     if audio_info.duration > limits.max_audio_seconds:
         raise InputTooLargeError(
             f"{audio.name}: {audio_info.duration:.1f} s of audio is over the limit of {limits.max_audio_seconds:g} s")
-    return video_info, audio_info
+    return audio_info
+
+
+def validate_media(video: Path, audio: Path, limits: ApiLimits) -> tuple[VideoInfo, AudioInfo]:
+    """Both inputs, the video first (the order of the messages users already know)."""
+    video_info = validate_video(video, limits)
+    return video_info, validate_audio(audio, limits)

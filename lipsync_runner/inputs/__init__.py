@@ -1,5 +1,4 @@
-"""Job inputs that are not uploads: files fetched from a URL by the worker."""
+"""Job inputs that are not uploads: URL references (reference.py), fetched by the worker (fetch.py, sources.py).
 
-from .fetch import FetchedInput, FetchSettings, fetch_input
-
-__all__ = ["FetchSettings", "FetchedInput", "fetch_input"]
+No imports here: admission imports `reference` while the API package is still loading.
+"""

@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import InsufficientStorageError, LipSyncError, ModelsNotReadyError
+from ..errors import InsufficientStorageError, JobCancelledError, LipSyncError, ModelsNotReadyError
 from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
 from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, SQLiteJobStore
 from ..api.auth import AuthSettings
+from ..api.integration import Integration
 from ..api.limits import ApiLimits
 from ..api.operations import JobOperations
+from ..api.thumbnails import THUMBNAIL_NAME, write_thumbnail
+from ..api.validation import validate_media
+from ..inputs.sources import prepare_inputs
 from ..pipeline import PipelineOptions, run
 from ..settings import RunnerSettings
 from . import metrics
@@ -35,7 +39,8 @@ MODEL_WAIT_S = 900  # a job recovered after a restart waits this long for the mo
 
 class ApiCore:
     def __init__(self, runner: Any, settings: ServiceSettings | None = None,
-                 runner_settings: RunnerSettings | None = None, limits: ApiLimits | None = None) -> None:
+                 runner_settings: RunnerSettings | None = None, limits: ApiLimits | None = None,
+                 integration: Integration | None = None) -> None:
         self.runner = runner
         self.settings = settings or ServiceSettings()
         self.runner_settings = runner_settings or RunnerSettings()
@@ -44,15 +49,20 @@ class ApiCore:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.files = JobFiles(data_dir)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        # webhooks, Idempotency-Key, URL inputs' policy, queue ETA, usage: their own tables
+        self.integration = integration or Integration(data_dir, workers=self.settings.job_workers)
         self.manager = JobManager(
             self.store, self.files, self._execute, workers=self.settings.job_workers,
             retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
             sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
-            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug)
+            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug,
+            on_event=self.integration.on_job_event)
         self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
                                     max_bytes=int(self.settings.avatar_cache_gb * 2**30))
                         if self.settings.avatar_cache else None)
-        self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready)
+        self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready,
+                                        integration=self.integration)
+        self.integration.bind(self.manager.get, self.manager.store.list, self.operations.status_body)
         self.auth_enabled = AuthSettings().enabled
         self.loop: asyncio.AbstractEventLoop | None = None
         self._detector: FaceDetector | None = None
@@ -63,10 +73,12 @@ class ApiCore:
 
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.loop = loop
+        self.integration.start()  # before the manager: recovered jobs' events find it ready
         self.manager.start()
 
     def stop(self) -> None:
         self.manager.close()
+        self.integration.stop()
 
     # ------------------------------------------------------------------ runner access
 
@@ -160,6 +172,15 @@ class ApiCore:
 
     def _execute(self, ctx: JobContext) -> JobOutcome:
         job = ctx.job
+        # URL inputs are fetched here, by the worker, with the upload limits; every input is then
+        # checked by content like an upload (a refusal is the job's failure, with the same message)
+        inputs = prepare_inputs(job, ctx.work_dir, self.limits, validate=validate_media,
+                                settings=self.integration.fetch, policy=self.integration.policy,
+                                s3_reader=self.integration.s3_reader, progress=ctx.progress)
+        if "video" in inputs.fetched:
+            write_thumbnail(inputs.video, ctx.work_dir / THUMBNAIL_NAME)
+        if ctx.should_cancel():
+            raise JobCancelledError("cancelled")
         health = self._wait_for_models(ctx)
         model = RemoteModel(self._submit(), chunk_frames=self.settings.chunk_frames, tag=job_tag(job.job_id),
                             timeout_s=self.settings.runner_timeout_s, weights_id=health.get("weights_id") or "")
@@ -171,11 +192,12 @@ class ApiCore:
         output = self.files.output_path(job.job_id)
         start = time.perf_counter()
         try:
-            result = run(model, self._face_detector(), ctx.work_dir / job.video_file, ctx.work_dir / job.audio_file,
+            result = run(model, self._face_detector(), inputs.video, inputs.audio,
                          output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
                          work_dir=ctx.work_dir, cache=self.avatars)
         except LipSyncError:
             raise
         metrics.job_finished(time.perf_counter() - start, result.frames)
+        self.integration.note_output(job.job_id, result.fps)  # usage: output seconds = frames / fps
         return JobOutcome(output_file=output.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit)

@@ -19,9 +19,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field
-
-from ..api.schemas import format_time, status_body
+from ..api.schemas import WebhookDeliveryStatus, format_time, status_body
 from ..jobs.records import JobRecord
 from ..params import WebhookEvent
 from .outbox import WebhookDelivery, WebhookOutbox
@@ -80,25 +78,13 @@ class WebhookNotifier:
         return delivery
 
 
-class WebhookDeliveryStatus(BaseModel):
-    """One delivery as the job's status shows it (``webhooks: [...]``)."""
-
-    event: WebhookEvent
-    event_id: str
-    state: str = Field(description="pending, delivered, or failed (given up)")
-    attempts: int
-    last_status: Optional[int] = Field(default=None, description="The receiver's HTTP status at the last attempt.")
-    last_error: Optional[str] = None
-    delivered_at: Optional[str] = None
-    next_attempt_at: Optional[str] = Field(default=None, description="UTC; when pending.")
-
-    @classmethod
-    def from_delivery(cls, d: WebhookDelivery) -> "WebhookDeliveryStatus":
-        return cls(event=d.event, event_id=d.delivery_id, state=d.state, attempts=d.attempts,
-                   last_status=d.last_status, last_error=d.last_error, delivered_at=format_time(d.delivered_at),
-                   next_attempt_at=format_time(d.next_attempt_at) if d.state == "pending" else None)
+def delivery_status(d: WebhookDelivery) -> WebhookDeliveryStatus:
+    return WebhookDeliveryStatus(event=d.event, event_id=d.delivery_id, state=d.state, attempts=d.attempts,
+                                 last_status=d.last_status, last_error=d.last_error,
+                                 delivered_at=format_time(d.delivered_at),
+                                 next_attempt_at=format_time(d.next_attempt_at) if d.state == "pending" else None)
 
 
 def deliveries_status(outbox: WebhookOutbox, job_id: str) -> list[dict[str, Any]]:
     """The ``webhooks`` list of a job's status body."""
-    return [WebhookDeliveryStatus.from_delivery(d).model_dump(mode="json") for d in outbox.for_job(job_id)]
+    return [delivery_status(d).model_dump(mode="json") for d in outbox.for_job(job_id)]
