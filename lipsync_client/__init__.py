@@ -9,6 +9,10 @@ numpy or bentoml, so it installs anywhere a script runs.
         job = client.generate("in.mp4", "speech.wav", wait=True, progress=lambda j: print(j.stage, j.progress))
         client.download(job.job_id, "out.mp4")
 
+        # from a pipeline: inputs by URL, a signed webhook when it ends, a safe retry
+        job = client.generate(video_url="https://bucket.example/in.mp4", audio_url="https://bucket.example/fr.wav",
+                              webhook_url="https://me.example/hooks/lipsync", idempotency_key="order-1234-fr")
+
 ``AsyncLipSyncClient`` has the same methods as coroutines. Errors are typed
 (``lipsync_client.errors``) and carry the server's message. The ``lipsync`` command
 (``python -m lipsync_client``) wraps all of it; see ``lipsync --help`` for its exit codes.
@@ -21,6 +25,7 @@ from .client import LipSyncClient  # noqa: E402
 from .errors import (  # noqa: E402
     BadRequest,
     ConnectionFailed,
+    IdempotencyConflict,
     InsufficientStorage,
     JobFailed,
     LipSyncClientError,
@@ -34,7 +39,7 @@ from .errors import (  # noqa: E402
     UnexpectedResponse,
     WaitTimeout,
 )
-from .models import CleanupResult, Health, Job, JobList, JobSummary  # noqa: E402
+from .models import CleanupResult, Health, Job, JobList, JobSummary, Usage, UsageDay, WebhookDelivery  # noqa: E402
 from .webhooks import WebhookVerificationError, verify_webhook  # noqa: E402
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "CleanupResult",
     "ConnectionFailed",
     "Health",
+    "IdempotencyConflict",
     "InsufficientStorage",
     "Job",
     "JobFailed",
@@ -58,7 +64,10 @@ __all__ = [
     "TooManyRequests",
     "Unauthorized",
     "UnexpectedResponse",
+    "Usage",
+    "UsageDay",
     "WaitTimeout",
+    "WebhookDelivery",
     "WebhookVerificationError",
     "__version__",
     "verify_webhook",

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import IO, Any, Optional, TypeVar, Union
 from urllib.parse import quote
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from . import __version__
 from .errors import (
     ConnectionFailed,
+    IdempotencyConflict,
     JobFailed,
     LipSyncClientError,
     TooManyRequests,
@@ -35,11 +37,13 @@ from .errors import (
     WaitTimeout,
     error_class,
 )
-from .models import CleanupResult, Health, Job, JobList
+from .models import CleanupResult, Health, Job, JobList, Usage
 
 DEFAULT_SERVER = "http://localhost:3000"
 API_PREFIX = "/api/lip-sync"
 DEFAULT_TIMEOUT = 120.0
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+INPUTS = ("video", "audio")
 POLL_MIN_S, POLL_MAX_S, POLL_GROWTH = 0.5, 2.0, 1.5
 
 FileInput = Union[str, "os.PathLike[str]", IO[bytes]]
@@ -61,6 +65,8 @@ class Call:
     params: Optional[dict[str, Any]] = None
     data: Optional[dict[str, str]] = None
     files: Optional[dict[str, FileInput]] = None
+    json: Optional[dict[str, Any]] = None
+    headers: Optional[dict[str, str]] = None
     idempotent: bool = False
     download_to: Optional[Path] = None
     on_bytes: Optional[BytesCallback] = None
@@ -120,6 +126,12 @@ def form_fields(params: Mapping[str, Any]) -> dict[str, str]:
     return fields
 
 
+def json_fields(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Job parameters as a JSON body (inputs by URL); None means "not given"."""
+    return {name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            for name, value in params.items() if value is not None}
+
+
 def error_message(response: httpx.Response, body: Any) -> str:
     """The server's own words: ``{"error", "details"|"message"}``, a gateway's ``message``/``detail``, or text."""
     if isinstance(body, dict):
@@ -154,6 +166,8 @@ def raise_for_status(response: httpx.Response) -> None:
         return
     body = _json(response)
     cls = error_class(response.status_code)
+    if response.status_code == 409 and response.request.url.path.endswith("/generate"):
+        cls = IdempotencyConflict  # generate's only 409
     message = error_message(response, body)
     if cls is TooManyRequests:
         raise TooManyRequests(message, response.status_code, body=body, retry_after=retry_after(response))
@@ -255,6 +269,10 @@ class ClientCore:
             args["params"] = call.params
         if call.data:
             args["data"] = call.data
+        if call.json is not None:
+            args["json"] = call.json
+        if call.headers:
+            args["headers"] = call.headers
         if call.files:
             args["files"] = {name: _file_part(value, stack) for name, value in call.files.items()}
         return args
@@ -266,8 +284,11 @@ class ClientCore:
     # -- shared steps
 
     def _call(self, call: Call, check: bool = True) -> Generator[Step, Any, Any]:
-        """Perform ``call``; retry idempotent ones on connection errors; map HTTP errors."""
+        """Perform ``call``; retry idempotent ones on connection errors (and, for a POST with an
+        Idempotency-Key, on the server's 409 "still being received" after its Retry-After);
+        map HTTP errors."""
         attempt = 0
+        keyed = bool(call.headers and IDEMPOTENCY_HEADER in call.headers)
         while True:
             outcome = yield call
             if isinstance(outcome, httpx.TransportError):
@@ -276,6 +297,11 @@ class ClientCore:
                     attempt += 1
                     continue
                 raise ConnectionFailed(describe_transport_error(outcome, self.base_url)) from outcome
+            if (keyed and isinstance(outcome, httpx.Response) and outcome.status_code == 409
+                    and retry_after(outcome) is not None and attempt < self.retries):
+                yield Sleep(min(30.0, retry_after(outcome) or 1.0))
+                attempt += 1
+                continue
             if isinstance(outcome, httpx.Response) and check:
                 raise_for_status(outcome)
             return outcome
@@ -296,9 +322,20 @@ class ClientCore:
         raise_for_status(response)
         return parse(response, Health)
 
-    def generate(self, video: FileInput, audio: FileInput, params: Mapping[str, Any], wait: bool = False,
-                 progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None) -> Op:
-        call = Call("POST", "/generate", data=form_fields(params), files={"video": video, "audio": audio})
+    def generate(self, video: Optional[FileInput], audio: Optional[FileInput], params: Mapping[str, Any],
+                 wait: bool = False, progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
+                 idempotency_key: Optional[str] = None) -> Op:
+        files = {name: value for name, value in (("video", video), ("audio", audio)) if value is not None}
+        missing = [name for name in INPUTS if name not in files and params.get(f"{name}_url") is None]
+        if missing:
+            raise ValueError(" and ".join(f"{m}: give a file or {m}_url" for m in missing))
+        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
+        # with a key a retried POST cannot start a second job; an open file object cannot be re-sent
+        retry = bool(idempotency_key) and all(isinstance(f, (str, os.PathLike)) for f in files.values())
+        if files:  # the uploads stream from disk as multipart, the parameters as its fields
+            call = Call("POST", "/generate", data=form_fields(params), files=files, headers=headers, idempotent=retry)
+        else:  # inputs by URL: one small JSON body
+            call = Call("POST", "/generate", json=json_fields(params), headers=headers, idempotent=retry)
         response = yield from self._call(call)
         job = parse(response, Job)
         if wait:
@@ -360,6 +397,11 @@ class ClientCore:
     def jobs(self, limit: int = 100) -> Op:
         response = yield from self._call(Call("GET", "/jobs", params={"limit": int(limit)}, idempotent=True))
         return parse(response, JobList)
+
+    def usage(self, since: Optional[Union[str, date]] = None, until: Optional[Union[str, date]] = None) -> Op:
+        params = {k: str(v) for k, v in (("since", since), ("until", until)) if v is not None}
+        response = yield from self._call(Call("GET", "/usage", params=params or None, idempotent=True))
+        return parse(response, Usage)
 
 
 def _file_part(value: FileInput, stack: ExitStack) -> tuple[str, IO[bytes], str]:

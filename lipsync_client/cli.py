@@ -1,6 +1,7 @@
 """``lipsync``: the command line of the lip-sync service.
 
     lipsync generate VIDEO AUDIO -o OUT.mp4 [--server URL] [--bbox-shift N] [any job parameter]
+    lipsync generate --video-url URL --audio-url URL [--webhook-url URL] [--idempotency-key KEY]
     lipsync status JOB_ID [--json]
     lipsync jobs [--limit N] [--json]
     lipsync download JOB_ID -o OUT.mp4
@@ -8,6 +9,7 @@
     lipsync cancel JOB_ID
     lipsync cleanup JOB_ID
     lipsync health [--json]
+    lipsync usage [--since YYYY-MM-DD] [--until YYYY-MM-DD] [--json]
 
 Results go to stdout (``generate``/``download`` print only the output path), progress bars and
 ``error: ...`` lines to stderr.
@@ -28,6 +30,7 @@ from .client import LipSyncClient
 from .errors import (
     BadRequest,
     ConnectionFailed,
+    IdempotencyConflict,
     JobFailed,
     LipSyncClientError,
     NotFinished,
@@ -49,7 +52,8 @@ EXIT_CODES = f"""\
 exit codes:
   {OK}    success
   {JOB_FAILED}    the job failed or was cancelled
-  {BAD_INPUT}    bad usage or input: missing file, refused upload (400), too large (413)
+  {BAD_INPUT}    bad usage or input: missing file, refused upload (400), too large (413),
+       an Idempotency-Key used for another request (409)
   {NOT_FOUND}    unknown job (404), or the job has not finished (409)
   {UNAUTHORIZED}    missing or wrong token (401/403)
   {UNAVAILABLE}    server unavailable: cannot connect, not ready (503), queue full (429),
@@ -66,7 +70,7 @@ def exit_code(exc: BaseException) -> int:
     """The exit code for an error (see EXIT_CODES)."""
     if isinstance(exc, JobFailed):
         return JOB_FAILED
-    if isinstance(exc, (BadRequest, PayloadTooLarge)):
+    if isinstance(exc, (BadRequest, PayloadTooLarge, IdempotencyConflict)):
         return BAD_INPUT
     if isinstance(exc, (NotFound, NotFinished)):
         return NOT_FOUND
@@ -96,14 +100,41 @@ def _print_job(job: Job) -> None:
     rows = [("job_id", job.job_id), ("status", job.status), ("stage", job.stage or "-"),
             ("progress", f"{job.progress * 100:.0f}%"), ("created_at", _fmt_time(job.created_at)),
             ("completed_at", _fmt_time(job.completed_at))]
+    if job.queue_position is not None:
+        rows.append(("queue", f"position {job.queue_position}"))
+    if job.eta_s is not None and not job.finished:
+        rows.append(("eta", f"about {_duration(job.eta_s)}"))
     if job.frames is not None:
         rows.append(("frames", str(job.frames)))
     if job.output_path:
         rows.append(("output", job.output_path))
     if job.error:
         rows.append(("error", job.error))
+    for hook in job.webhooks or []:
+        outcome = f"HTTP {hook.last_status}" if hook.last_status is not None else (hook.last_error or "-")
+        rows.append(("webhook", f"{hook.event}: {hook.state} after {hook.attempts} attempt(s), last {outcome}"))
     for key, value in rows:
         print(f"{key + ':':<14}{value}")
+
+
+def job_line(job: Job) -> str:
+    """``queued (position 3, about 2 min left)``, ``processing (generate, about 40 s left)``."""
+    details = []
+    if job.status == "queued" and job.queue_position is not None:
+        details.append(f"position {job.queue_position}")
+    elif job.stage and job.status != "queued":
+        details.append(job.stage)
+    if job.eta_s is not None and not job.finished:
+        details.append(f"about {_duration(job.eta_s)} left")
+    return job.status + (f" ({', '.join(details)})" if details else "")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class JobProgress:
@@ -116,7 +147,7 @@ class JobProgress:
     def __call__(self, job: Job) -> None:
         if self.bar is None:
             return
-        self.bar.set_description_str(f"{job.status}" + (f" ({job.stage})" if job.stage else ""), refresh=False)
+        self.bar.set_description_str(job_line(job), refresh=False)
         self.bar.n = round(job.progress * 100)
         self.bar.refresh()
 
@@ -166,14 +197,24 @@ def _require_file(path: str, what: str) -> None:
 
 
 def cmd_generate(client: LipSyncClient, args: argparse.Namespace) -> int:
-    _require_file(args.video, "video")
-    _require_file(args.audio, "audio")
+    fields = cli_fields(args)
+    if args.video is not None and args.audio is None and "video_url" in fields and "audio_url" not in fields:
+        args.video, args.audio = None, args.video  # `--video-url URL speech.wav`: the one file is the audio
+    for kind in ("video", "audio"):
+        given, url = getattr(args, kind), fields.get(f"{kind}_url")
+        if given is None and url is None:
+            raise _UsageError(f"give the {kind} as a file or with --{kind}-url")
+        if given is not None and url is not None:
+            raise _UsageError(f"give the {kind} as a file or with --{kind}-url, not both")
+        if given is not None:
+            _require_file(given, kind)
     target = _output_target(args.output)
     show = not (args.quiet or args.no_progress)
-    fields = cli_fields(args)
     parse_fields(fields)  # refuse a bad parameter here (exit 2), before a long upload
-    _note(args, f"uploading {Path(args.video).name} and {Path(args.audio).name} to {client.base_url}")
-    job = client.generate(args.video, args.audio, **fields)
+    sources = [Path(f).name for f in (args.video, args.audio) if f is not None]
+    _note(args, f"uploading {' and '.join(sources)} to {client.base_url}" if sources
+          else f"submitting to {client.base_url} (inputs by URL)")
+    job = client.generate(args.video, args.audio, idempotency_key=args.idempotency_key, **fields)
     _note(args, f"job {job.job_id} {job.status}")
     bar = JobProgress(show)
     try:
@@ -248,6 +289,18 @@ def cmd_cleanup(client: LipSyncClient, args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_usage(client: LipSyncClient, args: argparse.Namespace) -> int:
+    usage = client.usage(since=args.since, until=args.until)
+    if args.json:
+        _print_json(usage.to_json())
+        return OK
+    print(f"{usage.since} .. {usage.until}: {usage.jobs} jobs ({usage.completed} completed, {usage.failed} failed, "
+          f"{usage.cancelled} cancelled), {usage.output_seconds:.1f} s of video, {usage.frames} frames")
+    for day in usage.days:
+        print(f"  {day.date}  {day.jobs:>5} jobs  {day.output_seconds:>10.1f} s  {day.frames:>9} frames")
+    return OK
+
+
 def cmd_health(client: LipSyncClient, args: argparse.Namespace) -> int:
     health = client.health()
     if args.json:
@@ -297,14 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     def no_progress(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    sub = command("generate", cmd_generate, "upload a video and an audio track, wait, download the result")
-    sub.add_argument("video", help="input video (a face)")
-    sub.add_argument("audio", help="audio track to lip-sync to")
+    sub = command("generate", cmd_generate, "upload a video and an audio track (or give their URLs), wait, "
+                                            "download the result")
+    sub.add_argument("video", nargs="?", help="input video (a face); or --video-url")
+    sub.add_argument("audio", nargs="?", help="audio track to lip-sync to; or --audio-url (with --video-url and "
+                                              "one file, the file is the audio)")
     sub.add_argument("-o", "--output", default=".", metavar="OUT.mp4",
                      help="where to write the result (a file, or a directory for lip_sync_<id>.mp4; default .)")
     add_cli_arguments(sub, surface="service")  # one option per job parameter, from the schema (lipsync_runner/params.py)
     sub.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 6)")
     sub.add_argument("--cleanup", action="store_true", help="remove the job from the server after the download")
+    sub.add_argument("--idempotency-key", metavar="KEY",
+                     help="the same KEY and request within 24 h gives the original job instead of a new one "
+                          "(retry a generate safely)")
     no_progress(sub)
 
     sub = command("status", cmd_status, "show a job's status")
@@ -336,11 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("health", cmd_health, "is the service ready? (exit 5 if not)")
     json_flag(sub)
+
+    sub = command("usage", cmd_usage, "your jobs, output seconds and frames by UTC day")
+    sub.add_argument("--since", metavar="YYYY-MM-DD", help="first UTC day (default: 29 days before --until)")
+    sub.add_argument("--until", metavar="YYYY-MM-DD", help="last UTC day (default: today)")
+    json_flag(sub)
     return parser
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+class _UsageError(Exception):
+    """A bad combination of arguments (exit 2, like argparse's own)."""
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -353,6 +420,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return INTERRUPTED
     except InvalidInputError as exc:  # a job parameter the schema refuses
         print(f"error: {_one_line(exc.message)}", file=sys.stderr)
+        return BAD_INPUT
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
     except (LipSyncClientError, OSError) as exc:
         message = exc.message if isinstance(exc, LipSyncClientError) else (

@@ -5,6 +5,7 @@
     ├── Unauthorized          401  missing or wrong token (403 is mapped here too)
     ├── NotFound              404  unknown job id (or a job of another token)
     ├── NotFinished           409  download of a job that has not completed
+    ├── IdempotencyConflict   409  generate: the Idempotency-Key was used for another request
     ├── PayloadTooLarge       413  an upload over the server's limit
     ├── TooManyRequests       429  the queue is full; ``retry_after`` seconds (or None)
     ├── ServerError           5xx
@@ -56,6 +57,12 @@ class NotFound(LipSyncClientError):
 
 
 class NotFinished(LipSyncClientError):
+    status_code = 409
+
+
+class IdempotencyConflict(LipSyncClientError):
+    """``generate`` with an Idempotency-Key that names another request (or one still being received)."""
+
     status_code = 409
 
 
