@@ -468,3 +468,95 @@ console.log(JSON.stringify(cases.map(queueText)));
     out = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=30, check=True).stdout
     assert json.loads(out) == [" · next in line", " · 3 in line · about 2 min left", " · about 42 s left", ""]
 
+
+
+# --------------------------------------------------------------------------- the SDK and the lipsync CLI
+
+
+class FakeService:
+    """An httpx MockTransport answering like the service: generate, status (queued, then done), usage."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.in_progress = 1  # the first keyed generate is told the key is still being received
+        self.polls = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.requests.append(request)
+        path = request.url.path
+        if path.endswith("/generate"):
+            if request.headers.get("Idempotency-Key") and self.in_progress:
+                self.in_progress -= 1
+                return httpx.Response(409, json={"error": "still being received"}, headers={"Retry-After": "1"})
+            return httpx.Response(202, json={"job_id": "j1", "status": "queued"})
+        if path.endswith("/status/j1"):
+            self.polls += 1
+            if self.polls == 1:
+                return httpx.Response(200, json={"job_id": "j1", "status": "queued", "queue_position": 2,
+                                                 "eta_s": 130.0})
+            return httpx.Response(200, json={"job_id": "j1", "status": "completed", "progress": 1.0, "webhooks": [
+                {"event": "completed", "event_id": "e1", "state": "delivered", "attempts": 3, "last_status": 200}]})
+        if path.endswith("/download/j1"):
+            return httpx.Response(200, content=b"mp4", headers={"content-length": "3"})
+        if path.endswith("/usage"):
+            return httpx.Response(200, json={"since": request.url.params["since"], "until": "2026-03-31", "jobs": 2,
+                                             "completed": 2, "output_seconds": 8.5, "frames": 212, "days": []})
+        return httpx.Response(404, json={"error": "Not found"})
+
+
+def test_the_sdk_sends_url_inputs_as_json_with_the_key_and_retries_while_in_progress(monkeypatch):
+    from lipsync_client import IdempotencyConflict, LipSyncClient
+    from lipsync_client import _core
+
+    monkeypatch.setattr(_core.time, "sleep", lambda s: None, raising=False)
+    service = FakeService()
+    with LipSyncClient("http://t", transport=httpx.MockTransport(service)) as client:
+        client._core.retry_backoff = 0
+        job = client.generate(video_url="https://b.example/in.mp4", audio_url="https://b.example/fr.wav",
+                              webhook_url="https://me.example/hook", webhook_events=["completed"],
+                              idempotency_key="order-1")
+        assert job.job_id == "j1"
+        first, retried = service.requests[:2]
+        assert first.headers["content-type"] == "application/json" and first.headers["Idempotency-Key"] == "order-1"
+        assert json.loads(first.content) == {"video_url": "https://b.example/in.mp4",
+                                             "audio_url": "https://b.example/fr.wav",
+                                             "webhook_url": "https://me.example/hook",
+                                             "webhook_events": ["completed"]}
+        assert retried.content == first.content  # the same request again, after the server's Retry-After
+        assert client.status("j1").queue_position == 2
+        assert client.status("j1").webhooks[0].state == "delivered"
+        assert client.usage(since="2026-03-01").output_seconds == 8.5
+        assert service.requests[-1].url.params["since"] == "2026-03-01"
+        with pytest.raises(ValueError, match="audio: give a file or audio_url"):
+            client.generate(video_url="https://b.example/in.mp4")
+    conflict_transport = httpx.MockTransport(
+        lambda r: httpx.Response(409, json={"error": "used for a different request"}))
+    with LipSyncClient("http://t", transport=conflict_transport) as client:
+        with pytest.raises(IdempotencyConflict, match="different request"):
+            client.generate(video_url="https://b/a.mp4", audio_url="https://b/a.wav", idempotency_key="k")
+
+
+def test_the_lipsync_cli_takes_urls_a_key_and_shows_the_queue(tmp_path, capsys, monkeypatch):
+    from lipsync_client import LipSyncClient
+    from lipsync_client import cli
+
+    monkeypatch.setattr(cli.LipSyncClient, "wait", lambda self, job_id, progress=None, timeout=None: (
+        progress(self.status(job_id)), self.status(job_id))[1])
+    service = FakeService()
+    speech = tmp_path / "fr.wav"
+    speech.write_bytes(b"RIFF")
+    args = cli.build_parser().parse_args(["generate", "--video-url", "https://b.example/in.mp4", str(speech),
+                                          "--idempotency-key", "order-9", "-o", str(tmp_path / "out.mp4")])
+    shown: list[str] = []
+    monkeypatch.setattr(cli.JobProgress, "__call__", lambda self, job: shown.append(cli.job_line(job)))
+    with LipSyncClient("http://t", transport=httpx.MockTransport(service)) as client:
+        assert args.func(client, args) == cli.OK
+    sent = [r for r in service.requests if r.url.path.endswith("/generate")][-1]
+    assert sent.headers["Idempotency-Key"] == "order-9" and b'name="video_url"' in sent.content
+    assert b'name="audio"; filename="fr.wav"' in sent.content and b'name="video";' not in sent.content
+    assert shown == ["queued (position 2, about 2 min left)"]
+    assert (tmp_path / "out.mp4").read_bytes() == b"mp4"
+    # neither a file nor a URL for an input: a usage error (exit 2) before any request
+    assert cli.main(["generate", "--server", "http://127.0.0.1:9", str(speech)]) == cli.BAD_INPUT
+    assert "give the audio as a file or with --audio-url" in capsys.readouterr().err

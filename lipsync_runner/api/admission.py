@@ -124,8 +124,7 @@ class Admission:
         if is_json(content_type):
             if self.ensure_ready is not None:
                 await self.ensure_ready()
-            fields = await receive_json(stream, idle_timeout_s=self.limits.upload_idle_timeout_s)
-            _refuse_files_in_json(fields)
+            fields = _json_fields(await receive_json(stream, idle_timeout_s=self.limits.upload_idle_timeout_s))
 
             async def receive_fields(job_dir: Path, guard: UploadGuard) -> tuple[dict[str, SavedFile], dict[str, Any]]:
                 return {}, fields
@@ -371,11 +370,13 @@ def _fingerprint(params: JobParams, job_dir: Path, files: Mapping[str, SavedFile
     return request_fingerprint(params, {field: file_digest(job_dir / f.file_name) for field, f in files.items()})
 
 
-def _refuse_files_in_json(fields: Mapping[str, Any]) -> None:
-    sent = [f for f in INPUTS if f in fields]
+def _json_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """A JSON body's fields; ``"video": null`` (BentoML's client, for a file not given) means not given."""
+    sent = [f for f in INPUTS if body.get(f) is not None]
     if sent:
         raise InvalidInputError(f"A JSON body cannot carry files ({', '.join(sent)}): upload them as "
                                 "multipart/form-data, or give video_url and audio_url")
+    return {k: v for k, v in body.items() if k not in INPUTS}
 
 
 def _scrub(exc: LipSyncError, job_dir: Path, files: dict[str, SavedFile]) -> None:
