@@ -112,6 +112,12 @@ async def test_a_job_with_url_inputs_is_admitted_without_files(setup, media):
         assert job["video_file"] == "input_video.url.json" and job["audio_file"] == "input_audio.wav"
         assert set(job["media"]) == {"audio"}
 
+        # a form without files (what BentoML's own client sends then: urlencoded, values JSON-encoded)
+        resp = await c.post("/generate", data={"video_url": '"https://bucket.example/a.mp4"',
+                                               "audio_url": "https://bucket.example/b.wav", "video": "null"})
+        assert resp.status_code == 202, resp.text
+        assert setup.fake.submitted[-1]["params"].video_url == "https://bucket.example/a.mp4"
+
 
 @pytest.mark.parametrize("body, status, expect", [
     ({"video_url": "https://b.example/a.mp4"}, 400, "Missing required file field(s): 'audio' (or give audio_url"),

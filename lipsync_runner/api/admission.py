@@ -45,7 +45,16 @@ from ..params import JobParams, parse_fields
 from .limits import ApiLimits
 from .schemas import GenerateAccepted, GenerateResult, download_name
 from .thumbnails import THUMBNAIL_NAME, write_thumbnail
-from .uploads import SavedFile, UploadGuard, is_json, is_multipart, receive_json, receive_multipart
+from .uploads import (
+    SavedFile,
+    UploadGuard,
+    is_json,
+    is_multipart,
+    is_urlencoded,
+    receive_json,
+    receive_multipart,
+    receive_urlencoded,
+)
 from .validation import validate_audio, validate_video
 
 if TYPE_CHECKING:
@@ -57,8 +66,8 @@ events_log = logging.getLogger("lipsync_runner.jobs.events")
 
 VIDEO_FIELD, AUDIO_FIELD = "video", "audio"
 INPUTS = (VIDEO_FIELD, AUDIO_FIELD)
-NOT_A_FORM = ("Expected a multipart/form-data request with 'video' and 'audio' files, or an application/json "
-              "body with video_url and audio_url")
+NOT_A_FORM = ("Expected a multipart/form-data request with 'video' and 'audio' files, or a body of job "
+              "parameters with video_url and audio_url (application/json or a form)")
 
 
 @dataclass
@@ -120,11 +129,12 @@ class Admission:
     async def admit_stream(self, stream: AsyncIterator[bytes], content_type: str | None, *, owner: str | None,
                            client: str, wait: bool | None = None, idempotency_key: str | None = None) -> Response:
         """A multipart/form-data body (`video`, `audio` files or URL fields, and the job parameters as
-        fields), or an application/json object of job parameters (inputs by URL)."""
-        if is_json(content_type):
+        fields), or job parameters alone (inputs by URL): a JSON object, or a urlencoded form."""
+        if is_json(content_type) or is_urlencoded(content_type):  # no files: inputs by URL
             if self.ensure_ready is not None:
                 await self.ensure_ready()
-            fields = _json_fields(await receive_json(stream, idle_timeout_s=self.limits.upload_idle_timeout_s))
+            receive_body = receive_json if is_json(content_type) else receive_urlencoded
+            fields = _no_files(await receive_body(stream, idle_timeout_s=self.limits.upload_idle_timeout_s))
 
             async def receive_fields(job_dir: Path, guard: UploadGuard) -> tuple[dict[str, SavedFile], dict[str, Any]]:
                 return {}, fields
@@ -370,11 +380,11 @@ def _fingerprint(params: JobParams, job_dir: Path, files: Mapping[str, SavedFile
     return request_fingerprint(params, {field: file_digest(job_dir / f.file_name) for field, f in files.items()})
 
 
-def _json_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """A JSON body's fields; ``"video": null`` (BentoML's client, for a file not given) means not given."""
-    sent = [f for f in INPUTS if body.get(f) is not None]
+def _no_files(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a body without file parts (JSON, urlencoded); ``"video": null`` means not given."""
+    sent = [f for f in INPUTS if body.get(f) not in (None, "", "null")]
     if sent:
-        raise InvalidInputError(f"A JSON body cannot carry files ({', '.join(sent)}): upload them as "
+        raise InvalidInputError(f"This body cannot carry files ({', '.join(sent)}): upload them as "
                                 "multipart/form-data, or give video_url and audio_url")
     return {k: v for k, v in body.items() if k not in INPUTS}
 

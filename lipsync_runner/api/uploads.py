@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, AsyncIterator
+from urllib.parse import parse_qsl
 
 import anyio
 from python_multipart.exceptions import FormParserError
@@ -138,9 +139,12 @@ def is_json(content_type: str | None) -> bool:
     return ctype == b"application/json"
 
 
-async def receive_json(stream: AsyncIterator[bytes], *, idle_timeout_s: float,
-                       max_bytes: int = MAX_JSON_BYTES) -> dict:
-    """A small JSON object body (job parameters, inputs by URL); InvalidInputError (400) otherwise."""
+def is_urlencoded(content_type: str | None) -> bool:
+    ctype, _ = parse_options_header(content_type or "")
+    return ctype == b"application/x-www-form-urlencoded"
+
+
+async def _small_body(stream: AsyncIterator[bytes], idle_timeout_s: float, max_bytes: int, what: str) -> bytes:
     body = bytearray()
     iterator = stream.__aiter__()
     while True:
@@ -148,20 +152,43 @@ async def receive_json(stream: AsyncIterator[bytes], *, idle_timeout_s: float,
             with anyio.fail_after(idle_timeout_s):
                 chunk = await iterator.__anext__()
         except StopAsyncIteration:
-            break
+            return bytes(body)
         except TimeoutError:
             raise UploadTooSlowError(f"Request body stalled: no data for {idle_timeout_s:g} s") from None
         body += chunk
         if len(body) > max_bytes:
-            raise InvalidInputError(f"JSON body too large (at most {human_size(max_bytes)}; files go as "
+            raise InvalidInputError(f"{what} body too large (at most {human_size(max_bytes)}; files go as "
                                     "multipart/form-data)")
+
+
+async def receive_json(stream: AsyncIterator[bytes], *, idle_timeout_s: float,
+                       max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """A small JSON object body (job parameters, inputs by URL); InvalidInputError (400) otherwise."""
+    body = await _small_body(stream, idle_timeout_s, max_bytes, "JSON")
     try:
-        data = json.loads(bytes(body))
+        data = json.loads(body)
     except ValueError:
         raise InvalidInputError("Malformed JSON body") from None
     if not isinstance(data, dict):
         raise InvalidInputError("The JSON body must be an object of job parameters")
     return data
+
+
+async def receive_urlencoded(stream: AsyncIterator[bytes], *, idle_timeout_s: float,
+                             max_bytes: int = MAX_JSON_BYTES) -> dict[str, str]:
+    """A form without files (``a=1&b=2``: what BentoML's client sends when no file is given)."""
+    body = await _small_body(stream, idle_timeout_s, max_bytes, "Form")
+    fields: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
+                          max_num_fields=MAX_PARTS)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInputError("Malformed form body") from None
+    for name, value in pairs:
+        if name in fields:
+            raise InvalidInputError(f"Field '{sanitize_filename(name, '?')[:64]}' was sent more than once")
+        fields[name] = value
+    return fields
 
 
 def _decode(raw: bytes) -> str:
