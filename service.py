@@ -23,6 +23,7 @@ from lipsync_runner.api.rest import create_rest_app
 from lipsync_runner.errors import InvalidInputError
 from lipsync_runner.idempotency import IDEMPOTENCY_HEADER, parse_key
 from lipsync_runner.serving.bentoml_compat import BentoMLSurface
+from lipsync_runner.serving.docs_page import DocsPage
 from lipsync_runner.serving.errors import bentoml_errors
 from lipsync_runner.serving.settings import ServiceSettings
 from lipsync_runner.serving.signature import job_params_signature
@@ -204,7 +205,9 @@ def _day(value: str | None, name: str) -> date | None:
         raise InvalidInputError(f"Invalid {name}: expected a UTC day as YYYY-MM-DD") from None
 
 
-# First (outermost): requests without a valid token are refused before anything else runs.
+# Outermost: the product's API reference at / and /docs.json (public, like BentoML's stock page it replaces).
+LipSync.add_asgi_middleware(DocsPage, rest_prefix=REST_PATH)
+# Then: requests without a valid token are refused before anything else runs.
 LipSync.add_asgi_middleware(BearerAuthMiddleware)
 # BentoML's side answers like the REST API: its generate streams through the REST route (one
 # admission path, no buffered uploads), errors are JSON in one vocabulary, probes say what they mean.

@@ -5,17 +5,25 @@ does not depend on the audio is computed once per distinct video and reused: the
 track (boxes, landmarks, which frames have a face) and the VAE latents of every face
 crop (the two VAE encodes are most of a cold job's GPU time). An entry is keyed by the
 video's content hash and every parameter that changes those results (bbox_shift, model
-version and weights, detector, margins), so a change of models or settings never reuses
-stale work.
+version and weights, detector, margins, the choice of face), so a change of models or
+settings never reuses stale work.
 
     <root>/<key>/meta.json      parameters, frame count, sizes
     <root>/<key>/track.npz      FaceTrack
     <root>/<key>/latents.f32    [N, 8, 32, 32] float32, filled as frames are prepared
     <root>/<key>/prepared.u8    [N] 1 where latents[i] is valid (written after the latents)
+    <root>/<key>/jobs/<job_id>  the jobs that used the entry (cleanup releases them)
+    <root>/<key>.build          flock: one build at a time, across threads and processes
+    <root>/<key>.use            flock: shared while a job uses the entry, exclusive to remove it
 
-Entries are built under a file lock (jobs in other processes wait for the first one),
-latents are added under a per-entry lock, and the least recently used entries are
-evicted past a size bound. Everything survives a restart.
+Tenants: latents decode back to face images, and a hit (or its speed) tells that the
+video was seen before. So with jobs scoped per token (`for_job(job_id, owner)`), an entry
+belongs to its owner: another owner's job makes its own entry and never sees a hit on
+someone else's. An entry goes when the last job that used it is cleaned up, when it has
+not been used for the retention time, or when the size bound evicts it (least recently
+used first). An entry in use is never removed, by any process: its use lock is shared,
+removal needs it exclusively. Build directories a crash left behind count towards the
+size and are reclaimed.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ log = logging.getLogger(__name__)
 
 LATENT_SHAPE = (8, 32, 32)
 FORMAT_VERSION = 1
+BUILD_SUFFIX = ".tmp"  # <key>.tmp<pid>: an entry being built by process <pid>
+STALE_BUILD_S = 3600.0  # a build directory this old is abandoned even if its pid was reused
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,13 @@ class AvatarParams:
     def key(self, video_sha256: str) -> str:
         blob = json.dumps({"video": video_sha256, "format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def owner_key(key: str, owner: str | None) -> str:
+    """The entry key of `key` for `owner` (None: the shared, unscoped entry)."""
+    if owner is None:
+        return key
+    return hashlib.sha256(f"{key}/{owner}".encode()).hexdigest()[:32]
 
 
 def file_sha256(path: Path, chunk: int = 4 * 2**20) -> str:
@@ -106,10 +123,10 @@ class AvatarCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._locks: dict[str, threading.Lock] = {}
-        self._in_use: dict[str, int] = {}
         self._guard = threading.Lock()
         self._hashes: dict[tuple[str, int, int], str] = {}
         self.builds = 0  # face tracks built by this process (a hit builds none)
+        self.reclaim_builds()
 
     def video_hash(self, path: Path) -> str:
         st = path.stat()
@@ -118,28 +135,34 @@ class AvatarCache:
             self._hashes[memo] = file_sha256(path)
         return self._hashes[memo]
 
+    def for_job(self, job_id: str, owner: str | None) -> "JobAvatarCache":
+        """The cache as one job sees it: entries of its owner only, the job recorded as a user."""
+        return JobAvatarCache(self, job_id, owner)
+
     @contextmanager
-    def open(self, key: str, build_track: Callable[[], FaceTrack]) -> Iterator[tuple[Avatar, bool]]:
+    def open(self, key: str, build_track: Callable[[], FaceTrack], *,
+             job_id: str | None = None) -> Iterator[tuple[Avatar, bool]]:
         """The entry for `key`, built with `build_track()` if absent; yields (avatar, was_it_a_hit)."""
         folder = self.root / key
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
-            self._in_use[key] = self._in_use.get(key, 0) + 1
         try:
-            with lock, _file_lock(self.root / f"{key}.lock"):  # one build, across threads and processes
-                hit = (folder / "meta.json").is_file()
-                if not hit:
-                    self._build(folder, build_track())
-                track = _load_track(folder)
-                _touch(folder)
-            yield Avatar(folder, track, lock), hit
+            with _flock(self.root / f"{key}.use", fcntl.LOCK_SH):  # nobody removes it while we use it
+                with lock, _flock(self.root / f"{key}.build", fcntl.LOCK_EX):  # one build
+                    hit = (folder / "meta.json").is_file()
+                    if not hit:
+                        self._build(folder, build_track())
+                    track = _load_track(folder)
+                    _touch(folder)
+                    if job_id is not None:
+                        (folder / "jobs").mkdir(exist_ok=True)
+                        (folder / "jobs" / job_id).touch()
+                yield Avatar(folder, track, lock), hit
         finally:
-            with self._guard:
-                self._in_use[key] -= 1
             self.evict()
 
     def _build(self, folder: Path, track: FaceTrack) -> None:
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp = folder.with_name(f"{folder.name}{BUILD_SUFFIX}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         n = len(track.has_face)
@@ -155,31 +178,107 @@ class AvatarCache:
         os.replace(tmp, folder)  # an entry appears whole or not at all
         self.builds += 1
 
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+    # ------------------------------------------------------------------ what goes, and when
 
-    def evict(self) -> list[str]:
-        """Remove least recently used entries (not in use) until the cache fits its bound."""
+    def _entries(self) -> list[tuple[float, Path, int]]:
         entries = []
         for folder in self.root.iterdir():
             if folder.is_dir() and (folder / "meta.json").is_file():
-                size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-                entries.append(((folder / "last_used").stat().st_mtime if (folder / "last_used").exists() else 0,
-                                folder, size))
-        total = sum(size for _, _, size in entries)
+                last = folder / "last_used"
+                entries.append((last.stat().st_mtime if last.exists() else 0.0, folder, _tree_bytes(folder)))
+        return entries
+
+    def size_bytes(self) -> int:
+        return _tree_bytes(self.root)
+
+    def remove(self, key: str) -> bool:
+        """Delete an entry unless a job (in any process) is using it; True if it is gone."""
+        try:
+            with _flock(self.root / f"{key}.use", fcntl.LOCK_EX | fcntl.LOCK_NB, unlink=True):
+                shutil.rmtree(self.root / key, ignore_errors=True)
+                (self.root / f"{key}.build").unlink(missing_ok=True)
+        except BlockingIOError:
+            return False
+        return True
+
+    def evict(self) -> list[str]:
+        """Remove least recently used entries (not in use) until the cache fits its bound."""
+        entries = self._entries()
+        total = self.size_bytes()
         removed = []
         for _, folder, size in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
                 break
-            with self._guard:
-                if self._in_use.get(folder.name):
-                    continue
-            with _file_lock(self.root / f"{folder.name}.lock"):
-                shutil.rmtree(folder, ignore_errors=True)
-            (self.root / f"{folder.name}.lock").unlink(missing_ok=True)
-            total -= size
-            removed.append(folder.name)
+            if self.remove(folder.name):
+                total -= size
+                removed.append(folder.name)
         return removed
+
+    def expire(self, max_age_s: float, now: float | None = None) -> list[str]:
+        """Remove entries not used for `max_age_s` (the retention setting), and abandoned builds."""
+        cutoff = (now if now is not None else time.time()) - max_age_s
+        self.reclaim_builds()
+        return [folder.name for last, folder, _ in self._entries() if last <= cutoff and self.remove(folder.name)]
+
+    def release_job(self, job_id: str) -> list[str]:
+        """A job is gone (cleaned up, expired): forget it, and remove the entries no other job uses."""
+        removed = []
+        for ref in self.root.glob(f"*/jobs/{job_id}"):
+            folder = ref.parent.parent
+            ref.unlink(missing_ok=True)
+            if not any((folder / "jobs").iterdir()) and self.remove(folder.name):
+                removed.append(folder.name)
+        return removed
+
+    def reclaim_builds(self) -> list[str]:
+        """Build directories whose process is gone (a crash mid-build), or that are too old."""
+        reclaimed = []
+        for tmp in self.root.glob(f"*{BUILD_SUFFIX}*"):
+            pid = tmp.name.rsplit(BUILD_SUFFIX, 1)[-1]
+            try:
+                stale = time.time() - tmp.stat().st_mtime > STALE_BUILD_S
+            except FileNotFoundError:
+                continue
+            if tmp.is_dir() and (not pid.isdigit() or not _alive(int(pid)) or stale):
+                shutil.rmtree(tmp, ignore_errors=True)
+                reclaimed.append(tmp.name)
+        return reclaimed
+
+
+class JobAvatarCache:
+    """What the pipeline sees of the cache for one job (the same calls as AvatarCache)."""
+
+    def __init__(self, cache: AvatarCache, job_id: str, owner: str | None) -> None:
+        self.cache, self.job_id, self.owner = cache, job_id, owner
+
+    def video_hash(self, path: Path) -> str:
+        return self.cache.video_hash(path)
+
+    @contextmanager
+    def open(self, key: str, build_track: Callable[[], FaceTrack]) -> Iterator[tuple[Avatar, bool]]:
+        with self.cache.open(owner_key(key, self.owner), build_track, job_id=self.job_id) as opened:
+            yield opened
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def _load_track(folder: Path) -> FaceTrack:
@@ -194,10 +293,26 @@ def _touch(folder: Path) -> None:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _flock(path: Path, mode: int, *, unlink: bool = False) -> Iterator[None]:
+    """flock on `path`, re-opened until the locked file is the one at `path` (a remover may have
+    unlinked it meanwhile); with `unlink`, the file is removed while still held."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, mode)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+        if unlink:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import get_args
 
 from .errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
 from .params import add_cli_arguments, from_cli_args
@@ -37,8 +38,9 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=settings.batch_size, help="frames per model call")
     gen.add_argument("--version", choices=["auto", "v15", "v1"], default=settings.model_version,
                      help="MuseTalk UNet version (auto: v1.5 when present)")
-    gen.add_argument("--face-detector", choices=["auto", "haar", "fan"], default=settings.face_detector,
-                     help="auto: S3FD+FAN when its weights are in the models dir, else OpenCV Haar")
+    gen.add_argument("--face-detector", choices=get_args(RunnerSettings.model_fields["face_detector"].annotation),
+                     default=settings.face_detector,
+                     help="auto: S3FD+FAN when its weights are in the models dir, else MediaPipe, else OpenCV Haar")
     gen.add_argument("--crf", type=int, default=settings.crf, help="x264 quality (lower is better)")
     gen.add_argument("--preset", default=settings.preset, help="x264 preset")
     gen.add_argument("--cache-dir", type=Path,
@@ -52,6 +54,8 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     dl.add_argument("--to", type=Path, required=True, help="models directory to fill")
     dl.add_argument("--version", choices=["v15", "v1", "all"], default="v15")
     dl.add_argument("--with-face-alignment", action="store_true", help="also fetch S3FD + FAN weights")
+    dl.add_argument("--without-face-parsing", action="store_true",
+                    help="skip MuseTalk's BiSeNet face-parsing weights (the blend then follows landmark contours)")
 
     imp = sub.add_parser("import-models", help="copy a models directory into the BentoML model store")
     imp.add_argument("--from", dest="source", type=Path, required=True, help="MuseTalk models directory")
@@ -75,6 +79,7 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
 
     from .avatar_cache import AvatarCache
     from .faces import load_face_detector
+    from .masks import load_mask_provider
     from .musetalk import MuseTalk
     from .pipeline import PipelineOptions, run, validate_inputs
 
@@ -83,9 +88,10 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version,
                                      compile=settings.compile)
     detector = load_face_detector(args.face_detector, model.layout.root, str(model.device))
+    masks = load_mask_provider(model.layout.root, version=model.layout.version, device=str(model.device))
     options = PipelineOptions(bbox_shift=params.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
                               extra_margin=settings.extra_margin, crf=args.crf, preset=args.preset,
-                              ffmpeg_timeout_s=settings.ffmpeg_timeout_s)
+                              ffmpeg_timeout_s=settings.ffmpeg_timeout_s, sharpen=params.sharpen)
     cache = None if args.no_cache else AvatarCache(args.cache_dir)
     with tqdm(total=1000, unit="‰", desc="starting", disable=None, bar_format="{desc:<9} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
         def progress(stage: str, fraction: float) -> None:
@@ -93,11 +99,11 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
             bar.update(int(fraction * 1000) - bar.n)
 
         result = run(model, detector, args.video, args.audio, args.output, options, progress=progress, cache=cache,
-                     video_info=video_info)
+                     video_info=video_info, masks=masks)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(result.seconds.items(), key=lambda kv: -kv[1]))
     print(f"wrote {result.output} ({result.frames} frames at {float(result.fps):.3f} fps, "
           f"{result.width}x{result.height}; face in {result.face_frames}/{result.source_frames} input frames; "
-          f"detector {detector.name}; avatar cache {_cache_word(result.cache_hit)}; {timing})")
+          f"detector {detector.name}; masks {masks.name}; avatar cache {_cache_word(result.cache_hit)}; {timing})")
     return 0
 
 
@@ -112,7 +118,7 @@ def _make_test_assets(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     if not args.media_only:
         models = write_models_dir(root / "models", size=args.size, versions=("v15", "v1"))
-        print(f"models: {models} (random weights: the mouth will be noise, not speech)")
+        print(f"models: {models} (random weights: the mouth is regenerated but does not follow the speech)")
     print(f"video: {write_face_video(root / 'face.mp4', seconds=4, size=(640, 360))}")
     print(f"audio: {write_speech_like_audio(root / 'speech.wav', seconds=5)}")
     return 0
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "download-models":
             from .models.download import download_models
 
-            root = download_models(args.to, version=args.version, face_alignment=args.with_face_alignment)
+            root = download_models(args.to, version=args.version, face_alignment=args.with_face_alignment,
+                                   face_parsing=not args.without_face_parsing)
             print(f"models ready in {root}")
             return 0
         if args.command == "import-models":

@@ -117,11 +117,16 @@ class MuseTalk:
     @torch.inference_mode()
     def prepare(self, crops: np.ndarray) -> np.ndarray:
         """[B, 256, 256, 3] uint8 RGB crops -> [B, 8, 32, 32] float32 latents (masked first, then reference)."""
+        # MuseTalk's order (musetalk/models/vae.py preprocess_img): /255 in float64, to float32, mask,
+        # then (x - 0.5) / 0.5, then the model's dtype. The input is made a contiguous NCHW tensor:
+        # a permuted (channels-last strided) view sent the CPU convolutions down another kernel
+        # path and moved the latents by ~0.2-1 % of their range. On CUDA, tune_for_gpu's
+        # channels-last weights still select the NHWC kernels (one cheap input conversion).
         x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
-        x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0
+        x = (x.permute(0, 3, 1, 2).double() / 255.0).float().contiguous()
         masked = x.clone()
         masked[:, :, CROP_SIZE // 2 :, :] = 0  # hide the lower half: the part the UNet must fill in
-        images = torch.cat([masked, x]) * 2.0 - 1.0
+        images = ((torch.cat([masked, x]) - 0.5) / 0.5).to(self.dtype)
         # The distribution mean, not a sample: deterministic, and what training used.
         latents = self.vae.encode(images).latent_dist.mode() * self.scaling_factor
         b = len(crops)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Mapping
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
@@ -33,6 +34,9 @@ from .errors import InvalidInputError
 
 #: Form fields that are request options, not job parameters.
 REQUEST_FIELDS = frozenset({"wait"})
+#: JSON-schema keyword on a parameter that only some MuseTalk versions use (health's `model_version`
+#: values); the web page offers such a parameter only when the loaded model is one of them.
+MODEL_VERSIONS_KEY = "x-model-versions"
 
 Surface = Literal["local", "service"]
 SERVICE_ONLY: dict[str, Any] = {"surface": "service"}  # json_schema_extra of a service-only field
@@ -79,7 +83,13 @@ class JobParams(BaseModel):
     bbox_shift: int = Field(
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
-                    "v1.5 ignores it, as MuseTalk v1.5 does.")
+                    "v1.5 ignores it, as MuseTalk v1.5 does.",
+        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"]})
+    sharpen: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
+                    "0 is off; up to 1 puts the source's own fine detail back outside the mouth and "
+                    "sharpens the generated mouth to the same scale.")
     webhook_url: Optional[str] = Field(
         default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
         description="http(s) URL that receives the job's status as signed JSON POSTs (Lipsync-Signature: "
@@ -138,6 +148,9 @@ class JobParams(BaseModel):
         return frozenset(self.webhook_events or DEFAULT_WEBHOOK_EVENTS)
 
 
+_INT_RE = re.compile(r"[+-]?\d+")
+
+
 def field_names(surface: Surface = "service") -> tuple[str, ...]:
     """The parameters a surface takes: all of them on the service, the unmarked ones locally."""
     return tuple(name for name, info in JobParams.model_fields.items()
@@ -149,12 +162,19 @@ def _service_only(extra: Any) -> bool:
 
 
 def _decode_value(raw: str) -> Any:
-    """A form value as sent by curl (`bounce`, `5`, `[...]`) or by BentoML's client (JSON: `"bounce"`)."""
+    """A form value as sent by curl (`bounce`, `5`, `[...]`) or by BentoML's client (JSON: `"bounce"`).
+
+    Only JSON's structured forms are decoded here (strings in quotes, lists, objects, null); a bare
+    number or word stays text and the schema parses it by the field's type, so `0E0` or `5.0` are
+    not integers and `1e3` is not a word.
+    """
     text = raw.strip()
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+    if text[:1] in ('"', "[", "{") or text == "null":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -182,6 +202,10 @@ def parse_fields(fields: Mapping[str, Any], defaults: Mapping[str, Any] | None =
         value = _decode_value(raw) if isinstance(raw, str) else raw
         if value is None or value == "":
             continue
+        info = JobParams.model_fields.get(name)
+        if info is not None and info.annotation is int and isinstance(value, str) and not _INT_RE.fullmatch(value):
+            # pydantic would read "5.0" as 5; an integer parameter takes integers only
+            raise InvalidInputError(f"Invalid parameters: {name}: Input should be a valid integer, got {value[:20]!r}")
         values[name] = value
     try:
         return JobParams.model_validate(values)

@@ -27,9 +27,11 @@ from . import audio as audio_math
 from .avatar_cache import Avatar, AvatarCache, AvatarParams
 from .blend import blend_faces
 from .crops import crop_faces
+from .detail import restore_detail
 from .errors import InvalidInputError, JobCancelledError, MediaProcessingError
 from .faces import FaceDetector, FaceTrack, track_faces
 from .framestore import FrameStore, pingpong_indices
+from .masks import MaskProvider, masks_for
 from .media import (PROBE_TIMEOUT_S, AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio,
                     probe_video)
 from .musetalk import LipSyncModel
@@ -54,6 +56,7 @@ class PipelineOptions:
     crf: int = 18
     preset: str = "veryfast"
     ffmpeg_timeout_s: float | None = None
+    sharpen: float = 0.0  # detail.restore_detail's amount; 0: plain paste
 
 
 @dataclass
@@ -103,11 +106,14 @@ def run(
     work_dir: Path | str | None = None,
     cache: AvatarCache | None = None,
     video_info: VideoInfo | None = None,
+    masks: MaskProvider | None = None,
 ) -> JobResult:
     """Lip-sync `video` to `audio` and write an MP4 to `output` (atomically: all or nothing).
 
     With an avatar cache, the face track and the face latents of a video seen before are reused.
     `video_info`: the inputs were already checked with validate_inputs (do not probe them again).
+    `masks`: blend masks per face (masks.load_mask_provider: MuseTalk's face parsing or landmark
+    contours); None: blend.py's own lower-face mask.
     """
     opts = options or PipelineOptions()
     video, audio, output = Path(video), Path(audio), Path(output)
@@ -145,7 +151,7 @@ def run(
                 _fill_store(video, info, opts, clock, store, check_cancel)
             result = _render(model, track, steps, video, audio, output, info, n_out, opts, clock, store,
                              check_cancel, lambda f: report("generate", FACES_SHARE + (1 - FACES_SHARE) * f),
-                             avatar)
+                             avatar, masks)
         result.cache_hit = hit if cache is not None else None
     finally:
         if store is not None:
@@ -224,7 +230,7 @@ def _track(video: Path, info: VideoInfo, detector: FaceDetector, opts: PipelineO
 def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Path, audio: Path, output: Path,
             info: VideoInfo, n_out: int, opts: PipelineOptions, clock: StageClock, store: FrameStore | None,
             check_cancel: Callable[[], None], progress: Callable[[float], None],
-            avatar: Avatar | None = None) -> JobResult:
+            avatar: Avatar | None = None, masks: MaskProvider | None = None) -> JobResult:
     """Pass 2, in three overlapped stages: while the model works on chunk k, chunk k+1 is read
     (decode) and chunk k-1 is blended and encoded. Each stage keeps its order; at most three
     chunks are in memory; the first error from any stage stops the others and is raised."""
@@ -248,8 +254,13 @@ def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Pat
     def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
         if pending is not None:
             with clock("blend"):
-                frames[pending.sel] = blend_faces(frames[pending.sel], pending.faces, pending.boxes,
-                                                  pending.landmarks, inplace=True)
+                source = frames[pending.sel]
+                faces = pending.faces
+                if opts.sharpen > 0:
+                    faces = restore_detail(source, faces, pending.boxes, pending.landmarks, opts.sharpen)
+                frame_masks = masks_for(masks, source, pending.boxes, pending.landmarks)
+                frames[pending.sel] = blend_faces(source, faces, pending.boxes, pending.landmarks,
+                                                  masks=frame_masks, inplace=True)
         with clock("encode"):
             writer.write(frames)
         return len(frames)

@@ -25,7 +25,7 @@ class RunnerSettings(BaseSettings):
     bbox_shift: int = Field(default=0, ge=-100, le=100, description="MuseTalk v1.0 mouth-box shift in pixels.")
     batch_size: int = Field(default=8, ge=1, le=512, description="Frames per model call.")
     model_version: Literal["auto", "v15", "v1"] = "auto"
-    face_detector: Literal["auto", "haar", "fan"] = "auto"
+    face_detector: Literal["auto", "haar", "fan", "mediapipe"] = "auto"
     extra_margin: int = Field(default=10, ge=0, le=100, description="v1.5: pixels added below the chin.")
     crf: int = Field(default=18, ge=0, le=51, description="x264 quality of the output video.")
     preset: str = Field(default="veryfast", description="x264 preset of the output video.")

@@ -129,6 +129,15 @@ def face_image() -> np.ndarray:
     return data.astronaut()
 
 
+def face_placement(i: int, size: tuple[int, int] = (320, 240), face_px: int = 200) -> tuple[float, int, int]:
+    """Where face_frames puts the astronaut in frame i: (scale, x0, y0). A point (x, y) of the
+    astronaut photo lands at ``((x - 100) * scale + x0, y * scale + y0)`` in that frame."""
+    width, height = size
+    dx = int(round(6 * np.sin(2 * np.pi * i / 50)))
+    dy = int(round(3 * np.cos(2 * np.pi * i / 70)))
+    return face_px / 300.0, (width - face_px) // 2 + dx, max(0, (height - face_px) // 2 + dy)
+
+
 def face_frames(n: int, size: tuple[int, int] = (320, 240), *, face_px: int = 200, seed: int = 0):
     """Yield n RGB frames (width, height) with the astronaut's head moving slowly, like a talking head."""
     import cv2
@@ -140,10 +149,7 @@ def face_frames(n: int, size: tuple[int, int] = (320, 240), *, face_px: int = 20
     background = np.full((height, width, 3), (70, 90, 110), np.uint8)
     for i in range(n):
         frame = background.copy()
-        dx = int(round(6 * np.sin(2 * np.pi * i / 50)))
-        dy = int(round(3 * np.cos(2 * np.pi * i / 70)))
-        x0 = (width - face_px) // 2 + dx
-        y0 = max(0, (height - face_px) // 2 + dy)
+        _, x0, y0 = face_placement(i, size, face_px)
         h = min(face_px, height - y0)
         frame[y0 : y0 + h, x0 : x0 + face_px] = img[:h]
         frame = np.clip(frame.astype(np.int16) + rng.integers(-2, 3, frame.shape), 0, 255).astype(np.uint8)
@@ -210,3 +216,32 @@ def _has_encoder(name: str) -> bool:
 
     out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
     return f" {name} " in out
+
+
+# ---------------------------------------------------------------- face parsing
+
+
+def write_face_parsing(models_dir: Path | str, *, seed: int = 0) -> Path:
+    """Random-weight BiSeNet face parsing in MuseTalk's files: ``face-parse-bisent/79999_iter.pth``
+    (the whole network's state dict) and ``resnet18-5c106cde.pth`` (torchvision's ResNet-18 layout:
+    no ``num_batches_tracked``, with the ImageNet ``fc`` classifier). Full size: the network has
+    no config file, so it cannot be shrunk (about 100 MB together)."""
+    import torch
+
+    from .models.face_parsing import PARSING_DIR, PARSING_WEIGHTS, RESNET_WEIGHTS, BiSeNet
+
+    torch.manual_seed(seed)
+    folder = Path(models_dir) / PARSING_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    net = BiSeNet().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as trained weights have
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), folder / PARSING_WEIGHTS)
+    trunk = {k: v for k, v in net.cp.resnet.state_dict().items() if not k.endswith("num_batches_tracked")}
+    trunk["fc.weight"] = torch.randn(1000, 512) * 0.01
+    trunk["fc.bias"] = torch.zeros(1000)
+    torch.save(trunk, folder / RESNET_WEIGHTS)
+    return folder

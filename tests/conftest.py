@@ -38,3 +38,15 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_speech_like_audio(root / "speech_short.wav", seconds=1.2)
     write_speech_like_audio(root / "speech_long.wav", seconds=3.3)
     return root
+
+
+@pytest.fixture(scope="session")
+def open_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
+    """The real server as a newcomer starts it: no API tokens, tiny models (v1.5 loaded).
+
+    Shared by the README examples (test_readme.py) and the browser's view without auth (test_ui.py).
+    """
+    from .server import running_server
+
+    with running_server(tmp_path_factory.mktemp("open-server"), models_dir) as server:
+        yield server

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lipsync_runner.avatar_cache import AvatarCache, AvatarParams
+from lipsync_runner.avatar_cache import AvatarCache, AvatarParams, owner_key
 from lipsync_runner.faces import FaceTrack, HaarFaceDetector
 from lipsync_runner.media import VideoReader
 from lipsync_runner.musetalk import MuseTalk
@@ -116,3 +117,115 @@ def test_least_recently_used_entries_are_evicted_past_the_bound(tmp_path):
     with cache.open("new", lambda: track):  # in use: never evicted, and now the most recent
         assert cache.evict() == ["old"]
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir()) == ["mid", "new"]
+
+
+# ------------------------------------------------------------------ tenants, retention, crashes
+
+
+def _track(n: int = 20) -> FaceTrack:
+    return FaceTrack(boxes=np.zeros((n, 4), np.int32), landmarks=None, has_face=np.ones(n, bool), detector="haar")
+
+
+def _hit(view, key: str = "video-key") -> bool:
+    with view.open(key, _track) as (_, hit):
+        return hit
+
+
+def test_an_owner_never_hits_another_owners_entry(tmp_path):
+    """Latents decode back to faces and a hit says "seen before": entries belong to their owner."""
+    cache = AvatarCache(tmp_path / "c")
+    assert _hit(cache.for_job("a1", "owner-a")) is False
+    assert _hit(cache.for_job("b1", "owner-b")) is False  # same video, another tenant: its own entry
+    assert _hit(cache.for_job("a2", "owner-a")) is True
+    assert _hit(cache.for_job("x1", None)) is False  # unscoped deployments share one entry per video
+    assert _hit(cache.for_job("x2", None)) is True
+    assert cache.builds == 3
+
+
+def test_an_entry_goes_with_the_last_job_that_used_it(tmp_path):
+    cache = AvatarCache(tmp_path / "c")
+    _hit(cache.for_job("j1", "owner-a"))
+    _hit(cache.for_job("j2", "owner-a"))
+    assert cache.release_job("j1") == []  # j2 still uses it
+    assert _hit(cache.for_job("j3", "owner-a")) is True
+    assert cache.release_job("j2") == [] and len(cache.release_job("j3")) == 1
+    assert [p for p in (tmp_path / "c").iterdir() if p.is_dir()] == []
+    assert _hit(cache.for_job("j4", "owner-a")) is False
+
+
+def test_a_job_cleanup_releases_its_avatar_entries(tmp_path):
+    from lipsync_runner.jobs import JobManager, JobOutcome, JobParams
+
+    released = []
+    manager = JobManager.from_data_dir(tmp_path / "data", lambda ctx: JobOutcome("x", 0), on_removed=released.append)
+    job_id, job_dir = manager.new_upload()
+    for name in ("v.mp4", "a.wav"):
+        (job_dir / name).write_bytes(b"x")
+    manager.submit(job_id, video_file="v.mp4", audio_file="a.wav", video_filename="v.mp4", audio_filename="a.wav",
+                   params=JobParams())
+    manager.cleanup(job_id)
+    assert released == [job_id]
+    manager.close()
+
+
+def test_entries_expire_with_the_retention_time_but_never_while_in_use(tmp_path):
+    cache = AvatarCache(tmp_path / "c")
+    _hit(cache.for_job("old", "o"), "k-old")
+    _hit(cache.for_job("new", "o"), "k-new")
+    now = time.time()
+
+    def age(key: str, seconds: float) -> None:
+        os.utime(tmp_path / "c" / owner_key(key, "o") / "last_used", (now - seconds, now - seconds))
+
+    age("k-new", 10)
+    with cache.for_job("busy", "o").open("k-old", _track):
+        age("k-old", 7200)
+        assert cache.expire(3600, now=now) == []  # in use: stays, however old
+    age("k-old", 7200)
+    assert cache.expire(3600, now=now) == [owner_key("k-old", "o")]
+    assert _hit(cache.for_job("again", "o"), "k-new") is True
+
+
+def test_builds_a_crash_left_behind_are_counted_and_reclaimed(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    dead = root / "abc.tmp999999"  # no such process
+    dead.mkdir()
+    (dead / "latents.f32").write_bytes(b"\0" * 10_000)
+    alive = root / f"def.tmp{os.getpid()}"  # a build in progress in a live process
+    alive.mkdir()
+    cache = AvatarCache(root)  # a restart
+    assert not dead.exists() and alive.exists()
+    (alive / "latents.f32").write_bytes(b"\0" * 5000)
+    assert cache.size_bytes() >= 5000  # a build in progress counts towards the bound
+
+
+def test_an_entry_in_use_by_another_process_is_never_removed(tmp_path):
+    """Eviction in one process cannot pull an entry from under a job in another one."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "c"
+    AvatarCache(root)
+    with AvatarCache(root).open("shared", _track):
+        pass
+    go = tmp_path / "go"
+    code = (f"import time, pathlib; from lipsync_runner.avatar_cache import AvatarCache\n"
+            f"from tests.test_avatar_cache import _track\n"
+            f"with AvatarCache({str(root)!r}).open('shared', _track):\n"
+            f"    pathlib.Path({str(tmp_path / 'opened')!r}).touch()\n"
+            f"    while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "opened").exists():
+            assert other.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        cache = AvatarCache(root, max_bytes=0)
+        assert cache.evict() == [] and cache.remove("shared") is False
+        assert (root / "shared" / "meta.json").is_file()
+        go.touch()
+        assert other.wait(timeout=60) == 0
+        assert cache.remove("shared") is True and not (root / "shared").exists()
+    finally:
+        other.kill()

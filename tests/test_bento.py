@@ -57,6 +57,9 @@ def test_bento_source_has_the_code_and_no_weights_or_data(bento: Path):
     src = bento / "src"
     files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
     assert {"service.py", "configuration.yaml", "lipsync_runner/musetalk.py", "lipsync_runner/pipeline.py"} <= files
+    # the pages' static files: the web page and the API reference at / (docs_page.py reads them at startup)
+    assert {"lipsync_runner/ui/static/app.js", "lipsync_runner/serving/docs_static/index.html",
+            "lipsync_runner/serving/docs_static/docs.js"} <= files
     assert not [f for f in files if f.startswith(("tests/", "data/", "models/", "demo/"))]
     assert not [f for f in files if f.endswith((".pth", ".bin", ".safetensors", ".pyc"))]
 
@@ -93,3 +96,21 @@ def test_import_refuses_a_directory_that_would_not_load(store_env, tmp_path):
     (tmp_path / "musetalkV15").mkdir()
     result = run(sys.executable, "-m", "lipsync_runner", "import-models", "--from", str(tmp_path), env=store_env)
     assert result.returncode == 3 and "missing model file" in result.stderr
+
+
+def test_the_image_installs_mediapipe_without_its_declared_dependencies(bento: Path):
+    """mediapipe asks for opencv-contrib-python (a second cv2) and numpy<2: the image must install
+    it with --no-deps after requirements.txt, as scripts/setup.sh does (requirements-nodeps.txt)."""
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    names = {line.split("==")[0].strip().lower() for line in requirements if line and not line.startswith("#")}
+    assert "mediapipe" not in names and "opencv-contrib-python" not in names
+    assert {"opencv-python==4.14.0.94", "numpy==2.4.6", "protobuf==4.25.9", "matplotlib==3.11.2"} <= set(requirements)
+    nodeps = [line for line in (ROOT / "requirements-nodeps.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert nodeps == ["mediapipe==0.10.21"]
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    (script,) = [p for p in (bento / "env" / "docker").iterdir() if p.name.startswith(("script__", "setup_script"))]
+    text = script.read_text()
+    assert 'NODEPS="mediapipe==0.10.21"' in text and '--no-deps "$NODEPS"' in text
+    # run after the Python packages, so that nothing installs over it afterwards
+    assert dockerfile.index("requirements.txt") < dockerfile.index(script.name)

@@ -402,8 +402,8 @@ def test_broken_face_model_file_raises_model_files_error(tmp_path):
 def test_load_face_detector_picks_fan_when_its_files_are_present(tmp_path, fan_models_dir, no_network):
     assert not fan_weights_present(tmp_path) and not fan_weights_present(None)
     assert fan_weights_present(fan_models_dir)
-    assert isinstance(load_face_detector("auto", tmp_path), HaarFaceDetector)
-    assert isinstance(load_face_detector("auto", None), HaarFaceDetector)
+    assert load_face_detector("auto", tmp_path).name == "mediapipe"  # no FAN weights: MediaPipe
+    assert load_face_detector("auto", None).name == "mediapipe"
     assert isinstance(load_face_detector("haar", fan_models_dir), HaarFaceDetector)
     assert isinstance(load_face_detector("auto", fan_models_dir), FanFaceDetector)
     with pytest.raises(ValueError):

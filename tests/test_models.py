@@ -115,11 +115,25 @@ def test_download_fetches_musetalks_files_into_its_layout(tmp_path: Path):
     assert (root / "musetalkV15" / "unet.pth").is_file()
     assert sorted(p.name for p in (root / "face-alignment").iterdir()) == [
         "2DFAN4-11f355bf06.pth.tar", "s3fd-619a316812.pth"]
-    assert len(urls) == 2
+    # MuseTalk's face-parsing files, from download_weights.sh's sources (by default)
+    assert sorted(p.name for p in (root / "face-parse-bisent").iterdir()) == ["79999_iter.pth", "resnet18-5c106cde.pth"]
+    assert "https://download.pytorch.org/models/resnet18-5c106cde.pth" in urls
+    assert any("154JgKpzCPW82qINcVieuPH3fZ2e0P812" in u for u in urls)
+    assert len(urls) == 4
     # a second run downloads nothing
     calls.clear()
     download_models(root, version="v15", hf_hub_download=fake_hub_download)
     assert calls == []
+
+
+def test_download_refuses_a_web_page_in_place_of_a_checkpoint(tmp_path: Path):
+    def quota_page(url: str, dst: str) -> None:
+        Path(dst).write_text("<!DOCTYPE html><html>Google Drive - quota exceeded</html>")
+
+    with pytest.raises(ModelFilesError, match="web page") as err:
+        download_models(tmp_path / "m", hf_hub_download=lambda **kw: kw["local_dir"], download_url=quota_page)
+    assert "79999_iter.pth" in err.value.message
+    assert not list((tmp_path / "m" / "face-parse-bisent").iterdir())  # nothing half-written is left
 
 
 def test_download_of_all_versions_lists_both_unets():

@@ -1,8 +1,9 @@
-"""The browser page at /ui, driven in headless Chromium (Debian's `chromium` package, through
-Playwright; never a downloaded browser) against the real server with tiny models and auth on.
+"""The browser page at /ui and the API reference at /, driven in headless Chromium (Debian's
+`chromium` package, through Playwright; never a downloaded browser) against the real server with
+tiny models (MuseTalk v1.5 loaded): one with auth on, and the shared one without (`open_server`).
 
-The test of a completed job saves screenshots under its tmp dir (and copies them to
-$LIPSYNC_ARTIFACTS_DIR when that is set) for a reviewer to look at.
+Screenshots are saved under each test's tmp dir (and copied to $LIPSYNC_ARTIFACTS_DIR when that is
+set) for a reviewer to look at.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lipsync_runner import __version__
 from lipsync_runner.media import probe_video
+from lipsync_runner.params import MODEL_VERSIONS_KEY, JobParams
+from lipsync_runner.serving.docs_page import BENTOML_TAG, INFRA_TAG, TITLE
 
 from .server import Server, running_server
 
@@ -60,8 +64,7 @@ def server(browser, tmp_path_factory, models_dir) -> Server:
         yield srv
 
 
-@pytest.fixture
-def page(browser, server):
+def new_page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(20_000)
@@ -70,6 +73,17 @@ def page(browser, server):
     yield page
     context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+def page(browser, server):
+    yield from new_page(browser)
+
+
+@pytest.fixture
+def open_page(browser, open_server):
+    """A page on the server without tokens."""
+    yield from new_page(browser)
 
 
 def expect(locator):
@@ -117,6 +131,34 @@ def api_client(server: Server) -> httpx.Client:
     return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
 
 
+def broken_images(page) -> list[str]:
+    """Shown images that did not load (hidden ones are not shown, so cannot look broken)."""
+    return page.evaluate("""() => [...document.images]
+        .filter((img) => img.getClientRects().length > 0 && !(img.complete && img.naturalWidth > 0))
+        .map((img) => img.currentSrc || img.src || img.outerHTML)""")
+
+
+def params_for(version: str) -> set[str]:
+    """The job parameters the page should offer when health's model_version is `version`."""
+    props = JobParams.model_json_schema()["properties"]
+    return {name for name, prop in props.items() if version in prop.get(MODEL_VERSIONS_KEY, [version])}
+
+
+def shown_params(page, version: str = "v15") -> set[str]:
+    """The parameters offered, once the page has chosen them for `version`."""
+    expect(page.locator("#params")).to_have_attribute("data-model-version", version)
+    return set(page.eval_on_selector_all("#params [data-param]", "els => els.map((el) => el.dataset.param)"))
+
+
+def as_model(page, server: Server, version: str) -> None:
+    """Make the page's health checks report another MuseTalk version (this server has v1.5 loaded)."""
+    def health(route):
+        response = route.fetch()
+        route.fulfill(response=response, json={**response.json(), "model_version": version})
+
+    page.route(f"{server.url}{API}/health", health)
+
+
 # ------------------------------------------------------------------ token
 
 
@@ -156,7 +198,7 @@ def test_generate_watch_play_download_and_clean_up(page, server, media_dir, tmp_
     page.set_input_files("#video", media_dir / "face.mp4")
     drop_file(page, "audio-drop", media_dir / "speech_short.wav", "audio/wav")
     expect(page.locator("#audio-info")).to_contain_text("speech_short.wav")
-    page.fill("#bbox_shift", "3")
+    assert shown_params(page) == params_for("v15")
     page.evaluate("""() => {  // record every status line and progress value the page shows
         window.seen = [];
         const status = document.getElementById("job-status"), bar = document.getElementById("job-progress");
@@ -170,7 +212,8 @@ def test_generate_watch_play_download_and_clean_up(page, server, media_dir, tmp_
     job_id = response.value.json()["job_id"]
     expect(page.locator("#job-id")).to_have_text(job_id)
 
-    expect(page.locator("#job")).to_have_attribute("data-status", "completed", timeout=120_000)
+    # generous: on a shared 2-core machine a 30-frame job has taken over 2 minutes
+    expect(page.locator("#job")).to_have_attribute("data-status", "completed", timeout=300_000)
     expect(page.locator("#job-status")).to_contain_text("Completed")
     assert page.eval_on_selector("#job-progress", "p => p.value") == 1
     seen = page.evaluate("window.seen")
@@ -187,7 +230,7 @@ def test_generate_watch_play_download_and_clean_up(page, server, media_dir, tmp_
     page.wait_for_function("() => document.getElementById('input-video').readyState >= 2")
     expect(page.locator(f'#jobs li[data-job-id="{job_id}"] .badge')).to_have_text("completed")
     with api_client(server) as api:
-        assert api.get(f"{API}/status/{job_id}").json()["bbox_shift"] == 3
+        assert api.get(f"{API}/status/{job_id}").json()["bbox_shift"] == 0  # not offered, not sent: the default
 
     shot = tmp_path / "ui-completed.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -241,15 +284,20 @@ def test_api_errors_show_the_servers_message_next_to_the_field(page, server, med
         (notes, short, "", "video", 400),
         (fake_mp4, short, "", "video", 400),
         (media_dir / "face.mp4", long, "", "audio", 413),
-        (media_dir / "face.mp4", short, "abc", "bbox_shift", 400),
+        (media_dir / "face.mp4", short, "abc", "param-bbox_shift", 400),
     ]
-    fields = ("video", "audio", "bbox_shift")
+    fields = ("video", "audio", "param-bbox_shift")
     for video, audio, shift, field, code in cases:
         status, body = server_error(server, video, audio, **({"bbox_shift": shift} if shift else {}))
         assert status == code, body
+        if shift:  # bbox_shift is offered for MuseTalk v1.0 only
+            as_model(page, server, "v1")
+            page.reload()
+            expect(page.locator("#param-bbox_shift")).to_be_visible()
         page.set_input_files("#video", video)
         page.set_input_files("#audio", audio)
-        page.fill("#bbox_shift", shift)
+        if shift:
+            page.fill("#param-bbox_shift", shift)
         page.click("#submit")
         expect(page.locator(f"#{field}-error")).to_contain_text(body["error"])
         if "message" in body:
@@ -257,7 +305,7 @@ def test_api_errors_show_the_servers_message_next_to_the_field(page, server, med
         expect(page.locator(f"#{field}")).to_have_attribute("aria-invalid", "true")
         assert page.evaluate("document.activeElement.id") == field
         for other in fields:
-            if other != field:
+            if other != field and page.locator(f"#{other}").count():
                 expect(page.locator(f"#{other}-error")).to_have_text("")
         expect(page.locator("#top-error")).to_be_hidden()
         if video == notes:
@@ -269,7 +317,7 @@ def test_api_errors_show_the_servers_message_next_to_the_field(page, server, med
     page.route(f"**{API}/generate", lambda route: route.fulfill(
         status=503, content_type="application/json",
         body='{"error": "Lip sync service not available", "details": "Models not loaded: models are loading"}'))
-    page.fill("#bbox_shift", "")
+    page.fill("#param-bbox_shift", "")
     page.click("#submit")
     expect(page.locator("#top-error")).to_contain_text("Lip sync service not available: Models not loaded")
     for other in fields:
@@ -291,3 +339,139 @@ def test_every_control_has_a_label(page, server):
     assert unlabelled == []
     page.set_viewport_size({"width": 375, "height": 812})
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+# ------------------------------------------------------------------ only what applies
+
+
+def test_the_page_offers_only_the_parameters_of_the_loaded_model(page, server):
+    open_ui(page, server)
+    assert shown_params(page) == params_for("v15")  # v1.5 ignores bbox_shift, so it is not offered
+    expect(page.locator("#params-note")).to_contain_text("Not offered for the loaded model (v15): bbox_shift")
+
+    as_model(page, server, "v1")
+    page.reload()
+    expect(page.locator("#param-bbox_shift")).to_be_visible()
+    assert shown_params(page, "v1") == params_for("v1")
+    expect(page.locator("#params-note")).to_be_hidden()
+    # rendered from the schema: its description and range, the default as the placeholder
+    prop = JobParams.model_json_schema()["properties"]["bbox_shift"]
+    expect(page.locator("#param-bbox_shift-help")).to_contain_text(prop["description"])
+    expect(page.locator("#param-bbox_shift-help")).to_contain_text(f"From {prop['minimum']} to {prop['maximum']}")
+    expect(page.locator("#param-bbox_shift")).to_have_attribute("placeholder", str(prop["default"]))
+    expect(page.locator("label[for='param-bbox_shift']")).to_contain_text("bbox_shift")
+
+
+def test_without_auth_there_is_no_token_card(open_page, open_server, tmp_path):
+    page = open_page
+    page.goto(open_server.url + "/ui/")
+    expect(page.locator("#health")).to_contain_text("Ready")
+    expect(page.locator("#jobs-error")).to_have_text("")
+    expect(page.locator("#access")).to_be_hidden()
+    assert shown_params(page) == params_for("v15")
+    assert broken_images(page) == []
+    shot = tmp_path / "ui-no-auth.png"
+    page.screenshot(path=str(shot), full_page=True)
+    save_artifact(shot)
+
+
+def test_with_auth_the_token_card_is_shown(page, server):
+    page.goto(server.url + "/ui/")
+    expect(page.locator("#access")).to_be_visible()
+    expect(page.locator("#token-error")).to_contain_text("Missing or invalid API token")
+
+
+# ------------------------------------------------------------------ a job's inputs, after a reload too
+
+
+def submit_job(url: str, media_dir: Path, headers: dict | None = None) -> str:
+    with httpx.Client(base_url=url, headers=headers or {}, timeout=60) as api, \
+            (media_dir / "face.mp4").open("rb") as v, (media_dir / "speech_short.wav").open("rb") as a:
+        r = api.post(f"{API}/generate", files={"video": ("face.mp4", v), "audio": ("speech_short.wav", a)})
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def check_inputs_shown(page, base_url: str, job_id: str, tmp_path: Path, shot_name: str) -> None:
+    """The list row names the inputs with their durations and has a thumbnail; the job's inputs
+    play in its panel, and still do after a reload."""
+    row = page.locator(f'#jobs li[data-job-id="{job_id}"]')
+    expect(row.locator(".job-inputs")).to_have_text("face.mp4 · 2.0 s + speech_short.wav · 1.2 s")
+    expect(row.locator("img.thumb")).to_be_visible()
+    assert row.locator("img.thumb").evaluate("img => img.naturalWidth") > 0
+    assert broken_images(page) == []
+    row.locator("button:has-text('Show')").click()
+    expect(page.locator("#job-id")).to_have_text(job_id)
+    for reload in (False, True):  # as shown, then after a reload (the page resumes the job from the tab's session)
+        if reload:
+            page.reload()
+            expect(page.locator("#job-id")).to_have_text(job_id)
+        page.wait_for_function("""() => ['input-video', 'input-audio'].every((id) => {
+            const m = document.getElementById(id); return !m.hidden && m.readyState >= 1; })""")
+        assert page.eval_on_selector("#input-video", "v => [v.videoWidth, v.videoHeight]") == [320, 240]
+        expect(page.locator("#input-note")).to_be_hidden()
+    shot = tmp_path / shot_name
+    page.screenshot(path=str(shot), full_page=True)
+    save_artifact(shot)
+
+
+def test_job_inputs_and_thumbnails_with_a_token(page, server, media_dir, tmp_path):
+    # with auth on, the page fetches them with the token (a <video src> cannot send it)
+    job_id = submit_job(server.url, media_dir, {"Authorization": f"Bearer {TOKEN}"})
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.headers.get("authorization", "")) if f"/jobs/{job_id}/" in r.url
+            else None)
+    try:
+        open_ui(page, server)
+        check_inputs_shown(page, server.url, job_id, tmp_path, "ui-job-inputs.png")
+        assert asked and set(asked) == {f"Bearer {TOKEN}"}, asked
+    finally:
+        with api_client(server) as api:
+            api.delete(f"{API}/cleanup/{job_id}")
+
+
+def test_job_inputs_and_thumbnails_without_auth(open_page, open_server, media_dir, tmp_path):
+    # without auth, the players stream from the routes themselves (seekable, nothing held in memory)
+    job_id = submit_job(open_server.url, media_dir)
+    try:
+        open_page.goto(open_server.url + "/ui/")
+        check_inputs_shown(open_page, open_server.url, job_id, tmp_path, "ui-job-inputs-no-auth.png")
+        src = open_page.eval_on_selector("#input-video", "v => v.getAttribute('src')")
+        assert src == f"{API}/jobs/{job_id}/inputs/video", src
+    finally:
+        httpx.delete(f"{open_server.url}{API}/cleanup/{job_id}", timeout=60)
+
+
+# ------------------------------------------------------------------ the API reference at /
+
+
+def test_the_api_reference_is_the_products(page, server, tmp_path):
+    outside: list[str] = []
+    console_errors: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith((server.url, "data:", "blob:")) else outside.append(r.url))
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    page.goto(server.url + "/")  # auth is on: the page and its document stay open
+    expect(page).to_have_title(f"{TITLE} {__version__}")
+    info = page.locator(".swagger-ui .info")
+    expect(info.locator(".title")).to_contain_text(TITLE)
+    expect(info.locator(".title .version").first).to_have_text(__version__)
+    expect(info).not_to_contain_text("Machine Learning Service")
+    expect(info).to_contain_text("Which of the two surfaces to use")
+    expect(info.locator('a[href="./ui/"]')).to_be_visible()
+    expect(page.locator("#ui-link")).to_have_attribute("href", "./ui/")
+    tags = page.eval_on_selector_all("h3.opblock-tag[data-tag]", "els => els.map((el) => el.dataset.tag)")
+    spec = httpx.get(server.url + "/docs.json", timeout=30).json()
+    assert tags == [t["name"] for t in spec["tags"]] and tags[-2:] == [BENTOML_TAG, INFRA_TAG], tags  # REST first
+    expect(page.locator(".opblock-summary-path[data-path='/api/lip-sync/generate']")).to_be_visible()
+    expect(page.locator(".opblock-summary-description", has_text="BentoML: generate")).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    assert broken_images(page) == []
+    assert outside == [], f"the page loaded things from outside: {outside}"
+    assert console_errors == [], console_errors  # a Content-Security-Policy violation shows up here
+    shot = tmp_path / "api-reference.png"
+    page.screenshot(path=str(shot), full_page=True)
+    save_artifact(shot)
+
+    page.click("#ui-link")
+    expect(page.locator("#health")).to_contain_text("Ready")
+    assert page.url == server.url + "/ui/"

@@ -341,16 +341,26 @@ def _build_face_alignment(s3fd_path: Path, fan_path: Path, device: str, filter_t
 
 
 def load_face_detector(kind: str = "auto", models_dir: Path | str | None = None, device: str = "cpu") -> FaceDetector:
-    """``auto``: FAN if its weight files are in ``models_dir``, else Haar; ``fan``; ``haar``."""
+    """``auto``: FAN if its weight files are in ``models_dir``, else MediaPipe (real landmarks, no
+    download) if it is installed, else Haar; or ``fan``, ``mediapipe``, ``haar`` by name."""
+    from .mediapipe_detector import MediaPipeFaceDetector, mediapipe_available
+
     kind = (kind or "auto").lower()
     if kind == "auto":
-        kind = "fan" if fan_weights_present(models_dir) else "haar"
-        if kind == "haar":
-            logger.info("face-alignment weights not found in %s: using the Haar face detector", models_dir)
+        if fan_weights_present(models_dir):
+            kind = "fan"
+        elif mediapipe_available():
+            kind = "mediapipe"
+        else:
+            kind = "haar"
+            logger.warning("neither face-alignment weights in %s nor mediapipe: using the Haar face detector "
+                           "(no landmarks)", models_dir)
     if kind == "haar":
         return HaarFaceDetector()
+    if kind == "mediapipe":
+        return MediaPipeFaceDetector()
     if kind == "fan":
         if models_dir is None:
             raise ModelFilesError("the FAN face detector needs a models directory; " + _expected_layout(Path("<models>")))
         return FanFaceDetector(Path(models_dir), device=device)
-    raise ValueError(f"unknown face detector kind {kind!r} (expected 'auto', 'fan' or 'haar')")
+    raise ValueError(f"unknown face detector kind {kind!r} (expected 'auto', 'fan', 'mediapipe' or 'haar')")

@@ -34,6 +34,13 @@ class FaceTrack:
         return None if self.landmarks is None else self.landmarks[start:stop]
 
 
+def _largest(found):
+    """The largest face of one frame under either detector protocol (a list, largest first; or one/None)."""
+    if isinstance(found, list):
+        return found[0] if found else None
+    return found
+
+
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) of each run of True values."""
     m = np.concatenate([[False], mask.astype(bool), [False]])
@@ -129,7 +136,7 @@ def track_faces(
         if b == 0:
             continue
         sel = [i for i in range(b) if (n + i) % detect_every == 0]
-        dets = detector.detect(chunk[sel]) if sel else []
+        dets = [_largest(d) for d in detector.detect(chunk[sel])] if sel else []
         det_by_index = dict(zip(sel, dets))
         for i in range(b):
             ran = i in det_by_index
@@ -152,7 +159,7 @@ def track_faces(
         last_frame_pending = not detected[-1]
         last_chunk_tail = chunk[-1:].copy() if last_frame_pending else None
     if last_frame_pending:
-        d = detector.detect(last_chunk_tail)[0]
+        d = _largest(detector.detect(last_chunk_tail)[0])
         hw = last_chunk_tail.shape[1:3]
         if d is not None:
             boxes[-1] = np.array(musetalk_crop_box(

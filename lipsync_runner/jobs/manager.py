@@ -136,6 +136,7 @@ class JobManager:
         free_space_floor_bytes: int = 0,
         debug: bool = False,
         orphan_grace_s: float = 600,
+        on_removed: Callable[[str], None] | None = None,
         on_event: EventListener | None = None,
     ) -> None:
         if workers < 1:
@@ -153,6 +154,7 @@ class JobManager:
         self.free_space_floor_bytes = int(free_space_floor_bytes)
         self.debug = bool(debug)
         self.orphan_grace_s = float(orphan_grace_s)  # periodic sweeps leave younger orphans alone
+        self._on_removed = on_removed  # (job id): a job is gone for good (cleanup, expiry): e.g. its avatar refs
         self.on_event = on_event
 
         self._lock = threading.RLock()
@@ -527,8 +529,17 @@ class JobManager:
             self._notify(job_id)
         if run is None:
             self._files.remove(job_id)
+        self._removed(job_id)
         log.info("job %s: removed%s", job_id, " (its worker is stopping)" if run is not None else "")
         self._emit(job_id, "removed")
+
+    def _removed(self, job_id: str) -> None:
+        if self._on_removed is None:
+            return
+        try:
+            self._on_removed(job_id)
+        except Exception:
+            log.exception("job %s: the removal hook failed", job_id)
 
     def _drop_from_queue(self, job_id: str) -> None:
         if job_id in self._queued_ids:
@@ -557,6 +568,7 @@ class JobManager:
                 self._files.remove(rec.job_id)
             except OSError:
                 log.exception("job %s: could not remove its files (the sweeper will retry)", rec.job_id)
+            self._removed(rec.job_id)
             log.info("job %s: expired and removed", rec.job_id)
             self._emit(rec.job_id, "removed")
             removed += 1

@@ -22,7 +22,7 @@ def import_models_dir(models_dir: Path | str, *, name: str = DEFAULT_MODEL_NAME)
     layout = resolve_layout(models_dir)  # refuse a directory that would not load
     root = layout.root
     parts = [p for p in {*(f.split("/")[0] for f, _ in UNET_FILES.values()), "sd-vae", "whisper",
-                         "face-alignment"} if (root / p).is_dir()]
+                         "face-alignment", "face-parse-bisent"} if (root / p).is_dir()]
     versions = sorted(v for v, (cfg, _) in UNET_FILES.items() if (root / cfg).is_file())
     with bentoml.models.create(name, labels={"unet_versions": "-".join(versions)},
                                metadata={"parts": sorted(parts), "default_version": layout.version}) as model:

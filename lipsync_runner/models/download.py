@@ -39,11 +39,35 @@ FACE_ALIGNMENT_URLS = {
 }
 
 
+# MuseTalk's face-parsing blend (download_weights.sh): BiSeNet from face-parsing.PyTorch's Google
+# Drive file, and torchvision's ImageNet ResNet-18 it is initialised from. MuseTalk fetches the
+# first with gdown; a file of this size (~53 MB) needs no confirmation step.
+FACE_PARSING_URLS = {
+    "79999_iter.pth": "https://drive.google.com/uc?export=download&id=154JgKpzCPW82qINcVieuPH3fZ2e0P812",
+    "resnet18-5c106cde.pth": "https://download.pytorch.org/models/resnet18-5c106cde.pth",
+}
+
+
+def _fetch_checkpoint(url: str, dst: Path, download_url: Callable[[str, str], None]) -> None:
+    """Download to a temporary name and keep it only if it is not a web page (a quota or login page)."""
+    from ..errors import ModelFilesError
+
+    part = dst.with_name(dst.name + ".part")
+    download_url(url, str(part))
+    with open(part, "rb") as f:
+        head = f.read(64).lstrip().lower()
+    if not head or head.startswith((b"<!doctype", b"<html", b"<")):
+        part.unlink(missing_ok=True)
+        raise ModelFilesError(f"{url} returned a web page, not {dst.name}: download it by hand into {dst}")
+    part.replace(dst)
+
+
 def download_models(
     to: Path | str,
     *,
     version: str = "v15",
     face_alignment: bool = False,
+    face_parsing: bool = True,
     hf_hub_download: Callable[..., str] | None = None,
     download_url: Callable[[str, str], None] | None = None,
 ) -> Path:
@@ -64,13 +88,20 @@ def download_models(
                 continue
             log.info("downloading %s/%s", group.repo_id, filename)
             hf_hub_download(repo_id=group.repo_id, filename=filename, local_dir=str(local_dir))
-    if face_alignment:
-        if download_url is None:
+    if download_url is None:
+        def download_url(url: str, dst: str) -> None:
             from torch.hub import download_url_to_file
 
-            def download_url(url: str, dst: str) -> None:
-                download_url_to_file(url, dst, progress=True)
+            download_url_to_file(url, dst, progress=True)
 
+    if face_parsing:
+        fp_dir = root / "face-parse-bisent"
+        fp_dir.mkdir(exist_ok=True)
+        for filename, url in FACE_PARSING_URLS.items():
+            if not (fp_dir / filename).is_file():
+                log.info("downloading %s", url)
+                _fetch_checkpoint(url, fp_dir / filename, download_url)
+    if face_alignment:
         fa_dir = root / "face-alignment"
         fa_dir.mkdir(exist_ok=True)
         for filename, url in FACE_ALIGNMENT_URLS.items():

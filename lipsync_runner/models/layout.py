@@ -6,6 +6,7 @@
       sd-vae/config.json         sd-vae/diffusion_pytorch_model.{safetensors,bin}
       whisper/config.json        whisper/{model.safetensors,pytorch_model.bin}  whisper/preprocessor_config.json
       face-alignment/            optional S3FD + FAN weights for the quality face detector
+      face-parse-bisent/         optional 79999_iter.pth + resnet18-5c106cde.pth: MuseTalk's face-parsing blend
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ UNET_FILES: dict[str, tuple[str, str]] = {
 }
 VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 WHISPER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+FACE_PARSING_DIR = "face-parse-bisent"
 
 EXPECTED_LAYOUT = __doc__.split("\n\n", 1)[1].rstrip()
 
@@ -53,6 +55,10 @@ class ModelsLayout:
     @property
     def face_alignment_dir(self) -> Path:
         return self.root / "face-alignment"
+
+    @property
+    def face_parsing_dir(self) -> Path:
+        return self.root / FACE_PARSING_DIR
 
     def weight_files(self) -> list[Path]:
         """The files whose content defines the model (for cache keys and integrity checks)."""

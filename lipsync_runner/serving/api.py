@@ -49,6 +49,9 @@ class ApiCore:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.files = JobFiles(data_dir)
         self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
+                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
+                        if self.settings.avatar_cache else None)
         # webhooks, Idempotency-Key, URL inputs' policy, queue ETA, usage: their own tables
         self.integration = integration or Integration(data_dir, workers=self.settings.job_workers)
         self.manager = JobManager(
@@ -56,10 +59,9 @@ class ApiCore:
             retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
             sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
             free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug,
+            on_removed=self.avatars.release_job if self.avatars is not None else None,
             on_event=self.integration.on_job_event)
-        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
-                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
-                        if self.settings.avatar_cache else None)
+        self._stop = threading.Event()
         self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready,
                                         integration=self.integration)
         self.integration.bind(self.manager.get, self.manager.store.list, self.operations.status_body)
@@ -75,10 +77,22 @@ class ApiCore:
         self.loop = loop
         self.integration.start()  # before the manager: recovered jobs' events find it ready
         self.manager.start()
+        if self.avatars is not None:  # every replica's own cache: expired here, not by the shared sweeper
+            threading.Thread(target=self._expire_avatars, name="avatar-expiry", daemon=True).start()
 
     def stop(self) -> None:
+        self._stop.set()
         self.manager.close()
         self.integration.stop()
+
+    def _expire_avatars(self) -> None:
+        while True:
+            try:
+                self.avatars.expire(self.settings.retention_s)
+            except Exception:
+                log.exception("avatar cache expiry failed")
+            if self._stop.wait(self.settings.sweep_interval_s):
+                return
 
     # ------------------------------------------------------------------ runner access
 
@@ -188,13 +202,14 @@ class ApiCore:
             bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
             version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
             crf=self.runner_settings.crf, preset=self.runner_settings.preset,
-            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s)
+            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s, sharpen=job.params.sharpen)
         output = self.files.output_path(job.job_id)
         start = time.perf_counter()
         try:
             result = run(model, self._face_detector(), inputs.video, inputs.audio,
                          output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
-                         work_dir=ctx.work_dir, cache=self.avatars)
+                         work_dir=ctx.work_dir,
+                         cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
         except LipSyncError:
             raise
         metrics.job_finished(time.perf_counter() - start, result.frames)

@@ -1,15 +1,19 @@
 // Lip sync page: a reference client for the public REST API under /api/lip-sync.
 //
-//   POST   {API}/generate          multipart video, audio, optional bbox_shift -> 202 {job_id}
+//   POST   {API}/generate          multipart video, audio, the job parameters -> 202 {job_id}
 //   GET    {API}/status/{job_id}   status, stage, progress (0..1), error
 //   GET    {API}/download/{job_id} the MP4
-//   GET    {API}/jobs?limit=N      recent jobs, newest first
+//   GET    {API}/jobs?limit=N      recent jobs, newest first (each with `inputs`: names, durations)
+//   GET    {API}/jobs/{job_id}/inputs/video, .../inputs/audio, .../thumbnail.jpg   a job's inputs
 //   DELETE {API}/cleanup/{job_id}  cancel if running, delete the files and the record
 //   POST   {API}/cancel/{job_id}   stop a queued or running job
-//   GET    {API}/health            open; 503 while the models load
+//   GET    {API}/params            the job parameters' JSON schema (the form's controls)
+//   GET    {API}/health            open; 503 while the models load; model_version, auth
 //
 // Errors are JSON {"error": ..., "message"?: ..., "details"?: ...}. With auth on, every call but
 // health needs "Authorization: Bearer <token>"; the token lives in sessionStorage (this tab only).
+// The page shows only what applies: the token card when the service requires a token, and the
+// parameters that the loaded model uses (a parameter's "x-model-versions" in the schema).
 
 const API = new URL(document.querySelector('meta[name="lipsync-api"]').content, document.baseURI)
   .pathname.replace(/\/+$/, "");
@@ -17,6 +21,7 @@ const TOKEN_KEY = "lipsync.token";
 const JOB_KEY = "lipsync.job";
 const POLL_MS = 500;
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
+const MODEL_VERSIONS_KEY = "x-model-versions"; // lipsync_runner/params.py
 
 const $ = (id) => document.getElementById(id);
 
@@ -111,7 +116,7 @@ function showTopError(text) {
 }
 
 function clearFormErrors() {
-  for (const f of ["video", "audio", "bbox_shift"]) setFieldError(f, "");
+  for (const f of ["video", "audio", ...paramFieldIds()]) setFieldError(f, "");
   showTopError("");
 }
 
@@ -119,12 +124,13 @@ function announce(text) {
   $("announce").textContent = text;
 }
 
-/** Which field an API error belongs to: token, video, audio, bbox_shift, or top (the whole form). */
+/** Which field an API error belongs to: token, video, audio, a parameter's field, or top (the whole form). */
 function errorField(err, files = {}) {
   if (err.status === 401) return "token";
   if (err.status !== 400 && err.status !== 413) return "top";
   const text = [err.body.error, err.body.message, err.body.details].filter(Boolean).join(" ");
-  if (/bbox_shift/i.test(text)) return "bbox_shift";
+  const param = shownParams().find((name) => new RegExp(`\\b${name}\\b`).test(text));
+  if (param) return paramId(param);
   const video = /\bvideo\b/i.test(text);
   const audio = /\baudio\b/i.test(text);
   if (video !== audio) return video ? "video" : "audio";
@@ -153,6 +159,7 @@ function showApiError(err, files) {
 }
 
 function showTokenError(text) {
+  setAuth(true); // a 401: the service requires a token, whatever health said
   setFieldError("token", `${text} Enter a valid API token above.`);
   $("token").focus();
 }
@@ -160,6 +167,7 @@ function showTokenError(text) {
 // ------------------------------------------------------------------ health
 
 let healthTimer = null;
+const service = { modelVersion: null, auth: null }; // auth: true / false once known
 
 async function checkHealth() {
   clearTimeout(healthTimer);
@@ -167,6 +175,8 @@ async function checkHealth() {
   try {
     const res = await fetch(`${API}/health`, { cache: "no-store" });
     const body = await readJson(res);
+    learnAuth(body);
+    if (body.model_version) setModelVersion(body.model_version);
     if (res.ok) {
       el.dataset.state = "ready";
       el.textContent = `Ready · ${body.device || "?"} · model ${body.model_version || "?"}`;
@@ -183,6 +193,29 @@ async function checkHealth() {
 }
 
 // ------------------------------------------------------------------ token
+
+/** Health's "auth" (true/false, or {enabled}) when the service sends it; else ask the job list without a token. */
+function learnAuth(health) {
+  const auth = health && health.auth;
+  if (typeof auth === "boolean") setAuth(auth);
+  else if (auth && typeof auth === "object" && typeof auth.enabled === "boolean") setAuth(auth.enabled);
+  else if (service.auth === null) probeAuth();
+}
+
+async function probeAuth() {
+  try {
+    const res = await fetch(`${API}/jobs?limit=1`, { headers: { Accept: "application/json" }, cache: "no-store" });
+    if (res.status === 401) setAuth(true);
+    else if (res.ok && service.auth === null) setAuth(false);
+  } catch {
+    // unreachable: health says so; try again with the next health check
+  }
+}
+
+function setAuth(on) {
+  service.auth = on;
+  $("access").hidden = !on;
+}
 
 function showTokenState() {
   $("token-state").textContent = token()
@@ -211,6 +244,142 @@ $("token-forget").addEventListener("click", () => {
   announce("Token forgotten.");
   refreshJobs();
 });
+
+// ------------------------------------------------------------------ job parameters, from their schema
+
+let paramSchema = null; // JobParams' JSON schema
+const paramValues = new Map(); // what was typed, kept when the controls are rendered again
+
+const paramId = (name) => `param-${name}`;
+
+function shownParams() {
+  return [...$("params").querySelectorAll("[data-param]")].map((el) => el.dataset.param);
+}
+
+function paramFieldIds() {
+  return shownParams().map(paramId);
+}
+
+/** GET {API}/params (open, like health): the schema the controls are made from. */
+async function loadParams() {
+  try {
+    const res = await fetch(`${API}/params`, { headers: { Accept: "application/json" }, cache: "no-store" });
+    if (res.ok) {
+      paramSchema = await res.json();
+      renderParams();
+      return;
+    }
+  } catch {
+    // below
+  }
+  $("params-note").textContent = "The job parameters could not be loaded; jobs use the service's defaults.";
+  $("params-note").hidden = false;
+}
+
+/** A property with its $ref and nullable anyOf resolved: {type, enum, default, minimum, maximum, ...}. */
+function resolveProp(prop, defs) {
+  let p = prop;
+  if (p.$ref) p = { ...defs[p.$ref.split("/").pop()], ...p };
+  const options = p.anyOf || p.oneOf;
+  if (Array.isArray(options)) {
+    const real = options.filter((o) => o.type !== "null");
+    if (real.length === 1) p = { ...resolveProp(real[0], defs), ...p, anyOf: undefined, oneOf: undefined };
+  }
+  if (Array.isArray(p.allOf) && p.allOf.length === 1) p = { ...resolveProp(p.allOf[0], defs), ...p, allOf: undefined };
+  return p;
+}
+
+/** A parameter marked for some MuseTalk versions is offered only once health says one of them is loaded. */
+function applies(prop) {
+  const versions = prop[MODEL_VERSIONS_KEY];
+  return !Array.isArray(versions) || (service.modelVersion !== null && versions.includes(service.modelVersion));
+}
+
+function setModelVersion(version) {
+  if (version === service.modelVersion) return;
+  service.modelVersion = version;
+  renderParams();
+}
+
+function shown(value) {
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+function renderParams() {
+  const box = $("params");
+  for (const el of box.querySelectorAll("[data-param]")) paramValues.set(el.dataset.param, el.value);
+  box.replaceChildren();
+  if (!paramSchema) return;
+  const defs = paramSchema.$defs || {};
+  const notOffered = [];
+  for (const [name, raw] of Object.entries(paramSchema.properties || {})) {
+    const prop = resolveProp(raw, defs);
+    if (applies(prop)) box.append(paramField(name, prop));
+    else notOffered.push(`${name} (${prop[MODEL_VERSIONS_KEY].join(", ")} only)`);
+  }
+  box.dataset.modelVersion = service.modelVersion || ""; // which model the controls were chosen for
+  const note = $("params-note");
+  note.textContent = notOffered.length && service.modelVersion
+    ? `Not offered for the loaded model (${service.modelVersion}): ${notOffered.join(", ")}.`
+    : "";
+  note.hidden = !note.textContent;
+}
+
+/** One labelled control: a select for enums and booleans (first option: the default), else a text field. */
+function paramField(name, prop) {
+  const id = paramId(name);
+  const field = document.createElement("div");
+  field.className = "field param-field";
+  const label = document.createElement("label");
+  label.htmlFor = id;
+  label.textContent = `${name} `;
+  const optional = document.createElement("span");
+  optional.className = "hint";
+  optional.textContent = "(optional)";
+  label.append(optional);
+
+  const hasDefault = prop.default !== undefined && prop.default !== null;
+  const choices = Array.isArray(prop.enum) ? prop.enum : prop.type === "boolean" ? [true, false] : null;
+  let input;
+  if (choices) {
+    input = document.createElement("select");
+    const first = document.createElement("option");
+    first.value = "";
+    first.textContent = hasDefault ? `default (${shown(prop.default)})` : "default";
+    input.append(first, ...choices.map((choice) => {
+      const option = document.createElement("option");
+      option.value = option.textContent = shown(choice);
+      return option;
+    }));
+  } else {
+    input = document.createElement("input");
+    input.type = "text";
+    input.autocomplete = "off";
+    input.spellcheck = false;
+    if (prop.type === "integer") input.inputMode = "numeric";
+    else if (prop.type === "number") input.inputMode = "decimal";
+    if (hasDefault) input.placeholder = shown(prop.default);
+  }
+  input.id = id;
+  input.name = name;
+  input.dataset.param = name;
+  input.setAttribute("aria-describedby", `${id}-help ${id}-error`);
+  input.value = paramValues.get(name) || "";
+  input.addEventListener(choices ? "change" : "input", () => setFieldError(id, ""));
+
+  const help = document.createElement("p");
+  help.id = `${id}-help`;
+  help.className = "hint";
+  const range = [prop.minimum, prop.maximum].every((v) => typeof v === "number")
+    ? ` From ${prop.minimum} to ${prop.maximum}.` : "";
+  help.textContent = `${prop.description || ""}${range}`.trim();
+  const error = document.createElement("p");
+  error.id = `${id}-error`;
+  error.className = "field-error";
+  error.setAttribute("aria-live", "assertive");
+  field.append(label, input, help, error);
+  return field;
+}
 
 // ------------------------------------------------------------------ file fields, drag and drop
 
@@ -262,8 +431,6 @@ window.addEventListener("drop", (e) => {
   }
 });
 
-$("bbox_shift").addEventListener("input", () => setFieldError("bbox_shift", ""));
-
 // ------------------------------------------------------------------ submitting
 
 $("job-form").addEventListener("submit", async (e) => {
@@ -277,8 +444,10 @@ $("job-form").addEventListener("submit", async (e) => {
     return;
   }
   const form = new FormData();
-  const shift = $("bbox_shift").value.trim();
-  if (shift) form.append("bbox_shift", shift);
+  for (const el of $("params").querySelectorAll("[data-param]")) {
+    const value = el.value.trim(); // empty: not sent, the service's default applies
+    if (value) form.append(el.dataset.param, value);
+  }
   form.append("video", files.video, files.video.name);
   form.append("audio", files.audio, files.audio.name);
 
@@ -335,15 +504,57 @@ function showJob(id, files) {
 
   const inputVideo = $("input-video");
   const inputAudio = $("input-audio");
+  $("input-note").hidden = true;
   if (files) {
     const v = URL.createObjectURL(files.video);
     const a = URL.createObjectURL(files.audio);
     current.inputUrls.push(v, a);
     inputVideo.src = v;
     inputAudio.src = a;
+  } else if (id) {
+    loadInputs(current); // after a reload, or a job from the list: the service keeps its inputs
   }
   inputVideo.hidden = inputAudio.hidden = !files;
-  $("input-note").hidden = Boolean(files);
+}
+
+/** A URL for a media route: the route itself (streamed, seekable), or a blob when a token must be sent. */
+async function mediaUrl(path) {
+  if (!token()) return API + path;
+  const res = await api("GET", path); // <video src> cannot carry the Authorization header
+  return URL.createObjectURL(await res.blob());
+}
+
+function inputsGone(job, err) {
+  if (current !== job) return;
+  if (err && err.status === 401) showTokenError(err.message);
+  $("input-video").hidden = $("input-audio").hidden = true;
+  const note = $("input-note");
+  note.textContent = err && err.status !== 404 && err.status !== 401
+    ? `The inputs could not be loaded: ${err.message}` : "The inputs of this job are not available.";
+  note.hidden = false;
+}
+
+async function loadInputs(job) {
+  const base = `/jobs/${encodeURIComponent(job.id)}/inputs`;
+  let urls;
+  try {
+    urls = await Promise.all([mediaUrl(`${base}/video`), mediaUrl(`${base}/audio`)]);
+  } catch (err) {
+    inputsGone(job, err);
+    return;
+  }
+  if (current !== job) {
+    for (const url of urls) if (url.startsWith("blob:")) URL.revokeObjectURL(url);
+    return;
+  }
+  job.inputUrls.push(...urls.filter((url) => url.startsWith("blob:")));
+  for (const [elementId, url] of [["input-video", urls[0]], ["input-audio", urls[1]]]) {
+    const media = $(elementId);
+    media.addEventListener("error", () => { if (media.getAttribute("src") === url) inputsGone(job, null); },
+      { once: true });
+    media.src = url;
+    media.hidden = false;
+  }
 }
 
 function closeJob() {
@@ -479,10 +690,48 @@ $("cancel").addEventListener("click", async () => {
 
 // ------------------------------------------------------------------ recent jobs
 
-function localTime(utc) {
-  if (!utc) return "";
-  const d = new Date(`${utc}Z`);
-  return Number.isNaN(d.getTime()) ? utc : d.toLocaleString();
+function localTime(stamp) {
+  if (!stamp) return "";
+  // ISO 8601; a stamp without a zone is UTC (the seed's format)
+  const d = new Date(/(Z|[+-]\d\d:?\d\d)$/i.test(stamp) ? stamp : `${stamp}Z`);
+  return Number.isNaN(d.getTime()) ? stamp : d.toLocaleString();
+}
+
+function seconds(value) {
+  return typeof value === "number" && Number.isFinite(value) ? ` · ${value.toFixed(1)} s` : "";
+}
+
+/** "face.mp4 · 4.0 s + speech.wav · 5.0 s" from a job's `inputs` (names and durations). */
+function inputsLine(job) {
+  const inputs = job.inputs || {};
+  const parts = [["video_filename", "video_duration_s"], ["audio_filename", "audio_duration_s"]]
+    .filter(([name]) => inputs[name])
+    .map(([name, duration]) => `${inputs[name]}${seconds(inputs[duration])}`);
+  return parts.join(" + ");
+}
+
+const thumbs = new Map(); // job id -> a promise of its thumbnail's URL
+
+function thumbnail(jobId) {
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "";
+  img.width = 96;
+  img.height = 54;
+  img.hidden = true;
+  if (!thumbs.has(jobId)) thumbs.set(jobId, mediaUrl(`/jobs/${encodeURIComponent(jobId)}/thumbnail.jpg`));
+  thumbs.get(jobId).then((url) => {
+    img.addEventListener("load", () => { img.hidden = false; }, { once: true });
+    img.addEventListener("error", () => thumbs.delete(jobId), { once: true }); // none yet: ask again next time
+    img.src = url;
+  }, () => thumbs.delete(jobId));
+  return img;
+}
+
+function forgetThumbnail(jobId) {
+  const url = thumbs.get(jobId);
+  thumbs.delete(jobId);
+  if (url) url.then((u) => { if (u.startsWith("blob:")) URL.revokeObjectURL(u); }, () => {});
 }
 
 function button(text, label, className, onClick) {
@@ -505,12 +754,15 @@ function renderJobs(jobs) {
 
     const main = document.createElement("div");
     main.className = "job-main";
+    const inputs = document.createElement("span");
+    inputs.className = "job-inputs";
+    inputs.textContent = inputsLine(job);
     const id = document.createElement("code");
     id.textContent = job.job_id;
     const when = document.createElement("span");
     when.className = "job-when";
     when.textContent = `created ${localTime(job.created_at)}`;
-    main.append(id, when);
+    main.append(...(inputs.textContent ? [inputs] : []), id, when);
 
     const badge = document.createElement("span");
     badge.className = "badge";
@@ -530,7 +782,7 @@ function renderJobs(jobs) {
       }),
       button("Clean up", `Clean up job ${short}`, "danger small", (e) => cleanup(job.job_id, e.currentTarget)),
     );
-    li.append(main, badge, buttons);
+    li.append(thumbnail(job.job_id), main, badge, buttons);
     list.append(li);
   }
   markCurrentRow();
@@ -571,6 +823,7 @@ async function cleanup(id, btn) {
   btn.disabled = true;
   try {
     await api("DELETE", `/cleanup/${encodeURIComponent(id)}`);
+    forgetThumbnail(id);
     if (current && current.id === id) closeJob();
     announce(`Job ${id.slice(0, 8)} cleaned up.`);
   } catch (err) {
@@ -590,6 +843,7 @@ $("jobs-refresh").addEventListener("click", () => refreshJobs());
 $("token").value = token();
 showTokenState();
 checkHealth();
+loadParams();
 refreshJobs();
 const resume = sessionStorage.getItem(JOB_KEY);
 if (resume) track(resume, null);
