@@ -5,6 +5,8 @@
 #                       full-size MuseTalk model frames/s by batch size (1 2 4 on a CPU)
 #   2. bench_cache.py   10 s 720p clip, cold and with a warm avatar cache (tiny models)
 #   3. bench_service.py the real server, 1, 4 and 16 concurrent jobs (tiny models)
+#   3b. bench_pipeline_cpu.py  the pipeline with a null model vs a bare transcode, 720p and 1080p;
+#       bench_ops.py (crop filters, blend) and bench_x264.py (presets, threads)
 # With CUDA present, also:
 #   4. bench_core.py model --size full at batch sizes 1 8 16 32 64
 #   5. bench_cache.py --size full: 10 s 720p cold and warm, batch 32 (random full-size weights,
@@ -57,6 +59,13 @@ else
 fi
 step cache "$PY" bench/bench_cache.py --size tiny --device cpu --repeats 2
 step service "$PY" bench/bench_service.py --size tiny --device cpu --concurrency 1 4 16
+if [[ $QUICK == 1 ]]; then
+    step pipeline_cpu "$PY" bench/bench_pipeline_cpu.py --sizes 720p
+else
+    step pipeline_cpu "$PY" bench/bench_pipeline_cpu.py --sizes 720p 1080p --repeats 2
+    step ops "$PY" bench/bench_ops.py
+    step x264 "$PY" bench/bench_x264.py
+fi
 if [[ "$CUDA" == 1 ]]; then
     step core_full_gpu "$PY" bench/bench_core.py model --size full --batch-sizes 1 8 16 32 64 --repeats 3
     FULL=$(mktemp -d "${TMPDIR:-/tmp}/bench-full-models-XXXXXX")

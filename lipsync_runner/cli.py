@@ -71,7 +71,8 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
 
 
 def _param_defaults(settings: RunnerSettings) -> dict[str, object]:
-    return {"bbox_shift": settings.bbox_shift}  # $LIP_SYNC_BBOX_SHIFT
+    """Job parameters whose default is a deployment setting (the seed's LIP_SYNC_BBOX_SHIFT)."""
+    return {"bbox_shift": settings.bbox_shift}
 
 
 def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
@@ -83,15 +84,14 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from .musetalk import MuseTalk
     from .pipeline import PipelineOptions, run, validate_inputs
 
-    params = from_cli_args(args, _param_defaults(settings))  # 400-style refusal: exit 2, before anything runs
+    params = from_cli_args(args, _param_defaults(settings))  # bad options: exit 2 before any work
     video_info, _ = validate_inputs(args.video, args.audio)  # fail fast, before loading models
     model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version,
                                      compile=settings.compile)
     detector = load_face_detector(args.face_detector, model.layout.root, str(model.device))
     masks = load_mask_provider(model.layout.root, version=model.layout.version, device=str(model.device))
-    options = PipelineOptions(bbox_shift=params.bbox_shift, batch_size=args.batch_size, version=model.layout.version,
-                              extra_margin=settings.extra_margin, crf=args.crf, preset=args.preset,
-                              ffmpeg_timeout_s=settings.ffmpeg_timeout_s, sharpen=params.sharpen)
+    options = PipelineOptions.from_settings(settings, params, batch_size=args.batch_size,
+                                            version=model.layout.version, crf=args.crf, preset=args.preset)
     cache = None if args.no_cache else AvatarCache(args.cache_dir)
     with tqdm(total=1000, unit="‰", desc="starting", disable=None, bar_format="{desc:<9} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
         def progress(stage: str, fraction: float) -> None:
@@ -102,7 +102,8 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
                      video_info=video_info, masks=masks)
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(result.seconds.items(), key=lambda kv: -kv[1]))
     print(f"wrote {result.output} ({result.frames} frames at {float(result.fps):.3f} fps, "
-          f"{result.width}x{result.height}; face in {result.face_frames}/{result.source_frames} input frames; "
+          f"{result.width}x{result.height}; face in {result.face_frames}/{result.source_frames} input frames, "
+          f"mouth generated in {result.generated}; "
           f"detector {detector.name}; masks {masks.name}; avatar cache {_cache_word(result.cache_hit)}; {timing})")
     return 0
 

@@ -7,6 +7,8 @@ no face).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
@@ -27,24 +29,35 @@ def clip_box(box, frame_hw: tuple[int, int]) -> tuple[int, int, int, int]:
     return max(0, x1), max(0, y1), min(w, x2), min(h, y2)
 
 
-def crop_face(frame: np.ndarray, box, size: int = CROP_SIZE) -> np.ndarray:
-    """One frame's face crop, resized with Lanczos (as MuseTalk) to ``size`` x ``size``."""
+def crop_face(frame: np.ndarray, box, size: int = CROP_SIZE, out: np.ndarray | None = None) -> np.ndarray:
+    """One frame's face crop, resized with Lanczos (as MuseTalk) to ``size`` x ``size``.
+
+    Only the box region is read (a view, no copy); ``out``: a ``[size, size, C]`` uint8 array to
+    write into (e.g. a row of a batch).
+    """
     x1, y1, x2, y2 = clip_box(box, frame.shape[:2])
     if x2 <= x1 or y2 <= y1:
         raise ValueError(f"empty crop box {tuple(int(c) for c in box)} for a frame of {frame.shape[:2]}")
-    return cv2.resize(frame[y1:y2, x1:x2], (size, size), interpolation=cv2.INTER_LANCZOS4)
+    # Lanczos is the costly part of a cold frame's CPU work (3 ms for a 720p face box, measured in
+    # docs/benchmarks.md against cubic, area and float32 Lanczos) and is kept: it is MuseTalk's
+    # filter, the model was trained on it, and a warm avatar cache skips crops altogether.
+    return cv2.resize(frame[y1:y2, x1:x2], (size, size), dst=out, interpolation=cv2.INTER_LANCZOS4)
 
 
-def crop_faces(frames: np.ndarray, boxes: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """Face crops ``[B, size, size, 3]`` uint8 of a batch; all-zero crops for no-face (-1) rows."""
-    frames = np.asarray(frames)
+def crop_faces(frames: np.ndarray | Sequence[np.ndarray], boxes: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Face crops ``[B, size, size, 3]`` uint8 of a batch; all-zero crops for no-face (-1) rows.
+
+    ``frames``: ``[B, H, W, C]``, or a list of ``[H, W, C]`` frames (e.g. views of some rows of a
+    chunk: nothing but the boxes is copied).
+    """
     boxes = np.asarray(boxes).reshape(-1, 4)
     if len(frames) != len(boxes):
         raise ValueError(f"{len(frames)} frames but {len(boxes)} boxes")
-    out = np.zeros((len(frames), size, size, frames.shape[-1]), dtype=np.uint8)
-    for i, (frame, box) in enumerate(zip(frames, boxes)):
+    channels = frames[0].shape[-1] if len(frames) else 3
+    out = np.zeros((len(frames), size, size, channels), dtype=np.uint8)
+    for i, box in enumerate(boxes):
         if box_is_valid(box):
-            out[i] = crop_face(frame, box, size)
+            crop_face(np.asarray(frames[i]), box, size, out=out[i])
     return out
 
 

@@ -13,16 +13,29 @@ full stderr pipe would otherwise stall ffmpeg and deadlock us) and its last line
 become the message of a :class:`MediaProcessingError` when ffmpeg fails.
 
 User-facing messages name the user's file by basename only (see ``errors.py``).
+
+Inputs are untrusted, so nothing a file says about itself is taken as a bound:
+
+* Only the demuxers of the formats we accept are ever run (``-format_whitelist``, then
+  ``-f <detected demuxer>`` on every later call), and only the ``file`` protocol: a text
+  playlist (concat, HLS, ...) is refused whatever its name, before it opens anything.
+* Probing reads ffmpeg's stderr as a stream with a byte cap (a file can make ffmpeg print
+  hundreds of MB of metadata), and every probe step shares one deadline.
+* Decoding counts what really comes out (audio samples, video frames) against
+  :class:`MediaLimits` and stops ffmpeg with :class:`InputTooLargeError` (413) the moment
+  it passes them: durations in headers and packet timestamps are the uploader's to edit.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import re
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from fractions import Fraction
@@ -31,7 +44,7 @@ from typing import IO, Iterator, Sequence, Union
 
 import numpy as np
 
-from lipsync_runner.errors import InvalidInputError, MediaProcessingError
+from lipsync_runner.errors import InputTooLargeError, InvalidInputError, MediaProcessingError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -40,6 +53,30 @@ AUDIO_EXTENSIONS = (".mp3", ".wav", ".m4a", ".aac", ".ogg")
 
 # Probing reads the whole file once (packet scan); a minute covers multi-GB files.
 PROBE_TIMEOUT_S = 60.0
+
+# The demuxers of the accepted formats (ffmpeg's names; "mov" also reads mp4/m4a, "matroska"
+# webm). Everything else is refused by content, whatever the file is called: above all the
+# text demuxers that open other files or URLs (concat, ffconcat, hls, sdp, subtitles, tty,
+# image2 patterns ...).
+DEMUXER_LABELS = {"mov": "MP4/MOV/M4A", "matroska": "MKV/WebM", "avi": "AVI", "mp3": "MP3", "wav": "WAV",
+                  "aac": "AAC (ADTS)", "ogg": "Ogg"}
+VIDEO_DEMUXERS = ("mov", "matroska", "avi")
+AUDIO_DEMUXERS = ("mp3", "wav", "aac", "ogg", *VIDEO_DEMUXERS)  # or a video's sound track
+
+# Probe output caps. A legitimate "Input #0" summary is a few KB; a file whose metadata
+# makes it longer than this is refused instead of being parsed. Lines are cut at
+# _MAX_LINE_BYTES so one line without a newline cannot grow without bound either.
+PROBE_STDERR_CAP_BYTES = 1 << 20
+PROBE_STDOUT_CAP_BYTES = 1 << 20
+_MAX_LINE_BYTES = 8192
+
+# Decoded audio may run this much past the limit: encoder priming and padding (AAC, MP3)
+# add a few tens of ms to what the container declares.
+AUDIO_LIMIT_SLACK_S = 0.5
+# Real audio is sampled at 8-192 kHz (768 kHz at the very most). A header claiming 1 GHz makes
+# the resampler to 16 kHz spin for minutes to produce nothing; 1 Hz turns seconds into days.
+AUDIO_SAMPLE_RATES = range(1000, 768_001)
+DEFAULT_MAX_FPS = 120
 
 # NTSC rates. ffmpeg prints rates rounded to 2 decimals ("29.97"); using that
 # decimal as-is would drift by ~1 frame every 5.5 minutes against the audio.
@@ -118,7 +155,14 @@ def _stderr_tail(lines: Sequence[str], paths: dict[str, str]) -> str:
 
 
 class _FfmpegProcess:
-    """A running ffmpeg with a stderr drain thread and an optional wall-clock watchdog."""
+    """A running ffmpeg with a stderr drain thread and an optional wall-clock watchdog.
+
+    stderr is read line by line with every line cut at _MAX_LINE_BYTES and only the last
+    lines kept, so its memory is bounded whatever ffmpeg prints. ``head_cap`` > 0 also keeps
+    the first lines, up to that many bytes, until a line matches ``head_end``; if the cap is
+    reached first, ffmpeg is killed (``head_overflow``): the caller cannot use a head it
+    cannot read whole, and ffmpeg printing more of it only costs time.
+    """
 
     def __init__(
         self,
@@ -130,6 +174,8 @@ class _FfmpegProcess:
         stdin: int | IO[bytes] | None = subprocess.DEVNULL,
         stdout: int | IO[bytes] | None = subprocess.DEVNULL,
         watch: re.Pattern[str] | None = None,
+        head_cap: int = 0,
+        head_end: re.Pattern[str] | None = None,
     ) -> None:
         self.what = what  # e.g. "decoding input.mp4", used in error messages
         self.paths = paths
@@ -138,6 +184,12 @@ class _FfmpegProcess:
         self.watch_hits: list[str] = []
         self._watch = watch
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.head: list[str] = []
+        self.head_overflow = False
+        self._head_cap = head_cap
+        self._head_end = head_end
+        self._head_open = head_cap > 0
+        self._head_bytes = 0
         try:
             self.proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
         except OSError as exc:
@@ -151,12 +203,34 @@ class _FfmpegProcess:
             self._timer.start()
 
     def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
+        stream = self.proc.stderr
+        assert stream is not None
+        while raw := stream.readline(_MAX_LINE_BYTES):
+            size, rest = len(raw), raw
+            while not rest.endswith(b"\n") and len(rest) == _MAX_LINE_BYTES:  # drop the rest of a long line
+                self._count_head(size)
+                rest = stream.readline(_MAX_LINE_BYTES)
+                size += len(rest)
             line = raw.decode("utf-8", "replace").rstrip()
             self._tail.append(line)
+            if self._count_head(size):
+                self._head_bytes += size
+                self.head.append(line)
+                if self._head_end is not None and self._head_end.search(line):
+                    self._head_open = False
             if self._watch is not None and self._watch.search(line) and len(self.watch_hits) < 10:
                 self.watch_hits.append(line)
+
+    def _count_head(self, size: int) -> bool:
+        """Whether a line of ``size`` bytes still belongs to the head; past the cap, stop ffmpeg."""
+        if not self._head_open:
+            return False
+        if self._head_bytes + size > self._head_cap:
+            self._head_open = False
+            self.head_overflow = True
+            self.kill()
+            return False
+        return True
 
     def _on_timeout(self) -> None:
         self.timed_out = True
@@ -200,18 +274,6 @@ class _FfmpegProcess:
         """Kill and reap; never raises."""
         self.kill()
         self._reap()
-
-
-def _run_capture(
-    args: list[str], *, what: str, paths: dict[str, str], timeout_s: float | None
-) -> subprocess.CompletedProcess[bytes]:
-    """Run a short ffmpeg command whose outputs are small; both pipes are read concurrently."""
-    try:
-        return subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise MediaProcessingError(f"ffmpeg timed out after {timeout_s:g} s while {what}") from None
-    except OSError as exc:
-        raise MediaProcessingError(f"could not start ffmpeg ({exc.strerror})") from None
 
 
 def _read_exact(stream: IO[bytes], view: memoryview) -> int:
@@ -283,16 +345,17 @@ class _Header:
 _STREAM_RE = re.compile(r"^\s*Stream #0:\d+[^:]*: (Video|Audio|Subtitle|Data|Attachment): ?(.*)$")
 _INPUT_RE = re.compile(r"^Input #0, (.+?), from '")
 _DURATION_RE = re.compile(r"Duration: (?:(\d+):(\d+):(\d+(?:\.\d+)?)|N/A)")
+_HEADER_END_RE = re.compile(r"Stream mapping:|Output #|Press \[q\]")  # what follows describes outputs
 
 
-def _parse_header(stderr: str) -> _Header:
-    """Parse the "Input #0" summary that ``ffmpeg -i`` prints at info level."""
+def _parse_header(lines: Sequence[str]) -> _Header:
+    """Parse the "Input #0" summary that ``ffmpeg -i`` prints at info level (its stderr lines)."""
     fmt, duration = "", None
     streams: list[_Stream] = []
     cur: tuple[str, str, list[str]] | None = None
     opened = False
-    for line in stderr.splitlines():
-        if line.startswith(("Stream mapping:", "Output #", "Press [q]")):
+    for line in lines:
+        if _HEADER_END_RE.match(line):
             break  # what follows describes outputs, not the input
         if m := _INPUT_RE.match(line):
             opened, fmt = True, m.group(1)
@@ -312,7 +375,7 @@ def _parse_header(stderr: str) -> _Header:
         streams.append(_Stream(cur[0], cur[1], tuple(cur[2])))
     reason = ""
     if not opened:
-        last = [ln for ln in stderr.splitlines() if ln.strip() and "output file" not in ln]
+        last = [ln for ln in lines if ln.strip() and "output file" not in ln]
         reason = last[-1].rsplit(": ", 1)[-1].strip() if last else ""
     return _Header(opened, fmt, duration, tuple(streams), reason)
 
@@ -368,6 +431,31 @@ def _parse_rate(regex: re.Pattern[str], desc: str) -> Fraction | None:
     return f if 0 < f <= _MAX_SANE_FPS else None
 
 
+class _Deadline:
+    """One time budget shared by the steps of a probe (each ffmpeg gets what is left)."""
+
+    def __init__(self, timeout_s: float | None, what: str) -> None:
+        self.timeout_s = timeout_s
+        self.what = what
+        self._end = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def left(self) -> float | None:
+        if self._end is None:
+            return None
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise MediaProcessingError(f"ffmpeg timed out after {self.timeout_s:g} s while {self.what}")
+        return left
+
+
+def input_args(path: PathLike, demuxer: str, allowed: Sequence[str] = VIDEO_DEMUXERS) -> list[str]:
+    """``-i`` for an untrusted file: the file protocol only, whitelisted demuxers, and ``-f`` with
+    the probed demuxer (VideoInfo.demuxer / AudioInfo.demuxer). Every ffmpeg call on an upload
+    takes its input through this."""
+    forced = ["-f", demuxer] if demuxer else []
+    return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(allowed), *forced, "-i", _url(path)]
+
+
 @dataclass(frozen=True)
 class _PacketScan:
     count: int
@@ -375,14 +463,16 @@ class _PacketScan:
     truncated: bool
 
 
-def _scan_packets(path: PathLike, stream_spec: str, *, what: str, timeout_s: float | None) -> _PacketScan:
+def _scan_packets(path: PathLike, stream_spec: str, demuxer: str, allowed: Sequence[str], *, what: str,
+                  timeout_s: float | None) -> _PacketScan:
     """Demux (no decode) one stream: exact packet count and duration, truncation check.
 
     Headers lie: WebM from browsers has no duration, raw AAC estimates it from the
     bitrate, and a truncated MP4 with its index up front still claims full length.
+    (Packet timestamps can lie too; decoding counts real samples, see decode_audio.)
     """
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", _url(path),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *input_args(path, demuxer, allowed),
          "-map", stream_spec, "-c", "copy", "-f", "framecrc", "-"],
         what=what, paths=_path_aliases(path), timeout_s=timeout_s,
         stdout=subprocess.PIPE, watch=_TRUNCATION_RE,
@@ -393,7 +483,9 @@ def _scan_packets(path: PathLike, stream_spec: str, *, what: str, timeout_s: flo
     end: int | None = None
     try:
         assert proc.proc.stdout is not None
-        for raw in proc.proc.stdout:  # one line per packet: stream, dts, pts, duration, size, crc
+        # One line per packet: stream, dts, pts, duration, size, crc. The watchdog bounds this
+        # loop too: killing ffmpeg ends the stream.
+        while raw := proc.proc.stdout.readline(_MAX_LINE_BYTES):
             if raw.startswith(b"#"):
                 if raw.startswith(b"#tb 0:"):
                     tb = Fraction(raw.split(b":", 1)[1].strip().decode())
@@ -429,15 +521,71 @@ def _check_file(path: PathLike, kind: str) -> str:
     return name
 
 
-def _open_and_decode(
-    path: PathLike, output_args: list[str], *, what: str, timeout_s: float | None
-) -> tuple[_Header, bytes]:
-    """``ffmpeg -i PATH <output_args> pipe:1`` at info level: the input summary + a little decoded data."""
-    res = _run_capture(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-i", _url(path), *output_args, "pipe:1"],
-        what=what, paths=_path_aliases(path), timeout_s=timeout_s,
+_NOT_WHITELISTED_RE = re.compile(r"Format not on whitelist")
+_PROBED_RE = re.compile(r"Format (\S+) (?:probed with size=|detected only with low score)")
+
+
+def _detected_demuxer(path: PathLike, allowed: Sequence[str], deadline: _Deadline) -> str:
+    """The demuxer ffmpeg picks for a file it refused as not whitelisted (a debug-level rerun
+    that stops right after the format probe)."""
+    proc = _FfmpegProcess(
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "debug", *input_args(path, "", allowed)],
+        what=deadline.what, paths=_path_aliases(path), timeout_s=deadline.left(),
+        head_cap=64 * 1024, head_end=_NOT_WHITELISTED_RE,
     )  # fmt: skip
-    return _parse_header(res.stderr.decode("utf-8", "replace")), res.stdout
+    try:
+        proc._reap()  # it stops right after the probe; the watchdog bounds it anyway
+    finally:
+        proc.abort()
+    found = [m.group(1) for ln in proc.head if (m := _PROBED_RE.search(ln))]
+    return found[-1] if found else "unknown"
+
+
+def _refuse_demuxer(name: str, kind: str, demuxer: str, allowed: Sequence[str]) -> InvalidInputError:
+    if demuxer == "image2" or demuxer.endswith("_pipe"):  # png/jpeg/... renamed to .mp4
+        codec = demuxer.removesuffix("_pipe") if demuxer != "image2" else "image"
+        if kind == "video":
+            return InvalidInputError(f"{name} is not a video file: it is a still image ({codec})")
+        return InvalidInputError(f"{name} is not an audio file: it is a still image ({codec})")
+    if kind == "video" and demuxer in AUDIO_DEMUXERS:  # an mp3/wav/... given as the video
+        label = DEMUXER_LABELS[demuxer]
+        return InvalidInputError(f"{name} is not a video file: it has no video stream ({label} audio)")
+    accepted = ", ".join(DEMUXER_LABELS[d] for d in allowed)
+    return InvalidInputError(
+        f"{name} is not a supported {kind} file: its content is in the '{demuxer}' format (accepted: {accepted})")
+
+
+def _open_and_decode(
+    path: PathLike, kind: str, allowed: Sequence[str], output_args: list[str], deadline: _Deadline
+) -> tuple[_Header, bytes, str]:
+    """``ffmpeg -i PATH <output_args> pipe:1`` at info level: the input summary, a little decoded
+    data and the demuxer to name on later calls. Refuses (400) a demuxer off the whitelist,
+    and a summary longer than PROBE_STDERR_CAP_BYTES (it is not parsed, and ffmpeg is stopped)."""
+    name = _name(path)
+    proc = _FfmpegProcess(
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", *input_args(path, "", allowed),
+         *output_args, "pipe:1"],
+        what=deadline.what, paths=_path_aliases(path), timeout_s=deadline.left(), stdout=subprocess.PIPE,
+        head_cap=PROBE_STDERR_CAP_BYTES, head_end=_HEADER_END_RE,
+    )  # fmt: skip
+    try:
+        assert proc.proc.stdout is not None
+        data = proc.proc.stdout.read(PROBE_STDOUT_CAP_BYTES)  # the output args keep it small; never trust that
+    finally:
+        proc.abort()  # done reading: whatever ffmpeg still does is not needed
+    if proc.timed_out:
+        raise proc.error()
+    if proc.head_overflow:
+        raise InvalidInputError(
+            f"{name} is not a readable {kind} file: its header is too large (over "
+            f"{PROBE_STDERR_CAP_BYTES // 1024} KB of metadata, chapters or streams)")
+    if any(_NOT_WHITELISTED_RE.search(ln) for ln in proc.head):
+        raise _refuse_demuxer(name, kind, _detected_demuxer(path, allowed, deadline), allowed)
+    header = _parse_header(proc.head)
+    demuxer = header.fmt.split(",")[0] if header.opened else ""
+    if header.opened and demuxer not in allowed:  # the whitelist matched another name of a demuxer
+        raise _refuse_demuxer(name, kind, demuxer, allowed)
+    return header, data, demuxer
 
 
 # --------------------------------------------------------------------------- probing
@@ -450,6 +598,8 @@ class VideoInfo:
     ``width``/``height`` are after autorotation (ffmpeg applies the display matrix
     when decoding), ``rotation`` is the clockwise turn that was applied.
     ``fps`` is exact (NTSC rates as n/1001) and is the constant rate VideoReader emits.
+    ``demuxer`` is the (whitelisted) ffmpeg demuxer every later call names with ``-f``;
+    ``packet_count`` the frames the file really holds (its stream's packets, counted).
     """
 
     width: int
@@ -460,6 +610,8 @@ class VideoInfo:
     codec: str
     has_audio: bool
     rotation: int
+    demuxer: str = ""
+    packet_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -468,34 +620,80 @@ class AudioInfo:
     sample_rate: int
     channels: int
     codec: str
+    demuxer: str = ""
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """What a job may decode. ``None``: no limit (the command line on the user's own files).
+
+    Checked twice: against the probe before any work (``check_video`` / ``check_audio``),
+    and while decoding against what really comes out (``decode_audio(max_seconds=)``,
+    ``VideoReader(max_frames=)``), because both durations and frame rates are the file's claims.
+    """
+
+    max_video_seconds: float | None = None
+    max_audio_seconds: float | None = None
+    max_video_pixels: int | None = None
+    max_fps: float = DEFAULT_MAX_FPS
+
+    def max_frames(self, fps: Fraction) -> int | None:
+        """Most frames a video at ``fps`` may decode to (one frame of slack for rounding)."""
+        if self.max_video_seconds is None:
+            return None
+        return math.ceil(self.max_video_seconds * fps) + 1
+
+    def check_video(self, info: VideoInfo, name: str) -> None:
+        """InputTooLargeError (413) for a probed video over a limit."""
+        pixels = info.width * info.height
+        if self.max_video_pixels is not None and pixels > self.max_video_pixels:
+            raise InputTooLargeError(
+                f"{name}: resolution {info.width}x{info.height} is above the limit of "
+                f"{self.max_video_pixels:,} pixels per frame")
+        if info.fps > self.max_fps:
+            raise InputTooLargeError(
+                f"{name}: its frame rate of {float(info.fps):g} fps is above the limit of {self.max_fps:g} fps")
+        if self.max_video_seconds is None:
+            return
+        if info.duration > self.max_video_seconds:
+            raise InputTooLargeError(
+                f"{name}: {info.duration:.1f} s of video is over the limit of {self.max_video_seconds:g} s")
+        # The real frame count, not duration x fps: a file can pack many frames into a short span.
+        most = math.ceil(self.max_video_seconds * self.max_fps)
+        if info.packet_count > most:
+            raise InputTooLargeError(
+                f"{name}: it holds {info.packet_count:,} frames, over the limit of {most:,} "
+                f"({self.max_video_seconds:g} s at {self.max_fps:g} fps)")
+
+    def check_audio(self, info: AudioInfo, name: str) -> None:
+        if self.max_audio_seconds is not None and info.duration > self.max_audio_seconds:
+            raise InputTooLargeError(
+                f"{name}: {info.duration:.1f} s of audio is over the limit of {self.max_audio_seconds:g} s")
 
 
 def probe_video(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) -> VideoInfo:
     """Describe the first video stream; InvalidInputError if the file is not a usable video."""
     name = _check_file(path, "video")
     not_readable = f"{name} is not a readable video file"
+    deadline = _Deadline(timeout_s, f"probing {name}")
     # Decoding one tiny grey frame proves the codec is supported and the data decodes.
-    header, first_frame = _open_and_decode(
-        path,
+    header, first_frame, demuxer = _open_and_decode(
+        path, "video", VIDEO_DEMUXERS,
         ["-map", "0:V:0", "-frames:v", "1", "-vf", "scale=8:8", "-f", "rawvideo", "-pix_fmt", "gray"],
-        what=f"probing {name}",
-        timeout_s=timeout_s,
+        deadline,
     )
     if not header.opened:
         raise InvalidInputError(f"{not_readable} ({header.reason})" if header.reason else not_readable)
     stream = header.first("Video")
     if stream is None:
         raise InvalidInputError(f"{name} is not a video file: it has no video stream")
-    is_image_demuxer = header.fmt == "image2" or header.fmt.endswith("_pipe")
-    if is_image_demuxer:  # png/jpeg/... renamed to .mp4: ffmpeg detects the content, not the name
-        raise InvalidInputError(f"{name} is not a video file: it is a still image ({stream.codec})")
     size = _SIZE_RE.search(stream.desc)
     if size is None:
         raise InvalidInputError(f"{not_readable}: its video stream has no frame size")
     if len(first_frame) != 64:
         raise InvalidInputError(f"{not_readable}: its {stream.codec} video stream could not be decoded")
 
-    scan = _scan_packets(path, "0:V:0", what=f"probing {name}", timeout_s=timeout_s)
+    scan = _scan_packets(path, "0:V:0", demuxer, VIDEO_DEMUXERS, what=deadline.what, timeout_s=deadline.left())
     if scan.truncated:
         raise InvalidInputError(f"{not_readable}: it is truncated or corrupt")
     if scan.count <= 1 and stream.codec in _IMAGE_CODECS:
@@ -508,7 +706,7 @@ def probe_video(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) ->
     # Prefer whichever of the average rate ("fps") and the base rate ("tbr") is a
     # standard rate: for phone VFR clips "fps" is an odd average (29.83) while "tbr"
     # is the nominal 30. Missing/absurd values (WebM's "1k tbr") fall back to the
-    # measured packet rate.
+    # measured packet rate, which MediaLimits.max_fps caps like any other.
     candidates = [r for r in (_parse_rate(_FPS_RE, stream.desc), _parse_rate(_TBR_RE, stream.desc)) if r]
     fps = next((r for r in candidates if _is_standard_rate(r)), candidates[0] if candidates else None)
     if fps is None and scan.count > 1:
@@ -529,18 +727,20 @@ def probe_video(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) ->
         codec=stream.codec,
         has_audio=header.first("Audio") is not None,
         rotation=rotation,
+        demuxer=demuxer,
+        packet_count=scan.count,
     )
 
 
 def probe_audio(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) -> AudioInfo:
-    """Describe the first audio stream (of an audio or a video file); InvalidInputError if unusable."""
+    """Describe the first audio stream (of an audio or a video file); InvalidInputError if unusable.
+
+    ``duration`` is what the packets declare; decode_audio(max_seconds=) holds the real length.
+    """
     name = _check_file(path, "audio")
-    header, samples = _open_and_decode(
-        path,
-        ["-map", "0:a:0", "-t", "0.1", "-ac", "1", "-f", "s16le"],
-        what=f"probing {name}",
-        timeout_s=timeout_s,
-    )
+    deadline = _Deadline(timeout_s, f"probing {name}")
+    header, samples, demuxer = _open_and_decode(
+        path, "audio", AUDIO_DEMUXERS, ["-map", "0:a:0", "-t", "0.1", "-ac", "1", "-f", "s16le"], deadline)
     if not header.opened:
         msg = f"{name} is not a readable audio file"
         raise InvalidInputError(f"{msg} ({header.reason})" if header.reason else msg)
@@ -550,23 +750,35 @@ def probe_audio(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) ->
     rate = re.search(r"(\d+) Hz", stream.desc)
     if rate is None or not samples:
         raise InvalidInputError(f"{name} is not a readable audio file: its {stream.codec} audio could not be decoded")
-    scan = _scan_packets(path, "0:a:0", what=f"probing {name}", timeout_s=timeout_s)
+    if int(rate.group(1)) not in AUDIO_SAMPLE_RATES:
+        raise InvalidInputError(
+            f"{name} is not a readable audio file: its sample rate of {int(rate.group(1)):,} Hz is not an audio rate")
+    scan = _scan_packets(path, "0:a:0", demuxer, AUDIO_DEMUXERS, what=deadline.what, timeout_s=deadline.left())
     if scan.truncated:
         raise InvalidInputError(f"{name} is not a readable audio file: it is truncated or corrupt")
     duration = scan.duration if scan.duration else header.duration
     if not duration or duration <= 0:
         raise InvalidInputError(f"{name} is not a readable audio file: its duration is unknown")
-    return AudioInfo(
-        duration=duration, sample_rate=int(rate.group(1)), channels=_channel_count(stream.desc), codec=stream.codec
-    )
+    return AudioInfo(duration=duration, sample_rate=int(rate.group(1)), channels=_channel_count(stream.desc),
+                     codec=stream.codec, demuxer=demuxer)
 
 
-def decode_audio(path: PathLike, sample_rate: int = 16000, *, timeout_s: float | None = None) -> np.ndarray:
-    """The first audio stream as float32 mono samples in [-1, 1] at ``sample_rate`` Hz."""
+def decode_audio(path: PathLike, sample_rate: int = 16000, *, timeout_s: float | None = None,
+                 max_seconds: float | None = None, info: AudioInfo | None = None) -> np.ndarray:
+    """The first audio stream as float32 mono samples in [-1, 1] at ``sample_rate`` Hz.
+
+    ``max_seconds``: samples are counted as they arrive, and once they pass the limit (plus
+    AUDIO_LIMIT_SLACK_S) ffmpeg is killed and InputTooLargeError (413) raised, whatever the
+    file declared; memory stays within the limit's worth of samples. ``info``: the file's
+    probe, if the caller has it (otherwise it is probed here).
+    """
     name = _name(path)
-    probe_audio(path)  # a bad upload is the user's error (400), not a processing failure (500)
+    # A bad upload is the user's error (400), not a processing failure (500); the probe also
+    # names the demuxer to use.
+    info = info or probe_audio(path)
+    limit_bytes = None if max_seconds is None else int((max_seconds + AUDIO_LIMIT_SLACK_S) * sample_rate) * 4
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", _url(path),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *input_args(path, info.demuxer, AUDIO_DEMUXERS),
          "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(int(sample_rate)),
          "-c:a", "pcm_f32le", "-f", "f32le", "pipe:1"],
         what=f"decoding the audio of {name}", paths=_path_aliases(path), timeout_s=timeout_s,
@@ -576,6 +788,10 @@ def decode_audio(path: PathLike, sample_rate: int = 16000, *, timeout_s: float |
     try:
         assert proc.proc.stdout is not None
         while chunk := proc.proc.stdout.read(1 << 20):
+            if limit_bytes is not None and len(data) + len(chunk) > limit_bytes:
+                raise InputTooLargeError(
+                    f"{name}: its audio decodes to more than the limit of {max_seconds:g} s "
+                    f"(the file declares {info.duration:.1f} s)")
             data += chunk
     except BaseException:
         proc.abort()
@@ -602,18 +818,29 @@ class VideoReader:
     ``timeout_s`` bounds the wall-clock life of the decode, including the time the
     caller spends between reads; on expiry ffmpeg is killed and the next read raises
     MediaProcessingError.
+
+    ``max_frames``: the read that would take the count past it kills ffmpeg and raises
+    InputTooLargeError (413), whatever the probe said (timestamps that lie make ffmpeg's
+    constant-rate output duplicate frames without end).
     """
 
-    def __init__(self, path: PathLike, info: VideoInfo | None = None, *, timeout_s: float | None = None) -> None:
+    def __init__(self, path: PathLike, info: VideoInfo | None = None, *, timeout_s: float | None = None,
+                 max_frames: int | None = None, hwaccel: str | None = None) -> None:
         self.path = os.fspath(path)
         self.info = info if info is not None else probe_video(path)
         self.width, self.height = self.info.width, self.info.height
         self._frame_bytes = self.width * self.height * 3
         fps = self.info.fps
+        self.max_frames = max_frames
+        self.frames_read = 0
         self._eof = False
         self._closed = False
+        # hwaccel (e.g. "cuda": NVDEC, see hwcodecs.py) decodes on the GPU where it can; the frames
+        # come back to system memory, and a stream the GPU cannot decode falls back to software.
+        hw = ["-hwaccel", hwaccel] if hwaccel else []
         self._ff = _FfmpegProcess(
-            [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", _url(self.path),
+            [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *hw,
+             *input_args(self.path, self.info.demuxer, VIDEO_DEMUXERS),
              "-map", "0:V:0", "-an", "-sn", "-dn",
              # Pin the size to the probe: a mid-stream resolution change must not shear frames.
              "-vf", f"scale={self.width}:{self.height}",
@@ -632,7 +859,14 @@ class VideoReader:
         if got < len(view):  # EOF: a trailing partial frame is dropped
             self._eof = True
             self._ff.finish()  # raises if ffmpeg failed or timed out
-        return got // self._frame_bytes
+        frames = got // self._frame_bytes
+        self.frames_read += frames
+        if self.max_frames is not None and self.frames_read > self.max_frames:
+            self.close()
+            raise InputTooLargeError(
+                f"{_name(self.path)}: it decodes to more than {self.max_frames:,} frames, over the limit "
+                f"(the file declares {self.info.frame_count_estimate:,})")
+        return frames
 
     def read_chunk(self, n: int) -> np.ndarray:
         """Up to ``n`` next frames as [k, H, W, 3]; k == 0 once the video is exhausted."""
@@ -674,6 +908,20 @@ class VideoReader:
 
 _MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
+# x264 preset -> NVENC preset (p1 fastest .. p7 best) of about the same place on the speed scale.
+_NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p4",
+                  "medium": "p5", "slow": "p6", "slower": "p7", "veryslow": "p7", "placebo": "p7"}
+
+
+def _video_codec_args(codec: str, preset: str, crf: int) -> list[str]:
+    """Encoder options: x264 preset + CRF, or NVENC's constant-quality mode at the same number."""
+    if codec == "libx264":
+        return ["-c:v", "libx264", "-preset", preset, "-crf", str(int(crf))]
+    if codec == "h264_nvenc":
+        return ["-c:v", "h264_nvenc", "-preset", _NVENC_PRESETS.get(preset, "p4"), "-tune", "hq",
+                "-rc", "vbr", "-cq", str(int(crf)), "-b:v", "0"]
+    raise ValueError(f"unsupported video encoder {codec!r} (libx264, h264_nvenc)")
+
 
 class VideoWriter:
     """Encode RGB frames to H.264 (yuv420p) with an optional AAC audio track.
@@ -689,6 +937,9 @@ class VideoWriter:
       place only by a successful :meth:`close`; an exception inside the ``with``
       block (or a failed ffmpeg) kills ffmpeg and leaves no file behind.
     * ``timeout_s`` bounds the writer's wall-clock life, caller time included.
+    * ``codec``: ``libx264`` (``preset``, ``crf``) or ``h264_nvenc`` (the preset mapped to NVENC's
+      p1..p7, ``crf`` as its constant-quality level; see hwcodecs.py); ``threads``: encoder
+      threads (None: ffmpeg's choice).
     """
 
     def __init__(
@@ -702,6 +953,8 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "veryfast",
         timeout_s: float | None = None,
+        codec: str = "libx264",
+        threads: int | None = None,
     ) -> None:
         if int(width) <= 0 or int(height) <= 0:
             raise ValueError(f"invalid frame size {width}x{height}")
@@ -712,8 +965,7 @@ class VideoWriter:
         muxer = _MUXERS.get(out.suffix.lower())
         if muxer is None:
             raise ValueError(f"unsupported output container {out.suffix!r}; use one of {sorted(_MUXERS)}")
-        if audio_path is not None:
-            probe_audio(audio_path)  # reject a bad audio file before any encoding work
+        audio_info = probe_audio(audio_path) if audio_path is not None else None  # refuse a bad file up front
         self.path = out
         self.width, self.height, self.fps = int(width), int(height), fps
         self.frames_written = 0
@@ -723,13 +975,14 @@ class VideoWriter:
         args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
                 "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
                 "-r", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]  # fmt: skip
-        if audio_path is not None:
-            args += ["-i", _url(audio_path)]
+        if audio_path is not None and audio_info is not None:
+            args += input_args(audio_path, audio_info.demuxer, AUDIO_DEMUXERS)
         args += ["-map", "0:v:0"]
         if audio_path is not None:
             args += ["-map", "1:a:0"]
-        args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
-                 "-c:v", "libx264", "-preset", preset, "-crf", str(int(crf)), "-pix_fmt", "yuv420p"]  # fmt: skip
+        args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", *_video_codec_args(codec, preset, crf), "-pix_fmt", "yuv420p"]
+        if threads and codec == "libx264":
+            args += ["-threads", str(int(threads))]
         if audio_path is not None:
             args += ["-c:a", "aac", "-b:a", "128k"]
         if muxer in ("mp4", "mov"):

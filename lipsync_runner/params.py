@@ -38,6 +38,30 @@ REQUEST_FIELDS = frozenset({"wait"})
 #: values); the web page offers such a parameter only when the loaded model is one of them.
 MODEL_VERSIONS_KEY = "x-model-versions"
 
+#: Segment times are seconds; no video we accept is longer than a day.
+MAX_SEGMENT_SECONDS = 86_400.0
+MAX_SEGMENTS = 1000
+
+
+class Segment(BaseModel):
+    """One stretch of the output where the mouth is re-synced (seconds; start inclusive, end exclusive)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: float = Field(ge=0, le=MAX_SEGMENT_SECONDS, description="Start, in seconds of the video.")
+    # ge, not gt: OpenAPI 3.0 (BentoML's document) has no numeric exclusiveMinimum; end > start >= 0
+    # is checked below.
+    end: float = Field(ge=0, le=MAX_SEGMENT_SECONDS, description="End (exclusive), in seconds of the video.")
+    audio_start: float | None = Field(
+        default=None, ge=0, le=MAX_SEGMENT_SECONDS,
+        description="Where in the audio this segment's speech starts (seconds). Default: `start`, i.e. the "
+                    "audio is laid on the video's timeline. Rounded to whole frames.")
+
+    @model_validator(mode="after")
+    def _end_after_start(self) -> "Segment":
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end:g} s) must be after start ({self.start:g} s)")
+        return self
 Surface = Literal["local", "service"]
 SERVICE_ONLY: dict[str, Any] = {"surface": "service"}  # json_schema_extra of a service-only field
 
@@ -90,6 +114,27 @@ class JobParams(BaseModel):
         description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
                     "0 is off; up to 1 puts the source's own fine detail back outside the mouth and "
                     "sharpens the generated mouth to the same scale.")
+    sync_mode: Literal["bounce", "loop", "cut_off", "silence", "remap"] = Field(
+        default="bounce",
+        description="When the audio and the video differ in length. bounce: the output lasts as long as the "
+                    "audio; a shorter video plays forward, then backward, and so on (MuseTalk's ping-pong). "
+                    "loop: as long as the audio; a shorter video restarts from its first frame. cut_off: as "
+                    "long as the shorter of the two; the rest of the longer one is dropped (audio included). "
+                    "silence: as long as the longer of the two; a shorter audio is padded with silence and "
+                    "the video's tail keeps its original mouth (a shorter video bounces). remap: as long as "
+                    "the audio; the video is retimed (frames repeated or skipped evenly) to fit it. "
+                    "With a longer video, bounce and loop play its first frames only.")
+    silence: Literal["keep", "generate"] = Field(
+        default="keep",
+        description="Silent stretches of the new audio. keep: frames show the source mouth, with a short "
+                    "cross-fade at each boundary; generate: the model's mouth everywhere (MuseTalk).")
+    segments: list[Segment] | None = Field(
+        default=None, max_length=MAX_SEGMENTS,
+        description='JSON list of {"start", "end"[, "audio_start"]} in seconds: the mouth is re-synced only '
+                    "inside these stretches of the output (its timeline is the video's unless the audio is "
+                    "longer under bounce, loop or remap); outside, frames pass through untouched. The output "
+                    "keeps the new audio; a segment with audio_start plays the audio from there. "
+                    "Ordered and non-overlapping. Default: the whole output.")
     webhook_url: Optional[str] = Field(
         default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
         description="http(s) URL that receives the job's status as signed JSON POSTs (Lipsync-Signature: "
@@ -107,6 +152,18 @@ class JobParams(BaseModel):
     audio_url: Optional[str] = Field(
         default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
         description="Fetch the audio from this URL instead of an upload (as video_url).")
+
+    @field_validator("segments")
+    @classmethod
+    def _ordered_segments(cls, segments: list[Segment] | None) -> list[Segment] | None:
+        if not segments:
+            return None  # an empty list means "the whole output", as leaving it out does
+        for k in range(1, len(segments)):
+            prev, cur = segments[k - 1], segments[k]
+            if cur.start < prev.end:
+                raise ValueError(f"segment {k} ({cur.start:g}-{cur.end:g} s) starts before segment {k - 1} "
+                                 f"ends ({prev.end:g} s): segments must be ordered and must not overlap")
+        return segments
 
     @field_validator("webhook_url")
     @classmethod
@@ -182,7 +239,7 @@ def validation_message(exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = str(err.get("msg", "invalid value"))
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")  # our validators' own words
         if err.get("type") == "extra_forbidden":
             msg = "unknown parameter"
         problems.append(f"{loc}: {msg}" if loc else msg)
@@ -217,13 +274,18 @@ def form_properties() -> dict[str, Any]:
     """JSON-schema properties of the job parameters, for a multipart/form-data request body."""
     schema = JobParams.model_json_schema()
     defs = schema.get("$defs", {})
-    props = {}
-    for name, prop in schema["properties"].items():
-        prop = dict(prop)
-        if "$ref" in prop:  # inline enums and nested models: form docs have no $defs
-            prop = {**defs[prop.pop("$ref").rsplit("/", 1)[-1]], **prop}
-        props[name] = prop
-    return props
+
+    def inline(node: Any) -> Any:  # enums and nested models (segments' items too): form docs have no $defs
+        if isinstance(node, dict):
+            if "$ref" in node:
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return inline({**defs[node["$ref"].rsplit("/", 1)[-1]], **rest})
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {name: inline(prop) for name, prop in schema["properties"].items()}
 
 
 # --------------------------------------------------------------------------- command lines

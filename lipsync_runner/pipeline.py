@@ -1,23 +1,31 @@
-"""One lip-sync job end to end, as a straight line of streaming stages.
+"""One lip-sync job end to end: plan, then execute.
 
-    validate -> audio features -> pass 1: decode + track faces -> pass 2: decode ->
-    crop -> prepare (VAE encode) -> generate (UNet + VAE decode) -> blend -> encode + mux
+    validate -> audio: PCM, speech activity -> one decode: track faces, keep the frames ->
+    plan (plan.py) -> audio features -> render: crop -> prepare (VAE encode) ->
+    generate (UNet + VAE decode) -> blend -> encode + mux
 
-Frames flow through in chunks and are never all held at once; only per-frame boxes
-(a few hundred bytes each) and the audio features (384 KB per second of audio) are
-kept for the whole job. The model is anything with `audio_features`, `prepare` and
-`generate` (the local MuseTalk component, or the GPU service's client).
+The plan decides, before any frame is rendered, what every output frame shows (which source
+frame, generated or passed through and how much, which audio window); one render loop
+executes any plan. The video is decoded once: the frames decoded to track faces are kept in
+a scratch frame store and read back by the render (framestore.py explains the choice), and
+with a cached face track a forward plan renders from one straight decode.
+
+Frames flow through in chunks and are never all held in memory; only per-frame boxes (a few
+hundred bytes each), the plan (a few bytes per frame) and the audio features (384 KB per second
+of audio) are kept for the whole job. The model is anything with `audio_features`, `prepare`
+and `generate` (the local MuseTalk component, or the GPU service's client).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -28,27 +36,34 @@ from .avatar_cache import Avatar, AvatarCache, AvatarParams
 from .blend import blend_faces
 from .crops import crop_faces
 from .detail import restore_detail
-from .errors import InvalidInputError, JobCancelledError, MediaProcessingError
+from .errors import InvalidInputError, JobCancelledError
 from .faces import FaceDetector, FaceTrack, track_faces
-from .framestore import FrameStore, pingpong_indices
+from .framestore import FrameSource, FrameStore
+from .hwcodecs import VideoCodecs, video_codecs
 from .masks import MaskProvider, masks_for
-from .media import (PROBE_TIMEOUT_S, AudioInfo, VideoInfo, VideoReader, VideoWriter, decode_audio, probe_audio,
-                    probe_video)
+from .media import (PROBE_TIMEOUT_S, AudioInfo, MediaLimits, VideoInfo, VideoReader, VideoWriter, decode_audio,
+                    probe_audio, probe_video)
 from .musetalk import LipSyncModel
+from .params import JobParams
+from .plan import DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, spools_frames
+from .settings import RunnerSettings
+from .soundtrack import write_soundtrack
+from .speech import SpeechSettings, speech_frames
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, float], None]
 """Called with (stage, overall fraction done in 0..1)."""
 
-STAGES = ("audio", "decode", "faces", "prepare", "generate", "blend", "encode")
+STAGES = ("audio", "speech", "decode", "spool", "store", "faces", "prepare", "generate", "blend", "encode")
 DETECT_CHUNK = 32  # frames per face-detection call
-FACES_SHARE = 0.2  # share of the progress bar given to pass 1
+FACES_SHARE = 0.2  # share of the progress bar given to decoding and face tracking
+DEFAULT_MAX_SPOOL_BYTES = 20 * 2**30
 
 
 @dataclass
 class PipelineOptions:
-    bbox_shift: int = 0
+    params: JobParams = field(default_factory=JobParams)  # what the user asked for
     batch_size: int = 8
     version: str = "v15"
     extra_margin: int = 10
@@ -56,7 +71,24 @@ class PipelineOptions:
     crf: int = 18
     preset: str = "veryfast"
     ffmpeg_timeout_s: float | None = None
-    sharpen: float = 0.0  # detail.restore_detail's amount; 0: plain paste
+    speech: SpeechSettings = field(default_factory=SpeechSettings)
+    fade_frames: int = DEFAULT_FADE_FRAMES
+    max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
+    limits: MediaLimits = field(default_factory=MediaLimits)  # decoding stops (413) past these
+    codecs: VideoCodecs | None = None  # NVDEC/NVENC or software; None: hwcodecs.video_codecs() (detected once)
+
+    @classmethod
+    def from_settings(cls, settings: RunnerSettings, params: JobParams | None = None, **overrides) -> "PipelineOptions":
+        """Options from RunnerSettings (the deployment) and the job's parameters."""
+        values = dict(
+            params=params or JobParams(), batch_size=settings.batch_size, extra_margin=settings.extra_margin,
+            crf=settings.crf, preset=settings.preset, ffmpeg_timeout_s=settings.ffmpeg_timeout_s,
+            speech=SpeechSettings(aggressiveness=settings.vad_aggressiveness, floor_db=settings.silence_floor_db,
+                                  min_silence_ms=settings.min_silence_ms, min_speech_ms=settings.min_speech_ms,
+                                  pad_ms=settings.speech_pad_ms),
+            fade_frames=settings.fade_frames, max_spool_bytes=int(settings.max_spool_gb * 2**30))
+        values.update(overrides)
+        return cls(**values)
 
 
 @dataclass
@@ -68,6 +100,7 @@ class JobResult:
     fps: Fraction
     width: int
     height: int
+    generated: int = 0  # output frames with a generated mouth (fully or cross-faded)
     seconds: dict[str, float] = field(default_factory=dict)
     cache_hit: bool | None = None  # None: no avatar cache in use
 
@@ -93,6 +126,44 @@ def validate_inputs(video: Path, audio: Path, timeout_s: float | None = None) ->
     return probe_video(video, timeout_s=bound), probe_audio(audio, timeout_s=bound)
 
 
+@dataclass
+class JobState:
+    """One job while it runs: its inputs and options, and what each step has found so far."""
+
+    model: LipSyncModel
+    detector: FaceDetector
+    video: Path
+    audio: Path
+    output: Path
+    info: VideoInfo
+    opts: PipelineOptions
+    clock: StageClock
+    report: ProgressCallback
+    should_cancel: Callable[[], bool] | None
+    work_dir: Path | None
+    frames: FrameSource
+    masks: MaskProvider | None = None  # blend masks (face parsing); None: blend.py's own mask
+    pcm: np.ndarray | None = None  # the new audio, 16 kHz mono
+    n_audio: int = 0  # A: output frames the audio covers
+    speech: np.ndarray | None = None  # [A] bool (silence=keep)
+    track: FaceTrack | None = None
+    avatar: Avatar | None = None
+    plan: RenderPlan | None = None
+    steps: np.ndarray | None = None  # Whisper encoder states of the audio
+    sound: Path | None = None  # what the encoder muxes
+
+    @property
+    def params(self) -> JobParams:
+        return self.opts.params
+
+    def check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise JobCancelledError("the job was cancelled")
+
+    def new_store(self) -> FrameStore:
+        return FrameStore(self.info.height, self.info.width, self.work_dir)
+
+
 def run(
     model: LipSyncModel,
     detector: FaceDetector,
@@ -112,185 +183,135 @@ def run(
 
     With an avatar cache, the face track and the face latents of a video seen before are reused.
     `video_info`: the inputs were already checked with validate_inputs (do not probe them again).
-    `masks`: blend masks per face (masks.load_mask_provider: MuseTalk's face parsing or landmark
-    contours); None: blend.py's own lower-face mask.
+    `masks`: where the blend masks come from (masks.py: MuseTalk's face parsing, or the contour).
     """
     opts = options or PipelineOptions()
+    opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
     video, audio, output = Path(video), Path(audio), Path(output)
-    clock = StageClock()
-    report = progress or (lambda stage, fraction: None)
-
-    def check_cancel() -> None:
-        if should_cancel is not None and should_cancel():
-            raise JobCancelledError("the job was cancelled")
-
     info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s)[0]
-    fps = info.fps
-
-    report("audio", 0.0)
-    with clock("audio"):
-        pcm = decode_audio(audio, audio_math.SAMPLE_RATE, timeout_s=opts.ffmpeg_timeout_s)
-        n_out = audio_math.frame_count(len(pcm), fps)
-        if n_out == 0:
-            raise InvalidInputError(f"{audio.name} is shorter than one video frame")
-        steps = model.audio_features(pcm)
-    del pcm
-    check_cancel()
-
-    # The audio outruns the video: pass 2 plays frames backward, which a stream cannot.
-    store = FrameStore(info.height, info.width, work_dir) if n_out > info.frame_count_estimate else None
-    faces_progress = lambda f: report("faces", FACES_SHARE * f)  # noqa: E731
+    clock = StageClock()
+    frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
+                                             max_frames=opts.limits.max_frames(info.fps),
+                                             hwaccel=opts.codecs.hwaccel),
+                         (info.height, info.width, 3), clock=clock, name=video.name)
+    job = JobState(model=model, detector=detector, video=video, audio=audio, output=output, info=info, opts=opts,
+                   clock=clock, report=progress or (lambda stage, fraction: None), should_cancel=should_cancel,
+                   work_dir=Path(work_dir) if work_dir is not None else None, frames=frames, masks=masks)
     try:
-        report("faces", 0.0)
-        with _prepared_video(cache, model, detector, video, info, opts, clock, store, check_cancel,
-                             faces_progress) as (track, avatar, hit):
-            if store is not None and len(store) == 0:  # the face track came from the cache
-                _fill_store(video, info, opts, clock, store, check_cancel)
-            if n_out > len(track.has_face) and store is None:  # the probe's frame count was too optimistic
-                store = FrameStore(info.height, info.width, work_dir)
-                _fill_store(video, info, opts, clock, store, check_cancel)
-            result = _render(model, track, steps, video, audio, output, info, n_out, opts, clock, store,
-                             check_cancel, lambda f: report("generate", FACES_SHARE + (1 - FACES_SHARE) * f),
-                             avatar, masks)
+        _read_audio(job)
+        job.report("faces", 0.0)
+        with _prepared_video(job, cache) as hit:
+            job.plan = build_plan(job.params, n_video=len(job.track), n_audio=job.n_audio, fps=info.fps,
+                                  has_face=job.track.has_face, speech=job.speech, fade=opts.fade_frames)
+            _arrange_frames(job)
+            _audio_features(job)
+            result = _render(job)
         result.cache_hit = hit if cache is not None else None
     finally:
-        if store is not None:
-            store.close()
-    report("done", 1.0)
+        frames.close()
+        if job.sound is not None and job.sound != audio:
+            job.sound.unlink(missing_ok=True)
+    job.report("done", 1.0)
     result.seconds = dict(clock.seconds)
     return result
 
 
+def _read_audio(job: JobState) -> None:
+    """The new audio as PCM, its length in frames, and (silence=keep) where it is speech."""
+    job.report("audio", 0.0)
+    fps = job.info.fps
+    with job.clock("audio"):
+        job.pcm = decode_audio(job.audio, audio_math.SAMPLE_RATE, timeout_s=job.opts.ffmpeg_timeout_s,
+                               max_seconds=job.opts.limits.max_audio_seconds)
+        job.n_audio = audio_math.frame_count(len(job.pcm), fps)
+        if job.n_audio == 0:
+            raise InvalidInputError(f"{job.audio.name} is shorter than one video frame")
+    check_segments(job.params, n_video_estimate=job.info.frame_count_estimate, n_audio=job.n_audio, fps=fps)
+    if job.params.silence == "keep":
+        with job.clock("speech"):
+            job.speech = speech_frames(job.pcm, fps, job.opts.speech)
+    job.check_cancel()
+
+
 @contextmanager
-def _prepared_video(cache: AvatarCache | None, model: LipSyncModel, detector: FaceDetector, video: Path,
-                    info: VideoInfo, opts: PipelineOptions, clock: StageClock, store: FrameStore | None,
-                    check_cancel: Callable[[], None], progress: Callable[[float], None]
-                    ) -> Iterator[tuple[FaceTrack, Avatar | None, bool]]:
-    """The face track (and, with a cache, the place its latents live): from the cache or computed now."""
-    def build() -> FaceTrack:
-        return _track(video, info, detector, opts, clock, store, check_cancel, progress)
-
+def _prepared_video(job: JobState, cache: AvatarCache | None) -> Iterator[bool]:
+    """Sets job.track (and job.avatar, where its latents live) from the cache or by tracking now;
+    yields whether it was a cache hit."""
     if cache is None:
-        yield build(), None, False
+        job.track = _track(job)
+        yield False
         return
+    opts = job.opts
+    # Only what changes the track or the latents: sync mode, silence and segments do not.
     params = AvatarParams(
-        bbox_shift=opts.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
-        version=opts.version, extra_margin=opts.extra_margin, detector=detector.name,
-        detect_every=opts.detect_every, weights_id=str(getattr(model, "weights_id", "")))
-    with clock("cache"):
-        key = params.key(cache.video_hash(video))
-    with cache.open(key, build) as (avatar, hit):
-        yield avatar.track, avatar, hit
+        bbox_shift=job.params.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
+        version=opts.version, extra_margin=opts.extra_margin, detector=job.detector.name,
+        detect_every=opts.detect_every, weights_id=str(getattr(job.model, "weights_id", "")))
+    with job.clock("cache"):
+        key = params.key(cache.video_hash(job.video))
+    with cache.open(key, lambda: _track(job)) as (avatar, hit):
+        job.track, job.avatar = avatar.track, avatar
+        yield hit
 
 
-def _fill_store(video: Path, info: VideoInfo, opts: PipelineOptions, clock: StageClock, store: FrameStore,
-                check_cancel: Callable[[], None]) -> None:
-    """Decode every frame into the store (ping-pong needs them), without face detection."""
-    with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s) as reader:
-        for chunk in _chunks(reader, DETECT_CHUNK, clock):
-            check_cancel()
-            store.append(chunk)
-
-
-def _chunks(reader: VideoReader, size: int, clock: StageClock) -> Iterator[np.ndarray]:
-    while True:
-        with clock("decode"):
-            chunk = reader.read_chunk(size)
-        if len(chunk) == 0:
-            return
-        yield chunk
-
-
-def _track(video: Path, info: VideoInfo, detector: FaceDetector, opts: PipelineOptions, clock: StageClock,
-           store: FrameStore | None, check_cancel: Callable[[], None],
-           progress: Callable[[float], None]) -> FaceTrack:
-    """Pass 1: decode every frame once, find the face crop of each, keep frames only if ping-pong needs them."""
+def _track(job: JobState) -> FaceTrack:
+    """Decode every frame once and find the face crop of each; keep the frames for the render when
+    that is the plan's policy (plan.spools_frames)."""
+    info, opts = job.info, job.opts
+    if spools_frames(job.params, n_video=info.frame_count_estimate, n_audio=job.n_audio, width=info.width,
+                     height=info.height, max_spool_bytes=opts.max_spool_bytes, cold=True):
+        job.frames.store = job.new_store()
     expected = max(1, info.frame_count_estimate)
 
-    def frames() -> Iterator[np.ndarray]:
-        done = 0
-        with VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s) as reader:
-            for chunk in _chunks(reader, DETECT_CHUNK, clock):
-                check_cancel()
-                if store is not None:
-                    store.append(chunk)
-                done += len(chunk)
-                progress(min(1.0, done / expected))
-                yield chunk
+    def chunks() -> Iterator[np.ndarray]:
+        for chunk in job.frames.chunks(DETECT_CHUNK):
+            job.check_cancel()
+            job.report("faces", FACES_SHARE * min(1.0, job.frames.decoded / expected))
+            yield chunk
 
-    # Face detection time is measured as the total minus what decoding took inside the generator.
-    decode_before = clock.seconds["decode"]
+    # Face detection time is the total minus what decoding and spooling took inside the generator.
+    before = job.clock.seconds["decode"] + job.clock.seconds["spool"]
     start = time.perf_counter()
-    track = track_faces(frames(), detector, bbox_shift=opts.bbox_shift, version=opts.version,
+    track = track_faces(chunks(), job.detector, bbox_shift=job.params.bbox_shift, version=opts.version,
                         extra_margin=opts.extra_margin, detect_every=opts.detect_every)
-    clock.seconds["faces"] += time.perf_counter() - start - (clock.seconds["decode"] - decode_before)
+    io = job.clock.seconds["decode"] + job.clock.seconds["spool"] - before
+    job.clock.seconds["faces"] += time.perf_counter() - start - io
     return track
 
 
-def _render(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, video: Path, audio: Path, output: Path,
-            info: VideoInfo, n_out: int, opts: PipelineOptions, clock: StageClock, store: FrameStore | None,
-            check_cancel: Callable[[], None], progress: Callable[[float], None],
-            avatar: Avatar | None = None, masks: MaskProvider | None = None) -> JobResult:
-    """Pass 2, in three overlapped stages: while the model works on chunk k, chunk k+1 is read
-    (decode) and chunk k-1 is blended and encoded. Each stage keeps its order; at most three
-    chunks are in memory; the first error from any stage stops the others and is raised."""
-    n_src = len(track.has_face)
-    reader = None if store is not None else VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s)
-    source = _chunks(reader, opts.batch_size, clock) if reader is not None else None
-    starts = list(range(0, n_out, opts.batch_size))
-    written = 0
+def _arrange_frames(job: JobState) -> None:
+    """Make the frame source able to serve the plan with as few decodes as possible."""
+    frames, plan = job.frames, job.plan
+    if frames.complete:  # decoded once into the store while tracking: everything is there
+        return
+    if frames.decoded == 0:  # face track from the cache: one straight decode, stored only if it goes back
+        if not plan.sequential:
+            frames.store = job.new_store()
+        return
+    # Tracked without keeping the frames (too large to spool): decode a second time.
+    frames.rewind(store=None if plan.sequential else job.new_store())
 
-    def read(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out_idx = np.arange(start, min(start + opts.batch_size, n_out))
-        if store is not None:
-            src_idx = pingpong_indices(out_idx, n_src)
-            with clock("decode"):
-                return out_idx, src_idx, store.take(src_idx)
-        chunk = next(source, None)  # n_out <= n_src: plain forward playback
-        if chunk is None or len(chunk) < len(out_idx):
-            raise MediaProcessingError(f"{video.name} ended early on the second read")
-        return out_idx, out_idx, chunk[: len(out_idx)]
 
-    def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
-        if pending is not None:
-            with clock("blend"):
-                source = frames[pending.sel]
-                faces = pending.faces
-                if opts.sharpen > 0:
-                    faces = restore_detail(source, faces, pending.boxes, pending.landmarks, opts.sharpen)
-                frame_masks = masks_for(masks, source, pending.boxes, pending.landmarks)
-                frames[pending.sel] = blend_faces(source, faces, pending.boxes, pending.landmarks,
-                                                  masks=frame_masks, inplace=True)
-        with clock("encode"):
-            writer.write(frames)
-        return len(frames)
-
-    try:
-        with VideoWriter(output, info.width, info.height, info.fps, audio_path=audio, crf=opts.crf,
-                         preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s) as writer, \
-                ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
-            next_read = pool.submit(read, starts[0])
-            last_write: Future | None = None
-            for k in range(len(starts)):
-                check_cancel()
-                out_idx, src_idx, frames = next_read.result()
-                if k + 1 < len(starts):
-                    next_read = pool.submit(read, starts[k + 1])
-                pending = _generate_chunk(model, track, steps, frames, src_idx, out_idx, info.fps, clock, avatar)
-                if last_write is not None:
-                    written += last_write.result()
-                    progress(written / n_out)
-                last_write = pool.submit(finish, writer, frames, pending)
-            if last_write is not None:
-                written += last_write.result()
-                progress(written / n_out)
-            with clock("encode"):
-                writer.close()
-    finally:
-        if reader is not None:
-            reader.close()
-    return JobResult(output=output, frames=written, source_frames=n_src, face_frames=int(track.has_face.sum()),
-                     fps=info.fps, width=info.width, height=info.height)
+def _audio_features(job: JobState) -> None:
+    """Whisper states of the audio, padded with silence as far as the generated frames read."""
+    job.report("audio", FACES_SHARE)
+    plan, fps = job.plan, job.info.fps
+    pcm = job.pcm
+    needed = plan.audio_frames_needed()
+    if needed > job.n_audio:  # cross-fades into sync_mode=silence's padded tail
+        samples = -(-(needed + 1) * audio_math.SAMPLE_RATE * fps.denominator // fps.numerator)
+        pcm = np.concatenate([pcm, np.zeros(max(0, samples - len(pcm)), np.float32)])
+    with job.clock("audio"):
+        job.steps = job.model.audio_features(pcm) if plan.generate.any() else None
+        if plan.sound_is_the_audio:
+            job.sound = job.audio
+        else:
+            handle = tempfile.NamedTemporaryFile(prefix="sound-", suffix=".wav", dir=job.work_dir, delete=False)
+            handle.close()
+            job.sound = Path(handle.name)
+            write_soundtrack(job.audio, plan.sound, job.sound, timeout_s=job.opts.ffmpeg_timeout_s)
+    job.pcm = None
+    job.check_cancel()
 
 
 @dataclass
@@ -301,24 +322,85 @@ class _Pending:
     faces: np.ndarray
     boxes: np.ndarray
     landmarks: np.ndarray | None
+    weights: np.ndarray
 
 
-def _generate_chunk(model: LipSyncModel, track: FaceTrack, steps: np.ndarray, frames: np.ndarray,
-                    src_idx: np.ndarray, out_idx: np.ndarray, fps: Fraction, clock: StageClock,
-                    avatar: Avatar | None = None) -> _Pending | None:
-    """Crop, prepare (or take cached latents) and generate the faces of one chunk's face frames."""
-    sel = np.flatnonzero(track.has_face[src_idx])
+def _render(job: JobState) -> JobResult:
+    """Execute the plan in three overlapped stages: while the model works on chunk k, chunk k+1 is
+    read (decode or frame store) and chunk k-1 is blended and encoded. Each stage keeps its order;
+    at most three chunks are in memory; the first error from any stage stops the others and is raised."""
+    plan, info, opts = job.plan, job.info, job.opts
+    n_out = len(plan)
+    batch = opts.batch_size
+    starts = list(range(0, n_out, batch))
+    written = 0
+
+    def progress(fraction: float) -> None:
+        job.report("generate", FACES_SHARE + (1 - FACES_SHARE) * fraction)
+
+    def read(start: int) -> tuple[np.ndarray, np.ndarray]:
+        out_idx = np.arange(start, min(start + batch, n_out))
+        return out_idx, job.frames.take(plan.source[out_idx])
+
+    def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
+        if pending is not None:
+            with job.clock("blend"):
+                faces, frame_masks = pending.faces, None
+                if job.params.sharpen > 0 or job.masks is not None:  # these take the frames as one array
+                    source = frames[pending.sel]
+                    if job.params.sharpen > 0:
+                        faces = restore_detail(source, faces, pending.boxes, pending.landmarks, job.params.sharpen)
+                    frame_masks = masks_for(job.masks, source, pending.boxes, pending.landmarks)
+                # views of the chunk's frames: only the mask rectangles are written, no frame is copied
+                blend_faces([frames[i] for i in pending.sel], faces, pending.boxes, pending.landmarks,
+                            masks=frame_masks, weights=pending.weights, inplace=True)
+        with job.clock("encode"):
+            writer.write(frames)
+        return len(frames)
+
+    with VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
+                     preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
+                     threads=opts.codecs.threads) as writer, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
+        next_read = pool.submit(read, starts[0])
+        last_write: Future | None = None
+        for k in range(len(starts)):
+            job.check_cancel()
+            out_idx, frames = next_read.result()
+            if k + 1 < len(starts):
+                next_read = pool.submit(read, starts[k + 1])
+            pending = _generate_chunk(job, out_idx, frames)
+            if last_write is not None:
+                written += last_write.result()
+                progress(written / n_out)
+            last_write = pool.submit(finish, writer, frames, pending)
+        if last_write is not None:
+            written += last_write.result()
+            progress(written / n_out)
+        with job.clock("encode"):
+            writer.close()
+    track = job.track
+    return JobResult(output=job.output, frames=written, source_frames=len(track), face_frames=int(track.has_face.sum()),
+                     fps=info.fps, width=info.width, height=info.height, generated=int(plan.generate.sum()))
+
+
+def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray) -> _Pending | None:
+    """Crop, prepare (or take cached latents) and generate the faces of one chunk's generated frames."""
+    plan, track, model, clock = job.plan, job.track, job.model, job.clock
+    sel = np.flatnonzero(plan.generate[out_idx])
     if len(sel) == 0:
         return None
-    boxes = track.boxes[src_idx[sel]]
-    landmarks = track.landmarks[src_idx[sel]] if track.landmarks is not None else None
+    rows = out_idx[sel]
+    src = plan.source[rows]
+    boxes = track.boxes[src]
+    landmarks = track.landmarks[src] if track.landmarks is not None else None
     with clock("prepare"):
-        if avatar is None:
-            latents = model.prepare(crop_faces(frames[sel], boxes))
+        if job.avatar is None:
+            latents = model.prepare(crop_faces([frames[i] for i in sel], boxes))
         else:  # only frames no job has prepared before go through the VAE encoder
-            latents = avatar.latents_for(src_idx[sel],
-                                         lambda rows: model.prepare(crop_faces(frames[sel[rows]], boxes[rows])))
+            latents = job.avatar.latents_for(
+                src, lambda todo: model.prepare(crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
     with clock("generate"):
-        windows = audio_math.frame_windows(steps, out_idx[sel], fps)
+        windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
         faces = model.generate(latents, windows)
-    return _Pending(sel, faces, boxes, landmarks)
+    return _Pending(sel, faces, boxes, landmarks, plan.weight[rows])

@@ -31,6 +31,23 @@ class RunnerSettings(BaseSettings):
     preset: str = Field(default="veryfast", description="x264 preset of the output video.")
     ffmpeg_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one ffmpeg process.")
     compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
+    x264_threads: int = Field(
+        default=0, ge=0, le=64,
+        description="x264 threads per job; 0: x264's own choice (1.5 per core). 2 costs 13-28 % less CPU "
+                    "per frame on a 2-core machine (docs/benchmarks.md): use it when jobs run side by side.")
+    hw_codecs: Literal["auto", "off"] = Field(
+        default="auto", description="auto: NVDEC/NVENC when ffmpeg has them and a GPU takes a trial frame; off: never.")
+    # Speech activity of the new audio (silence=keep): lipsync_runner/speech.py
+    vad_aggressiveness: int = Field(default=2, ge=0, le=3, description="WebRTC VAD mode: 0 lenient .. 3 strict.")
+    silence_floor_db: float = Field(default=-45.0, le=0, description="Quieter 10 ms frames (dBFS) are silence.")
+    min_silence_ms: int = Field(default=200, ge=0, le=5000, description="Shorter pauses count as speech.")
+    min_speech_ms: int = Field(default=60, ge=0, le=5000, description="Shorter bursts count as silence.")
+    speech_pad_ms: int = Field(default=60, ge=0, le=2000, description="Speech widened by this on both sides.")
+    fade_frames: int = Field(default=3, ge=0, le=50,
+                             description="Cross-fade frames at each edge of a kept silence or a segment.")
+    max_spool_gb: float = Field(default=20.0, ge=0,
+                                description="A cold job keeps its decoded frames on scratch disk up to this size "
+                                            "(one decode); larger videos are decoded twice instead.")
 
 
 def resolve_device(device: str) -> str:

@@ -119,6 +119,18 @@ def synthetic_landmarks(x1: float, x2: float, y29: float, chin: float) -> np.nda
     return lm
 
 
+def landmarks_for_boxes(boxes: np.ndarray, *, jitter: float = 0.3, seed: int = 0) -> np.ndarray:
+    """[N, 68, 2] synthetic landmarks that follow each crop box (x1, y1, x2, y2; NaN rows for -1
+    rows), jittered by ``jitter`` px like a landmark tracker's output."""
+    rng = np.random.default_rng(seed)
+    lms = np.full((len(boxes), 68, 2), np.nan)
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes)):
+        if x1 >= 0:
+            lms[i] = synthetic_landmarks(x1 + 4, x2 - 4, y29=(y1 + y2 - 10) / 2, chin=y2 - 10)
+            lms[i] += rng.normal(0, jitter, (68, 2))
+    return lms
+
+
 # ---------------------------------------------------------------- media
 
 

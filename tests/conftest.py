@@ -41,6 +41,25 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def face_clip(tmp_path_factory: pytest.TempPathFactory):
+    """16 frames of a 640x360 talking head (frame 8 without a face), their Haar crop boxes, and
+    generated faces that differ from the frames everywhere."""
+    from lipsync_runner.crops import crop_faces
+    from lipsync_runner.faces import HaarFaceDetector, track_faces
+    from lipsync_runner.media import VideoReader
+    from lipsync_runner.testing import write_face_video
+
+    path = write_face_video(tmp_path_factory.mktemp("clip") / "face.mp4", seconds=0.64, size=(640, 360),
+                            blank_frames=(8,))
+    with VideoReader(path) as reader:
+        frames = reader.read_chunk(64)
+    track = track_faces([frames], HaarFaceDetector(), detect_every=2, fill_gaps=0)
+    assert not track.has_face[8] and track.has_face.sum() >= 12
+    faces = 255 - crop_faces(frames, track.boxes)  # a face, in negative: differs from the frame
+    return frames, track.boxes, faces
+
+
+@pytest.fixture(scope="session")
 def open_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     """The real server as a newcomer starts it: no API tokens, tiny models (v1.5 loaded).
 

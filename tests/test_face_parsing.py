@@ -197,6 +197,7 @@ def test_the_pipeline_blends_with_the_providers_masks_and_restores_detail_when_a
     import lipsync_runner.pipeline as pipeline
     from lipsync_runner.faces import HaarFaceDetector
     from lipsync_runner.media import VideoReader
+    from lipsync_runner.params import JobParams
 
     calls = []
 
@@ -215,7 +216,8 @@ def test_the_pipeline_blends_with_the_providers_masks_and_restores_detail_when_a
     speech = write_speech_like_audio(tmp_path / "speech.wav", seconds=0.4)  # 10 frames: enough to see the wiring
     out = tmp_path / "o.mp4"
     result = pipeline.run(model, HaarFaceDetector(), media_dir / "face.mp4", speech, out,
-                          pipeline.PipelineOptions(batch_size=8, sharpen=0.5), masks=ZeroMasks())
+                          pipeline.PipelineOptions(batch_size=8, params=JobParams(sharpen=0.5, silence="generate")),
+                          masks=ZeroMasks())
     assert result.frames == 10
     assert sum(shape[0] for shape, _ in calls) == result.frames  # every written frame has the face
     assert all(boxes.shape[1] == 4 and (boxes >= 0).all() for _, boxes in calls)

@@ -29,6 +29,7 @@ import pytest
 from lipsync_runner.media import ffmpeg_exe
 from lipsync_runner.testing import write_face_video, write_speech_like_audio
 
+from .hostile_media import ffconcat, hls_playlist, mkv_with_huge_metadata, mp4_with_sample_durations
 from .server import ROOT, Server, running_server
 
 API = "/api/lip-sync"
@@ -44,7 +45,8 @@ BOUNDARY = "hostile-boundary-7f3a"
 def server(tmp_path_factory, models_dir) -> Server:
     with running_server(tmp_path_factory.mktemp("hostile"), models_dir, LIP_SYNC_MAX_VIDEO_BYTES=str(VIDEO_LIMIT),
                         LIP_SYNC_MAX_VIDEO_SECONDS="20", LIP_SYNC_MAX_AUDIO_SECONDS="20",
-                        LIP_SYNC_MAX_VIDEO_PIXELS=str(1920 * 1080), LIP_SYNC_JOB_WORKERS="1") as srv:
+                        LIP_SYNC_MAX_VIDEO_PIXELS=str(1920 * 1080), LIP_SYNC_MAX_JOB_SCRATCH_GB="0.05",
+                        LIP_SYNC_JOB_WORKERS="1") as srv:
         yield srv
 
 
@@ -75,6 +77,24 @@ def media(tmp_path_factory) -> dict[str, bytes]:
             "-pix_fmt", "yuv420p", str(d / "long.mp4"))
     _ffmpeg("-f", "lavfi", "-i", "sine=frequency=220:sample_rate=16000:duration=30", "-c:a", "aac", "-b:a", "16k",
             str(d / "long.m4a"))
+    # Files that lie about themselves (tests/hostile_media.py edits the bytes)
+    ffconcat(d / "playlist.wav", Path("input_video.mp4"), repeat=2000)  # the job's own video, 2000 times
+    ffconcat(d / "playlist.mp4", Path("input_audio.wav"), repeat=2000)
+    hls_playlist(d / "hls.mp3", Path("input_video.mp4"), repeat=2000)
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=64x64:r=1000:d=0.2", "-c:v", "libx264", "-preset", "ultrafast",
+            str(d / "1000fps.mp4"))
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=32x32:r=25:d=128", "-vf",
+            "setpts='if(lt(N,3000),N/3000,1+(N-3000)/25)/TB'", "-frames:v", "3200", "-fps_mode", "passthrough",
+            "-c:v", "libx264", "-preset", "ultrafast", "-video_track_timescale", "30000", str(d / "burst.mp4"))
+    _ffmpeg("-f", "lavfi", "-i", "sine=f=300:r=8000:d=60", "-c:a", "aac", "-b:a", "12k", "-use_editlist", "0",
+            str(d / "speech60.m4a"))
+    mp4_with_sample_durations(d / "speech60.m4a", d / "understated.m4a", delta=16)  # declares 0.94 s of 60
+    _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=1920x1080:r=10", "-t", "1", "-c:v", "libx264", "-preset",
+            "ultrafast", "-pix_fmt", "yuv420p", str(d / "1080p.mp4"))
+    write_speech_like_audio(d / "speech19.wav", seconds=19.0, sample_rate=16000)
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=64x64:r=25:d=1", "-c:v", "libx264", "-preset", "ultrafast",
+            str(d / "small.mkv"))
+    mkv_with_huge_metadata(d / "small.mkv", d / "metadata.mkv", lines=1_000_000)
     files = {p.name: p.read_bytes() for p in d.iterdir()}
     files["empty"] = b""
     files["text"] = b"hello, this is not a video at all\n" * 40
@@ -261,6 +281,21 @@ MEDIA_CASES = [
      ("video", "30", "limit")),
     ("30 s audio over a 20 s limit", ("clip.mp4", "face.mp4"), ("speech.m4a", "long.m4a"), 413,
      ("audio", "30", "limit")),
+    # issue 11: files that lie about themselves
+    ("ffconcat playlist named speech.wav", ("clip.mp4", "face.mp4"), ("speech.wav", "playlist.wav"), 400,
+     ("speech.wav", "not a supported audio file", "'concat'")),
+    ("ffconcat playlist named clip.mp4", ("clip.mp4", "playlist.mp4"), ("speech.wav", "speech.wav"), 400,
+     ("clip.mp4", "not a supported video file", "'concat'")),
+    ("HLS playlist named speech.mp3", ("clip.mp4", "face.mp4"), ("speech.mp3", "hls.mp3"), 400,
+     ("speech.mp3", "not a readable audio file")),
+    ("1000 fps video", ("clip.mp4", "1000fps.mp4"), ("speech.wav", "speech.wav"), 413,
+     ("clip.mp4", "1000 fps", "limit of 120 fps")),
+    ("3200 frames in 9 s (a variable-rate burst)", ("clip.mp4", "burst.mp4"), ("speech.wav", "speech.wav"), 413,
+     ("clip.mp4", "3,200 frames", "limit of 2,400")),
+    ("a million metadata lines in 1 MB", ("clip.mkv", "metadata.mkv"), ("speech.wav", "speech.wav"), 400,
+     ("clip.mkv", "header is too large")),
+    ("1080p, 1 s, with 19 s of speech: 68 MB of ping-pong frames over a 50 MB cap", ("clip.mp4", "1080p.mp4"),
+     ("speech.wav", "speech19.wav"), 413, ("scratch disk", "ping-pong", "per-job limit of 50 MB")),
 ]
 
 
@@ -281,6 +316,10 @@ BENTO_MEDIA_CASES = [
     ("30 s video over a 20 s limit", ("clip.mp4", "long.mp4"), ("speech.wav", "speech.wav"), 413,
      ("video", "limit")),
     ("text named .txt", ("clip.txt", "text"), ("speech.wav", "speech.wav"), 400, ("clip.txt", "not a")),
+    ("ffconcat playlist named speech.wav", ("clip.mp4", "face.mp4"), ("speech.wav", "playlist.wav"), 400,
+     ("'concat'",)),
+    ("1080p, 1 s, with 19 s of speech over the scratch cap", ("clip.mp4", "1080p.mp4"),
+     ("speech.wav", "speech19.wav"), 413, ("scratch disk", "per-job limit")),
 ]
 
 
@@ -289,6 +328,24 @@ BENTO_MEDIA_CASES = [
 def test_broken_media_is_refused_on_the_bentoml_endpoint(client, server, media, video, audio, status, words):
     r = post_files(client, "/generate", (video[0], media[video[1]]), (audio[0], media[audio[1]]))
     assert_clear_error(r, server, status, *words)
+
+
+def test_audio_that_decodes_past_the_limit_fails_its_job_with_the_413_message(request, client, server, media):
+    """It declares 0.94 s (its packet durations are edited), so it is admitted; decoding counts
+    the real samples and stops at the 20 s limit: the job fails with that message, and the
+    server goes on serving."""
+    r = post_files(client, f"{API}/generate", ("clip.mp4", media["face.mp4"]),
+                   ("speech.m4a", media["understated.m4a"]))
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    request.node.accepted_jobs.append(job_id)
+    deadline = time.monotonic() + 90
+    while (job := client.get(f"{API}/status/{job_id}").json())["status"] in ("queued", "processing"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "failed", job
+    assert "its audio decodes to more than the limit of 20 s" in job["error"], job
+    assert_no_leak(json.dumps(job), server)
 
 
 def test_bentoml_error_bodies_match_the_rest_ones(client, server, media):

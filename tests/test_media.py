@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from lipsync_runner import media
-from lipsync_runner.errors import InvalidInputError, MediaProcessingError
+from lipsync_runner.errors import InputTooLargeError, InvalidInputError, MediaProcessingError
 from lipsync_runner.media import (
     AudioInfo,
+    MediaLimits,
     VideoInfo,
     VideoReader,
     VideoWriter,
@@ -27,6 +28,9 @@ from lipsync_runner.media import (
     probe_audio,
     probe_video,
 )
+
+from .hostile_media import (ffconcat, hls_playlist, mkv_with_huge_metadata, mp4_with_sample_durations,
+                            wav_with_header)
 
 W, H = 160, 120
 
@@ -525,3 +529,199 @@ def test_writer_timeout_kills_ffmpeg_and_leaves_nothing(tmp_path: Path) -> None:
 def test_writer_only_writes_h264_containers(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unsupported output container"):
         VideoWriter(tmp_path / "out.webm", W, H, Fraction(25))
+
+
+# --------------------------------------------------------------------------- files that lie
+# Each file is built here from a real one by editing bytes (tests/hostile_media.py). The
+# limits are the hostile-input server's: 20 s of video or audio, 120 fps.
+
+LIMITS = MediaLimits(max_video_seconds=20, max_audio_seconds=20, max_video_pixels=1920 * 1080, max_fps=120)
+
+
+def ffmpeg_reads(path: Path) -> str:
+    """What ffmpeg with no whitelist makes of a file: its input summary (to show a lie is real)."""
+    res = subprocess.run([media.ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    return "\n".join(ln for ln in res.stderr.splitlines() if ln.startswith(("Input #", "  Duration")))
+
+
+@pytest.fixture(scope="module")
+def lies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("lies")
+    ffmpeg("-f", "lavfi", "-i", "sine=f=300:r=8000:d=60", "-c:a", "aac", "-b:a", "12k", "-use_editlist", "0",
+           d / "speech60.m4a")  # fmt: skip
+    mp4_with_sample_durations(d / "speech60.m4a", d / "understated.m4a", delta=8)  # 1024 -> 8: declares 0.47 s
+    mp4_with_sample_durations(d / "speech60.m4a", d / "overstated.m4a", factor=1000)  # declares 16.7 hours
+    ffmpeg(*lavfi_video(4, size="64x64"), "-c:v", "libx264", "-preset", "ultrafast", "-use_editlist", "0",
+           d / "clip4.mp4")  # fmt: skip
+    mp4_with_sample_durations(d / "clip4.mp4", d / "squeezed.mp4", delta=1)  # 120 frames in 7.8 ms
+    mp4_with_sample_durations(d / "clip4.mp4", d / "stretched.mp4", factor=1000)  # 120 frames over 4000 s
+    mp4_with_sample_durations(d / "clip4.mp4", d / "zero.mp4", delta=0)  # every frame at t = 0
+    ffmpeg("-f", "lavfi", "-i", "sine=d=10:r=16000", "-c:a", "pcm_s16le", d / "ten.wav")
+    ffmpeg(*lavfi_video(2, size="64x64"), *sine(2), "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac",
+           d / "real.mp4")  # fmt: skip
+    return d
+
+
+@pytest.mark.parametrize("name, target", [("speech.wav", "ten.wav"), ("video.mp4", "real.mp4")])
+def test_a_concat_playlist_is_refused_whatever_its_name(lies: Path, tmp_path: Path, name: str, target: str) -> None:
+    (tmp_path / target).write_bytes((lies / target).read_bytes())
+    playlist = ffconcat(tmp_path / name, tmp_path / target, repeat=1000)  # 40 KB of text -> hours of media
+    assert "Input #0, concat" in ffmpeg_reads(playlist)  # without the whitelist, ffmpeg plays it
+    for probe in (probe_audio, probe_video):
+        with pytest.raises(InvalidInputError, match=rf"{name} is not a supported (audio|video) file: .*'concat'"):
+            probe(playlist)
+    with pytest.raises(InvalidInputError, match="'concat'"):
+        decode_audio(playlist)
+
+
+@pytest.mark.parametrize("name", ["speech.mp3", "speech.m3u8"])
+def test_an_hls_playlist_is_refused(lies: Path, tmp_path: Path, name: str) -> None:
+    (tmp_path / "seg.mp4").write_bytes((lies / "real.mp4").read_bytes())
+    playlist = hls_playlist(tmp_path / name, tmp_path / "seg.mp4", repeat=1000)
+    if name.endswith(".m3u8"):  # ffmpeg detects HLS by content only under an HLS name
+        assert "Input #0, hls" in ffmpeg_reads(playlist) and "Duration: 02:46:40" in ffmpeg_reads(playlist)
+    with pytest.raises(InvalidInputError, match=rf"{name} is not a (readable|supported) audio file"):
+        probe_audio(playlist)
+    with pytest.raises(InvalidInputError, match=rf"{name} is not a (readable |supported )?video file"):
+        probe_video(playlist)
+
+
+def test_a_video_swapped_for_a_playlist_after_probing_is_not_played(lies: Path, tmp_path: Path) -> None:
+    path = tmp_path / "input.mp4"
+    path.write_bytes((lies / "real.mp4").read_bytes())
+    info = probe_video(path)
+    (tmp_path / "real.mp4").write_bytes(path.read_bytes())
+    ffconcat(path, tmp_path / "real.mp4", repeat=1000)  # later calls name the probed demuxer: -f mov
+    with pytest.raises(MediaProcessingError, match="decoding input.mp4"):
+        with VideoReader(path, info) as reader:
+            list(reader)
+
+
+def test_audio_whose_packets_understate_it_stops_decoding_at_the_limit(lies: Path) -> None:
+    path = lies / "understated.m4a"
+    info = probe_audio(path)
+    assert info.duration < 1  # what the file declares ...
+    assert len(decode_audio(path)) == pytest.approx(60 * 16000, rel=0.01)  # ... and what it holds
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputTooLargeError, match=r"understated\.m4a: .* more than the limit of 5 s") as exc:
+            decode_audio(path, max_seconds=5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert exc.value.http_status == 413
+    limit_bytes = (5 + media.AUDIO_LIMIT_SLACK_S) * 16000 * 4
+    assert peak < 1.3 * limit_bytes + 2 * 2**20  # the limit's worth of samples, not the 3.8 MB it decodes to
+
+
+def test_audio_whose_packets_overstate_it_is_over_the_limit_at_the_probe(lies: Path) -> None:
+    info = probe_audio(lies / "overstated.m4a")
+    assert info.duration > 3600
+    with pytest.raises(InputTooLargeError, match=r"overstated\.m4a: \d+\.\d s of audio is over the limit of 20 s"):
+        LIMITS.check_audio(info, "overstated.m4a")
+
+
+def test_video_frames_squeezed_into_milliseconds_are_over_the_frame_rate_limit(lies: Path) -> None:
+    info = probe_video(lies / "squeezed.mp4")  # no usable rate in the header: count / duration
+    assert info.fps > 10_000 and info.packet_count == 120
+    with pytest.raises(InputTooLargeError, match=r"frame rate of \d+ fps is above the limit of 120 fps"):
+        LIMITS.check_video(info, "squeezed.mp4")
+
+
+def test_video_frames_stretched_over_hours_are_over_the_duration_limit(lies: Path) -> None:
+    info = probe_video(lies / "stretched.mp4")
+    assert info.duration == pytest.approx(4000, abs=0.1) and info.packet_count == 120
+    with pytest.raises(InputTooLargeError, match=r"4000\.0 s of video is over the limit of 20 s"):
+        LIMITS.check_video(info, "stretched.mp4")
+
+
+def test_decoding_stops_at_the_frame_limit_when_timestamps_disagree_with_the_probe(lies: Path, tmp_path: Path) -> None:
+    """The probe said 4 s at 30 fps; the file decoded is the stretched one (swapped after probing):
+    constant-rate output would repeat its 120 pictures as 120,000 frames."""
+    path = tmp_path / "input.mp4"
+    path.write_bytes((lies / "clip4.mp4").read_bytes())
+    info = probe_video(path)
+    path.write_bytes((lies / "stretched.mp4").read_bytes())
+    limit = MediaLimits(max_video_seconds=4).max_frames(info.fps)
+    with VideoReader(path, info, max_frames=limit) as reader:
+        with pytest.raises(InputTooLargeError, match=r"input\.mp4: it decodes to more than 121 frames"):
+            while reader.read_chunk(16).shape[0]:
+                pass
+        assert reader.frames_read <= limit + 16
+    assert reader._ff.proc.poll() is not None  # ffmpeg was stopped, not left running
+
+
+def test_a_video_with_every_frame_at_time_zero_gets_a_bounded_rate(lies: Path) -> None:
+    info = probe_video(lies / "zero.mp4")
+    assert 0 < info.fps <= 120 and info.duration > 0
+    with VideoReader(lies / "zero.mp4", info, max_frames=LIMITS.max_frames(info.fps)) as reader:
+        assert 0 < len(list(reader)) <= info.frame_count_estimate + 2
+
+
+def test_an_absurd_declared_frame_rate_is_over_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "fast.mp4"
+    ffmpeg(*lavfi_video(0.2, rate="1000", size="64x64"), "-c:v", "libx264", "-preset", "ultrafast", path)
+    info = probe_video(path)
+    assert info.fps == 1000
+    with pytest.raises(InputTooLargeError, match="1000 fps is above the limit of 120 fps"):
+        LIMITS.check_video(info, path.name)
+
+
+def test_a_burst_of_frames_in_a_variable_rate_file_is_over_the_frame_count_limit(tmp_path: Path) -> None:
+    """3000 frames in the first second, then 25 fps: the header's rate is a plausible 50."""
+    path = tmp_path / "burst.mp4"
+    ffmpeg(*lavfi_video(128, size="32x32"), "-vf", "setpts='if(lt(N,3000),N/3000,1+(N-3000)/25)/TB'",
+           "-frames:v", "3200", "-fps_mode", "passthrough", "-c:v", "libx264", "-preset", "ultrafast",
+           "-video_track_timescale", "30000", path)  # fmt: skip
+    info = probe_video(path)
+    assert info.duration < 20 and info.fps <= 120  # within the duration and rate limits ...
+    assert info.packet_count == 3200  # ... but not the real frame count (20 s x 120 fps = 2400)
+    with pytest.raises(InputTooLargeError, match=r"holds 3,200 frames, over the limit of 2,400"):
+        LIMITS.check_video(info, path.name)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"data_size": 0xFFFFFFF0}, 10.0),  # claims 74 hours of data: the packets end where the file does
+    ({"data_size": 3200}, 0.1),  # claims 0.1 s: decoding stops there too
+    ({"sample_rate": 8000}, 20.0),  # half the rate: twice as long, and it decodes to twice as long
+    ({"sample_rate": 1}, "400"),  # 1 Hz: 160,000 s that resample to days of samples
+    ({"sample_rate": 2**30}, "400"),  # 1 GHz: the resampler would spin for minutes for nothing
+    ({"sample_rate": 0}, "400"),
+], ids=["huge-data-size", "small-data-size", "half-rate", "1-hz", "1-ghz", "0-hz"])
+def test_a_wav_header_that_lies_is_what_it_decodes_to_or_refused(lies: Path, tmp_path: Path, edit,
+                                                                 expected) -> None:
+    path = wav_with_header(lies / "ten.wav", tmp_path / "speech.wav", **edit)
+    if expected == "400":
+        with pytest.raises(InvalidInputError, match=r"speech\.wav is not a readable audio file"):
+            probe_audio(path)
+        return
+    info = probe_audio(path)
+    assert info.duration == pytest.approx(expected, abs=0.01)
+    samples = decode_audio(path, max_seconds=LIMITS.max_audio_seconds, info=info)
+    assert len(samples) / 16000 == pytest.approx(expected, abs=0.05)  # the probe agrees with what decodes
+
+
+def test_a_header_of_millions_of_metadata_lines_is_refused_in_bounded_memory_and_time(tmp_path: Path) -> None:
+    import psutil
+
+    ffmpeg(*lavfi_video(1, size="64x64"), "-c:v", "libx264", "-preset", "ultrafast", tmp_path / "clip.mkv")
+    path = mkv_with_huge_metadata(tmp_path / "clip.mkv", tmp_path / "input.mkv", lines=1_000_000)
+    assert path.stat().st_size < 5 * 2**20  # 1 MB that ffmpeg prints as 2 x 22 MB of summary
+    rss_before = psutil.Process().memory_info().rss
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInputError, match=r"input\.mkv is not a readable video file: its header is too"):
+            probe_video(path, timeout_s=30)  # a timeout would be a 500, not this
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20  # the old probe kept all of it: 619 MB and 51 s for a 2M-line file
+    assert psutil.Process().memory_info().rss - rss_before < 64 * 2**20
+
+
+def test_a_probe_shares_one_deadline_between_its_steps(clips: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([0.0, 0.0, 100.0, 100.0, 100.0])  # the summary step returns after 100 s of a 60 s budget
+    monkeypatch.setattr(media.time, "monotonic", lambda: next(clock, 100.0))
+    with pytest.raises(MediaProcessingError, match=r"ffmpeg timed out after 60 s while probing clip\.mp4"):
+        probe_video(clips / "clip.mp4", timeout_s=60)

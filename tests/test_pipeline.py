@@ -10,12 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lipsync_runner.avatar_cache import AvatarCache
 from lipsync_runner.errors import JobCancelledError, NoFaceError
 from lipsync_runner.faces import HaarFaceDetector, track_faces
 from lipsync_runner.framestore import FrameStore, pingpong_indices
 from lipsync_runner.media import VideoReader, probe_audio, probe_video
+from lipsync_runner.params import JobParams
 from lipsync_runner.pipeline import PipelineOptions, run
+from lipsync_runner.plan import scratch_bytes
 from lipsync_runner.testing import write_face_video, write_speech_like_audio
+
+from .plan_media import (FlatModel, frame_indices, magenta_share, pipeline_track, recorded,  # noqa: F401
+                         write_indexed_video)
 
 NTSC = Fraction(30000, 1001)
 
@@ -112,6 +118,31 @@ def test_cli_rejects_corrupt_or_empty_video_with_one_clear_line(media_dir, model
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_cli_takes_the_job_parameters_from_the_schema(media_dir, models_dir, tmp_path, capsys):
+    from lipsync_runner.cli import main  # in-process: the subprocess tests above cover the process boundary
+
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--video", str(media_dir / "face.mp4"), "--audio", str(media_dir / "speech_long.wav"),
+                 "--output", str(out), "--models-dir", str(models_dir), "--device", "cpu", "--no-cache",
+                 "--sync-mode", "cut_off", "--silence", "generate", "--segments", '[{"start": 0.5, "end": 1.0}]'])
+    assert code == 0, capsys.readouterr().err
+    assert len(read_all(out)) == 50  # cut_off: as long as the 2 s video, not the 3.3 s audio
+    assert "mouth generated in 12;" in capsys.readouterr().out  # frames 13..24: the segment only
+    assert probe_audio(out).duration == pytest.approx(2.0, abs=0.03)
+
+
+def test_cli_refuses_bad_job_parameters_before_any_work(media_dir, tmp_path, capsys):
+    from lipsync_runner.cli import main
+
+    code = main(["generate", "--video", str(media_dir / "face.mp4"), "--audio", str(media_dir / "speech_short.wav"),
+                 "--output", str(tmp_path / "o.mp4"), "--models-dir", str(tmp_path / "no-models"),
+                 "--sync-mode", "sideways"])
+    err = capsys.readouterr().err
+    assert code == 2  # not 3: the models were never looked at
+    assert err.startswith("error: Invalid parameters: sync_mode: Input should be 'bounce', 'loop', 'cut_off'")
+    assert "Traceback" not in err and not (tmp_path / "o.mp4").exists()
+
+
 def test_cli_rejects_audio_without_sound(media_dir, models_dir, tmp_path):
     text = tmp_path / "speech.mp3"
     text.write_text("not audio")
@@ -132,7 +163,7 @@ def test_cli_without_models_says_where_to_get_them(media_dir, tmp_path):
 
 def test_only_the_mouth_region_is_regenerated(model, detector, media_dir, tmp_path):
     out = run(model, detector, media_dir / "face.mp4", media_dir / "speech_long.wav", tmp_path / "o.mp4",
-              PipelineOptions(batch_size=16))
+              PipelineOptions(params=JobParams(silence="generate"), batch_size=16))  # pauses too (frames 30, 81)
     src = read_all(media_dir / "face.mp4")
     got = read_all(out.output)
     assert len(got) == out.frames == 82 and out.source_frames == 50 and out.face_frames == 50
@@ -209,3 +240,134 @@ def test_no_face_video_raises_no_face_error(model, detector, tmp_path):
     audio = write_speech_like_audio(tmp_path / "a.wav", seconds=0.5)
     with pytest.raises(NoFaceError):
         run(model, detector, video, audio, tmp_path / "o.mp4")
+
+
+# ------------------------------------------------------------------ sync modes, segments, one decode (issues 12, 16)
+# The model here paints every generated mouth flat magenta (plan_media.FlatModel): what is under test is which
+# frames the output shows and where it generates, not MuseTalk's numerics (those are the tests above).
+
+N_VIDEO = 40  # 1.6 s at 25 fps
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Videos whose frames carry their index (25 fps and 29.97), a shorter and a longer audio."""
+    root = tmp_path_factory.mktemp("indexed")
+    return {
+        "video": write_indexed_video(root / "v25.mp4", N_VIDEO, 25),
+        "ntsc": write_indexed_video(root / "v2997.mp4", 45, NTSC),  # 1.5 s
+        "short": write_speech_like_audio(root / "short.wav", seconds=1.0),  # 25 frames at 25 fps, 29 at 29.97
+        "long": write_speech_like_audio(root / "long.wav", seconds=2.5),  # 62 frames at 25 fps
+    }
+
+
+def flat_run(video: Path, audio: Path, out: Path, model: FlatModel | None = None, cache=None, **params):
+    params.setdefault("silence", "generate")  # every frame with a face is generated unless a test says otherwise
+    return run(model or FlatModel(), HaarFaceDetector(), video, audio, out,
+               PipelineOptions(params=JobParams(**params), batch_size=16), work_dir=out.parent, cache=cache)
+
+
+BACK_FROM_END = list(range(N_VIDEO - 1, -1, -1))
+SYNC_CASES = [  # mode, audio, frame order of the output, seconds of its sound track
+    ("bounce", "long", list(range(N_VIDEO)) + BACK_FROM_END[:22], 2.5),
+    ("loop", "long", list(range(N_VIDEO)) + list(range(22)), 2.5),
+    ("cut_off", "long", list(range(N_VIDEO)), 1.6),  # the audio past the video is dropped
+    ("cut_off", "short", list(range(25)), 1.0),  # bounce and loop do the same here (tests/test_plan.py)
+    ("silence", "long", list(range(N_VIDEO)) + BACK_FROM_END[:22], 2.5),
+    ("silence", "short", list(range(N_VIDEO)), 1.6),  # the audio is padded to the video's length
+    ("remap", "long", [(2 * i + 1) * N_VIDEO // 124 for i in range(62)], 2.5),  # slowed down evenly
+    ("remap", "short", [(2 * i + 1) * N_VIDEO // 50 for i in range(25)], 1.0),  # sped up evenly
+]
+
+
+@pytest.mark.parametrize("mode, audio, order, sound_seconds", SYNC_CASES, ids=[f"{c[0]}-{c[1]}" for c in SYNC_CASES])
+def test_each_sync_mode_gives_the_exact_length_and_frame_order(indexed, tmp_path, mode, audio, order, sound_seconds):
+    result = flat_run(indexed["video"], indexed[audio], tmp_path / "o.mp4", sync_mode=mode)
+    got = read_all(result.output)
+    assert result.frames == len(got) == len(order)
+    assert frame_indices(got) == order
+    assert probe_audio(result.output).duration == pytest.approx(sound_seconds, abs=0.03)
+    assert list(tmp_path.iterdir()) == [tmp_path / "o.mp4"]  # no scratch left behind
+
+
+@pytest.mark.parametrize("mode, frames", [("remap", 119), ("silence", 45)])
+def test_sync_modes_are_exact_at_2997_fps(indexed, tmp_path, mode, frames):
+    audio = write_speech_like_audio(tmp_path / "a.wav", seconds=4.0 if mode == "remap" else 1.0)
+    result = flat_run(indexed["ntsc"], audio, tmp_path / "o.mp4", sync_mode=mode)
+    got = read_all(result.output)
+    info = probe_video(result.output)
+    assert info.fps == NTSC and len(got) == frames
+    if mode == "remap":  # 45 frames over 119: each shown 2 or 3 times, in order, first and last included
+        assert frame_indices(got) == [(2 * i + 1) * 45 // 238 for i in range(119)]
+    else:  # 1.0 s of audio is 29 frames; the whole 45-frame video comes back
+        assert frame_indices(got) == list(range(45))
+        assert probe_audio(result.output).duration == pytest.approx(45 * 1001 / 30000, abs=0.03)
+
+
+def test_outside_segments_the_frames_are_the_source_frames_byte_for_byte(indexed, tmp_path, recorded):
+    segments = [{"start": 0.2, "end": 0.6}, {"start": 1.0, "end": 1.4}]
+    result = flat_run(indexed["video"], indexed["long"], tmp_path / "o.mp4", sync_mode="cut_off", segments=segments)
+    src = read_all(indexed["video"])
+    track = pipeline_track(indexed["video"])
+    assert len(recorded) == result.frames == N_VIDEO
+    inside = set(range(5, 15)) | set(range(25, 35))
+    for i in range(N_VIDEO):
+        if i not in inside:
+            assert np.array_equal(recorded[i], src[i]), f"frame {i} outside the segments was changed"
+    for i in (8, 10, 11, 28, 30, 31):  # away from the cross-fades (3 frames at each edge, inside)
+        if track.has_face[i]:
+            assert magenta_share(recorded[i], track.boxes[i]) > 0.3, f"frame {i} inside a segment was not re-synced"
+    assert 0 < result.generated <= len(inside)
+
+
+def test_a_cold_job_decodes_the_video_once_and_a_warm_one_streams_it(indexed, tmp_path, monkeypatch):
+    import lipsync_runner.pipeline as pipeline
+
+    opened: list[Path] = []
+    stores: list[int] = []
+
+    class CountingReader(VideoReader):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(Path(path))
+            super().__init__(path, *args, **kwargs)
+
+    class MeasuredStore(FrameStore):
+        def close(self) -> None:
+            stores.append(len(self) * self._frame_bytes)
+            super().close()
+
+    monkeypatch.setattr(pipeline, "VideoReader", CountingReader)
+    monkeypatch.setattr(pipeline, "FrameStore", MeasuredStore)
+    cache = AvatarCache(tmp_path / "avatars")
+    info = probe_video(indexed["video"])
+
+    cold = flat_run(indexed["video"], indexed["short"], tmp_path / "cold.mp4", cache=cache)
+    assert (len(opened), cache.builds, cold.cache_hit) == (1, 1, False)  # one decode: tracked, then read back
+    assert stores == [scratch_bytes(JobParams(), n_video=N_VIDEO, width=info.width, height=info.height,
+                                    fps=info.fps, audio_seconds=1.0, audio_rate=44100, audio_channels=1,
+                                    max_spool_bytes=PipelineOptions().max_spool_bytes)]  # what admission reserves
+
+    opened.clear(), stores.clear()
+    # other sync mode, silence and segments: the same face track and latents serve (a cache hit)
+    warm = flat_run(indexed["video"], indexed["short"], tmp_path / "warm.mp4", cache=cache, sync_mode="cut_off",
+                    silence="keep", segments=[{"start": 0.2, "end": 0.8}])
+    assert (len(opened), cache.builds, warm.cache_hit, stores) == (1, 1, True, [])  # one straight decode, no store
+
+    opened.clear()
+    back = flat_run(indexed["video"], indexed["long"], tmp_path / "back.mp4", cache=cache, sync_mode="bounce")
+    assert len(opened) == 1 and back.cache_hit and stores == [N_VIDEO * info.width * info.height * 3]
+    assert frame_indices(read_all(back.output)) == SYNC_CASES[0][2]  # forward decoded, backward from the store
+
+
+def test_a_video_too_large_to_keep_is_decoded_twice_with_the_same_result(indexed, tmp_path, monkeypatch, recorded):
+    import lipsync_runner.pipeline as pipeline
+
+    opened = []
+    monkeypatch.setattr(pipeline, "VideoReader", lambda *a, **k: opened.append(1) or VideoReader(*a, **k))
+    kept = flat_run(indexed["video"], indexed["short"], tmp_path / "kept.mp4")
+    kept_frames = [f.copy() for f in recorded]
+    recorded.clear()
+    opts = PipelineOptions(params=JobParams(silence="generate"), batch_size=16, max_spool_bytes=0)
+    twice = run(FlatModel(), HaarFaceDetector(), indexed["video"], indexed["short"], tmp_path / "twice.mp4", opts)
+    assert len(opened) == 3 and kept.frames == twice.frames == 25
+    assert all(np.array_equal(a, b) for a, b in zip(kept_frames, recorded, strict=True))

@@ -35,7 +35,7 @@ def checkout(tmp_path: Path) -> Path:
     (root / "scripts").mkdir(parents=True)
     for name in ("setup.sh", "serve.sh"):
         shutil.copy2(ROOT / "scripts" / name, root / "scripts" / name)
-    for name in ("requirements.txt", "requirements-dev.txt", "pyproject.toml"):
+    for name in ("requirements.txt", "requirements-nodeps.txt", "requirements-dev.txt", "pyproject.toml"):
         shutil.copy2(ROOT / name, root / name)
     venv_bin = root / ".venv" / "bin"
     venv_bin.mkdir(parents=True)

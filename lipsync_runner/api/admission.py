@@ -42,9 +42,10 @@ from ..jobs.records import JobRecord, JobStatus
 from ..logs import log_job_event
 from ..media import AudioInfo, VideoInfo
 from ..params import JobParams, parse_fields
+from ..scratch import ScratchLedger
 from .limits import ApiLimits
 from .schemas import GenerateAccepted, GenerateResult, download_name
-from .thumbnails import THUMBNAIL_NAME, write_thumbnail
+from .thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
 from .uploads import (
     SavedFile,
     UploadGuard,
@@ -55,7 +56,7 @@ from .uploads import (
     receive_multipart,
     receive_urlencoded,
 )
-from .validation import validate_audio, validate_video
+from .validation import validate_audio, validate_media, validate_video
 
 if TYPE_CHECKING:
     from .integration import Integration
@@ -114,8 +115,9 @@ class Admission:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
                  status_url: Callable[[str], str], download_url: Callable[[str], str],
-                 integration: Integration | None = None) -> None:
+                 integration: Integration | None = None, scratch: ScratchLedger | None = None) -> None:
         self.get_manager = get_manager
+        self.scratch = scratch  # the data directory's scratch reservations (507 when a job cannot fit)
         self.limits = limits
         self.ensure_ready = ensure_ready
         self.status_url = status_url
@@ -215,7 +217,7 @@ class Admission:
                 else:  # a URL: the worker fetches it
                     names[field] = write_reference(job_dir, field, given)
                     shown[field] = url_display_name(given, field)
-            media = await anyio.to_thread.run_sync(self._check_uploads, job_dir, files)  # ffmpeg: off the loop
+            media = await anyio.to_thread.run_sync(self._check_uploads, job_dir, files, params)  # ffmpeg: off the loop
             fingerprint = (await anyio.to_thread.run_sync(_fingerprint, params, job_dir, files)
                            if reservation is not None else None)
             record = await run_in_threadpool(lambda: manager.submit(
@@ -247,14 +249,20 @@ class Admission:
             raise InvalidInputError("webhook_url: this server does not send webhooks")
         return wait_flag, params
 
-    def _check_uploads(self, job_dir: Path, files: dict[str, SavedFile]) -> dict[str, Any] | None:
-        """The uploaded inputs by content (a URL input is checked by the worker once fetched)."""
+    def _check_uploads(self, job_dir: Path, files: dict[str, SavedFile],
+                       params: JobParams) -> dict[str, Any] | None:
+        """The uploaded inputs by content and limits; with both uploaded, the job's scratch need too
+        (413/507). A URL input, and then the pair, is checked by the worker once fetched."""
         video = files.get(VIDEO_FIELD)
         audio = files.get(AUDIO_FIELD)
-        video_info = validate_video(job_dir / video.file_name, self.limits) if video else None
-        audio_info = validate_audio(job_dir / audio.file_name, self.limits) if audio else None
-        if video is not None:
-            write_thumbnail(job_dir / video.file_name, job_dir / THUMBNAIL_NAME)
+        if video is not None and audio is not None:
+            video_info, audio_info = validate_media(job_dir / video.file_name, job_dir / audio.file_name,
+                                                    self.limits, self.scratch, params=params)
+        else:
+            video_info = validate_video(job_dir / video.file_name, self.limits) if video else None
+            audio_info = validate_audio(job_dir / audio.file_name, self.limits) if audio else None
+        if video is not None and video_info is not None:
+            write_thumbnail(job_dir / video.file_name, job_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH, video_info.demuxer)
         return media_summary(video_info, audio_info) if video_info or audio_info else None
 
     async def _replay(self, manager: Manager, receive, reservation: Reservation, owner: str | None,

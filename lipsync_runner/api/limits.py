@@ -38,6 +38,10 @@ class ApiLimits(BaseSettings):
     max_video_seconds: float = Field(default=600.0, gt=0, description="Longest accepted video (413 above).")
     max_audio_seconds: float = Field(default=600.0, gt=0, description="Longest accepted audio (413 above).")
     max_video_pixels: int = Field(default=3840 * 2160, gt=0, description="Largest frame, width x height (413 above).")
+    max_fps: float = Field(default=120.0, gt=0, description="Highest accepted video frame rate (413 above).")
+    max_job_scratch_gb: float = Field(
+        default=200.0, ge=0, description="Most scratch disk one job may need: raw ping-pong frames plus the output "
+                                         "(413 above; 0: no cap).")
     wait_timeout_s: float = Field(default=3600.0, gt=0, description="Longest a `wait=true` generate call blocks.")
     bbox_shift: int = Field(default=0, ge=-100, le=100, description="bbox_shift of jobs that do not give one.")
     debug: bool = Field(default=False, description="Add tracebacks to 500 responses (development only).")
@@ -52,6 +56,10 @@ class ApiLimits(BaseSettings):
     url_prefix: str = Field(
         default="/api/lip-sync", description="Public path the API is mounted at (for status/download URLs)."
     )
+
+    @property
+    def max_job_scratch_bytes(self) -> int | None:
+        return int(self.max_job_scratch_gb * 10**9) or None
 
     @property
     def max_request_bytes(self) -> int:

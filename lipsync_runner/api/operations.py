@@ -20,6 +20,7 @@ from ..errors import JobNotFoundError
 from ..inputs.reference import fetched_file, is_reference
 from ..jobs.records import JobRecord, is_job_id
 from ..params import JobParams
+from ..scratch import ScratchLedger
 from .admission import Admission
 from .limits import ApiLimits
 from .schemas import CleanupResponse, JobListResponse, JobStatusResponse, JobSummary, download_name
@@ -60,14 +61,14 @@ def checked_id(job_id: str) -> str:
 class JobOperations:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
-                 integration: Integration | None = None) -> None:
+                 integration: Integration | None = None, scratch: ScratchLedger | None = None) -> None:
         self.get_manager = get_manager
         self.limits = limits
         self.prefix = limits.url_prefix.rstrip("/")
         self.integration = integration  # webhooks, Idempotency-Key, queue ETA, usage (api/integration.py)
         self.admission = Admission(get_manager, limits, ensure_ready=ensure_ready,
                                    status_url=self.status_url, download_url=self.download_url,
-                                   integration=integration)
+                                   integration=integration, scratch=scratch)
 
     # ------------------------------------------------------------------ urls
 

@@ -4,35 +4,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputTooLargeError
-from ..media import AudioInfo, VideoInfo, probe_audio, probe_video
+from ..media import PROBE_TIMEOUT_S, AudioInfo, MediaLimits, VideoInfo, probe_audio, probe_video
+from ..params import JobParams
+from ..scratch import ScratchLedger, check_admissible
 from .limits import ApiLimits
 
 
-def validate_video(video: Path, limits: ApiLimits) -> VideoInfo:
-    """Probe the video by content (InvalidInputError, 400) and check its resolution and duration (413)."""
-    video_info = probe_video(video)
-    pixels = video_info.width * video_info.height
-    if pixels > limits.max_video_pixels:
-        raise InputTooLargeError(
-            f"{video.name}: resolution {video_info.width}x{video_info.height} is above the limit of "
-            f"{limits.max_video_pixels:,} pixels per frame")
-    if video_info.duration > limits.max_video_seconds:
-        raise InputTooLargeError(
-            f"{video.name}: {video_info.duration:.1f} s of video is over the limit of {limits.max_video_seconds:g} s")
+def media_limits(limits: ApiLimits) -> MediaLimits:
+    """The decode-time limits of a job (PipelineOptions.limits) from the API's settings."""
+    return MediaLimits(max_video_seconds=limits.max_video_seconds, max_audio_seconds=limits.max_audio_seconds,
+                       max_video_pixels=limits.max_video_pixels, max_fps=limits.max_fps)
+
+
+def validate_video(video: Path, limits: ApiLimits, *, timeout_s: float = PROBE_TIMEOUT_S) -> VideoInfo:
+    """Probe the video by content (InvalidInputError, 400) and check it against the limits (413).
+
+    For a job whose other input is a URL: the pair (and the scratch estimate) is checked by the
+    worker once the URL is fetched (``validate_media``)."""
+    video_info = probe_video(video, timeout_s=timeout_s)
+    media_limits(limits).check_video(video_info, video.name)
     return video_info
 
 
-def validate_audio(audio: Path, limits: ApiLimits) -> AudioInfo:
-    """Probe the audio by content (400) and check its duration (413)."""
-    audio_info = probe_audio(audio)
-    if audio_info.duration > limits.max_audio_seconds:
-        raise InputTooLargeError(
-            f"{audio.name}: {audio_info.duration:.1f} s of audio is over the limit of {limits.max_audio_seconds:g} s")
+def validate_audio(audio: Path, limits: ApiLimits, *, timeout_s: float = PROBE_TIMEOUT_S) -> AudioInfo:
+    """Probe the audio by content (400) and check it against the limits (413)."""
+    audio_info = probe_audio(audio, timeout_s=timeout_s)
+    media_limits(limits).check_audio(audio_info, audio.name)
     return audio_info
 
 
-def validate_media(video: Path, audio: Path, limits: ApiLimits) -> tuple[VideoInfo, AudioInfo]:
-    """Both inputs, the video first (the order of the messages users already know)."""
-    video_info = validate_video(video, limits)
-    return video_info, validate_audio(audio, limits)
+def validate_media(video: Path, audio: Path, limits: ApiLimits, scratch: ScratchLedger | None = None, *,
+                   params: JobParams | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[VideoInfo, AudioInfo]:
+    """Probe both files by content (InvalidInputError, 400) and check them against the limits.
+
+    413 for size, duration, frame rate, frame count, or a scratch need over the per-job cap;
+    507 when ``scratch`` (the data directory's ledger) cannot hold the job's scratch now.
+    ``params``: the job's (the scratch need depends on the sync mode). ``timeout_s`` bounds each probe.
+    """
+    video_info = probe_video(video, timeout_s=timeout_s)
+    audio_info = probe_audio(audio, timeout_s=timeout_s)
+    checks = media_limits(limits)
+    checks.check_video(video_info, video.name)
+    checks.check_audio(audio_info, audio.name)
+    check_admissible(video_info, audio_info, limits, scratch, params=params)
+    return video_info, audio_info

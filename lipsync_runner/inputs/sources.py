@@ -1,9 +1,11 @@
 """A job's inputs made ready for the pipeline: uploads as they are, URL references fetched.
 
 The worker calls :func:`prepare_inputs` before the pipeline: each reference is fetched with
-the upload limits (:mod:`.fetch`), and the inputs are then checked by content exactly as
-uploads are at admission, so a URL input that is too long, too large or not media fails the
-job with the same message an upload would have got (400/413 become the job's error).
+the upload limits (:mod:`.fetch`), and then every input is checked by content and the media
+limits exactly as uploads are at admission (the same ``validate_media``: demuxer whitelist,
+duration, pixels, fps, frame count, the per-job scratch cap), so a URL input that is too long,
+too large or not media fails the job with the same message an upload would have got (400/413
+become the job's error); uploads are checked again too (today's limits for a job queued before a restart).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ class PreparedInputs:
     video: Path
     audio: Path
     fetched: dict[str, FetchedInput]  # by field, for the inputs that came from a URL
-    video_info: VideoInfo | None = None  # probed here when an input was fetched (admission probed uploads)
-    audio_info: AudioInfo | None = None
+    video_info: VideoInfo
+    audio_info: AudioInfo
 
 
 Validate = Callable[[Path, Path, ApiLimits], tuple[VideoInfo, AudioInfo]]
@@ -40,7 +42,7 @@ def prepare_inputs(job: JobRecord, work_dir: Path, limits: ApiLimits, *, validat
                    settings: FetchSettings | None = None, policy: AddressPolicy | None = None,
                    s3_reader: S3Reader | None = None,
                    progress: Callable[[str, float], None] = lambda stage, fraction: None) -> PreparedInputs:
-    """Fetch the job's URL inputs into ``work_dir`` and check the inputs by content (uploads were at admission).
+    """Fetch the job's URL inputs into ``work_dir`` and check both inputs by content and limits.
 
     ``validate`` is admission's content check (``api.validation.validate_media``). Raises
     what a refused upload would: InvalidInputError (400), InputTooLargeError (413), with
@@ -66,14 +68,13 @@ def prepare_inputs(job: JobRecord, work_dir: Path, limits: ApiLimits, *, validat
         shown[field] = f"{field}_url ({got.display_name})"
         write_json(work_dir / name, {**read_reference(work_dir / name), "file": got.file_name, "size": got.size,
                                       "sha256": got.sha256})
-    if not fetched:
-        return PreparedInputs(paths["video"], paths["audio"], fetched)
     try:
         video_info, audio_info = validate(paths["video"], paths["audio"], limits)
     except LipSyncError as exc:  # name the inputs as the user knows them, never by our file names
         message = exc.message
-        for field in INPUT_FIELDS:
-            message = message.replace(str(paths[field]), shown[field]).replace(paths[field].name, shown[field])
+        for field in INPUT_FIELDS:  # a fetched input by its URL's name; an upload as admission names it
+            label = shown[field] if field in fetched else paths[field].name
+            message = message.replace(str(paths[field]), label).replace(paths[field].name, label)
         exc.message = message
         exc.args = (message,)
         raise

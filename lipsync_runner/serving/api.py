@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import InsufficientStorageError, JobCancelledError, LipSyncError, ModelsNotReadyError
+from ..errors import InsufficientStorageError, JobCancelledError, ModelsNotReadyError
 from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
 from ..jobs import JobContext, JobFiles, JobManager, JobOutcome, SQLiteJobStore
@@ -22,10 +22,12 @@ from ..api.auth import AuthSettings
 from ..api.integration import Integration
 from ..api.limits import ApiLimits
 from ..api.operations import JobOperations
-from ..api.thumbnails import THUMBNAIL_NAME, write_thumbnail
-from ..api.validation import validate_media
+from ..api.thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
+from ..api.validation import media_limits, validate_media
 from ..inputs.sources import prepare_inputs
+from ..media import PROBE_TIMEOUT_S
 from ..pipeline import PipelineOptions, run
+from ..scratch import Reservation, ScratchLedger, estimate
 from ..settings import RunnerSettings
 from . import metrics
 from .packing import job_tag
@@ -35,6 +37,7 @@ from .settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 MODEL_WAIT_S = 900  # a job recovered after a restart waits this long for the models to load
+SCRATCH_WAIT_S = 600  # a job whose scratch does not fit waits this long for running jobs to release theirs
 
 
 class ApiCore:
@@ -62,8 +65,10 @@ class ApiCore:
             on_removed=self.avatars.release_job if self.avatars is not None else None,
             on_event=self.integration.on_job_event)
         self._stop = threading.Event()
+        # Disk held for running jobs' scratch (frame store, output): admission and job start check it.
+        self.scratch = ScratchLedger(data_dir, floor_bytes=self.settings.free_space_floor_mb * 2**20)
         self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready,
-                                        integration=self.integration)
+                                        integration=self.integration, scratch=self.scratch)
         self.integration.bind(self.manager.get, self.manager.store.list, self.operations.status_body)
         self.auth_enabled = AuthSettings().enabled
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -167,51 +172,58 @@ class ApiCore:
             ctx.progress("waiting for models", 0.0)
             time.sleep(1.0)
 
-    def _guard_disk(self, progress):
-        """A progress callback that also fails the job cleanly when the disk fills up under it."""
+    def _guard_disk(self, progress, reservation: Reservation | None = None):
+        """A progress callback that also fails the job cleanly when the disk fills up under it,
+        or when it writes past its scratch reservation and the disk has no more room for it."""
         floor = self.settings.free_space_floor_mb * 2**20
         last_check = 0.0
 
         def guarded(stage: str, fraction: float) -> None:
             nonlocal last_check
             now = time.monotonic()
-            if floor and now - last_check > 2.0:
+            if now - last_check > 2.0:
                 last_check = now
-                if self.files.free_bytes() < floor:
+                if floor and self.files.free_bytes() < floor:
                     raise InsufficientStorageError(
                         "the server ran out of disk space while processing the job; try again later")
+                if reservation is not None:
+                    reservation.check()
             progress(stage, fraction)
 
         return guarded
 
     def _execute(self, ctx: JobContext) -> JobOutcome:
         job = ctx.job
-        # URL inputs are fetched here, by the worker, with the upload limits; every input is then
-        # checked by content like an upload (a refusal is the job's failure, with the same message)
-        inputs = prepare_inputs(job, ctx.work_dir, self.limits, validate=validate_media,
+        # URL inputs are fetched here, by the worker, with the upload limits. Then every input is
+        # probed once and checked like an upload (a refusal is the job's failure, with the same
+        # message): the fetched ones for the first time, the uploads again, so a job queued before
+        # a restart meets today's limits.
+        probe_s = min(PROBE_TIMEOUT_S, self.runner_settings.ffmpeg_timeout_s)
+        inputs = prepare_inputs(job, ctx.work_dir, self.limits,
+                                validate=lambda v, a, limits: validate_media(v, a, limits, timeout_s=probe_s),
                                 settings=self.integration.fetch, policy=self.integration.policy,
                                 s3_reader=self.integration.s3_reader, progress=ctx.progress)
         if "video" in inputs.fetched:
-            write_thumbnail(inputs.video, ctx.work_dir / THUMBNAIL_NAME)
+            write_thumbnail(inputs.video, ctx.work_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH, inputs.video_info.demuxer)
         if ctx.should_cancel():
             raise JobCancelledError("cancelled")
         health = self._wait_for_models(ctx)
         model = RemoteModel(self._submit(), chunk_frames=self.settings.chunk_frames, tag=job_tag(job.job_id),
                             timeout_s=self.settings.runner_timeout_s, weights_id=health.get("weights_id") or "")
-        options = PipelineOptions(
-            bbox_shift=job.params.bbox_shift, batch_size=self.settings.chunk_frames * 4,
-            version=health.get("model_version") or "v15", extra_margin=self.runner_settings.extra_margin,
-            crf=self.runner_settings.crf, preset=self.runner_settings.preset,
-            ffmpeg_timeout_s=self.runner_settings.ffmpeg_timeout_s, sharpen=job.params.sharpen)
+        options = PipelineOptions.from_settings(self.runner_settings, job.params,
+                                                version=health.get("model_version") or "v15",
+                                                batch_size=self.settings.chunk_frames * 4,
+                                                limits=media_limits(self.limits))
         output = self.files.output_path(job.job_id)
         start = time.perf_counter()
-        try:
-            result = run(model, self._face_detector(), inputs.video, inputs.audio,
-                         output, options, progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
-                         work_dir=ctx.work_dir,
+        # The scratch reservation needs both probes (prepare_inputs made them; run() takes the video's).
+        need = estimate(inputs.video_info, inputs.audio_info, job.params, max_spool_bytes=options.max_spool_bytes).total
+        with self.scratch.reserve(need, directory=ctx.work_dir, wait_s=SCRATCH_WAIT_S,
+                                  should_cancel=ctx.should_cancel) as reservation:
+            result = run(model, self._face_detector(), inputs.video, inputs.audio, output, options,
+                         progress=self._guard_disk(ctx.progress, reservation), should_cancel=ctx.should_cancel,
+                         work_dir=ctx.work_dir, video_info=inputs.video_info,
                          cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
-        except LipSyncError:
-            raise
         metrics.job_finished(time.perf_counter() - start, result.frames)
         self.integration.note_output(job.job_id, result.fps)  # usage: output seconds = frames / fps
         return JobOutcome(output_file=output.name, frames=result.frames,
