@@ -15,6 +15,11 @@ process delivers). `add_cli_arguments(..., surface="local")` leaves those out of
 command line (`python -m lipsync_runner generate`); the service's surfaces (REST, BentoML,
 SDK, the `lipsync` CLI) take every field. A field without the marker applies everywhere.
 
+Avatars (``POST /api/lip-sync/avatars``: a video prepared once, then dubbed many times by
+``avatar_id``): a field marked ``json_schema_extra={PREPARES_VIDEO: True}`` changes how a
+video is prepared (its face track and latents). An avatar is created with those fields (and
+``video_url``), and a generate by ``avatar_id`` takes them from the avatar (`avatar_fields`).
+
 Light on purpose (pydantic only): the client package imports it.
 """
 
@@ -64,8 +69,10 @@ class Segment(BaseModel):
         return self
 Surface = Literal["local", "service"]
 SERVICE_ONLY: dict[str, Any] = {"surface": "service"}  # json_schema_extra of a service-only field
+PREPARES_VIDEO = "x-prepares-video"  # json_schema_extra key: the field shapes an avatar (see the module doc)
 
 MAX_URL_CHARS = 2048
+MAX_AVATAR_ID_CHARS = 64  # an avatar id is a job id (a uuid4); anything else is "not found" (404)
 
 
 class WebhookEvent(str, Enum):
@@ -108,7 +115,7 @@ class JobParams(BaseModel):
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
                     "v1.5 ignores it, as MuseTalk v1.5 does.",
-        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"]})
+        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"], PREPARES_VIDEO: True})
     sharpen: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
@@ -152,6 +159,11 @@ class JobParams(BaseModel):
     audio_url: Optional[str] = Field(
         default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
         description="Fetch the audio from this URL instead of an upload (as video_url).")
+    avatar_id: Optional[str] = Field(
+        default=None, max_length=MAX_AVATAR_ID_CHARS, json_schema_extra=SERVICE_ONLY,
+        description="Dub a prepared avatar (POST /api/lip-sync/avatars) instead of a video: give only the "
+                    "audio. Its face track and latents are reused (no face tracking, no VAE encoding); its "
+                    "bbox_shift applies. It must be yours and ready (404 / 409 otherwise).")
 
     @field_validator("segments")
     @classmethod
@@ -197,6 +209,12 @@ class JobParams(BaseModel):
             raise ValueError("webhook_events needs a webhook_url")
         return self
 
+    @model_validator(mode="after")
+    def _avatar_or_video(self) -> "JobParams":
+        if self.avatar_id is not None and self.video_url is not None:
+            raise ValueError("give avatar_id or video_url, not both (the avatar is the video)")
+        return self
+
     @property
     def selected_webhook_events(self) -> frozenset[WebhookEvent]:
         """The events this job sends (none without a webhook_url)."""
@@ -216,6 +234,28 @@ def field_names(surface: Surface = "service") -> tuple[str, ...]:
 
 def _service_only(extra: Any) -> bool:
     return isinstance(extra, dict) and extra.get("surface") == "service"
+
+
+def avatar_fields() -> tuple[str, ...]:
+    """The parameters that shape an avatar's preparation (marked PREPARES_VIDEO)."""
+    return tuple(name for name, info in JobParams.model_fields.items()
+                 if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(PREPARES_VIDEO))
+
+
+#: What POST /avatars takes besides the video file: the preparation's parameters and the video's URL.
+def avatar_request_fields() -> tuple[str, ...]:
+    return (*avatar_fields(), "video_url")
+
+
+def parse_avatar_fields(fields: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> JobParams:
+    """The parameters of an avatar (POST /avatars) as JobParams; 400 for a field an avatar does not take."""
+    allowed = avatar_request_fields()
+    other = sorted(name for name, value in fields.items() if name not in allowed and value not in (None, "", "null"))
+    if other:
+        raise InvalidInputError(f"Invalid parameters: {', '.join(other)}: not a parameter of an avatar (an avatar "
+                                f"takes the video and {', '.join(allowed)}; give the rest to each generate)")
+    return parse_fields({k: v for k, v in fields.items() if k in allowed},
+                        {k: v for k, v in (defaults or {}).items() if k in allowed})
 
 
 def _decode_value(raw: str) -> Any:

@@ -212,7 +212,7 @@ def test_store_is_wal_versioned_and_persistent(tmp_path):
     rec = record()
     store.create(rec)
     assert store.journal_mode == "wal"
-    assert store.schema_version == 1
+    assert store.schema_version == 2  # 2: the kind column (avatars)
     store.close()
     with pytest.raises(RuntimeError):
         store.get(rec.job_id)

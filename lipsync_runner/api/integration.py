@@ -32,7 +32,7 @@ from ..errors import InvalidInputError, JobNotFoundError
 from ..idempotency import IdempotencyKeys, IdempotencyStore, SQLiteIdempotencyStore, expiry_cutoff
 from ..inputs.fetch import FetchSettings, S3Reader
 from ..jobs.eta import Estimate, estimate_from_records
-from ..jobs.records import JobRecord, JobStatus
+from ..jobs.records import JobKind, JobRecord, JobStatus
 from ..logs import log_job_event
 from ..netguard import AddressPolicy, URLRefusedError
 from ..params import JobParams, WebhookEvent
@@ -224,7 +224,7 @@ class Integration:
             else:
                 self._wants_progress[job_id] = wants
                 fps = None
-        if terminal and record.status.finished:
+        if terminal and record.status.finished and record.kind is JobKind.job:  # an avatar is no output
             account_job(self.ledger, record, output_seconds(record, fps))
         webhook_event = _WEBHOOK_EVENTS.get(event)
         if webhook_event is not None:

@@ -2,8 +2,8 @@
 
 Routes are relative to the mount point: ``/health``, ``/params``, ``/generate``,
 ``/status/{id}``, ``/download/{id}``, ``/cleanup/{id}``, ``/cancel/{id}``, ``/jobs``, a
-job's inputs (``/jobs/{id}/inputs/video|audio``, ``/jobs/{id}/thumbnail.jpg``) and the
-caller's ``/usage``. Each route
+job's inputs (``/jobs/{id}/inputs/video|audio``, ``/jobs/{id}/thumbnail.jpg``), the
+caller's ``/usage`` and avatars (``/avatars``, ``/avatars/{id}``: api/avatars.py). Each route
 only reads its request and calls `JobOperations` (operations.py), the code BentoML's
 endpoints call too. Every error body is ``{"error": ...}`` (errors.py), and no response
 ever names a server-side path.
@@ -33,11 +33,16 @@ from lipsync_runner.errors import LipSyncError
 from lipsync_runner.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, parse_key
 from lipsync_runner.usage import UsageSummary
 
+from ..jobs.records import JobKind
 from .admission import parse_wait
 from .errors import INTERNAL, error_body, error_headers, generic_error
 from .limits import ApiLimits, BodySizeLimitMiddleware
 from .operations import JobOperations, Manager
 from .schemas import (
+    AvatarAccepted,
+    AvatarDeleted,
+    AvatarListResponse,
+    AvatarStatusResponse,
     CleanupResponse,
     ErrorResponse,
     GenerateAccepted,
@@ -46,7 +51,7 @@ from .schemas import (
     JobListResponse,
     JobStatusResponse,
 )
-from ..params import form_properties
+from ..params import avatar_request_fields, form_properties
 
 if TYPE_CHECKING:
     from .integration import Integration
@@ -55,6 +60,7 @@ log = logging.getLogger(__name__)
 
 TAG_JOBS = "Jobs (REST)"
 TAG_SERVICE = "Service (REST)"
+TAG_AVATARS = "Avatars (REST)"
 
 
 def get_owner(request: Request) -> str | None:
@@ -71,7 +77,8 @@ def generate_request_body() -> dict[str, Any]:
         "required": True,
         "content": {"multipart/form-data": {"schema": {
             "type": "object",
-            "description": "Each input is a file (video, audio) or a URL (video_url, audio_url), not both.",
+            "description": "Each input is a file (video, audio) or a URL (video_url, audio_url), not both; the "
+                           "video may be a prepared avatar instead (avatar_id).",
             "properties": {
                 "video": {"type": "string", "format": "binary",
                           "description": "The video with the face: mp4, mov, mkv, webm or avi (checked by content)"},
@@ -83,9 +90,27 @@ def generate_request_body() -> dict[str, Any]:
             },
         }}, "application/json": {"schema": {
             "type": "object",
-            "description": "Inputs by URL: video_url and audio_url, plus any job parameter.",
-            "required": ["video_url", "audio_url"],
+            "description": "Inputs by URL: video_url (or avatar_id) and audio_url, plus any job parameter.",
+            "required": ["audio_url"],
             "properties": {**form_properties(), "wait": wait},
+        }}},
+    }
+
+
+def avatar_request_body() -> dict[str, Any]:
+    """The bodies of POST /avatars: a video (upload or video_url) and the parameters that shape its
+    preparation (params.avatar_fields), from JobParams."""
+    properties = {name: prop for name, prop in form_properties().items() if name in avatar_request_fields()}
+    return {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "description": "The video as a file or as video_url, not both.",
+            "properties": {"video": {"type": "string", "format": "binary",
+                                     "description": "The video with the face (checked by content)"}, **properties},
+        }}, "application/json": {"schema": {
+            "type": "object", "description": "The video by URL.", "required": ["video_url"],
+            "properties": properties,
         }}},
     }
 
@@ -117,7 +142,7 @@ def create_rest_app(
     if get_health is not None:
         app.state.health = get_health
     app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate",)
+        BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate", "/avatars")
     )
 
     # ------------------------------------------------------------------ errors
@@ -248,6 +273,52 @@ def create_rest_app(
         owner: Optional[str] = Depends(get_owner),
     ) -> dict[str, Any]:
         return await ops(request).usage(owner, since, until)
+
+    @router.post(
+        "/avatars", status_code=202, response_model=AvatarAccepted,
+        responses={200: {"model": AvatarAccepted, "description": "a replayed Idempotency-Key: the original avatar"},
+                   **{code: errors[code] for code in (408, 409, 413, 429, 503, 507)}},
+        summary="Prepare a video once (an avatar)", tags=[TAG_AVATARS],
+        description="Tracks the face and encodes its latents once; then `POST /generate` with `avatar_id` and an "
+                    "audio skips both (a dubbing platform uploads the video once, then only each language's audio). "
+                    "Poll `GET /avatars/{avatar_id}` until `ready`. Avatars are the caller's own and are removed "
+                    "after the retention time unless used (each generate by avatar_id keeps one longer).",
+        openapi_extra={"requestBody": avatar_request_body()},
+    )
+    async def create_avatar(
+        request: Request,
+        idempotency_key: Optional[str] = Header(
+            None, alias=IDEMPOTENCY_HEADER, description="As for POST /generate: a retry returns the original avatar."),
+        owner: Optional[str] = Depends(get_owner),
+    ) -> JSONResponse:
+        answer = await ops(request).admission.admit_stream(
+            request.stream(), request.headers.get("content-type"), owner=owner,
+            client=request_client(request.scope), wait=False, idempotency_key=parse_key(idempotency_key),
+            kind=JobKind.avatar)
+        return JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
+
+    @router.get("/avatars", response_model=AvatarListResponse, summary="List your avatars, newest first",
+                tags=[TAG_AVATARS])
+    async def list_avatars(
+        request: Request,
+        limit: int = Query(100, ge=1, le=1000, description="At most this many avatars"),
+        owner: Optional[str] = Depends(get_owner),
+    ) -> dict[str, Any]:
+        return await ops(request).avatars(owner, limit)
+
+    @router.get("/avatars/{avatar_id}", response_model=AvatarStatusResponse, responses=job_errors,
+                summary="An avatar's status (ready once completed)", tags=[TAG_AVATARS])
+    async def avatar_status(request: Request, avatar_id: str,
+                            owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
+        return await ops(request).avatar(avatar_id, owner)
+
+    @router.delete("/avatars/{avatar_id}", response_model=AvatarDeleted, responses=job_errors,
+                   summary="Delete an avatar and its prepared data", tags=[TAG_AVATARS],
+                   description="A preparation still running is cancelled. Jobs already queued by this avatar_id "
+                               "fail; finished jobs keep their results.")
+    async def delete_avatar(request: Request, avatar_id: str,
+                            owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
+        return await ops(request).delete_avatar(avatar_id, owner)
 
     @router.get("/jobs", response_model=JobListResponse, summary="List jobs, newest first", tags=[TAG_JOBS])
     async def jobs(

@@ -7,6 +7,9 @@ object storage) stages them like any upload, and needs to know nothing about URL
 itself is the job parameter (``JobParams.video_url``), the one place it is kept; the
 reference holds only what may be shown (the URL without query or credentials) and, once the
 worker has fetched it (inputs/sources.py), the name of the fetched file, for playback.
+
+A job by ``avatar_id`` has an *avatar reference* instead of a video (``input_video.avatar.json``,
+naming the avatar): the worker uses the avatar's stored video (api/avatars.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 from ..netguard import redact_url
 
 REFERENCE_SUFFIX = ".url.json"
+AVATAR_REFERENCE = "input_video.avatar.json"
 INPUT_FIELDS = ("video", "audio")
 
 
@@ -70,3 +74,13 @@ def fetched_file(job_dir: Path, reference: str) -> str | None:
     if not isinstance(name, str) or "/" in name or not name.startswith("input_") or is_reference(name):
         return None
     return name if (job_dir / name).is_file() else None
+
+
+def is_avatar_reference(file_name: str | None) -> bool:
+    return file_name == AVATAR_REFERENCE
+
+
+def write_avatar_reference(job_dir: Path, avatar_id: str) -> str:
+    """The reference standing for the video of a job by ``avatar_id``; its name in the job's directory."""
+    write_json(job_dir / AVATAR_REFERENCE, {"input": "video", "avatar_id": avatar_id})
+    return AVATAR_REFERENCE

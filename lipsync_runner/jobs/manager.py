@@ -44,7 +44,7 @@ from ..errors import (
     QueueFullError,
 )
 from .files import OUTPUT_NAME, JobFiles, is_plain_name
-from .records import JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
+from .records import JobKind, JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
 from .store import JobStore, SQLiteJobStore
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,8 @@ class JobManager:
 
     def _inputs_present(self, rec: JobRecord) -> bool:
         try:
-            return all(self._files.path(rec.job_id, name).is_file() for name in (rec.video_file, rec.audio_file))
+            return all(self._files.path(rec.job_id, name).is_file()
+                       for name in (rec.video_file, rec.audio_file) if name is not None)
         except (ValueError, LipSyncError):
             return False
 
@@ -331,21 +332,27 @@ class JobManager:
         job_id: str,
         *,
         video_file: str,
-        audio_file: str,
+        audio_file: str | None,
         video_filename: str,
-        audio_filename: str,
+        audio_filename: str | None,
         params: JobParams,
         owner: str | None = None,
         media: dict | None = None,
+        kind: JobKind = JobKind.job,
     ) -> JobRecord:
         """Record the uploaded job as queued and enqueue it.
 
         ``video_file``/``audio_file`` are plain names of files already in the job's
         directory (``ValueError`` otherwise); the ``*_filename`` are the user's, for display;
-        ``media``: what admission learnt of the inputs (durations, size, fps).
+        ``media``: what admission learnt of the inputs (durations, size, fps). ``kind``: an
+        avatar is queued and run like a job (the executor tells them apart) and has no audio.
         """
+        if (audio_file is None) != (kind is JobKind.avatar):
+            raise ValueError("a job has an audio file, an avatar none")
         directory = self._files.job_dir(job_id)
         for name in (video_file, audio_file):
+            if name is None:
+                continue
             if not is_plain_name(name):
                 raise ValueError(f"not a plain file name: {name!r}")
             if not (directory / name).is_file():
@@ -359,6 +366,7 @@ class JobManager:
             video_file=video_file,
             audio_file=audio_file,
             media=media,
+            kind=kind,
         )
         with self._files_lock:
             self._store.create(record)
@@ -374,6 +382,14 @@ class JobManager:
                 self._queue.append(job_id)
                 self._queued_ids.add(job_id)
                 self._cond.notify_all()
+
+    def extend_expiry(self, job_id: str) -> None:
+        """Keep a finished record (an avatar just used) for another ``retention_s`` from now."""
+        until = utcnow() + timedelta(seconds=self.retention_s)
+        with self._cond:
+            rec = self._store.get(job_id)
+            if rec is not None and rec.status.finished and (rec.expires_at is None or rec.expires_at < until):
+                self._store.update(job_id, expires_at=until)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -397,9 +413,9 @@ class JobManager:
         """The job's record; JobNotFoundError if unknown, malformed, or (with ``owner``) someone else's."""
         return self._overlay(self._lookup(job_id, owner))
 
-    def list(self, owner: str | None = None, limit: int = 100) -> list[JobRecord]:
-        """Newest first; ``owner=None`` lists everyone's."""
-        return [self._overlay(r) for r in self._store.list(owner=owner, limit=limit)]
+    def list(self, owner: str | None = None, limit: int = 100, kind: JobKind | None = JobKind.job) -> list[JobRecord]:
+        """Newest first; ``owner=None`` lists everyone's; jobs only unless ``kind`` says otherwise."""
+        return [self._overlay(r) for r in self._store.list(owner=owner, limit=limit, kind=kind)]
 
     def counts(self) -> dict[str, int]:
         """Jobs per status, e.g. ``{"queued": 3, "processing": 2, "completed": 10, ...}``."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import JobNotFoundError
-from .records import JobRecord, JobStatus
+from .records import JobKind, JobRecord, JobStatus
 
 FINISHED = frozenset(s for s in JobStatus if s.finished)
 
@@ -37,8 +37,9 @@ class JobStore(Protocol):
       transaction, validated as a :class:`JobRecord`) and return the new record;
       :class:`JobNotFoundError` if there is no such record, ``ValueError`` for an
       unknown field or an invalid value.
-    * ``list(owner=None, limit=100, statuses=None)``: newest first (by created_at);
-      ``owner=None`` means every owner; ``limit=None`` means no limit.
+    * ``list(owner=None, limit=100, statuses=None, kind=None)``: newest first (by created_at);
+      ``owner=None`` means every owner; ``limit=None`` means no limit; ``kind`` (job, avatar):
+      records of that kind only, ``None`` every kind.
     * ``delete(job_id)``: remove the record; no error if it is already gone.
     * ``count_by_status()``: ``{status value: count}`` for every status (zeros included).
     * ``expired(now)``: finished records whose ``expires_at`` is at or before ``now``.
@@ -52,7 +53,8 @@ class JobStore(Protocol):
     def update(self, job_id: str, **fields: object) -> JobRecord: ...
 
     def list(
-        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None
+        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None,
+        kind: JobKind | None = None,
     ) -> list[JobRecord]: ...
 
     def delete(self, job_id: str) -> None: ...
@@ -72,7 +74,7 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp()
 
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _MIGRATIONS: dict[int, str] = {
     # user_version N -> the script that brings a database at N-1 to N
     1: """
@@ -88,6 +90,11 @@ _MIGRATIONS: dict[int, str] = {
         CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at);
         CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
         CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+    """,
+    # avatars are records too (JobRecord.kind): the job list and the avatar list filter on it
+    2: """
+        ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'job';
+        CREATE INDEX IF NOT EXISTS jobs_owner_kind_created ON jobs (owner, kind, created_at);
     """,
 }
 
@@ -154,13 +161,14 @@ class SQLiteJobStore:
             return str(self._db().execute("PRAGMA journal_mode").fetchone()[0])
 
     @staticmethod
-    def _columns(record: JobRecord) -> tuple[str, str | None, float, float | None, str]:
+    def _columns(record: JobRecord) -> tuple[str, str | None, float, float | None, str, str]:
         return (
             record.status.value,
             record.owner,
             _ts(record.created_at),
             _ts(record.expires_at),
             record.model_dump_json(),
+            record.kind.value,
         )
 
     # -- the interface ---------------------------------------------------------------------
@@ -169,7 +177,8 @@ class SQLiteJobStore:
         with self._lock:
             try:
                 self._db().execute(
-                    "INSERT INTO jobs (job_id, status, owner, created_at, expires_at, body) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (job_id, status, owner, created_at, expires_at, body, kind) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (record.job_id, *self._columns(record)),
                 )
             except sqlite3.IntegrityError as e:
@@ -196,7 +205,8 @@ class SQLiteJobStore:
                 current = JobRecord.model_validate_json(row[0])
                 record = JobRecord.model_validate({**current.model_dump(), **fields})
                 conn.execute(
-                    "UPDATE jobs SET status = ?, owner = ?, created_at = ?, expires_at = ?, body = ? WHERE job_id = ?",
+                    "UPDATE jobs SET status = ?, owner = ?, created_at = ?, expires_at = ?, body = ?, kind = ? "
+                    "WHERE job_id = ?",
                     (*self._columns(record), job_id),
                 )
                 conn.execute("COMMIT")
@@ -206,12 +216,16 @@ class SQLiteJobStore:
         return record
 
     def list(
-        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None
+        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None,
+        kind: JobKind | None = None,
     ) -> list[JobRecord]:
         where, args = [], []
         if owner is not None:
             where.append("owner = ?")
             args.append(owner)
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(JobKind(kind).value)
         if statuses is not None:
             values = sorted({JobStatus(s).value for s in statuses})
             if not values:
