@@ -28,6 +28,8 @@ from pydantic import BaseModel, ValidationError
 
 from . import __version__
 from .errors import (
+    AvatarFailed,
+    AvatarNotReady,
     ConnectionFailed,
     IdempotencyConflict,
     JobFailed,
@@ -37,7 +39,7 @@ from .errors import (
     WaitTimeout,
     error_class,
 )
-from .models import CleanupResult, Health, Job, JobList, Usage
+from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
 
 DEFAULT_SERVER = "http://localhost:3000"
 API_PREFIX = "/api/lip-sync"
@@ -166,12 +168,20 @@ def raise_for_status(response: httpx.Response) -> None:
         return
     body = _json(response)
     cls = error_class(response.status_code)
-    if response.status_code == 409 and response.request.url.path.endswith("/generate"):
-        cls = IdempotencyConflict  # generate's only 409
     message = error_message(response, body)
+    if _avatar_not_ready(response, message):
+        cls = AvatarNotReady
+    elif response.status_code == 409 and response.request.url.path.endswith(("/generate", "/avatars")):
+        cls = IdempotencyConflict  # their other 409
     if cls is TooManyRequests:
         raise TooManyRequests(message, response.status_code, body=body, retry_after=retry_after(response))
     raise cls(message, response.status_code, body=body)
+
+
+def _avatar_not_ready(response: httpx.Response, message: str) -> bool:
+    """generate's 409 for an avatar_id whose avatar is not ready (the server says "avatar <id> ...")."""
+    return (response.status_code == 409 and response.request.url.path.endswith("/generate")
+            and message.startswith("avatar "))
 
 
 def parse(response: httpx.Response, model: type[M]) -> M:
@@ -298,7 +308,8 @@ class ClientCore:
                     continue
                 raise ConnectionFailed(describe_transport_error(outcome, self.base_url)) from outcome
             if (keyed and isinstance(outcome, httpx.Response) and outcome.status_code == 409
-                    and retry_after(outcome) is not None and attempt < self.retries):
+                    and retry_after(outcome) is not None and attempt < self.retries
+                    and not _avatar_not_ready(outcome, error_message(outcome, _json(outcome)))):
                 yield Sleep(min(30.0, retry_after(outcome) or 1.0))
                 attempt += 1
                 continue
@@ -326,21 +337,25 @@ class ClientCore:
                  wait: bool = False, progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
                  idempotency_key: Optional[str] = None) -> Op:
         files = {name: value for name, value in (("video", video), ("audio", audio)) if value is not None}
-        missing = [name for name in INPUTS if name not in files and params.get(f"{name}_url") is None]
+        missing = [name for name in INPUTS if name not in files and params.get(f"{name}_url") is None
+                   and not (name == "video" and params.get("avatar_id") is not None)]
         if missing:
-            raise ValueError(" and ".join(f"{m}: give a file or {m}_url" for m in missing))
-        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
-        # with a key a retried POST cannot start a second job; an open file object cannot be re-sent
-        retry = bool(idempotency_key) and all(isinstance(f, (str, os.PathLike)) for f in files.values())
-        if files:  # the uploads stream from disk as multipart, the parameters as its fields
-            call = Call("POST", "/generate", data=form_fields(params), files=files, headers=headers, idempotent=retry)
-        else:  # inputs by URL: one small JSON body
-            call = Call("POST", "/generate", json=json_fields(params), headers=headers, idempotent=retry)
-        response = yield from self._call(call)
+            raise ValueError(" and ".join(f"{m}: give a file or {m}_url" + (" (or avatar_id)" if m == "video" else "")
+                                          for m in missing))
+        response = yield from self._call(self._post("/generate", files, params, idempotency_key))
         job = parse(response, Job)
         if wait:
             job = yield from self.wait(job.job_id, progress=progress, timeout=timeout)
         return job
+
+    def _post(self, path: str, files: dict[str, FileInput], params: Mapping[str, Any],
+              idempotency_key: Optional[str]) -> Call:
+        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
+        # with a key a retried POST cannot start a second job; an open file object cannot be re-sent
+        retry = bool(idempotency_key) and all(isinstance(f, (str, os.PathLike)) for f in files.values())
+        if files:  # the uploads stream from disk as multipart, the parameters as its fields
+            return Call("POST", path, data=form_fields(params), files=files, headers=headers, idempotent=retry)
+        return Call("POST", path, json=json_fields(params), headers=headers, idempotent=retry)  # by URL: JSON
 
     def status(self, job_id: str) -> Op:
         response = yield from self._call(Call("GET", self._job_path("status", job_id), idempotent=True))
@@ -350,18 +365,22 @@ class ClientCore:
              clock: Callable[[], float] = time.monotonic) -> Op:
         """Poll until the job finishes (every 0.5 s, growing to 2 s); ``progress(job)`` on each change.
         Returns the completed job; raises JobFailed (failed/cancelled) or WaitTimeout."""
+        return (yield from self._poll(lambda: self.status(job_id), JobFailed, progress, timeout, clock))
+
+    def _poll(self, fetch: Callable[[], Op], failed: Callable[[Any], Exception],
+              progress: Optional[ProgressCallback], timeout: Optional[float], clock: Callable[[], float]) -> Op:
         start = clock()
         delay = POLL_MIN_S
         seen = None
         while True:
-            job: Job = yield from self.status(job_id)
+            job = yield from fetch()
             key = (job.status, job.stage, job.progress)
             if progress is not None and key != seen:
                 yield Notify(progress, job)
             seen = key
             if job.finished:
                 if job.failed:
-                    raise JobFailed(job)
+                    raise failed(job)
                 return job
             pause = delay
             if timeout is not None:
@@ -397,6 +416,35 @@ class ClientCore:
     def jobs(self, limit: int = 100) -> Op:
         response = yield from self._call(Call("GET", "/jobs", params={"limit": int(limit)}, idempotent=True))
         return parse(response, JobList)
+
+    def create_avatar(self, video: Optional[FileInput], params: Mapping[str, Any], wait: bool = False,
+                      progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
+                      idempotency_key: Optional[str] = None) -> Op:
+        if video is None and params.get("video_url") is None:
+            raise ValueError("video: give a file or video_url")
+        files = {"video": video} if video is not None else {}
+        response = yield from self._call(self._post("/avatars", files, params, idempotency_key))
+        avatar = parse(response, Avatar)
+        if wait:
+            avatar = yield from self.wait_avatar(avatar.avatar_id, progress=progress, timeout=timeout)
+        return avatar
+
+    def avatar(self, avatar_id: str) -> Op:
+        response = yield from self._call(Call("GET", self._job_path("avatars", avatar_id), idempotent=True))
+        return parse(response, Avatar)
+
+    def wait_avatar(self, avatar_id: str, progress: Optional[ProgressCallback] = None,
+                    timeout: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> Op:
+        """Poll until the avatar is ready; AvatarFailed if its preparation failed, WaitTimeout."""
+        return (yield from self._poll(lambda: self.avatar(avatar_id), AvatarFailed, progress, timeout, clock))
+
+    def avatars(self, limit: int = 100) -> Op:
+        response = yield from self._call(Call("GET", "/avatars", params={"limit": int(limit)}, idempotent=True))
+        return parse(response, AvatarList)
+
+    def delete_avatar(self, avatar_id: str) -> Op:
+        response = yield from self._call(Call("DELETE", self._job_path("avatars", avatar_id)))
+        return parse(response, AvatarDeleted)
 
     def usage(self, since: Optional[Union[str, date]] = None, until: Optional[Union[str, date]] = None) -> Op:
         params = {k: str(v) for k, v in (("since", since), ("until", until)) if v is not None}

@@ -22,7 +22,7 @@ from ._core import (
     ProgressCallback,
     Sleep,
 )
-from .models import CleanupResult, Health, Job, JobList, Usage
+from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
 
 
 class AsyncLipSyncClient(ClientBase):
@@ -44,7 +44,9 @@ class AsyncLipSyncClient(ClientBase):
                        progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
                        idempotency_key: Optional[str] = None, **params: Any) -> Job:
         """Start a job from ``video`` and ``audio`` (paths or binary files, streamed from disk), or from
-        URLs the server fetches (``video_url=``, ``audio_url=``; one of each pair).
+        URLs the server fetches (``video_url=``, ``audio_url=``; one of each pair), or from a prepared
+        avatar instead of the video (``avatar_id=``, see ``create_avatar``: no face tracking, no VAE
+        encoding; ``AvatarNotReady`` until it is ready).
 
         ``params``: any job parameter by name (``bbox_shift=5``, ``webhook_url="https://..."``,
         ``webhook_events=["completed", "failed"]``: ``GET /api/lip-sync/params`` lists them; the server
@@ -74,6 +76,34 @@ class AsyncLipSyncClient(ClientBase):
 
     async def jobs(self, limit: int = 100) -> JobList:
         return await self._run(self._core.jobs(limit))
+
+    async def create_avatar(self, video: Optional[FileInput] = None, *, video_url: Optional[str] = None,
+                      bbox_shift: Optional[int] = None, wait: bool = False,
+                      progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
+                      idempotency_key: Optional[str] = None, **params: Any) -> Avatar:
+        """Prepare ``video`` (a path or binary file; or ``video_url``) once: its face track and latents.
+        Then ``generate(avatar_id=avatar.avatar_id, audio=...)`` for each language uploads only the audio.
+        ``params``: the other parameters that shape the preparation (``GET /params``: those marked
+        ``x-prepares-video``). With ``wait=True``, poll until it is ready (``AvatarFailed`` otherwise)."""
+        params = {"video_url": video_url, "bbox_shift": bbox_shift, **params}
+        return await self._run(self._core.create_avatar(video, params, wait, progress, timeout, idempotency_key))
+
+    async def avatar(self, avatar_id: str) -> Avatar:
+        """An avatar's status (``ready`` once prepared)."""
+        return await self._run(self._core.avatar(avatar_id))
+
+    async def wait_avatar(self, avatar_id: str, progress: Optional[ProgressCallback] = None,
+                    timeout: Optional[float] = None) -> Avatar:
+        """Poll until the avatar is ready; ``progress(avatar)`` on every change."""
+        return await self._run(self._core.wait_avatar(avatar_id, progress=progress, timeout=timeout))
+
+    async def avatars(self, limit: int = 100) -> AvatarList:
+        """Your avatars, newest first."""
+        return await self._run(self._core.avatars(limit))
+
+    async def delete_avatar(self, avatar_id: str) -> AvatarDeleted:
+        """Delete an avatar and its prepared data (a preparation still running is cancelled)."""
+        return await self._run(self._core.delete_avatar(avatar_id))
 
     async def usage(self, since: Optional[Union[str, date]] = None,
                     until: Optional[Union[str, date]] = None) -> Usage:

@@ -2,6 +2,9 @@
 
     lipsync generate VIDEO AUDIO -o OUT.mp4 [--server URL] [--bbox-shift N] [any job parameter]
     lipsync generate --video-url URL --audio-url URL [--webhook-url URL] [--idempotency-key KEY]
+    lipsync generate --avatar-id ID AUDIO -o OUT.mp4
+    lipsync avatar create VIDEO | --video-url URL [--bbox-shift N]   (prints the avatar id once ready)
+    lipsync avatar list | status ID | delete ID
     lipsync status JOB_ID [--json]
     lipsync jobs [--limit N] [--json]
     lipsync download JOB_ID -o OUT.mp4
@@ -41,20 +44,27 @@ from .errors import (
     Unauthorized,
     WaitTimeout,
 )
-from .models import Job
+from .errors import AvatarFailed
+from .models import Avatar, Job
 
 from lipsync_runner.errors import InvalidInputError  # noqa: E402 - the schema is light (pydantic only)
-from lipsync_runner.params import add_cli_arguments, cli_fields, parse_fields  # noqa: E402
+from lipsync_runner.params import (  # noqa: E402
+    add_cli_arguments,
+    avatar_request_fields,
+    cli_fields,
+    parse_avatar_fields,
+    parse_fields,
+)
 
 OK, JOB_FAILED, BAD_INPUT, NOT_FOUND, UNAUTHORIZED, UNAVAILABLE, TIMED_OUT, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 130
 
 EXIT_CODES = f"""\
 exit codes:
   {OK}    success
-  {JOB_FAILED}    the job failed or was cancelled
+  {JOB_FAILED}    the job (or the avatar's preparation) failed or was cancelled
   {BAD_INPUT}    bad usage or input: missing file, refused upload (400), too large (413),
        an Idempotency-Key used for another request (409)
-  {NOT_FOUND}    unknown job (404), or the job has not finished (409)
+  {NOT_FOUND}    unknown job or avatar (404), the job has not finished or the avatar is not ready (409)
   {UNAUTHORIZED}    missing or wrong token (401/403)
   {UNAVAILABLE}    server unavailable: cannot connect, not ready (503), queue full (429),
        out of storage (507), other server errors
@@ -68,7 +78,7 @@ environment: LIPSYNC_SERVER (default http://localhost:3000), LIPSYNC_TOKEN (bear
 
 def exit_code(exc: BaseException) -> int:
     """The exit code for an error (see EXIT_CODES)."""
-    if isinstance(exc, JobFailed):
+    if isinstance(exc, (JobFailed, AvatarFailed)):
         return JOB_FAILED
     if isinstance(exc, (BadRequest, PayloadTooLarge, IdempotencyConflict)):
         return BAD_INPUT
@@ -198,12 +208,18 @@ def _require_file(path: str, what: str) -> None:
 
 def cmd_generate(client: LipSyncClient, args: argparse.Namespace) -> int:
     fields = cli_fields(args)
-    if args.video is not None and args.audio is None and "video_url" in fields and "audio_url" not in fields:
-        args.video, args.audio = None, args.video  # `--video-url URL speech.wav`: the one file is the audio
+    video_elsewhere = "video_url" in fields or "avatar_id" in fields
+    if args.video is not None and args.audio is None and video_elsewhere and "audio_url" not in fields:
+        args.video, args.audio = None, args.video  # `--avatar-id ID speech.wav`: the one file is the audio
     for kind in ("video", "audio"):
         given, url = getattr(args, kind), fields.get(f"{kind}_url")
+        if kind == "video" and "avatar_id" in fields:
+            if given is not None or url is not None:
+                raise _UsageError("give the video as a file, --video-url or --avatar-id: one of them")
+            continue
         if given is None and url is None:
-            raise _UsageError(f"give the {kind} as a file or with --{kind}-url")
+            raise _UsageError(f"give the {kind} as a file or with --{kind}-url"
+                              + (" (or the video as --avatar-id)" if kind == "video" else ""))
         if given is not None and url is not None:
             raise _UsageError(f"give the {kind} as a file or with --{kind}-url, not both")
         if given is not None:
@@ -301,6 +317,67 @@ def cmd_usage(client: LipSyncClient, args: argparse.Namespace) -> int:
     return OK
 
 
+def _print_avatar(avatar: Avatar) -> None:
+    rows = [("avatar_id", avatar.avatar_id), ("status", avatar.status), ("ready", "yes" if avatar.ready else "no"),
+            ("stage", avatar.stage or "-"), ("progress", f"{avatar.progress * 100:.0f}%"),
+            ("video", str(avatar.video.get("filename", "-"))), ("params", json.dumps(avatar.params)),
+            ("created_at", _fmt_time(avatar.created_at)), ("expires_at", _fmt_time(avatar.expires_at))]
+    if avatar.frames is not None:
+        rows.append(("frames", str(avatar.frames)))
+    if avatar.error:
+        rows.append(("error", avatar.error))
+    for key, value in rows:
+        print(f"{key + ':':<14}{value}")
+
+
+def cmd_avatar_create(client: LipSyncClient, args: argparse.Namespace) -> int:
+    fields = cli_fields(args)
+    if (args.video is None) == ("video_url" not in fields):
+        raise _UsageError("give the video as a file or with --video-url (one of them)")
+    if args.video is not None:
+        _require_file(args.video, "video")
+    parse_avatar_fields(fields)  # refuse a bad parameter here (exit 2), before the upload
+    _note(args, f"uploading {Path(args.video).name} to {client.base_url}" if args.video
+          else f"submitting to {client.base_url} (video by URL)")
+    avatar = client.create_avatar(args.video, idempotency_key=args.idempotency_key, **fields)
+    if not args.no_wait:
+        bar = JobProgress(not (args.quiet or args.no_progress))
+        try:
+            avatar = client.wait_avatar(avatar.avatar_id, progress=bar, timeout=args.wait_timeout)
+        finally:
+            bar.close()
+    _print_json(avatar.to_json()) if args.json else print(avatar.avatar_id)
+    return OK
+
+
+def cmd_avatar_list(client: LipSyncClient, args: argparse.Namespace) -> int:
+    listing = client.avatars(limit=args.limit)
+    if args.json:
+        _print_json(listing.to_json())
+        return OK
+    if not listing.avatars:
+        _note(args, "no avatars")
+        return OK
+    print(f"{'AVATAR_ID':<36}  {'STATUS':<10}  {'FRAMES':>6}  {'EXPIRES (UTC)':<19}  VIDEO")
+    for a in listing.avatars:
+        expires = a.expires_at.strftime("%Y-%m-%d %H:%M:%S") if a.expires_at else "-"
+        frames = str(a.frames) if a.frames is not None else "-"
+        print(f"{a.avatar_id:<36}  {a.status:<10}  {frames:>6}  {expires:<19}  {a.video.get('filename', '-')}")
+    return OK
+
+
+def cmd_avatar_status(client: LipSyncClient, args: argparse.Namespace) -> int:
+    avatar = client.avatar(args.avatar_id)
+    _print_json(avatar.to_json()) if args.json else _print_avatar(avatar)
+    return OK
+
+
+def cmd_avatar_delete(client: LipSyncClient, args: argparse.Namespace) -> int:
+    result = client.delete_avatar(args.avatar_id)
+    _print_json(result.to_json()) if args.json else print(f"avatar {result.avatar_id} removed")
+    return OK
+
+
 def cmd_health(client: LipSyncClient, args: argparse.Namespace) -> int:
     health = client.health()
     if args.json:
@@ -350,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     def no_progress(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    sub = command("generate", cmd_generate, "upload a video and an audio track (or give their URLs), wait, "
-                                            "download the result")
+    sub = command("generate", cmd_generate, "upload a video and an audio track (or give their URLs, or an "
+                                            "avatar's id for the video), wait, download the result")
     sub.add_argument("video", nargs="?", help="input video (a face); or --video-url")
     sub.add_argument("audio", nargs="?", help="audio track to lip-sync to; or --audio-url (with --video-url and "
                                               "one file, the file is the audio)")
@@ -393,6 +470,37 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(sub)
 
     sub = command("health", cmd_health, "is the service ready? (exit 5 if not)")
+    json_flag(sub)
+
+    avatar = commands.add_parser("avatar", help="avatars: a video prepared once, dubbed by generate --avatar-id",
+                                 description="An avatar is a video prepared once (face track and latents); "
+                                             "generate --avatar-id ID AUDIO then uploads only the audio.")
+    avatar_commands = avatar.add_subparsers(dest="avatar_command", metavar="ACTION", required=True)
+
+    def avatar_command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        sub = avatar_commands.add_parser(name, help=help, description=help, epilog=EXIT_CODES,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        _connection_options(sub, suppress=True)
+        sub.set_defaults(func=func)
+        return sub
+
+    sub = avatar_command("create", cmd_avatar_create, "prepare a video once (upload or --video-url); prints its "
+                                                      "avatar id once it is ready")
+    sub.add_argument("video", nargs="?", help="the video with the face; or --video-url")
+    add_cli_arguments(sub, surface="service", only=avatar_request_fields())  # from the schema, as generate's
+    sub.add_argument("--no-wait", action="store_true", help="print the id at once, do not wait until it is ready")
+    sub.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 6)")
+    sub.add_argument("--idempotency-key", metavar="KEY", help="a retry with the same KEY gives the same avatar")
+    no_progress(sub)
+    json_flag(sub)
+    sub = avatar_command("list", cmd_avatar_list, "list your avatars, newest first")
+    sub.add_argument("--limit", type=int, default=100, metavar="N", help="at most N avatars (default 100)")
+    json_flag(sub)
+    sub = avatar_command("status", cmd_avatar_status, "show an avatar's status")
+    sub.add_argument("avatar_id")
+    json_flag(sub)
+    sub = avatar_command("delete", cmd_avatar_delete, "delete an avatar and its prepared data")
+    sub.add_argument("avatar_id")
     json_flag(sub)
 
     sub = command("usage", cmd_usage, "your jobs, output seconds and frames by UTC day")

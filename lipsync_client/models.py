@@ -140,6 +140,47 @@ class Usage(_Body):
     days: list[UsageDay] = Field(default_factory=list)
 
 
+class Avatar(_Timestamps):
+    """An avatar (``POST /avatars``): a video prepared once, then dubbed by ``generate(avatar_id=...)``."""
+
+    avatar_id: str
+    status: str = Field(description="queued, processing, completed (ready), failed or cancelled")
+    ready: bool = False
+    stage: str = ""
+    progress: float = 0.0
+    error: Optional[str] = None
+    created_at: Optional[datetime] = None
+    completed_at: Optional[datetime] = None
+    expires_at: Optional[datetime] = None
+    frames: Optional[int] = None
+    params: dict[str, Any] = Field(default_factory=dict, description="What every generate by it uses (bbox_shift).")
+    video: dict[str, Any] = Field(default_factory=dict, description="filename, source, duration_s, width, height, fps")
+    timings: dict[str, float] = Field(default_factory=dict)
+    status_url: Optional[str] = None
+    message: Optional[str] = None
+    queue_position: Optional[int] = None
+    eta_s: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @property
+    def failed(self) -> bool:
+        return self.status in (FAILED, CANCELLED)
+
+
+class AvatarList(_Body):
+    total: int
+    avatars: list[Avatar]
+
+
+class AvatarDeleted(_Body):
+    success: bool = True
+    avatar_id: str
+    message: str = ""
+
+
 class CleanupResult(_Body):
     success: bool = True
     job_id: str

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 from urllib.parse import urlsplit
@@ -336,15 +336,18 @@ def _cli_flag(name: str) -> str:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None, *,
-                      surface: Surface) -> None:
+                      surface: Surface, only: Iterable[str] | None = None) -> None:
     """One option per job parameter of ``surface`` (`--bbox-shift N` ...), help text from the schema.
 
     Values are parsed by `from_cli_args` through the same schema, so the command lines
     accept and refuse exactly what the API does. ``surface="local"`` leaves out the
-    service-only fields (see the module's docstring).
+    service-only fields (see the module's docstring); ``only``: just these fields (an
+    avatar's: `avatar_request_fields`).
     """
-    group = parser.add_argument_group("job parameters")
+    group = parser.add_argument_group("job parameters" if only is None else "parameters")
     for name in field_names(surface):
+        if only is not None and name not in only:
+            continue
         info = JobParams.model_fields[name]
         default = (defaults or {}).get(name, info.default)
         group.add_argument(_cli_flag(name), dest=f"param_{name}", default=None, metavar=name.upper(),

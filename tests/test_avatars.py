@@ -20,15 +20,19 @@ import pytest
 
 from lipsync_runner.api import ApiLimits, create_rest_app
 from lipsync_runner.api.auth import AuthSettings, BearerAuthMiddleware
+from lipsync_runner.api.integration import Integration
 from lipsync_runner.avatar_cache import AvatarCache
 from lipsync_runner.faces import FaceTrack
 from lipsync_runner.jobs import JobKind, JobRecord, SQLiteJobStore
 from lipsync_runner.jobs.records import utcnow
 from lipsync_runner.media import VideoReader
+from lipsync_runner.netguard import AddressPolicy, parse_allowlist
 from lipsync_runner.serving.api import ApiCore
 from lipsync_runner.serving.runner import RunnerCore
 from lipsync_runner.serving.settings import ServiceSettings
 from lipsync_runner.settings import RunnerSettings
+
+from .loopback_http import LoopbackServer, Reply
 
 pytestmark = pytest.mark.anyio
 A, B = {"Authorization": "Bearer tok-a"}, {"Authorization": "Bearer tok-b"}
@@ -55,8 +59,9 @@ def core(tmp_path_factory, models_dir, model):
     runner = RunnerCore(RunnerSettings(device="cpu"), load=False)
     runner.model, runner.state = model, "ready"
     data = tmp_path_factory.mktemp("avatar-service")
+    loopback_files = Integration(data, workers=1, policy=AddressPolicy(allowlist=parse_allowlist("127.0.0.1")))
     api = ApiCore(runner, ServiceSettings(data_dir=data, job_workers=1, free_space_floor_mb=0, chunk_frames=2),
-                  RunnerSettings(device="cpu", models_dir=models_dir))
+                  RunnerSettings(device="cpu", models_dir=models_dir), integration=loopback_files)
     api.start(None)
     yield api
     api.stop()
@@ -197,15 +202,6 @@ async def test_avatars_are_their_owners_and_must_be_ready_and_delete_cancels_and
         assert entries(core.avatars) == before and not core.files.job_dir(avatar_id).exists()
 
 
-async def test_a_generate_must_keep_the_avatars_bbox_shift(app, core, clip):
-    async with client(app, A) as a:
-        avatar_id = (await a.post("/avatars", data={"bbox_shift": "3"}, files=upload(clip, "video"))).json()["avatar_id"]
-        assert (await until_finished(a, f"/avatars/{avatar_id}"))["params"] == {"bbox_shift": 3}
-        clash = await a.post("/generate", data={"avatar_id": avatar_id, "bbox_shift": "5"}, files=upload(clip, "audio"))
-        assert clash.status_code == 400 and "prepared with bbox_shift=3" in clash.json()["error"], clash.text
-        await a.delete(f"/avatars/{avatar_id}")
-
-
 # --------------------------------------------------------------------------- storage
 
 
@@ -249,3 +245,71 @@ def test_a_version_1_job_database_gains_the_kind_column_and_its_records_stay_job
     assert store.get(record.job_id).kind is JobKind.job
     assert [r.job_id for r in store.list(kind=JobKind.job)] == [record.job_id] and store.list(kind=JobKind.avatar) == []
     store.close()
+
+
+# --------------------------------------------------------------------------- the SDK and the lipsync CLI
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    """The same app on a loopback port, for the synchronous SDK and the `lipsync` command."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    mounted = Starlette(routes=[Mount("/api/lip-sync", app=app)])  # where the clients look for it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(mounted, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_the_sdk_and_the_cli_create_list_use_and_delete_avatars(server, clip, tmp_path, capsys):
+    from lipsync_client import AvatarNotReady, BadRequest, LipSyncClient, NotFound
+    from lipsync_client import cli
+
+    with LipSyncClient(server, token="tok-a") as sdk:
+        pending = sdk.create_avatar(clip["video"], bbox_shift=3)
+        with pytest.raises(AvatarNotReady, match="not ready yet"):  # straight away: still being prepared
+            sdk.generate(avatar_id=pending.avatar_id, audio=clip["audio"])
+        ready = sdk.wait_avatar(pending.avatar_id, timeout=120)
+        assert ready.ready and ready.frames == 10 and ready.params == {"bbox_shift": 3}
+        assert pending.avatar_id in {a.avatar_id for a in sdk.avatars().avatars}
+        with pytest.raises(BadRequest, match="prepared with bbox_shift=3"):  # every generate by it uses 3
+            sdk.generate(avatar_id=pending.avatar_id, audio=clip["audio"], bbox_shift=4)
+        assert sdk.delete_avatar(pending.avatar_id).avatar_id == pending.avatar_id
+        with pytest.raises(NotFound):
+            sdk.avatar(pending.avatar_id)
+
+    common = ["--server", server, "--token", "tok-a", "-q"]
+    with LoopbackServer() as files:  # the platform's bucket (allow-listed loopback): the worker fetches it
+        files.routes["/in/face.mp4"] = lambda req: Reply(200, {"Content-Type": "video/mp4"}, clip["video"].read_bytes())
+        assert cli.main(["avatar", "create", "--video-url", files.url("/in/face.mp4"), *common]) == cli.OK
+    avatar_id = capsys.readouterr().out.strip()  # printed once ready
+    assert cli.main(["avatar", "status", avatar_id, "--json", *common]) == cli.OK
+    assert json.loads(capsys.readouterr().out)["video"] == {
+        "filename": "face.mp4", "source": "url", "duration_s": 0.4, "width": 320, "height": 240, "fps": "25/1"}
+    assert cli.main(["avatar", "list", *common]) == cli.OK
+    assert avatar_id in capsys.readouterr().out
+    out = tmp_path / "fr.mp4"
+    assert cli.main(["generate", "--avatar-id", avatar_id, str(clip["audio"]), "-o", str(out), *common,
+                     "--segments", DUB["segments"], "--silence", "generate"]) == cli.OK
+    assert capsys.readouterr().out.strip() == str(out.resolve()) and out.stat().st_size > 0
+    assert cli.main(["avatar", "delete", avatar_id, *common]) == cli.OK
+    assert cli.main(["avatar", "status", avatar_id, *common]) == cli.NOT_FOUND
+    assert "Avatar not found" in capsys.readouterr().err
+    # the video from two places is a usage error before any request
+    assert cli.main(["generate", "--avatar-id", avatar_id, str(clip["video"]), str(clip["audio"]), *common]) == \
+        cli.BAD_INPUT

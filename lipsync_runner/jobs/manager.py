@@ -87,6 +87,7 @@ class JobOutcome:
     frames: int
     timings: dict[str, float] = field(default_factory=dict)
     cache_hit: bool | None = None  # avatar cache: hit, miss, or not used
+    media: dict | None = None  # what the worker learnt of inputs admission did not see (fetched by URL)
 
 
 Executor = Callable[[JobContext], JobOutcome]
@@ -676,6 +677,8 @@ class JobManager:
                                   output_file=output_file, frames=int(outcome.frames), error=None,
                                   avatar_cache=None if outcome.cache_hit is None else
                                   ("hit" if outcome.cache_hit else "miss"))
+            if outcome.media is not None:
+                outcome_fields["media"] = outcome.media
         except JobCancelledError:
             outcome_fields = dict(status=JobStatus.cancelled, error=CANCELLED_MESSAGE)
         except LipSyncError as e:

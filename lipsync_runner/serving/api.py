@@ -24,6 +24,7 @@ from ..api.limits import ApiLimits
 from ..api.operations import JobOperations
 from ..api.thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
 from ..api import avatars as avatar_records
+from ..api.admission import media_summary
 from ..api.validation import media_limits, validate_media, validate_video
 from ..inputs.reference import write_json
 from ..inputs.sources import PreparedInputs, prepare_inputs
@@ -257,7 +258,8 @@ class ApiCore:
         metrics.job_finished(time.perf_counter() - start, result.frames)
         self.integration.note_output(job.job_id, result.fps)  # usage: output seconds = frames / fps
         return JobOutcome(output_file=output.name, frames=result.frames,
-                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit)
+                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
+                          media=media_summary(inputs.video_info, inputs.audio_info) if inputs.fetched else None)
 
     def _prepare_avatar(self, ctx: JobContext) -> JobOutcome:
         """An avatar's work: its face track and every face frame's latents, into the avatar cache
@@ -282,4 +284,5 @@ class ApiCore:
                               "fps": f"{result.fps.numerator}/{result.fps.denominator}",
                               "encoded": result.encoded})
         return JobOutcome(output_file=manifest.name, frames=result.frames,
-                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit)
+                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
+                          media=media_summary(inputs.video_info, None))
