@@ -145,7 +145,8 @@ REST_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                        "Answers 202 with the `job_id` at once; with `wait=true` it blocks until the job has "
                        "finished and answers 200 (the seed guide's synchronous style). An input may be given "
                        "as `video_url` / `audio_url` instead (the worker fetches it; with URLs only, a JSON "
-                       "body works too); `Idempotency-Key` makes a retried POST return the first job (200).\n\n"
+                       "body works too), and the video as `avatar_id` (a video prepared once: `POST /avatars`); "
+                       "`Idempotency-Key` makes a retried POST return the first job (200).\n\n"
                        "`curl -X POST http://localhost:3000/api/lip-sync/generate "
                        "-F video=@demo/face.mp4 -F audio=@demo/speech.wav`",
         "examples": {"202": "accepted"},
