@@ -9,6 +9,7 @@ segment of 3 frames, to keep the model's work small.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import sqlite3
 from datetime import timedelta
@@ -19,9 +20,10 @@ import numpy as np
 import pytest
 
 from lipsync_runner.api import ApiLimits, create_rest_app
-from lipsync_runner.api.auth import AuthSettings, BearerAuthMiddleware
+from lipsync_runner.api.auth import AuthSettings, BearerAuthMiddleware, owner_of
 from lipsync_runner.api.integration import Integration
 from lipsync_runner.avatar_cache import AvatarCache
+from lipsync_runner.errors import AvatarNotFoundError
 from lipsync_runner.faces import FaceTrack
 from lipsync_runner.jobs import JobKind, JobRecord, SQLiteJobStore
 from lipsync_runner.jobs.records import utcnow
@@ -30,6 +32,7 @@ from lipsync_runner.netguard import AddressPolicy, parse_allowlist
 from lipsync_runner.serving.api import ApiCore
 from lipsync_runner.serving.runner import RunnerCore
 from lipsync_runner.serving.settings import ServiceSettings
+from lipsync_runner.serving.signature import job_params_signature
 from lipsync_runner.settings import RunnerSettings
 
 from .loopback_http import LoopbackServer, Reply
@@ -177,6 +180,11 @@ async def test_avatars_are_their_owners_and_must_be_ready_and_delete_cancels_and
         stolen = await b.post("/generate", data={"avatar_id": avatar_id}, files=upload(clip, "audio"))
         assert (stolen.status_code, stolen.json()) == (404, {"error": "Avatar not found"})
         assert (await b.delete(f"/avatars/{avatar_id}")).status_code == 404
+        # nor through BentoML's generate (its signature has avatar_id; in process it admits files as here)
+        with pytest.raises(AvatarNotFoundError):
+            await core.operations.admission.admit_files(None, clip["audio"], {"avatar_id": avatar_id},
+                                                        owner=owner_of("tok-b"))
+        assert "avatar_id" in inspect.signature(job_params_signature(object)(lambda self, **kw: None)).parameters
         # and an avatar is not a job (nor a job an avatar)
         assert (await a.get(f"/status/{avatar_id}")).status_code == 404
         assert (await a.delete(f"/cleanup/{avatar_id}")).status_code == 404
