@@ -163,7 +163,9 @@ class LipSync:
     @bentoml.api
     @bentoml_errors
     async def download(self, job_id: str, ctx: bentoml.Context = None) -> Path:
-        return await self.core.operations.download(job_id, _owner(ctx))  # the REST route's own file response
+        # the REST route's own response: a file, a stream from the bucket (Range too), or a presigned redirect
+        return await self.core.operations.download(job_id, _owner(ctx),
+                                                   range_header=ctx.request.headers.get("range") if ctx else None)
 
     @bentoml.api
     @bentoml_errors

@@ -7,6 +7,9 @@
 #   3. bench_service.py the real server, 1, 4 and 16 concurrent jobs (tiny models)
 #   3b. bench_pipeline_cpu.py  the pipeline with a null model vs a bare transcode, 720p and 1080p;
 #       bench_ops.py (crop filters, blend) and bench_x264.py (presets, threads)
+#   3c. bench_scale.py  PostgreSQL claim latency; jobs/min and status p50/p99 with 1 and 2 API
+#       replicas on one runner (PostgreSQL + moto S3 on the loopback, tiny models)
+#   3d. bench_jitter.py face-box jitter and lag, raw / moving average / One-Euro (Haar, real face)
 # With CUDA present, also:
 #   4. bench_core.py model --size full at batch sizes 1 8 16 32 64
 #   5. bench_cache.py --size full: 10 s 720p cold and warm, batch 32 (random full-size weights,
@@ -59,6 +62,7 @@ else
 fi
 step cache "$PY" bench/bench_cache.py --size tiny --device cpu --repeats 2
 step service "$PY" bench/bench_service.py --size tiny --device cpu --concurrency 1 4 16
+step jitter "$PY" bench/bench_jitter.py
 if [[ $QUICK == 1 ]]; then
     step pipeline_cpu "$PY" bench/bench_pipeline_cpu.py --sizes 720p
 else
@@ -66,6 +70,7 @@ else
     step ops "$PY" bench/bench_ops.py
     step x264 "$PY" bench/bench_x264.py
 fi
+step scale "$PY" bench/bench_scale.py
 if [[ "$CUDA" == 1 ]]; then
     step core_full_gpu "$PY" bench/bench_core.py model --size full --batch-sizes 1 8 16 32 64 --repeats 3
     FULL=$(mktemp -d "${TMPDIR:-/tmp}/bench-full-models-XXXXXX")

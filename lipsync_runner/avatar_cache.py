@@ -5,11 +5,12 @@ does not depend on the audio is computed once per distinct video and reused: the
 track (boxes, landmarks, which frames have a face) and the VAE latents of every face
 crop (the two VAE encodes are most of a cold job's GPU time). An entry is keyed by the
 video's content hash and every parameter that changes those results (bbox_shift, model
-version and weights, detector, margins, the choice of face), so a change of models or
-settings never reuses stale work.
+version and weights, detector, margins, the choice of face; with face=speaker the audio
+too, since it picks the person), so a change of models or settings never reuses stale work.
 
     <root>/<key>/meta.json      parameters, frame count, sizes
     <root>/<key>/track.npz      FaceTrack
+    <root>/<key>/faces.json     the chosen track's id and the summary of every face track
     <root>/<key>/latents.f32    [N, 8, 32, 32] float32, filled as frames are prepared
     <root>/<key>/prepared.u8    [N] 1 where latents[i] is valid (written after the latents)
     <root>/<key>/jobs/<job_id>  the jobs that used the entry (cleanup releases them)
@@ -71,6 +72,7 @@ class AvatarParams:
     detector: str
     detect_every: int
     weights_id: str  # changes when the model files change
+    face: str = '{"boxes":null,"face":"largest","point":null}'  # FaceChoice.key(): whose face is tracked
 
     def key(self, video_sha256: str) -> str:
         blob = json.dumps({"video": video_sha256, "format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -184,6 +186,8 @@ class AvatarCache:
             arrays["landmarks"] = track.landmarks
         np.savez(tmp / "track.npz", **arrays)
         (tmp / "detector.txt").write_text(track.detector)
+        # who was found and dubbed: a warm job's status lists the same people as the cold one's
+        (tmp / "faces.json").write_text(json.dumps({"track_id": track.track_id, "summary": track.summary}))
         np.memmap(tmp / "latents.f32", dtype=np.float32, mode="w+", shape=(n, *LATENT_SHAPE)).flush()
         np.memmap(tmp / "prepared.u8", dtype=np.uint8, mode="w+", shape=(n,)).flush()
         (tmp / "meta.json").write_text(json.dumps({"frames": n, "created": time.time()}))
@@ -260,6 +264,15 @@ class AvatarCache:
                 removed.append(folder.name)
         return removed
 
+    def release_missing(self, exists: Callable[[str], bool]) -> list[str]:
+        """Release the jobs for which ``exists(job_id)`` is False: with replicas, a job may be cleaned
+        up on one that did not run it, so each one reconciles its own cache with the shared store."""
+        removed = []
+        for job_id in {ref.name for ref in self.root.glob("*/jobs/*")}:
+            if not exists(job_id):
+                removed += self.release_job(job_id)
+        return removed
+
     def reclaim_builds(self) -> list[str]:
         """Build directories whose process is gone (a crash mid-build), or that are too old."""
         reclaimed = []
@@ -322,8 +335,11 @@ def _tree_bytes(path: Path) -> int:
 def _load_track(folder: Path) -> FaceTrack:
     with np.load(folder / "track.npz") as data:
         landmarks = data["landmarks"] if "landmarks" in data.files else None
+        faces = folder / "faces.json"  # absent in entries built before face tracks had a summary
+        found = json.loads(faces.read_text()) if faces.is_file() else {}
         return FaceTrack(boxes=data["boxes"], landmarks=landmarks, has_face=data["has_face"],
-                         detector=(folder / "detector.txt").read_text())
+                         detector=(folder / "detector.txt").read_text(), track_id=found.get("track_id"),
+                         summary=found.get("summary"))
 
 
 def _touch(folder: Path) -> None:

@@ -67,6 +67,8 @@ class Segment(BaseModel):
         if self.end <= self.start:
             raise ValueError(f"end ({self.end:g} s) must be after start ({self.start:g} s)")
         return self
+
+
 Surface = Literal["local", "service"]
 SERVICE_ONLY: dict[str, Any] = {"surface": "service"}  # json_schema_extra of a service-only field
 PREPARES_VIDEO = "x-prepares-video"  # json_schema_extra key: the field shapes an avatar (see the module doc)
@@ -106,6 +108,29 @@ def _check_url(value: Optional[str], schemes: tuple[str, ...]) -> Optional[str]:
     return value
 
 
+FACE_RULES = ("largest", "center", "speaker")
+_POINT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*[,; ]\s*(\d+(?:\.\d*)?)\s*$")
+
+
+class FaceBox(BaseModel):
+    """One explicit crop box of the person to dub, on one frame."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frame: int = Field(ge=0, le=10_000_000, description="Frame index in the video, from 0.")
+    box: tuple[int, int, int, int] | None = Field(
+        description="x1, y1, x2, y2 in pixels (end-exclusive): the region re-generated, as in the job "
+                    "status' track boxes (jaw to jaw, nose bridge to below the chin; the mouth is in its "
+                    "lower half). null: the person is not on screen from this frame on.")
+
+    @field_validator("box")
+    @classmethod
+    def _box_is_a_box(cls, box: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if box is not None and (min(box) < 0 or box[2] <= box[0] or box[3] <= box[1]):
+            raise ValueError(f"{list(box)} is not a box: expected 0 <= x1 < x2 and 0 <= y1 < y2")
+        return box
+
+
 class JobParams(BaseModel):
     """What the user asked for: everything that changes the result."""
 
@@ -142,6 +167,83 @@ class JobParams(BaseModel):
                     "longer under bounce, loop or remap); outside, frames pass through untouched. The output "
                     "keeps the new audio; a segment with audio_start plays the audio from there. "
                     "Ordered and non-overlapping. Default: the whole output.")
+    @field_validator("segments")
+    @classmethod
+    def _ordered_segments(cls, segments: list[Segment] | None) -> list[Segment] | None:
+        if not segments:
+            return None  # an empty list means "the whole output", as leaving it out does
+        for k in range(1, len(segments)):
+            prev, cur = segments[k - 1], segments[k]
+            if cur.start < prev.end:
+                raise ValueError(f"segment {k} ({cur.start:g}-{cur.end:g} s) starts before segment {k - 1} "
+                                 f"ends ({prev.end:g} s): segments must be ordered and must not overlap")
+        return segments
+    face: Literal["largest", "center", "speaker"] | Annotated[int, Field(ge=0)] = Field(
+        default="largest",
+        description="Whose face is dubbed when several are on screen: largest (most screen area over "
+                    "the video), center (nearest the frame's centre), speaker (the mouth that moves with "
+                    "the new audio), or a track id from an earlier job's status (`faces.tracks[].id`) for "
+                    "the same video. Frames where that person is not seen pass through.",
+        json_schema_extra={PREPARES_VIDEO: True})
+    face_point: Annotated[tuple[float, float] | None, WithJsonSchema(
+        {"type": "string", "pattern": _POINT_RE.pattern, "examples": ["320,180"]})] = Field(
+        default=None,
+        description="x,y in pixels: dub the face under this point, on the first frame that face "
+                    "appears in. Instead of `face`.", json_schema_extra={PREPARES_VIDEO: True})
+    face_boxes: list[FaceBox] | None = Field(
+        default=None, min_length=1, max_length=100_000,
+        description='Explicit crop boxes, JSON: [{"frame": 0, "box": [x1, y1, x2, y2]}, ...]. No face '
+                    "detection runs. A box holds until the next given frame, moving linearly towards its "
+                    "box (the last one holds to the end); a null box ends a stretch; frames before the "
+                    "first given one pass through. Instead of `face`.", json_schema_extra={PREPARES_VIDEO: True})
+
+    @field_validator("face", mode="before")
+    @classmethod
+    def _face_rule_or_id(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in FACE_RULES:
+                return text
+            if text.isdigit():
+                return int(text)
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ValueError(f"{value!r} is not a face choice: expected largest, center, speaker or a track id "
+                         "(an integer >= 0)")
+
+    @field_validator("face_point", mode="before")
+    @classmethod
+    def _point_from_text(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            m = _POINT_RE.match(value)
+            if not m:
+                raise ValueError(f"{value!r} is not a point: expected x,y in pixels (e.g. 320,180)")
+            return float(m.group(1)), float(m.group(2))
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value):
+            return value
+        raise ValueError(f"{value!r} is not a point: expected x,y in pixels (e.g. 320,180)")
+
+    @field_validator("face_boxes")
+    @classmethod
+    def _one_box_per_frame(cls, boxes: list[FaceBox] | None) -> list[FaceBox] | None:
+        if boxes is None:
+            return None
+        frames = [b.frame for b in boxes]
+        if len(set(frames)) != len(frames):
+            raise ValueError("each frame may have one box only")
+        return sorted(boxes, key=lambda b: b.frame)
+
+    @model_validator(mode="after")
+    def _one_way_to_choose_a_face(self) -> JobParams:
+        given = [name for name, on in (("face", self.face != "largest"), ("face_point", self.face_point is not None),
+                                       ("face_boxes", self.face_boxes is not None)) if on]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} both choose the face: give only one of them")
+        return self
+
     webhook_url: Optional[str] = Field(
         default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
         description="http(s) URL that receives the job's status as signed JSON POSTs (Lipsync-Signature: "
@@ -164,18 +266,6 @@ class JobParams(BaseModel):
         description="Dub a prepared avatar (POST /api/lip-sync/avatars) instead of a video: give only the "
                     "audio. Its face track and latents are reused (no face tracking, no VAE encoding); its "
                     "bbox_shift applies. It must be yours and ready (404 / 409 otherwise).")
-
-    @field_validator("segments")
-    @classmethod
-    def _ordered_segments(cls, segments: list[Segment] | None) -> list[Segment] | None:
-        if not segments:
-            return None  # an empty list means "the whole output", as leaving it out does
-        for k in range(1, len(segments)):
-            prev, cur = segments[k - 1], segments[k]
-            if cur.start < prev.end:
-                raise ValueError(f"segment {k} ({cur.start:g}-{cur.end:g} s) starts before segment {k - 1} "
-                                 f"ends ({prev.end:g} s): segments must be ordered and must not overlap")
-        return segments
 
     @field_validator("webhook_url")
     @classmethod
@@ -254,8 +344,12 @@ def parse_avatar_fields(fields: Mapping[str, Any], defaults: Mapping[str, Any] |
     if other:
         raise InvalidInputError(f"Invalid parameters: {', '.join(other)}: not a parameter of an avatar (an avatar "
                                 f"takes the video and {', '.join(allowed)}; give the rest to each generate)")
-    return parse_fields({k: v for k, v in fields.items() if k in allowed},
-                        {k: v for k, v in (defaults or {}).items() if k in allowed})
+    params = parse_fields({k: v for k, v in fields.items() if k in allowed},
+                          {k: v for k, v in (defaults or {}).items() if k in allowed})
+    if params.face == "speaker":
+        raise InvalidInputError("Invalid parameters: face: speaker chooses by the new audio, and an avatar has none; "
+                                "choose largest, center, a track id, face_point or face_boxes")
+    return params
 
 
 def _decode_value(raw: str) -> Any:

@@ -37,7 +37,7 @@ from .blend import blend_faces
 from .crops import crop_faces
 from .detail import restore_detail
 from .errors import InvalidInputError, JobCancelledError
-from .faces import FaceDetector, FaceTrack, track_faces
+from .faces import FaceChoice, FaceDetector, FaceTrack, audio_envelope, track_faces
 from .framestore import FrameSource, FrameStore
 from .hwcodecs import VideoCodecs, video_codecs
 from .masks import MaskProvider, masks_for
@@ -103,6 +103,7 @@ class JobResult:
     generated: int = 0  # output frames with a generated mouth (fully or cross-faded)
     seconds: dict[str, float] = field(default_factory=dict)
     cache_hit: bool | None = None  # None: no avatar cache in use
+    faces: dict | None = None  # FaceTrack.summary: the people found and who was dubbed (the job status)
 
 
 class StageClock:
@@ -146,6 +147,7 @@ class JobState:
     pcm: np.ndarray | None = None  # the new audio, 16 kHz mono
     n_audio: int = 0  # A: output frames the audio covers
     speech: np.ndarray | None = None  # [A] bool (silence=keep)
+    envelope: np.ndarray | None = None  # [A] audio RMS per frame (face=speaker: whose mouth moves with it)
     track: FaceTrack | None = None
     avatar: Avatar | None = None
     plan: RenderPlan | None = None
@@ -155,6 +157,11 @@ class JobState:
     @property
     def params(self) -> JobParams:
         return self.opts.params
+
+    @property
+    def face(self) -> FaceChoice:
+        """Whose face is dubbed (the job's face, face_point, face_boxes)."""
+        return FaceChoice.from_params(self.params)
 
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -230,6 +237,8 @@ def _read_audio(job: JobState) -> None:
     if job.params.silence == "keep":
         with job.clock("speech"):
             job.speech = speech_frames(job.pcm, fps, job.opts.speech)
+    if job.face.needs_audio:  # on the video's timeline: source frame i against audio frame i
+        job.envelope = audio_envelope(job.pcm, fps, job.n_audio, audio_math.SAMPLE_RATE)
     job.check_cancel()
 
 
@@ -246,7 +255,8 @@ def _prepared_video(job: JobState, cache: AvatarCache | None) -> Iterator[bool]:
     params = AvatarParams(
         bbox_shift=job.params.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
         version=opts.version, extra_margin=opts.extra_margin, detector=job.detector.name,
-        detect_every=opts.detect_every, weights_id=str(getattr(job.model, "weights_id", "")))
+        detect_every=opts.detect_every, weights_id=str(getattr(job.model, "weights_id", "")),
+        face=job.face.key(job.envelope))
     with job.clock("cache"):
         key = params.key(cache.video_hash(job.video))
     with cache.open(key, lambda: _track(job)) as (avatar, hit):
@@ -273,7 +283,8 @@ def _track(job: JobState) -> FaceTrack:
     before = job.clock.seconds["decode"] + job.clock.seconds["spool"]
     start = time.perf_counter()
     track = track_faces(chunks(), job.detector, bbox_shift=job.params.bbox_shift, version=opts.version,
-                        extra_margin=opts.extra_margin, detect_every=opts.detect_every)
+                        extra_margin=opts.extra_margin, detect_every=opts.detect_every, choice=job.face,
+                        audio_envelope=job.envelope, fps=info.fps)
     io = job.clock.seconds["decode"] + job.clock.seconds["spool"] - before
     job.clock.seconds["faces"] += time.perf_counter() - start - io
     return track
@@ -381,7 +392,8 @@ def _render(job: JobState) -> JobResult:
             writer.close()
     track = job.track
     return JobResult(output=job.output, frames=written, source_frames=len(track), face_frames=int(track.has_face.sum()),
-                     fps=info.fps, width=info.width, height=info.height, generated=int(plan.generate.sum()))
+                     fps=info.fps, width=info.width, height=info.height, generated=int(plan.generate.sum()),
+                     faces=track.summary)
 
 
 def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray) -> _Pending | None:
@@ -436,6 +448,7 @@ class AvatarResult:
     encoded: int  # frames this call VAE-encoded (0 when the entry was complete already)
     seconds: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = False  # the face track was in the cache already
+    faces: dict | None = None  # FaceTrack.summary: the people found and who is dubbed
 
 
 AVATAR_TRACK_SHARE = 0.5  # share of an avatar's progress bar given to face tracking (the rest: VAE encoding)
@@ -487,7 +500,8 @@ def prepare_avatar(
     report("done", 1.0)
     track = job.track
     return AvatarResult(frames=len(track), face_frames=int(track.has_face.sum()), fps=info.fps, width=info.width,
-                        height=info.height, encoded=encoded, seconds=dict(clock.seconds), cache_hit=hit)
+                        height=info.height, encoded=encoded, seconds=dict(clock.seconds), cache_hit=hit,
+                        faces=track.summary)
 
 
 def _encode_all(job: JobState, progress: Callable[[float], None]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,113 @@ def write_face_parsing(models_dir: Path | str, *, seed: int = 0) -> Path:
     trunk["fc.bias"] = torch.zeros(1000)
     torch.save(trunk, folder / RESNET_WEIGHTS)
     return folder
+
+
+# ---------------------------------------------------------------- several people on screen
+
+#: Real photographs of two different people, cropped to a square head shot with the face in the
+#: middle (the face box is about half the side): scikit-image's astronaut (Eileen Collins, NASA)
+#: and matplotlib's sample photo of Grace Hopper (US Navy); both public domain.
+#: name -> (crop x1, y1, side in the original photo; mouth centre as fractions of the crop)
+HEAD_PHOTOS: dict[str, tuple[tuple[int, int, int], tuple[float, float]]] = {
+    "astronaut": ((124, 20, 200), (0.49, 0.625)),
+    "hopper": ((44, 5, 440), (0.495, 0.62)),
+}
+
+
+def head_photo(name: str) -> np.ndarray:
+    """A square RGB head shot of a real person (see HEAD_PHOTOS)."""
+    if name == "astronaut":
+        image = face_image()
+    elif name == "hopper":
+        import matplotlib.cbook
+        from PIL import Image
+
+        with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+            image = np.asarray(im.convert("RGB"))
+    else:
+        raise ValueError(f"unknown photo {name!r} (expected one of {sorted(HEAD_PHOTOS)})")
+    (x, y, side), _ = HEAD_PHOTOS[name]
+    return np.ascontiguousarray(image[y : y + side, x : x + side])
+
+
+@dataclass
+class Actor:
+    """One person in a constructed clip: a head shot moved along a path, painted in list order.
+
+    ``mouth`` (0..1 per frame) opens the mouth: a dark mouth cavity drawn over the lips, as tall
+    as ``0.06 * size * mouth``. ``visible`` False hides the person on that frame."""
+
+    photo: str
+    size: int  # side of the head shot in the frame, px
+    centers: np.ndarray  # (n, 2) float: head shot centre x, y per frame
+    mouth: np.ndarray | None = None
+    visible: np.ndarray | None = None
+
+    def tile(self, i: int) -> tuple[int, int, int, int]:
+        """Where the head shot is on frame i: x1, y1, x2, y2 (may reach outside the frame)."""
+        cx, cy = self.centers[i]
+        x1, y1 = int(round(cx - self.size / 2)), int(round(cy - self.size / 2))
+        return x1, y1, x1 + self.size, y1 + self.size
+
+    def face_center(self, i: int) -> tuple[float, float]:
+        x1, y1, _, _ = self.tile(i)
+        return x1 + self.size / 2, y1 + self.size / 2
+
+    def mouth_center(self, i: int) -> tuple[float, float]:
+        x1, y1, _, _ = self.tile(i)
+        mx, my = HEAD_PHOTOS[self.photo][1]
+        return x1 + mx * self.size, y1 + my * self.size
+
+
+def actor_frames(actors: list[Actor], n: int, size: tuple[int, int] = (480, 270), *, seed: int = 0):
+    """Yield n RGB frames (width, height) showing the actors (later ones in front), with sensor noise."""
+    import cv2
+
+    width, height = size
+    tiles = {a.photo + str(a.size): cv2.resize(head_photo(a.photo), (a.size, a.size), interpolation=cv2.INTER_AREA)
+             for a in actors}
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        frame = np.full((height, width, 3), (70, 90, 110), np.uint8)
+        for a in actors:
+            if a.visible is not None and not a.visible[i]:
+                continue
+            tile = tiles[a.photo + str(a.size)]
+            if a.mouth is not None and a.mouth[i] > 0:
+                tile = tile.copy()
+                mx, my = HEAD_PHOTOS[a.photo][1]
+                axes = (max(1, int(round(0.08 * a.size))), max(1, int(round(0.03 * a.size * float(a.mouth[i])))))
+                cv2.ellipse(tile, (int(round(mx * a.size)), int(round(my * a.size))), axes, 0, 0, 360,
+                            (35, 12, 18), -1, cv2.LINE_AA)
+            x1, y1, x2, y2 = a.tile(i)
+            fx1, fy1, fx2, fy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+            if fx2 > fx1 and fy2 > fy1:
+                frame[fy1:fy2, fx1:fx2] = tile[fy1 - y1 : fy2 - y1, fx1 - x1 : fx2 - x1]
+        noise = rng.integers(-2, 3, frame.shape)
+        yield np.clip(frame.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def write_actors_video(path: Path | str, actors: list[Actor], n: int, *, size: tuple[int, int] = (480, 270),
+                       fps: Fraction | float = 25, audio: Path | str | None = None) -> Path:
+    """An H.264 clip of actor_frames (optionally with a sound track muxed in)."""
+    from .media import VideoWriter
+
+    path = Path(path)
+    with VideoWriter(path, size[0], size[1], Fraction(fps).limit_denominator(1001), audio_path=audio,
+                     crf=12) as writer:
+        for frame in actor_frames(actors, n, size):
+            writer.write(frame)
+    return path
+
+
+def two_people(n: int, size: tuple[int, int] = (480, 270), *, left: str = "hopper", right: str = "astronaut",
+               left_px: int = 170, right_px: int = 140, wobble: float = 6.0) -> list[Actor]:
+    """Two people side by side, their heads moving a little (different paths, so they never move as one)."""
+    width, height = size
+    t = np.arange(n)
+    lx = 0.27 * width + wobble * np.sin(2 * np.pi * t / 40)
+    ly = 0.5 * height + 0.5 * wobble * np.cos(2 * np.pi * t / 55)
+    rx = 0.73 * width + wobble * np.sin(2 * np.pi * t / 33 + 1.0)
+    ry = 0.5 * height + 0.5 * wobble * np.sin(2 * np.pi * t / 47)
+    return [Actor(left, left_px, np.stack([lx, ly], 1)), Actor(right, right_px, np.stack([rx, ry], 1))]

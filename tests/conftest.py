@@ -40,6 +40,27 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# -- real backing services (tests/backends.py): one PostgreSQL cluster and one S3 server per session
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (skipped without the server binaries, unless CI=true)."""
+    from .backends import postgres_cluster
+
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1, spoken to only through the S3 API."""
+    from .backends import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def face_clip(tmp_path_factory: pytest.TempPathFactory):
     """16 frames of a 640x360 talking head (frame 8 without a face), their Haar crop boxes, and

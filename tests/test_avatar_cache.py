@@ -168,6 +168,15 @@ def test_a_job_cleanup_releases_its_avatar_entries(tmp_path):
     manager.close()
 
 
+def test_jobs_removed_on_another_replica_release_their_entries_here(tmp_path):
+    cache = AvatarCache(tmp_path / "c")
+    _hit(cache.for_job("gone", "o"), "k-gone")
+    _hit(cache.for_job("kept", "o"), "k-kept")
+    _hit(cache.for_job("gone2", "o"), "k-kept")  # shared with a job that still exists
+    assert cache.release_missing(lambda job_id: job_id == "kept") == [owner_key("k-gone", "o")]
+    assert _hit(cache.for_job("again", "o"), "k-kept") is True
+
+
 def test_entries_expire_with_the_retention_time_but_never_while_in_use(tmp_path):
     cache = AvatarCache(tmp_path / "c")
     _hit(cache.for_job("old", "o"), "k-old")

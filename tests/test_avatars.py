@@ -233,7 +233,7 @@ def test_an_avatars_entry_is_never_evicted_or_aged_out_and_goes_with_the_avatar(
     assert cache.expire(0.0, live=lambda avatar_id: avatar_id != "avatar-2") == ["left-behind"]
 
 
-def test_a_version_1_job_database_gains_the_kind_column_and_its_records_stay_jobs(tmp_path):
+def test_an_older_job_database_gains_the_kind_column_and_its_records_stay_jobs(tmp_path):
     db = tmp_path / "jobs.sqlite3"
     record = JobRecord(job_id="4b8a57a0-8c2f-4a5e-9c3e-0e6f8e9d2a11", video_filename="v.mp4", audio_filename="a.wav",
                        video_file="input_video.mp4", audio_file="input_audio.wav")
@@ -249,7 +249,7 @@ def test_a_version_1_job_database_gains_the_kind_column_and_its_records_stay_job
     conn.commit()
     conn.close()
     store = SQLiteJobStore(db)
-    assert store.schema_version == 2
+    assert store.schema_version == 3
     assert store.get(record.job_id).kind is JobKind.job
     assert [r.job_id for r in store.list(kind=JobKind.job)] == [record.job_id] and store.list(kind=JobKind.avatar) == []
     store.close()
@@ -285,15 +285,15 @@ def server(app):
 
 
 def test_the_sdk_and_the_cli_create_list_use_and_delete_avatars(server, clip, tmp_path, capsys):
-    from lipsync_client import AvatarNotReady, BadRequest, LipSyncClient, NotFound
-    from lipsync_client import cli
+    from lipsync_client import AvatarNotReady, BadRequest, LipSyncClient, NotFound, cli
 
     with LipSyncClient(server, token="tok-a") as sdk:
         pending = sdk.create_avatar(clip["video"], bbox_shift=3)
         with pytest.raises(AvatarNotReady, match="not ready yet"):  # straight away: still being prepared
             sdk.generate(avatar_id=pending.avatar_id, audio=clip["audio"])
         ready = sdk.wait_avatar(pending.avatar_id, timeout=120)
-        assert ready.ready and ready.frames == 10 and ready.params == {"bbox_shift": 3}
+        assert ready.ready and ready.frames == 10 and ready.params["bbox_shift"] == 3
+        assert ready.faces["count"] == 1  # who is in it, for a face choice
         assert pending.avatar_id in {a.avatar_id for a in sdk.avatars().avatars}
         with pytest.raises(BadRequest, match="prepared with bbox_shift=3"):  # every generate by it uses 3
             sdk.generate(avatar_id=pending.avatar_id, audio=clip["audio"], bbox_shift=4)

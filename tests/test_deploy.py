@@ -2,11 +2,13 @@
 
 * Every Kubernetes manifest validates against the OpenAPI schemas of a pinned Kubernetes version
   in strict mode (unknown fields fail), with `kubernetes-validate`; so does `kubectl kustomize`
-  output when kubectl is installed.
-* The Deployment has what the service needs: a GPU, probes on /readyz and /livez with room for
-  model loading, the data PVC at LIP_SYNC_DATA_DIR, the token Secret as a file, port 3000 only.
+  output (base, overlays, components) when kubectl is installed.
+* The base is scaled out: the API Deployment (2+ replicas, RollingUpdate, PDB, HPA, no GPU) finds
+  the runner Deployment (GPU) through BentoML's dependency mapping (`--depends`, parsed here with
+  bentoml's own command line), on PostgreSQL and a bucket from Secrets.
+* The single-pod overlay is the old layout: one pod, both services, SQLite on a PVC, Recreate.
 * The BentoCloud config uses bentoml's own deployment schema field names.
-* Every environment variable named anywhere in deploy/ is one the code reads.
+* Every environment variable named anywhere in deploy/ is one the code (or a named tool) reads.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 BASE = K8S / "base"
 COMPONENT = K8S / "components" / "models-volume"
+POSTGRES = K8S / "components" / "postgres"
 OVERLAY = K8S / "overlays" / "example"
+SINGLE_POD = K8S / "overlays" / "single-pod"
 BENTOCLOUD = DEPLOY / "bentocloud.yaml"
 README = DEPLOY / "README.md"
 
@@ -36,12 +40,15 @@ K8S_VERSION = "1.33.0"  # pinned: the schemas kubernetes-validate ships for this
 API_PORT = 3000
 BENTO_SRC = "/home/bentoml/bento/src"  # where the Bento's code (and configuration.yaml) sits in the image
 MIN_STARTUP_BUDGET_S = 900  # 15 minutes: model loading on a cold node
+API, RUNNER = "lipsync", "lipsync-runner"  # the two Deployments
 
 # Variables read by the tools around our code, not by it: allowed in the manifests.
 THIRD_PARTY_ENV = {
     "BENTOML_CONFIG",  # BentoML: runtime configuration file
     "BENTOML_HOME",  # BentoML: its home (moved to a writable emptyDir)
     "HF_HUB_OFFLINE",  # huggingface_hub: the image sets it, the model download initContainer clears it
+    "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",  # boto3: the bucket's region and credentials
+    "POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD", "PGDATA",  # the postgres image (components/postgres)
 }
 
 
@@ -57,11 +64,12 @@ def _kustomization(directory: Path) -> dict:
 
 
 def _manifest_files() -> list[Path]:
-    """Whole Kubernetes objects: everything the kustomizations list under `resources`."""
+    """Whole Kubernetes objects: every file the kustomizations list under `resources`."""
     files = []
-    for directory in (BASE, COMPONENT):
+    for directory in (BASE, COMPONENT, POSTGRES, SINGLE_POD):
         for entry in _kustomization(directory).get("resources", []):
-            files.append(directory / entry)
+            if (directory / entry).is_file():
+                files.append(directory / entry)
     return files
 
 
@@ -69,10 +77,23 @@ def _objects() -> list[dict]:
     return [doc for path in _manifest_files() for doc in _load_docs(path)]
 
 
-def _one(kind: str, docs: list[dict] | None = None) -> dict:
-    found = [d for d in (docs if docs is not None else _objects()) if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def _one(kind: str, docs: list[dict] | None = None, name: str | None = None) -> dict:
+    found = [d for d in (docs if docs is not None else _base_objects()) if d["kind"] == kind
+             and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
+
+
+def _base_objects() -> list[dict]:
+    return [doc for entry in _kustomization(BASE)["resources"] for doc in _load_docs(BASE / entry)]
+
+
+def _api() -> dict:
+    return _one("Deployment", name=API)
+
+
+def _runner() -> dict:
+    return _one("Deployment", name=RUNNER)
 
 
 def _validate(doc: dict) -> None:
@@ -86,13 +107,31 @@ def _validate(doc: dict) -> None:
         pytest.fail(f"{doc['kind']}/{doc['metadata'].get('name')}: {error}")
 
 
-def _container(deployment: dict, name: str = "lipsync") -> dict:
+def _container(deployment: dict, name: str | None = None) -> dict:
     containers = deployment["spec"]["template"]["spec"]["containers"]
+    if name is None:
+        assert len(containers) == 1
+        return containers[0]
     return next(c for c in containers if c["name"] == name)
 
 
 def _env(container: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _env_source(container: dict, name: str) -> dict:
+    return next(e for e in container.get("env", []) if e["name"] == name)
+
+
+def _start_http_server_args(container: dict) -> dict:
+    """The container's args as bentoml's own `start-http-server` command parses them (not run)."""
+    from bentoml_cli._internal.start import build_start_command
+
+    args = container["args"]
+    assert args[0] == "start-http-server", args  # the Bento's entrypoint turns this into the module call
+    command = build_start_command().commands["start-http-server"]
+    ctx = command.make_context("start-http-server", [*args[1:], "/home/bentoml/bento"], resilient_parsing=False)
+    return ctx.params
 
 
 def _pod_labels(deployment: dict) -> dict[str, str]:
@@ -221,19 +260,33 @@ def test_manifest_validates_strictly(path):
         _validate(doc)
 
 
+def test_the_base_has_every_piece_of_the_scaled_out_layout():
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in _base_objects())
+    assert kinds == sorted([
+        ("ConfigMap", "lipsync-config"), ("Deployment", API), ("Deployment", RUNNER),
+        ("HorizontalPodAutoscaler", "lipsync"), ("NetworkPolicy", "lipsync"), ("NetworkPolicy", "lipsync-runner"),
+        ("PodDisruptionBudget", "lipsync"), ("Service", "lipsync"), ("Service", "lipsync-runner"),
+        ("ServiceAccount", "lipsync")])
+
+
 def test_strict_validation_rejects_unknown_fields():
-    """The check above has teeth: a misspelt field fails."""
-    bad = copy.deepcopy(_one("Deployment"))
+    """The check above has teeth: a misspelt field fails, in a Deployment and in an HPA."""
+    bad = copy.deepcopy(_api())
     _container(bad)["readinesProbe"] = {"httpGet": {"path": "/readyz", "port": API_PORT}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+    hpa = copy.deepcopy(_one("HorizontalPodAutoscaler"))
+    hpa["spec"]["minReplica"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
 
 
 def test_readme_manifests_validate():
-    """The YAML examples in deploy/README.md (the token Secret) are valid objects too."""
+    """The YAML examples in deploy/README.md (the Secrets) are valid objects too."""
     blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
     docs = [d for b in blocks for d in yaml.safe_load_all(b) if isinstance(d, dict) and "kind" in d]
-    assert any(d["kind"] == "Secret" for d in docs)
+    secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    assert {"lipsync-api-tokens", "lipsync-database", "lipsync-bucket", "lipsync-postgres"} <= secrets
     for doc in docs:
         _validate(doc)
 
@@ -246,57 +299,122 @@ def test_manifests_are_namespace_agnostic_and_labelled():
         assert meta.get("labels", {}).get("app.kubernetes.io/name") == "lipsync", meta["name"]
 
 
-# ------------------------------------------------------------------------------------ Deployment
+# ----------------------------------------------------------------------- the API, scaled out
 
 
-def test_deployment_requests_a_gpu_and_resources():
-    c = _container(_one("Deployment"))
-    assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == 1
-    assert c["resources"]["requests"]["cpu"] == "4"
-    assert c["resources"]["requests"]["memory"] == "16Gi"
-    assert c["resources"]["limits"]["memory"] == "32Gi"
-    assert _env(c)["LIP_SYNC_DEVICE"] == "cuda"
+def test_the_api_runs_several_replicas_with_rolling_updates():
+    spec = _api()["spec"]
+    assert spec["replicas"] > 1
+    assert spec["strategy"]["type"] == "RollingUpdate"  # never Recreate: a deploy is no downtime
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert set(spec["selector"]["matchLabels"].items()) <= set(_pod_labels(_api()).items())
 
 
-def test_deployment_is_single_replica_recreate():
-    """The job store is a locked SQLite file on a ReadWriteOnce volume: never two pods at once."""
-    spec = _one("Deployment")["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"]["type"] == "Recreate"
-    assert set(spec["selector"]["matchLabels"].items()) <= set(_pod_labels(_one("Deployment")).items())
+def test_a_terminating_api_pod_keeps_serving_until_it_has_left_the_endpoints():
+    """preStop: the pause in which the Service stops routing to the pod, before SIGTERM; then time
+    for the requests in flight within the grace period."""
+    pod = _api()["spec"]["template"]["spec"]
+    pause = _container(_api())["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 5 <= pause and pause + 30 <= pod["terminationGracePeriodSeconds"]
 
 
-def test_deployment_probes_sized_for_model_loading():
-    c = _container(_one("Deployment"))
+def test_the_api_finds_the_runner_through_bentomls_dependency_mapping():
+    api_args = _start_http_server_args(_container(_api()))
+    assert api_args["service_name"] == "LipSync"
+    depends = dict(d.split("=", 1) for d in api_args["depends"])  # what bentoml builds runner_map_dict from
+    assert set(depends) == {"MuseTalkRunner"} and set(depends) <= _service_names()
+    url = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", depends["MuseTalkRunner"])
+    assert url, depends
+    service = _one("Service", name=url.group(1))
+    port = next(p for p in service["spec"]["ports"] if p["port"] == int(url.group(2)))
+    runner = _runner()
+    assert service["spec"]["selector"].items() <= _pod_labels(runner).items()
+    assert not service["spec"]["selector"].items() <= _pod_labels(_api()).items()
+    runner_args = _start_http_server_args(_container(runner))
+    assert runner_args["service_name"] == "MuseTalkRunner"  # an inner service: takes the pickled arrays
+    assert _resolve_port(_container(runner), port["targetPort"]) == runner_args["port"] == API_PORT
+
+
+def test_the_api_has_no_gpu_and_the_runner_has_one():
+    api, runner = _container(_api()), _container(_runner())
+    assert "nvidia.com/gpu" not in api["resources"].get("limits", {})
+    assert "tolerations" not in _api()["spec"]["template"]["spec"]
+    assert int(api["resources"]["requests"]["cpu"]) >= 2  # the CPU half of the jobs; the HPA's base
+    assert int(runner["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert _env(runner)["LIP_SYNC_DEVICE"] == "cuda"
+    tolerations = runner_spec = _runner()["spec"]["template"]["spec"]["tolerations"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in tolerations) and runner_spec
+
+
+def test_the_api_keeps_its_state_in_postgresql_and_the_bucket():
+    c = _container(_api())
+    db = _env_source(c, "LIP_SYNC_DATABASE_URL")["valueFrom"]["secretKeyRef"]
+    assert (db["name"], db["key"]) == ("lipsync-database", "url")  # never a password in a manifest
+    assert _env(c)["LIP_SYNC_STORAGE_URL"].startswith("s3://")
+    bucket = [src["secretRef"] for src in c["envFrom"] if "secretRef" in src]
+    assert bucket == [{"name": "lipsync-bucket", "optional": True}]  # optional: IAM roles need no keys
+    data = _mount_at(c, _env(c)["LIP_SYNC_DATA_DIR"])
+    assert "emptyDir" in _volume(_api(), data["name"])  # scratch only: nothing there outlives the pod
+    assert "LIP_SYNC_DATABASE_URL" not in _env(_container(_runner()))  # the runner needs neither
+    assert not any("secretRef" in src for src in _container(_runner()).get("envFrom", []))
+
+
+def test_the_hpa_scales_the_api_on_cpu_from_its_replica_count():
+    hpa = _one("HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": API}
+    assert 2 <= hpa["minReplicas"] <= _api()["spec"]["replicas"] < hpa["maxReplicas"]
+    assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300  # jobs restart when pods go
+
+
+def test_the_pdb_keeps_an_api_pod_up_and_still_allows_drains():
+    pdb = _one("PodDisruptionBudget")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= _pod_labels(_api()).items()
+    assert not pdb["selector"]["matchLabels"].items() <= _pod_labels(_runner()).items()
+    assert pdb.get("maxUnavailable") == 1 or 0 < pdb.get("minAvailable", 0) < _one("HorizontalPodAutoscaler")[
+        "spec"]["minReplicas"]
+
+
+def _startup_budget_s(probe: dict) -> int:
+    return probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def test_the_runner_probes_are_sized_for_model_loading():
+    c = _container(_runner())
     expected = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
     for probe_name, path in expected.items():
         probe = c[probe_name]
         assert probe["httpGet"]["path"] == path, probe_name
         assert _resolve_port(c, probe["httpGet"]["port"]) == API_PORT, probe_name
-    startup = c["startupProbe"]
-    budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup.get(
-        "failureThreshold", 3)
+    budget = _startup_budget_s(c["startupProbe"])
     assert budget >= MIN_STARTUP_BUDGET_S, f"startup budget {budget}s < {MIN_STARTUP_BUDGET_S}s"
 
 
-def test_deployment_exposes_only_the_api_port():
-    c = _container(_one("Deployment"))
+def test_api_readiness_does_not_follow_the_runner():
+    """/readyz of the API is 503 while its runner has no models (runner_probe, __is_ready__): as the
+    readiness probe, a runner restart would take every API pod out of the Service, status and
+    downloads included. The API pods are ready when they serve (/livez)."""
+    c = _container(_api())
+    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe_name]["httpGet"]["path"] == "/livez", probe_name
+        assert _resolve_port(c, c[probe_name]["httpGet"]["port"]) == API_PORT
+
+
+def test_the_single_pod_waits_for_its_models():
+    docs = _kubectl_kustomize(SINGLE_POD)
+    c = _container(_one("Deployment", docs, API))
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert _startup_budget_s(c["startupProbe"]) >= MIN_STARTUP_BUDGET_S
+
+
+@pytest.mark.parametrize("name", [API, RUNNER])
+def test_each_pod_exposes_only_port_3000(name):
+    c = _container(_one("Deployment", name=name))
     assert [(p["containerPort"], p.get("protocol", "TCP")) for p in c["ports"]] == [(API_PORT, "TCP")]
 
 
-def test_data_dir_is_the_pvc():
-    dep = _one("Deployment")
-    c = _container(dep)
-    data_dir = _env(c)["LIP_SYNC_DATA_DIR"]
-    mount = _mount_at(c, data_dir)
-    assert not mount.get("readOnly", False)
-    claim = _volume(dep, mount["name"])["persistentVolumeClaim"]["claimName"]
-    pvc = next(d for d in _objects() if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim)
-    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
-
-
 def test_api_tokens_come_from_a_secret_file():
-    dep = _one("Deployment")
+    dep = _api()
     c = _container(dep)
     tokens_file = Path(_env(c)["LIP_SYNC_API_TOKENS_FILE"])
     mount = _mount_at(c, str(tokens_file.parent))
@@ -311,8 +429,9 @@ def test_api_tokens_come_from_a_secret_file():
     assert "LIP_SYNC_API_TOKENS" not in _env(c)
 
 
-def test_deployment_security_context():
-    dep = _one("Deployment")
+@pytest.mark.parametrize("name", [API, RUNNER])
+def test_security_context(name):
+    dep = _one("Deployment", name=name)
     pod = dep["spec"]["template"]["spec"]
     c = _container(dep)
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -320,16 +439,16 @@ def test_deployment_security_context():
     sc = c["securityContext"]
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert sc["allowPrivilegeEscalation"] is False
-    if sc.get("readOnlyRootFilesystem"):
-        env = _env(c)
-        for writable in ("/tmp", env["BENTOML_HOME"]):
-            assert "emptyDir" in _volume(dep, _mount_at(c, writable)["name"]), writable
+    assert sc["readOnlyRootFilesystem"] is True
+    env = _env(c)
+    for writable in ("/tmp", env["BENTOML_HOME"]):
+        assert "emptyDir" in _volume(dep, _mount_at(c, writable)["name"]), writable
 
 
-def test_bentoml_config_points_into_the_bento():
-    c = _container(_one("Deployment"))
-    config = _env(c)["BENTOML_CONFIG"]
-    assert config == f"{BENTO_SRC}/configuration.yaml"
+@pytest.mark.parametrize("name", [API, RUNNER])
+def test_bentoml_config_points_into_the_bento(name):
+    c = _container(_one("Deployment", name=name))
+    assert _env(c)["BENTOML_CONFIG"] == f"{BENTO_SRC}/configuration.yaml"
     assert (ROOT / "configuration.yaml").is_file()
     bentofile = ROOT / "bentofile.yaml"
     if bentofile.is_file():
@@ -337,36 +456,40 @@ def test_bentoml_config_points_into_the_bento():
 
 
 def test_env_from_refers_to_the_configmap():
-    c = _container(_one("Deployment"))
-    names = {src["configMapRef"]["name"] for src in c.get("envFrom", [])}
     configmaps = {d["metadata"]["name"] for d in _objects() if d["kind"] == "ConfigMap"}
-    assert names <= configmaps
+    for name in (API, RUNNER):
+        c = _container(_one("Deployment", name=name))
+        assert {src["configMapRef"]["name"] for src in c.get("envFrom", []) if "configMapRef" in src} <= configmaps
 
 
-# ----------------------------------------------------------------------- Service, NetworkPolicy
+# ----------------------------------------------------------------------- Services, NetworkPolicies
 
 
-def test_service_targets_the_api_port():
-    dep = _one("Deployment")
-    svc = _one("Service")
-    assert svc["spec"]["selector"].items() <= _pod_labels(dep).items()
-    assert svc["spec"]["ports"]
+def test_the_api_service_targets_the_api_pods_only():
+    svc = _one("Service", name="lipsync")
+    assert svc["spec"]["selector"].items() <= _pod_labels(_api()).items()
+    assert not svc["spec"]["selector"].items() <= _pod_labels(_runner()).items()
     for port in svc["spec"]["ports"]:
-        assert _resolve_port(_container(dep), port["targetPort"]) == API_PORT
+        assert _resolve_port(_container(_api()), port["targetPort"]) == API_PORT
 
 
-def test_network_policy_admits_only_the_api_port():
-    dep = _one("Deployment")
-    policy = _one("NetworkPolicy")["spec"]
-    assert policy["podSelector"]["matchLabels"].items() <= _pod_labels(dep).items()
-    assert "Ingress" in policy["policyTypes"]
-    assert policy["ingress"], "no ingress rule: the API would be unreachable"
-    for rule in policy["ingress"]:
-        assert rule.get("ports"), "a rule without ports admits every port (the runner's included)"
-        for port in rule["ports"]:
-            assert port.get("protocol", "TCP") == "TCP"
-            assert _resolve_port(_container(dep), port["port"]) == API_PORT
-            assert "endPort" not in port
+def test_network_policies_admit_the_api_port_and_the_runner_only_from_the_api():
+    api_policy = _one("NetworkPolicy", name="lipsync")["spec"]
+    assert api_policy["podSelector"]["matchLabels"].items() <= _pod_labels(_api()).items()
+    assert not api_policy["podSelector"]["matchLabels"].items() <= _pod_labels(_runner()).items()
+    runner_policy = _one("NetworkPolicy", name="lipsync-runner")["spec"]
+    assert runner_policy["podSelector"]["matchLabels"].items() <= _pod_labels(_runner()).items()
+    for policy in (api_policy, runner_policy):
+        assert "Ingress" in policy["policyTypes"] and policy["ingress"]
+        for rule in policy["ingress"]:
+            assert rule.get("ports"), "a rule without ports admits every port"
+            for port in rule["ports"]:
+                assert port.get("protocol", "TCP") == "TCP" and port["port"] == API_PORT and "endPort" not in port
+    for rule in runner_policy["ingress"]:  # the runner's pickle endpoints: from the API pods, nobody else
+        assert rule.get("from"), "a rule without `from` admits every pod"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}
+            assert peer["podSelector"]["matchLabels"].items() <= _pod_labels(_api()).items()
 
 
 # ----------------------------------------------------------------------------------- kustomize
@@ -375,17 +498,21 @@ def test_network_policy_admits_only_the_api_port():
 def test_kustomizations_list_every_file():
     base_files = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(_kustomization(BASE)["resources"]) == base_files
-    component = _kustomization(COMPONENT)
-    listed = set(component.get("resources", [])) | {p["path"] for p in component.get("patches", [])}
-    assert listed == {p.name for p in COMPONENT.glob("*.yaml")} - {"kustomization.yaml"}
+    for directory in (COMPONENT, POSTGRES):
+        component = _kustomization(directory)
+        listed = set(component.get("resources", [])) | {p["path"] for p in component.get("patches", [])}
+        assert listed == {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}, directory
+    single = _kustomization(SINGLE_POD)
+    listed = set(single["resources"]) | {p["path"] for p in single["patches"] if "path" in p}
+    assert listed - {"../../base"} == {p.name for p in SINGLE_POD.glob("*.yaml")} - {"kustomization.yaml"}
     assert _kustomization(K8S)["resources"] == ["base"]
     assert "namespace" not in _kustomization(BASE)
 
 
 def test_kubectl_kustomize_base():
     docs = _kubectl_kustomize(K8S)
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(d["kind"] for d in _objects() if d["metadata"]["name"] != "lipsync-models")
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in _base_objects())
     for doc in docs:
         _validate(doc)
 
@@ -395,32 +522,74 @@ def test_kubectl_kustomize_example_overlay():
     for doc in docs:
         _validate(doc)
         assert doc["metadata"]["namespace"] == _kustomization(OVERLAY)["namespace"]
-    image = _container(_one("Deployment", docs))["image"]
     wanted = _kustomization(OVERLAY)["images"][0]
-    assert image == f"{wanted['newName']}:{wanted['newTag']}"
+    for name in (API, RUNNER):  # one image for both halves
+        assert _container(_one("Deployment", docs, name))["image"] == f"{wanted['newName']}:{wanted['newTag']}"
 
 
-def test_kubectl_kustomize_models_volume_component(tmp_path):
+def test_the_single_pod_overlay_is_the_embedded_layout():
+    """One pod runs both services (`bentoml serve`, the Bento's default entrypoint) with SQLite and the
+    job files on a ReadWriteOnce PVC: one replica, Recreate, no runner Deployment, no HPA or PDB."""
+    docs = _kubectl_kustomize(SINGLE_POD)
+    for doc in docs:
+        _validate(doc)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("Deployment", RUNNER) not in kinds and ("Service", RUNNER) not in kinds
+    assert not {k for k, _ in kinds} & {"HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    dep = _one("Deployment", docs, API)
+    spec, c = dep["spec"], _container(dep)
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert "args" not in c  # the entrypoint's `bentoml serve`: API and runner in one container
+    env = _env(c)
+    assert env["LIP_SYNC_DEVICE"] == "cuda" and int(c["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert not {"LIP_SYNC_DATABASE_URL", "LIP_SYNC_STORAGE_URL"} & set(env)  # the embedded defaults
+    assert not any("secretRef" in src for src in c.get("envFrom", []))
+    claim = _volume(dep, _mount_at(c, env["LIP_SYNC_DATA_DIR"])["name"])["persistentVolumeClaim"]["claimName"]
+    pvc = _one("PersistentVolumeClaim", docs, claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert "emptyDir" in _volume(dep, _mount_at(c, "/dev/shm")["name"])
+
+
+def _kustomize_with(tmp_path: Path, components: list[str]) -> list[dict]:
     tree = tmp_path / "kubernetes"
     shutil.copytree(K8S, tree)
-    overlay = tree / "overlays" / "models"
+    overlay = tree / "overlays" / "test"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": ["../../base"], "components": ["../../components/models-volume"],
+        "resources": ["../../base"], "components": [f"../../components/{c}" for c in components],
         "images": [{"name": "lipsync", "newName": "registry.example.com/lipsync", "newTag": "v1"}],
     }))
     docs = _kubectl_kustomize(overlay)
     for doc in docs:
         _validate(doc)
-    dep = _one("Deployment", docs)
+    return docs
+
+
+def test_kubectl_kustomize_models_volume_component(tmp_path):
+    docs = _kustomize_with(tmp_path, ["models-volume"])
+    dep = _one("Deployment", docs, RUNNER)
     c = _container(dep)
     init = dep["spec"]["template"]["spec"]["initContainers"][0]
     assert init["image"] == c["image"] == "registry.example.com/lipsync:v1"
     models_dir = _env(c)["MUSETALK_MODELS_DIR"]
     assert _mount_at(c, models_dir).get("readOnly") is True
     assert models_dir in init["args"]
-    assert _env(c)["LIP_SYNC_DATA_DIR"] == "/data"  # the patch merged, it did not replace the env
+    assert _env(c)["LIP_SYNC_DEVICE"] == "cuda"  # the patch merged, it did not replace the env
+    assert "MUSETALK_MODELS_DIR" not in _env(_container(_one("Deployment", docs, API)))  # the API loads no model
+
+
+def test_kubectl_kustomize_postgres_component(tmp_path):
+    docs = _kustomize_with(tmp_path, ["postgres"])
+    db = _one("StatefulSet", docs, "lipsync-postgres")
+    password = _env_source(_container(db), "POSTGRES_PASSWORD")["valueFrom"]["secretKeyRef"]
+    assert password["name"] == "lipsync-postgres"
+    service = _one("Service", docs, "lipsync-postgres")
+    assert service["spec"]["selector"].items() <= _pod_labels(db).items()
+    policy = _one("NetworkPolicy", docs, "lipsync-postgres")["spec"]
+    assert [p["podSelector"]["matchLabels"] for r in policy["ingress"] for p in r["from"]] == [
+        {"app.kubernetes.io/name": "lipsync", "app.kubernetes.io/component": "server"}]  # the API pods only
+    assert db["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
 # ---------------------------------------------------------------------------------- BentoCloud
@@ -473,16 +642,28 @@ def test_bentocloud_instance_types_and_envs():
     api, runner = cfg["services"]["LipSync"], cfg["services"]["MuseTalkRunner"]
     assert api["instance_type"].startswith("cpu.")
     assert runner["instance_type"].startswith("gpu.")
-    # one API replica: its job store is local to the replica
-    assert api["scaling"]["max_replicas"] == 1
     api_env = {e["name"]: e["value"] for e in (cfg.get("envs") or []) + api.get("envs", [])}
     runner_env = {e["name"]: e["value"] for e in (cfg.get("envs") or []) + runner.get("envs", [])}
     assert api_env["LIP_SYNC_DATA_DIR"]
     assert runner_env["LIP_SYNC_DEVICE"] == "cuda"
     assert api_env["BENTOML_CONFIG"] == f"{BENTO_SRC}/configuration.yaml"
     assert all(isinstance(v, str) for v in {**api_env, **runner_env}.values()), "env values must be strings"
-    assert cfg["secrets"], "the API tokens come from a BentoCloud secret"
     assert cfg["access_authorization"] is False  # our bearer tokens use the Authorization header
+
+
+def test_bentocloud_runs_several_api_replicas_on_the_shared_database_and_bucket():
+    cfg = _bentocloud()
+    api = cfg["services"]["LipSync"]
+    assert api["scaling"]["min_replicas"] >= 2 and api["scaling"]["max_replicas"] > api["scaling"]["min_replicas"]
+    api_env = {e["name"]: e["value"] for e in (cfg.get("envs") or []) + api.get("envs", [])}
+    assert api_env["LIP_SYNC_STORAGE_URL"].startswith("s3://")
+    assert "LIP_SYNC_DATABASE_URL" not in api_env  # a secret, never a value in the file
+    assert {"lipsync-api-tokens", "lipsync-database", "lipsync-bucket"} <= set(cfg["secrets"])
+    documented = README.read_text()
+    for secret, keys in (("lipsync-database", ["LIP_SYNC_DATABASE_URL"]),
+                         ("lipsync-bucket", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])):
+        line = next(l for l in documented.splitlines() if f"bentoml secret create {secret}" in l)
+        assert all(k in line for k in keys), line
 
 
 # ------------------------------------------------------------------------ env var names are real

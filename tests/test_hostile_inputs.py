@@ -652,11 +652,13 @@ def test_a_50_mb_streamed_video_is_413_without_being_written(client, server, med
     assert elapsed < 30
 
 
-def test_a_50_mb_video_with_a_declared_length_is_413_and_the_rest_is_not_read(server, media):
+@pytest.mark.parametrize("path", [f"{API}/generate", "/generate"])
+def test_a_50_mb_video_with_a_declared_length_is_413_and_the_rest_is_not_read(server, media, path):
+    """Both surfaces stream: BentoML's own `/generate` would buffer the whole body first (issue 11.4)."""
     chunks = list(_oversized_body(media["speech.wav"], 50 * MiB))
     declared = sum(len(c) for c in chunks)
     with DirWatcher(server.data_dir / "jobs") as watch:
-        response, sent = raw_exchange(server, _raw_head(server, f"{API}/generate", declared), chunks, timeout=60)
+        response, sent = raw_exchange(server, _raw_head(server, path, declared), chunks, timeout=60)
     status, text = parse_raw(response)
     assert status == 413 and "4 MB" in text, response[:400]
     print(f"largest file while streaming: {watch.largest} bytes, body bytes sent {sent} of {declared}")

@@ -27,6 +27,7 @@ from lipsync_runner.errors import (
 )
 from lipsync_runner.jobs.records import JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
 from lipsync_runner.media import ffmpeg_exe
+from lipsync_runner.storage.local import LocalObject
 
 TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")  # ISO 8601, UTC, with its zone
 PREFIX = "/api/lip-sync"
@@ -119,6 +120,12 @@ class FakeManager:
         if record.status != JobStatus.completed:
             raise JobNotFinishedError(f"Job is {record.status.value}: no result to download")
         return self.root / job_id / record.output_file
+
+    def open_output(self, job_id, owner=None):
+        return LocalObject(self.output_path(job_id, owner))
+
+    def open_file(self, job_id, name, owner=None):
+        return LocalObject(self.input_path(job_id, name, owner))
 
     def cancel(self, job_id, owner=None):
         record = self._record(job_id, owner)
@@ -593,7 +600,7 @@ def test_cleanup_cancel_and_jobs(client, fake, media) -> None:
     assert client.get("/jobs").json()["total"] == 2
 
 
-@pytest.mark.parametrize("job_id", [new_job_id(), "abc", "..%2F..%2Fetc", "..%2F..%2Fetc%2Fpasswd", "%00"])
+@pytest.mark.parametrize("job_id", ["3f2a9c1e-8b4d-4e6f-9a0b-1c2d3e4f5a6b", "abc", "..%2F..%2Fetc", "..%2F..%2Fetc%2Fpasswd", "%00"])
 def test_unknown_and_malformed_ids_are_404(client, job_id) -> None:
     for method, route in (("GET", "status"), ("GET", "download"), ("DELETE", "cleanup"), ("POST", "cancel")):
         resp = client.request(method, f"/{route}/{job_id}")

@@ -58,14 +58,19 @@ def ready_avatar(manager: Manager, avatar_id: str, owner: str | None) -> JobReco
                               f"{': ' + record.error if record.error else ''}; create it again")
 
 
-def stored_video(manager: Manager, record: JobRecord, owner: str | None) -> Path:
-    """The avatar's video as stored in its directory (the fetched file when it came from video_url)."""
+def stored_name(manager: Manager, record: JobRecord, owner: str | None) -> str:
+    """The name of the avatar's stored video among its files (the fetched file when it came from video_url)."""
     name = record.video_file
     if is_reference(name):
         reference = manager.input_path(record.job_id, name, owner)
         name = fetched_file(reference.parent, name) or ""
+    return name
+
+
+def stored_video(manager: Manager, record: JobRecord, owner: str | None) -> Path:
+    """The avatar's stored video as a local file."""
     try:
-        return manager.input_path(record.job_id, name, owner)
+        return manager.input_path(record.job_id, stored_name(manager, record, owner), owner)
     except JobNotFoundError:
         raise AvatarNotFoundError("Avatar not found") from None
 

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import FileResponse
+from starlette.responses import Response
 
 from ..errors import InvalidInputError, JobNotFoundError
 from ..inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
 from ..jobs.records import JobKind, JobRecord, is_job_id
 from ..params import JobParams
 from ..scratch import ScratchLedger
+from ..storage import StoredObject, object_response
 from . import avatars
 from .admission import Admission
 from .limits import ApiLimits
@@ -53,7 +54,9 @@ class Manager(Protocol):
     def get(self, job_id: str, owner: str | None = None) -> JobRecord: ...
     def list(self, owner: str | None = None, limit: int = 100, **kind: Any) -> list[JobRecord]: ...
     def output_path(self, job_id: str, owner: str | None = None) -> Path: ...
+    def open_output(self, job_id: str, owner: str | None = None) -> StoredObject: ...
     def input_path(self, job_id: str, name: str, owner: str | None = None) -> Path: ...
+    def open_file(self, job_id: str, name: str, owner: str | None = None) -> StoredObject: ...
     def cancel(self, job_id: str, owner: str | None = None) -> JobRecord: ...
     def cleanup(self, job_id: str, owner: str | None = None) -> None: ...
     async def wait_async(self, job_id: str, timeout: float | None = None) -> JobRecord: ...
@@ -178,13 +181,16 @@ class JobOperations:
 
     # ------------------------------------------------------------------ files
 
-    async def download(self, job_id: str, owner: str | None) -> FileResponse:
+    # Each is streamed from the job storage (a local file, or a bucket through this replica) or,
+    # with LIP_SYNC_PRESIGNED_DOWNLOADS, a redirect to the bucket; `range_header`: the request's Range.
+
+    async def download(self, job_id: str, owner: str | None, range_header: str | None = None) -> Response:
         """The result (Range and HEAD work; the same file name on both surfaces)."""
         await run_in_threadpool(self._job, job_id, owner)
-        path = Path(await run_in_threadpool(self.get_manager().output_path, checked_id(job_id), owner))
-        return await _file_response(path, "video/mp4", download_name(job_id), "Job output not found")
+        stored = await run_in_threadpool(self.get_manager().open_output, checked_id(job_id), owner)
+        return object_response(stored, download_name(job_id), range_header=range_header)
 
-    async def input_file(self, job_id: str, kind: str, owner: str | None) -> FileResponse:
+    async def input_file(self, job_id: str, kind: str, owner: str | None, range_header: str | None = None) -> Response:
         """A job's uploaded video or audio, for playback next to the result."""
         manager = self.get_manager()
         if kind not in INPUT_KINDS:
@@ -193,34 +199,24 @@ class JobOperations:
         name = record.video_file if kind == "video" else record.audio_file
         if name is None:  # an avatar's audio: it has none
             raise JobNotFoundError("Job input not found")
+        shown = (record.video_filename if kind == "video" else record.audio_filename) or kind
         if is_avatar_reference(name):  # a job by avatar_id: the avatar's video, while the avatar exists
             reference = Path(await run_in_threadpool(manager.input_path, job_id, name, owner))
             avatar_id = str(read_reference(reference).get("avatar_id", ""))
             try:
                 avatar = await run_in_threadpool(avatars.find_avatar, manager, avatar_id, owner)
-                path = Path(await run_in_threadpool(avatars.stored_video, manager, avatar, owner))
+                job_id, name = avatar.job_id, await run_in_threadpool(avatars.stored_name, manager, avatar, owner)
             except JobNotFoundError:
                 raise JobNotFoundError("Job input not found") from None
-            return await _file_response(path, mimetypes.guess_type(avatar.video_filename)[0] or "video/mp4",
-                                        avatar.video_filename, "Job input not found", inline=True)
-        if is_reference(name):  # given by URL: the fetched file, once the worker has it
+        elif is_reference(name):  # given by URL: the fetched file, once the worker has it
             reference = Path(await run_in_threadpool(manager.input_path, job_id, name, owner))
             name = await run_in_threadpool(fetched_file, reference.parent, name)
             if name is None:
                 raise JobNotFoundError("Job input not found")
-        path = Path(await run_in_threadpool(manager.input_path, job_id, name, owner))
-        shown = (record.video_filename if kind == "video" else record.audio_filename) or kind
+        stored = await run_in_threadpool(manager.open_file, job_id, name, owner)
         media_type = mimetypes.guess_type(shown)[0] or ("video/mp4" if kind == "video" else "audio/wav")
-        return await _file_response(path, media_type, shown, "Job input not found", inline=True)
+        return object_response(stored, shown, range_header=range_header, media_type=media_type, inline=True)
 
-    async def thumbnail(self, job_id: str, owner: str | None) -> FileResponse:
-        path = Path(await run_in_threadpool(self.get_manager().input_path, checked_id(job_id), THUMBNAIL_NAME, owner))
-        return await _file_response(path, "image/jpeg", f"{job_id}.jpg", "Job thumbnail not found", inline=True)
-
-
-async def _file_response(path: Path, media_type: str, filename: str, missing: str, *,
-                         inline: bool = False) -> FileResponse:
-    if not await run_in_threadpool(path.is_file):  # removed in the meantime
-        raise JobNotFoundError(missing)
-    return FileResponse(path, media_type=media_type, filename=filename,
-                        content_disposition_type="inline" if inline else "attachment")
+    async def thumbnail(self, job_id: str, owner: str | None) -> Response:
+        stored = await run_in_threadpool(self.get_manager().open_file, checked_id(job_id), THUMBNAIL_NAME, owner)
+        return object_response(stored, f"{job_id}.jpg", media_type="image/jpeg", inline=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -250,8 +250,9 @@ def create_rest_app(
                    404: errors[404], 409: errors[409]},
         summary="Download the result video", tags=[TAG_JOBS],
     )
-    async def download(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> FileResponse:
-        return await ops(request).download(job_id, owner)
+    async def download(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> Response:
+        # a local file, a stream from the bucket (Range honoured either way), or a presigned redirect
+        return await ops(request).download(job_id, owner, range_header=request.headers.get("range"))
 
     @router.delete("/cleanup/{job_id}", response_model=CleanupResponse, responses={404: errors[404], 409: errors[409]},
                    summary="Remove a job and its files", tags=[TAG_JOBS])
@@ -333,13 +334,13 @@ def create_rest_app(
                       responses=job_errors, summary="A job's uploaded video or audio", tags=[TAG_JOBS],
                       description="`kind` is `video` or `audio`. Range requests work (for playback).")
     async def job_input(request: Request, job_id: str, kind: str,
-                        owner: Optional[str] = Depends(get_owner)) -> FileResponse:
-        return await ops(request).input_file(job_id, kind, owner)
+                        owner: Optional[str] = Depends(get_owner)) -> Response:
+        return await ops(request).input_file(job_id, kind, owner, range_header=request.headers.get("range"))
 
     @router.head("/jobs/{job_id}/thumbnail.jpg", include_in_schema=False)
     @router.get("/jobs/{job_id}/thumbnail.jpg", response_class=FileResponse,
                       responses=job_errors, summary="A JPEG of the job's video", tags=[TAG_JOBS])
-    async def thumbnail(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> FileResponse:
+    async def thumbnail(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> Response:
         return await ops(request).thumbnail(job_id, owner)
 
     app.include_router(router)

@@ -139,6 +139,12 @@ class JobStatusResponse(BaseModel):
     inputs: JobInputs
     avatar_cache: Optional[str] = Field(default=None, description="hit: the video was prepared before; miss; "
                                         "null: no cache or not finished")
+    faces: Optional[dict[str, Any]] = Field(
+        default=None, description="When completed: the people found in the video, as face tracks. count; "
+                                  "frames; chosen (the track ids dubbed); tracks (at most 32: the chosen ones "
+                                  "and those seen longest), each {id, first_frame, last_frame, frames, box: "
+                                  "mean crop box [x1, y1, x2, y2]}. A track id is a `face` for a later job on "
+                                  "the same video.")
     queue_position: Optional[int] = Field(default=None, description="Queued jobs: 1 for the job that starts next.")
     eta_s: Optional[float] = Field(default=None, description="Queued or processing: expected seconds until the job "
                                    "finishes, from recent throughput; null until there is any.")
@@ -166,6 +172,7 @@ class JobStatusResponse(BaseModel):
             params=record.params.model_dump(mode="json"),
             inputs=JobInputs.from_record(record, download_url.rsplit("/download/", 1)[0]),
             avatar_cache=record.avatar_cache,
+            faces=record.faces,
             **extras,
         )
 
@@ -228,8 +235,10 @@ class AvatarStatusResponse(BaseModel):
     expires_at: Optional[str] = Field(default=None, description="ISO 8601, UTC: when the avatar is removed (each "
                                       "generate by avatar_id keeps it for another retention period)")
     frames: Optional[int] = Field(default=None, description="Frames of the video (prepared once ready).")
-    params: dict[str, Any] = Field(default_factory=dict, description="The preparation's parameters (bbox_shift): "
-                                   "every generate by avatar_id uses these.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The preparation's parameters (bbox_shift, "
+                                   "the face choice): every generate by avatar_id uses these.")
+    faces: Optional[dict[str, Any]] = Field(default=None, description="When ready: the people found and who is "
+                                            "dubbed, as a job status' `faces`.")
     video: AvatarVideo
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, plus queue/total.")
     status_url: str
@@ -248,8 +257,9 @@ class AvatarStatusResponse(BaseModel):
             avatar_id=record.job_id, status=record.status, ready=record.status is JobStatus.completed,
             stage=record.stage, progress=round_progress(record.progress), error=record.error,
             created_at=format_time(record.created_at), completed_at=format_time(record.completed_at),
-            expires_at=format_time(record.expires_at), frames=record.frames,
-            params={name: getattr(record.params, name) for name in avatar_fields()},
+            expires_at=format_time(record.expires_at), frames=record.frames, faces=record.faces,
+            params={name: value for name, value in record.params.model_dump(mode="json").items()
+                    if name in avatar_fields()},
             video=AvatarVideo(filename=record.video_filename,
                               source="url" if is_reference(record.video_file) else "upload",
                               duration_s=media.get("duration_s"), width=media.get("width"),

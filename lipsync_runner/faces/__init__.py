@@ -1,19 +1,26 @@
-"""Face detection, MuseTalk's crop-box rule and temporal tracking.
+"""Face detection, identity tracks, the choice of face, MuseTalk's crop-box rule and smoothing.
 
 Frames are RGB uint8 numpy arrays ``[H, W, 3]``; batches are ``[B, H, W, 3]``.
 
-* :mod:`.detection`: the :class:`FaceDetector` protocol and its two detectors.
-  :class:`FanFaceDetector` gives S3FD boxes + FAN 68-point (iBUG) landmarks from the
-  ``face_alignment`` package, weights read from ``<models_dir>/face-alignment/`` (never
+* :mod:`.detection`: the :class:`FaceDetector` protocol (every face per frame, largest first)
+  and its detectors. :class:`FanFaceDetector` gives S3FD boxes + FAN 68-point (iBUG) landmarks
+  from the ``face_alignment`` package, weights read from ``<models_dir>/face-alignment/`` (never
   downloaded); :class:`HaarFaceDetector` uses OpenCV's bundled Haar cascades, boxes only.
   :func:`load_face_detector` picks one.
 * :mod:`.boxes`: :func:`musetalk_crop_box`, MuseTalk's crop rule, from landmarks or (Haar) from
   landmark positions synthesised from the detector box.
-* :mod:`.tracking`: :func:`track_faces` consumes a stream of frame chunks and returns a
-  :class:`FaceTrack`: one crop box per frame, smoothed over time, frames without a face flagged.
+* :mod:`.identity`: :class:`IdentityTracker` joins detections across frames into one track per
+  person (:class:`FaceTracks`), surviving short misses and occlusions.
+* :mod:`.choice`: :class:`FaceChoice` (``face``, ``face_point``, ``face_boxes``) and
+  :func:`choose_track`: the chosen person's :class:`FaceTrack`.
+* :mod:`.speaker`: mouth opening per face and the audio envelope per frame, for ``face=speaker``.
+* :mod:`.smoothing`: a zero-lag One-Euro filter for crop boxes and landmarks.
+* :mod:`.tracking`: :func:`track_faces`, pass 1 of a job: a stream of frame chunks in, the
+  chosen person's :class:`FaceTrack` out (:func:`find_tracks` then :func:`choose_track`).
 """
 
 from .boxes import HAAR_CHIN_Y, HAAR_NOSE_BRIDGE_Y, HAAR_SIDE_INSET, musetalk_crop_box
+from .choice import FACE_RULES, FaceChoice, FaceTrack, choose_track, explicit_track
 from .detection import (
     FACE_ALIGNMENT_DIR,
     FAN_FILENAME,
@@ -26,23 +33,40 @@ from .detection import (
     fan_weights_present,
     load_face_detector,
 )
-from .tracking import FaceTrack, track_faces
+from .identity import FaceTracks, IdentityTrack, IdentityTracker, TrackerSettings
+from .smoothing import OneEuro, one_euro
+from .speaker import audio_envelope, mouth_measure, speech_correlation
+from .tracking import find_tracks, track_faces
 
 __all__ = [
     "FACE_ALIGNMENT_DIR",
+    "FACE_RULES",
     "FAN_FILENAME",
     "HAAR_CHIN_Y",
     "HAAR_NOSE_BRIDGE_Y",
     "HAAR_SIDE_INSET",
     "NUM_LANDMARKS",
     "S3FD_FILENAME",
+    "FaceChoice",
     "FaceDetection",
     "FaceDetector",
     "FaceTrack",
+    "FaceTracks",
     "FanFaceDetector",
     "HaarFaceDetector",
+    "IdentityTrack",
+    "IdentityTracker",
+    "OneEuro",
+    "TrackerSettings",
+    "audio_envelope",
+    "choose_track",
+    "explicit_track",
     "fan_weights_present",
+    "find_tracks",
     "load_face_detector",
+    "mouth_measure",
     "musetalk_crop_box",
+    "one_euro",
+    "speech_correlation",
     "track_faces",
 ]

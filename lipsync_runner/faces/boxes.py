@@ -73,10 +73,11 @@ def musetalk_crop_box(
         x1, y1, x2, y2 = (int(round(c)) for c in box)
     if v == "v15":
         y2 = min(y2 + int(extra_margin), h_frame)
-    return _clamp_box((x1, y1, x2, y2), (h_frame, w_frame))
+    return clamp_box((x1, y1, x2, y2), (h_frame, w_frame))
 
 
-def _clamp_box(box, frame_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+def clamp_box(box, frame_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box as ints inside the frame, at least 1 px wide and tall."""
     h, w = frame_hw
     x1, y1, x2, y2 = (int(c) for c in box)
     x1 = min(max(x1, 0), w - 1)

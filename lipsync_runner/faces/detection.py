@@ -32,7 +32,7 @@ FAN_FILENAME = "2DFAN4-11f355bf06.pth.tar"
 
 @dataclass
 class FaceDetection:
-    """The largest face in one frame."""
+    """One face found in one frame."""
 
     box: np.ndarray  # (4,) float x1, y1, x2, y2 in frame pixels
     landmarks: np.ndarray | None  # (68, 2) float x, y in frame pixels (iBUG 68), or None
@@ -43,9 +43,30 @@ class FaceDetection:
 class FaceDetector(Protocol):
     name: str
 
-    def detect(self, frames: np.ndarray) -> list[FaceDetection | None]:
-        """Largest face per frame of an RGB uint8 batch ``[B, H, W, 3]``; None where none."""
+    def detect(self, frames: np.ndarray) -> list[list[FaceDetection]]:
+        """Every face of each frame of an RGB uint8 batch ``[B, H, W, 3]``, largest box first.
+
+        One list per frame, in frame order; an empty list where a frame has no face."""
         ...
+
+
+def _suppress_nested(rects: np.ndarray, overlap: float = 0.5) -> list[int]:
+    """Indices of the boxes (x, y, w, h; largest first) not lying mostly inside a larger kept one.
+
+    A cascade sometimes reports a face twice at two scales; two real faces overlap far less."""
+    keep: list[int] = []
+    for i, (x, y, w, h) in enumerate(rects):
+        inside = False
+        for j in keep:
+            kx, ky, kw, kh = rects[j]
+            ix = max(0.0, min(x + w, kx + kw) - max(x, kx))
+            iy = max(0.0, min(y + h, ky + kh) - max(y, ky))
+            if ix * iy > overlap * w * h:
+                inside = True
+                break
+        if not inside:
+            keep.append(i)
+    return keep
 
 
 def _as_batch(frames: np.ndarray) -> np.ndarray:
@@ -71,9 +92,10 @@ class HaarFaceDetector:
 
     Each frame is converted to grayscale, downscaled so its longest side is at most
     ``detect_max_side`` pixels, histogram-equalised and searched with the ``alt2`` frontal cascade,
-    then with the ``default`` one if ``alt2`` found nothing. The largest hit is scaled back to frame
-    pixels. ``score`` is the cascade's neighbour count for that hit divided by 50, capped at 1
-    (a rough confidence, not a probability).
+    then with the ``default`` one if ``alt2`` found nothing. Hits lying mostly inside a larger hit
+    (the same face at two scales) are dropped; the rest are scaled back to frame pixels, largest
+    first. ``score`` is the cascade's neighbour count for a hit divided by 50, capped at 1 (a rough
+    confidence, not a probability).
     """
 
     name = "haar"
@@ -104,11 +126,11 @@ class HaarFaceDetector:
         # CascadeClassifier keeps per-call scratch state: serialise calls from several threads.
         self._lock = threading.Lock()
 
-    def detect(self, frames: np.ndarray) -> list[FaceDetection | None]:
+    def detect(self, frames: np.ndarray) -> list[list[FaceDetection]]:
         frames = _as_batch(frames)
         return [self._detect_one(f) for f in frames]
 
-    def _detect_one(self, frame: np.ndarray) -> FaceDetection | None:
+    def _detect_one(self, frame: np.ndarray) -> list[FaceDetection]:
         h, w = frame.shape[:2]
         s = _downscale_factor((h, w), self.detect_max_side)
         if s < 1.0:
@@ -129,15 +151,19 @@ class HaarFaceDetector:
                 if len(rects):
                     break
             else:
-                return None
+                return []
         rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)
-        i = int(np.argmax(rects[:, 2] * rects[:, 3]))
-        x, y, bw, bh = rects[i] / s
-        box = np.array([x, y, x + bw, y + bh], dtype=np.float64)
-        box[[0, 2]] = np.clip(box[[0, 2]], 0, w)
-        box[[1, 3]] = np.clip(box[[1, 3]], 0, h)
-        score = min(1.0, float(np.asarray(neighbours).reshape(-1)[i]) / 50.0)
-        return FaceDetection(box=box, landmarks=None, score=score)
+        neighbours = np.asarray(neighbours, dtype=np.float64).reshape(-1)
+        order = np.argsort(-(rects[:, 2] * rects[:, 3]), kind="stable")
+        rects, neighbours = rects[order], neighbours[order]
+        out = []
+        for i in _suppress_nested(rects):
+            x, y, bw, bh = rects[i]
+            box = np.array([x, y, x + bw, y + bh], dtype=np.float64) / s
+            box[[0, 2]] = np.clip(box[[0, 2]], 0, w)
+            box[[1, 3]] = np.clip(box[[1, 3]], 0, h)
+            out.append(FaceDetection(box=box, landmarks=None, score=min(1.0, neighbours[i] / 50.0)))
+        return out
 
 
 # --------------------------------------------------------------------------- FAN / S3FD
@@ -173,7 +199,8 @@ class FanFaceDetector:
 
     For speed, S3FD runs on a copy of each frame downscaled to ``detect_max_side`` (longest side;
     None: full size), in sub-batches of ``detect_batch_size``; FAN then runs on the full-resolution
-    frame with the rescaled box of the largest face.
+    frame with the rescaled boxes of the ``max_faces`` largest faces S3FD finds above
+    ``filter_threshold`` (each face costs one FAN pass: a crowd in the background is not worth it).
     """
 
     name = "fan"
@@ -186,6 +213,7 @@ class FanFaceDetector:
         detect_max_side: int | None = 640,
         detect_batch_size: int = 8,
         filter_threshold: float = 0.5,
+        max_faces: int = 4,
     ) -> None:
         models_dir = Path(models_dir)
         s3fd_path, fan_path = _fan_paths(models_dir)
@@ -198,23 +226,24 @@ class FanFaceDetector:
         self.device = device
         self.detect_max_side = detect_max_side
         self.detect_batch_size = max(1, int(detect_batch_size))
+        self.max_faces = max(1, int(max_faces))
         self._lock = threading.Lock()
         self._fa = _build_face_alignment(s3fd_path, fan_path, device, filter_threshold)
 
     # -- public ---------------------------------------------------------------------------
 
-    def detect(self, frames: np.ndarray) -> list[FaceDetection | None]:
+    def detect(self, frames: np.ndarray) -> list[list[FaceDetection]]:
         frames = _as_batch(frames)
         if len(frames) == 0:
             return []
         h, w = frames.shape[1:3]
         s = _downscale_factor((h, w), self.detect_max_side)
-        out: list[FaceDetection | None] = []
+        out: list[list[FaceDetection]] = []
         with self._lock:
             for start in range(0, len(frames), self.detect_batch_size):
                 sub = frames[start : start + self.detect_batch_size]
                 for frame, boxes in zip(sub, self._detect_boxes(sub, s)):
-                    out.append(self._largest_with_landmarks(frame, boxes, s))
+                    out.append(self._largest_with_landmarks(frame, boxes))
         return out
 
     def landmarks_for_boxes(self, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -257,13 +286,14 @@ class FanFaceDetector:
             result.append(arr)
         return result
 
-    def _largest_with_landmarks(self, frame: np.ndarray, boxes: np.ndarray, s: float) -> FaceDetection | None:
+    def _largest_with_landmarks(self, frame: np.ndarray, boxes: np.ndarray) -> list[FaceDetection]:
         if len(boxes) == 0:
-            return None
-        i = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
-        box = boxes[i, :4].copy()
-        lms = self._landmarks(frame, box[None])
-        return FaceDetection(box=box, landmarks=lms[0].astype(np.float64), score=float(boxes[i, 4]))
+            return []
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        boxes = boxes[np.argsort(-area, kind="stable")[: self.max_faces]]
+        lms = self._landmarks(frame, boxes[:, :4])
+        return [FaceDetection(box=b[:4].copy(), landmarks=lm.astype(np.float64), score=float(b[4]))
+                for b, lm in zip(boxes, lms)]
 
     def _landmarks(self, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         dets = [np.array([*b[:4], 1.0]) for b in boxes]

@@ -3,7 +3,7 @@
 from .files import JOBS_DIRNAME, OUTPUT_NAME, JobFiles, is_plain_name
 from .manager import INTERNAL_ERROR, Executor, JobContext, JobManager, JobOutcome
 from .records import JOB_ID_RE, JobKind, JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
-from .store import JobStore, SQLiteJobStore
+from .store import JobStore, SQLiteJobStore, open_store
 
 __all__ = [
     "INTERNAL_ERROR",
@@ -24,5 +24,6 @@ __all__ = [
     "is_job_id",
     "is_plain_name",
     "new_job_id",
+    "open_store",
     "utcnow",
 ]

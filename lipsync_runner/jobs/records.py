@@ -63,7 +63,13 @@ class JobRecord(BaseModel):
     avatar_cache: str | None = None  # "hit" or "miss" when the job used the avatar cache
     media: dict | None = None  # what admission learnt of the inputs: durations, size, fps (api/admission.py)
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, plus queue/total
+    faces: dict | None = None  # the face tracks found, who was dubbed (faces.FaceTracks.summary); when completed
     attempts: int = 0  # times a worker started it (restarts re-queue)
+    # The queue's bookkeeping (any replica may run any job): while 'processing', the job is held
+    # by one worker whose lease it renews; past lease_expires_at any replica may take it again.
+    lease_owner: str | None = None  # "<host>:<pid>:<random>" of the holder (when finished: of the last one)
+    lease_expires_at: datetime | None = None
+    cancel_requested: bool = False  # cancel() on any replica; the worker holding the job stops
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     completed_at: datetime | None = None  # any terminal state

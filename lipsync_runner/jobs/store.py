@@ -1,56 +1,86 @@
-"""Where job records live: a small storage interface and its SQLite implementation.
+"""Where job records live: the storage interface, its SQLite implementation, and the chooser.
 
-The interface (:class:`JobStore`) is deliberately tiny -- create, get, update, list,
-delete, count, expired -- so that a networked store (Postgres, Redis) can implement it
-and several service replicas can share one job table. Everything else (queues, worker
-threads, files) belongs to the :class:`~lipsync_runner.jobs.manager.JobManager`.
+The store is also the queue. Every replica of the API shares one store (PostgreSQL, see
+:mod:`.postgres`) or, on one machine, one process owns it (SQLite, the embedded default):
+
+* ``claim`` hands the oldest queued job to one worker, atomically, with a lease;
+* the worker ``renew``\\ s its leases; a job whose lease ran out (its process died) shows up
+  in ``lapsed`` and any replica may put it back in the queue;
+* uploads in progress hold a reservation (``reserve_upload``), so that admission counts
+  them on every replica, not just the one receiving them;
+* ``exclusive(name)`` lets one replica at a time do housekeeping (the retention sweep).
+
 Records are whole :class:`JobRecord` documents; a store only indexes the few fields it
-filters and sorts on (status, owner, created_at, expires_at).
-
-One caveat for several replicas: the manager claims a queued job with a read followed
-by an update under its own process-local lock. A shared store would need that claim to
-be a conditional update (``UPDATE ... WHERE status = 'queued'``) or a queue of its own.
+filters and sorts on (status, owner, created_at, expires_at, the lease).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterable
-from datetime import datetime, timezone
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import JobNotFoundError
-from .records import JobKind, JobRecord, JobStatus
+from .records import JobKind, JobRecord, JobStatus, utcnow
 
 FINISHED = frozenset(s for s in JobStatus if s.finished)
+SQLITE_NAME = "jobs.sqlite3"
+
+Change = Callable[[JobRecord, datetime], Mapping[str, object] | None]
+"""For :meth:`JobStore.modify`: (current record, the store's clock) -> fields to set, or None."""
 
 
 @runtime_checkable
 class JobStore(Protocol):
-    """Persistent job records, safe to use from several threads at once.
+    """Persistent job records and the job queue, safe to use from several threads at once.
 
-    * ``create(record)``: insert a new record; ``ValueError`` if its id exists.
+    * ``shared``: False when one process owns the store (SQLite); True when several replicas
+      use it at once (then only leases tell whether a 'processing' job is still alive).
+    * ``create(record)``: insert a new record and drop the upload reservation of its id;
+      ``ValueError`` if the id exists.
     * ``get(job_id)``: the record, or ``None``.
-    * ``update(job_id, **fields)``: set fields atomically (read-modify-write in one
-      transaction, validated as a :class:`JobRecord`) and return the new record;
-      :class:`JobNotFoundError` if there is no such record, ``ValueError`` for an
-      unknown field or an invalid value.
+    * ``update(job_id, **fields)``: set fields atomically (validated as a :class:`JobRecord`);
+      :class:`JobNotFoundError` if there is no such record, ``ValueError`` for an unknown
+      field or an invalid value.
+    * ``modify(job_id, change)``: read-modify-write in one transaction, the record locked:
+      ``change(current, now)`` returns the fields to set (or None: leave it) and may raise
+      to abort. Returns the record as it is afterwards.
     * ``list(owner=None, limit=100, statuses=None, kind=None)``: newest first (by created_at);
       ``owner=None`` means every owner; ``limit=None`` means no limit; ``kind`` (job, avatar):
       records of that kind only, ``None`` every kind.
     * ``delete(job_id)``: remove the record; no error if it is already gone.
     * ``count_by_status()``: ``{status value: count}`` for every status (zeros included).
     * ``expired(now)``: finished records whose ``expires_at`` is at or before ``now``.
+    * ``claim(holder, lease_s)``: the oldest queued job, now 'processing' (stage 'starting',
+      attempts + 1, started now) and leased to ``holder`` for ``lease_s``; None if the
+      queue is empty. Two callers never get the same job.
+    * ``renew(holder, job_ids, lease_s)``: extend the leases ``holder`` still has on those
+      jobs; returns ``{job_id: cancel_requested}`` for each one still held (a missing id
+      means the lease was lost: the record is gone, finished, or taken over).
+    * ``lapsed()``: 'processing' records whose lease has run out (or that have none).
+    * ``reserve_upload(job_id, holder, max_waiting, lease_s)``: admit an upload if fewer
+      than ``max_waiting`` jobs are queued or being uploaded (all replicas); returns
+      ``(admitted, waiting)``. Reservations last ``lease_s`` unless renewed.
+    * ``renew_uploads(holder, job_ids, lease_s)``, ``release_upload(job_id)``,
+      ``uploads()`` (ids of live reservations).
+    * ``exclusive(name)``: a context manager yielding True in at most one process at a time
+      (others get False at once); for once-per-fleet housekeeping.
     * ``close()``: release connections; the store is unusable afterwards.
     """
+
+    shared: bool
 
     def create(self, record: JobRecord) -> None: ...
 
     def get(self, job_id: str) -> JobRecord | None: ...
 
-    def update(self, job_id: str, **fields: object) -> JobRecord: ...
+    def update(self, job_id: str, /, **fields: object) -> JobRecord: ...
+
+    def modify(self, job_id: str, change: Change) -> JobRecord: ...
 
     def list(
         self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None,
@@ -63,7 +93,55 @@ class JobStore(Protocol):
 
     def expired(self, now: datetime) -> list[JobRecord]: ...
 
+    def claim(self, holder: str, lease_s: float) -> JobRecord | None: ...
+
+    def renew(self, holder: str, job_ids: Collection[str], lease_s: float) -> dict[str, bool]: ...
+
+    def lapsed(self) -> list[JobRecord]: ...
+
+    def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float) -> tuple[bool, int]: ...
+
+    def renew_uploads(self, holder: str, job_ids: Collection[str], lease_s: float) -> None: ...
+
+    def release_upload(self, job_id: str) -> None: ...
+
+    def uploads(self) -> set[str]: ...
+
+    def exclusive(self, name: str) -> contextlib.AbstractContextManager[bool]: ...
+
     def close(self) -> None: ...
+
+
+def open_store(database_url: str | None, data_dir: Path | str, *, pool_size: int = 8) -> JobStore:
+    """PostgreSQL when ``database_url`` is a ``postgresql://`` URL, else SQLite in the data directory."""
+    if database_url:
+        if not database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("the database URL must start with postgresql:// (SQLite needs no URL: it is the "
+                             "default, in the data directory)")
+        from .postgres import PostgresJobStore  # psycopg only when asked for
+
+        return PostgresJobStore(database_url, pool_size=pool_size)
+    return SQLiteJobStore(Path(data_dir) / SQLITE_NAME)
+
+
+# ------------------------------------------------------------------ shared by both implementations
+
+
+def merge(current: JobRecord, fields: Mapping[str, object]) -> JobRecord:
+    """``current`` with ``fields`` set, validated; ValueError for unknown fields or a changed id."""
+    unknown = set(fields) - set(JobRecord.model_fields)
+    if unknown:
+        raise ValueError(f"unknown job record field(s): {', '.join(sorted(unknown))}")
+    if "job_id" in fields and fields["job_id"] != current.job_id:
+        raise ValueError("a job's id cannot change")
+    return JobRecord.model_validate({**current.model_dump(), **fields})
+
+
+def claimed_fields(current: JobRecord, holder: str, now: datetime, lease_s: float) -> dict[str, object]:
+    """What a claim sets on a queued record."""
+    return dict(status=JobStatus.processing, stage="starting", progress=0.0, started_at=now,
+                attempts=current.attempts + 1, error=None, lease_owner=holder,
+                lease_expires_at=now + timedelta(seconds=lease_s), cancel_requested=False)
 
 
 def _ts(value: datetime | None) -> float | None:
@@ -74,7 +152,9 @@ def _ts(value: datetime | None) -> float | None:
     return value.timestamp()
 
 
-_SCHEMA_VERSION = 2
+# ------------------------------------------------------------------------------------- SQLite
+
+_SCHEMA_VERSION = 3
 _MIGRATIONS: dict[int, str] = {
     # user_version N -> the script that brings a database at N-1 to N
     1: """
@@ -91,8 +171,20 @@ _MIGRATIONS: dict[int, str] = {
         CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
         CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at) WHERE expires_at IS NOT NULL;
     """,
-    # avatars are records too (JobRecord.kind): the job list and the avatar list filter on it
+    # the store becomes the queue: leases, and reservations of uploads in progress
     2: """
+        ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+        ALTER TABLE jobs ADD COLUMN lease_expires REAL;
+        CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (created_at) WHERE status = 'queued';
+        CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (lease_expires) WHERE status = 'processing';
+        CREATE TABLE IF NOT EXISTS uploads (
+            job_id  TEXT PRIMARY KEY,
+            holder  TEXT NOT NULL,
+            expires REAL NOT NULL
+        );
+    """,
+    # avatars are records too (JobRecord.kind): the job list and the avatar list filter on it
+    3: """
         ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'job';
         CREATE INDEX IF NOT EXISTS jobs_owner_kind_created ON jobs (owner, kind, created_at);
     """,
@@ -100,13 +192,16 @@ _MIGRATIONS: dict[int, str] = {
 
 
 class SQLiteJobStore:
-    """A :class:`JobStore` in one SQLite file (stdlib ``sqlite3``).
+    """A :class:`JobStore` in one SQLite file (stdlib ``sqlite3``), for one process.
 
     WAL journal with ``synchronous=NORMAL`` (a power cut may lose the last few commits,
     never corrupt the file), a busy timeout for other processes, and one connection
     shared by all threads behind a lock (every operation is a few hundred microseconds).
-    The schema version is kept in ``PRAGMA user_version``.
+    The schema version is kept in ``PRAGMA user_version``. Every write transaction is
+    ``BEGIN IMMEDIATE``, so a read-modify-write never interleaves with another.
     """
+
+    shared = False
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
@@ -129,26 +224,31 @@ class SQLiteJobStore:
             raise RuntimeError("the job store is closed")
         return self._conn
 
-    def _migrate(self) -> None:
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > _SCHEMA_VERSION:
-                    raise RuntimeError(
-                        f"{self.path.name} has job schema version {version}, newer than this program's "
-                        f"{_SCHEMA_VERSION}; upgrade the program or use another data directory"
-                    )
-                for target in range(version + 1, _SCHEMA_VERSION + 1):
-                    for statement in _MIGRATIONS[target].split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {target}")
-                conn.execute("COMMIT")
+                yield conn
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path.name} has job schema version {version}, newer than this program's "
+                    f"{_SCHEMA_VERSION}; upgrade the program or use another data directory"
+                )
+            for target in range(version + 1, _SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
 
     @property
     def schema_version(self) -> int:
@@ -161,58 +261,60 @@ class SQLiteJobStore:
             return str(self._db().execute("PRAGMA journal_mode").fetchone()[0])
 
     @staticmethod
-    def _columns(record: JobRecord) -> tuple[str, str | None, float, float | None, str, str]:
+    def _columns(record: JobRecord) -> tuple[object, ...]:
         return (
             record.status.value,
             record.owner,
             _ts(record.created_at),
             _ts(record.expires_at),
+            record.lease_owner,
+            _ts(record.lease_expires_at),
             record.model_dump_json(),
-            record.kind.value,
         )
 
-    # -- the interface ---------------------------------------------------------------------
+    def _put(self, conn: sqlite3.Connection, record: JobRecord) -> None:
+        conn.execute(
+            "UPDATE jobs SET status = ?, owner = ?, created_at = ?, expires_at = ?, lease_owner = ?, "
+            "lease_expires = ?, body = ? WHERE job_id = ?",
+            (*self._columns(record), record.job_id),
+        )
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
+        row = conn.execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return JobRecord.model_validate_json(row[0]) if row else None
+
+    # -- records ---------------------------------------------------------------------------
 
     def create(self, record: JobRecord) -> None:
-        with self._lock:
+        with self._write() as conn:
             try:
-                self._db().execute(
-                    "INSERT INTO jobs (job_id, status, owner, created_at, expires_at, body, kind) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (record.job_id, *self._columns(record)),
+                conn.execute(  # kind is set once: a record never changes kind
+                    "INSERT INTO jobs (status, owner, created_at, expires_at, lease_owner, lease_expires, body, "
+                    "job_id, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*self._columns(record), record.job_id, record.kind.value),
                 )
             except sqlite3.IntegrityError as e:
                 raise ValueError(f"job {record.job_id} already exists") from e
+            conn.execute("DELETE FROM uploads WHERE job_id = ?", (record.job_id,))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
-            row = self._db().execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return JobRecord.model_validate_json(row[0]) if row else None
+            return self._read(self._db(), job_id)
 
-    def update(self, job_id: str, **fields: object) -> JobRecord:
-        unknown = set(fields) - set(JobRecord.model_fields)
-        if unknown:
-            raise ValueError(f"unknown job record field(s): {', '.join(sorted(unknown))}")
-        if "job_id" in fields and fields["job_id"] != job_id:
-            raise ValueError("a job's id cannot change")
-        with self._lock:
-            conn = self._db()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-                if row is None:
-                    raise JobNotFoundError("no such job")
-                current = JobRecord.model_validate_json(row[0])
-                record = JobRecord.model_validate({**current.model_dump(), **fields})
-                conn.execute(
-                    "UPDATE jobs SET status = ?, owner = ?, created_at = ?, expires_at = ?, body = ?, kind = ? "
-                    "WHERE job_id = ?",
-                    (*self._columns(record), job_id),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+    def update(self, job_id: str, /, **fields: object) -> JobRecord:
+        return self.modify(job_id, lambda current, now: fields)
+
+    def modify(self, job_id: str, change: Change) -> JobRecord:
+        with self._write() as conn:
+            current = self._read(conn, job_id)
+            if current is None:
+                raise JobNotFoundError("no such job")
+            fields = change(current, utcnow())
+            if not fields:
+                return current
+            record = merge(current, fields)
+            self._put(conn, record)
         return record
 
     def list(
@@ -264,6 +366,80 @@ class SQLiteJobStore:
                 (_ts(now), *finished),
             ).fetchall()
         return [JobRecord.model_validate_json(body) for (body,) in rows]
+
+    # -- the queue -------------------------------------------------------------------------
+
+    def claim(self, holder: str, lease_s: float) -> JobRecord | None:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT body FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            current = JobRecord.model_validate_json(row[0])
+            record = merge(current, claimed_fields(current, holder, utcnow(), lease_s))
+            self._put(conn, record)
+        return record
+
+    def renew(self, holder: str, job_ids: Collection[str], lease_s: float) -> dict[str, bool]:
+        held: dict[str, bool] = {}
+        if not job_ids:
+            return held
+        with self._write() as conn:
+            until = utcnow() + timedelta(seconds=lease_s)
+            for job_id in job_ids:
+                current = self._read(conn, job_id)
+                if current is None or current.status is not JobStatus.processing or current.lease_owner != holder:
+                    continue
+                self._put(conn, current.model_copy(update={"lease_expires_at": until}))
+                held[job_id] = current.cancel_requested
+        return held
+
+    def lapsed(self) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db().execute(
+                "SELECT body FROM jobs WHERE status = 'processing' AND (lease_expires IS NULL OR lease_expires < ?) "
+                "ORDER BY created_at, rowid",
+                (_ts(utcnow()),),
+            ).fetchall()
+        return [JobRecord.model_validate_json(body) for (body,) in rows]
+
+    # -- uploads in progress ---------------------------------------------------------------
+
+    def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float) -> tuple[bool, int]:
+        with self._write() as conn:
+            now = _ts(utcnow())
+            conn.execute("DELETE FROM uploads WHERE expires < ?", (now,))
+            queued = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+            uploading = conn.execute("SELECT COUNT(*) FROM uploads").fetchone()[0]
+            waiting = int(queued) + int(uploading)
+            if waiting >= max_waiting:
+                return False, waiting
+            conn.execute("INSERT INTO uploads (job_id, holder, expires) VALUES (?, ?, ?)",
+                         (job_id, holder, now + lease_s))
+        return True, waiting
+
+    def renew_uploads(self, holder: str, job_ids: Collection[str], lease_s: float) -> None:
+        if not job_ids:
+            return
+        with self._write() as conn:
+            until = _ts(utcnow()) + lease_s
+            conn.executemany("UPDATE uploads SET expires = ? WHERE job_id = ? AND holder = ?",
+                             [(until, job_id, holder) for job_id in job_ids])
+
+    def release_upload(self, job_id: str) -> None:
+        with self._lock:
+            self._db().execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+
+    def uploads(self) -> set[str]:
+        with self._lock:
+            rows = self._db().execute("SELECT job_id FROM uploads WHERE expires >= ?", (_ts(utcnow()),)).fetchall()
+        return {job_id for (job_id,) in rows}
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        # One process owns a SQLite store (the manager holds the data-directory lock).
+        yield True
 
     def close(self) -> None:
         with self._lock:

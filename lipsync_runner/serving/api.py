@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import InsufficientStorageError, JobCancelledError, JobNotFoundError, LipSyncError, ModelsNotReadyError, NoFaceError
+from ..errors import (
+    InsufficientStorageError,
+    JobCancelledError,
+    JobNotFoundError,
+    LipSyncError,
+    ModelsNotReadyError,
+    NoFaceError,
+)
 from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
-from ..jobs import JobContext, JobFiles, JobKind, JobManager, JobOutcome, SQLiteJobStore
+from ..jobs import JobContext, JobFiles, JobKind, JobManager, JobOutcome, open_store
 from ..api.auth import AuthSettings
 from ..api.integration import Integration
 from ..api.limits import ApiLimits
@@ -54,23 +61,30 @@ class ApiCore:
         self.limits = limits or ApiLimits()
         data_dir = Path(self.settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.files = JobFiles(data_dir)
-        self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
-        self.avatars = (AvatarCache(self.settings.avatar_cache_dir or data_dir / "avatars",
-                                    max_bytes=int(self.settings.avatar_cache_gb * 2**30))
-                        if self.settings.avatar_cache else None)
+        self.files = JobFiles(data_dir)  # uploads in progress and the workers' scratch (always local)
+        s = self.settings
+        self.store = open_store(s.database_url.get_secret_value() if s.database_url else None, data_dir,
+                                pool_size=s.job_workers + 8)
+        from ..storage import open_storage
+
+        self.storage = open_storage(s.storage_url, self.files, endpoint_url=s.s3_endpoint_url,
+                                    presigned_downloads=s.presigned_downloads, presign_expiry_s=s.presigned_expiry_s)
+        self.avatars = (AvatarCache(s.avatar_cache_dir or data_dir / "avatars",
+                                    max_bytes=int(s.avatar_cache_gb * 2**30))
+                        if s.avatar_cache else None)
         # webhooks, Idempotency-Key, URL inputs' policy, queue ETA, usage: their own tables
-        self.integration = integration or Integration(data_dir, workers=self.settings.job_workers)
+        self.integration = integration or Integration(data_dir, workers=s.job_workers)
         self.manager = JobManager(
-            self.store, self.files, self._execute, workers=self.settings.job_workers,
-            retention_s=self.settings.retention_s, max_attempts=self.settings.max_attempts,
-            sweep_interval_s=self.settings.sweep_interval_s, max_queued=self.settings.max_queued_jobs,
-            free_space_floor_bytes=self.settings.free_space_floor_mb * 2**20, debug=self.settings.debug,
+            self.store, self.files, self._execute, storage=self.storage, workers=s.job_workers,
+            retention_s=s.retention_s, max_attempts=s.max_attempts, sweep_interval_s=s.sweep_interval_s,
+            max_queued=s.max_queued_jobs, free_space_floor_bytes=s.free_space_floor_mb * 2**20, debug=s.debug,
+            lease_s=s.lease_s, poll_s=s.queue_poll_s,
             on_removed=self.avatars.release_job if self.avatars is not None else None,
             on_event=self.integration.on_job_event)
         self._stop = threading.Event()
         # Disk held for running jobs' scratch (frame store, output): admission and job start check it.
-        self.scratch = ScratchLedger(data_dir, floor_bytes=self.settings.free_space_floor_mb * 2**20)
+        # Always the local data directory: with a bucket too, jobs run in local scratch.
+        self.scratch = ScratchLedger(data_dir, floor_bytes=s.free_space_floor_mb * 2**20)
         self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready,
                                         integration=self.integration, scratch=self.scratch,
                                         avatars_enabled=self.avatars is not None)
@@ -98,7 +112,10 @@ class ApiCore:
     def _expire_avatars(self) -> None:
         while True:
             try:  # avatars' entries go with their records; a pin left by a crash is dropped here
-                self.avatars.expire(self.settings.retention_s, live=lambda avatar_id: self.store.get(avatar_id) is not None)
+                self.avatars.expire(self.settings.retention_s,
+                                    live=lambda avatar_id: self.store.get(avatar_id) is not None)
+                if self.store.shared:  # jobs cleaned up through another replica: their entries here go too
+                    self.avatars.release_missing(lambda job_id: self.store.get(job_id) is not None)
             except Exception:
                 log.exception("avatar cache expiry failed")
             if self._stop.wait(self.settings.sweep_interval_s):
@@ -259,7 +276,8 @@ class ApiCore:
         self.integration.note_output(job.job_id, result.fps)  # usage: output seconds = frames / fps
         return JobOutcome(output_file=output.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
-                          media=media_summary(inputs.video_info, inputs.audio_info) if inputs.fetched else None)
+                          media=media_summary(inputs.video_info, inputs.audio_info) if inputs.fetched else None,
+                          faces=result.faces)
 
     def _prepare_avatar(self, ctx: JobContext) -> JobOutcome:
         """An avatar's work: its face track and every face frame's latents, into the avatar cache
@@ -285,4 +303,4 @@ class ApiCore:
                               "encoded": result.encoded})
         return JobOutcome(output_file=manifest.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
-                          media=media_summary(inputs.video_info, None))
+                          media=media_summary(inputs.video_info, None), faces=result.faces)

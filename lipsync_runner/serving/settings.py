@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +22,22 @@ class ServiceSettings(BaseSettings):
     avatar_cache: bool = Field(default=True, description="Reuse face tracks and latents of videos seen before.")
     avatar_cache_dir: Path | None = Field(default=None, description="Default: <data_dir>/avatars.")
     avatar_cache_gb: float = Field(default=20.0, gt=0, description="Size bound of the avatar cache (LRU).")
+
+    # More than one machine: every API replica shares one job store and one bucket (README).
+    database_url: SecretStr | None = Field(
+        default=None, description="postgresql://user:password@host/db: the job store (and queue) all replicas "
+                                  "share. Default: SQLite in the data directory, one process.")
+    storage_url: str | None = Field(
+        default=None, description="s3://bucket/prefix: job inputs and outputs in a bucket (AWS_* credentials). "
+                                  "Default: the data directory.")
+    s3_endpoint_url: str | None = Field(default=None, description="An S3-compatible store (MinIO, GCS, ...).")
+    presigned_downloads: bool = Field(default=False, description="Downloads redirect (307) to a presigned "
+                                                                 "bucket URL instead of streaming through the API.")
+    presigned_expiry_s: int = Field(default=3600, ge=60, le=7 * 86400, description="Lifetime of a presigned URL.")
+    lease_s: float = Field(default=30.0, ge=1, le=3600, description="A running job's lease: a replica that dies "
+                                                                    "loses its jobs to the others after this.")
+    queue_poll_s: float = Field(default=1.0, gt=0, le=60, description="Idle workers look at the shared queue this "
+                                                                      "often.")
 
     # GPU runner: adaptive batching (read when service.py is imported: decorator arguments)
     max_batch_size: int = Field(default=64, ge=2, description="Frames per GPU batch at most.")
