@@ -195,6 +195,8 @@ async def test_avatars_are_their_owners_and_must_be_ready_and_delete_cancels_and
         assert both.status_code == 400 and "avatar_id or a 'video' file" in both.json()["error"]
         other = await a.post("/avatars", data={"sync_mode": "loop"}, files=upload(clip, "video"))
         assert other.status_code == 400 and "sync_mode: not a parameter of an avatar" in other.json()["error"]
+        speaker = await a.post("/avatars", data={"face": "speaker"}, files=upload(clip, "video"))
+        assert speaker.status_code == 400 and "an avatar has none" in speaker.json()["error"]  # it picks by audio
         audio = await a.post("/avatars", files=upload(clip, "video", "audio"))
         assert audio.status_code == 400 and "leave the audio out" in audio.json()["error"]
 
