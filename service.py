@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import numpy as np
 from lipsync_runner.api.auth import BearerAuthMiddleware, is_authenticated, request_owner
 from lipsync_runner.api.limits import ApiLimits
 from lipsync_runner.api.rest import create_rest_app
+from lipsync_runner.errors import InvalidInputError
+from lipsync_runner.idempotency import IDEMPOTENCY_HEADER, parse_key
 from lipsync_runner.serving.bentoml_compat import BentoMLSurface
 from lipsync_runner.serving.docs_page import DocsPage
 from lipsync_runner.serving.errors import bentoml_errors
@@ -108,8 +111,10 @@ class LipSync:
     runner = bentoml.depends(MuseTalkRunner)
 
     def __init__(self) -> None:
+        from lipsync_runner.logs import configure_service_logging
         from lipsync_runner.serving.api import ApiCore
 
+        configure_service_logging(SETTINGS.data_dir)  # LIP_SYNC_LOG_FORMAT=json: one JSON object per line
         self.core = ApiCore(self.runner, SETTINGS, limits=LIMITS)
         rest_app.state.operations = self.core.operations
         rest_app.state.health = self.core.health
@@ -133,16 +138,21 @@ class LipSync:
     @bentoml.api
     @bentoml_errors
     @job_params_signature(bentoml.Context, defaults={"bbox_shift": LIMITS.bbox_shift})
-    async def generate(self, *, video: Path, audio: Path, wait: bool = False, ctx: bentoml.Context = None,
-                       **params: Any) -> dict[str, Any]:
+    async def generate(self, *, video: Path | None = None, audio: Path | None = None, wait: bool = False,
+                       ctx: bentoml.Context = None, **params: Any) -> dict[str, Any]:
         """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished.
 
         Over HTTP this endpoint is served by the REST route (the upload streams through the one
-        admission path: serving/bentoml_compat.py); this body runs for calls in process.
+        admission path: serving/bentoml_compat.py; the Idempotency-Key header travels with it);
+        this body runs for calls in process.
         """
-        answer = await self.core.operations.admission.admit_files(video, audio, params, owner=_owner(ctx), wait=wait)
+        key = parse_key(ctx.request.headers.get(IDEMPOTENCY_HEADER)) if ctx is not None else None
+        answer = await self.core.operations.admission.admit_files(video, audio, params, owner=_owner(ctx), wait=wait,
+                                                                  idempotency_key=key)
         if ctx is not None:
             ctx.response.status_code = answer.status_code
+            for name, value in answer.headers.items():
+                ctx.response.headers[name] = value
         return answer.body
 
     @bentoml.api
@@ -173,12 +183,28 @@ class LipSync:
         return await self.core.operations.jobs(_owner(ctx), limit)
 
     @bentoml.api
+    @bentoml_errors
+    async def usage(self, since: str | None = None, until: str | None = None,
+                    ctx: bentoml.Context = None) -> dict[str, Any]:
+        """The caller's own usage by UTC day (YYYY-MM-DD bounds; the last 30 days by default)."""
+        return await self.core.operations.usage(_owner(ctx), _day(since, "since"), _day(until, "until"))
+
+    @bentoml.api
     async def health(self, ctx: bentoml.Context = None) -> dict[str, Any]:
         return await self.core.health(authenticated=ctx is None or is_authenticated(ctx.request.scope))
 
 
 def _owner(ctx: bentoml.Context | None) -> str | None:
     return request_owner(ctx.request.scope) if ctx is not None else None
+
+
+def _day(value: str | None, name: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidInputError(f"Invalid {name}: expected a UTC day as YYYY-MM-DD") from None
 
 
 # Outermost: the product's API reference at / and /docs.json (public, like BentoML's stock page it replaces).

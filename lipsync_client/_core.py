@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import IO, Any, Optional, TypeVar, Union
 from urllib.parse import quote
@@ -27,7 +28,10 @@ from pydantic import BaseModel, ValidationError
 
 from . import __version__
 from .errors import (
+    AvatarFailed,
+    AvatarNotReady,
     ConnectionFailed,
+    IdempotencyConflict,
     JobFailed,
     LipSyncClientError,
     TooManyRequests,
@@ -35,11 +39,13 @@ from .errors import (
     WaitTimeout,
     error_class,
 )
-from .models import CleanupResult, Health, Job, JobList
+from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
 
 DEFAULT_SERVER = "http://localhost:3000"
 API_PREFIX = "/api/lip-sync"
 DEFAULT_TIMEOUT = 120.0
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+INPUTS = ("video", "audio")
 POLL_MIN_S, POLL_MAX_S, POLL_GROWTH = 0.5, 2.0, 1.5
 
 FileInput = Union[str, "os.PathLike[str]", IO[bytes]]
@@ -61,6 +67,8 @@ class Call:
     params: Optional[dict[str, Any]] = None
     data: Optional[dict[str, str]] = None
     files: Optional[dict[str, FileInput]] = None
+    json: Optional[dict[str, Any]] = None
+    headers: Optional[dict[str, str]] = None
     idempotent: bool = False
     download_to: Optional[Path] = None
     on_bytes: Optional[BytesCallback] = None
@@ -120,6 +128,12 @@ def form_fields(params: Mapping[str, Any]) -> dict[str, str]:
     return fields
 
 
+def json_fields(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Job parameters as a JSON body (inputs by URL); None means "not given"."""
+    return {name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            for name, value in params.items() if value is not None}
+
+
 def error_message(response: httpx.Response, body: Any) -> str:
     """The server's own words: ``{"error", "details"|"message"}``, a gateway's ``message``/``detail``, or text."""
     if isinstance(body, dict):
@@ -155,9 +169,19 @@ def raise_for_status(response: httpx.Response) -> None:
     body = _json(response)
     cls = error_class(response.status_code)
     message = error_message(response, body)
+    if _avatar_not_ready(response, message):
+        cls = AvatarNotReady
+    elif response.status_code == 409 and response.request.url.path.endswith(("/generate", "/avatars")):
+        cls = IdempotencyConflict  # their other 409
     if cls is TooManyRequests:
         raise TooManyRequests(message, response.status_code, body=body, retry_after=retry_after(response))
     raise cls(message, response.status_code, body=body)
+
+
+def _avatar_not_ready(response: httpx.Response, message: str) -> bool:
+    """generate's 409 for an avatar_id whose avatar is not ready (the server says "avatar <id> ...")."""
+    return (response.status_code == 409 and response.request.url.path.endswith("/generate")
+            and message.startswith("avatar "))
 
 
 def parse(response: httpx.Response, model: type[M]) -> M:
@@ -255,6 +279,10 @@ class ClientCore:
             args["params"] = call.params
         if call.data:
             args["data"] = call.data
+        if call.json is not None:
+            args["json"] = call.json
+        if call.headers:
+            args["headers"] = call.headers
         if call.files:
             args["files"] = {name: _file_part(value, stack) for name, value in call.files.items()}
         return args
@@ -266,8 +294,11 @@ class ClientCore:
     # -- shared steps
 
     def _call(self, call: Call, check: bool = True) -> Generator[Step, Any, Any]:
-        """Perform ``call``; retry idempotent ones on connection errors; map HTTP errors."""
+        """Perform ``call``; retry idempotent ones on connection errors (and, for a POST with an
+        Idempotency-Key, on the server's 409 "still being received" after its Retry-After);
+        map HTTP errors."""
         attempt = 0
+        keyed = bool(call.headers and IDEMPOTENCY_HEADER in call.headers)
         while True:
             outcome = yield call
             if isinstance(outcome, httpx.TransportError):
@@ -276,6 +307,12 @@ class ClientCore:
                     attempt += 1
                     continue
                 raise ConnectionFailed(describe_transport_error(outcome, self.base_url)) from outcome
+            if (keyed and isinstance(outcome, httpx.Response) and outcome.status_code == 409
+                    and retry_after(outcome) is not None and attempt < self.retries
+                    and not _avatar_not_ready(outcome, error_message(outcome, _json(outcome)))):
+                yield Sleep(min(30.0, retry_after(outcome) or 1.0))
+                attempt += 1
+                continue
             if isinstance(outcome, httpx.Response) and check:
                 raise_for_status(outcome)
             return outcome
@@ -296,14 +333,29 @@ class ClientCore:
         raise_for_status(response)
         return parse(response, Health)
 
-    def generate(self, video: FileInput, audio: FileInput, params: Mapping[str, Any], wait: bool = False,
-                 progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None) -> Op:
-        call = Call("POST", "/generate", data=form_fields(params), files={"video": video, "audio": audio})
-        response = yield from self._call(call)
+    def generate(self, video: Optional[FileInput], audio: Optional[FileInput], params: Mapping[str, Any],
+                 wait: bool = False, progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
+                 idempotency_key: Optional[str] = None) -> Op:
+        files = {name: value for name, value in (("video", video), ("audio", audio)) if value is not None}
+        missing = [name for name in INPUTS if name not in files and params.get(f"{name}_url") is None
+                   and not (name == "video" and params.get("avatar_id") is not None)]
+        if missing:
+            raise ValueError(" and ".join(f"{m}: give a file or {m}_url" + (" (or avatar_id)" if m == "video" else "")
+                                          for m in missing))
+        response = yield from self._call(self._post("/generate", files, params, idempotency_key))
         job = parse(response, Job)
         if wait:
             job = yield from self.wait(job.job_id, progress=progress, timeout=timeout)
         return job
+
+    def _post(self, path: str, files: dict[str, FileInput], params: Mapping[str, Any],
+              idempotency_key: Optional[str]) -> Call:
+        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
+        # with a key a retried POST cannot start a second job; an open file object cannot be re-sent
+        retry = bool(idempotency_key) and all(isinstance(f, (str, os.PathLike)) for f in files.values())
+        if files:  # the uploads stream from disk as multipart, the parameters as its fields
+            return Call("POST", path, data=form_fields(params), files=files, headers=headers, idempotent=retry)
+        return Call("POST", path, json=json_fields(params), headers=headers, idempotent=retry)  # by URL: JSON
 
     def status(self, job_id: str) -> Op:
         response = yield from self._call(Call("GET", self._job_path("status", job_id), idempotent=True))
@@ -313,18 +365,22 @@ class ClientCore:
              clock: Callable[[], float] = time.monotonic) -> Op:
         """Poll until the job finishes (every 0.5 s, growing to 2 s); ``progress(job)`` on each change.
         Returns the completed job; raises JobFailed (failed/cancelled) or WaitTimeout."""
+        return (yield from self._poll(lambda: self.status(job_id), JobFailed, progress, timeout, clock))
+
+    def _poll(self, fetch: Callable[[], Op], failed: Callable[[Any], Exception],
+              progress: Optional[ProgressCallback], timeout: Optional[float], clock: Callable[[], float]) -> Op:
         start = clock()
         delay = POLL_MIN_S
         seen = None
         while True:
-            job: Job = yield from self.status(job_id)
+            job = yield from fetch()
             key = (job.status, job.stage, job.progress)
             if progress is not None and key != seen:
                 yield Notify(progress, job)
             seen = key
             if job.finished:
                 if job.failed:
-                    raise JobFailed(job)
+                    raise failed(job)
                 return job
             pause = delay
             if timeout is not None:
@@ -360,6 +416,40 @@ class ClientCore:
     def jobs(self, limit: int = 100) -> Op:
         response = yield from self._call(Call("GET", "/jobs", params={"limit": int(limit)}, idempotent=True))
         return parse(response, JobList)
+
+    def create_avatar(self, video: Optional[FileInput], params: Mapping[str, Any], wait: bool = False,
+                      progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
+                      idempotency_key: Optional[str] = None) -> Op:
+        if video is None and params.get("video_url") is None:
+            raise ValueError("video: give a file or video_url")
+        files = {"video": video} if video is not None else {}
+        response = yield from self._call(self._post("/avatars", files, params, idempotency_key))
+        avatar = parse(response, Avatar)
+        if wait:
+            avatar = yield from self.wait_avatar(avatar.avatar_id, progress=progress, timeout=timeout)
+        return avatar
+
+    def avatar(self, avatar_id: str) -> Op:
+        response = yield from self._call(Call("GET", self._job_path("avatars", avatar_id), idempotent=True))
+        return parse(response, Avatar)
+
+    def wait_avatar(self, avatar_id: str, progress: Optional[ProgressCallback] = None,
+                    timeout: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> Op:
+        """Poll until the avatar is ready; AvatarFailed if its preparation failed, WaitTimeout."""
+        return (yield from self._poll(lambda: self.avatar(avatar_id), AvatarFailed, progress, timeout, clock))
+
+    def avatars(self, limit: int = 100) -> Op:
+        response = yield from self._call(Call("GET", "/avatars", params={"limit": int(limit)}, idempotent=True))
+        return parse(response, AvatarList)
+
+    def delete_avatar(self, avatar_id: str) -> Op:
+        response = yield from self._call(Call("DELETE", self._job_path("avatars", avatar_id)))
+        return parse(response, AvatarDeleted)
+
+    def usage(self, since: Optional[Union[str, date]] = None, until: Optional[Union[str, date]] = None) -> Op:
+        params = {k: str(v) for k, v in (("since", since), ("until", until)) if v is not None}
+        response = yield from self._call(Call("GET", "/usage", params=params or None, idempotent=True))
+        return parse(response, Usage)
 
 
 def _file_part(value: FileInput, stack: ExitStack) -> tuple[str, IO[bytes], str]:

@@ -1,6 +1,10 @@
 """``lipsync``: the command line of the lip-sync service.
 
     lipsync generate VIDEO AUDIO -o OUT.mp4 [--server URL] [--bbox-shift N] [any job parameter]
+    lipsync generate --video-url URL --audio-url URL [--webhook-url URL] [--idempotency-key KEY]
+    lipsync generate --avatar-id ID AUDIO -o OUT.mp4
+    lipsync avatar create VIDEO | --video-url URL [--bbox-shift N]   (prints the avatar id once ready)
+    lipsync avatar list | status ID | delete ID
     lipsync status JOB_ID [--json]
     lipsync jobs [--limit N] [--json]
     lipsync download JOB_ID -o OUT.mp4
@@ -8,6 +12,7 @@
     lipsync cancel JOB_ID
     lipsync cleanup JOB_ID
     lipsync health [--json]
+    lipsync usage [--since YYYY-MM-DD] [--until YYYY-MM-DD] [--json]
 
 Results go to stdout (``generate``/``download`` print only the output path), progress bars and
 ``error: ...`` lines to stderr.
@@ -28,6 +33,7 @@ from .client import LipSyncClient
 from .errors import (
     BadRequest,
     ConnectionFailed,
+    IdempotencyConflict,
     JobFailed,
     LipSyncClientError,
     NotFinished,
@@ -38,19 +44,27 @@ from .errors import (
     Unauthorized,
     WaitTimeout,
 )
-from .models import Job
+from .errors import AvatarFailed
+from .models import Avatar, Job
 
 from lipsync_runner.errors import InvalidInputError  # noqa: E402 - the schema is light (pydantic only)
-from lipsync_runner.params import add_cli_arguments, cli_fields, parse_fields  # noqa: E402
+from lipsync_runner.params import (  # noqa: E402
+    add_cli_arguments,
+    avatar_request_fields,
+    cli_fields,
+    parse_avatar_fields,
+    parse_fields,
+)
 
 OK, JOB_FAILED, BAD_INPUT, NOT_FOUND, UNAUTHORIZED, UNAVAILABLE, TIMED_OUT, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 130
 
 EXIT_CODES = f"""\
 exit codes:
   {OK}    success
-  {JOB_FAILED}    the job failed or was cancelled
-  {BAD_INPUT}    bad usage or input: missing file, refused upload (400), too large (413)
-  {NOT_FOUND}    unknown job (404), or the job has not finished (409)
+  {JOB_FAILED}    the job (or the avatar's preparation) failed or was cancelled
+  {BAD_INPUT}    bad usage or input: missing file, refused upload (400), too large (413),
+       an Idempotency-Key used for another request (409)
+  {NOT_FOUND}    unknown job or avatar (404), the job has not finished or the avatar is not ready (409)
   {UNAUTHORIZED}    missing or wrong token (401/403)
   {UNAVAILABLE}    server unavailable: cannot connect, not ready (503), queue full (429),
        out of storage (507), other server errors
@@ -64,9 +78,9 @@ environment: LIPSYNC_SERVER (default http://localhost:3000), LIPSYNC_TOKEN (bear
 
 def exit_code(exc: BaseException) -> int:
     """The exit code for an error (see EXIT_CODES)."""
-    if isinstance(exc, JobFailed):
+    if isinstance(exc, (JobFailed, AvatarFailed)):
         return JOB_FAILED
-    if isinstance(exc, (BadRequest, PayloadTooLarge)):
+    if isinstance(exc, (BadRequest, PayloadTooLarge, IdempotencyConflict)):
         return BAD_INPUT
     if isinstance(exc, (NotFound, NotFinished)):
         return NOT_FOUND
@@ -96,14 +110,41 @@ def _print_job(job: Job) -> None:
     rows = [("job_id", job.job_id), ("status", job.status), ("stage", job.stage or "-"),
             ("progress", f"{job.progress * 100:.0f}%"), ("created_at", _fmt_time(job.created_at)),
             ("completed_at", _fmt_time(job.completed_at))]
+    if job.queue_position is not None:
+        rows.append(("queue", f"position {job.queue_position}"))
+    if job.eta_s is not None and not job.finished:
+        rows.append(("eta", f"about {_duration(job.eta_s)}"))
     if job.frames is not None:
         rows.append(("frames", str(job.frames)))
     if job.output_path:
         rows.append(("output", job.output_path))
     if job.error:
         rows.append(("error", job.error))
+    for hook in job.webhooks or []:
+        outcome = f"HTTP {hook.last_status}" if hook.last_status is not None else (hook.last_error or "-")
+        rows.append(("webhook", f"{hook.event}: {hook.state} after {hook.attempts} attempt(s), last {outcome}"))
     for key, value in rows:
         print(f"{key + ':':<14}{value}")
+
+
+def job_line(job: Job) -> str:
+    """``queued (position 3, about 2 min left)``, ``processing (generate, about 40 s left)``."""
+    details = []
+    if job.status == "queued" and job.queue_position is not None:
+        details.append(f"position {job.queue_position}")
+    elif job.stage and job.status != "queued":
+        details.append(job.stage)
+    if job.eta_s is not None and not job.finished:
+        details.append(f"about {_duration(job.eta_s)} left")
+    return job.status + (f" ({', '.join(details)})" if details else "")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class JobProgress:
@@ -116,7 +157,7 @@ class JobProgress:
     def __call__(self, job: Job) -> None:
         if self.bar is None:
             return
-        self.bar.set_description_str(f"{job.status}" + (f" ({job.stage})" if job.stage else ""), refresh=False)
+        self.bar.set_description_str(job_line(job), refresh=False)
         self.bar.n = round(job.progress * 100)
         self.bar.refresh()
 
@@ -166,14 +207,30 @@ def _require_file(path: str, what: str) -> None:
 
 
 def cmd_generate(client: LipSyncClient, args: argparse.Namespace) -> int:
-    _require_file(args.video, "video")
-    _require_file(args.audio, "audio")
+    fields = cli_fields(args)
+    video_elsewhere = "video_url" in fields or "avatar_id" in fields
+    if args.video is not None and args.audio is None and video_elsewhere and "audio_url" not in fields:
+        args.video, args.audio = None, args.video  # `--avatar-id ID speech.wav`: the one file is the audio
+    for kind in ("video", "audio"):
+        given, url = getattr(args, kind), fields.get(f"{kind}_url")
+        if kind == "video" and "avatar_id" in fields:
+            if given is not None or url is not None:
+                raise _UsageError("give the video as a file, --video-url or --avatar-id: one of them")
+            continue
+        if given is None and url is None:
+            raise _UsageError(f"give the {kind} as a file or with --{kind}-url"
+                              + (" (or the video as --avatar-id)" if kind == "video" else ""))
+        if given is not None and url is not None:
+            raise _UsageError(f"give the {kind} as a file or with --{kind}-url, not both")
+        if given is not None:
+            _require_file(given, kind)
     target = _output_target(args.output)
     show = not (args.quiet or args.no_progress)
-    fields = cli_fields(args)
     parse_fields(fields)  # refuse a bad parameter here (exit 2), before a long upload
-    _note(args, f"uploading {Path(args.video).name} and {Path(args.audio).name} to {client.base_url}")
-    job = client.generate(args.video, args.audio, **fields)
+    sources = [Path(f).name for f in (args.video, args.audio) if f is not None]
+    _note(args, f"uploading {' and '.join(sources)} to {client.base_url}" if sources
+          else f"submitting to {client.base_url} (inputs by URL)")
+    job = client.generate(args.video, args.audio, idempotency_key=args.idempotency_key, **fields)
     _note(args, f"job {job.job_id} {job.status}")
     bar = JobProgress(show)
     try:
@@ -248,6 +305,79 @@ def cmd_cleanup(client: LipSyncClient, args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_usage(client: LipSyncClient, args: argparse.Namespace) -> int:
+    usage = client.usage(since=args.since, until=args.until)
+    if args.json:
+        _print_json(usage.to_json())
+        return OK
+    print(f"{usage.since} .. {usage.until}: {usage.jobs} jobs ({usage.completed} completed, {usage.failed} failed, "
+          f"{usage.cancelled} cancelled), {usage.output_seconds:.1f} s of video, {usage.frames} frames")
+    for day in usage.days:
+        print(f"  {day.date}  {day.jobs:>5} jobs  {day.output_seconds:>10.1f} s  {day.frames:>9} frames")
+    return OK
+
+
+def _print_avatar(avatar: Avatar) -> None:
+    rows = [("avatar_id", avatar.avatar_id), ("status", avatar.status), ("ready", "yes" if avatar.ready else "no"),
+            ("stage", avatar.stage or "-"), ("progress", f"{avatar.progress * 100:.0f}%"),
+            ("video", str(avatar.video.get("filename", "-"))), ("params", json.dumps(avatar.params)),
+            ("created_at", _fmt_time(avatar.created_at)), ("expires_at", _fmt_time(avatar.expires_at))]
+    if avatar.frames is not None:
+        rows.append(("frames", str(avatar.frames)))
+    if avatar.error:
+        rows.append(("error", avatar.error))
+    for key, value in rows:
+        print(f"{key + ':':<14}{value}")
+
+
+def cmd_avatar_create(client: LipSyncClient, args: argparse.Namespace) -> int:
+    fields = cli_fields(args)
+    if (args.video is None) == ("video_url" not in fields):
+        raise _UsageError("give the video as a file or with --video-url (one of them)")
+    if args.video is not None:
+        _require_file(args.video, "video")
+    parse_avatar_fields(fields)  # refuse a bad parameter here (exit 2), before the upload
+    _note(args, f"uploading {Path(args.video).name} to {client.base_url}" if args.video
+          else f"submitting to {client.base_url} (video by URL)")
+    avatar = client.create_avatar(args.video, idempotency_key=args.idempotency_key, **fields)
+    if not args.no_wait:
+        bar = JobProgress(not (args.quiet or args.no_progress))
+        try:
+            avatar = client.wait_avatar(avatar.avatar_id, progress=bar, timeout=args.wait_timeout)
+        finally:
+            bar.close()
+    _print_json(avatar.to_json()) if args.json else print(avatar.avatar_id)
+    return OK
+
+
+def cmd_avatar_list(client: LipSyncClient, args: argparse.Namespace) -> int:
+    listing = client.avatars(limit=args.limit)
+    if args.json:
+        _print_json(listing.to_json())
+        return OK
+    if not listing.avatars:
+        _note(args, "no avatars")
+        return OK
+    print(f"{'AVATAR_ID':<36}  {'STATUS':<10}  {'FRAMES':>6}  {'EXPIRES (UTC)':<19}  VIDEO")
+    for a in listing.avatars:
+        expires = a.expires_at.strftime("%Y-%m-%d %H:%M:%S") if a.expires_at else "-"
+        frames = str(a.frames) if a.frames is not None else "-"
+        print(f"{a.avatar_id:<36}  {a.status:<10}  {frames:>6}  {expires:<19}  {a.video.get('filename', '-')}")
+    return OK
+
+
+def cmd_avatar_status(client: LipSyncClient, args: argparse.Namespace) -> int:
+    avatar = client.avatar(args.avatar_id)
+    _print_json(avatar.to_json()) if args.json else _print_avatar(avatar)
+    return OK
+
+
+def cmd_avatar_delete(client: LipSyncClient, args: argparse.Namespace) -> int:
+    result = client.delete_avatar(args.avatar_id)
+    _print_json(result.to_json()) if args.json else print(f"avatar {result.avatar_id} removed")
+    return OK
+
+
 def cmd_health(client: LipSyncClient, args: argparse.Namespace) -> int:
     health = client.health()
     if args.json:
@@ -297,14 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     def no_progress(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    sub = command("generate", cmd_generate, "upload a video and an audio track, wait, download the result")
-    sub.add_argument("video", help="input video (a face)")
-    sub.add_argument("audio", help="audio track to lip-sync to")
+    sub = command("generate", cmd_generate, "upload a video and an audio track (or give their URLs, or an "
+                                            "avatar's id for the video), wait, download the result")
+    sub.add_argument("video", nargs="?", help="input video (a face); or --video-url")
+    sub.add_argument("audio", nargs="?", help="audio track to lip-sync to; or --audio-url (with --video-url and "
+                                              "one file, the file is the audio)")
     sub.add_argument("-o", "--output", default=".", metavar="OUT.mp4",
                      help="where to write the result (a file, or a directory for lip_sync_<id>.mp4; default .)")
-    add_cli_arguments(sub)  # one option per job parameter, from the schema (lipsync_runner/params.py)
+    add_cli_arguments(sub, surface="service")  # one option per job parameter, from the schema (lipsync_runner/params.py)
     sub.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 6)")
     sub.add_argument("--cleanup", action="store_true", help="remove the job from the server after the download")
+    sub.add_argument("--idempotency-key", metavar="KEY",
+                     help="the same KEY and request within 24 h gives the original job instead of a new one "
+                          "(retry a generate safely)")
     no_progress(sub)
 
     sub = command("status", cmd_status, "show a job's status")
@@ -336,11 +471,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("health", cmd_health, "is the service ready? (exit 5 if not)")
     json_flag(sub)
+
+    avatar = commands.add_parser("avatar", help="avatars: a video prepared once, dubbed by generate --avatar-id",
+                                 description="An avatar is a video prepared once (face track and latents); "
+                                             "generate --avatar-id ID AUDIO then uploads only the audio.")
+    avatar_commands = avatar.add_subparsers(dest="avatar_command", metavar="ACTION", required=True)
+
+    def avatar_command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        sub = avatar_commands.add_parser(name, help=help, description=help, epilog=EXIT_CODES,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        _connection_options(sub, suppress=True)
+        sub.set_defaults(func=func)
+        return sub
+
+    sub = avatar_command("create", cmd_avatar_create, "prepare a video once (upload or --video-url); prints its "
+                                                      "avatar id once it is ready")
+    sub.add_argument("video", nargs="?", help="the video with the face; or --video-url")
+    add_cli_arguments(sub, surface="service", only=avatar_request_fields())  # from the schema, as generate's
+    sub.add_argument("--no-wait", action="store_true", help="print the id at once, do not wait until it is ready")
+    sub.add_argument("--wait-timeout", type=float, metavar="S", help="give up waiting after S seconds (exit 6)")
+    sub.add_argument("--idempotency-key", metavar="KEY", help="a retry with the same KEY gives the same avatar")
+    no_progress(sub)
+    json_flag(sub)
+    sub = avatar_command("list", cmd_avatar_list, "list your avatars, newest first")
+    sub.add_argument("--limit", type=int, default=100, metavar="N", help="at most N avatars (default 100)")
+    json_flag(sub)
+    sub = avatar_command("status", cmd_avatar_status, "show an avatar's status")
+    sub.add_argument("avatar_id")
+    json_flag(sub)
+    sub = avatar_command("delete", cmd_avatar_delete, "delete an avatar and its prepared data")
+    sub.add_argument("avatar_id")
+    json_flag(sub)
+
+    sub = command("usage", cmd_usage, "your jobs, output seconds and frames by UTC day")
+    sub.add_argument("--since", metavar="YYYY-MM-DD", help="first UTC day (default: 29 days before --until)")
+    sub.add_argument("--until", metavar="YYYY-MM-DD", help="last UTC day (default: today)")
+    json_flag(sub)
     return parser
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+class _UsageError(Exception):
+    """A bad combination of arguments (exit 2, like argparse's own)."""
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -353,6 +528,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return INTERRUPTED
     except InvalidInputError as exc:  # a job parameter the schema refuses
         print(f"error: {_one_line(exc.message)}", file=sys.stderr)
+        return BAD_INPUT
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
     except (LipSyncClientError, OSError) as exc:
         message = exc.message if isinstance(exc, LipSyncClientError) else (

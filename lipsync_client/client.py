@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import ExitStack
+from datetime import date
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +21,7 @@ from ._core import (
     ProgressCallback,
     Sleep,
 )
-from .models import CleanupResult, Health, Job, JobList
+from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
 
 
 class LipSyncClient(ClientBase):
@@ -45,17 +46,23 @@ class LipSyncClient(ClientBase):
         """The service's health; ``.ready`` is False (no exception) while models load or failed to."""
         return self._run(self._core.health())
 
-    def generate(self, video: FileInput, audio: FileInput, bbox_shift: Optional[int] = None,
-                 wait: bool = False, *, progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
-                 **params: Any) -> Job:
-        """Upload ``video`` and ``audio`` (paths or binary files, streamed from disk) and start a job.
+    def generate(self, video: Optional[FileInput] = None, audio: Optional[FileInput] = None,
+                 bbox_shift: Optional[int] = None, wait: bool = False, *,
+                 progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
+                 idempotency_key: Optional[str] = None, **params: Any) -> Job:
+        """Start a job from ``video`` and ``audio`` (paths or binary files, streamed from disk), or from
+        URLs the server fetches (``video_url=``, ``audio_url=``; one of each pair), or from a prepared
+        avatar instead of the video (``avatar_id=``, see ``create_avatar``: no face tracking, no VAE
+        encoding; ``AvatarNotReady`` until it is ready).
 
-        ``params``: any job parameter by name (``bbox_shift=5``, ``sync_mode="loop"``, ``segments=[...]``:
-        ``GET /api/lip-sync/params`` lists them; the server checks them and answers 400 for a bad one).
-        A parameter left out takes the deployment's default. With ``wait=True``, poll until it
-        completes and return the finished job."""
+        ``params``: any job parameter by name (``bbox_shift=5``, ``webhook_url="https://..."``,
+        ``webhook_events=["completed", "failed"]``: ``GET /api/lip-sync/params`` lists them; the server
+        checks them and answers 400 for a bad one). A parameter left out takes the deployment's default.
+        ``idempotency_key``: the same key and request within 24 h returns the original job instead of
+        starting another (so the POST is retried on connection errors); another request with it is a
+        409 (``NotFinished``). With ``wait=True``, poll until it completes and return the finished job."""
         params = {"bbox_shift": bbox_shift, **params}
-        return self._run(self._core.generate(video, audio, params, wait, progress, timeout))
+        return self._run(self._core.generate(video, audio, params, wait, progress, timeout, idempotency_key))
 
     def status(self, job_id: str) -> Job:
         return self._run(self._core.status(job_id))
@@ -78,6 +85,39 @@ class LipSyncClient(ClientBase):
 
     def jobs(self, limit: int = 100) -> JobList:
         return self._run(self._core.jobs(limit))
+
+    def create_avatar(self, video: Optional[FileInput] = None, *, video_url: Optional[str] = None,
+                      bbox_shift: Optional[int] = None, wait: bool = False,
+                      progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None,
+                      idempotency_key: Optional[str] = None, **params: Any) -> Avatar:
+        """Prepare ``video`` (a path or binary file; or ``video_url``) once: its face track and latents.
+        Then ``generate(avatar_id=avatar.avatar_id, audio=...)`` for each language uploads only the audio.
+        ``params``: the other parameters that shape the preparation (``GET /params``: those marked
+        ``x-prepares-video``). With ``wait=True``, poll until it is ready (``AvatarFailed`` otherwise)."""
+        params = {"video_url": video_url, "bbox_shift": bbox_shift, **params}
+        return self._run(self._core.create_avatar(video, params, wait, progress, timeout, idempotency_key))
+
+    def avatar(self, avatar_id: str) -> Avatar:
+        """An avatar's status (``ready`` once prepared)."""
+        return self._run(self._core.avatar(avatar_id))
+
+    def wait_avatar(self, avatar_id: str, progress: Optional[ProgressCallback] = None,
+                    timeout: Optional[float] = None) -> Avatar:
+        """Poll until the avatar is ready; ``progress(avatar)`` on every change."""
+        return self._run(self._core.wait_avatar(avatar_id, progress=progress, timeout=timeout))
+
+    def avatars(self, limit: int = 100) -> AvatarList:
+        """Your avatars, newest first."""
+        return self._run(self._core.avatars(limit))
+
+    def delete_avatar(self, avatar_id: str) -> AvatarDeleted:
+        """Delete an avatar and its prepared data (a preparation still running is cancelled)."""
+        return self._run(self._core.delete_avatar(avatar_id))
+
+    def usage(self, since: Optional[Union[str, date]] = None,
+              until: Optional[Union[str, date]] = None) -> Usage:
+        """Your own usage (your token's jobs) by UTC day between ``since`` and ``until`` (default: 30 days)."""
+        return self._run(self._core.usage(since, until))
 
     # -- lifecycle
 

@@ -5,6 +5,8 @@
     ├── Unauthorized          401  missing or wrong token (403 is mapped here too)
     ├── NotFound              404  unknown job id (or a job of another token)
     ├── NotFinished           409  download of a job that has not completed
+    │   └── AvatarNotReady        409  generate by an avatar still being prepared (or whose preparation failed)
+    ├── IdempotencyConflict   409  generate: the Idempotency-Key was used for another request
     ├── PayloadTooLarge       413  an upload over the server's limit
     ├── TooManyRequests       429  the queue is full; ``retry_after`` seconds (or None)
     ├── ServerError           5xx
@@ -13,6 +15,7 @@
     ├── ConnectionFailed           the server could not be reached (no status code)
     ├── UnexpectedResponse         a 2xx body that is not what the API sends (wrong URL?)
     ├── JobFailed                  ``wait`` saw the job end failed or cancelled (``.job``)
+    ├── AvatarFailed               ``wait_avatar`` saw the preparation fail (``.avatar``)
     └── WaitTimeout                ``wait`` gave up; also a TimeoutError (``.job``: last seen)
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .models import Job
+    from .models import Avatar, Job
 
 
 class LipSyncClientError(Exception):
@@ -56,6 +59,16 @@ class NotFound(LipSyncClientError):
 
 
 class NotFinished(LipSyncClientError):
+    status_code = 409
+
+
+class AvatarNotReady(NotFinished):
+    """``generate(avatar_id=...)`` before the avatar is ready (``wait_avatar`` first), or after it failed."""
+
+
+class IdempotencyConflict(LipSyncClientError):
+    """``generate`` with an Idempotency-Key that names another request (or one still being received)."""
+
     status_code = 409
 
 
@@ -101,11 +114,21 @@ class JobFailed(LipSyncClientError):
         self.job = job
 
 
-class WaitTimeout(LipSyncClientError, TimeoutError):
-    """``wait`` ran out of time; the job keeps running on the server. ``job``: its last status."""
+class AvatarFailed(LipSyncClientError):
+    """The avatar's preparation ended ``failed`` or ``cancelled``; ``avatar`` holds its last status."""
 
-    def __init__(self, job: "Job", timeout: float) -> None:
-        super().__init__(f"job {job.job_id} still {job.status} after {timeout:g} s")
+    def __init__(self, avatar: "Avatar") -> None:
+        super().__init__(f"avatar {avatar.avatar_id} {avatar.status}: {avatar.error or 'preparation ' + avatar.status}")
+        self.avatar = avatar
+
+
+class WaitTimeout(LipSyncClientError, TimeoutError):
+    """``wait`` ran out of time; the job keeps running on the server. ``job``: its last status
+    (an ``Avatar`` from ``wait_avatar``)."""
+
+    def __init__(self, job: "Job | Avatar", timeout: float) -> None:
+        what = f"avatar {job.avatar_id}" if hasattr(job, "avatar_id") else f"job {job.job_id}"
+        super().__init__(f"{what} still {job.status} after {timeout:g} s")
         self.job = job
         self.timeout = timeout
 

@@ -1,7 +1,7 @@
 """Response bodies of the lip-sync REST API as pydantic models.
 
 They mirror the server's JSON and accept fields added later (``extra="allow"``).
-Timestamps arrive as UTC ``YYYY-MM-DDTHH:MM:SS`` and become timezone-aware datetimes.
+Timestamps arrive as ISO 8601 in UTC (``YYYY-MM-DDTHH:MM:SSZ``) and become timezone-aware datetimes.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class Job(_Timestamps):
     attempts: int = 0
     bbox_shift: Optional[int] = None
     message: Optional[str] = None
+    queue_position: Optional[int] = Field(default=None, description="Queued: 1 for the job that starts next.")
+    eta_s: Optional[float] = Field(default=None, description="Queued or processing: expected seconds to the end.")
+    webhooks: Optional[list["WebhookDelivery"]] = Field(default=None, description="Each webhook delivery's outcome.")
 
     @property
     def finished(self) -> bool:
@@ -68,6 +71,19 @@ class Job(_Timestamps):
     def failed(self) -> bool:
         """Ended without a result: failed or cancelled."""
         return self.status in (FAILED, CANCELLED)
+
+
+class WebhookDelivery(_Body):
+    """One webhook delivery of a job (``Job.webhooks``)."""
+
+    event: str
+    event_id: str
+    state: str = Field(description="pending, delivered, or failed (given up)")
+    attempts: int = 0
+    last_status: Optional[int] = None
+    last_error: Optional[str] = None
+    delivered_at: Optional[datetime] = None
+    next_attempt_at: Optional[datetime] = None
 
 
 class JobSummary(_Timestamps):
@@ -100,7 +116,75 @@ class Health(_Body):
         return self.status == "ready"
 
 
+class UsageDay(_Body):
+    date: str
+    jobs: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    output_seconds: float = 0.0
+    frames: int = 0
+
+
+class Usage(_Body):
+    """``GET /usage``: the caller's own jobs, output seconds and frames, by UTC day."""
+
+    since: str
+    until: str
+    jobs: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    output_seconds: float = 0.0
+    frames: int = 0
+    days: list[UsageDay] = Field(default_factory=list)
+
+
+class Avatar(_Timestamps):
+    """An avatar (``POST /avatars``): a video prepared once, then dubbed by ``generate(avatar_id=...)``."""
+
+    avatar_id: str
+    status: str = Field(description="queued, processing, completed (ready), failed or cancelled")
+    ready: bool = False
+    stage: str = ""
+    progress: float = 0.0
+    error: Optional[str] = None
+    created_at: Optional[datetime] = None
+    completed_at: Optional[datetime] = None
+    expires_at: Optional[datetime] = None
+    frames: Optional[int] = None
+    params: dict[str, Any] = Field(default_factory=dict, description="What every generate by it uses (bbox_shift).")
+    video: dict[str, Any] = Field(default_factory=dict, description="filename, source, duration_s, width, height, fps")
+    timings: dict[str, float] = Field(default_factory=dict)
+    status_url: Optional[str] = None
+    message: Optional[str] = None
+    queue_position: Optional[int] = None
+    eta_s: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @property
+    def failed(self) -> bool:
+        return self.status in (FAILED, CANCELLED)
+
+
+class AvatarList(_Body):
+    total: int
+    avatars: list[Avatar]
+
+
+class AvatarDeleted(_Body):
+    success: bool = True
+    avatar_id: str
+    message: str = ""
+
+
 class CleanupResult(_Body):
     success: bool = True
     job_id: str
     message: str = ""
+
+
+Job.model_rebuild()

@@ -14,6 +14,7 @@ too, since it picks the person), so a change of models or settings never reuses 
     <root>/<key>/latents.f32    [N, 8, 32, 32] float32, filled as frames are prepared
     <root>/<key>/prepared.u8    [N] 1 where latents[i] is valid (written after the latents)
     <root>/<key>/jobs/<job_id>  the jobs that used the entry (cleanup releases them)
+    <root>/<key>/pins/<id>      the avatars (POST /avatars) stored in the entry
     <root>/<key>.build          flock: one build at a time, across threads and processes
     <root>/<key>.use            flock: shared while a job uses the entry, exclusive to remove it
 
@@ -25,6 +26,13 @@ not been used for the retention time, or when the size bound evicts it (least re
 used first). An entry in use is never removed, by any process: its use lock is shared,
 removal needs it exclusively. Build directories a crash left behind count towards the
 size and are reclaimed.
+
+Avatars: an avatar (a video prepared once, then dubbed by ``avatar_id``) is stored as an
+entry pinned by the avatar's id. A pinned entry is never evicted nor expired for want of
+use: it lives as long as its avatar's record. When the avatar is deleted or expires
+(``release_job(avatar_id)``), its entry goes at once, whichever jobs used it, unless a job
+is using it right now (then it goes like an unpinned entry). A pin whose avatar no longer
+exists (a crash between the two) is dropped by ``expire(..., live=...)``.
 """
 
 from __future__ import annotations
@@ -137,14 +145,16 @@ class AvatarCache:
             self._hashes[memo] = file_sha256(path)
         return self._hashes[memo]
 
-    def for_job(self, job_id: str, owner: str | None) -> "JobAvatarCache":
-        """The cache as one job sees it: entries of its owner only, the job recorded as a user."""
-        return JobAvatarCache(self, job_id, owner)
+    def for_job(self, job_id: str, owner: str | None, *, pin: bool = False) -> "JobAvatarCache":
+        """The cache as one job sees it: entries of its owner only, the job recorded as a user.
+        ``pin``: the job is an avatar, stored in the entry it opens (see the module's docstring)."""
+        return JobAvatarCache(self, job_id, owner, pin=pin)
 
     @contextmanager
     def open(self, key: str, build_track: Callable[[], FaceTrack], *,
-             job_id: str | None = None) -> Iterator[tuple[Avatar, bool]]:
-        """The entry for `key`, built with `build_track()` if absent; yields (avatar, was_it_a_hit)."""
+             job_id: str | None = None, pin: bool = False) -> Iterator[tuple[Avatar, bool]]:
+        """The entry for `key`, built with `build_track()` if absent; yields (avatar, was_it_a_hit).
+        ``pin`` (with ``job_id``): the entry now stores the avatar ``job_id``."""
         folder = self.root / key
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
@@ -159,6 +169,9 @@ class AvatarCache:
                     if job_id is not None:
                         (folder / "jobs").mkdir(exist_ok=True)
                         (folder / "jobs" / job_id).touch()
+                        if pin:
+                            (folder / "pins").mkdir(exist_ok=True)
+                            (folder / "pins" / job_id).touch()
                 yield Avatar(folder, track, lock), hit
         finally:
             self.evict()
@@ -206,31 +219,48 @@ class AvatarCache:
         return True
 
     def evict(self) -> list[str]:
-        """Remove least recently used entries (not in use) until the cache fits its bound."""
+        """Remove least recently used entries (not in use, not an avatar's) until the cache fits its bound."""
         entries = self._entries()
         total = self.size_bytes()
         removed = []
         for _, folder, size in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
                 break
-            if self.remove(folder.name):
+            if not _pinned(folder) and self.remove(folder.name):
                 total -= size
                 removed.append(folder.name)
         return removed
 
-    def expire(self, max_age_s: float, now: float | None = None) -> list[str]:
-        """Remove entries not used for `max_age_s` (the retention setting), and abandoned builds."""
+    def expire(self, max_age_s: float, now: float | None = None, *,
+               live: Callable[[str], bool] | None = None) -> list[str]:
+        """Remove entries not used for `max_age_s` (the retention setting), and abandoned builds.
+
+        Avatars' entries stay (they go with their avatar); ``live(avatar_id)`` says whether an
+        avatar still exists: the pins of those that do not are dropped first."""
         cutoff = (now if now is not None else time.time()) - max_age_s
         self.reclaim_builds()
-        return [folder.name for last, folder, _ in self._entries() if last <= cutoff and self.remove(folder.name)]
+        if live is not None:
+            for pin in list(self.root.glob("*/pins/*")):
+                if not live(pin.name):
+                    log.info("avatar %s is gone: unpinning its cache entry", pin.name)
+                    pin.unlink(missing_ok=True)
+        return [folder.name for last, folder, _ in self._entries()
+                if last <= cutoff and not _pinned(folder) and self.remove(folder.name)]
 
     def release_job(self, job_id: str) -> list[str]:
-        """A job is gone (cleaned up, expired): forget it, and remove the entries no other job uses."""
+        """A job is gone (cleaned up, expired): forget it, and remove the entries no other job uses.
+        An avatar's entry goes with the avatar, whichever jobs used it (unless one is using it now)."""
         removed = []
+        for pin in self.root.glob(f"*/pins/{job_id}"):
+            folder = pin.parent.parent
+            pin.unlink(missing_ok=True)
+            (folder / "jobs" / job_id).unlink(missing_ok=True)
+            if not _pinned(folder) and self.remove(folder.name):
+                removed.append(folder.name)
         for ref in self.root.glob(f"*/jobs/{job_id}"):
             folder = ref.parent.parent
             ref.unlink(missing_ok=True)
-            if not any((folder / "jobs").iterdir()) and self.remove(folder.name):
+            if not any((folder / "jobs").iterdir()) and not _pinned(folder) and self.remove(folder.name):
                 removed.append(folder.name)
         return removed
 
@@ -261,15 +291,15 @@ class AvatarCache:
 class JobAvatarCache:
     """What the pipeline sees of the cache for one job (the same calls as AvatarCache)."""
 
-    def __init__(self, cache: AvatarCache, job_id: str, owner: str | None) -> None:
-        self.cache, self.job_id, self.owner = cache, job_id, owner
+    def __init__(self, cache: AvatarCache, job_id: str, owner: str | None, *, pin: bool = False) -> None:
+        self.cache, self.job_id, self.owner, self.pin = cache, job_id, owner, pin
 
     def video_hash(self, path: Path) -> str:
         return self.cache.video_hash(path)
 
     @contextmanager
     def open(self, key: str, build_track: Callable[[], FaceTrack]) -> Iterator[tuple[Avatar, bool]]:
-        with self.cache.open(owner_key(key, self.owner), build_track, job_id=self.job_id) as opened:
+        with self.cache.open(owner_key(key, self.owner), build_track, job_id=self.job_id, pin=self.pin) as opened:
             yield opened
 
 
@@ -281,6 +311,14 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _pinned(folder: Path) -> bool:
+    """Whether an avatar is stored in this entry."""
+    try:
+        return any((folder / "pins").iterdir())
+    except FileNotFoundError:
+        return False
 
 
 def _tree_bytes(path: Path) -> int:

@@ -47,7 +47,8 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
                      default=Path(os.environ.get("LIP_SYNC_AVATAR_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser(),
                      help="avatar cache: face tracks and latents of videos seen before ($LIP_SYNC_AVATAR_CACHE_DIR)")
     gen.add_argument("--no-cache", action="store_true", help="do not read or write the avatar cache")
-    add_cli_arguments(gen, _param_defaults(settings))
+    # the job parameters from the schema; the service-only ones (URL inputs, webhooks) stay out
+    add_cli_arguments(gen, _param_defaults(settings), surface="local")
 
     dl = sub.add_parser("download-models", help="fetch the real weights from the model hub")
     dl.add_argument("--to", type=Path, required=True, help="models directory to fill")

@@ -70,6 +70,18 @@ class JobNotFinishedError(LipSyncError):
     http_status = 409
 
 
+class AvatarNotFoundError(JobNotFoundError):
+    """No such avatar (unknown, malformed, another owner's, deleted or expired)."""
+
+
+class AvatarNotReadyError(JobNotFinishedError):
+    """A generate named an avatar that is still being prepared (Retry-After), or whose preparation failed."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ModelsNotReadyError(LipSyncError):
     """The GPU runner has not loaded its models (yet, or it failed to)."""
 

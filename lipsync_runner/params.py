@@ -9,6 +9,17 @@ type, range and description. Everything that takes job parameters derives from i
 * the SDK (`lipsync_client`) sends the fields by these names (tests hold it to that);
 * the web page renders its controls from `GET /api/lip-sync/params` (this schema).
 
+Where a parameter applies: a field marked ``json_schema_extra={"surface": "service"}``
+only means something to the service (inputs by URL, webhooks: the worker fetches, the API
+process delivers). `add_cli_arguments(..., surface="local")` leaves those out of the local
+command line (`python -m lipsync_runner generate`); the service's surfaces (REST, BentoML,
+SDK, the `lipsync` CLI) take every field. A field without the marker applies everywhere.
+
+Avatars (``POST /api/lip-sync/avatars``: a video prepared once, then dubbed many times by
+``avatar_id``): a field marked ``json_schema_extra={PREPARES_VIDEO: True}`` changes how a
+video is prepared (its face track and latents). An avatar is created with those fields (and
+``video_url``), and a generate by ``avatar_id`` takes them from the avatar (`avatar_fields`).
+
 Light on purpose (pydantic only): the client package imports it.
 """
 
@@ -17,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable, Mapping
+from enum import Enum
+from typing import Annotated, Any, Literal, Optional
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
@@ -56,6 +69,45 @@ class Segment(BaseModel):
         return self
 
 
+Surface = Literal["local", "service"]
+SERVICE_ONLY: dict[str, Any] = {"surface": "service"}  # json_schema_extra of a service-only field
+PREPARES_VIDEO = "x-prepares-video"  # json_schema_extra key: the field shapes an avatar (see the module doc)
+
+MAX_URL_CHARS = 2048
+MAX_AVATAR_ID_CHARS = 64  # an avatar id is a job id (a uuid4); anything else is "not found" (404)
+
+
+class WebhookEvent(str, Enum):
+    started = "started"
+    progress = "progress"  # throttled: at most one per LIP_SYNC_WEBHOOK_PROGRESS_INTERVAL_S per job
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+#: The events a job with a `webhook_url` and no `webhook_events` sends: the job's end.
+DEFAULT_WEBHOOK_EVENTS = (WebhookEvent.completed, WebhookEvent.failed, WebhookEvent.cancelled)
+
+
+def _check_url(value: Optional[str], schemes: tuple[str, ...]) -> Optional[str]:
+    """Shape only (scheme, host, no spaces); which addresses may be reached is netguard's job, at fetch time."""
+    if value is None:
+        return None
+    value = value.strip()
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("a URL must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        raise ValueError("not a valid URL") from None
+    if parts.scheme.lower() not in schemes:
+        raise ValueError(f"the URL must start with {' or '.join(s + '://' for s in schemes)}")
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    return value
+
+
 FACE_RULES = ("largest", "center", "speaker")
 _POINT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*[,; ]\s*(\d+(?:\.\d*)?)\s*$")
 
@@ -88,7 +140,7 @@ class JobParams(BaseModel):
         default=0, ge=-100, le=100,
         description="MuseTalk v1.0 only: move the mouth box down (+) or up (-), in pixels. "
                     "v1.5 ignores it, as MuseTalk v1.5 does.",
-        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"]})
+        json_schema_extra={MODEL_VERSIONS_KEY: ["v1"], PREPARES_VIDEO: True})
     sharpen: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="Detail-preserving paste for faces larger than the model's 256x256 (e.g. 1080p): "
@@ -115,7 +167,6 @@ class JobParams(BaseModel):
                     "longer under bounce, loop or remap); outside, frames pass through untouched. The output "
                     "keeps the new audio; a segment with audio_start plays the audio from there. "
                     "Ordered and non-overlapping. Default: the whole output.")
-
     @field_validator("segments")
     @classmethod
     def _ordered_segments(cls, segments: list[Segment] | None) -> list[Segment] | None:
@@ -132,18 +183,19 @@ class JobParams(BaseModel):
         description="Whose face is dubbed when several are on screen: largest (most screen area over "
                     "the video), center (nearest the frame's centre), speaker (the mouth that moves with "
                     "the new audio), or a track id from an earlier job's status (`faces.tracks[].id`) for "
-                    "the same video. Frames where that person is not seen pass through.")
+                    "the same video. Frames where that person is not seen pass through.",
+        json_schema_extra={PREPARES_VIDEO: True})
     face_point: Annotated[tuple[float, float] | None, WithJsonSchema(
         {"type": "string", "pattern": _POINT_RE.pattern, "examples": ["320,180"]})] = Field(
         default=None,
         description="x,y in pixels: dub the face under this point, on the first frame that face "
-                    "appears in. Instead of `face`.")
+                    "appears in. Instead of `face`.", json_schema_extra={PREPARES_VIDEO: True})
     face_boxes: list[FaceBox] | None = Field(
         default=None, min_length=1, max_length=100_000,
         description='Explicit crop boxes, JSON: [{"frame": 0, "box": [x1, y1, x2, y2]}, ...]. No face '
                     "detection runs. A box holds until the next given frame, moving linearly towards its "
                     "box (the last one holds to the end); a null box ends a stretch; frames before the "
-                    "first given one pass through. Instead of `face`.")
+                    "first given one pass through. Instead of `face`.", json_schema_extra={PREPARES_VIDEO: True})
 
     @field_validator("face", mode="before")
     @classmethod
@@ -192,12 +244,112 @@ class JobParams(BaseModel):
             raise ValueError(f"{' and '.join(given)} both choose the face: give only one of them")
         return self
 
+    webhook_url: Optional[str] = Field(
+        default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
+        description="http(s) URL that receives the job's status as signed JSON POSTs (Lipsync-Signature: "
+                    "t=...,v1=HMAC-SHA256 of 't.body'; verify with lipsync_client.verify_webhook). "
+                    "Retried with back-off until a 2xx.")
+    webhook_events: Annotated[Optional[list[WebhookEvent]], WithJsonSchema(
+        {"type": "array", "items": {"type": "string", "enum": [e.value for e in WebhookEvent]}})] = Field(
+        default=None, json_schema_extra=SERVICE_ONLY,
+        description="Which events to send to webhook_url: started, progress, completed, failed, cancelled "
+                    "(a list, or comma-separated). Default: completed, failed, cancelled.")
+    video_url: Optional[str] = Field(
+        default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
+        description="Fetch the video from this http(s) (or s3:// with object storage) URL instead of an "
+                    "upload. Same limits as an upload; private and loopback addresses are refused.")
+    audio_url: Optional[str] = Field(
+        default=None, max_length=MAX_URL_CHARS, json_schema_extra=SERVICE_ONLY,
+        description="Fetch the audio from this URL instead of an upload (as video_url).")
+    avatar_id: Optional[str] = Field(
+        default=None, max_length=MAX_AVATAR_ID_CHARS, json_schema_extra=SERVICE_ONLY,
+        description="Dub a prepared avatar (POST /api/lip-sync/avatars) instead of a video: give only the "
+                    "audio. Its face track and latents are reused (no face tracking, no VAE encoding); its "
+                    "bbox_shift applies. It must be yours and ready (404 / 409 otherwise).")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: Optional[str]) -> Optional[str]:
+        return _check_url(value, ("http", "https"))
+
+    @field_validator("video_url", "audio_url")
+    @classmethod
+    def _input_url(cls, value: Optional[str]) -> Optional[str]:
+        return _check_url(value, ("http", "https", "s3"))
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _events_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a form or a command line: "completed,failed"
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _events_unique(cls, value: Optional[list[WebhookEvent]]) -> Optional[list[WebhookEvent]]:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("name at least one event (or leave it out for the default)")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _events_need_url(self) -> "JobParams":
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
+        return self
+
+    @model_validator(mode="after")
+    def _avatar_or_video(self) -> "JobParams":
+        if self.avatar_id is not None and self.video_url is not None:
+            raise ValueError("give avatar_id or video_url, not both (the avatar is the video)")
+        return self
+
+    @property
+    def selected_webhook_events(self) -> frozenset[WebhookEvent]:
+        """The events this job sends (none without a webhook_url)."""
+        if self.webhook_url is None:
+            return frozenset()
+        return frozenset(self.webhook_events or DEFAULT_WEBHOOK_EVENTS)
+
 
 _INT_RE = re.compile(r"[+-]?\d+")
 
 
-def field_names() -> tuple[str, ...]:
-    return tuple(JobParams.model_fields)
+def field_names(surface: Surface = "service") -> tuple[str, ...]:
+    """The parameters a surface takes: all of them on the service, the unmarked ones locally."""
+    return tuple(name for name, info in JobParams.model_fields.items()
+                 if surface == "service" or not _service_only(info.json_schema_extra))
+
+
+def _service_only(extra: Any) -> bool:
+    return isinstance(extra, dict) and extra.get("surface") == "service"
+
+
+def avatar_fields() -> tuple[str, ...]:
+    """The parameters that shape an avatar's preparation (marked PREPARES_VIDEO)."""
+    return tuple(name for name, info in JobParams.model_fields.items()
+                 if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(PREPARES_VIDEO))
+
+
+#: What POST /avatars takes besides the video file: the preparation's parameters and the video's URL.
+def avatar_request_fields() -> tuple[str, ...]:
+    return (*avatar_fields(), "video_url")
+
+
+def parse_avatar_fields(fields: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> JobParams:
+    """The parameters of an avatar (POST /avatars) as JobParams; 400 for a field an avatar does not take."""
+    allowed = avatar_request_fields()
+    other = sorted(name for name, value in fields.items() if name not in allowed and value not in (None, "", "null"))
+    if other:
+        raise InvalidInputError(f"Invalid parameters: {', '.join(other)}: not a parameter of an avatar (an avatar "
+                                f"takes the video and {', '.join(allowed)}; give the rest to each generate)")
+    params = parse_fields({k: v for k, v in fields.items() if k in allowed},
+                          {k: v for k, v in (defaults or {}).items() if k in allowed})
+    if params.face == "speaker":
+        raise InvalidInputError("Invalid parameters: face: speaker chooses by the new audio, and an avatar has none; "
+                                "choose largest, center, a track id, face_point or face_boxes")
+    return params
 
 
 def _decode_value(raw: str) -> Any:
@@ -277,14 +429,20 @@ def _cli_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None) -> None:
-    """One option per job parameter (`--bbox-shift N` ...), help text from the schema.
+def add_cli_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None, *,
+                      surface: Surface, only: Iterable[str] | None = None) -> None:
+    """One option per job parameter of ``surface`` (`--bbox-shift N` ...), help text from the schema.
 
     Values are parsed by `from_cli_args` through the same schema, so the command lines
-    accept and refuse exactly what the API does.
+    accept and refuse exactly what the API does. ``surface="local"`` leaves out the
+    service-only fields (see the module's docstring); ``only``: just these fields (an
+    avatar's: `avatar_request_fields`).
     """
-    group = parser.add_argument_group("job parameters")
-    for name, info in JobParams.model_fields.items():
+    group = parser.add_argument_group("job parameters" if only is None else "parameters")
+    for name in field_names(surface):
+        if only is not None and name not in only:
+            continue
+        info = JobParams.model_fields[name]
         default = (defaults or {}).get(name, info.default)
         group.add_argument(_cli_flag(name), dest=f"param_{name}", default=None, metavar=name.upper(),
                            help=f"{info.description} (default: {default})")

@@ -134,8 +134,8 @@ class JobState:
     model: LipSyncModel
     detector: FaceDetector
     video: Path
-    audio: Path
-    output: Path
+    audio: Path | None  # None: preparing an avatar (prepare_avatar)
+    output: Path | None
     info: VideoInfo
     opts: PipelineOptions
     clock: StageClock
@@ -406,13 +406,130 @@ def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray) -> _
     src = plan.source[rows]
     boxes = track.boxes[src]
     landmarks = track.landmarks[src] if track.landmarks is not None else None
-    with clock("prepare"):
-        if job.avatar is None:
+    if job.avatar is None:
+        with clock("prepare"):
             latents = model.prepare(crop_faces([frames[i] for i in sel], boxes))
-        else:  # only frames no job has prepared before go through the VAE encoder
-            latents = job.avatar.latents_for(
-                src, lambda todo: model.prepare(crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
+    else:  # only frames no job has prepared before go through the VAE encoder
+        latents = _cached_latents(job, src, lambda todo: model.prepare(
+            crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
     with clock("generate"):
         windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
         faces = model.generate(latents, windows)
     return _Pending(sel, faces, boxes, landmarks, plan.weight[rows])
+
+
+def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Latents of source frames `src` from the job's avatar entry; `encode(positions)` VAE-encodes the
+    missing ones. Timed apart: "prepare" is VAE encoding only (absent when every latent was cached),
+    "cache" the reads of the entry, so a job's timings show whether it encoded anything."""
+    clock = job.clock
+
+    def timed(todo: np.ndarray) -> np.ndarray:
+        with clock("prepare"):
+            return encode(todo)
+
+    before = clock.seconds.get("prepare", 0.0)
+    start = time.perf_counter()
+    latents = job.avatar.latents_for(src, timed)
+    clock.seconds["cache"] += time.perf_counter() - start - (clock.seconds.get("prepare", 0.0) - before)
+    return latents
+
+
+# --------------------------------------------------------------------------- avatars
+
+
+@dataclass
+class AvatarResult:
+    frames: int  # source frames
+    face_frames: int  # frames with a face (their latents are in the entry)
+    fps: Fraction
+    width: int
+    height: int
+    encoded: int  # frames this call VAE-encoded (0 when the entry was complete already)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache_hit: bool = False  # the face track was in the cache already
+    faces: dict | None = None  # FaceTrack.summary: the people found and who is dubbed
+
+
+AVATAR_TRACK_SHARE = 0.5  # share of an avatar's progress bar given to face tracking (the rest: VAE encoding)
+
+
+def prepare_avatar(
+    model: LipSyncModel,
+    detector: FaceDetector,
+    video: Path | str,
+    cache: AvatarCache,
+    options: PipelineOptions | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    work_dir: Path | str | None = None,
+    video_info: VideoInfo | None = None,
+) -> AvatarResult:
+    """Prepare once, dub many: the face track and the latents of every face frame of `video`, into
+    its entry of `cache`, exactly as a job on this video with these options computes them (the same
+    key, the same batches of frames in order), so a later job skips face tracking and VAE encoding.
+
+    Only what shapes the preparation matters (options.params.bbox_shift, the model, the detector,
+    the margins); there is no audio and no output video.
+    """
+    opts = options or PipelineOptions()
+    opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
+    video = Path(video)
+    info = video_info or probe_video(video, timeout_s=min(PROBE_TIMEOUT_S, opts.ffmpeg_timeout_s or PROBE_TIMEOUT_S))
+    clock = StageClock()
+    report = progress or (lambda stage, fraction: None)
+    frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
+                                             max_frames=opts.limits.max_frames(info.fps),
+                                             hwaccel=opts.codecs.hwaccel),
+                         (info.height, info.width, 3), clock=clock, name=video.name)
+
+    def tracking(stage: str, fraction: float) -> None:  # _track reports "faces" up to FACES_SHARE
+        report(stage, AVATAR_TRACK_SHARE * min(1.0, fraction / FACES_SHARE))
+
+    job = JobState(model=model, detector=detector, video=video, audio=None, output=None, info=info, opts=opts,
+                   clock=clock, report=tracking, should_cancel=should_cancel,
+                   work_dir=Path(work_dir) if work_dir is not None else None, frames=frames)
+    try:
+        report("faces", 0.0)
+        with _prepared_video(job, cache) as hit:
+            encoded = _encode_all(job, lambda done: report("prepare", AVATAR_TRACK_SHARE
+                                                           + (1 - AVATAR_TRACK_SHARE) * done))
+    finally:
+        frames.close()
+    report("done", 1.0)
+    track = job.track
+    return AvatarResult(frames=len(track), face_frames=int(track.has_face.sum()), fps=info.fps, width=info.width,
+                        height=info.height, encoded=encoded, seconds=dict(clock.seconds), cache_hit=hit,
+                        faces=track.summary)
+
+
+def _encode_all(job: JobState, progress: Callable[[float], None]) -> int:
+    """The latents of every face frame into the avatar entry, in the batches a forward job uses
+    (consecutive source frames, batch_size at a time); returns how many were VAE-encoded."""
+    track, frames, batch = job.track, job.frames, job.opts.batch_size
+    n = len(track)
+    if job.avatar.prepared[track.has_face].all():  # prepared before (this video, these options): nothing to do
+        return 0
+    if not frames.complete and frames.decoded:  # tracked without keeping the frames: decode again
+        frames.rewind()
+    encoded = 0
+    for start in range(0, n, batch):
+        job.check_cancel()
+        idx = np.arange(start, min(start + batch, n))
+        sel = np.flatnonzero(track.has_face[idx])
+        if len(sel):
+            chunk = frames.take(idx)
+            src = idx[sel]
+            boxes = track.boxes[src]
+
+            def encode(todo: np.ndarray) -> np.ndarray:
+                nonlocal encoded
+                encoded += len(todo)
+                return job.model.prepare(crop_faces([chunk[i] for i in sel[todo]], boxes[todo]))
+
+            _cached_latents(job, src, encode)
+        elif not frames.complete:
+            frames.take(idx)  # keep the decoder in step
+        progress(min(1.0, (start + len(idx)) / max(1, n)))
+    return encoded

@@ -32,7 +32,7 @@ from lipsync_runner.serving.docs_page import (
 )
 
 API = "/api/lip-sync"
-BENTOML_ENDPOINTS = {"/generate", "/status", "/download", "/cancel", "/cleanup", "/jobs", "/health"}
+BENTOML_ENDPOINTS = {"/generate", "/status", "/download", "/cancel", "/cleanup", "/jobs", "/health", "/usage"}
 PROBES = {"/livez", "/readyz", "/metrics"}
 
 

@@ -39,6 +39,7 @@ from lipsync_runner.jobs import (
     OUTPUT_NAME,
     JobContext,
     JobFiles,
+    JobKind,
     JobManager,
     JobOutcome,
     JobParams,
@@ -288,8 +289,9 @@ def fake_crash(backend: Backend, data_dir: Path, status: JobStatus, attempts: in
 
 
 def record(owner: str | None = None, **fields) -> JobRecord:
-    return JobRecord(job_id=new_job_id(), owner=owner, video_filename="v.mp4", audio_filename="a.wav",
-                     video_file="video.mp4", audio_file="audio.wav", **fields)
+    fields = {"video_filename": "v.mp4", "audio_filename": "a.wav", "video_file": "video.mp4",
+              "audio_file": "audio.wav", **fields}
+    return JobRecord(job_id=new_job_id(), owner=owner, **fields)
 
 
 @pytest.fixture
@@ -371,13 +373,27 @@ def test_store_lists_newest_first_by_owner_and_status(make_store):
     assert store.count_by_status() == {"queued": 5, "processing": 0, "completed": 1, "failed": 0, "cancelled": 0}
 
 
+def test_store_lists_jobs_and_avatars_apart(make_store):
+    store = make_store()
+    base = utcnow()
+    job = record(owner="alice", created_at=base)
+    avatar = record(owner="alice", created_at=base + timedelta(seconds=1), kind=JobKind.avatar, audio_file=None,
+                    audio_filename=None)
+    for r in (job, avatar):
+        store.create(r)
+    assert [r.job_id for r in store.list(owner="alice", kind=JobKind.job)] == [job.job_id]
+    assert [r.job_id for r in store.list(owner="alice", kind=JobKind.avatar)] == [avatar.job_id]
+    assert [r.job_id for r in store.list(owner="alice")] == [avatar.job_id, job.job_id]  # every kind
+    assert store.get(avatar.job_id) == avatar and store.update(avatar.job_id, stage="faces").kind is JobKind.avatar
+
+
 def test_store_is_wal_versioned_and_persistent(tmp_path):
     path = tmp_path / "jobs.db"
     store = SQLiteJobStore(path)
     rec = record()
     store.create(rec)
     assert store.journal_mode == "wal"
-    assert store.schema_version == 2
+    assert store.schema_version == 3  # 2: the queue's leases; 3: the kind column (avatars)
     store.close()
     with pytest.raises(RuntimeError):
         store.get(rec.job_id)
@@ -411,7 +427,7 @@ def test_a_version_1_sqlite_store_is_migrated_with_its_records(tmp_path):
     conn.close()
 
     store = SQLiteJobStore(path)
-    assert store.schema_version == 2
+    assert store.schema_version == 3  # and the kind column (avatars)
     assert store.get(old.job_id) == old  # the new fields take their defaults
     assert [r.job_id for r in store.lapsed()] == [old.job_id]  # no lease: a dead process's job
     store.close()

@@ -1,9 +1,20 @@
 """The one admission path of a lip-sync job, for both API surfaces.
 
-    ready? (503) -> upload slot for this client (429) -> job slot: queue and disk (429, 507)
+    ready? (503) -> Idempotency-Key reserved (409 while another request holds it)
+    -> upload slot for this client (429) -> job slot: queue and disk (429, 507)
     -> receive the inputs into the job's directory (streamed; 400, 408, 413, 507)
-    -> job parameters from JobParams (400) -> the inputs by content (400, 413)
-    -> submit (queued) -> optionally wait -> the response body
+    -> job parameters from JobParams (400), URLs and webhook checked (400)
+    -> each input an upload or a URL, not both (400) -> the uploads by content (400, 413)
+    -> submit (queued) -> the key names the job -> optionally wait -> the response body
+
+An input given by URL (``video_url``/``audio_url``) is not fetched here: a reference file
+stands for it in the job's directory (inputs/reference.py) and the worker fetches it with
+the upload limits. A request whose Idempotency-Key already names a job reads its body into
+scratch space only to compare it with the original (200 and the original job, or 409).
+
+An avatar (``POST /api/lip-sync/avatars``: api/avatars.py) is admitted on the same path with
+``kind=avatar``: a video (upload or ``video_url``) and the preparation's parameters, no audio.
+A generate by ``avatar_id`` takes the caller's ready avatar (404, 409) in place of a video.
 
 The REST route `POST /api/lip-sync/generate` streams its multipart body through here, and
 so does BentoML's `POST /generate` (serving/bentoml_compat.py routes it to the REST route
@@ -17,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,23 +39,43 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InvalidInputError, LipSyncError, QueueFullError
-from ..jobs.records import JobRecord, JobStatus
+from ..errors import InvalidInputError, JobNotFoundError, LipSyncError, QueueFullError
+from ..idempotency import REPLAYED_HEADER, IdempotencyInProgressError, Reservation, file_digest, request_fingerprint
+from ..inputs.reference import url_display_name, write_avatar_reference, write_reference
+from ..jobs.records import JobKind, JobRecord, JobStatus
+from ..logs import log_job_event
 from ..media import AudioInfo, VideoInfo
-from ..params import JobParams, parse_fields
+from ..params import JobParams, parse_avatar_fields, parse_fields
 from ..scratch import ScratchLedger
+from . import avatars
 from .limits import ApiLimits
-from .schemas import GenerateAccepted, GenerateResult, download_name
+from .schemas import AvatarAccepted, GenerateAccepted, GenerateResult, download_name
 from .thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
-from .uploads import SavedFile, UploadGuard, is_multipart, receive_multipart
-from .validation import validate_media
+from .uploads import (
+    SavedFile,
+    UploadGuard,
+    is_json,
+    is_multipart,
+    is_urlencoded,
+    receive_json,
+    receive_multipart,
+    receive_urlencoded,
+)
+from .validation import validate_audio, validate_media, validate_video
 
 if TYPE_CHECKING:
+    from .integration import Integration
     from .operations import Manager
 
 log = logging.getLogger(__name__)
+events_log = logging.getLogger("lipsync_runner.jobs.events")
 
 VIDEO_FIELD, AUDIO_FIELD = "video", "audio"
+INPUTS = (VIDEO_FIELD, AUDIO_FIELD)
+NOT_AN_AVATAR_FORM = ("Expected a multipart/form-data request with a 'video' file, or a body with video_url "
+                      "(application/json or a form)")
+NOT_A_FORM = ("Expected a multipart/form-data request with 'video' and 'audio' files, or a body of job "
+              "parameters with video_url and audio_url (application/json or a form)")
 
 
 @dataclass
@@ -90,38 +122,61 @@ class Admission:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
                  status_url: Callable[[str], str], download_url: Callable[[str], str],
-                 scratch: ScratchLedger | None = None) -> None:
+                 integration: Integration | None = None, scratch: ScratchLedger | None = None,
+                 avatar_url: Callable[[str], str] | None = None, avatars_enabled: bool = True) -> None:
         self.get_manager = get_manager
+        self.avatar_url = avatar_url or (lambda avatar_id: f"{limits.url_prefix.rstrip('/')}/avatars/{avatar_id}")
+        self.avatars_enabled = avatars_enabled  # False without an avatar cache (where avatars are stored)
         self.scratch = scratch  # the data directory's scratch reservations (507 when a job cannot fit)
         self.limits = limits
         self.ensure_ready = ensure_ready
         self.status_url = status_url
         self.download_url = download_url
+        self.integration = integration  # None: no webhooks, no Idempotency-Key (refused with 400)
         self.slots = UploadSlots(limits.max_uploads_per_client, limits.max_concurrent_uploads)
         self.defaults = {"bbox_shift": limits.bbox_shift}  # the deployment's LIP_SYNC_BBOX_SHIFT
 
     # ------------------------------------------------------------------ the two entries
 
     async def admit_stream(self, stream: AsyncIterator[bytes], content_type: str | None, *, owner: str | None,
-                           client: str, wait: bool | None = None) -> Response:
-        """A multipart/form-data body: `video`, `audio` files and the job parameters as fields."""
+                           client: str, wait: bool | None = None, idempotency_key: str | None = None,
+                           kind: JobKind = JobKind.job) -> Response:
+        """A multipart/form-data body (`video`, `audio` files or URL fields, and the job parameters as
+        fields), or job parameters alone (inputs by URL): a JSON object, or a urlencoded form.
+        ``kind=avatar``: an avatar's body (POST /avatars): the video and the preparation's parameters."""
+        if kind is JobKind.avatar and not self.avatars_enabled:
+            raise InvalidInputError(avatars.DISABLED)
+        if is_json(content_type) or is_urlencoded(content_type):  # no files: inputs by URL
+            if self.ensure_ready is not None:
+                await self.ensure_ready()
+            receive_body = receive_json if is_json(content_type) else receive_urlencoded
+            fields = _no_files(await receive_body(stream, idle_timeout_s=self.limits.upload_idle_timeout_s))
+
+            async def receive_fields(job_dir: Path, guard: UploadGuard) -> tuple[dict[str, SavedFile], dict[str, Any]]:
+                return {}, fields
+
+            return await self._admit(receive_fields, owner=owner, client=client, wait=wait,
+                                     idempotency_key=idempotency_key, ready=True, kind=kind)
         if not is_multipart(content_type):  # before any slot is taken or byte read
-            raise InvalidInputError("Expected a multipart/form-data request with 'video' and 'audio' files")
+            raise InvalidInputError(NOT_A_FORM if kind is JobKind.job else NOT_AN_AVATAR_FORM)
 
         async def receive(job_dir: Path, guard: UploadGuard) -> tuple[dict[str, SavedFile], dict[str, str]]:
             upload = await receive_multipart(stream, content_type, job_dir, guard=guard,
-                                             text_fields=_TEXT_FIELDS)
+                                             text_fields=_TEXT_FIELDS, required_files=())
             return upload.files, upload.fields
 
-        return await self._admit(receive, owner=owner, client=client, wait=wait)
+        return await self._admit(receive, owner=owner, client=client, wait=wait, idempotency_key=idempotency_key,
+                                 kind=kind)
 
-    async def admit_files(self, video: Path, audio: Path, fields: Mapping[str, Any], *, owner: str | None,
-                          video_name: str | None = None, audio_name: str | None = None,
-                          wait: bool | None = None) -> Response:
-        """Files already on disk (a `generate` called in process)."""
+    async def admit_files(self, video: Path | None, audio: Path | None, fields: Mapping[str, Any], *,
+                          owner: str | None, video_name: str | None = None, audio_name: str | None = None,
+                          wait: bool | None = None, idempotency_key: str | None = None) -> Response:
+        """Files already on disk (a `generate` called in process); an input left out comes from its URL field."""
         async def receive(job_dir: Path, guard: UploadGuard) -> tuple[dict[str, SavedFile], dict[str, Any]]:
             saved = {}
             for field, path, name in ((VIDEO_FIELD, video, video_name), (AUDIO_FIELD, audio, audio_name)):
+                if path is None:
+                    continue
                 file = guard.saved_file(field, name or path.name)
                 size = path.stat().st_size
                 guard.check_size(field, size)
@@ -130,45 +185,177 @@ class Admission:
                 saved[field] = file
             return saved, dict(fields)
 
-        return await self._admit(receive, owner=owner, client=owner or "local", wait=wait)
+        return await self._admit(receive, owner=owner, client=owner or "local", wait=wait,
+                                 idempotency_key=idempotency_key)
 
     # ------------------------------------------------------------------ the path
 
-    async def _admit(self, receive, *, owner: str | None, client: str, wait: bool | None) -> Response:
-        if self.ensure_ready is not None:
+    async def _admit(self, receive, *, owner: str | None, client: str, wait: bool | None,
+                     idempotency_key: str | None = None, ready: bool = False,
+                     kind: JobKind = JobKind.job) -> Response:
+        if self.ensure_ready is not None and not ready:
             await self.ensure_ready()  # 503 before anything is stored or read
         manager = self.get_manager()
-        with self.slots.hold(client):
-            job_id, job_dir = await run_in_threadpool(manager.new_upload)  # 429 / 507 before the body
-            job_dir = Path(job_dir)
-            files: dict[str, SavedFile] = {}
-            try:
-                guard = UploadGuard(self.limits, check_space=manager.check_free_space)
-                files, fields = await receive(job_dir, guard)
-                wait_flag = wait if wait is not None else _parse_bool(fields.get("wait"), "wait")
-                params = parse_fields({k: v for k, v in fields.items() if k != "wait"}, self.defaults)
-                video, audio = files[VIDEO_FIELD], files[AUDIO_FIELD]
-                # ffmpeg subprocesses: off the event loop
-                video_info, audio_info = await anyio.to_thread.run_sync(lambda: validate_media(
-                    job_dir / video.file_name, job_dir / audio.file_name, self.limits, self.scratch, params=params))
-                await anyio.to_thread.run_sync(write_thumbnail, job_dir / video.file_name, job_dir / THUMBNAIL_NAME,
-                                               THUMBNAIL_WIDTH, video_info.demuxer)
-                record = await run_in_threadpool(lambda: manager.submit(
-                    job_id, video_file=video.file_name, audio_file=audio.file_name,
-                    video_filename=video.display_name, audio_filename=audio.display_name,
-                    params=params, owner=owner, media=media_summary(video_info, audio_info)))
-            except BaseException as exc:
+        reservation = None
+        if idempotency_key is not None:
+            if self.integration is None:
+                raise InvalidInputError("Idempotency-Key is not supported by this server")
+            # before any slot is taken or byte read: a second request with the key is answered at once
+            reservation = await run_in_threadpool(self.integration.keys.reserve, owner, idempotency_key)
+        try:
+            with self.slots.hold(client):
+                if reservation is not None and not reservation.owned:
+                    return await self._replay(manager, receive, reservation, owner, wait, kind)
+                record, wait_flag = await self._receive_and_submit(manager, receive, owner, reservation, wait, kind)
+        except BaseException:
+            if reservation is not None:
                 with anyio.CancelScope(shield=True):
-                    try:
-                        await run_in_threadpool(manager.discard_upload, job_id)
-                    except Exception:
-                        log.exception("discarding upload %s failed", job_id)
-                if isinstance(exc, LipSyncError):
-                    _scrub(exc, job_dir, files)
-                raise
+                    await run_in_threadpool(self.integration.keys.release, reservation)
+            raise
         if wait_flag:
             return await self._wait(manager, record, owner)
         return self.accepted(record)
+
+    async def _receive_and_submit(self, manager: Manager, receive, owner: str | None,
+                                  reservation: Reservation | None, wait: bool | None,
+                                  kind: JobKind = JobKind.job) -> tuple[JobRecord, bool]:
+        job_id, job_dir = await run_in_threadpool(manager.new_upload)  # 429 / 507 before the body
+        job_dir = Path(job_dir)
+        files: dict[str, SavedFile] = {}
+        try:
+            guard = UploadGuard(self.limits, check_space=manager.check_free_space)
+            files, fields = await receive(job_dir, guard)
+            wait_flag, asked, avatar, params = await self._request(manager, files, fields, wait, kind, owner)
+            inputs = _inputs(files, params, avatar, kind)
+            names: dict[str, str | None] = {AUDIO_FIELD: None}
+            shown: dict[str, str | None] = {AUDIO_FIELD: None}
+            for field, given in inputs.items():
+                if isinstance(given, SavedFile):
+                    names[field], shown[field] = given.file_name, given.display_name
+                elif isinstance(given, JobRecord):  # an avatar: the worker uses its stored video
+                    names[field], shown[field] = write_avatar_reference(job_dir, given.job_id), given.video_filename
+                else:  # a URL: the worker fetches it
+                    names[field] = write_reference(job_dir, field, given)
+                    shown[field] = url_display_name(given, field)
+            avatar_video = (await run_in_threadpool(avatars.stored_video, manager, avatar, owner)
+                            if avatar is not None else None)
+            media = await anyio.to_thread.run_sync(self._check_uploads, job_dir, files, params,
+                                                   avatar_video)  # ffmpeg: off the loop
+            fingerprint = (await anyio.to_thread.run_sync(_fingerprint, asked, job_dir, files, kind)
+                           if reservation is not None else None)
+            extra = {"kind": kind} if kind is not JobKind.job else {}
+            record = await run_in_threadpool(lambda: manager.submit(
+                job_id, video_file=names[VIDEO_FIELD], audio_file=names[AUDIO_FIELD],
+                video_filename=shown[VIDEO_FIELD], audio_filename=shown[AUDIO_FIELD],
+                params=params, owner=owner, media=media, **extra))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await run_in_threadpool(manager.discard_upload, job_id)
+                except Exception:
+                    log.exception("discarding upload %s failed", job_id)
+            if isinstance(exc, LipSyncError):
+                _scrub(exc, job_dir, files)
+            raise
+        if reservation is not None:
+            assert self.integration is not None and fingerprint is not None
+            await run_in_threadpool(self.integration.keys.complete, reservation, fingerprint, job_id)
+        if avatar is not None:  # each use keeps the avatar for another retention period
+            try:
+                await run_in_threadpool(manager.extend_expiry, avatar.job_id)
+            except Exception:
+                log.warning("avatar %s: could not extend its expiry", avatar.job_id, exc_info=True)
+        log_job_event(events_log, record, "queued")
+        return record, wait_flag
+
+    async def _request(self, manager: Manager, files: Mapping[str, SavedFile], fields: Mapping[str, Any],
+                       wait: bool | None, kind: JobKind,
+                       owner: str | None) -> tuple[bool, JobParams, JobRecord | None, JobParams]:
+        """``(wait, the parameters as asked, the avatar named by avatar_id, the job's parameters)``."""
+        if kind is JobKind.avatar:
+            params = self._avatar_params(fields)
+            return False, params, None, params
+        wait_flag, asked = self._params(fields, wait)
+        if asked.avatar_id is None:
+            return wait_flag, asked, None, asked
+        if not self.avatars_enabled:
+            raise InvalidInputError(avatars.DISABLED)
+        _inputs(files, asked, None, kind, check_avatar=False)  # the request's own shape first (400)
+        avatar = await run_in_threadpool(avatars.ready_avatar, manager, asked.avatar_id, owner)  # 404 / 409
+        given = {name for name, value in fields.items() if value not in (None, "", "null")}
+        return wait_flag, asked, avatar, avatars.inherit(asked, avatar, given)
+
+    def _params(self, fields: Mapping[str, Any], wait: bool | None) -> tuple[bool, JobParams]:
+        """``wait`` (the query's, if given, else the field's) and the job parameters, checked."""
+        wait_flag = wait if wait is not None else _parse_bool(fields.get("wait"), "wait")
+        params = parse_fields({k: v for k, v in fields.items() if k != "wait"}, self.defaults)
+        if self.integration is not None:
+            self.integration.check_params(params)
+        elif params.webhook_url is not None:
+            raise InvalidInputError("webhook_url: this server does not send webhooks")
+        return wait_flag, params
+
+    def _avatar_params(self, fields: Mapping[str, Any]) -> JobParams:
+        params = parse_avatar_fields(fields, self.defaults)
+        if self.integration is not None:
+            self.integration.check_params(params)  # video_url: shape and the allow-list, as for a job
+        return params
+
+    def _check_uploads(self, job_dir: Path, files: dict[str, SavedFile], params: JobParams,
+                       avatar_video: Path | None = None) -> dict[str, Any] | None:
+        """The uploaded inputs (and an avatar's stored video) by content and limits; with both at hand,
+        the job's scratch need too (413/507). A URL input, and then the pair, is checked by the worker
+        once fetched."""
+        video = files.get(VIDEO_FIELD)
+        audio = files.get(AUDIO_FIELD)
+        video_path = job_dir / video.file_name if video is not None else avatar_video
+        if video_path is not None and audio is not None:
+            video_info, audio_info = validate_media(video_path, job_dir / audio.file_name,
+                                                    self.limits, self.scratch, params=params)
+        else:
+            video_info = validate_video(video_path, self.limits) if video_path is not None else None
+            audio_info = validate_audio(job_dir / audio.file_name, self.limits) if audio else None
+        if video is not None and video_info is not None:
+            write_thumbnail(job_dir / video.file_name, job_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH, video_info.demuxer)
+        elif avatar_video is not None and (avatar_video.parent / THUMBNAIL_NAME).is_file():
+            shutil.copyfile(avatar_video.parent / THUMBNAIL_NAME, job_dir / THUMBNAIL_NAME)
+        return media_summary(video_info, audio_info) if video_info or audio_info else None
+
+    async def _replay(self, manager: Manager, receive, reservation: Reservation, owner: str | None,
+                      wait: bool | None, kind: JobKind = JobKind.job) -> Response:
+        """The key already names a job: the original job (200) if this request is the same one, else 409."""
+        assert self.integration is not None
+        scratch = Path(await run_in_threadpool(
+            lambda: tempfile.mkdtemp(prefix="replay-", dir=self.integration.scratch_dir)))
+        files: dict[str, SavedFile] = {}
+        try:
+            guard = UploadGuard(self.limits, check_space=manager.check_free_space)
+            files, fields = await receive(scratch, guard)
+            if kind is JobKind.avatar:
+                wait_flag, params = False, self._avatar_params(fields)
+            else:
+                wait_flag, params = self._params(fields, wait)
+            _inputs(files, params, None, kind, check_avatar=False)
+            fingerprint = await anyio.to_thread.run_sync(_fingerprint, params, scratch, files, kind)
+        except LipSyncError as exc:
+            _scrub(exc, scratch, files)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(shutil.rmtree, scratch, True)
+        job_id = self.integration.keys.replayed_job(reservation, fingerprint)  # 409 for another request
+        try:
+            record = await run_in_threadpool(manager.get, job_id, owner)
+        except JobNotFoundError:
+            # removed while the key still named it (cleanup forgets keys; this is the race in between)
+            await run_in_threadpool(self.integration.key_store.forget_job, job_id)
+            raise IdempotencyInProgressError(
+                "The job this Idempotency-Key created no longer exists; retry to create a new one",
+                retry_after_s=1) from None
+        answer = await self._wait(manager, record, owner) if wait_flag else self.accepted(record)
+        answer.status_code = 200
+        answer.headers[REPLAYED_HEADER] = "true"
+        return answer
 
     async def _wait(self, manager: Manager, record: JobRecord, owner: str | None) -> Response:
         try:
@@ -190,6 +377,11 @@ class Admission:
 
     def accepted(self, record: JobRecord) -> Response:
         job_id = record.job_id
+        if record.kind is JobKind.avatar:
+            body = AvatarAccepted(avatar_id=job_id, status=record.status, status_url=self.avatar_url(job_id),
+                                  message="Avatar queued: its face track and latents are prepared once; "
+                                          "generate with avatar_id once its status is completed")
+            return Response(202, body.model_dump(mode="json"), {"Location": self.avatar_url(job_id)})
         accepted = GenerateAccepted(
             job_id=job_id, status=record.status,
             message="Lip sync job queued" if record.status == JobStatus.queued else "Lip sync job running",
@@ -219,13 +411,72 @@ def parse_wait(value: str | None) -> bool | None:
     return None if value is None else _parse_bool(value, "wait")
 
 
-def media_summary(video: VideoInfo, audio: AudioInfo) -> dict[str, Any]:
-    """What the job list shows of its inputs, and what the job need not probe again."""
-    return {
-        "video": {"duration_s": round(video.duration, 3), "fps": f"{video.fps.numerator}/{video.fps.denominator}",
-                  "width": video.width, "height": video.height, "frames": video.frame_count_estimate},
-        "audio": {"duration_s": round(audio.duration, 3)},
-    }
+def media_summary(video: VideoInfo | None, audio: AudioInfo | None) -> dict[str, Any]:
+    """What the job list shows of its inputs, and what the job need not probe again (what is known)."""
+    summary: dict[str, Any] = {}
+    if video is not None:
+        summary["video"] = {"duration_s": round(video.duration, 3),
+                            "fps": f"{video.fps.numerator}/{video.fps.denominator}", "width": video.width,
+                            "height": video.height, "frames": video.frame_count_estimate}
+    if audio is not None:
+        summary["audio"] = {"duration_s": round(audio.duration, 3)}
+    return summary
+
+
+def _inputs(files: Mapping[str, SavedFile], params: JobParams, avatar: JobRecord | None = None,
+            kind: JobKind = JobKind.job, *, check_avatar: bool = True) -> dict[str, SavedFile | str | JobRecord]:
+    """Each input is an upload or a URL (or, for a job's video, an avatar): exactly one (400 otherwise).
+    An avatar has a video and no audio. ``check_avatar=False``: ``avatar_id`` is not looked up (a replay
+    only compares the request)."""
+    if kind is JobKind.avatar and AUDIO_FIELD in files:
+        raise InvalidInputError("An avatar is a video only: leave the audio out (give it to each generate)")
+    inputs: dict[str, SavedFile | str | JobRecord] = {}
+    missing = []
+    for field in INPUTS if kind is JobKind.job else (VIDEO_FIELD,):
+        url = getattr(params, f"{field}_url")
+        by_avatar = field == VIDEO_FIELD and params.avatar_id is not None
+        if field in files and url is not None:
+            raise InvalidInputError(f"Give the {field} as a '{field}' file or as {field}_url, not both")
+        if by_avatar and field in files:
+            raise InvalidInputError("Give avatar_id or a 'video' file, not both (the avatar is the video)")
+        if field in files:
+            inputs[field] = files[field]
+        elif url is not None:
+            inputs[field] = url
+        elif by_avatar:
+            if check_avatar:
+                assert avatar is not None
+                inputs[field] = avatar
+        else:
+            missing.append(field)
+    if missing:
+        names = ", ".join(repr(m) for m in missing)
+        urls = " / ".join(f"{m}_url" for m in missing)
+        also = " or avatar_id" if VIDEO_FIELD in missing and kind is JobKind.job else ""
+        raise InvalidInputError(f"Missing required file field(s): {names} (or give {urls}{also} instead)")
+    empty = [f for f in files.values() if f.size == 0]
+    if empty:
+        raise InvalidInputError(f"The uploaded {empty[0].field} file is empty")
+    return inputs
+
+
+def _fingerprint(params: JobParams, job_dir: Path, files: Mapping[str, SavedFile],
+                 kind: JobKind = JobKind.job) -> str:
+    """What makes a retried request the same one: every parameter as asked (URLs, avatar_id included),
+    the uploads' bytes, and (an avatar) what is created."""
+    digests = {field: file_digest(job_dir / f.file_name) for field, f in files.items()}
+    if kind is not JobKind.job:
+        digests["kind"] = kind.value
+    return request_fingerprint(params, digests)
+
+
+def _no_files(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a body without file parts (JSON, urlencoded); ``"video": null`` means not given."""
+    sent = [f for f in INPUTS if body.get(f) not in (None, "", "null")]
+    if sent:
+        raise InvalidInputError(f"This body cannot carry files ({', '.join(sent)}): upload them as "
+                                "multipart/form-data, or give video_url and audio_url")
+    return {k: v for k, v in body.items() if k not in INPUTS}
 
 
 def _scrub(exc: LipSyncError, job_dir: Path, files: dict[str, SavedFile]) -> None:

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import InputTooLargeError, JobNotFoundError, LipSyncError, ModelsNotReadyError, QueueFullError
+from ..errors import (
+    AvatarNotFoundError,
+    InputTooLargeError,
+    JobNotFoundError,
+    LipSyncError,
+    ModelsNotReadyError,
+    QueueFullError,
+)
 from .limits import too_large_body
 
 JOB_NOT_FOUND = "Job not found"
+AVATAR_NOT_FOUND = "Avatar not found"
 NOT_FOUND = "Not found"
 METHOD_NOT_ALLOWED = "Method not allowed"
 UNAUTHORIZED = "Missing or invalid API token"
@@ -28,14 +36,18 @@ def error_body(exc: LipSyncError) -> dict[str, Any]:
         return too_large_body(exc.message)
     if isinstance(exc, ModelsNotReadyError):
         return {"error": SERVICE_UNAVAILABLE, "details": exc.message}
+    if isinstance(exc, AvatarNotFoundError):
+        return {"error": AVATAR_NOT_FOUND}  # never say why, as for jobs
     if isinstance(exc, JobNotFoundError):
         return {"error": JOB_NOT_FOUND}  # never say why (unknown, malformed, someone else's)
     return {"error": exc.message}
 
 
 def error_headers(exc: LipSyncError) -> dict[str, str]:
-    if isinstance(exc, QueueFullError):
-        return {"Retry-After": str(max(1, int(exc.retry_after_s)))}
+    """``Retry-After`` for an error that says when to come back (429 queue full, 409 key in progress)."""
+    retry_after = getattr(exc, "retry_after_s", None)
+    if isinstance(exc, QueueFullError) or retry_after is not None:
+        return {"Retry-After": str(max(1, int(retry_after or 1)))}
     return {}
 
 

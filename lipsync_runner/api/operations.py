@@ -9,21 +9,36 @@ from __future__ import annotations
 
 import mimetypes
 from collections.abc import Awaitable, Callable
+from datetime import date
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ..errors import JobNotFoundError
-from ..jobs.records import JobRecord, is_job_id
+from ..errors import InvalidInputError, JobNotFoundError
+from ..inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
+from ..jobs.records import JobKind, JobRecord, is_job_id
 from ..params import JobParams
 from ..scratch import ScratchLedger
 from ..storage import StoredObject, object_response
+from . import avatars
 from .admission import Admission
 from .limits import ApiLimits
-from .schemas import CleanupResponse, JobListResponse, JobStatusResponse, JobSummary, download_name
+from .schemas import (
+    AvatarDeleted,
+    AvatarListResponse,
+    AvatarStatusResponse,
+    CleanupResponse,
+    JobListResponse,
+    JobStatusResponse,
+    JobSummary,
+    download_name,
+)
 from .thumbnails import THUMBNAIL_NAME
+
+if TYPE_CHECKING:
+    from .integration import Integration
 
 MAX_LIST_LIMIT = 1000
 INPUT_KINDS = ("video", "audio")
@@ -34,10 +49,10 @@ class Manager(Protocol):
 
     def new_upload(self) -> tuple[str, Path]: ...
     def discard_upload(self, job_id: str) -> None: ...
-    def submit(self, job_id: str, *, video_file: str, audio_file: str, video_filename: str, audio_filename: str,
-               params: JobParams, owner: str | None = None, **extra: Any) -> JobRecord: ...
+    def submit(self, job_id: str, *, video_file: str, audio_file: str | None, video_filename: str,
+               audio_filename: str | None, params: JobParams, owner: str | None = None, **extra: Any) -> JobRecord: ...
     def get(self, job_id: str, owner: str | None = None) -> JobRecord: ...
-    def list(self, owner: str | None = None, limit: int = 100) -> list[JobRecord]: ...
+    def list(self, owner: str | None = None, limit: int = 100, **kind: Any) -> list[JobRecord]: ...
     def output_path(self, job_id: str, owner: str | None = None) -> Path: ...
     def open_output(self, job_id: str, owner: str | None = None) -> StoredObject: ...
     def input_path(self, job_id: str, name: str, owner: str | None = None) -> Path: ...
@@ -47,6 +62,7 @@ class Manager(Protocol):
     async def wait_async(self, job_id: str, timeout: float | None = None) -> JobRecord: ...
     def counts(self) -> dict[str, int]: ...
     def check_free_space(self) -> None: ...
+    def extend_expiry(self, job_id: str) -> None: ...
 
 
 def checked_id(job_id: str) -> str:
@@ -59,12 +75,17 @@ def checked_id(job_id: str) -> str:
 class JobOperations:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
-                 scratch: ScratchLedger | None = None) -> None:
+                 integration: Integration | None = None, scratch: ScratchLedger | None = None,
+                 avatars_enabled: bool = True) -> None:
         self.get_manager = get_manager
         self.limits = limits
         self.prefix = limits.url_prefix.rstrip("/")
+        self.integration = integration  # webhooks, Idempotency-Key, queue ETA, usage (api/integration.py)
+        self.avatars_enabled = avatars_enabled  # False without an avatar cache: avatars are refused (400)
         self.admission = Admission(get_manager, limits, ensure_ready=ensure_ready,
-                                   status_url=self.status_url, download_url=self.download_url, scratch=scratch)
+                                   status_url=self.status_url, download_url=self.download_url,
+                                   integration=integration, scratch=scratch, avatar_url=self.avatar_url,
+                                   avatars_enabled=avatars_enabled)
 
     # ------------------------------------------------------------------ urls
 
@@ -74,22 +95,73 @@ class JobOperations:
     def download_url(self, job_id: str) -> str:
         return f"{self.prefix}/download/{job_id}"
 
+    def avatar_url(self, avatar_id: str) -> str:
+        return f"{self.prefix}/avatars/{avatar_id}"
+
     # ------------------------------------------------------------------ bodies
 
     def status_body(self, record: JobRecord) -> dict[str, Any]:
-        return JobStatusResponse.from_record(record, self.download_url(record.job_id)).model_dump(mode="json")
+        """GET /status's body (also each webhook's); reads the queue and the outbox: call it off the loop."""
+        extras = self.integration.status_extras(record) if self.integration is not None else {}
+        return JobStatusResponse.from_record(record, self.download_url(record.job_id), **extras).model_dump(mode="json")
+
+    def _job(self, job_id: str, owner: str | None) -> JobRecord:
+        """The caller's job; 404 for an avatar's id too (avatars have their own routes)."""
+        record = self.get_manager().get(checked_id(job_id), owner)
+        if record.kind is not JobKind.job:
+            raise JobNotFoundError("Job not found")
+        return record
 
     async def status(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        record = await run_in_threadpool(self.get_manager().get, checked_id(job_id), owner)
-        return self.status_body(record)
+        return await run_in_threadpool(lambda: self.status_body(self._job(job_id, owner)))
 
     async def cancel(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        record = await run_in_threadpool(self.get_manager().cancel, checked_id(job_id), owner)
-        return self.status_body(record)
+        def cancel() -> dict[str, Any]:
+            self._job(job_id, owner)
+            return self.status_body(self.get_manager().cancel(job_id, owner))
+
+        return await run_in_threadpool(cancel)
 
     async def cleanup(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        await run_in_threadpool(self.get_manager().cleanup, checked_id(job_id), owner)
+        def cleanup() -> None:
+            self._job(job_id, owner)
+            self.get_manager().cleanup(job_id, owner)
+
+        await run_in_threadpool(cleanup)
         return CleanupResponse(job_id=job_id).model_dump(mode="json")
+
+    # ------------------------------------------------------------------ avatars
+
+    def avatar_body(self, record: JobRecord) -> dict[str, Any]:
+        extras = self.integration.status_extras(record) if self.integration is not None else {}
+        return AvatarStatusResponse.from_record(record, self.prefix, **extras).model_dump(mode="json")
+
+    def _avatar(self, avatar_id: str, owner: str | None) -> JobRecord:
+        if not self.avatars_enabled:
+            raise InvalidInputError(avatars.DISABLED)
+        return avatars.find_avatar(self.get_manager(), avatar_id, owner)
+
+    async def avatar(self, avatar_id: str, owner: str | None) -> dict[str, Any]:
+        return await run_in_threadpool(lambda: self.avatar_body(self._avatar(avatar_id, owner)))
+
+    async def avatars(self, owner: str | None, limit: int = 100) -> dict[str, Any]:
+        limit = max(1, min(int(limit), MAX_LIST_LIMIT))
+
+        def listed() -> dict[str, Any]:
+            records = self.get_manager().list(owner=owner, limit=limit, kind=JobKind.avatar)
+            bodies = [AvatarStatusResponse.from_record(r, self.prefix) for r in records]
+            return AvatarListResponse(total=len(bodies), avatars=bodies).model_dump(mode="json")
+
+        return await run_in_threadpool(listed)
+
+    async def delete_avatar(self, avatar_id: str, owner: str | None) -> dict[str, Any]:
+        """Remove the avatar (cancelled if still being prepared), its video and its cache entry."""
+        def delete() -> None:
+            self._avatar(avatar_id, owner)
+            self.get_manager().cleanup(avatar_id, owner)
+
+        await run_in_threadpool(delete)
+        return AvatarDeleted(avatar_id=avatar_id).model_dump(mode="json")
 
     async def jobs(self, owner: str | None, limit: int = 100) -> dict[str, Any]:
         limit = max(1, min(int(limit), MAX_LIST_LIMIT))
@@ -101,6 +173,12 @@ class JobOperations:
     def params_schema() -> dict[str, Any]:
         return JobParams.model_json_schema()
 
+    async def usage(self, owner: str | None, since: date | None = None, until: date | None = None) -> dict[str, Any]:
+        """The caller's own usage (``owner`` comes from its token, never from the request) by UTC day."""
+        if self.integration is None:
+            raise JobNotFoundError("Usage is not recorded by this server")
+        return await run_in_threadpool(self.integration.usage, owner, since, until)
+
     # ------------------------------------------------------------------ files
 
     # Each is streamed from the job storage (a local file, or a bucket through this replica) or,
@@ -108,6 +186,7 @@ class JobOperations:
 
     async def download(self, job_id: str, owner: str | None, range_header: str | None = None) -> Response:
         """The result (Range and HEAD work; the same file name on both surfaces)."""
+        await run_in_threadpool(self._job, job_id, owner)
         stored = await run_in_threadpool(self.get_manager().open_output, checked_id(job_id), owner)
         return object_response(stored, download_name(job_id), range_header=range_header)
 
@@ -118,8 +197,23 @@ class JobOperations:
             raise JobNotFoundError("Job not found")
         record = await run_in_threadpool(manager.get, checked_id(job_id), owner)
         name = record.video_file if kind == "video" else record.audio_file
+        if name is None:  # an avatar's audio: it has none
+            raise JobNotFoundError("Job input not found")
+        shown = (record.video_filename if kind == "video" else record.audio_filename) or kind
+        if is_avatar_reference(name):  # a job by avatar_id: the avatar's video, while the avatar exists
+            reference = Path(await run_in_threadpool(manager.input_path, job_id, name, owner))
+            avatar_id = str(read_reference(reference).get("avatar_id", ""))
+            try:
+                avatar = await run_in_threadpool(avatars.find_avatar, manager, avatar_id, owner)
+                job_id, name = avatar.job_id, await run_in_threadpool(avatars.stored_name, manager, avatar, owner)
+            except JobNotFoundError:
+                raise JobNotFoundError("Job input not found") from None
+        elif is_reference(name):  # given by URL: the fetched file, once the worker has it
+            reference = Path(await run_in_threadpool(manager.input_path, job_id, name, owner))
+            name = await run_in_threadpool(fetched_file, reference.parent, name)
+            if name is None:
+                raise JobNotFoundError("Job input not found")
         stored = await run_in_threadpool(manager.open_file, job_id, name, owner)
-        shown = record.video_filename if kind == "video" else record.audio_filename
         media_type = mimetypes.guess_type(shown)[0] or ("video/mp4" if kind == "video" else "audio/wav")
         return object_response(stored, shown, range_header=range_header, media_type=media_type, inline=True)
 

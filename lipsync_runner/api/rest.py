@@ -1,8 +1,9 @@
 """The seed-compatible REST API (``/api/lip-sync/...``) as a FastAPI app factory.
 
 Routes are relative to the mount point: ``/health``, ``/params``, ``/generate``,
-``/status/{id}``, ``/download/{id}``, ``/cleanup/{id}``, ``/cancel/{id}``, ``/jobs``, and a
-job's inputs (``/jobs/{id}/inputs/video|audio``, ``/jobs/{id}/thumbnail.jpg``). Each route
+``/status/{id}``, ``/download/{id}``, ``/cleanup/{id}``, ``/cancel/{id}``, ``/jobs``, a
+job's inputs (``/jobs/{id}/inputs/video|audio``, ``/jobs/{id}/thumbnail.jpg``), the
+caller's ``/usage`` and avatars (``/avatars``, ``/avatars/{id}``: api/avatars.py). Each route
 only reads its request and calls `JobOperations` (operations.py), the code BentoML's
 endpoints call too. Every error body is ``{"error": ...}`` (errors.py), and no response
 ever names a server-side path.
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Awaitable, Callable, Optional
+from datetime import date
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,12 +30,19 @@ from starlette.requests import ClientDisconnect
 from lipsync_runner import __version__
 from lipsync_runner.api.auth import is_authenticated, request_client, request_owner
 from lipsync_runner.errors import LipSyncError
+from lipsync_runner.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, parse_key
+from lipsync_runner.usage import UsageSummary
 
+from ..jobs.records import JobKind
 from .admission import parse_wait
 from .errors import INTERNAL, error_body, error_headers, generic_error
 from .limits import ApiLimits, BodySizeLimitMiddleware
 from .operations import JobOperations, Manager
 from .schemas import (
+    AvatarAccepted,
+    AvatarDeleted,
+    AvatarListResponse,
+    AvatarStatusResponse,
     CleanupResponse,
     ErrorResponse,
     GenerateAccepted,
@@ -42,12 +51,16 @@ from .schemas import (
     JobListResponse,
     JobStatusResponse,
 )
-from ..params import form_properties
+from ..params import avatar_request_fields, form_properties
+
+if TYPE_CHECKING:
+    from .integration import Integration
 
 log = logging.getLogger(__name__)
 
 TAG_JOBS = "Jobs (REST)"
 TAG_SERVICE = "Service (REST)"
+TAG_AVATARS = "Avatars (REST)"
 
 
 def get_owner(request: Request) -> str | None:
@@ -56,12 +69,16 @@ def get_owner(request: Request) -> str | None:
 
 
 def generate_request_body() -> dict[str, Any]:
-    """The multipart form of POST /generate, from JobParams (documented once, in params.py)."""
+    """The bodies of POST /generate, from JobParams (documented once, in params.py): a multipart form
+    (files and/or URL fields), or a JSON object of the parameters (inputs by URL)."""
+    wait = {"type": "boolean", "default": False,
+            "description": "Block until the job finishes (the seed's synchronous style)."}
     return {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
             "type": "object",
-            "required": ["video", "audio"],
+            "description": "Each input is a file (video, audio) or a URL (video_url, audio_url), not both; the "
+                           "video may be a prepared avatar instead (avatar_id).",
             "properties": {
                 "video": {"type": "string", "format": "binary",
                           "description": "The video with the face: mp4, mov, mkv, webm or avi (checked by content)"},
@@ -69,9 +86,31 @@ def generate_request_body() -> dict[str, Any]:
                           "description": "The new speech: wav, mp3, m4a, aac or ogg, or any video whose sound track "
                                          "should be used (checked by content)"},
                 **form_properties(),
-                "wait": {"type": "boolean", "default": False,
-                         "description": "Block until the job finishes (the seed's synchronous style)."},
+                "wait": wait,
             },
+        }}, "application/json": {"schema": {
+            "type": "object",
+            "description": "Inputs by URL: video_url (or avatar_id) and audio_url, plus any job parameter.",
+            "required": ["audio_url"],
+            "properties": {**form_properties(), "wait": wait},
+        }}},
+    }
+
+
+def avatar_request_body() -> dict[str, Any]:
+    """The bodies of POST /avatars: a video (upload or video_url) and the parameters that shape its
+    preparation (params.avatar_fields), from JobParams."""
+    properties = {name: prop for name, prop in form_properties().items() if name in avatar_request_fields()}
+    return {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "description": "The video as a file or as video_url, not both.",
+            "properties": {"video": {"type": "string", "format": "binary",
+                                     "description": "The video with the face (checked by content)"}, **properties},
+        }}, "application/json": {"schema": {
+            "type": "object", "description": "The video by URL.", "required": ["video_url"],
+            "properties": properties,
         }}},
     }
 
@@ -82,6 +121,7 @@ def create_rest_app(
     settings: ApiLimits,
     *,
     ensure_ready: Callable[[], Awaitable[None]] | None = None,
+    integration: Integration | None = None,
 ) -> FastAPI:
     """The REST API, to be mounted at ``settings.url_prefix`` (default ``/api/lip-sync``).
 
@@ -97,11 +137,12 @@ def create_rest_app(
         version=__version__,
     )
     if get_manager is not None:
-        app.state.operations = JobOperations(get_manager, settings, ensure_ready=ensure_ready)
+        app.state.operations = JobOperations(get_manager, settings, ensure_ready=ensure_ready,
+                                             integration=integration)
     if get_health is not None:
         app.state.health = get_health
     app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate",)
+        BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate", "/avatars")
     )
 
     # ------------------------------------------------------------------ errors
@@ -173,8 +214,9 @@ def create_rest_app(
         status_code=202,
         response_model=GenerateAccepted,
         responses={
-            200: {"model": GenerateResult, "description": "wait=true: the finished job (success true or false)"},
-            **{code: errors[code] for code in (408, 413, 429, 503, 507)},
+            200: {"model": GenerateResult, "description": "wait=true: the finished job (success true or false); "
+                  "a replayed Idempotency-Key: the original job's body"},
+            **{code: errors[code] for code in (408, 409, 413, 429, 503, 507)},
         },
         summary="Queue a lip sync job",
         tags=[TAG_JOBS],
@@ -183,11 +225,16 @@ def create_rest_app(
     async def generate(
         request: Request,
         wait: Optional[str] = Query(None, description="true: block until the job finishes (the seed's behaviour)"),
+        idempotency_key: Optional[str] = Header(
+            None, alias=IDEMPOTENCY_HEADER,
+            description="Any unique string (a UUID): a retry with the same key and the same request returns the "
+                        f"original job (200, {REPLAYED_HEADER}: true) for 24 h; another request with the key is 409, "
+                        "and 409 with Retry-After while the first is still being received."),
         owner: Optional[str] = Depends(get_owner),
     ) -> JSONResponse:
         answer = await ops(request).admission.admit_stream(
             request.stream(), request.headers.get("content-type"), owner=owner,
-            client=request_client(request.scope), wait=parse_wait(wait))
+            client=request_client(request.scope), wait=parse_wait(wait), idempotency_key=parse_key(idempotency_key))
         return JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
 
     @router.get("/status/{job_id}", response_model=JobStatusResponse, responses=job_errors, summary="Job status",
@@ -216,6 +263,63 @@ def create_rest_app(
                  summary="Cancel a queued or running job", tags=[TAG_JOBS])
     async def cancel(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
         return await ops(request).cancel(job_id, owner)
+
+    @router.get("/usage", response_model=UsageSummary, summary="Your usage by UTC day", tags=[TAG_SERVICE],
+                description="Jobs (by final status), output seconds and frames of the caller's own jobs (its "
+                            "token's, with jobs scoped per token), between two UTC days; the last 30 by default.")
+    async def usage(
+        request: Request,
+        since: Optional[date] = Query(None, description="First UTC day, YYYY-MM-DD"),
+        until: Optional[date] = Query(None, description="Last UTC day, YYYY-MM-DD (default today)"),
+        owner: Optional[str] = Depends(get_owner),
+    ) -> dict[str, Any]:
+        return await ops(request).usage(owner, since, until)
+
+    @router.post(
+        "/avatars", status_code=202, response_model=AvatarAccepted,
+        responses={200: {"model": AvatarAccepted, "description": "a replayed Idempotency-Key: the original avatar"},
+                   **{code: errors[code] for code in (408, 409, 413, 429, 503, 507)}},
+        summary="Prepare a video once (an avatar)", tags=[TAG_AVATARS],
+        description="Tracks the face and encodes its latents once; then `POST /generate` with `avatar_id` and an "
+                    "audio skips both (a dubbing platform uploads the video once, then only each language's audio). "
+                    "Poll `GET /avatars/{avatar_id}` until `ready`. Avatars are the caller's own and are removed "
+                    "after the retention time unless used (each generate by avatar_id keeps one longer).",
+        openapi_extra={"requestBody": avatar_request_body()},
+    )
+    async def create_avatar(
+        request: Request,
+        idempotency_key: Optional[str] = Header(
+            None, alias=IDEMPOTENCY_HEADER, description="As for POST /generate: a retry returns the original avatar."),
+        owner: Optional[str] = Depends(get_owner),
+    ) -> JSONResponse:
+        answer = await ops(request).admission.admit_stream(
+            request.stream(), request.headers.get("content-type"), owner=owner,
+            client=request_client(request.scope), wait=False, idempotency_key=parse_key(idempotency_key),
+            kind=JobKind.avatar)
+        return JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
+
+    @router.get("/avatars", response_model=AvatarListResponse, summary="List your avatars, newest first",
+                tags=[TAG_AVATARS])
+    async def list_avatars(
+        request: Request,
+        limit: int = Query(100, ge=1, le=1000, description="At most this many avatars"),
+        owner: Optional[str] = Depends(get_owner),
+    ) -> dict[str, Any]:
+        return await ops(request).avatars(owner, limit)
+
+    @router.get("/avatars/{avatar_id}", response_model=AvatarStatusResponse, responses=job_errors,
+                summary="An avatar's status (ready once completed)", tags=[TAG_AVATARS])
+    async def avatar_status(request: Request, avatar_id: str,
+                            owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
+        return await ops(request).avatar(avatar_id, owner)
+
+    @router.delete("/avatars/{avatar_id}", response_model=AvatarDeleted, responses=job_errors,
+                   summary="Delete an avatar and its prepared data", tags=[TAG_AVATARS],
+                   description="A preparation still running is cancelled. Jobs already queued by this avatar_id "
+                               "fail; finished jobs keep their results.")
+    async def delete_avatar(request: Request, avatar_id: str,
+                            owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
+        return await ops(request).delete_avatar(avatar_id, owner)
 
     @router.get("/jobs", response_model=JobListResponse, summary="List jobs, newest first", tags=[TAG_JOBS])
     async def jobs(

@@ -12,7 +12,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lipsync_runner.inputs.reference import is_avatar_reference, is_reference
 from lipsync_runner.jobs.records import JobRecord, JobStatus
+from lipsync_runner.params import WebhookEvent, avatar_fields
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 DEFAULT_URL_PREFIX = "/api/lip-sync"
@@ -86,6 +88,9 @@ class JobInputs(BaseModel):
     video_url: str = Field(description="GET: the uploaded video, for playback")
     audio_url: str = Field(description="GET: the uploaded audio, for playback")
     thumbnail_url: str = Field(description="GET: a JPEG of the video's first frame")
+    video_source: str = Field(default="upload", description="upload; url: given as video_url and fetched by the "
+                              "worker (playback and thumbnail once fetched); avatar: the avatar's video (avatar_id)")
+    audio_source: str = Field(default="upload", description="upload, or url (audio_url)")
 
     @classmethod
     def from_record(cls, record: JobRecord, prefix: str) -> "JobInputs":
@@ -96,7 +101,23 @@ class JobInputs(BaseModel):
                    video_duration_s=video.get("duration_s"), audio_duration_s=audio.get("duration_s"),
                    width=video.get("width"), height=video.get("height"), fps=video.get("fps"),
                    video_url=f"{base}/inputs/video", audio_url=f"{base}/inputs/audio",
-                   thumbnail_url=f"{base}/thumbnail.jpg")
+                   thumbnail_url=f"{base}/thumbnail.jpg",
+                   video_source="url" if is_reference(record.video_file) else
+                   "avatar" if is_avatar_reference(record.video_file) else "upload",
+                   audio_source="url" if is_reference(record.audio_file) else "upload")
+
+
+class WebhookDeliveryStatus(BaseModel):
+    """One webhook delivery as the job's status shows it."""
+
+    event: WebhookEvent
+    event_id: str = Field(description="Also the Lipsync-Event-Id header: the same on every retry.")
+    state: str = Field(description="pending, delivered, or failed (given up)")
+    attempts: int
+    last_status: Optional[int] = Field(default=None, description="The receiver's HTTP status at the last attempt.")
+    last_error: Optional[str] = None
+    delivered_at: Optional[str] = None
+    next_attempt_at: Optional[str] = Field(default=None, description="ISO 8601, UTC; when pending.")
 
 
 class JobStatusResponse(BaseModel):
@@ -124,9 +145,15 @@ class JobStatusResponse(BaseModel):
                                   "and those seen longest), each {id, first_frame, last_frame, frames, box: "
                                   "mean crop box [x1, y1, x2, y2]}. A track id is a `face` for a later job on "
                                   "the same video.")
+    queue_position: Optional[int] = Field(default=None, description="Queued jobs: 1 for the job that starts next.")
+    eta_s: Optional[float] = Field(default=None, description="Queued or processing: expected seconds until the job "
+                                   "finishes, from recent throughput; null until there is any.")
+    webhooks: Optional[list[WebhookDeliveryStatus]] = Field(
+        default=None, description="With webhook_url: each delivery (event, state, attempts, last_status, ...).")
 
     @classmethod
-    def from_record(cls, record: JobRecord, download_url: str) -> "JobStatusResponse":
+    def from_record(cls, record: JobRecord, download_url: str, **extras: Any) -> "JobStatusResponse":
+        """``extras``: queue_position, eta_s, webhooks (api/integration.py `status_extras`)."""
         return cls(
             job_id=record.job_id,
             status=record.status,
@@ -146,6 +173,7 @@ class JobStatusResponse(BaseModel):
             inputs=JobInputs.from_record(record, download_url.rsplit("/download/", 1)[0]),
             avatar_cache=record.avatar_cache,
             faces=record.faces,
+            **extras,
         )
 
 
@@ -174,6 +202,82 @@ class JobSummary(BaseModel):
 class JobListResponse(BaseModel):
     total: int
     jobs: list[JobSummary]
+
+
+class AvatarAccepted(BaseModel):
+    success: bool = True
+    avatar_id: str = Field(description="Give it to generate as avatar_id once the avatar's status is completed.")
+    status: JobStatus
+    message: str
+    status_url: str
+
+
+class AvatarVideo(BaseModel):
+    filename: str = Field(description="The user's name of the video (or the last part of its URL).")
+    source: str = Field(description="upload, or url (video_url, fetched by the worker)")
+    duration_s: Optional[float] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    fps: Optional[str] = Field(default=None, description="Exact frame rate as a fraction, e.g. 30000/1001.")
+
+
+class AvatarStatusResponse(BaseModel):
+    """An avatar: a video prepared once (face track and latents) for any number of generates by avatar_id."""
+
+    avatar_id: str
+    status: JobStatus = Field(description="queued, processing, completed (ready for generate), failed or cancelled")
+    ready: bool = Field(description="true once completed: generate takes avatar_id")
+    stage: str
+    progress: float = Field(ge=0.0, le=1.0)
+    error: Optional[str] = None
+    created_at: Optional[str] = Field(description="ISO 8601, UTC")
+    completed_at: Optional[str] = None
+    expires_at: Optional[str] = Field(default=None, description="ISO 8601, UTC: when the avatar is removed (each "
+                                      "generate by avatar_id keeps it for another retention period)")
+    frames: Optional[int] = Field(default=None, description="Frames of the video (prepared once ready).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The preparation's parameters (bbox_shift, "
+                                   "the face choice): every generate by avatar_id uses these.")
+    faces: Optional[dict[str, Any]] = Field(default=None, description="When ready: the people found and who is "
+                                            "dubbed, as a job status' `faces`.")
+    video: AvatarVideo
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage, plus queue/total.")
+    status_url: str
+    thumbnail_url: str
+    queue_position: Optional[int] = Field(default=None, description="Queued: 1 for the next to start (avatars and "
+                                          "jobs share the queue).")
+    eta_s: Optional[float] = Field(default=None, description="Queued or processing: expected seconds to ready.")
+
+    @classmethod
+    def from_record(cls, record: JobRecord, url_prefix: str = DEFAULT_URL_PREFIX,
+                    **extras: Any) -> "AvatarStatusResponse":
+        """``extras``: queue_position, eta_s (api/integration.py `status_extras`)."""
+        media = (record.media or {}).get("video", {})
+        prefix = url_prefix.rstrip("/")
+        return cls(
+            avatar_id=record.job_id, status=record.status, ready=record.status is JobStatus.completed,
+            stage=record.stage, progress=round_progress(record.progress), error=record.error,
+            created_at=format_time(record.created_at), completed_at=format_time(record.completed_at),
+            expires_at=format_time(record.expires_at), frames=record.frames, faces=record.faces,
+            params={name: value for name, value in record.params.model_dump(mode="json").items()
+                    if name in avatar_fields()},
+            video=AvatarVideo(filename=record.video_filename,
+                              source="url" if is_reference(record.video_file) else "upload",
+                              duration_s=media.get("duration_s"), width=media.get("width"),
+                              height=media.get("height"), fps=media.get("fps")),
+            timings=dict(record.timings), status_url=f"{prefix}/avatars/{record.job_id}",
+            thumbnail_url=f"{prefix}/jobs/{record.job_id}/thumbnail.jpg",
+            **{k: v for k, v in extras.items() if k in ("queue_position", "eta_s")})
+
+
+class AvatarListResponse(BaseModel):
+    total: int
+    avatars: list[AvatarStatusResponse]
+
+
+class AvatarDeleted(BaseModel):
+    success: bool = True
+    avatar_id: str
+    message: str = "Avatar and its prepared data removed"
 
 
 class CleanupResponse(BaseModel):

@@ -16,13 +16,15 @@ display name is kept for messages. It is never part of a path.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, AsyncIterator
+from urllib.parse import parse_qsl
 
 import anyio
 from python_multipart.exceptions import FormParserError
@@ -37,6 +39,7 @@ MAX_DISPLAY_NAME_CHARS = 200
 MAX_TEXT_FIELD_BYTES = 256 * 1024  # a job parameter: a number, a word, or a JSON list (segments, key-frame boxes)
 MAX_PARTS = 32  # two files, the job parameters, and some slack for clients that send extras
 MAX_HEADER_BYTES = 8 * 1024
+MAX_JSON_BYTES = MAX_TEXT_FIELD_BYTES  # a JSON body holds only parameters (URLs, segments)
 SPACE_CHECK_BYTES = 8 * 2**20  # free space is re-checked every this many bytes received
 
 
@@ -129,6 +132,63 @@ class UploadResult:
 def is_multipart(content_type: str | None) -> bool:
     ctype, params = parse_options_header(content_type or "")
     return ctype == b"multipart/form-data" and bool(params.get(b"boundary"))
+
+
+def is_json(content_type: str | None) -> bool:
+    ctype, _ = parse_options_header(content_type or "")
+    return ctype == b"application/json"
+
+
+def is_urlencoded(content_type: str | None) -> bool:
+    ctype, _ = parse_options_header(content_type or "")
+    return ctype == b"application/x-www-form-urlencoded"
+
+
+async def _small_body(stream: AsyncIterator[bytes], idle_timeout_s: float, max_bytes: int, what: str) -> bytes:
+    body = bytearray()
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            with anyio.fail_after(idle_timeout_s):
+                chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return bytes(body)
+        except TimeoutError:
+            raise UploadTooSlowError(f"Request body stalled: no data for {idle_timeout_s:g} s") from None
+        body += chunk
+        if len(body) > max_bytes:
+            raise InvalidInputError(f"{what} body too large (at most {human_size(max_bytes)}; files go as "
+                                    "multipart/form-data)")
+
+
+async def receive_json(stream: AsyncIterator[bytes], *, idle_timeout_s: float,
+                       max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """A small JSON object body (job parameters, inputs by URL); InvalidInputError (400) otherwise."""
+    body = await _small_body(stream, idle_timeout_s, max_bytes, "JSON")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise InvalidInputError("Malformed JSON body") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError("The JSON body must be an object of job parameters")
+    return data
+
+
+async def receive_urlencoded(stream: AsyncIterator[bytes], *, idle_timeout_s: float,
+                             max_bytes: int = MAX_JSON_BYTES) -> dict[str, str]:
+    """A form without files (``a=1&b=2``: what BentoML's client sends when no file is given)."""
+    body = await _small_body(stream, idle_timeout_s, max_bytes, "Form")
+    fields: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
+                          max_num_fields=MAX_PARTS)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInputError("Malformed form body") from None
+    for name, value in pairs:
+        if name in fields:
+            raise InvalidInputError(f"Field '{sanitize_filename(name, '?')[:64]}' was sent more than once")
+        fields[name] = value
+    return fields
 
 
 def _decode(raw: bytes) -> str:
@@ -332,10 +392,13 @@ async def receive_multipart(
     *,
     guard: UploadGuard,
     text_fields: frozenset[str] | set[str] = frozenset(),
+    required_files: Collection[str] | None = None,
 ) -> UploadResult:
     """Parse a multipart/form-data body from ``stream`` into ``dest``.
 
     Returns the saved files (``video`` and ``audio``) and the collected text fields.
+    ``required_files``: the file fields that must be there (default: all; admission passes
+    none and decides itself, since an input may come as a URL field instead).
     Raises InvalidInputError (400) for a malformed or incomplete body, a missing,
     duplicate or unexpected file field; InputTooLargeError (413) as soon as a file
     part passes its limit; UploadTooSlowError (408) for a stalled or crawling upload;
@@ -368,7 +431,8 @@ async def receive_multipart(
         parser.finalize()
         if not receiver.ended:
             raise InvalidInputError("Incomplete multipart body: the upload ended before its closing boundary")
-        missing = [name for name in specs if name not in receiver.result.files]
+        required = specs if required_files is None else required_files
+        missing = [name for name in required if name not in receiver.result.files]
         if missing:
             raise InvalidInputError(f"Missing required file field(s): {', '.join(repr(m) for m in missing)}")
         empty = [f for f in receiver.result.files.values() if f.size == 0]

@@ -16,6 +16,23 @@ def media_limits(limits: ApiLimits) -> MediaLimits:
                        max_video_pixels=limits.max_video_pixels, max_fps=limits.max_fps)
 
 
+def validate_video(video: Path, limits: ApiLimits, *, timeout_s: float = PROBE_TIMEOUT_S) -> VideoInfo:
+    """Probe the video by content (InvalidInputError, 400) and check it against the limits (413).
+
+    For a job whose other input is a URL: the pair (and the scratch estimate) is checked by the
+    worker once the URL is fetched (``validate_media``)."""
+    video_info = probe_video(video, timeout_s=timeout_s)
+    media_limits(limits).check_video(video_info, video.name)
+    return video_info
+
+
+def validate_audio(audio: Path, limits: ApiLimits, *, timeout_s: float = PROBE_TIMEOUT_S) -> AudioInfo:
+    """Probe the audio by content (400) and check it against the limits (413)."""
+    audio_info = probe_audio(audio, timeout_s=timeout_s)
+    media_limits(limits).check_audio(audio_info, audio.name)
+    return audio_info
+
+
 def validate_media(video: Path, audio: Path, limits: ApiLimits, scratch: ScratchLedger | None = None, *,
                    params: JobParams | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[VideoInfo, AudioInfo]:
     """Probe both files by content (InvalidInputError, 400) and check them against the limits.

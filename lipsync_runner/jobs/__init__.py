@@ -2,7 +2,7 @@
 
 from .files import JOBS_DIRNAME, OUTPUT_NAME, JobFiles, is_plain_name
 from .manager import INTERNAL_ERROR, Executor, JobContext, JobManager, JobOutcome
-from .records import JOB_ID_RE, JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
+from .records import JOB_ID_RE, JobKind, JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
 from .store import JobStore, SQLiteJobStore, open_store
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Executor",
     "JobContext",
     "JobFiles",
+    "JobKind",
     "JobManager",
     "JobOutcome",
     "JobParams",

@@ -25,6 +25,12 @@ with the data-directory lock: at start, every 'processing' record belongs to a d
 process and is recovered at once. A shared store (PostgreSQL) takes no lock: leases tell
 live jobs from dead ones, and an advisory lock makes the retention sweep run on one replica
 at a time. The lock (and the store) are released last, after the last worker has finished.
+
+``on_event(job_id, event)``, when given, is told what happens to jobs: ``started``,
+``progress`` (when the progress is written, at most every PROGRESS_WRITE_INTERVAL_S),
+``completed``, ``failed``, ``cancelled`` and ``removed`` (cleanup, expiry). It is called
+after the store says so, outside the manager's locks, on whichever thread (of this replica)
+made the change; an exception in it is logged and ignored. Webhooks, usage and job logs hang off it.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from ..errors import (
     QueueFullError,
 )
 from .files import OUTPUT_NAME, JobFiles, is_plain_name
-from .records import JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
+from .records import JobKind, JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
 from .store import SQLITE_NAME, JobStore, SQLiteJobStore
 
 if TYPE_CHECKING:
@@ -105,11 +111,15 @@ class JobOutcome:
     frames: int
     timings: dict[str, float] = field(default_factory=dict)
     cache_hit: bool | None = None  # avatar cache: hit, miss, or not used
+    media: dict | None = None  # what the worker learnt of inputs admission did not see (fetched by URL)
     faces: dict | None = None  # the face tracks found and who was dubbed (faces.FaceTracks.summary)
 
 
 Executor = Callable[[JobContext], JobOutcome]
 """Runs the pipeline; raises LipSyncError (failure shown to the user) or any Exception (internal)."""
+
+EventListener = Callable[[str, str], None]
+"""``(job_id, event)``: started, progress, completed, failed, cancelled, removed."""
 
 
 @dataclass
@@ -158,6 +168,7 @@ class JobManager:
         poll_s: float = 1.0,
         replica_id: str | None = None,
         on_removed: Callable[[str], None] | None = None,
+        on_event: EventListener | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -187,6 +198,7 @@ class JobManager:
         self.poll_s = float(poll_s)  # idle workers look at the shared queue this often
         self.replica_id = replica_id or default_replica_id()
         self._on_removed = on_removed  # (job id): a job is gone for good (cleanup, expiry): e.g. its avatar refs
+        self.on_event = on_event
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # job state changes (waiters)
@@ -323,6 +335,7 @@ class JobManager:
                 if not self._inputs_present(rec):
                     self._store.update(rec.job_id, **self._finished_fields(JobStatus.failed, utcnow(),
                                                                            error=MISSING_INPUTS))
+                    self._emit(rec.job_id, JobStatus.failed.value)
         # nothing runs here yet: local leftovers can go at once; shared storage keeps its grace
         self._remove_orphans(grace_s=0.0 if exclusive else self.orphan_grace_s, local_grace_s=0.0)
 
@@ -363,10 +376,13 @@ class JobManager:
             elif after.status.finished:
                 log.warning("job %s: %s", rec.job_id, after.error)
             self._notify(rec.job_id)
+            if after.status.finished and not rec.status.finished:
+                self._emit(rec.job_id, after.status.value)
 
     def _inputs_present(self, rec: JobRecord) -> bool:
         try:
-            return all(self._storage.exists(rec.job_id, name) for name in (rec.video_file, rec.audio_file))
+            return all(self._storage.exists(rec.job_id, name)
+                       for name in (rec.video_file, rec.audio_file) if name is not None)  # an avatar: no audio
         except (ValueError, LipSyncError):
             return False
 
@@ -425,21 +441,27 @@ class JobManager:
         job_id: str,
         *,
         video_file: str,
-        audio_file: str,
+        audio_file: str | None,
         video_filename: str,
-        audio_filename: str,
+        audio_filename: str | None,
         params: JobParams,
         owner: str | None = None,
         media: dict | None = None,
+        kind: JobKind = JobKind.job,
     ) -> JobRecord:
         """Store the uploaded inputs, then record the job as queued (any replica may then run it).
 
         ``video_file``/``audio_file`` are plain names of files already in the job's
         directory (``ValueError`` otherwise); the ``*_filename`` are the user's, for display;
-        ``media``: what admission learnt of the inputs (durations, size, fps).
+        ``media``: what admission learnt of the inputs (durations, size, fps). ``kind``: an
+        avatar is queued and run like a job (the executor tells them apart) and has no audio.
         """
+        if (audio_file is None) != (kind is JobKind.avatar):
+            raise ValueError("a job has an audio file, an avatar none")
         directory = self._files.job_dir(job_id)
         for name in (video_file, audio_file):
+            if name is None:
+                continue
             if not is_plain_name(name):
                 raise ValueError(f"not a plain file name: {name!r}")
             if not (directory / name).is_file():
@@ -453,11 +475,12 @@ class JobManager:
             video_file=video_file,
             audio_file=audio_file,
             media=media,
+            kind=kind,
         )
         # the inputs first, then what else admission left there (the thumbnail): a bucket gets
         # each as a streamed multipart upload
         extras = sorted(p.name for p in directory.iterdir() if is_plain_name(p.name) and p.is_file())
-        for name in dict.fromkeys((video_file, audio_file, *extras)):
+        for name in dict.fromkeys(n for n in (video_file, audio_file, *extras) if n is not None):
             self._storage.put(job_id, name, directory / name)
         with self._files_lock:
             self._store.create(record)  # the job exists (and its upload reservation ends) only now
@@ -474,6 +497,19 @@ class JobManager:
         with self._work:
             self._submits += 1
             self._work.notify()
+
+    def extend_expiry(self, job_id: str) -> None:
+        """Keep a finished record (an avatar just used) for another ``retention_s`` from now."""
+        def change(current: JobRecord, now: datetime) -> dict[str, object] | None:
+            until = now + timedelta(seconds=self.retention_s)
+            if current.status.finished and (current.expires_at is None or current.expires_at < until):
+                return {"expires_at": until}
+            return None
+
+        try:
+            self._store.modify(job_id, change)
+        except JobNotFoundError:
+            pass
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -500,9 +536,9 @@ class JobManager:
         """The job's record; JobNotFoundError if unknown, malformed, or (with ``owner``) someone else's."""
         return self._overlay(self._lookup(job_id, owner))
 
-    def list(self, owner: str | None = None, limit: int = 100) -> list[JobRecord]:
-        """Newest first; ``owner=None`` lists everyone's."""
-        return [self._overlay(r) for r in self._store.list(owner=owner, limit=limit)]
+    def list(self, owner: str | None = None, limit: int = 100, kind: JobKind | None = JobKind.job) -> list[JobRecord]:
+        """Newest first; ``owner=None`` lists everyone's; jobs only unless ``kind`` says otherwise."""
+        return [self._overlay(r) for r in self._store.list(owner=owner, limit=limit, kind=kind)]
 
     def counts(self) -> dict[str, int]:
         """Jobs per status, e.g. ``{"queued": 3, "processing": 2, "completed": 10, ...}`` (all replicas)."""
@@ -632,12 +668,15 @@ class JobManager:
                 return self._finished_fields(JobStatus.cancelled, now, error=CANCELLED_MESSAGE)
             return None if current.cancel_requested else {"cancel_requested": True}
 
+        before = self._store.get(job_id)
         rec = self._store.modify(job_id, change)
         run = self._running.get(job_id)
         if run is not None and not run.cancel.is_set():
             run.cancel.set()
         log.info("job %s: %s", job_id, "cancelled" if rec.status is JobStatus.cancelled else "cancel requested")
         self._notify(job_id)
+        if rec.status is JobStatus.cancelled and before is not None and not before.status.finished:
+            self._emit(job_id, JobStatus.cancelled.value)  # cancelled now (a running job's comes when it stops)
         return self._overlay(rec)
 
     def cleanup(self, job_id: str, owner: str | None = None) -> None:
@@ -660,6 +699,7 @@ class JobManager:
             self._remove_files(job_id)
         self._removed(job_id)
         log.info("job %s: removed%s", job_id, " (its worker is stopping)" if run is not None else "")
+        self._emit(job_id, "removed")
 
     def _removed(self, job_id: str) -> None:
         """The job is gone for good (cleanup, expiry): tell the hook (e.g. the avatar cache's job refs)."""
@@ -700,6 +740,7 @@ class JobManager:
                     log.exception("job %s: could not remove its files (the sweeper will retry)", rec.job_id)
                 self._removed(rec.job_id)
                 log.info("job %s: expired and removed", rec.job_id)
+                self._emit(rec.job_id, "removed")
                 removed += 1
             removed += self._remove_stored_orphans(grace)
         return removed
@@ -818,6 +859,7 @@ class JobManager:
                 self._running[rec.job_id] = run
             self._notify(rec.job_id)
             log.info("job %s: processing (attempt %d)", rec.job_id, rec.attempts)
+            self._emit(rec.job_id, "started")
             try:
                 self._run(rec, run)
             except BaseException:  # never lose a worker to a bug in the bookkeeping
@@ -850,6 +892,8 @@ class JobManager:
                                   output_file=output_file, frames=int(outcome.frames), error=None,
                                   avatar_cache=None if outcome.cache_hit is None else
                                   ("hit" if outcome.cache_hit else "miss"), faces=outcome.faces)
+            if outcome.media is not None:
+                outcome_fields["media"] = outcome.media
         except JobCancelledError:
             outcome_fields = dict(status=JobStatus.cancelled, error=CANCELLED_MESSAGE)
         except LipSyncError as e:
@@ -865,7 +909,7 @@ class JobManager:
 
     def _stage_inputs(self, rec: JobRecord, work_dir: Path, ctx: JobContext) -> None:
         """Copy the stored inputs into local scratch (nothing to do when the storage is local)."""
-        for name in dict.fromkeys((rec.video_file, rec.audio_file)):
+        for name in dict.fromkeys(n for n in (rec.video_file, rec.audio_file) if n is not None):  # avatar: no audio
             if (work_dir / name).is_file():
                 continue
             ctx.progress("staging", 0.0)
@@ -903,6 +947,8 @@ class JobManager:
         log.info("job %s: %s%s", rec.job_id, "removed while running" if run.doomed else
                  "given up (lease lost)" if run.lost else status.value,
                  f" ({fields['error']})" if status is not JobStatus.completed and fields.get("error") else "")
+        if not run.doomed and not run.lost:
+            self._emit(rec.job_id, status.value)
 
     def _write_final(self, job_id: str, final: dict[str, object]) -> bool:
         """Record the outcome, retried: a lost write would leave the job 'processing' for good.
@@ -967,9 +1013,19 @@ class JobManager:
         try:
             self._store.modify(run.job_id, change)
         except JobNotFoundError:
-            pass
+            return
         except Exception:
             log.warning("job %s: could not record progress", run.job_id, exc_info=True)
+            return
+        self._emit(run.job_id, "progress")
+
+    def _emit(self, job_id: str, event: str) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(job_id, event)
+        except Exception:
+            log.exception("job %s: the %s event listener failed", job_id, event)
 
 
 class _NotOurs(Exception):

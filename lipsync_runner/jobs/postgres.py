@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import JobNotFoundError, LipSyncError
-from .records import JobRecord, JobStatus
+from .records import JobKind, JobRecord, JobStatus
 from .store import FINISHED, Change, claimed_fields, merge
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _lock_key(name: str) -> int:
 MIGRATION_LOCK = _lock_key("migrations")
 ADMISSION_LOCK = _lock_key("admission")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, list[str]] = {
     # version N: the statements that bring a database at N-1 to N (one transaction)
     1: [
@@ -70,6 +70,11 @@ MIGRATIONS: dict[int, list[str]] = {
             holder     text NOT NULL,
             expires_at timestamptz NOT NULL
         )""",
+    ],
+    # avatars are records too (JobRecord.kind): the job list and the avatar list filter on it
+    2: [
+        "ALTER TABLE lipsync_jobs ADD COLUMN kind text NOT NULL DEFAULT 'job'",
+        "CREATE INDEX lipsync_jobs_owner_kind_created ON lipsync_jobs (owner, kind, created_at DESC, seq DESC)",
     ],
 }
 
@@ -165,10 +170,10 @@ class PostgresJobStore:
     def create(self, record: JobRecord) -> None:
         with self._tx() as conn:
             try:
-                conn.execute(
+                conn.execute(  # kind is set once: a record never changes kind
                     "INSERT INTO lipsync_jobs (status, owner, created_at, expires_at, lease_owner, "
-                    "lease_expires_at, body, job_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (*self._columns(record), record.job_id),
+                    "lease_expires_at, body, job_id, kind) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (*self._columns(record), record.job_id, record.kind.value),
                 )
             except psycopg.errors.UniqueViolation as e:
                 raise ValueError(f"job {record.job_id} already exists") from e
@@ -197,12 +202,16 @@ class PostgresJobStore:
         return record
 
     def list(
-        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None
+        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None,
+        kind: JobKind | None = None,
     ) -> list[JobRecord]:
         where, args = [], []
         if owner is not None:
             where.append("owner = %s")
             args.append(owner)
+        if kind is not None:
+            where.append("kind = %s")
+            args.append(JobKind(kind).value)
         if statuses is not None:
             values = sorted({JobStatus(s).value for s in statuses})
             if not values:

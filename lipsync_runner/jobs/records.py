@@ -40,17 +40,23 @@ class JobStatus(str, Enum):
         return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
 
 
+class JobKind(str, Enum):
+    job = "job"  # a lip-sync job: a video and an audio in, a video out
+    avatar = "avatar"  # a video prepared once (face track, latents) for jobs by avatar_id; no output
+
+
 class JobRecord(BaseModel):
     job_id: str
+    kind: JobKind = JobKind.job  # avatars share the store, queue, owner scoping, cancel and retention
     status: JobStatus = JobStatus.queued
     stage: str = "queued"  # finer than status: audio, faces, generate, encode, done ...
     progress: float = Field(default=0.0, ge=0.0, le=1.0)
     params: JobParams = Field(default_factory=JobParams)
     owner: str | None = None  # a token's fingerprint when jobs are scoped per token
     video_filename: str  # the user's file names, for display only (never used as paths)
-    audio_filename: str
+    audio_filename: str | None  # None: an avatar (no audio)
     video_file: str  # file names inside the job's directory
-    audio_file: str
+    audio_file: str | None
     output_file: str | None = None  # set when completed
     error: str | None = None
     frames: int | None = None

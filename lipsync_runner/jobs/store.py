@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import JobNotFoundError
-from .records import JobRecord, JobStatus, utcnow
+from .records import JobKind, JobRecord, JobStatus, utcnow
 
 FINISHED = frozenset(s for s in JobStatus if s.finished)
 SQLITE_NAME = "jobs.sqlite3"
@@ -49,8 +49,9 @@ class JobStore(Protocol):
     * ``modify(job_id, change)``: read-modify-write in one transaction, the record locked:
       ``change(current, now)`` returns the fields to set (or None: leave it) and may raise
       to abort. Returns the record as it is afterwards.
-    * ``list(owner=None, limit=100, statuses=None)``: newest first (by created_at);
-      ``owner=None`` means every owner; ``limit=None`` means no limit.
+    * ``list(owner=None, limit=100, statuses=None, kind=None)``: newest first (by created_at);
+      ``owner=None`` means every owner; ``limit=None`` means no limit; ``kind`` (job, avatar):
+      records of that kind only, ``None`` every kind.
     * ``delete(job_id)``: remove the record; no error if it is already gone.
     * ``count_by_status()``: ``{status value: count}`` for every status (zeros included).
     * ``expired(now)``: finished records whose ``expires_at`` is at or before ``now``.
@@ -82,7 +83,8 @@ class JobStore(Protocol):
     def modify(self, job_id: str, change: Change) -> JobRecord: ...
 
     def list(
-        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None
+        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None,
+        kind: JobKind | None = None,
     ) -> list[JobRecord]: ...
 
     def delete(self, job_id: str) -> None: ...
@@ -152,7 +154,7 @@ def _ts(value: datetime | None) -> float | None:
 
 # ------------------------------------------------------------------------------------- SQLite
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _MIGRATIONS: dict[int, str] = {
     # user_version N -> the script that brings a database at N-1 to N
     1: """
@@ -180,6 +182,11 @@ _MIGRATIONS: dict[int, str] = {
             holder  TEXT NOT NULL,
             expires REAL NOT NULL
         );
+    """,
+    # avatars are records too (JobRecord.kind): the job list and the avatar list filter on it
+    3: """
+        ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'job';
+        CREATE INDEX IF NOT EXISTS jobs_owner_kind_created ON jobs (owner, kind, created_at);
     """,
 }
 
@@ -282,10 +289,10 @@ class SQLiteJobStore:
     def create(self, record: JobRecord) -> None:
         with self._write() as conn:
             try:
-                conn.execute(
+                conn.execute(  # kind is set once: a record never changes kind
                     "INSERT INTO jobs (status, owner, created_at, expires_at, lease_owner, lease_expires, body, "
-                    "job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*self._columns(record), record.job_id),
+                    "job_id, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*self._columns(record), record.job_id, record.kind.value),
                 )
             except sqlite3.IntegrityError as e:
                 raise ValueError(f"job {record.job_id} already exists") from e
@@ -311,12 +318,16 @@ class SQLiteJobStore:
         return record
 
     def list(
-        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None
+        self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None,
+        kind: JobKind | None = None,
     ) -> list[JobRecord]:
         where, args = [], []
         if owner is not None:
             where.append("owner = ?")
             args.append(owner)
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(JobKind(kind).value)
         if statuses is not None:
             values = sorted({JobStatus(s).value for s in statuses})
             if not values:

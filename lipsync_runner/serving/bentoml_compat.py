@@ -68,7 +68,7 @@ class BentoMLSurface:
         await self.app(scope, receive, rewriting_send)
 
 
-_BENTOML_PATHS = frozenset({"/status", "/download", "/cancel", "/cleanup", "/jobs", "/health"})
+_BENTOML_PATHS = frozenset({"/status", "/download", "/cancel", "/cleanup", "/jobs", "/health", "/usage"})
 
 
 def _rewrite(status: int, payload: bytes, content_type: bytes, probe: tuple[str, str] | None) -> bytes:

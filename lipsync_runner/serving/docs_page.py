@@ -143,7 +143,10 @@ REST_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "description": "Multipart form: `video` (a face), `audio` (speech, or any video whose sound track "
                        "should be used), and the job parameters. Files are checked by content, not by name. "
                        "Answers 202 with the `job_id` at once; with `wait=true` it blocks until the job has "
-                       "finished and answers 200 (the seed guide's synchronous style).\n\n"
+                       "finished and answers 200 (the seed guide's synchronous style). An input may be given "
+                       "as `video_url` / `audio_url` instead (the worker fetches it; with URLs only, a JSON "
+                       "body works too), and the video as `avatar_id` (a video prepared once: `POST /avatars`); "
+                       "`Idempotency-Key` makes a retried POST return the first job (200).\n\n"
                        "`curl -X POST http://localhost:3000/api/lip-sync/generate "
                        "-F video=@demo/face.mp4 -F audio=@demo/speech.wav`",
         "examples": {"202": "accepted"},
@@ -196,6 +199,7 @@ BENTOML_OPERATIONS: dict[str, str] = {
     "cleanup": "Delete a job and its files, as `DELETE {rest}/cleanup/{{job_id}}`.",
     "jobs": "List jobs, newest first, as `GET {rest}/jobs`.",
     "health": "Readiness, as `GET {rest}/health` (open when tokens are required).",
+    "usage": "The caller's own usage by UTC day, as `GET {rest}/usage`.",
 }
 
 ERROR_SCHEMA_REF = "#/components/schemas/ErrorResponse"

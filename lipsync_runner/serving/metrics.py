@@ -23,6 +23,13 @@ def _instruments():
         "jobs_per_batch": bentoml.metrics.Histogram(
             name="lipsync_runner_jobs_per_batch", documentation="Distinct jobs in one generate batch",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)),
+        # usage by owner (a token's hash, or "anonymous"): one label value per API token
+        "usage_jobs": bentoml.metrics.Counter(name="lipsync_usage_jobs", labelnames=["owner", "status"],
+                                              documentation="Finished jobs by owner and final status"),
+        "usage_seconds": bentoml.metrics.Counter(name="lipsync_usage_output_seconds", labelnames=["owner"],
+                                                 documentation="Seconds of lip-synced video written, by owner"),
+        "usage_frames": bentoml.metrics.Counter(name="lipsync_usage_frames", labelnames=["owner"],
+                                                documentation="Frames of lip-synced video written, by owner"),
     }
 
 
@@ -30,6 +37,16 @@ def job_finished(seconds: float, frames: int) -> None:
     m = _instruments()
     m["duration"].observe(seconds)
     m["frames"].inc(frames)
+
+
+def usage_recorded(owner: str, status: str, output_seconds: float, frames: int) -> None:
+    """One finished job in the usage counters (called once per job, by `usage.account_job`)."""
+    m = _instruments()
+    m["usage_jobs"].labels(owner=owner, status=status).inc()
+    if output_seconds > 0:
+        m["usage_seconds"].labels(owner=owner).inc(output_seconds)
+    if frames > 0:
+        m["usage_frames"].labels(owner=owner).inc(frames)
 
 
 def batch_served(endpoint: str, rows: int, jobs: int) -> None:

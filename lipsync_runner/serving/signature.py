@@ -19,8 +19,9 @@ from pydantic import Field
 from ..params import JobParams
 
 INPUT_DESCRIPTIONS = {
-    "video": "The video with the face (checked by content: mp4, mov, mkv, webm, avi).",
-    "audio": "The new speech (checked by content: wav, mp3, m4a, aac, ogg, or a video's sound track).",
+    "video": "The video with the face (checked by content: mp4, mov, mkv, webm, avi); or give video_url.",
+    "audio": "The new speech (checked by content: wav, mp3, m4a, aac, ogg, or a video's sound track); or give "
+             "audio_url.",
 }
 
 
@@ -33,8 +34,11 @@ def job_params_signature(context_type: Any, defaults: Mapping[str, Any] | None =
     def decorate(func: Callable) -> Callable:
         P = inspect.Parameter
         params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+        # optional (an input may come by URL instead); typed Path, not Optional[Path]: BentoML's file
+        # handling cannot see a Path inside a Union, and a default is not validated
         for name, description in INPUT_DESCRIPTIONS.items():
-            params.append(P(name, P.KEYWORD_ONLY, annotation=Annotated[Path, Field(description=description)]))
+            params.append(P(name, P.KEYWORD_ONLY, default=None,
+                            annotation=Annotated[Path, Field(description=description)]))
         params.append(P("wait", P.KEYWORD_ONLY, default=False,
                         annotation=Annotated[bool, Field(description="Block until the job has finished.")]))
         for name, info in JobParams.model_fields.items():

@@ -626,13 +626,26 @@ function renderStatus(st) {
   $("cancel").hidden = FINISHED.has(st.status);
   setProgress(st.status === "completed" ? 1 : st.progress);
   const pct = `${Math.round((st.status === "completed" ? 1 : st.progress || 0) * 100)}%`;
-  if (st.status === "queued") setStatus(`Queued · waiting for a worker`);
-  else if (st.status === "processing") setStatus(`Processing · ${humanStage(st.stage)} · ${pct}`);
+  if (st.status === "queued") setStatus(`Queued · waiting for a worker${queueText(st)}`);
+  else if (st.status === "processing") setStatus(`Processing · ${humanStage(st.stage)} · ${pct}${queueText(st)}`);
   else if (st.status === "completed") {
     const secs = st.timings && st.timings.total;
     setStatus(`Completed${secs ? ` in ${secs.toFixed(1)} s` : ""}${st.frames ? ` · ${st.frames} frames` : ""}`);
   } else setStatus(`${st.status[0].toUpperCase()}${st.status.slice(1)}`);
   $("job-error").textContent = st.status === "failed" && st.error ? `The job failed: ${st.error}` : "";
+}
+
+/** " · 3rd in line · about 2 min left" from the status's queue_position and eta_s (either may be null). */
+function queueText(st) {
+  let text = "";
+  if (st.status === "queued" && Number.isInteger(st.queue_position)) {
+    text += st.queue_position === 1 ? " · next in line" : ` · ${st.queue_position} in line`;
+  }
+  if (typeof st.eta_s === "number" && Number.isFinite(st.eta_s)) {
+    const s = Math.max(1, Math.round(st.eta_s));
+    text += ` · about ${s < 90 ? `${s} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`} left`;
+  }
+  return text;
 }
 
 /** Fetch the MP4 with the auth header, and use one blob URL for the player and the download link. */

@@ -1,0 +1,28 @@
+"""Signed webhooks for job events: outbox rows in the job store, delivered with retries.
+
+    job event -> WebhookNotifier.job_event -> outbox row (body frozen)
+              -> WebhookDispatcher (claim with a lease, sign, POST, record the attempt, back off)
+
+Signing is Stripe's scheme (``signing``); receivers verify with ``lipsync_client.verify_webhook``.
+"""
+
+from .delivery import RetryPolicy, WebhookDispatcher, WebhookSettings
+from .events import WebhookDeliveryStatus, WebhookNotifier, deliveries_status
+from .outbox import SQLiteWebhookOutbox, WebhookDelivery, WebhookOutbox
+from .signing import EVENT_HEADER, EVENT_ID_HEADER, SIGNATURE_HEADER, signature_header
+
+__all__ = [
+    "EVENT_HEADER",
+    "EVENT_ID_HEADER",
+    "RetryPolicy",
+    "SIGNATURE_HEADER",
+    "SQLiteWebhookOutbox",
+    "WebhookDelivery",
+    "WebhookDeliveryStatus",
+    "WebhookDispatcher",
+    "WebhookNotifier",
+    "WebhookOutbox",
+    "WebhookSettings",
+    "deliveries_status",
+    "signature_header",
+]
