@@ -14,7 +14,10 @@ Semantics (Stripe's, without replaying stored responses: the job itself is the a
 * a request that fails before its job exists (a 413, a bad file, a disconnect) releases
   its reservation, so the client can retry with the same key; removing a job forgets its
   key; a reservation left by a process that died mid-upload is dropped when the service
-  starts again (and, with a shared store, ignored once ``pending_ttl_s`` has passed).
+  starts again. On a shared store (PostgreSQL) a reservation has a holder (the replica
+  receiving the upload) and a lease that the holder renews while the upload runs
+  (:meth:`IdempotencyKeys.renew`), so a replica's start frees only dead holders' keys,
+  never the reservation of an upload streaming into another live replica.
 
 Order in admission: ``reserve`` (409 in progress) -> the body (uploads streamed and hashed,
 or the URLs) -> fingerprint -> submit the job -> ``complete`` (the row names the job). A
@@ -31,7 +34,7 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -44,7 +47,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_CHARS = 255
 DEFAULT_TTL_S = 24 * 3600.0
-DEFAULT_PENDING_TTL_S = 3600.0  # an upload in progress for longer than this has died (shared stores)
+DEFAULT_PENDING_TTL_S = 3600.0  # a pending row older than this has died (stores without leases)
 IN_PROGRESS_RETRY_S = 5
 
 
@@ -115,24 +118,34 @@ class KeyRecord:
 class IdempotencyStore(Protocol):
     """Idempotency keys; ``(owner, key)`` is unique (owner None counts as one owner, stored as '').
 
+    * ``lease_s``: how long a pending record lives unless its holder renews it; None for a
+      store one process owns (SQLite), where ``pending_ttl_s`` bounds a pending record and
+      ``release_pending`` at start frees the rest.
     * ``reserve(owner, key, request_id, now, ttl_s, pending_ttl_s)``: atomically, the live
       record of ``(owner, key)`` if there is one, else a new pending record for
-      ``request_id``. A complete record older than ``ttl_s``, or a pending one older than
-      ``pending_ttl_s``, is not live and is replaced. PostgreSQL: ``INSERT ... ON CONFLICT
-      (owner, key) DO UPDATE SET ... WHERE <not live> RETURNING *``, then ``SELECT`` the
-      live row when nothing was returned.
+      ``request_id``. A complete record older than ``ttl_s`` is not live; a pending one is not
+      live once its lease ran out (with leases) or once older than ``pending_ttl_s`` (without).
+      Not live: replaced. PostgreSQL: ``INSERT ... ON CONFLICT (owner, key) DO UPDATE SET ...
+      WHERE <not live> RETURNING *``, then ``SELECT`` the live row when nothing was returned.
+    * ``renew(held)``: extend the leases of these pending reservations, ``(owner, key,
+      request_id)`` each, that this store's holder still holds (no-op without leases).
     * ``complete(owner, key, request_id, fingerprint, job_id)``: the pending record of
       ``request_id`` now names its job; False if it is not there any more.
     * ``release(owner, key, request_id)``: remove the record if it is still ``request_id``'s
       and pending (a failed admission).
-    * ``release_pending()``: remove every pending record (at start: no upload survives a
-      restart; a shared store scopes this to the replica, or relies on ``pending_ttl_s``).
+    * ``release_pending()``: remove the pending records no live process holds (at start):
+      every pending record without leases (no upload survives a restart of the one process),
+      those whose lease ran out with them (other replicas' uploads are alive); how many.
     * ``forget_job(job_id)``: remove the records of a removed job.
     * ``purge(before)``: remove complete records created before ``before``; how many.
     """
 
+    lease_s: Optional[float]
+
     def reserve(self, owner: Optional[str], key: str, request_id: str, now: datetime, ttl_s: float,
                 pending_ttl_s: float) -> KeyRecord: ...
+
+    def renew(self, held: Collection[tuple[Optional[str], str, str]]) -> None: ...
 
     def complete(self, owner: Optional[str], key: str, request_id: str, fingerprint: str, job_id: str) -> bool: ...
 
@@ -167,13 +180,20 @@ class Reservation:
 
 
 class IdempotencyKeys:
-    """The semantics above over a store (thread-safe as its store is)."""
+    """The semantics above over a store (thread-safe as its store is).
+
+    It remembers the reservations this process holds (reserved, neither completed nor
+    released yet): :meth:`renew` extends their leases, and nothing else, so a reservation
+    this process let go of (even one whose release failed) lapses one lease later.
+    """
 
     def __init__(self, store: IdempotencyStore, *, ttl_s: float = DEFAULT_TTL_S,
                  pending_ttl_s: float = DEFAULT_PENDING_TTL_S) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.pending_ttl_s = pending_ttl_s
+        self._held: set[tuple[Optional[str], str, str]] = set()
+        self._held_lock = threading.Lock()
 
     def reserve(self, owner: Optional[str], key: str, now: Optional[datetime] = None) -> Reservation:
         """Hold ``key`` for a new request, or find what holds it; IdempotencyInProgressError while pending."""
@@ -181,6 +201,8 @@ class IdempotencyKeys:
         record = self.store.reserve(owner, key, request_id, now or datetime.now(timezone.utc), self.ttl_s,
                                     self.pending_ttl_s)
         if record.request_id == request_id:
+            with self._held_lock:
+                self._held.add((owner, key, request_id))
             return Reservation(owner, key, request_id)
         if record.pending:
             raise IdempotencyInProgressError(
@@ -188,14 +210,33 @@ class IdempotencyKeys:
                 "to get its job")
         return Reservation(owner, key, request_id, original=record)
 
+    def renew(self) -> int:
+        """Extend the leases of the reservations held here (their uploads are still running); how many."""
+        with self._held_lock:
+            held = list(self._held)
+        if held:
+            self.store.renew(held)
+        return len(held)
+
+    def _let_go(self, reservation: Reservation) -> None:
+        with self._held_lock:
+            self._held.discard((reservation.owner, reservation.key, reservation.request_id))
+
     def complete(self, reservation: Reservation, fingerprint: str, job_id: str) -> None:
-        if reservation.owned and self.store.complete(reservation.owner, reservation.key, reservation.request_id,
-                                                     fingerprint, job_id):
-            reservation.completed = True
+        if not reservation.owned:
+            return
+        try:
+            if self.store.complete(reservation.owner, reservation.key, reservation.request_id, fingerprint, job_id):
+                reservation.completed = True
+        finally:  # completed, gone (its lease ran out and another request took the key) or failed
+            self._let_go(reservation)
 
     def release(self, reservation: Reservation) -> None:
         if reservation.owned and not reservation.completed:
-            self.store.release(reservation.owner, reservation.key, reservation.request_id)
+            try:
+                self.store.release(reservation.owner, reservation.key, reservation.request_id)
+            finally:
+                self._let_go(reservation)
 
     @staticmethod
     def replayed_job(reservation: Reservation, fingerprint: str) -> str:
@@ -226,7 +267,13 @@ _COLUMNS = "request_id, fingerprint, job_id, created_at"
 
 
 class SQLiteIdempotencyStore:
-    """:class:`IdempotencyStore` in a SQLite file (its own, or shared); safe across processes."""
+    """:class:`IdempotencyStore` in a SQLite file (its own, or shared); safe across processes.
+
+    No leases: the file is in the data directory one process owns, so at that process's
+    start no upload is alive and ``release_pending`` frees every pending key.
+    """
+
+    lease_s = None
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
@@ -264,6 +311,9 @@ class SQLiteIdempotencyStore:
                 db.execute("ROLLBACK")
                 raise
         return KeyRecord(owner, key, row[0], row[1], row[2], datetime.fromtimestamp(row[3], timezone.utc))
+
+    def renew(self, held: Collection[tuple[Optional[str], str, str]]) -> None:
+        """Nothing to renew: pending rows here have no lease (see the class)."""
 
     def complete(self, owner: Optional[str], key: str, request_id: str, fingerprint: str, job_id: str) -> bool:
         with self._lock:

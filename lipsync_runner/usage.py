@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -129,13 +130,7 @@ class SQLiteUsageLedger:
                 "SELECT day, COUNT(*), SUM(status = 'completed'), SUM(status = 'failed'), SUM(status = 'cancelled'), "
                 "SUM(output_seconds), SUM(frames) FROM usage_jobs WHERE owner = ? AND day >= ? AND day <= ? "
                 "GROUP BY day ORDER BY day", (owner or "", since.isoformat(), until.isoformat())).fetchall()
-        days = [UsageDay(date=d, jobs=n, completed=c, failed=f, cancelled=x, output_seconds=round(s, 3), frames=fr)
-                for d, n, c, f, x, s, fr in rows]
-        return UsageSummary(
-            since=since.isoformat(), until=until.isoformat(), days=days,
-            jobs=sum(d.jobs for d in days), completed=sum(d.completed for d in days),
-            failed=sum(d.failed for d in days), cancelled=sum(d.cancelled for d in days),
-            output_seconds=round(sum(d.output_seconds for d in days), 3), frames=sum(d.frames for d in days))
+        return summarize_days(since, until, rows)
 
     def purge(self, before: datetime) -> int:
         with self._lock:
@@ -146,6 +141,18 @@ class SQLiteUsageLedger:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def summarize_days(since: date, until: date, rows: Iterable[tuple]) -> UsageSummary:
+    """A summary from a ledger's rows per day: ``(YYYY-MM-DD, jobs, completed, failed, cancelled, output
+    seconds, frames)``, oldest first."""
+    days = [UsageDay(date=d, jobs=n, completed=c, failed=f, cancelled=x, output_seconds=round(float(s), 3),
+                     frames=int(fr)) for d, n, c, f, x, s, fr in rows]
+    return UsageSummary(
+        since=since.isoformat(), until=until.isoformat(), days=days,
+        jobs=sum(d.jobs for d in days), completed=sum(d.completed for d in days),
+        failed=sum(d.failed for d in days), cancelled=sum(d.cancelled for d in days),
+        output_seconds=round(sum(d.output_seconds for d in days), 3), frames=sum(d.frames for d in days))
 
 
 def account_job(ledger: UsageLedger, record: JobRecord, output_seconds: float) -> bool:

@@ -52,6 +52,12 @@ def postgres():
         yield cluster
 
 
+@pytest.fixture(scope="module")
+def pg_database(postgres) -> str:
+    """The URL of a fresh database on that cluster for one test module (each test empties what it uses)."""
+    return postgres.create_database()
+
+
 @pytest.fixture(scope="session")
 def s3():
     """moto's S3 server on 127.0.0.1, spoken to only through the S3 API."""

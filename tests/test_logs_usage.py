@@ -1,4 +1,8 @@
-"""Structured JSON logs (redacted) and per-owner usage (ledger and Prometheus counters)."""
+"""Structured JSON logs (redacted) and per-owner usage (ledger and Prometheus counters).
+
+The ledger's tests run against both stores: SQLite (its own file) and PostgreSQL (the job
+database replicas share; a second job store is a second replica, or the process restarted).
+"""
 
 from __future__ import annotations
 
@@ -90,11 +94,38 @@ def test_text_format_is_the_default(monkeypatch):
 # ------------------------------------------------------------------------------ usage
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_ledger(request, tmp_path):
+    """Opens the ledger as one more process on the same store (PostgreSQL: a job store with its own pool)."""
+    opened: list = []
+    job_stores: list = []
+    if request.param == "postgres":
+        from lipsync_runner.jobs.postgres import PostgresJobStore
+        from lipsync_runner.jobs.postgres_integration import PostgresUsageLedger
+
+        url = request.getfixturevalue("pg_database")
+
+        def open_one():
+            job_stores.append(PostgresJobStore(url, pool_size=2))
+            if len(job_stores) == 1:
+                with job_stores[0].connection() as conn:  # every test starts from an empty ledger
+                    conn.execute("TRUNCATE usage_jobs")
+            opened.append(PostgresUsageLedger(job_stores[-1]))
+            return opened[-1]
+    else:
+        def open_one():
+            opened.append(SQLiteUsageLedger(tmp_path / "jobs.sqlite3"))
+            return opened[-1]
+    yield open_one
+    for led in opened:
+        led.close()
+    for store in job_stores:
+        store.close()
+
+
 @pytest.fixture
-def ledger(tmp_path):
-    led = SQLiteUsageLedger(tmp_path / "jobs.sqlite3")
-    yield led
-    led.close()
+def ledger(open_ledger):
+    return open_ledger()
 
 
 def test_usage_is_counted_once_per_job_and_scoped_to_its_owner(ledger):
@@ -135,13 +166,13 @@ def test_prometheus_usage_counters_follow_the_ledger(ledger):
     assert sample("lipsync_usage_frames_total", {"owner": owner}) == 250
 
 
-def test_usage_survives_a_restart_and_old_rows_are_purged(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    first = SQLiteUsageLedger(path)
-    first.record(UsageEntry(new_job_id(), "o", JobStatus.completed, DAY1, 3.0, 75))
+def test_usage_survives_a_restart_and_old_rows_are_purged(open_ledger):
+    first = open_ledger()
+    job_id = new_job_id()
+    first.record(UsageEntry(job_id, "o", JobStatus.completed, DAY1, 3.0, 75))
     first.close()
-    second = SQLiteUsageLedger(path)
+    second = open_ledger()
+    assert second.record(UsageEntry(job_id, "o", JobStatus.completed, DAY1, 3.0, 75)) is False  # finished twice
     assert second.summary("o", date(2026, 3, 1), date(2026, 3, 1)).frames == 75
-    assert second.purge(DAY1 + timedelta(days=400)) == 1
-    second.close()
+    assert second.purge(DAY1 + timedelta(days=1)) == 1
     assert default_window(date(2026, 3, 31)) == (date(2026, 3, 2), date(2026, 3, 31))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime, timezone
 
 import psycopg
 import pytest
@@ -140,3 +141,44 @@ def test_finished_and_processing_counts_are_seen_by_every_replica(postgres):
         "queued": 1, "processing": 1, "completed": 1, "failed": 0, "cancelled": 0}
     a.close()
     b.close()
+
+
+def test_api_replicas_keep_the_integration_tables_in_the_job_database(postgres, tmp_path):
+    """Two API replicas (ApiCore) on one database: the outbox, keys and usage are its tables (no SQLite
+    file), shared: a key reserved by an upload streaming into A is in progress on B, also after B's
+    start, as long as A's timer renews its lease; once A is gone, its key is free one lease later."""
+    from lipsync_runner.idempotency import IdempotencyInProgressError
+    from lipsync_runner.jobs.postgres_integration import PostgresIdempotencyStore
+    from lipsync_runner.serving.api import ApiCore
+    from lipsync_runner.serving.settings import ServiceSettings
+    from lipsync_runner.usage import UsageEntry
+
+    url = postgres.create_database()
+
+    def replica(name: str) -> ApiCore:
+        return ApiCore(None, ServiceSettings(data_dir=tmp_path / name, database_url=url, lease_s=1,
+                                             avatar_cache=False, free_space_floor_mb=0))
+
+    a, b = replica("a"), replica("b")
+    assert {"webhook_deliveries", "idempotency_keys", "usage_jobs"} <= tables(url)
+    assert isinstance(a.integration.key_store, PostgresIdempotencyStore)
+    assert a.integration.key_store.holder == a.manager.replica_id != b.manager.replica_id
+    a.integration.start()
+    try:
+        streaming = a.integration.keys.reserve("o", "k")
+        b.integration.start()  # B's start releases dead holders' keys only
+        time.sleep(1.5)  # past one lease: A's timer renewed it
+        with pytest.raises(IdempotencyInProgressError):
+            b.integration.keys.reserve("o", "k")
+        a.integration.ledger.record(UsageEntry(new_job_id(), "o", JobStatus.completed, datetime.now(timezone.utc),
+                                               2.0, 50))
+        assert b.integration.usage("o")["frames"] == 50
+    finally:
+        a.integration.stop()  # A goes away mid-upload: nobody renews its key any more
+    assert streaming.owned and not streaming.completed
+    time.sleep(1.2)
+    assert b.integration.keys.reserve("o", "k").owned
+    for core in (a, b):
+        core.integration.stop()
+        core.manager.close()
+    assert not any((tmp_path / name / "integration.sqlite3").exists() for name in "ab")

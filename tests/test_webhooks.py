@@ -1,7 +1,11 @@
 """Webhooks: the signature scheme, the outbox, and deliveries to a real HTTP receiver on the loopback.
 
 The receiver is a real server; every delivery it records is checked with the SDK's
-`verify_webhook`, the way a customer's endpoint would check it.
+`verify_webhook`, the way a customer's endpoint would check it. Every outbox test runs against
+both stores: SQLite (one file, as one machine has it) and PostgreSQL (the job database that
+replicas share; tests/backends.py), each "process" or replica with its own connection(s).
+Leases are on the store's clock (the database's, for PostgreSQL), so the tests use real time
+and short leases.
 """
 
 from __future__ import annotations
@@ -62,11 +66,44 @@ def settings(**kw) -> WebhookSettings:
     return WebhookSettings(webhook_secret=SECRET, webhook_timeout_s=kw.pop("timeout", 2.0), **kw)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_outbox(request, tmp_path):
+    """Opens the outbox as one more process (SQLite: one more connection to the file) or replica
+    (PostgreSQL: one more job store with its own pool) on the same shared store."""
+    opened: list = []
+    if request.param == "postgres":
+        from lipsync_runner.jobs.postgres import PostgresJobStore
+        from lipsync_runner.jobs.postgres_integration import PostgresWebhookOutbox
+
+        url = request.getfixturevalue("pg_database")
+        stores: list[PostgresJobStore] = []
+
+        def open_one():
+            stores.append(PostgresJobStore(url, pool_size=2))
+            if len(stores) == 1:
+                with stores[0].connection() as conn:  # every test starts from an empty outbox
+                    conn.execute("TRUNCATE webhook_deliveries")
+            opened.append(PostgresWebhookOutbox(stores[-1]))
+            return opened[-1]
+    else:
+        def open_one():
+            opened.append(SQLiteWebhookOutbox(tmp_path / "jobs.sqlite3"))
+            return opened[-1]
+        stores = []
+    yield open_one
+    for box in opened:
+        box.close()
+    for store in stores:
+        store.close()
+
+
 @pytest.fixture
-def outbox(tmp_path):
-    box = SQLiteWebhookOutbox(tmp_path / "jobs.sqlite3")
-    yield box
-    box.close()
+def outbox(open_outbox):
+    return open_outbox()
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 # ------------------------------------------------------------------------------ signatures
@@ -138,32 +175,36 @@ def delivery(job_id: str = "j1", event: WebhookEvent = WebhookEvent.completed, u
 
 
 def test_outbox_claims_are_leases(outbox):
-    now = datetime.now(timezone.utc)
+    lease_s, retry_s = 0.3, 0.6
+    now = utcnow()
     a, b = outbox.enqueue(delivery("a", created_at=now, next_attempt_at=now)), outbox.enqueue(delivery("b"))
     later = outbox.enqueue(delivery("c", next_attempt_at=now + timedelta(hours=1)))
-    claimed = outbox.claim(now + timedelta(seconds=1), limit=10, lease_s=30)
-    assert [d.delivery_id for d in claimed] == [a.delivery_id, b.delivery_id]
-    assert outbox.claim(now + timedelta(seconds=2), limit=10, lease_s=30) == []  # leased: nobody else takes them
-    again = outbox.claim(now + timedelta(seconds=32), limit=10, lease_s=30)  # the lease ran out (a crash)
+    claimed = outbox.claim(utcnow(), limit=10, lease_s=lease_s)
+    assert [d.delivery_id for d in claimed] == [a.delivery_id, b.delivery_id]  # oldest due first; c is not due
+    assert outbox.claim(utcnow(), limit=10, lease_s=lease_s) == []  # leased: nobody else takes them
+    time.sleep(lease_s + 0.1)
+    again = outbox.claim(utcnow(), limit=10, lease_s=30)  # the lease ran out (its dispatcher died)
     assert {d.delivery_id for d in again} == {a.delivery_id, b.delivery_id}
-    outbox.record_attempt(a.delivery_id, at=now, status=200, error=None, delivered=True, next_attempt_at=None)
-    outbox.record_attempt(b.delivery_id, at=now, status=500, error="HTTP 500", delivered=False,
-                          next_attempt_at=now + timedelta(seconds=40))
-    assert outbox.claim(now + timedelta(seconds=39), limit=10, lease_s=30) == []
-    assert [d.job_id for d in outbox.claim(now + timedelta(seconds=41), limit=10, lease_s=30)] == ["b"]
+    outbox.record_attempt(a.delivery_id, at=utcnow(), status=200, error=None, delivered=True, next_attempt_at=None)
+    at = utcnow()
+    outbox.record_attempt(b.delivery_id, at=at, status=500, error="HTTP 500", delivered=False,
+                          next_attempt_at=at + timedelta(seconds=retry_s))
+    assert outbox.claim(utcnow(), limit=10, lease_s=30) == []  # b's retry is not due yet
+    time.sleep(retry_s + 0.1)
+    assert [d.job_id for d in outbox.claim(utcnow(), limit=10, lease_s=30)] == ["b"]
     (row,) = outbox.for_job("a")
     assert (row.state, row.attempts, row.last_status, row.next_attempt_at) == ("delivered", 1, 200, None)
-    assert abs(outbox.next_due() - (now + timedelta(seconds=41 + 30))) < timedelta(milliseconds=1)  # b's lease
-    outbox.record_attempt(b.delivery_id, at=now, status=200, error=None, delivered=True, next_attempt_at=None)
-    assert abs(outbox.next_due() - later.next_attempt_at) < timedelta(milliseconds=1)
+    assert abs(outbox.next_due() - (utcnow() + timedelta(seconds=30))) < timedelta(seconds=2)  # b's lease
+    outbox.record_attempt(b.delivery_id, at=utcnow(), status=200, error=None, delivered=True, next_attempt_at=None)
+    assert outbox.next_due() == later.next_attempt_at
     outbox.delete_job("c")
-    assert outbox.for_job("c") == []
+    assert outbox.for_job("c") == [] and outbox.next_due() is None
 
 
-def test_two_outboxes_on_one_file_never_claim_the_same_row(tmp_path):
-    """Two replicas sharing the store: every row is claimed exactly once."""
-    path = tmp_path / "shared.sqlite3"
-    boxes = [SQLiteWebhookOutbox(path), SQLiteWebhookOutbox(path)]
+def test_two_outboxes_on_one_store_never_claim_the_same_row(open_outbox):
+    """Two replicas' dispatchers claiming at once from one store: every row is claimed exactly once
+    (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: BEGIN IMMEDIATE)."""
+    boxes = [open_outbox(), open_outbox()]
     for i in range(200):
         boxes[0].enqueue(delivery(f"job{i}"))
     claimed: list[list[str]] = [[], []]
@@ -171,7 +212,7 @@ def test_two_outboxes_on_one_file_never_claim_the_same_row(tmp_path):
 
     def claim_all(i: int) -> None:
         start.wait()
-        while rows := boxes[i].claim(datetime.now(timezone.utc), limit=3, lease_s=600):
+        while rows := boxes[i].claim(utcnow(), limit=3, lease_s=600):
             claimed[i].extend(d.job_id for d in rows)
 
     threads = [threading.Thread(target=claim_all, args=(i,)) for i in (0, 1)]
@@ -181,8 +222,6 @@ def test_two_outboxes_on_one_file_never_claim_the_same_row(tmp_path):
         t.join()
     assert not set(claimed[0]) & set(claimed[1])
     assert sorted(claimed[0] + claimed[1]) == sorted(f"job{i}" for i in range(200))
-    for box in boxes:
-        box.close()
 
 
 # ------------------------------------------------------------------------------ events
@@ -321,11 +360,11 @@ def test_permanent_refusals_are_not_retried(receiver, outbox):
     assert sorted(receiver.paths()) == ["/gone", "/moved"]
 
 
-def test_deliveries_survive_a_restart(receiver, tmp_path):
-    """Rows written before a crash are delivered by the next process, including one claimed by the dead one."""
+def test_deliveries_survive_a_restart(receiver, open_outbox):
+    """Rows written before a crash are delivered by the next process (or another replica), including
+    one claimed by the dead one."""
     receiver.routes["/hook"] = lambda req: Reply(204)
-    path = tmp_path / "jobs.sqlite3"
-    first = SQLiteWebhookOutbox(path)
+    first = open_outbox()
     notifier = WebhookNotifier(first)  # no dispatcher runs: the process dies before delivering
     waiting = job(receiver.url("/hook"), status=JobStatus.completed)
     in_flight = job(receiver.url("/hook"), status=JobStatus.cancelled)
@@ -334,7 +373,7 @@ def test_deliveries_survive_a_restart(receiver, tmp_path):
     # the dead process had claimed both rows and never recorded an attempt
     assert len(first.claim(datetime.now(timezone.utc), limit=10, lease_s=0.5)) == 2
     first.close()
-    second = SQLiteWebhookOutbox(path)
+    second = open_outbox()
     with WebhookDispatcher(second, settings(), policy=LOOPBACK_OK, poll_s=0.05):
         for rec in (waiting, in_flight):
             wait_for(lambda rec=rec: second.for_job(rec.job_id)[0].state == "delivered")

@@ -6,11 +6,11 @@
     usage      -> usage(owner, since, until)
 
 One object, built by ApiCore from the settings and shared by admission, the operations and
-the job manager's hook, so each surface gets the same behaviour. Its tables live in their
-own SQLite file, ``<data dir>/integration.sqlite3``, behind the store protocols
-(``WebhookOutbox``, ``IdempotencyStore``, ``UsageLedger``): the job store itself is being
-moved to PostgreSQL, and a PostgreSQL version of each is one class passed in here
-(docs/integration.md, "For store implementers").
+the job manager's hook, so each surface gets the same behaviour. Its tables sit behind the
+store protocols (``WebhookOutbox``, ``IdempotencyStore``, ``UsageLedger``): by default in their
+own SQLite file, ``<data dir>/integration.sqlite3``; with ``LIP_SYNC_DATABASE_URL``, ApiCore
+passes the PostgreSQL versions (jobs/postgres_integration.py), in the job database that every
+replica shares (docs/integration.md, "For store implementers").
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ class Integration:
         self._wants_progress: dict[str, bool] = {}  # job id -> its webhook wants progress events
         self._output_fps: dict[str, Fraction] = {}  # job id -> fps of its result, noted by the worker
         self._eta: tuple[float, dict[str, Estimate]] = (float("-inf"), {})
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def bind(self, get_record: Callable[[str], JobRecord], list_records: Callable[..., list[JobRecord]],
              status_body: Callable[[JobRecord], dict[str, Any]]) -> None:
@@ -106,9 +108,15 @@ class Integration:
     def start(self) -> None:
         shutil.rmtree(self.scratch_dir, ignore_errors=True)
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        dropped = self.key_store.release_pending()  # no upload survives a restart
+        dropped = self.key_store.release_pending()  # no upload survives a restart (with leases: dead holders')
         if dropped:
             log.info("released %d Idempotency-Key reservation(s) of uploads a previous run did not finish", dropped)
+        lease_s = self.key_store.lease_s
+        if lease_s and self._renewer is None:  # a shared store: our uploads' keys live while we renew them
+            self._stop.clear()
+            self._renewer = threading.Thread(target=self._renew_keys, args=(min(2.0, lease_s / 3),),
+                                             name="idempotency-leases", daemon=True)
+            self._renewer.start()
         now = datetime.now(timezone.utc)
         self.key_store.purge(expiry_cutoff(now, self.keys.ttl_s))
         self.ledger.purge(now - timedelta(days=self.settings.usage_retention_days))
@@ -119,10 +127,22 @@ class Integration:
                         "until it is")
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(10)
+            self._renewer = None
         if self.dispatcher is not None:
             self.dispatcher.stop()
         for store in (self.outbox, self.key_store, self.ledger):
             store.close()
+
+    def _renew_keys(self, every_s: float) -> None:
+        """Renew the leases of the Idempotency-Key reservations whose uploads stream into this replica."""
+        while not self._stop.wait(every_s):
+            try:
+                self.keys.renew()
+            except Exception:
+                log.warning("could not renew Idempotency-Key reservations (retrying)", exc_info=True)
 
     # ------------------------------------------------------------------ admission
 

@@ -45,7 +45,7 @@ def _lock_key(name: str) -> int:
 MIGRATION_LOCK = _lock_key("migrations")
 ADMISSION_LOCK = _lock_key("admission")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, list[str]] = {
     # version N: the statements that bring a database at N-1 to N (one transaction)
     1: [
@@ -75,6 +75,51 @@ MIGRATIONS: dict[int, list[str]] = {
     2: [
         "ALTER TABLE lipsync_jobs ADD COLUMN kind text NOT NULL DEFAULT 'job'",
         "CREATE INDEX lipsync_jobs_owner_kind_created ON lipsync_jobs (owner, kind, created_at DESC, seq DESC)",
+    ],
+    # the integration tables (jobs/postgres_integration.py): webhook outbox, Idempotency-Key, usage
+    3: [
+        """CREATE TABLE webhook_deliveries (
+            delivery_id     uuid PRIMARY KEY,
+            job_id          text NOT NULL,
+            owner           text,
+            event           text NOT NULL,
+            url             text NOT NULL,
+            body            text NOT NULL,
+            created_at      timestamptz NOT NULL,
+            next_attempt_at timestamptz,            -- NULL once delivered or given up
+            attempts        int NOT NULL DEFAULT 0,
+            last_attempt_at timestamptz,
+            last_status     int,
+            last_error      text,
+            delivered_at    timestamptz,
+            failed_at       timestamptz
+        )""",
+        "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at, created_at) "
+        "WHERE next_attempt_at IS NOT NULL",
+        "CREATE INDEX webhook_deliveries_job ON webhook_deliveries (job_id, created_at)",
+        """CREATE TABLE idempotency_keys (
+            owner            text NOT NULL,         -- '' when jobs are not scoped: NULLs never collide
+            key              text NOT NULL,
+            request_id       text NOT NULL,
+            fingerprint      text,                  -- NULL while pending
+            job_id           text,
+            created_at       timestamptz NOT NULL,
+            holder           text,                  -- pending rows: the replica receiving the upload
+            lease_expires_at timestamptz,           -- pending rows: renewed while the upload runs
+            PRIMARY KEY (owner, key)
+        )""",
+        "CREATE INDEX idempotency_keys_job ON idempotency_keys (job_id)",
+        "CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at) WHERE fingerprint IS NOT NULL",
+        """CREATE TABLE usage_jobs (
+            job_id         text PRIMARY KEY,
+            owner          text NOT NULL,           -- '' when jobs are not scoped
+            status         text NOT NULL,
+            finished_at    timestamptz NOT NULL,
+            day            date NOT NULL,           -- the UTC day of finished_at
+            output_seconds double precision NOT NULL,
+            frames         int NOT NULL
+        )""",
+        "CREATE INDEX usage_jobs_owner_day ON usage_jobs (owner, day)",
     ],
 }
 
@@ -113,7 +158,9 @@ class PostgresJobStore:
     # -- plumbing --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection]:
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection (autocommit); an unreachable database is JobStoreUnavailableError (503).
+        Public for the integration tables (jobs/postgres_integration.py), which share this pool."""
         try:
             with self._pool.connection() as conn:
                 yield conn
@@ -122,12 +169,13 @@ class PostgresJobStore:
             raise JobStoreUnavailableError("the job database is unavailable; try again shortly") from e
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection]:
-        with self._conn() as conn, conn.transaction():
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection inside one transaction (committed on exit, rolled back on an error)."""
+        with self.connection() as conn, conn.transaction():
             yield conn
 
     def _migrate(self) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS lipsync_schema "
                          "(id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)")
@@ -146,7 +194,7 @@ class PostgresJobStore:
 
     @property
     def schema_version(self) -> int:
-        with self._conn() as conn:
+        with self.connection() as conn:
             return int(conn.execute("SELECT version FROM lipsync_schema WHERE id = 1").fetchone()[0])
 
     @staticmethod
@@ -168,7 +216,7 @@ class PostgresJobStore:
     # -- records ---------------------------------------------------------------------------
 
     def create(self, record: JobRecord) -> None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             try:
                 conn.execute(  # kind is set once: a record never changes kind
                     "INSERT INTO lipsync_jobs (status, owner, created_at, expires_at, lease_owner, "
@@ -180,7 +228,7 @@ class PostgresJobStore:
             conn.execute("DELETE FROM lipsync_uploads WHERE job_id = %s", (record.job_id,))
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._conn() as conn:
+        with self.connection() as conn:
             row = conn.execute("SELECT body FROM lipsync_jobs WHERE job_id = %s", (job_id,)).fetchone()
         return JobRecord.model_validate(row[0]) if row else None
 
@@ -188,7 +236,7 @@ class PostgresJobStore:
         return self.modify(job_id, lambda current, now: fields)
 
     def modify(self, job_id: str, change: Change) -> JobRecord:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             row = conn.execute("SELECT body, clock_timestamp() FROM lipsync_jobs WHERE job_id = %s FOR UPDATE",
                                (job_id,)).fetchone()
             if row is None:
@@ -225,22 +273,22 @@ class PostgresJobStore:
         if limit is not None:
             sql += " LIMIT %s"
             args.append(max(0, int(limit)))
-        with self._conn() as conn:
+        with self.connection() as conn:
             return self._records(conn.execute(sql, args).fetchall())
 
     def delete(self, job_id: str) -> None:
-        with self._conn() as conn:
+        with self.connection() as conn:
             conn.execute("DELETE FROM lipsync_jobs WHERE job_id = %s", (job_id,))
 
     def count_by_status(self) -> dict[str, int]:
         counts = {s.value: 0 for s in JobStatus}
-        with self._conn() as conn:
+        with self.connection() as conn:
             for status, n in conn.execute("SELECT status, count(*) FROM lipsync_jobs GROUP BY status").fetchall():
                 counts[status] = int(n)
         return counts
 
     def expired(self, now: datetime) -> list[JobRecord]:
-        with self._conn() as conn:
+        with self.connection() as conn:
             return self._records(conn.execute(
                 "SELECT body FROM lipsync_jobs WHERE expires_at IS NOT NULL AND expires_at <= %s "
                 "AND status = ANY(%s) ORDER BY expires_at",
@@ -250,7 +298,7 @@ class PostgresJobStore:
     # -- the queue -------------------------------------------------------------------------
 
     def claim(self, holder: str, lease_s: float) -> JobRecord | None:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             row = conn.execute(
                 "SELECT body, clock_timestamp() FROM lipsync_jobs WHERE status = 'queued' "
                 "ORDER BY created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
@@ -265,7 +313,7 @@ class PostgresJobStore:
     def renew(self, holder: str, job_ids: Collection[str], lease_s: float) -> dict[str, bool]:
         if not job_ids:
             return {}
-        with self._conn() as conn:
+        with self.connection() as conn:
             rows = conn.execute(
                 """WITH t AS (SELECT clock_timestamp() + make_interval(secs => %s) AS until)
                    UPDATE lipsync_jobs j SET lease_expires_at = t.until,
@@ -277,7 +325,7 @@ class PostgresJobStore:
         return {job_id: bool(cancel) for job_id, cancel in rows}
 
     def lapsed(self) -> list[JobRecord]:
-        with self._conn() as conn:
+        with self.connection() as conn:
             return self._records(conn.execute(
                 "SELECT body FROM lipsync_jobs WHERE status = 'processing' "
                 "AND (lease_expires_at IS NULL OR lease_expires_at < clock_timestamp()) ORDER BY created_at, seq"
@@ -286,7 +334,7 @@ class PostgresJobStore:
     # -- uploads in progress ---------------------------------------------------------------
 
     def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float) -> tuple[bool, int]:
-        with self._tx() as conn:
+        with self.transaction() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADMISSION_LOCK,))
             conn.execute("DELETE FROM lipsync_uploads WHERE expires_at < clock_timestamp()")
             waiting = int(conn.execute(
@@ -303,16 +351,16 @@ class PostgresJobStore:
     def renew_uploads(self, holder: str, job_ids: Collection[str], lease_s: float) -> None:
         if not job_ids:
             return
-        with self._conn() as conn:
+        with self.connection() as conn:
             conn.execute("UPDATE lipsync_uploads SET expires_at = clock_timestamp() + make_interval(secs => %s) "
                          "WHERE job_id = ANY(%s) AND holder = %s", (float(lease_s), list(job_ids), holder))
 
     def release_upload(self, job_id: str) -> None:
-        with self._conn() as conn:
+        with self.connection() as conn:
             conn.execute("DELETE FROM lipsync_uploads WHERE job_id = %s", (job_id,))
 
     def uploads(self) -> set[str]:
-        with self._conn() as conn:
+        with self.connection() as conn:
             rows = conn.execute("SELECT job_id FROM lipsync_uploads WHERE expires_at >= clock_timestamp()").fetchall()
         return {job_id for (job_id,) in rows}
 
@@ -320,7 +368,7 @@ class PostgresJobStore:
     def exclusive(self, name: str) -> Iterator[bool]:
         """A session-level advisory lock on one pooled connection (gone with it if the pod dies)."""
         key = _lock_key(name)
-        with self._conn() as conn:
+        with self.connection() as conn:
             got = bool(conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0])
             try:
                 yield got

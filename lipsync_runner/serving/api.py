@@ -25,6 +25,7 @@ from ..errors import (
 from ..avatar_cache import AvatarCache
 from ..faces import FaceDetector, load_face_detector
 from ..jobs import JobContext, JobFiles, JobKind, JobManager, JobOutcome, open_store
+from ..jobs.manager import default_replica_id
 from ..api.auth import AuthSettings
 from ..api.integration import Integration
 from ..api.limits import ApiLimits
@@ -72,13 +73,16 @@ class ApiCore:
         self.avatars = (AvatarCache(s.avatar_cache_dir or data_dir / "avatars",
                                     max_bytes=int(s.avatar_cache_gb * 2**30))
                         if s.avatar_cache else None)
-        # webhooks, Idempotency-Key, URL inputs' policy, queue ETA, usage: their own tables
-        self.integration = integration or Integration(data_dir, workers=s.job_workers)
+        # webhooks, Idempotency-Key, URL inputs' policy, queue ETA, usage: their own tables, in the
+        # job database when it is shared (SQLite in the data directory otherwise)
+        replica_id = default_replica_id()
+        self.integration = integration or Integration(data_dir, workers=s.job_workers,
+                                                      **self._integration_stores(replica_id))
         self.manager = JobManager(
             self.store, self.files, self._execute, storage=self.storage, workers=s.job_workers,
             retention_s=s.retention_s, max_attempts=s.max_attempts, sweep_interval_s=s.sweep_interval_s,
             max_queued=s.max_queued_jobs, free_space_floor_bytes=s.free_space_floor_mb * 2**20, debug=s.debug,
-            lease_s=s.lease_s, poll_s=s.queue_poll_s,
+            lease_s=s.lease_s, poll_s=s.queue_poll_s, replica_id=replica_id,
             on_removed=self.avatars.release_job if self.avatars is not None else None,
             on_event=self.integration.on_job_event)
         self._stop = threading.Event()
@@ -94,6 +98,16 @@ class ApiCore:
         self._detector: FaceDetector | None = None
         self._detector_lock = threading.Lock()
         self._started = time.time()
+
+    def _integration_stores(self, replica_id: str) -> dict[str, Any]:
+        """The PostgreSQL outbox, key store and ledger on the job store's pool, when it is PostgreSQL."""
+        if not self.store.shared:
+            return {}
+        from ..jobs.postgres_integration import PostgresIdempotencyStore, PostgresUsageLedger, PostgresWebhookOutbox
+
+        return {"outbox": PostgresWebhookOutbox(self.store),
+                "key_store": PostgresIdempotencyStore(self.store, holder=replica_id, lease_s=self.settings.lease_s),
+                "ledger": PostgresUsageLedger(self.store)}
 
     # ------------------------------------------------------------------ lifecycle
 
