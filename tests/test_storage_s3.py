@@ -231,3 +231,64 @@ def test_a_download_never_splices_two_versions_of_an_object(storage, stored_outp
     storage.put(job, "output.mp4", tmp_path / "new.mp4")
     with pytest.raises(Exception, match="PreconditionFailed|pre-condition"):
         b"".join(obj.iter_range(10, 20))
+
+
+# ----------------------------------------------------------------- a job's other files, kept in the bucket
+
+
+def test_a_url_jobs_fetched_inputs_and_thumbnail_are_stored_with_it(s3, bucket, models_dir, model, tmp_path):
+    """With a bucket the worker's scratch is dropped after the job: what it fetched (the inputs, the
+    reference naming the fetched file) and the thumbnail it made are stored with the job first, so
+    input playback and the thumbnail work afterwards, through any replica (the bucket, not this disk)."""
+    import json
+
+    from lipsync_runner.api import ApiLimits, create_rest_app
+    from lipsync_runner.api.integration import Integration
+    from lipsync_runner.netguard import AddressPolicy, parse_allowlist
+    from lipsync_runner.serving.api import ApiCore
+    from lipsync_runner.serving.runner import RunnerCore
+    from lipsync_runner.serving.settings import ServiceSettings
+    from lipsync_runner.settings import RunnerSettings
+    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+
+    from .loopback_http import LoopbackServer, Reply
+
+    video = write_face_video(tmp_path / "face.mp4", seconds=0.4, fps=25, size=(320, 240)).read_bytes()
+    audio = write_speech_like_audio(tmp_path / "fr.wav", seconds=0.4).read_bytes()
+    runner = RunnerCore(RunnerSettings(device="cpu"), load=False)
+    runner.model, runner.state = model, "ready"
+    data, prefix = tmp_path / "data", f"url-job-{uuid.uuid4().hex[:8]}"
+    core = ApiCore(runner, ServiceSettings(data_dir=data, job_workers=1, free_space_floor_mb=0, chunk_frames=2,
+                                           avatar_cache=False, storage_url=f"s3://{bucket}/{prefix}",
+                                           s3_endpoint_url=s3.endpoint_url),
+                   RunnerSettings(device="cpu", models_dir=models_dir),
+                   integration=Integration(data, workers=1, policy=AddressPolicy(allowlist=parse_allowlist("127.0.0.1"))))
+    rest = create_rest_app(None, None, ApiLimits())
+    rest.state.operations, rest.state.health = core.operations, core.health
+    core.start(None)
+    try:
+        with LoopbackServer() as files, TestClient(rest) as api:
+            files.routes["/in/face.mp4"] = lambda req: Reply(200, {"Content-Type": "video/mp4"}, video)
+            files.routes["/in/fr.wav"] = lambda req: Reply(200, {"Content-Type": "audio/wav"}, audio)
+            asked = api.post("/generate", json={"video_url": files.url("/in/face.mp4"),
+                                                "audio_url": files.url("/in/fr.wav"), "silence": "generate",
+                                                "segments": json.dumps([{"start": 0.0, "end": 0.12}])})
+            assert asked.status_code == 202, asked.text
+            job_id = asked.json()["job_id"]
+            deadline = time.monotonic() + 120
+            while (status := api.get(f"/status/{job_id}").json())["status"] not in ("completed", "failed"):
+                assert time.monotonic() < deadline, status
+                time.sleep(0.1)
+            assert status["status"] == "completed", status
+            assert not (data / "jobs" / job_id).exists()  # the worker's scratch is gone: only the bucket has them
+            stored = {k.rsplit("/", 1)[1] for k in s3.keys(bucket, f"{prefix}/jobs/{job_id}/")}
+            assert {"input_video.mp4", "input_audio.wav", "input_video.url.json", "input_audio.url.json",
+                    "thumbnail.jpg", "output.mp4"} <= stored, stored
+            played = api.get(f"/jobs/{job_id}/inputs/video")
+            assert played.status_code == 200 and played.content == video
+            assert api.get(f"/jobs/{job_id}/inputs/audio").content == audio
+            thumbnail = api.get(f"/jobs/{job_id}/thumbnail.jpg")
+            assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff"  # a JPEG
+            assert api.get(f"/download/{job_id}").status_code == 200
+    finally:
+        core.stop()

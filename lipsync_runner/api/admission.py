@@ -237,10 +237,12 @@ class Admission:
                 else:  # a URL: the worker fetches it
                     names[field] = write_reference(job_dir, field, given)
                     shown[field] = url_display_name(given, field)
-            avatar_video = (await run_in_threadpool(avatars.stored_video, manager, avatar, owner)
-                            if avatar is not None else None)
+            avatar_video = avatar_thumbnail = None
+            if avatar is not None:  # its files, from wherever they are stored
+                avatar_video = await run_in_threadpool(avatars.stored_video, manager, avatar, owner)
+                avatar_thumbnail = await run_in_threadpool(avatars.stored_thumbnail, manager, avatar, owner)
             media = await anyio.to_thread.run_sync(self._check_uploads, job_dir, files, params,
-                                                   avatar_video)  # ffmpeg: off the loop
+                                                   avatar_video, avatar_thumbnail)  # ffmpeg: off the loop
             fingerprint = (await anyio.to_thread.run_sync(_fingerprint, asked, job_dir, files, kind)
                            if reservation is not None else None)
             extra = {"kind": kind} if kind is not JobKind.job else {}
@@ -302,7 +304,8 @@ class Admission:
         return params
 
     def _check_uploads(self, job_dir: Path, files: dict[str, SavedFile], params: JobParams,
-                       avatar_video: Path | None = None) -> dict[str, Any] | None:
+                       avatar_video: Path | None = None,
+                       avatar_thumbnail: Path | None = None) -> dict[str, Any] | None:
         """The uploaded inputs (and an avatar's stored video) by content and limits; with both at hand,
         the job's scratch need too (413/507). A URL input, and then the pair, is checked by the worker
         once fetched."""
@@ -317,8 +320,8 @@ class Admission:
             audio_info = validate_audio(job_dir / audio.file_name, self.limits) if audio else None
         if video is not None and video_info is not None:
             write_thumbnail(job_dir / video.file_name, job_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH, video_info.demuxer)
-        elif avatar_video is not None and (avatar_video.parent / THUMBNAIL_NAME).is_file():
-            shutil.copyfile(avatar_video.parent / THUMBNAIL_NAME, job_dir / THUMBNAIL_NAME)
+        elif avatar_thumbnail is not None:  # a job by avatar_id shows the avatar's picture
+            shutil.copyfile(avatar_thumbnail, job_dir / THUMBNAIL_NAME)
         return media_summary(video_info, audio_info) if video_info or audio_info else None
 
     async def _replay(self, manager: Manager, receive, reservation: Reservation, owner: str | None,

@@ -24,6 +24,7 @@ from ..errors import AvatarNotFoundError, AvatarNotReadyError, InvalidInputError
 from ..inputs.reference import fetched_file, is_reference
 from ..jobs.records import JobKind, JobRecord, JobStatus, is_job_id
 from ..params import JobParams, avatar_fields
+from .thumbnails import THUMBNAIL_NAME
 
 if TYPE_CHECKING:
     from .operations import Manager
@@ -73,6 +74,14 @@ def stored_video(manager: Manager, record: JobRecord, owner: str | None) -> Path
         return manager.input_path(record.job_id, stored_name(manager, record, owner), owner)
     except JobNotFoundError:
         raise AvatarNotFoundError("Avatar not found") from None
+
+
+def stored_thumbnail(manager: Manager, record: JobRecord, owner: str | None) -> Path | None:
+    """The avatar's thumbnail as a local file (from wherever its files are stored), or None without one."""
+    try:
+        return manager.input_path(record.job_id, THUMBNAIL_NAME, owner)
+    except (JobNotFoundError, FileNotFoundError):
+        return None
 
 
 def inherit(params: JobParams, avatar: JobRecord, given: Iterable[str]) -> JobParams:

@@ -69,11 +69,15 @@ def read_reference(path: Path) -> dict[str, Any]:
 
 
 def fetched_file(job_dir: Path, reference: str) -> str | None:
-    """The fetched file a reference points to, once the worker has fetched it (for playback)."""
+    """The fetched file a reference names, once the worker has fetched it (for playback); None before.
+
+    Only a name: the file is read through the job's storage (with a bucket, the reference may be a
+    local copy of the stored one, without the file beside it), which says whether it is there.
+    """
     name = read_reference(job_dir / reference).get("file")
     if not isinstance(name, str) or "/" in name or not name.startswith("input_") or is_reference(name):
         return None
-    return name if (job_dir / name).is_file() else None
+    return name
 
 
 def is_avatar_reference(file_name: str | None) -> bool:

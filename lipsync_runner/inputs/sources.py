@@ -34,6 +34,9 @@ class PreparedInputs:
     fetched: dict[str, FetchedInput]  # by field, for the inputs that came from a URL
     video_info: VideoInfo
     audio_info: AudioInfo | None
+    # files written into the job's directory (each fetched file, then its updated reference): with
+    # object storage the worker stores them with the job (JobOutcome.keep), else they vanish with its scratch
+    written: list[str]
 
 
 Validate = Callable[[Path, Path | None, ApiLimits], tuple[VideoInfo, AudioInfo | None]]
@@ -56,6 +59,7 @@ def prepare_inputs(job: JobRecord, work_dir: Path, limits: ApiLimits, *, validat
     shown = {"video": job.video_filename, "audio": job.audio_filename}
     fetched: dict[str, FetchedInput] = {}
     paths: dict[str, Path] = {}
+    written: list[str] = []
     for field in INPUT_FIELDS:
         name = names[field]
         if name is None:  # an avatar has no audio
@@ -79,6 +83,7 @@ def prepare_inputs(job: JobRecord, work_dir: Path, limits: ApiLimits, *, validat
         shown[field] = f"{field}_url ({got.display_name})"
         write_json(work_dir / name, {**read_reference(work_dir / name), "file": got.file_name, "size": got.size,
                                       "sha256": got.sha256})
+        written += [got.file_name, name]  # the file before the reference that names it
     try:
         video_info, audio_info = validate(paths["video"], paths.get("audio"), limits)
     except LipSyncError as exc:  # name the inputs as the user knows them, never by our file names
@@ -89,4 +94,4 @@ def prepare_inputs(job: JobRecord, work_dir: Path, limits: ApiLimits, *, validat
         exc.message = message
         exc.args = (message,)
         raise
-    return PreparedInputs(paths["video"], paths.get("audio"), fetched, video_info, audio_info)
+    return PreparedInputs(paths["video"], paths.get("audio"), fetched, video_info, audio_info, written)

@@ -113,6 +113,9 @@ class JobOutcome:
     cache_hit: bool | None = None  # avatar cache: hit, miss, or not used
     media: dict | None = None  # what the worker learnt of inputs admission did not see (fetched by URL)
     faces: dict | None = None  # the face tracks found and who was dubbed (faces.FaceTracks.summary)
+    # other files the worker wrote into the job's directory that must outlive its scratch (inputs it
+    # fetched, their updated references, a thumbnail): stored, in this order, before the output
+    keep: list[str] = field(default_factory=list)
 
 
 Executor = Callable[[JobContext], JobOutcome]
@@ -885,7 +888,11 @@ class JobManager:
             output_file = _output_name(work_dir, outcome.output_file)
             if run.doomed or run.lost:  # removed, or taken over, while it ran: its result is not wanted
                 raise JobCancelledError(CANCELLED_MESSAGE)
-            # stored before the record says 'completed': a completed job always has its output
+            # stored before the record says 'completed': a completed job always has its output, and
+            # with a bucket, every replica finds what the worker fetched or made for it
+            for name in dict.fromkeys(outcome.keep):
+                if name != output_file:
+                    self._storage.put(job_id, name, work_dir / _kept_name(work_dir, name))
             self._storage.put(job_id, output_file, work_dir / output_file)
             timings = {str(k): float(v) for k, v in (outcome.timings or {}).items()}
             outcome_fields = dict(status=JobStatus.completed, stage="done", progress=1.0,
@@ -1047,6 +1054,13 @@ def _output_name(work_dir: Path, output_file: str) -> str:
         name = output_file
     if not is_plain_name(name) or not (work_dir / name).is_file():
         raise RuntimeError(f"the executor reported an output file that does not exist: {output_file!r}")
+    return name
+
+
+def _kept_name(work_dir: Path, name: str) -> str:
+    """A file the executor asked to keep: a plain name of a file in the job's directory (RuntimeError if not)."""
+    if not is_plain_name(name) or not (work_dir / name).is_file():
+        raise RuntimeError(f"the executor asked to keep a file that is not in the job's directory: {name!r}")
     return name
 
 

@@ -245,8 +245,9 @@ class ApiCore:
                                 settings=self.integration.fetch, policy=self.integration.policy,
                                 s3_reader=self.integration.s3_reader, avatar_video=self._avatar_video,
                                 progress=ctx.progress)
-        if "video" in inputs.fetched:
-            write_thumbnail(inputs.video, ctx.work_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH, inputs.video_info.demuxer)
+        if "video" in inputs.fetched and write_thumbnail(inputs.video, ctx.work_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH,
+                                                         inputs.video_info.demuxer):
+            inputs.written.append(THUMBNAIL_NAME)
         if ctx.should_cancel():
             raise JobCancelledError("cancelled")
         return inputs
@@ -291,7 +292,7 @@ class ApiCore:
         return JobOutcome(output_file=output.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
                           media=media_summary(inputs.video_info, inputs.audio_info) if inputs.fetched else None,
-                          faces=result.faces)
+                          faces=result.faces, keep=inputs.written)
 
     def _prepare_avatar(self, ctx: JobContext) -> JobOutcome:
         """An avatar's work: its face track and every face frame's latents, into the avatar cache
@@ -317,4 +318,4 @@ class ApiCore:
                               "encoded": result.encoded})
         return JobOutcome(output_file=manifest.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
-                          media=media_summary(inputs.video_info, None), faces=result.faces)
+                          media=media_summary(inputs.video_info, None), faces=result.faces, keep=inputs.written)
