@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InsufficientStorageError
 from .faces import FaceTrack
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,20 @@ class AvatarCache:
 
     def size_bytes(self) -> int:
         return _tree_bytes(self.root)
+
+    def pinned_bytes(self) -> int:
+        """What the avatars' entries take (they are never evicted: only deleting avatars frees it)."""
+        return sum(size for _, folder, size in self._entries() if _pinned(folder))
+
+    def check_room_for_avatar(self) -> None:
+        """InsufficientStorageError (507) when the avatars' entries already fill the size bound: another
+        avatar could only push the cache past it, since eviction never takes an avatar's entry."""
+        pinned = self.pinned_bytes()
+        if pinned >= self.max_bytes:
+            raise InsufficientStorageError(
+                f"Cannot store another avatar: the avatars kept already fill the avatar cache ({pinned / 2**30:.2f} "
+                f"of {self.max_bytes / 2**30:.2f} GB, LIP_SYNC_AVATAR_CACHE_GB); delete avatars you no longer need "
+                "(DELETE /api/lip-sync/avatars/{avatar_id}) and try again")
 
     def remove(self, key: str) -> bool:
         """Delete an entry unless a job (in any process) is using it; True if it is gone."""

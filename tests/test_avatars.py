@@ -212,6 +212,32 @@ async def test_avatars_are_their_owners_and_must_be_ready_and_delete_cancels_and
         assert entries(core.avatars) == before and not core.files.job_dir(avatar_id).exists()
 
 
+async def test_a_new_avatar_is_refused_with_507_when_the_avatars_kept_fill_the_cache(app, core, clip, monkeypatch):
+    """Avatars' entries are never evicted, so once they fill LIP_SYNC_AVATAR_CACHE_GB a new one is refused
+    before its upload is read: nothing stored, the key free. Entries of plain jobs do not count (LRU)."""
+    build_entry(core.avatars, "kept-avatar", job_id="kept-avatar-id", pin=True)
+    build_entry(core.avatars, "plain-job", job_id="plain-job-id")
+    try:
+        monkeypatch.setattr(core.avatars, "max_bytes", core.avatars.pinned_bytes() + 1)
+        core.avatars.check_room_for_avatar()  # the plain entry pushes the cache over its bound: still room
+        monkeypatch.setattr(core.avatars, "max_bytes", core.avatars.pinned_bytes())
+        jobs_before = set(core.files.root.iterdir())
+        async with client(app, A) as a:
+            listed = {x["avatar_id"] for x in (await a.get("/avatars")).json()["avatars"]}
+            full = await a.post("/avatars", files=upload(clip, "video"), headers={"Idempotency-Key": "avatar-full"})
+            assert full.status_code == 507, full.text
+            assert "fill the avatar cache" in full.json()["error"] and "delete avatars" in full.json()["error"]
+            assert {x["avatar_id"] for x in (await a.get("/avatars")).json()["avatars"]} == listed
+        assert set(core.files.root.iterdir()) == jobs_before
+        assert core.manager.store.uploads() == set() and not core.manager._uploads
+        retry = core.integration.keys.reserve(owner_of("tok-a"), "avatar-full")
+        assert retry.owned  # the key was released: the same request may come back later
+        core.integration.keys.release(retry)
+    finally:
+        core.avatars.release_job("kept-avatar-id")
+        core.avatars.release_job("plain-job-id")
+
+
 # --------------------------------------------------------------------------- storage
 
 

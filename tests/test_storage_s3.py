@@ -262,7 +262,8 @@ def test_a_url_jobs_fetched_inputs_and_thumbnail_are_stored_with_it(s3, bucket, 
                                            avatar_cache=False, storage_url=f"s3://{bucket}/{prefix}",
                                            s3_endpoint_url=s3.endpoint_url),
                    RunnerSettings(device="cpu", models_dir=models_dir),
-                   integration=Integration(data, workers=1, policy=AddressPolicy(allowlist=parse_allowlist("127.0.0.1"))))
+                   integration=Integration(data, workers=1,
+                                           policy=AddressPolicy(allowlist=parse_allowlist("127.0.0.1"))))
     rest = create_rest_app(None, None, ApiLimits())
     rest.state.operations, rest.state.health = core.operations, core.health
     core.start(None)

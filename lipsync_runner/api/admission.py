@@ -1,7 +1,8 @@
 """The one admission path of a lip-sync job, for both API surfaces.
 
     ready? (503) -> Idempotency-Key reserved (409 while another request holds it)
-    -> upload slot for this client (429) -> job slot: queue and disk (429, 507)
+    -> upload slot for this client (429) -> (an avatar: room in the avatar cache, 507)
+    -> job slot: queue and disk (429, 507)
     -> receive the inputs into the job's directory (streamed; 400, 408, 413, 507)
     -> job parameters from JobParams (400), URLs and webhook checked (400)
     -> each input an upload or a URL, not both (400) -> the uploads by content (400, 413)
@@ -123,10 +124,12 @@ class Admission:
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
                  status_url: Callable[[str], str], download_url: Callable[[str], str],
                  integration: Integration | None = None, scratch: ScratchLedger | None = None,
-                 avatar_url: Callable[[str], str] | None = None, avatars_enabled: bool = True) -> None:
+                 avatar_url: Callable[[str], str] | None = None, avatars_enabled: bool = True,
+                 avatar_room: Callable[[], None] | None = None) -> None:
         self.get_manager = get_manager
         self.avatar_url = avatar_url or (lambda avatar_id: f"{limits.url_prefix.rstrip('/')}/avatars/{avatar_id}")
         self.avatars_enabled = avatars_enabled  # False without an avatar cache (where avatars are stored)
+        self.avatar_room = avatar_room  # raises InsufficientStorageError (507) when no avatar fits any more
         self.scratch = scratch  # the data directory's scratch reservations (507 when a job cannot fit)
         self.limits = limits
         self.ensure_ready = ensure_ready
@@ -219,6 +222,8 @@ class Admission:
     async def _receive_and_submit(self, manager: Manager, receive, owner: str | None,
                                   reservation: Reservation | None, wait: bool | None,
                                   kind: JobKind = JobKind.job) -> tuple[JobRecord, bool]:
+        if kind is JobKind.avatar and self.avatar_room is not None:
+            await run_in_threadpool(self.avatar_room)  # 507 before anything is stored or read
         job_id, job_dir = await run_in_threadpool(manager.new_upload)  # 429 / 507 before the body
         job_dir = Path(job_dir)
         files: dict[str, SavedFile] = {}

@@ -76,7 +76,7 @@ class JobOperations:
     def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
                  integration: Integration | None = None, scratch: ScratchLedger | None = None,
-                 avatars_enabled: bool = True) -> None:
+                 avatars_enabled: bool = True, avatar_room: Callable[[], None] | None = None) -> None:
         self.get_manager = get_manager
         self.limits = limits
         self.prefix = limits.url_prefix.rstrip("/")
@@ -85,7 +85,7 @@ class JobOperations:
         self.admission = Admission(get_manager, limits, ensure_ready=ensure_ready,
                                    status_url=self.status_url, download_url=self.download_url,
                                    integration=integration, scratch=scratch, avatar_url=self.avatar_url,
-                                   avatars_enabled=avatars_enabled)
+                                   avatars_enabled=avatars_enabled, avatar_room=avatar_room)
 
     # ------------------------------------------------------------------ urls
 

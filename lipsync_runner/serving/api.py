@@ -89,9 +89,10 @@ class ApiCore:
         # Disk held for running jobs' scratch (frame store, output): admission and job start check it.
         # Always the local data directory: with a bucket too, jobs run in local scratch.
         self.scratch = ScratchLedger(data_dir, floor_bytes=s.free_space_floor_mb * 2**20)
+        avatar_room = None if self.avatars is None else self.avatars.check_room_for_avatar
         self.operations = JobOperations(lambda: self.manager, self.limits, ensure_ready=self.ensure_ready,
                                         integration=self.integration, scratch=self.scratch,
-                                        avatars_enabled=self.avatars is not None)
+                                        avatars_enabled=self.avatars is not None, avatar_room=avatar_room)
         self.integration.bind(self.manager.get, self.manager.store.list, self.operations.status_body)
         self.auth_enabled = AuthSettings().enabled
         self.loop: asyncio.AbstractEventLoop | None = None
