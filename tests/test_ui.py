@@ -331,6 +331,31 @@ def test_api_errors_show_the_servers_message_next_to_the_field(page, server, med
     assert page.evaluate("document.activeElement.id") == "token"
 
 
+def test_a_generate_by_avatar_id_sends_the_audio_without_a_video(page, server, media_dir):
+    """With an avatar_id the avatar is the video: the page sends only the audio (the service then looks
+    the avatar up: an unknown one is 404), and without either it asks for a video or an avatar_id."""
+    open_ui(page, server)
+    page.set_input_files("#audio", media_dir / "speech_short.wav")
+    page.click("#submit")
+    expect(page.locator("#video-error")).to_have_text("Choose a video file, or give an avatar_id.")
+    page.set_input_files("#video", media_dir / "face.mp4")  # chosen, but the avatar_id wins
+    page.fill("#param-avatar_id", "0b7e3f52-5c1d-4f7a-9a0e-2d6c8b4e1f93")
+    page.evaluate("""() => {  // the form's field names as the page sends them (the browser hides a file body)
+        const send = XMLHttpRequest.prototype.send;
+        XMLHttpRequest.prototype.send = function (body) {
+            window.sentFields = body instanceof FormData ? [...body.keys()] : null;
+            return send.call(this, body);
+        };
+    }""")
+    with page.expect_response(lambda r: r.url.endswith(f"{API}/generate")) as response:
+        page.click("#submit")
+    assert response.value.status == 404  # the service looked the avatar up: the form had no video
+    assert sorted(page.evaluate("window.sentFields")) == ["audio", "avatar_id"]
+    expect(page.locator("#top-error")).to_contain_text("Avatar not found")
+    expect(page.locator("#video-error")).to_have_text("")
+    expect(page.locator("#job")).to_be_hidden()
+
+
 def test_every_control_has_a_label(page, server):
     open_ui(page, server)
     unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, button, select, textarea')]

@@ -1,6 +1,6 @@
 // Lip sync page: a reference client for the public REST API under /api/lip-sync.
 //
-//   POST   {API}/generate          multipart video, audio, the job parameters -> 202 {job_id}
+//   POST   {API}/generate          multipart video (or avatar_id), audio, the job parameters -> 202 {job_id}
 //   GET    {API}/status/{job_id}   status, stage, progress (0..1), error
 //   GET    {API}/download/{job_id} the MP4
 //   GET    {API}/jobs?limit=N      recent jobs, newest first (each with `inputs`: names, durations)
@@ -436,9 +436,14 @@ window.addEventListener("drop", (e) => {
 $("job-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   clearFormErrors();
-  const files = { video: $("video").files[0], audio: $("audio").files[0] };
-  const missing = ["video", "audio"].filter((k) => !files[k]);
-  for (const k of missing) setFieldError(k, `Choose ${k === "video" ? "a video" : "an audio"} file.`);
+  // With an avatar_id the prepared avatar is the video: only the audio is uploaded.
+  const avatar = $(paramId("avatar_id"));
+  const byAvatar = Boolean(avatar && avatar.value.trim());
+  const files = { video: byAvatar ? null : $("video").files[0], audio: $("audio").files[0] };
+  const missing = ["video", "audio"].filter((k) => !files[k] && !(k === "video" && byAvatar));
+  for (const k of missing) {
+    setFieldError(k, k === "video" ? "Choose a video file, or give an avatar_id." : "Choose an audio file.");
+  }
   if (missing.length) {
     $(missing[0]).focus();
     return;
@@ -448,17 +453,18 @@ $("job-form").addEventListener("submit", async (e) => {
     const value = el.value.trim(); // empty: not sent, the service's default applies
     if (value) form.append(el.dataset.param, value);
   }
-  form.append("video", files.video, files.video.name);
+  if (files.video) form.append("video", files.video, files.video.name);
   form.append("audio", files.audio, files.audio.name);
+  const previews = files.video ? files : null; // by avatar: the service plays the inputs back
 
   const button = $("submit");
   button.disabled = true;
   button.textContent = "Uploading…";
   const previous = current;
-  showJob(null, files);
+  showJob(null, previews);
   try {
     const accepted = await uploadJob(form, (fraction) => showUpload(fraction));
-    track(accepted.job_id, files);
+    track(accepted.job_id, previews);
     refreshJobs();
   } catch (err) {
     if (current && current.id === null) closeJob();
