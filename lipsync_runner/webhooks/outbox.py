@@ -7,9 +7,8 @@ claim moves ``next_attempt_at`` past the attempt's time-out, so another dispatch
 row only if this one died mid-attempt (at-least-once delivery; receivers dedupe on the id).
 
 :class:`WebhookOutbox` is the part a job store implements; :class:`SQLiteWebhookOutbox` is the
-SQLite one. A PostgreSQL store claims with ``UPDATE ... WHERE delivery_id IN (SELECT ...
-WHERE next_attempt_at <= now ORDER BY next_attempt_at FOR UPDATE SKIP LOCKED LIMIT n)
-RETURNING *``; the other methods are single statements.
+SQLite one, ``jobs.postgres_integration.PostgresWebhookOutbox`` the PostgreSQL one (its claim
+is ``FOR UPDATE SKIP LOCKED`` on the due rows; the other methods are single statements).
 """
 
 from __future__ import annotations
