@@ -283,7 +283,8 @@ def _options(args):
     from lipsync_runner.hwcodecs import video_codecs
     from lipsync_runner.pipeline import PipelineOptions
 
-    return PipelineOptions(batch_size=args.batch_size, codecs=video_codecs())
+    extra = {} if args.max_spool_gb is None else {"max_spool_bytes": int(args.max_spool_gb * 2**30)}
+    return PipelineOptions(batch_size=args.batch_size, codecs=video_codecs(), **extra)
 
 
 def _size(text: str) -> tuple[str, tuple[int, int]]:
@@ -318,6 +319,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["720p", "1080p"], help="720p, 1080p or WxH")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-spool-gb", type=float, default=None,
+                        help="LIP_SYNC_MAX_SPOOL_GB for the cold run (0: decode twice instead of keeping frames)")
     parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of one cold run of the first size")
     parser.add_argument("--py-spy", type=Path, default=None, help="write a py-spy summary of one cold run of the first size")
     parser.add_argument("--cv2-threads", type=int, default=None,
