@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _our_loggers_enabled() -> None:
+    """BentoML's logging setup (`disable_existing_loggers`), run in process by a test that imports
+    the service, disables loggers created before it; the served process runs it before importing
+    ours. Tests that read the log (caplog) must not depend on which test ran first."""
+    for name, logger in logging.root.manager.loggerDict.items():
+        if name.startswith("lipsync_runner") and isinstance(logger, logging.Logger):
+            logger.disabled = False
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach for the network
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")

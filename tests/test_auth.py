@@ -38,12 +38,7 @@ def test_a_token_list_of_only_separators_refuses_to_start(value):
         AuthSettings(api_tokens=value)
 
 
-def test_an_unreadable_tokens_file_keeps_the_last_good_set(tmp_path: Path, caplog, monkeypatch):
-    # BentoML's in-process logging setup (another test in this worker) may have disabled loggers
-    # that existed before it ran; in the served process it runs first
-    import lipsync_runner.api.auth as auth_module
-
-    monkeypatch.setattr(auth_module.log, "disabled", False)
+def test_an_unreadable_tokens_file_keeps_the_last_good_set(tmp_path: Path, caplog):
     file = tmp_path / "tokens"
     file.write_text("good-token\n")
     tokens = TokenSet(AuthSettings(api_tokens_file=file))

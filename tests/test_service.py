@@ -292,7 +292,7 @@ def test_503_while_models_are_not_loaded_and_health_says_why(tmp_path, models_di
 
 
 def test_a_job_survives_a_killed_server_and_finished_jobs_stay_downloadable(tmp_path, models_dir, media_dir):
-    long_audio = write_speech_like_audio(tmp_path / "long.wav", seconds=12)
+    long_audio = write_speech_like_audio(tmp_path / "long.wav", seconds=6)  # long enough to be killed mid-job
     server = start_server(tmp_path, models_dir)
     try:
         with httpx.Client(base_url=server.url, timeout=120) as c:
@@ -311,7 +311,7 @@ def test_a_job_survives_a_killed_server_and_finished_jobs_stay_downloadable(tmp_
             r = c.get(f"{API}/download/{running}")
             out = tmp_path / "after_restart.mp4"
             out.write_bytes(r.content)
-            assert abs(probe_video(out).duration - 12) <= 0.05
+            assert abs(probe_video(out).duration - 6) <= 0.05
         # nothing of the killed attempt is left behind: no partial output, no frame scratch file
         job_dir = server.data_dir / "jobs" / running
         assert sorted(p.name for p in job_dir.iterdir()) == ["input_audio.wav", "input_video.mp4", "output.mp4",
