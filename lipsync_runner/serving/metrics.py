@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
 
 FRAME_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
+# Built once, on first use, under a lock: two jobs finishing at once in one process must not both
+# register the instruments (prometheus refuses the second with DuplicateTimeseries, which failed
+# the job). lru_cache gives no such guarantee.
+_INSTRUMENTS: dict | None = None
+_LOCK = threading.Lock()
 
-@lru_cache(maxsize=1)
-def _instruments():
+
+def _instruments() -> dict:
+    global _INSTRUMENTS
+    with _LOCK:
+        if _INSTRUMENTS is None:
+            _INSTRUMENTS = _build()
+        return _INSTRUMENTS
+
+
+def _build() -> dict:
     import bentoml
 
     return {
