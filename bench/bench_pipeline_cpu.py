@@ -7,7 +7,8 @@
     python bench/bench_pipeline_cpu.py --py-spy spy.txt --sizes 720p   # sample every thread of one cold run
 
 Everything but the model is real: `lipsync_runner.pipeline.run`, the face detector the service
-would load without face-alignment weights (Haar), the avatar cache, ffmpeg decode and x264 encode.
+would load without face-alignment weights (`load_face_detector("auto")`: MediaPipe, or Haar where
+mediapipe cannot be imported), the avatar cache, ffmpeg decode and x264 encode.
 The model is a null model (the `LipSyncModel` protocol): audio features and latents are zeros of
 the right shapes, and `generate` returns one constant 256x256 face (the astronaut), so the model
 costs nothing and what is measured is the work around it: what bounds a job, and how many CPU
