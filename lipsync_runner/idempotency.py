@@ -42,6 +42,7 @@ from typing import Optional, Protocol, runtime_checkable
 
 from .errors import InvalidInputError, LipSyncError
 from .params import JobParams
+from .sqlite_file import open_sqlite
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -277,14 +278,8 @@ class SQLiteIdempotencyStore:
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn: Optional[sqlite3.Connection] = sqlite3.connect(
-            str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        with self._lock:
-            self._conn.executescript(_SCHEMA)
+        self._conn: Optional[sqlite3.Connection] = open_sqlite(self.path, _SCHEMA, busy_timeout_ms=busy_timeout_ms)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:

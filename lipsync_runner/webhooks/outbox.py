@@ -24,6 +24,7 @@ from typing import Literal, Optional, Protocol, runtime_checkable
 from pydantic import BaseModel, Field
 
 from ..params import WebhookEvent
+from ..sqlite_file import open_sqlite
 
 
 def _utcnow() -> datetime:
@@ -138,15 +139,9 @@ class SQLiteWebhookOutbox:
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn: Optional[sqlite3.Connection] = sqlite3.connect(
-            str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        with self._lock:
-            self._conn.executescript(SCHEMA)
+        self._conn: Optional[sqlite3.Connection] = open_sqlite(self.path, SCHEMA, busy_timeout_ms=busy_timeout_ms,
+                                                               synchronous="NORMAL")
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
