@@ -313,7 +313,11 @@ def test_api_errors_show_the_servers_message_next_to_the_field(page, server, med
             page.screenshot(path=str(shot))
             save_artifact(shot)
 
-    # 503 (models not loaded) goes to the top of the page; faked, since this server is ready
+    # 503 (models not loaded) goes to the top of the page; faked, since this server is ready. Health is
+    # faked as loading too: on a 503 the page re-checks health and clears the message once it is ready.
+    page.route(f"**{API}/health", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body='{"status": "loading", "error": "models are loading", "model_version": "v1"}'))
     page.route(f"**{API}/generate", lambda route: route.fulfill(
         status=503, content_type="application/json",
         body='{"error": "Lip sync service not available", "details": "Models not loaded: models are loading"}'))
@@ -322,6 +326,11 @@ def test_api_errors_show_the_servers_message_next_to_the_field(page, server, med
     expect(page.locator("#top-error")).to_contain_text("Lip sync service not available: Models not loaded")
     for other in fields:
         expect(page.locator(f"#{other}-error")).to_have_text("")
+    expect(page.locator("#health")).to_contain_text("Not ready")
+    # the service comes back: the next health check (every 3 s) clears the message
+    page.unroute(f"**{API}/health")
+    expect(page.locator("#top-error")).to_be_hidden(timeout=10_000)
+    expect(page.locator("#health")).to_contain_text("Ready")
 
     # 401: a token that stopped working shows up by the token field
     page.unroute(f"**{API}/generate")
