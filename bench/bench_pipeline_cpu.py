@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of one cold run of the first size")
     parser.add_argument("--py-spy", type=Path, default=None, help="write a py-spy summary of one cold run of the first size")
     parser.add_argument("--cv2-threads", type=int, default=None,
-                        help="cv2.setNumThreads for the run (default: OpenCV's own choice, one per core)")
+                        help="cv2.setNumThreads for the run (default: LIP_SYNC_OPENCV_THREADS, as the service)")
     parser.add_argument("--only-cold", nargs=2, type=Path, metavar=("VIDEO", "AUDIO"),
                         help=argparse.SUPPRESS)  # the run py-spy samples
     args = parser.parse_args()
@@ -337,8 +337,12 @@ def main() -> None:
 
     from lipsync_runner.faces import load_face_detector
 
+    from lipsync_runner.settings import RunnerSettings, configure_opencv
+
     if args.cv2_threads is not None:
         cv2.setNumThreads(args.cv2_threads)
+    else:
+        configure_opencv(RunnerSettings())
     print(f"# machine: {machine()}; load average {_load()}; OpenCV threads {cv2.getNumThreads()}")
     detector = load_face_detector("auto", None, "cpu")
     print(f"# {args.seconds:g} s 25 fps clips, null model, detector: {detector.name}; "

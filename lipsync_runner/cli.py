@@ -17,7 +17,7 @@ from typing import get_args
 
 from .errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
 from .params import add_cli_arguments, from_cli_args
-from .settings import RunnerSettings
+from .settings import RunnerSettings, configure_opencv
 
 DEFAULT_CACHE_DIR = "~/.cache/lipsync-runner/avatars"
 EXIT_CODES = ((InvalidInputError, 2), (ModelFilesError, 3), (MediaProcessingError, 4), (LipSyncError, 1))
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     try:
         if args.command == "generate":
+            configure_opencv(settings)
             return _generate(args, settings)
         if args.command == "download-models":
             from .models.download import download_models

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
@@ -67,11 +68,17 @@ class FrameStore:
             raise IndexError(f"frame index out of range 0..{self._count - 1}")
         out = np.empty((len(indices), *self.shape), dtype=np.uint8)
         fd = self._file.fileno()
-        for row, index in enumerate(indices):
-            view = memoryview(out[row]).cast("B")
-            got = os.preadv(fd, [view], int(index) * self._frame_bytes)
-            if got != self._frame_bytes:
-                raise OSError(f"short read from the frame store ({got} of {self._frame_bytes} bytes)")
+        # one positioned read per run of consecutive indices (a forward plan reads a chunk in one call)
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        for run in np.split(np.arange(len(indices)), breaks) if indices.size else ():
+            first, n = int(run[0]), len(run)
+            view = memoryview(out[first:first + n]).cast("B")
+            want, got = len(view), 0
+            while got < want:  # a large positioned read may return short; a zero return is a truncated store
+                step = os.preadv(fd, [view[got:]], int(indices[first]) * self._frame_bytes + got)
+                if step <= 0:
+                    raise OSError(f"short read from the frame store ({got} of {want} bytes)")
+                got += step
         return out
 
     def close(self) -> None:
@@ -134,14 +141,16 @@ class FrameSource:
         """Every frame was decoded into the store: any request is served without decoding."""
         return self.exhausted and self.store is not None
 
-    def _read(self, n: int) -> np.ndarray:
+    def _read(self, n: int, spool: bool = True, timed: bool = True) -> np.ndarray:
+        """The next `n` frames (fewer at the end); appended to the store here unless `spool` is False
+        (then the caller appends them, in order, before anything reads the store)."""
         if self._reader is None:
             self._reader = self._open()
-        with self._clock("decode"):
+        with self._clock("decode") if timed else nullcontext():
             chunk = self._reader.read_chunk(n)
         if len(chunk) < n:
             self.exhausted = True
-        if self.store is not None and len(chunk):
+        if spool and self.store is not None and len(chunk):
             assert len(self.store) == self.decoded, "the store must hold every decoded frame"
             with self._clock("spool"):
                 self.store.append(chunk)
@@ -151,11 +160,178 @@ class FrameSource:
         return chunk
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
-        """Decode the rest of the video in order, `size` frames at a time."""
-        while not self.exhausted:
-            chunk = self._read(size)
-            if len(chunk):
-                yield chunk
+        """Decode the rest of the video in order, `size` frames at a time, as read-only chunks.
+
+        While the caller works on chunk k (face detection), chunk k+1 is read from ffmpeg by a second
+        thread (ffmpeg's pipe holds far less than a chunk, so without it decoding waits for the
+        caller) and, with a store, chunk k is written to the store by a third: reading and writing a
+        720p frame cost a few ms each, which would otherwise add to every frame of the tracking pass.
+        At most one read and one write are in flight (two extra chunks in memory). The store is
+        complete when the iteration ends; a failed write (disk full) is raised there at the latest.
+        "decode" and "spool" time only the caller's waits for them."""
+        store = self.store
+        assert store is None or len(store) == self.decoded, "the store must hold every decoded frame"
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-decode") as pool:
+            reading: Future | None = None if self.exhausted else pool.submit(self._read, size, False, False)
+            writing: Future | None = None
+            finished = False
+            try:
+                while reading is not None:
+                    with self._clock("decode"):
+                        chunk = reading.result()
+                    reading = None if self.exhausted else pool.submit(self._read, size, False, False)
+                    if not len(chunk):
+                        continue
+                    chunk.flags.writeable = False  # the store gets these bytes after the caller has seen them
+                    if store is not None:
+                        if writing is not None:
+                            with self._clock("spool"):
+                                writing.result()
+                        writing = pool.submit(store.append, chunk)
+                    yield chunk
+                finished = True
+            finally:
+                with self._clock("spool"):
+                    wait([f for f in (reading, writing) if f is not None])
+                if finished and writing is not None:
+                    writing.result()  # a failed last write fails the job; when stopped early, the stop wins
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Frames at the given indices, as a new writable array."""
+        self._file.flush()
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self._count):
+            raise IndexError(f"frame index out of range 0..{self._count - 1}")
+        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        fd = self._file.fileno()
+        # one positioned read per run of consecutive indices (a forward plan reads a chunk in one call)
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        for run in np.split(np.arange(len(indices)), breaks) if indices.size else ():
+            first, n = int(run[0]), len(run)
+            view = memoryview(out[first:first + n]).cast("B")
+            want, got = len(view), 0
+            while got < want:  # a large positioned read may return short; a zero return is a truncated store
+                step = os.preadv(fd, [view[got:]], int(indices[first]) * self._frame_bytes + got)
+                if step <= 0:
+                    raise OSError(f"short read from the frame store ({got} of {want} bytes)")
+                got += step
+        return out
+
+    def close(self) -> None:
+        self._file.close()  # deletes the file
+
+    def __enter__(self) -> "FrameStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pingpong_indices(output_indices: np.ndarray, n_frames: int) -> np.ndarray:
+    """Source frame for each output frame: 0..N-1, N-1..0, 0..N-1, ... (MuseTalk's i % 2N cycle)."""
+    if n_frames <= 0:
+        raise ValueError("no source frames")
+    k = np.asarray(output_indices, dtype=np.int64) % (2 * n_frames)
+    return np.where(k < n_frames, k, 2 * n_frames - 1 - k)
+
+
+class ChunkReader(Protocol):
+    def read_chunk(self, n: int) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+Clock = Callable[[str], AbstractContextManager]
+
+
+def _no_clock(stage: str) -> AbstractContextManager:
+    return nullcontext()
+
+
+class FrameSource:
+    """Frames of one video by index, each decoded once.
+
+    Frames are decoded in order as requests reach them; each decoded frame is appended to the
+    `store` when there is one. A request may name any frame already decoded (served from the
+    store; the frame just before the next undecoded one is also kept in memory, so a forward plan
+    that repeats frames needs no store) and any frame ahead (decoded now). Requests of exactly the
+    next frames in order get the decoder's own buffer: no copy.
+
+    `clock(stage)` times "decode" (waiting for ffmpeg's frames), "spool" (writing them to the
+    store) and "store" (reading them back).
+    """
+
+    def __init__(self, open_reader: Callable[[], ChunkReader], shape: tuple[int, int, int], *,
+                 store: FrameStore | None = None, clock: Clock | None = None, name: str = "the video") -> None:
+        self._open = open_reader
+        self.shape = shape
+        self.store = store
+        self._clock = clock or _no_clock
+        self._name = name
+        self._reader: ChunkReader | None = None
+        self.decoded = 0  # frames decoded so far (and in the store, when there is one)
+        self._last: np.ndarray | None = None  # an untouched copy of frame decoded - 1
+        self.exhausted = False
+
+    @property
+    def complete(self) -> bool:
+        """Every frame was decoded into the store: any request is served without decoding."""
+        return self.exhausted and self.store is not None
+
+    def _read(self, n: int, spool: bool = True) -> np.ndarray:
+        """The next `n` frames (fewer at the end); appended to the store here unless `spool` is False
+        (then the caller appends them, in order, before anything reads the store)."""
+        if self._reader is None:
+            self._reader = self._open()
+        with self._clock("decode"):
+            chunk = self._reader.read_chunk(n)
+        if len(chunk) < n:
+            self.exhausted = True
+        if spool and self.store is not None and len(chunk):
+            assert len(self.store) == self.decoded, "the store must hold every decoded frame"
+            with self._clock("spool"):
+                self.store.append(chunk)
+        self.decoded += len(chunk)
+        if len(chunk):
+            self._last = chunk[-1].copy()
+        return chunk
+
+    def chunks(self, size: int) -> Iterator[np.ndarray]:
+        """Decode the rest of the video in order, `size` frames at a time; read-only chunks.
+
+        With a store, each chunk is written to it by a second thread while the caller works on it
+        (face detection) and the next one is decoded: writing a 720p frame costs a few ms, which
+        would otherwise add to every frame of the tracking pass. At most one write is in flight
+        (one extra chunk in memory); the store is complete when the iteration ends, and a failed
+        write (disk full) is raised there."""
+        if self.store is None:
+            while not self.exhausted:
+                chunk = self._read(size)
+                if len(chunk):
+                    yield chunk
+            return
+        store = self.store
+        assert len(store) == self.decoded, "the store must hold every decoded frame"
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lipsync-spool") as writer:
+            pending: Future | None = None
+            finished = False
+            try:
+                while not self.exhausted:
+                    chunk = self._read(size, spool=False)
+                    if not len(chunk):
+                        continue
+                    chunk.flags.writeable = False  # the store gets these bytes after the caller has seen them
+                    if pending is not None:
+                        with self._clock("spool"):  # only the time the tracking pass waits for the disk
+                            pending.result()
+                    pending = writer.submit(store.append, chunk)
+                    yield chunk
+                finished = True
+            finally:
+                if pending is not None:
+                    with self._clock("spool"):
+                        wait([pending])
+                    if finished:
+                        pending.result()  # a failed last write fails the job; when stopped early, the stop wins
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Frames at `indices` as [k, H, W, 3], writable (changing them changes no later request)."""
@@ -167,9 +343,12 @@ class FrameSource:
             if len(chunk) < len(idx):
                 raise MediaProcessingError(f"{self._name} ended early on the second read")
             return chunk
-        out = np.empty((len(idx), *self.shape), dtype=np.uint8)
         prev_index, prev_last = self.decoded - 1, self._last
         ahead = idx > prev_index
+        if self.store is not None and not ahead.any():
+            with self._clock("store"):  # all decoded (a render after tracking): read straight into the result, one copy
+                return self.store.take(idx)
+        out = np.empty((len(idx), *self.shape), dtype=np.uint8)
         if ahead.any():
             first = self.decoded
             chunk = self._read(int(idx.max()) + 1 - first)

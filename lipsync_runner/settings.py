@@ -48,6 +48,18 @@ class RunnerSettings(BaseSettings):
     max_spool_gb: float = Field(default=20.0, ge=0,
                                 description="A cold job keeps its decoded frames on scratch disk up to this size "
                                             "(one decode); larger videos are decoded twice instead.")
+    opencv_threads: int = Field(default=1, ge=0, le=256,
+                                description="OpenCV threads in the process that runs the pipeline (0: one per core). "
+                                            "Its resizes are small and its stages already run in parallel threads "
+                                            "beside ffmpeg, so more threads cost CPU in hand-offs (docs/benchmarks.md).")
+
+
+def configure_opencv(settings: RunnerSettings) -> None:
+    """Apply `opencv_threads` (process-wide, so once where a process that runs the pipeline starts)."""
+    import cv2
+
+    if settings.opencv_threads > 0:
+        cv2.setNumThreads(settings.opencv_threads)
 
 
 def resolve_device(device: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 from fractions import Fraction
@@ -13,7 +15,7 @@ import pytest
 from lipsync_runner.avatar_cache import AvatarCache
 from lipsync_runner.errors import JobCancelledError, NoFaceError
 from lipsync_runner.faces import HaarFaceDetector, track_faces
-from lipsync_runner.framestore import FrameStore, pingpong_indices
+from lipsync_runner.framestore import FrameSource, FrameStore, pingpong_indices
 from lipsync_runner.media import VideoReader, probe_audio, probe_video
 from lipsync_runner.params import JobParams
 from lipsync_runner.pipeline import PipelineOptions, run
@@ -71,7 +73,41 @@ def test_frame_store_returns_frames_by_index(tmp_path: Path):
         store.append(frames[:2])
         store.append(frames[2:])
         np.testing.assert_array_equal(store.take(np.array([4, 0, 4])), frames[[4, 0, 4]])
+        # runs of consecutive frames (read in one call), a backward run, repeats
+        for idx in ([0, 1, 2, 3, 4], [1, 2, 3, 0, 1, 4, 3, 2, 2]):
+            np.testing.assert_array_equal(store.take(np.array(idx)), frames[idx])
+        with pytest.raises(IndexError):
+            store.take(np.array([3, 4, 5]))
+        os.truncate(store._file.name, 4 * frames[0].nbytes)  # the disk lost the last frame
+        with pytest.raises(OSError, match="short read"):
+            store.take(np.array([3, 4]))
     assert list(tmp_path.iterdir()) == []  # the scratch file is gone
+
+
+def test_a_frame_source_serves_a_render_after_tracking_from_its_store(tmp_path: Path):
+    frames = np.random.default_rng(0).integers(0, 255, (7, 4, 6, 3), dtype=np.uint8)
+
+    class Reader:  # hands out the decoded frames once, in order
+        pos = 0
+
+        def read_chunk(self, n: int) -> np.ndarray:
+            chunk, Reader.pos = frames[self.pos:self.pos + n].copy(), self.pos + n
+            return chunk
+
+        def close(self) -> None:
+            pass
+
+    opened = []
+    source = FrameSource(lambda: opened.append(1) or Reader(), (4, 6, 3), store=FrameStore(4, 6, tmp_path))
+    assert sum(len(c) for c in source.chunks(3)) == 7 and source.complete
+    plan = pingpong_indices(np.arange(16), 7)  # forward, backward, forward again
+    for start in range(0, 16, 5):
+        got = source.take(plan[start:start + 5])
+        np.testing.assert_array_equal(got, frames[plan[start:start + 5]])
+        got[:] = 0  # the caller's to change: the store keeps the frames
+    np.testing.assert_array_equal(source.take(np.arange(7)), frames)
+    assert opened == [1]  # decoded once
+    source.close()
 
 
 # ------------------------------------------------------------------ the CLI, end to end
@@ -371,3 +407,24 @@ def test_a_video_too_large_to_keep_is_decoded_twice_with_the_same_result(indexed
     twice = run(FlatModel(), HaarFaceDetector(), indexed["video"], indexed["short"], tmp_path / "twice.mp4", opts)
     assert len(opened) == 3 and kept.frames == twice.frames == 25
     assert all(np.array_equal(a, b) for a, b in zip(kept_frames, recorded, strict=True))
+
+
+def test_the_process_that_runs_the_pipeline_sets_opencvs_threads_from_the_settings(tmp_path: Path):
+    import cv2
+
+    from lipsync_runner.serving.api import ApiCore
+    from lipsync_runner.serving.runner import RunnerCore
+    from lipsync_runner.serving.settings import ServiceSettings
+    from lipsync_runner.settings import RunnerSettings, configure_opencv
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        configure_opencv(RunnerSettings(opencv_threads=0))  # 0: OpenCV's own choice, left alone
+        assert cv2.getNumThreads() == 2
+        assert RunnerSettings().opencv_threads == 1  # the default
+        ApiCore(RunnerCore(RunnerSettings(device="cpu"), load=False),
+                ServiceSettings(data_dir=tmp_path / "data", avatar_cache=False), RunnerSettings(device="cpu"))
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)

@@ -39,7 +39,7 @@ from ..inputs.sources import PreparedInputs, prepare_inputs
 from ..media import PROBE_TIMEOUT_S
 from ..pipeline import PipelineOptions, prepare_avatar, run
 from ..scratch import Reservation, ScratchLedger, estimate
-from ..settings import RunnerSettings
+from ..settings import RunnerSettings, configure_opencv
 from . import metrics
 from .packing import job_tag
 from .remote import RemoteModel, is_transport_error, runner_submitter
@@ -59,6 +59,7 @@ class ApiCore:
         self.runner = runner
         self.settings = settings or ServiceSettings()
         self.runner_settings = runner_settings or RunnerSettings()
+        configure_opencv(self.runner_settings)  # this process runs the pipeline around the runner
         self.limits = limits or ApiLimits()
         data_dir = Path(self.settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
