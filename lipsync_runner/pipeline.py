@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -274,17 +274,21 @@ def _track(job: JobState) -> FaceTrack:
     expected = max(1, info.frame_count_estimate)
 
     def chunks() -> Iterator[np.ndarray]:
-        for chunk in job.frames.chunks(DETECT_CHUNK):
-            job.check_cancel()
-            job.report("faces", FACES_SHARE * min(1.0, job.frames.decoded / expected))
-            yield chunk
+        with closing(job.frames.chunks(DETECT_CHUNK)) as decoded:
+            for chunk in decoded:
+                job.check_cancel()
+                job.report("faces", FACES_SHARE * min(1.0, job.frames.decoded / expected))
+                yield chunk
 
     # Face detection time is the total minus what decoding and spooling took inside the generator.
     before = job.clock.seconds["decode"] + job.clock.seconds["spool"]
     start = time.perf_counter()
-    track = track_faces(chunks(), job.detector, bbox_shift=job.params.bbox_shift, version=opts.version,
-                        extra_margin=opts.extra_margin, detect_every=opts.detect_every, choice=job.face,
-                        audio_envelope=job.envelope, fps=info.fps)
+    # closed here, not when garbage collected: a stop (cancel, no face) waits for the read-ahead and
+    # the store write in flight before the job closes the reader and the store under them
+    with closing(chunks()) as tracked:
+        track = track_faces(tracked, job.detector, bbox_shift=job.params.bbox_shift, version=opts.version,
+                            extra_margin=opts.extra_margin, detect_every=opts.detect_every, choice=job.face,
+                            audio_envelope=job.envelope, fps=info.fps)
     io = job.clock.seconds["decode"] + job.clock.seconds["spool"] - before
     job.clock.seconds["faces"] += time.perf_counter() - start - io
     return track

@@ -6,6 +6,7 @@ import os
 
 import subprocess
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -260,6 +261,26 @@ def test_a_cancelled_job_stops_and_leaves_no_output(model, detector, media_dir, 
         run(model, detector, media_dir / "face.mp4", media_dir / "speech_long.wav", tmp_path / "o.mp4",
             should_cancel=lambda: calls.append(1) or len(calls) > 3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_detector_failing_mid_video_leaves_no_decode_or_spool_thread_behind(model, detector, tmp_path):
+    video = write_face_video(tmp_path / "v.mp4", seconds=4, size=(160, 120))  # 100 frames: 4 tracking chunks
+    audio = write_speech_like_audio(tmp_path / "a.wav", seconds=4)
+
+    class FailsOnTheSecondChunk:
+        name = detector.name
+        calls = 0
+
+        def detect(self, frames):
+            self.calls += 1
+            if self.calls == 2:  # a read-ahead and a store write are in flight now
+                raise RuntimeError("detector crashed")
+            return detector.detect(frames)
+
+    with pytest.raises(RuntimeError, match="detector crashed"):
+        run(model, FailsOnTheSecondChunk(), video, audio, tmp_path / "o.mp4")
+    assert [t.name for t in threading.enumerate() if t.name.startswith("lipsync-decode")] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "v.mp4"]  # the store file is gone
 
 
 def test_progress_is_reported_monotonically_up_to_one(model, detector, media_dir, tmp_path):
