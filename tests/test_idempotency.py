@@ -9,7 +9,6 @@ so the tests use real time and short TTLs and leases.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -27,6 +26,8 @@ from lipsync_runner.idempotency import (
     request_fingerprint,
 )
 from lipsync_runner.params import JobParams, parse_fields
+
+from .concurrency import run_together
 
 INPUTS = {"video": "sha256:" + "a" * 64, "audio": "sha256:" + "b" * 64}
 SHORT_S = 0.3  # a TTL or lease that runs out within a test
@@ -210,21 +211,7 @@ def test_concurrent_requests_with_one_key_create_one_job(open_store):
     stores = [open_store() for _ in range(8)]
     for round_no in range(10):
         key = f"key-{round_no}"
-        barrier = threading.Barrier(len(stores))
-        results: list = [None] * len(stores)
-
-        def post(i: int, key=key, barrier=barrier, results=results) -> None:
-            barrier.wait()
-            try:
-                results[i] = IdempotencyKeys(stores[i]).reserve("o", key)
-            except IdempotencyInProgressError as e:
-                results[i] = e
-
-        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(stores))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = run_together(lambda i, key=key: IdempotencyKeys(stores[i]).reserve("o", key), len(stores))
         holders = [r for r in results if not isinstance(r, IdempotencyInProgressError)]
         assert len(holders) == 1 and holders[0].owned
         assert sum(isinstance(r, IdempotencyInProgressError) for r in results) == len(stores) - 1

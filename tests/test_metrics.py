@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import bentoml
 
 from lipsync_runner.serving import metrics
+
+from .concurrency import raised, run_together
 
 
 class _SlowInstrument:
@@ -29,21 +30,7 @@ def test_two_jobs_finishing_at_once_register_each_instrument_once(monkeypatch):
     monkeypatch.setattr(bentoml.metrics, "Histogram", _SlowInstrument)
     monkeypatch.setattr(bentoml.metrics, "Counter", _SlowInstrument)
     _SlowInstrument.built = []
-    start = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def finish() -> None:
-        start.wait()
-        try:
-            metrics.job_finished(1.0, 25)
-        except BaseException as exc:  # noqa: BLE001 - any error fails the test below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=finish) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = raised(run_together(lambda _: metrics.job_finished(1.0, 25), 8))
     assert not errors
     assert sorted(_SlowInstrument.built) == sorted(set(_SlowInstrument.built)), "an instrument was built twice"
     assert "lipsync_frames_generated" in _SlowInstrument.built

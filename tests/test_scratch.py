@@ -25,6 +25,7 @@ from lipsync_runner.jobs import JobParams
 from lipsync_runner.media import AudioInfo, VideoInfo
 from lipsync_runner.scratch import ScratchLedger, check_admissible, directory_bytes, estimate
 
+from .concurrency import raised, run_together
 from .hostile_media import ffmpeg, mp4_with_sample_durations
 
 
@@ -112,12 +113,10 @@ def test_concurrent_reservations_never_oversubscribe() -> None:
     ledger = ScratchLedger(".", floor_bytes=100, disk_usage=usage)
     lock = threading.Lock()
     held = peak = granted = refused = 0
-    start = threading.Barrier(8)
 
     def worker(seed: int) -> None:
         nonlocal held, peak, granted, refused
         rng = random.Random(seed)
-        start.wait()
         for _ in range(300):
             size = rng.randint(50, 400)
             try:
@@ -136,11 +135,7 @@ def test_concurrent_reservations_never_oversubscribe() -> None:
             reservation.release()
             reservation.release()  # idempotent
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert raised(run_together(worker, 8)) == []
     assert peak <= 900  # free minus the floor, never more
     assert granted > 100 and refused > 100  # the ledger was full often, and emptied often
     assert ledger.reserved_bytes == 0 and ledger.available() == 900

@@ -4,7 +4,6 @@ rows other transactions hold, a database that goes away and comes back, and URLs
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import datetime, timezone
 
@@ -14,6 +13,8 @@ import pytest
 from lipsync_runner.jobs import JobRecord, JobStatus, new_job_id, open_store
 from lipsync_runner.jobs.postgres import SCHEMA_VERSION, JobStoreUnavailableError, PostgresJobStore, describe
 from lipsync_runner.jobs.store import SQLiteJobStore
+
+from .concurrency import raised, run_together
 
 
 def record(**fields) -> JobRecord:
@@ -43,21 +44,9 @@ def test_replicas_starting_together_migrate_the_schema_once(postgres):
     """Eight stores open a fresh database at the same moment: the advisory lock serialises the
     migration (its CREATE TABLEs have no IF NOT EXISTS, so a second run would fail loudly)."""
     url = postgres.create_database()
-    barrier = threading.Barrier(8)
-    opened, errors = [], []
-
-    def start() -> None:
-        barrier.wait()
-        try:
-            opened.append(PostgresJobStore(url, pool_size=2))
-        except Exception as e:  # pragma: no cover - the failure being tested for
-            errors.append(e)
-
-    threads = [threading.Thread(target=start) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_together(lambda _: PostgresJobStore(url, pool_size=2), 8)
+    errors = raised(results)
+    opened = [r for r in results if isinstance(r, PostgresJobStore)]
     assert errors == [] and len(opened) == 8
     assert all(s.schema_version == SCHEMA_VERSION for s in opened)
     assert {"lipsync_jobs", "lipsync_uploads", "lipsync_schema"} <= tables(url)

@@ -38,6 +38,7 @@ from lipsync_runner.webhooks import (
     deliveries_status,
     signature_header,
 )
+from tests.concurrency import raised, run_together
 from tests.loopback_http import LoopbackServer, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,18 +209,12 @@ def test_two_outboxes_on_one_store_never_claim_the_same_row(open_outbox):
     for i in range(200):
         boxes[0].enqueue(delivery(f"job{i}"))
     claimed: list[list[str]] = [[], []]
-    start = threading.Barrier(2)
 
     def claim_all(i: int) -> None:
-        start.wait()
         while rows := boxes[i].claim(utcnow(), limit=3, lease_s=600):
             claimed[i].extend(d.job_id for d in rows)
 
-    threads = [threading.Thread(target=claim_all, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert raised(run_together(claim_all, 2)) == []
     assert not set(claimed[0]) & set(claimed[1])
     assert sorted(claimed[0] + claimed[1]) == sorted(f"job{i}" for i in range(200))
 
