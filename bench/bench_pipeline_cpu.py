@@ -336,7 +336,6 @@ def main() -> None:
     import cv2
 
     from lipsync_runner.faces import load_face_detector
-
     from lipsync_runner.settings import RunnerSettings, configure_opencv
 
     if args.cv2_threads is not None:

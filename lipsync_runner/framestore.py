@@ -172,14 +172,18 @@ class FrameSource:
         store = self.store
         assert store is None or len(store) == self.decoded, "the store must hold every decoded frame"
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-decode") as pool:
-            reading: Future | None = None if self.exhausted else pool.submit(self._read, size, False, False)
+
+            def read_ahead() -> Future | None:  # the pool times nothing and spools nothing: see above
+                return None if self.exhausted else pool.submit(self._read, size, spool=False, timed=False)
+
+            reading = read_ahead()
             writing: Future | None = None
             finished = False
             try:
                 while reading is not None:
                     with self._clock("decode"):
                         chunk = reading.result()
-                    reading = None if self.exhausted else pool.submit(self._read, size, False, False)
+                    reading = read_ahead()
                     if not len(chunk):
                         continue
                     chunk.flags.writeable = False  # the store gets these bytes after the caller has seen them
