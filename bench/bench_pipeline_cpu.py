@@ -24,6 +24,11 @@ with speech-like audio of the same length), in one process and one after the oth
   blend, encode);
 - warm: the same video again through the same cache (the face track comes from the cache).
 
+The inputs are probed once before the runs (ffprobe of the video and the audio; the time is
+printed) and every run is handed that probe: the transcode needs the size and rate to read the
+pipe, and the service's worker passes the admission's probe to `pipeline.run` (`video_info`), so
+neither measures it.
+
 With --repeats N each triple runs N times and the fastest of each kind is kept (on a shared
 machine the least disturbed run is the best estimate). Each row prints wall time, ms per frame,
 the pipeline's stage times in ms per frame (stages overlap in the render pass, so they add up to
@@ -136,11 +141,10 @@ class _Meter:
         }
 
 
-def transcode(video: Path, audio: Path, out: Path, opts) -> dict:
+def transcode(video: Path, audio: Path, out: Path, opts, info) -> dict:
     """The floor: decode to a raw pipe, hand every frame straight to the pipeline's writer."""
-    from lipsync_runner.media import VideoReader, VideoWriter, probe_video
+    from lipsync_runner.media import VideoReader, VideoWriter
 
-    info = probe_video(video)
     frames = 0
     with _Meter() as m:
         with VideoReader(video, info) as reader, VideoWriter(
@@ -151,14 +155,26 @@ def transcode(video: Path, audio: Path, out: Path, opts) -> dict:
     return m.row("transcode", frames, output_kb=out.stat().st_size // 1024)
 
 
+def probe(video: Path, audio: Path) -> tuple[object, float]:
+    """Both inputs checked once, outside every measured run, as the service's worker does before
+    `pipeline.run` (it hands the job the admission's probe); returns the video's info and the
+    seconds the probe took (printed, so the figure is not lost)."""
+    from lipsync_runner.pipeline import validate_inputs
+
+    start = time.perf_counter()
+    info = validate_inputs(video, audio)[0]
+    return info, time.perf_counter() - start
+
+
 def pipeline_run(kind: str, model, detector, video: Path, audio: Path, out: Path, opts, cache,
-                 profile: cProfile.Profile | None = None) -> dict:
+                 profile: cProfile.Profile | None = None, info=None) -> dict:
     from lipsync_runner.pipeline import run
 
+    info = info if info is not None else probe(video, audio)[0]
     with _Meter() as m:
         if profile is not None:
             profile.enable()
-        result = run(model, detector, video, audio, out, opts, cache=cache)
+        result = run(model, detector, video, audio, out, opts, cache=cache, video_info=info)
         if profile is not None:
             profile.disable()
     stages = {k: round(v * 1000 / result.frames, 2) for k, v in sorted(result.seconds.items())}
@@ -173,12 +189,14 @@ def bench_size(label: str, size: tuple[int, int], args, work: Path, model, detec
     video = write_face_video(work / f"clip-{label}.mp4", seconds=args.seconds, size=size, fps=25)
     audio = write_speech_like_audio(work / f"speech-{label}.wav", seconds=args.seconds)
     opts = _options(args)
+    info, probe_s = probe(video, audio)
+    print(f"# {label}: probing both inputs took {probe_s:.3f} s (outside every run below)", flush=True)
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
         cache = AvatarCache(work / f"avatars-{label}-{rep}")
-        rows = [transcode(video, audio, work / "transcode.mp4", opts),
-                pipeline_run("cold", model, detector, video, audio, work / "cold.mp4", opts, cache),
-                pipeline_run("warm", model, detector, video, audio, work / "warm.mp4", opts, cache)]
+        rows = [transcode(video, audio, work / "transcode.mp4", opts, info),
+                pipeline_run("cold", model, detector, video, audio, work / "cold.mp4", opts, cache, info=info),
+                pipeline_run("warm", model, detector, video, audio, work / "warm.mp4", opts, cache, info=info)]
         for row in rows:
             row.update(size=label, repeat=rep)
             print(json.dumps(row), flush=True)

@@ -61,8 +61,10 @@ def find_tracks(
         if len(chunk) == 0:
             continue
         hw = (int(chunk.shape[1]), int(chunk.shape[2]))
-        sel = [i for i in range(len(chunk)) if detector is not None and (n + i) % detect_every == 0]
-        results = detector.detect(chunk[sel]) if sel else []
+        # every k-th frame of the stream: a strided view of the chunk, so no frame is copied for the detector
+        first = (-n) % detect_every
+        sel = list(range(first, len(chunk), detect_every)) if detector is not None else []
+        results = detector.detect(chunk[first::detect_every]) if sel else []
         if len(results) != len(sel):
             raise RuntimeError(f"face detector {name} returned {len(results)} results for {len(sel)} frames")
         for i, dets in zip(sel, results):
