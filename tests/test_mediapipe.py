@@ -130,6 +130,25 @@ def test_all_faces_largest_first_and_none_on_an_empty_frame(detector):
     assert all(d.landmarks.shape == (68, 2) and 0 < d.score <= 1 for d in both)
 
 
+
+def test_a_batch_finds_each_frames_faces_exactly_as_one_frame_at_a_time(video_frames):
+    """The box graph runs one frame ahead on its own thread; the results must not change."""
+    import threading
+
+    detector = MediaPipeFaceDetector()
+    threads: set[int] = set()
+    boxes = detector._boxes
+    detector._boxes = lambda frame: (threads.add(threading.get_ident()), boxes(frame))[1]
+    frames = video_frames[::3]
+    together = detector.detect(frames)
+    alone = [detector.detect(f[None])[0] for f in frames]
+    detector.close()
+    assert len(threads) == 2  # the caller's thread for the first frame, the helper for the rest
+    assert [len(f) for f in together] == [len(f) for f in alone] and sum(map(len, alone)) >= len(frames) - 1
+    for mine, theirs in zip(together, alone):
+        for a, b in zip(mine, theirs):
+            assert np.array_equal(a.box, b.box) and np.array_equal(a.landmarks, b.landmarks) and a.score == b.score
+
 def test_bad_frames_are_refused(detector):
     with pytest.raises(ValueError, match="uint8"):
         detector.detect(np.zeros((1, 64, 64, 3), np.float32))

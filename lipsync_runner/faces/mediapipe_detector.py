@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import cv2
 import numpy as np
@@ -112,7 +113,10 @@ class MediaPipeFaceDetector:
     """All faces per frame (largest first) with iBUG-68 landmarks from MediaPipe; CPU, no download.
 
     ``detect`` follows the detector protocol: ``list[list[FaceDetection]]``, one list per frame.
-    Calls are serialised (MediaPipe graphs keep per-call state).
+    Calls are serialised (MediaPipe graphs keep per-call state). Within a call the two graphs run
+    side by side: the box detector finds frame i+1's faces on a helper thread while the mesh fits
+    frame i's. Each graph still sees the same frames in the same order, so the results are those of
+    one frame after the other; the tracking pass's detection time nearly halves where a core is free.
     """
 
     name = "mediapipe"
@@ -137,16 +141,28 @@ class MediaPipeFaceDetector:
         self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=True, max_num_faces=1, refine_landmarks=False, min_detection_confidence=0.3)
         self._lock = threading.Lock()
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lipsync-face-boxes")
 
     def close(self) -> None:
         with self._lock:
+            self._ahead.shutdown(wait=True)
             self._detector.close()
             self._mesh.close()
 
     def detect(self, frames: np.ndarray) -> list[list[FaceDetection]]:
         frames = _as_batch(frames)
+        out: list[list[FaceDetection]] = []
         with self._lock:
-            return [self._detect_one(np.ascontiguousarray(f)) for f in frames]
+            ahead: Future | None = None
+            try:
+                frames = [np.ascontiguousarray(f) for f in frames]  # views: each frame of a chunk is contiguous
+                for i, frame in enumerate(frames):
+                    boxes = ahead.result() if ahead is not None else self._boxes(frame)
+                    ahead = self._ahead.submit(self._boxes, frames[i + 1]) if i + 1 < len(frames) else None
+                    out.append(self._with_meshes(frame, boxes))
+            finally:  # the next call may not start while the box graph is still busy with this one
+                wait([ahead] if ahead is not None else [])
+        return out
 
     # -- internals ------------------------------------------------------------------------
 
@@ -191,9 +207,9 @@ class MediaPipeFaceDetector:
             return None
         return mesh
 
-    def _detect_one(self, frame: np.ndarray) -> list[FaceDetection]:
+    def _with_meshes(self, frame: np.ndarray, boxes: list[tuple[np.ndarray, float]]) -> list[FaceDetection]:
         out = []
-        for box, score in self._boxes(frame):
+        for box, score in boxes:
             mesh = self._mesh_in_box(frame, box)
             if mesh is None:
                 continue
