@@ -82,6 +82,7 @@ class PipelineOptions:
         """Options from RunnerSettings (the deployment) and the job's parameters."""
         values = dict(
             params=params or JobParams(), batch_size=settings.batch_size, extra_margin=settings.extra_margin,
+            detect_every=settings.detect_every,
             crf=settings.crf, preset=settings.preset, ffmpeg_timeout_s=settings.ffmpeg_timeout_s,
             speech=SpeechSettings(aggressiveness=settings.vad_aggressiveness, floor_db=settings.silence_floor_db,
                                   min_silence_ms=settings.min_silence_ms, min_speech_ms=settings.min_speech_ms,

@@ -45,6 +45,10 @@ class RunnerSettings(BaseSettings):
     speech_pad_ms: int = Field(default=60, ge=0, le=2000, description="Speech widened by this on both sides.")
     fade_frames: int = Field(default=3, ge=0, le=50,
                              description="Cross-fade frames at each edge of a kept silence or a segment.")
+    detect_every: int = Field(
+        default=2, ge=1, le=12,
+        description="Run the face detector on every k-th frame; the boxes between are interpolated, then smoothed. "
+                    "3 cuts the cold path's detector CPU by a third and changes the face track (docs/benchmarks.md).")
     max_spool_gb: float = Field(default=20.0, ge=0,
                                 description="A cold job keeps its decoded frames on scratch disk up to this size "
                                             "(one decode); larger videos are decoded twice instead.")

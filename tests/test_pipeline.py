@@ -283,6 +283,33 @@ def test_a_detector_failing_mid_video_leaves_no_decode_or_spool_thread_behind(mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "v.mp4"]  # the store file is gone
 
 
+
+def test_how_often_faces_are_detected_is_a_deployment_setting(model, detector, tmp_path, monkeypatch):
+    from lipsync_runner.settings import RunnerSettings
+
+    video = write_face_video(tmp_path / "v.mp4", seconds=1, size=(160, 120))  # 25 frames
+    audio = write_speech_like_audio(tmp_path / "a.wav", seconds=1)
+
+    class Counting:
+        name = detector.name
+        frames = 0
+
+        def detect(self, frames):
+            self.frames += len(frames)
+            return detector.detect(frames)
+
+    cache = AvatarCache(tmp_path / "avatars")
+    assert PipelineOptions.from_settings(RunnerSettings()).detect_every == 2  # the default
+    seen = []
+    for every in ("3", "2"):
+        monkeypatch.setenv("LIP_SYNC_DETECT_EVERY", every)
+        counting = Counting()
+        result = run(model, counting, video, audio, tmp_path / f"o{every}.mp4",
+                     PipelineOptions.from_settings(RunnerSettings()), cache=cache)
+        seen.append((counting.frames, result.cache_hit))
+    # frames 0, k, 2k, ... and the last one (24); the track made with k=3 is not reused for k=2
+    assert seen == [(9, False), (13, False)]
+
 def test_progress_is_reported_monotonically_up_to_one(model, detector, media_dir, tmp_path):
     seen: list[tuple[str, float]] = []
     run(model, detector, media_dir / "face.mp4", media_dir / "speech_short.wav", tmp_path / "o.mp4",
