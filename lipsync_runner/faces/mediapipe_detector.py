@@ -116,7 +116,8 @@ class MediaPipeFaceDetector:
     Calls are serialised (MediaPipe graphs keep per-call state). Within a call the two graphs run
     side by side: the box detector finds frame i+1's faces on a helper thread while the mesh fits
     frame i's. Each graph still sees the same frames in the same order, so the results are those of
-    one frame after the other; the tracking pass's detection time nearly halves where a core is free.
+    one frame after the other. On 2 busy cores the tracking pass's detection time fell from 11.5 to
+    9.3-10.0 ms per 720p frame (docs/benchmarks.md); with a free core it tends to the slower graph's.
     """
 
     name = "mediapipe"
