@@ -84,7 +84,7 @@ def measure(detect_every: int = 1) -> dict:
                     yield chunk
 
         tracks = find_tracks(chunks(), HaarFaceDetector(), detect_every=detect_every)
-    return evaluate(tracks, path)
+    return {**evaluate(tracks, path), "detect_every": detect_every}
 
 
 def evaluate(tracks, path: np.ndarray, extra: dict | None = None) -> dict:
@@ -137,7 +137,6 @@ def main() -> None:
                         help="run the detector on every k-th frame (the pipeline's default is 2)")
     args = parser.parse_args()
     result = measure(args.detect_every)
-    result["detect_every"] = args.detect_every
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -59,6 +59,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -66,6 +67,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
+if TYPE_CHECKING:
+    from lipsync_runner.media import VideoInfo
 
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 ENCODER_LAYERS = 4  # whisper-tiny's encoder: 4 layers + embeddings = 5 hidden states per step
@@ -141,7 +144,7 @@ class _Meter:
         }
 
 
-def transcode(video: Path, audio: Path, out: Path, opts, info) -> dict:
+def transcode(video: Path, audio: Path, out: Path, opts, info: VideoInfo) -> dict:
     """The floor: decode to a raw pipe, hand every frame straight to the pipeline's writer."""
     from lipsync_runner.media import VideoReader, VideoWriter
 
@@ -155,7 +158,7 @@ def transcode(video: Path, audio: Path, out: Path, opts, info) -> dict:
     return m.row("transcode", frames, output_kb=out.stat().st_size // 1024)
 
 
-def probe(video: Path, audio: Path) -> tuple[object, float]:
+def probe(video: Path, audio: Path) -> tuple[VideoInfo, float]:
     """Both inputs checked once, outside every measured run, as the service's worker does before
     `pipeline.run` (it hands the job the admission's probe); returns the video's info and the
     seconds the probe took (printed, so the figure is not lost)."""
@@ -167,7 +170,7 @@ def probe(video: Path, audio: Path) -> tuple[object, float]:
 
 
 def pipeline_run(kind: str, model, detector, video: Path, audio: Path, out: Path, opts, cache,
-                 profile: cProfile.Profile | None = None, info=None) -> dict:
+                 profile: cProfile.Profile | None = None, info: VideoInfo | None = None) -> dict:
     from lipsync_runner.pipeline import run
 
     info = info if info is not None else probe(video, audio)[0]

@@ -290,10 +290,9 @@ def test_track_with_detect_every_interpolates_skipped_frames():
     assert np.abs(track.boxes - full.boxes).max() <= 1  # linear motion: interpolation is exact
 
 
-
 def test_the_detector_sees_views_of_the_decoded_chunks_not_copies():
     """Every k-th frame reaches the detector as a view into the chunk: at 720p a copy of the
-    detected frames costs as much main-thread time as a tenth of the detector itself."""
+    detected frames cost the tracking pass's main thread about a fifth of the detector's own time."""
     chunks = list(frame_chunks(10, chunk=4))
     shared: list[bool] = []
 
@@ -305,6 +304,7 @@ def test_the_detector_sees_views_of_the_decoded_chunks_not_copies():
     det = Watching(boxes_script([[10, 10, 60, 60]] * 10))
     track_faces(iter(chunks), det, smoothing=None, detect_every=3, version="v1")
     assert det.calls == [0, 3, 6, 9] and shared == [True, True, True]
+
 
 def test_track_keeps_landmarks_and_nan_rows():
     lm = synthetic_landmarks(40, 100, y29=50, chin=100)

@@ -130,7 +130,6 @@ def test_all_faces_largest_first_and_none_on_an_empty_frame(detector):
     assert all(d.landmarks.shape == (68, 2) and 0 < d.score <= 1 for d in both)
 
 
-
 def test_a_batch_finds_each_frames_faces_exactly_as_one_frame_at_a_time(video_frames):
     """The box graph runs one frame ahead on its own thread; the results must not change."""
     import threading
@@ -138,7 +137,12 @@ def test_a_batch_finds_each_frames_faces_exactly_as_one_frame_at_a_time(video_fr
     detector = MediaPipeFaceDetector()
     threads: set[int] = set()
     boxes = detector._boxes
-    detector._boxes = lambda frame: (threads.add(threading.get_ident()), boxes(frame))[1]
+
+    def boxes_noting_the_thread(frame):
+        threads.add(threading.get_ident())
+        return boxes(frame)
+
+    detector._boxes = boxes_noting_the_thread
     frames = video_frames[::3]
     together = detector.detect(frames)
     alone = [detector.detect(f[None])[0] for f in frames]
@@ -148,6 +152,7 @@ def test_a_batch_finds_each_frames_faces_exactly_as_one_frame_at_a_time(video_fr
     for mine, theirs in zip(together, alone):
         for a, b in zip(mine, theirs):
             assert np.array_equal(a.box, b.box) and np.array_equal(a.landmarks, b.landmarks) and a.score == b.score
+
 
 def test_bad_frames_are_refused(detector):
     with pytest.raises(ValueError, match="uint8"):

@@ -283,7 +283,6 @@ def test_a_detector_failing_mid_video_leaves_no_decode_or_spool_thread_behind(mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "v.mp4"]  # the store file is gone
 
 
-
 def test_how_often_faces_are_detected_is_a_deployment_setting(model, detector, tmp_path, monkeypatch):
     from lipsync_runner.settings import RunnerSettings
 
@@ -309,6 +308,7 @@ def test_how_often_faces_are_detected_is_a_deployment_setting(model, detector, t
         seen.append((counting.frames, result.cache_hit))
     # frames 0, k, 2k, ... and the last one (24); the track made with k=3 is not reused for k=2
     assert seen == [(9, False), (13, False)]
+
 
 def test_progress_is_reported_monotonically_up_to_one(model, detector, media_dir, tmp_path):
     seen: list[tuple[str, float]] = []
