@@ -9,7 +9,6 @@ imports happen inside `__init__`, so `bentoml build` can import this file cheapl
 from __future__ import annotations
 
 import asyncio
-import os
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -18,48 +17,45 @@ import bentoml
 import numpy as np
 
 from lipsync_runner.api.auth import BearerAuthMiddleware, is_authenticated, request_owner
-from lipsync_runner.api.limits import ApiLimits
 from lipsync_runner.api.rest import create_rest_app
+from lipsync_runner.config import Settings
 from lipsync_runner.errors import InvalidInputError
-from lipsync_runner.idempotency import IDEMPOTENCY_HEADER, parse_key
-from lipsync_runner.serving.bentoml_compat import BentoMLSurface
+from lipsync_runner.integration.idempotency import IDEMPOTENCY_HEADER, parse_key
+from lipsync_runner.serving.bentoml_compat import BentoMLSurface, RunningCore
 from lipsync_runner.serving.docs_page import DocsPage
 from lipsync_runner.serving.errors import bentoml_errors
-from lipsync_runner.serving.settings import ServiceSettings
 from lipsync_runner.serving.signature import job_params_signature
 from lipsync_runner.ui import create_ui_app
 
-SETTINGS = ServiceSettings()
+SETTINGS = Settings()  # every setting, read from the environment once (lipsync_runner/config.py)
 REST_PATH = "/api/lip-sync"  # where the REST app is mounted (LIP_SYNC_URL_PREFIX: where clients see it)
 # Weights: a models directory when MUSETALK_MODELS_DIR is set (development, a mounted volume),
 # else the BentoML model store, which `bentoml build` packs into the Bento (import-models).
-MODELS_FROM_STORE = not os.environ.get("MUSETALK_MODELS_DIR")
-MODEL_TAG = os.environ.get("LIP_SYNC_BENTO_MODEL", "musetalk:latest")
-LIMITS = ApiLimits()
-BATCHING = {"batchable": True, "batch_dim": 0, "max_batch_size": SETTINGS.max_batch_size,
-            "max_latency_ms": SETTINGS.max_latency_ms}
+MODELS_FROM_STORE = SETTINGS.models_from_store
+SERVICE = SETTINGS.service
+BATCHING = {"batchable": True, "batch_dim": 0, "max_batch_size": SERVICE.max_batch_size,
+            "max_latency_ms": SERVICE.max_latency_ms}
 
 
 @bentoml.service(
     name="MuseTalkRunner",
     resources={"gpu": 1, "memory": "16Gi"},
     workers=1,  # one model copy per GPU; concurrency comes from batching
-    traffic={"timeout": SETTINGS.runner_timeout_s, "max_concurrency": 1024},
+    traffic={"timeout": SERVICE.runner_timeout_s, "max_concurrency": 1024},
 )
 class MuseTalkRunner:
     """Owns MuseTalk's UNet, VAE and Whisper encoder; serves them in merged batches (numpy in/out)."""
 
     if MODELS_FROM_STORE:
-        musetalk_model = bentoml.models.BentoModel(MODEL_TAG)
+        musetalk_model = bentoml.models.BentoModel(SETTINGS.bento.bento_model)
 
     def __init__(self) -> None:
-        from lipsync_runner.serving import metrics
+        from lipsync_runner.integration import metrics
         from lipsync_runner.serving.runner import RunnerCore
-        from lipsync_runner.settings import RunnerSettings
 
-        settings = RunnerSettings()
+        settings = SETTINGS.runner
         if MODELS_FROM_STORE:
-            settings.models_dir = Path(self.musetalk_model.path)
+            settings = settings.model_copy(update={"models_dir": Path(self.musetalk_model.path)})
         self.core = RunnerCore(settings)  # loads on a background thread: health answers meanwhile
         self.core.add_observer(metrics.batch_served)
 
@@ -87,21 +83,23 @@ class MuseTalkRunner:
         """[B, 1 + 8*32*32 + 50*384] float32 (job tag, latents, audio window) -> [B, 256, 256, 3] uint8."""
         return self.core.generate(packed)
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=8, max_latency_ms=SETTINGS.max_latency_ms)
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=8, max_latency_ms=SERVICE.max_latency_ms)
     @bentoml_errors
     def audio_pieces(self, pieces: np.ndarray) -> np.ndarray:
         """[P, 480000] 30 s pieces of 16 kHz audio -> [P, 1500, 5, 384] Whisper encoder states."""
         return self.core.audio_pieces(pieces)
 
 
-# The REST routes; the LipSync worker gives them its operations and health when it starts.
-rest_app = create_rest_app(None, None, LIMITS)
+# The REST routes, mounted when the class is defined; they reach the running instance's core
+# (built in one pass in LipSync.__init__) as BentoML's own class views do.
+RUNNING = RunningCore()
+rest_app = create_rest_app(RUNNING.operations, RUNNING.health, SETTINGS.limits, debug=SERVICE.debug)
 
 
 @bentoml.service(
     name="LipSync",
     workers=1,  # the job manager lives in this process; scale out with replicas and a shared store
-    traffic={"timeout": LIMITS.wait_timeout_s + 60},
+    traffic={"timeout": SETTINGS.limits.wait_timeout_s + 60},
 )
 @bentoml.asgi_app(rest_app, path=REST_PATH)
 @bentoml.asgi_app(create_ui_app(), path="/ui")  # the browser page (lipsync_runner/ui)
@@ -111,13 +109,11 @@ class LipSync:
     runner = bentoml.depends(MuseTalkRunner)
 
     def __init__(self) -> None:
-        from lipsync_runner.logs import configure_service_logging
-        from lipsync_runner.serving.api import ApiCore
+        from lipsync_runner.jobs.logs import configure_service_logging
+        from lipsync_runner.serving.core import ServiceCore
 
-        configure_service_logging(SETTINGS.data_dir)  # LIP_SYNC_LOG_FORMAT=json: one JSON object per line
-        self.core = ApiCore(self.runner, SETTINGS, limits=LIMITS)
-        rest_app.state.operations = self.core.operations
-        rest_app.state.health = self.core.health
+        configure_service_logging(SETTINGS)  # LIP_SYNC_LOG_FORMAT=json: one JSON object per line
+        self.core = ServiceCore(self.runner, SETTINGS)
 
     @bentoml.on_startup
     async def _start_jobs(self) -> None:
@@ -131,13 +127,13 @@ class LipSync:
         return bool((await self.core.runner_health()).get("models_loaded"))
 
     async def __metrics__(self, content: str) -> str:
-        from lipsync_runner.serving.metrics import job_counts_text
+        from lipsync_runner.integration.metrics import job_counts_text
 
         return content + job_counts_text(self.core.manager.counts())
 
     @bentoml.api
     @bentoml_errors
-    @job_params_signature(bentoml.Context, defaults={"bbox_shift": LIMITS.bbox_shift})
+    @job_params_signature(bentoml.Context, defaults={"bbox_shift": SETTINGS.runner.bbox_shift})
     async def generate(self, *, video: Path | None = None, audio: Path | None = None, wait: bool = False,
                        ctx: bentoml.Context = None, **params: Any) -> dict[str, Any]:
         """Queue a lip-sync job (202 with its id); with wait=true, return when it has finished.

@@ -5,7 +5,7 @@
     python bench/bench_cache.py --size full --models DIR   # reuse a models dir written before
     python bench/bench_cache.py --seconds 2 --width 320 --height 240   # a quick smoke run
 
-The clip is a synthetic talking head (lipsync_runner.testing.write_face_video, the astronaut face
+The clip is a synthetic talking head (lipsync_runner.models.tiny.write_face_video, the astronaut face
 moving) with speech-like audio of the same length. The models are loaded and warmed up once
 (every batch shape the job will use goes through the UNet and VAE first: cuDNN autotuning and
 lazy CUDA initialisation are not counted). Then:
@@ -54,7 +54,7 @@ def _warm_up(model, n_frames: int, batch_size: int, seconds: float) -> None:
     """Run every shape the job will use once: audio pieces, full and last-partial batches."""
     import numpy as np
 
-    from lipsync_runner import audio as audio_math
+    from lipsync_runner.audio import windows as audio_math
 
     rng = np.random.default_rng(0)
     model.audio_features(rng.normal(0, 0.1, int(seconds * audio_math.SAMPLE_RATE)).astype(np.float32))
@@ -68,7 +68,7 @@ def _warm_up(model, n_frames: int, batch_size: int, seconds: float) -> None:
 def _one_run(label: str, model, detector, video: Path, audio: Path, out: Path, cache, opts) -> dict:
     import torch
 
-    from lipsync_runner.pipeline import run
+    from lipsync_runner.pipeline.job import run
 
     cuda = torch.cuda.is_available() and str(model.device).startswith("cuda")
     if cuda:
@@ -93,11 +93,12 @@ def _one_run(label: str, model, detector, video: Path, audio: Path, out: Path, c
 def bench(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
-    from lipsync_runner.avatar_cache import AvatarCache
+    from lipsync_runner.pipeline.avatar_cache import AvatarCache
     from lipsync_runner.faces import load_face_detector
-    from lipsync_runner.musetalk import MuseTalk
-    from lipsync_runner.pipeline import PipelineOptions
-    from lipsync_runner.testing import write_face_video, write_models_dir, write_speech_like_audio
+    from lipsync_runner.models.musetalk import MuseTalk
+    from lipsync_runner.pipeline.job import PipelineOptions
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
+    from lipsync_runner.models.tiny import write_models_dir
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.size == "full" and not cuda and not args.allow_cpu_full:

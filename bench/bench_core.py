@@ -34,9 +34,9 @@ def _peak_rss_mb(who: int) -> float:
 
 def run_clip(seconds: float, work: Path, models: Path, batch_size: int) -> dict:
     from lipsync_runner.faces import load_face_detector
-    from lipsync_runner.musetalk import MuseTalk
-    from lipsync_runner.pipeline import PipelineOptions, run
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.models.musetalk import MuseTalk
+    from lipsync_runner.pipeline.job import PipelineOptions, run
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     video = work / f"clip_{seconds:g}s.mp4"
     audio = work / f"speech_{seconds:g}s.wav"
@@ -67,8 +67,8 @@ def run_model(size: str, batch_sizes: list[int], repeats: int) -> list[dict]:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from lipsync_runner import testing
-    from lipsync_runner.musetalk import MuseTalk
+    from lipsync_runner.models import tiny as testing
+    from lipsync_runner.models.musetalk import MuseTalk
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -133,7 +133,7 @@ def main() -> None:
         run_model(args.size, args.batch_sizes, args.repeats)
         return
 
-    from lipsync_runner.testing import write_models_dir
+    from lipsync_runner.models.tiny import write_models_dir
 
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
         work = Path(tmp)

@@ -24,7 +24,7 @@ class NullModel:
     weights_id = "null"
 
     def audio_features(self, pcm: np.ndarray) -> np.ndarray:
-        from lipsync_runner.audio import step_count
+        from lipsync_runner.audio.windows import step_count
 
         return np.zeros((step_count(len(pcm)), 5, 384), np.float32)
 
@@ -52,10 +52,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import lipsync_runner
-    import lipsync_runner.pipeline as pipeline
+    import lipsync_runner.pipeline.job as pipeline
     from lipsync_runner.faces import HaarFaceDetector
-    from lipsync_runner.media import VideoReader
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.media.ffmpeg import VideoReader
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     width, height = (int(v) for v in args.size.split("x"))
     args.work.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lipsync_runner.faces import FaceDetection, HaarFaceDetector, musetalk_crop_box  # noqa: E402
-from lipsync_runner.testing import face_frames, face_placement  # noqa: E402
+from lipsync_runner.media.samples import face_frames, face_placement  # noqa: E402
 
 #: (label, frame size, face size in px, in-plane head tilt in degrees)
 SCENES = (("320x240", (320, 240), 192, 0), ("1280x720", (1280, 720), 560, 0), ("1920x1080", (1920, 1080), 840, 0),
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--fan", action="store_true", help="also time FAN (random weights; slow to start)")
     args = parser.parse_args()
-    from lipsync_runner.faces.mediapipe_detector import MediaPipeFaceDetector
+    from lipsync_runner.faces.detectors.mediapipe import MediaPipeFaceDetector
 
     detectors = [(HaarFaceDetector(), True), (MediaPipeFaceDetector(), True)]
     try:

@@ -70,8 +70,8 @@ def crossing(x: np.ndarray, level: float, start: int) -> float:
 
 def measure(detect_every: int = 1) -> dict:
     from lipsync_runner.faces import HaarFaceDetector, find_tracks
-    from lipsync_runner.media import VideoReader
-    from lipsync_runner.testing import Actor, write_actors_video
+    from lipsync_runner.media.ffmpeg import VideoReader
+    from lipsync_runner.media.samples import Actor, write_actors_video
 
     path = head_path()
     n = len(path)

@@ -161,7 +161,7 @@ def start_jobs(base_url: str, video: Path, audio: Path, n: int) -> list[str]:
 
 
 def media(workdir: Path, audio_seconds: float) -> tuple[Path, Path]:
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     video = workdir / "face.mp4"
     audio = workdir / f"speech_{audio_seconds:g}s.wav"
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             url = args.url.rstrip("/")
         else:
-            from lipsync_runner.testing import write_models_dir
+            from lipsync_runner.models.tiny import write_models_dir
             from tests.server import start_server
 
             models = write_models_dir(work / "models", versions=("v15",))

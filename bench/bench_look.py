@@ -42,9 +42,10 @@ def main() -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from lipsync_runner.detail import restore_detail
-    from lipsync_runner.masks import ContourMasks, load_mask_provider
-    from lipsync_runner.testing import FULL_VAE_CONFIG, face_image, synthetic_landmarks, write_face_parsing
+    from lipsync_runner.render.sharpen import restore_detail
+    from lipsync_runner.render.masks import ContourMasks, load_mask_provider
+    from lipsync_runner.models.tiny import FULL_VAE_CONFIG, write_face_parsing
+    from lipsync_runner.media.samples import face_image, synthetic_landmarks
 
     print(f"load average before: {os.getloadavg()[0]:.2f} (2-core machine), torch threads {torch.get_num_threads()}")
     frame = np.zeros((720, 1280, 3), np.uint8)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
 import json, resource, sys, time, tracemalloc
-from lipsync_runner import media
+from lipsync_runner.media import ffmpeg as media
 kind, path, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 tracemalloc.start()

@@ -11,7 +11,7 @@ process: OpenCV's own worker threads included, neighbours' load mostly not):
   bicubic, area, bilinear and Lanczos-4 on float32 input, each with its PSNR against the
   Lanczos crop (how far the model's input would move);
 - the blend: the code before the issue-16 work (tests/blend_reference.py), the current one
-  without and with landmarks, and the torch version (lipsync_runner.gpu_ops) on the CPU and,
+  without and with landmarks, and the torch version (lipsync_runner.render.torch_ops) on the CPU and,
   where present, on CUDA (there in wall milliseconds, synchronised).
 
 The last line is the whole result as JSON.
@@ -68,10 +68,10 @@ def bench_size(label: str, size: tuple[int, int], n: int, work: Path) -> dict:
     import numpy as np
     import torch
 
-    from lipsync_runner import blend, crops, gpu_ops
+    from lipsync_runner.render import blend, crops, torch_ops as gpu_ops
     from lipsync_runner.faces import HaarFaceDetector, track_faces
-    from lipsync_runner.media import VideoReader
-    from lipsync_runner.testing import landmarks_for_boxes, write_face_video
+    from lipsync_runner.media.ffmpeg import VideoReader
+    from lipsync_runner.media.samples import landmarks_for_boxes, write_face_video
     from tests import blend_reference
 
     clip = write_face_video(work / f"{label}.mp4", seconds=n / 25, size=size, fps=25)

@@ -6,7 +6,7 @@
     python bench/bench_pipeline_cpu.py --profile prof.txt   # also cProfile one cold 720p run
     python bench/bench_pipeline_cpu.py --py-spy spy.txt --sizes 720p   # sample every thread of one cold run
 
-Everything but the model is real: `lipsync_runner.pipeline.run`, the face detector the service
+Everything but the model is real: `lipsync_runner.pipeline.job.run`, the face detector the service
 would load without face-alignment weights (`load_face_detector("auto")`: MediaPipe, or Haar where
 mediapipe cannot be imported), the avatar cache, ffmpeg decode and x264 encode.
 The model is a null model (the `LipSyncModel` protocol): audio features and latents are zeros of
@@ -14,7 +14,7 @@ the right shapes, and `generate` returns one constant 256x256 face (the astronau
 costs nothing and what is measured is the work around it: what bounds a job, and how many CPU
 cores each GPU needs, once the model runs on a GPU.
 
-For each clip size (a synthetic talking head, `lipsync_runner.testing.write_face_video`, 25 fps,
+For each clip size (a synthetic talking head, `lipsync_runner.models.tiny.write_face_video`, 25 fps,
 with speech-like audio of the same length), in one process and one after the other:
 
 - transcode: the floor. The same clip decoded by ffmpeg to a raw RGB pipe read by Python
@@ -68,7 +68,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 if TYPE_CHECKING:
-    from lipsync_runner.media import VideoInfo
+    from lipsync_runner.media.ffmpeg import VideoInfo
 
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 ENCODER_LAYERS = 4  # whisper-tiny's encoder: 4 layers + embeddings = 5 hidden states per step
@@ -82,13 +82,13 @@ class NullModel:
     def __init__(self) -> None:
         import cv2
 
-        from lipsync_runner.testing import face_image
+        from lipsync_runner.media.samples import face_image
 
         face = face_image()[40:300, 120:380]  # the astronaut's head, roughly a MuseTalk crop
         self.face = np.ascontiguousarray(cv2.resize(face, (256, 256), interpolation=cv2.INTER_AREA))
 
     def audio_features(self, pcm: np.ndarray) -> np.ndarray:
-        from lipsync_runner import audio
+        from lipsync_runner.audio import windows as audio
 
         return np.zeros((audio.step_count(len(pcm)), ENCODER_LAYERS + 1, 384), np.float32)
 
@@ -146,7 +146,7 @@ class _Meter:
 
 def transcode(video: Path, audio: Path, out: Path, opts, info: VideoInfo) -> dict:
     """The floor: decode to a raw pipe, hand every frame straight to the pipeline's writer."""
-    from lipsync_runner.media import VideoReader, VideoWriter
+    from lipsync_runner.media.ffmpeg import VideoReader, VideoWriter
 
     frames = 0
     with _Meter() as m:
@@ -162,7 +162,7 @@ def probe(video: Path, audio: Path) -> tuple[VideoInfo, float]:
     """Both inputs checked once, outside every measured run, as the service's worker does before
     `pipeline.run` (it hands the job the admission's probe); returns the video's info and the
     seconds the probe took (printed, so the figure is not lost)."""
-    from lipsync_runner.pipeline import validate_inputs
+    from lipsync_runner.pipeline.job import validate_inputs
 
     start = time.perf_counter()
     info = validate_inputs(video, audio)[0]
@@ -171,7 +171,7 @@ def probe(video: Path, audio: Path) -> tuple[VideoInfo, float]:
 
 def pipeline_run(kind: str, model, detector, video: Path, audio: Path, out: Path, opts, cache,
                  profile: cProfile.Profile | None = None, info: VideoInfo | None = None) -> dict:
-    from lipsync_runner.pipeline import run
+    from lipsync_runner.pipeline.job import run
 
     info = info if info is not None else probe(video, audio)[0]
     with _Meter() as m:
@@ -186,8 +186,8 @@ def pipeline_run(kind: str, model, detector, video: Path, audio: Path, out: Path
 
 
 def bench_size(label: str, size: tuple[int, int], args, work: Path, model, detector) -> dict:
-    from lipsync_runner.avatar_cache import AvatarCache
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.pipeline.avatar_cache import AvatarCache
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     video = write_face_video(work / f"clip-{label}.mp4", seconds=args.seconds, size=size, fps=25)
     audio = write_speech_like_audio(work / f"speech-{label}.wav", seconds=args.seconds)
@@ -214,8 +214,8 @@ def bench_size(label: str, size: tuple[int, int], args, work: Path, model, detec
 def profile_cold(size: tuple[int, int], args, work: Path, model, detector, path: Path) -> None:
     """cProfile of one cold run (main thread only: the render pass's reader and blend+encode
     threads are not in it; use py-spy for those)."""
-    from lipsync_runner.avatar_cache import AvatarCache
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.pipeline.avatar_cache import AvatarCache
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     video = write_face_video(work / "clip-profile.mp4", seconds=args.seconds, size=size, fps=25)
     audio = write_speech_like_audio(work / "speech-profile.wav", seconds=args.seconds)
@@ -229,7 +229,7 @@ def profile_cold(size: tuple[int, int], args, work: Path, model, detector, path:
 
 
 def one_cold_run(video: Path, audio: Path, args, work: Path, model, detector) -> None:
-    from lipsync_runner.avatar_cache import AvatarCache
+    from lipsync_runner.pipeline.avatar_cache import AvatarCache
 
     row = pipeline_run("cold", model, detector, video, audio, work / "cold.mp4",
                        _options(args), AvatarCache(work / "avatars"))
@@ -238,7 +238,7 @@ def one_cold_run(video: Path, audio: Path, args, work: Path, model, detector) ->
 
 def py_spy(args, out: Path) -> None:
     """One cold run of the first size in a child process under py-spy; a summary of the samples."""
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-spy-") as tmp:
@@ -302,8 +302,8 @@ def _thread_name(calls: list[str]) -> str:
 def _options(args):
     """Pipeline options with the video codecs resolved beforehand: hardware-codec detection (a few
     ffmpeg runs, once per process) must not land in the first measured run."""
-    from lipsync_runner.hwcodecs import video_codecs
-    from lipsync_runner.pipeline import PipelineOptions
+    from lipsync_runner.media.hwcodecs import video_codecs
+    from lipsync_runner.pipeline.job import PipelineOptions
 
     extra = {} if args.max_spool_gb is None else {"max_spool_bytes": int(args.max_spool_gb * 2**30)}
     return PipelineOptions(batch_size=args.batch_size, codecs=video_codecs(), **extra)
@@ -357,7 +357,8 @@ def main() -> None:
     import cv2
 
     from lipsync_runner.faces import load_face_detector
-    from lipsync_runner.settings import RunnerSettings, configure_opencv
+    from lipsync_runner.config import RunnerSettings
+    from lipsync_runner.pipeline.job import configure_opencv
 
     if args.cv2_threads is not None:
         cv2.setNumThreads(args.cv2_threads)

@@ -154,7 +154,8 @@ def postgres(stack: ExitStack):
 def run_fleet(args: argparse.Namespace, stack: ExitStack) -> None:
     import httpx
 
-    from lipsync_runner.testing import write_face_video, write_models_dir, write_speech_like_audio
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
+    from lipsync_runner.models.tiny import write_models_dir
     from tests.backends import fleet_env, s3_server, start_bento, wait_ready
     from tests.server import stop_server
 

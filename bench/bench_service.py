@@ -269,7 +269,8 @@ def main() -> None:
 
     from tests.server import start_server, stop_server
 
-    from lipsync_runner.testing import write_face_video, write_models_dir, write_speech_like_audio
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
+    from lipsync_runner.models.tiny import write_models_dir
 
     device = args.device
     if device == "auto":

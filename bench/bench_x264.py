@@ -5,7 +5,7 @@
     python bench/bench_x264.py --seconds 2 --size 320x240   # a quick smoke run
 
 The clip is the test clip of bench_pipeline_cpu.py (a synthetic talking head with a real face,
-`lipsync_runner.testing.write_face_video`, 25 fps, with speech-like audio). It is decoded once
+`lipsync_runner.models.tiny.write_face_video`, 25 fps, with speech-like audio). It is decoded once
 into memory; each setting then encodes the same RGB frames through the pipeline's own writer
 (`media.VideoWriter`: rgb24 on a pipe -> yuv420p -> x264 at that preset/crf/threads + AAC), so the
 ffmpeg child's CPU seconds are the encoder's alone. Quality is measured against the source clip
@@ -46,7 +46,7 @@ def _children_cpu() -> float:
 
 def quality(output: Path, source: Path) -> tuple[float, float]:
     """(PSNR dB, SSIM) of output against source, averaged over the frames."""
-    from lipsync_runner.media import ffmpeg_exe
+    from lipsync_runner.media.ffmpeg import ffmpeg_exe
 
     graph = "[0:v]split[a][b];[1:v]split[c][d];[a][c]psnr;[b][d]ssim"
     res = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(output), "-i", str(source),
@@ -58,7 +58,7 @@ def quality(output: Path, source: Path) -> tuple[float, float]:
 
 
 def encode(frames, info, audio: Path, out: Path, preset: str, crf: int, threads: int) -> tuple[float, float]:
-    from lipsync_runner.media import VideoWriter
+    from lipsync_runner.media.ffmpeg import VideoWriter
 
     cpu0, t0 = _children_cpu(), time.perf_counter()
     with VideoWriter(out, info.width, info.height, info.fps, audio_path=audio, crf=crf, preset=preset,
@@ -80,8 +80,8 @@ def main() -> None:
 
     import numpy as np
 
-    from lipsync_runner.media import VideoReader, probe_video
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.media.ffmpeg import VideoReader, probe_video
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     w, h = (int(v) for v in args.size.lower().split("x"))
     print(f"# machine: {machine()}; load average {[round(x, 2) for x in os.getloadavg()]}")

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import get_args
 
-from .errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
-from .params import add_cli_arguments, from_cli_args
-from .settings import RunnerSettings, configure_opencv
+from lipsync_runner.errors import InvalidInputError, LipSyncError, MediaProcessingError, ModelFilesError
+from lipsync_runner.params import add_cli_arguments, from_cli_args
+from lipsync_runner.config import RunnerSettings, ServiceSettings
+from lipsync_runner.pipeline.job import configure_opencv
 
 DEFAULT_CACHE_DIR = "~/.cache/lipsync-runner/avatars"
 EXIT_CODES = ((InvalidInputError, 2), (ModelFilesError, 3), (MediaProcessingError, 4), (LipSyncError, 1))
@@ -44,7 +44,7 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     gen.add_argument("--crf", type=int, default=settings.crf, help="x264 quality (lower is better)")
     gen.add_argument("--preset", default=settings.preset, help="x264 preset")
     gen.add_argument("--cache-dir", type=Path,
-                     default=Path(os.environ.get("LIP_SYNC_AVATAR_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser(),
+                     default=Path(ServiceSettings().avatar_cache_dir or DEFAULT_CACHE_DIR).expanduser(),
                      help="avatar cache: face tracks and latents of videos seen before ($LIP_SYNC_AVATAR_CACHE_DIR)")
     gen.add_argument("--no-cache", action="store_true", help="do not read or write the avatar cache")
     # the job parameters from the schema; the service-only ones (URL inputs, webhooks) stay out
@@ -78,11 +78,11 @@ def _param_defaults(settings: RunnerSettings) -> dict[str, object]:
 def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from tqdm import tqdm
 
-    from .avatar_cache import AvatarCache
-    from .faces import load_face_detector
-    from .masks import load_mask_provider
-    from .musetalk import MuseTalk
-    from .pipeline import PipelineOptions, run, validate_inputs
+    from lipsync_runner.pipeline.avatar_cache import AvatarCache
+    from lipsync_runner.faces import load_face_detector
+    from lipsync_runner.render.masks import load_mask_provider
+    from lipsync_runner.models.musetalk import MuseTalk
+    from lipsync_runner.pipeline.job import PipelineOptions, run, validate_inputs
 
     params = from_cli_args(args, _param_defaults(settings))  # bad options: exit 2 before any work
     video_info, _ = validate_inputs(args.video, args.audio)  # fail fast, before loading models
@@ -113,7 +113,8 @@ def _cache_word(hit: bool | None) -> str:
 
 
 def _make_test_assets(args: argparse.Namespace) -> int:
-    from .testing import write_face_video, write_models_dir, write_speech_like_audio
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
+    from lipsync_runner.models.tiny import write_models_dir
 
     root: Path = args.to
     root.mkdir(parents=True, exist_ok=True)
@@ -137,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             configure_opencv(settings)
             return _generate(args, settings)
         if args.command == "download-models":
-            from .models.download import download_models
+            from lipsync_runner.models.download import download_models
 
             root = download_models(args.to, version=args.version, face_alignment=args.with_face_alignment,
                                    face_parsing=not args.without_face_parsing)
             print(f"models ready in {root}")
             return 0
         if args.command == "import-models":
-            from .models.bentostore import import_models_dir
+            from lipsync_runner.models.bentostore import import_models_dir
 
             print(f"imported {import_models_dir(args.source, name=args.name)}")
             return 0

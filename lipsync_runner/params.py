@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
-from .errors import InvalidInputError
+from lipsync_runner.errors import InvalidInputError
 
 #: Form fields that are request options, not job parameters.
 REQUEST_FIELDS = frozenset({"wait"})
@@ -46,6 +46,15 @@ MODEL_VERSIONS_KEY = "x-model-versions"
 #: Segment times are seconds; no video we accept is longer than a day.
 MAX_SEGMENT_SECONDS = 86_400.0
 MAX_SEGMENTS = 1000
+
+
+# A job's (and an avatar's) id: a UUID4, the only form a path parameter may take.
+JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def is_job_id(value: str) -> bool:
+    # fullmatch, not match: "$" would also accept a trailing newline
+    return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
 
 
 class Segment(BaseModel):

@@ -11,7 +11,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-from lipsync_runner.media import ffmpeg_exe
+from lipsync_runner.media.ffmpeg import ffmpeg_exe
 
 _CONTAINER_BOXES = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
 

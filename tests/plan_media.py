@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lipsync_runner import audio as audio_math
-from lipsync_runner.media import VideoReader, VideoWriter, decode_audio
-from lipsync_runner.testing import face_frames
+from lipsync_runner.audio import windows as audio_math
+from lipsync_runner.media.ffmpeg import VideoReader, VideoWriter, decode_audio
+from lipsync_runner.media.samples import face_frames
 
 # ------------------------------------------------------------------ frames that say which they are
 
@@ -24,7 +24,7 @@ CODE_CELL = 8  # pixels per bit: an 8x8 black or white block in the top rows (th
 
 def write_indexed_video(path: Path, n_frames: int, fps: Fraction | float = 25, size: tuple[int, int] = (160, 120),
                         blank_frames: tuple[int, ...] = ()) -> Path:
-    """A real-face clip (lipsync_runner.testing's astronaut) whose frame i shows i in binary, top left."""
+    """A real-face clip (lipsync_runner.models.tiny's astronaut) whose frame i shows i in binary, top left."""
     width, height = size
     with VideoWriter(path, width, height, Fraction(fps), crf=12) as writer:
         for i, frame in enumerate(face_frames(n_frames, size, face_px=int(min(size) * 0.8))):
@@ -51,7 +51,7 @@ def read_frames(path: Path) -> np.ndarray:
 def pipeline_track(path: Path):
     """The face track the pipeline finds in `path` (same detector, chunks and detection stride)."""
     from lipsync_runner.faces import HaarFaceDetector, track_faces
-    from lipsync_runner.pipeline import DETECT_CHUNK, PipelineOptions
+    from lipsync_runner.pipeline.job import DETECT_CHUNK, PipelineOptions
 
     frames = read_frames(path)
     chunks = (frames[k : k + DETECT_CHUNK] for k in range(0, len(frames), DETECT_CHUNK))
@@ -153,7 +153,7 @@ class RecordingWriter(VideoWriter):
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     """Frames the pipeline hands its encoder, in order."""
-    import lipsync_runner.pipeline as pipeline
+    import lipsync_runner.pipeline.job as pipeline
 
     RecordingWriter.recorded = []
     monkeypatch.setattr(pipeline, "VideoWriter", RecordingWriter)

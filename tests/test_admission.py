@@ -8,7 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lipsync_runner.api import ApiLimits, create_rest_app
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.api import create_rest_app
 from lipsync_runner.errors import InsufficientStorageError
 
 from .test_rest_api import FakeManager, _files, _part_header, media  # noqa: F401 - the media fixture
@@ -55,7 +56,7 @@ def _multipart(media, *, pause: asyncio.Event | None = None, delay_s: float = 0.
 
 
 async def test_a_stalled_upload_is_cut_off_and_frees_its_slot(fake, media):
-    app = create_rest_app(lambda: fake, _health, ApiLimits(upload_idle_timeout_s=0.5))
+    app = create_rest_app(fake, _health, ApiLimits(upload_idle_timeout_s=0.5))
     never = asyncio.Event()
     async with _client(app) as c:
         resp = await c.post("/generate", content=_multipart(media, pause=never), headers={"content-type": CTYPE})
@@ -68,7 +69,7 @@ async def test_a_stalled_upload_is_cut_off_and_frees_its_slot(fake, media):
 
 async def test_an_upload_below_the_minimum_rate_is_cut_off(fake, media):
     limits = ApiLimits(upload_rate_grace_s=0.3, upload_min_bytes_per_s=1_000_000)
-    app = create_rest_app(lambda: fake, _health, limits)
+    app = create_rest_app(fake, _health, limits)
     async with _client(app) as c:  # about 5 KB/s: far too slow
         resp = await c.post("/generate", content=_multipart(media, delay_s=0.1, chunk=512), headers={"content-type": CTYPE})
     assert resp.status_code == 408 and "Upload too slow" in resp.json()["error"]
@@ -77,7 +78,7 @@ async def test_an_upload_below_the_minimum_rate_is_cut_off(fake, media):
 
 async def test_one_client_cannot_take_every_upload_slot(fake, media):
     """A client's slow uploads get it 429s; everyone else still gets in."""
-    app = create_rest_app(lambda: fake, _health, ApiLimits(max_uploads_per_client=2, max_concurrent_uploads=10))
+    app = create_rest_app(fake, _health, ApiLimits(max_uploads_per_client=2, max_concurrent_uploads=10))
     hold = asyncio.Event()
     async with _client(app, "10.0.0.1") as greedy, _client(app, "10.0.0.2") as other:
         slow = [asyncio.create_task(greedy.post("/generate", content=_multipart(media, pause=hold),
@@ -93,7 +94,7 @@ async def test_one_client_cannot_take_every_upload_slot(fake, media):
 
 
 async def test_uploads_in_progress_are_bounded_in_all(fake, media):
-    app = create_rest_app(lambda: fake, _health, ApiLimits(max_uploads_per_client=5, max_concurrent_uploads=2))
+    app = create_rest_app(fake, _health, ApiLimits(max_uploads_per_client=5, max_concurrent_uploads=2))
     hold = asyncio.Event()
     async with _client(app, "10.0.0.1") as a, _client(app, "10.0.0.2") as b, _client(app, "10.0.0.3") as c:
         slow = [asyncio.create_task(x.post("/generate", content=_multipart(media, pause=hold),
@@ -116,7 +117,7 @@ async def test_free_space_is_checked_again_while_an_upload_streams(fake, media, 
             raise InsufficientStorageError("the server is low on disk space")
 
     monkeypatch.setattr(fake, "check_free_space", check_free_space)
-    app = create_rest_app(lambda: fake, _health, ApiLimits(max_video_bytes=64 * 2**20))
+    app = create_rest_app(fake, _health, ApiLimits(max_video_bytes=64 * 2**20))
 
     async def body():
         yield _part_header(BOUNDARY, "video", "big.mp4")
@@ -133,7 +134,7 @@ async def test_files_handed_over_in_process_go_through_the_same_checks(fake, med
     """`generate` called in process (no HTTP) uses admit_files: same params, checks and bodies."""
     from lipsync_runner.api.operations import JobOperations
 
-    ops = JobOperations(lambda: fake, ApiLimits())
+    ops = JobOperations(fake, ApiLimits())
     answer = await ops.admission.admit_files(media["video"], media["audio"], {"bbox_shift": 3}, owner=None)
     assert answer.status_code == 202 and answer.body["status"] == "queued"
     assert fake.submitted[-1]["params"].bbox_shift == 3

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync_runner import audio
-from lipsync_runner.testing import speech_like_signal
+from lipsync_runner.audio import windows as audio
+from lipsync_runner.media.samples import speech_like_signal
 
 NTSC = Fraction(30000, 1001)
 

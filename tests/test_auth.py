@@ -8,7 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lipsync_runner.api.auth import AuthSettings, TokenSet, owner_of
+from lipsync_runner.config import AuthSettings
+from lipsync_runner.api.auth import TokenSet, owner_of
 
 from .server import running_server
 from .test_service import API, upload, wait_done

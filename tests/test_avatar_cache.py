@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lipsync_runner.avatar_cache import AvatarCache, AvatarParams, owner_key
+from lipsync_runner.pipeline.avatar_cache import AvatarCache, AvatarParams, owner_key
 from lipsync_runner.faces import FaceTrack, HaarFaceDetector
-from lipsync_runner.media import VideoReader
-from lipsync_runner.musetalk import MuseTalk
-from lipsync_runner.pipeline import PipelineOptions, run
+from lipsync_runner.media.ffmpeg import VideoReader
+from lipsync_runner.models.musetalk import MuseTalk
+from lipsync_runner.pipeline.job import PipelineOptions, run
 
 
 def frames_of(path: Path) -> np.ndarray:

@@ -19,21 +19,22 @@ import httpx
 import numpy as np
 import pytest
 
-from lipsync_runner.api import ApiLimits, create_rest_app
-from lipsync_runner.api.auth import AuthSettings, BearerAuthMiddleware, owner_of
-from lipsync_runner.api.integration import Integration
-from lipsync_runner.avatar_cache import AvatarCache
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.api import create_rest_app
+from lipsync_runner.config import AuthSettings
+from lipsync_runner.api.auth import BearerAuthMiddleware, owner_of
+from lipsync_runner.pipeline.avatar_cache import AvatarCache
 from lipsync_runner.errors import AvatarNotFoundError
 from lipsync_runner.faces import FaceTrack
 from lipsync_runner.jobs import JobKind, JobRecord, SQLiteJobStore
 from lipsync_runner.jobs.records import utcnow
-from lipsync_runner.media import VideoReader
-from lipsync_runner.netguard import AddressPolicy, parse_allowlist
-from lipsync_runner.serving.api import ApiCore
+from lipsync_runner.media.ffmpeg import VideoReader
+from lipsync_runner.serving.core import ServiceCore
+from lipsync_runner.config import OutboundSettings, Settings
 from lipsync_runner.serving.runner import RunnerCore
-from lipsync_runner.serving.settings import ServiceSettings
+from lipsync_runner.config import ServiceSettings
 from lipsync_runner.serving.signature import job_params_signature
-from lipsync_runner.settings import RunnerSettings
+from lipsync_runner.config import RunnerSettings
 
 from .loopback_http import LoopbackServer, Reply
 
@@ -50,7 +51,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> dict[str, Path]:
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     root = tmp_path_factory.mktemp("avatar-media")
     return {"video": write_face_video(root / "face.mp4", seconds=0.4, fps=25, size=(320, 240)),
@@ -62,9 +63,9 @@ def core(tmp_path_factory, models_dir, model):
     runner = RunnerCore(RunnerSettings(device="cpu"), load=False)
     runner.model, runner.state = model, "ready"
     data = tmp_path_factory.mktemp("avatar-service")
-    loopback_files = Integration(data, workers=1, policy=AddressPolicy(allowlist=parse_allowlist("127.0.0.1")))
-    api = ApiCore(runner, ServiceSettings(data_dir=data, job_workers=1, free_space_floor_mb=0, chunk_frames=2),
-                  RunnerSettings(device="cpu", models_dir=models_dir), integration=loopback_files)
+    api = ServiceCore(runner, Settings(
+        service=ServiceSettings(data_dir=data, job_workers=1, free_space_floor_mb=0, chunk_frames=2),
+        runner=RunnerSettings(device="cpu", models_dir=models_dir), outbound=OutboundSettings(url_allowlist="127.0.0.1")))
     api.start(None)
     yield api
     api.stop()

@@ -56,7 +56,7 @@ def test_bento_declares_both_services_with_a_gpu_for_the_runner_and_the_weights(
 def test_bento_source_has_the_code_and_no_weights_or_data(bento: Path):
     src = bento / "src"
     files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
-    assert {"service.py", "configuration.yaml", "lipsync_runner/musetalk.py", "lipsync_runner/pipeline.py"} <= files
+    assert {"service.py", "configuration.yaml", "lipsync_runner/models/musetalk.py", "lipsync_runner/pipeline/job.py"} <= files
     # the pages' static files: the web page and the API reference at / (docs_page.py reads them at startup)
     assert {"lipsync_runner/ui/static/app.js", "lipsync_runner/serving/docs_static/index.html",
             "lipsync_runner/serving/docs_static/docs.js"} <= files

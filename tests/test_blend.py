@@ -1,4 +1,4 @@
-"""Face crops (lipsync_runner.crops) and paste-back with a lower-face mask (lipsync_runner.blend)."""
+"""Face crops (lipsync_runner.render.crops) and paste-back with a lower-face mask (lipsync_runner.render.blend)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync_runner.blend import _ellipse_mask, blend_faces, lower_face_mask
-from lipsync_runner.crops import CROP_SIZE, crop_faces
-from lipsync_runner.testing import landmarks_for_boxes, synthetic_landmarks
+from lipsync_runner.render.blend import _ellipse_mask, blend_faces, lower_face_mask
+from lipsync_runner.render.crops import CROP_SIZE, crop_faces
+from lipsync_runner.media.samples import landmarks_for_boxes, synthetic_landmarks
 
 from . import blend_reference as ref
 

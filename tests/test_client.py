@@ -30,8 +30,8 @@ from lipsync_client import (
 )
 from lipsync_client import errors as E
 from lipsync_client.cli import exit_code
-from lipsync_runner.media import probe_video
-from lipsync_runner.testing import write_face_video, write_speech_like_audio
+from lipsync_runner.media.ffmpeg import probe_video
+from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
 from .server import ROOT, Server, free_port, running_server
 

@@ -202,10 +202,10 @@ def _settings_env_names() -> set[str]:
     """The variables our settings classes read (env prefix + field, or the field's aliases)."""
     from pydantic import AliasChoices
 
-    from lipsync_runner.api.auth import AuthSettings
-    from lipsync_runner.api.limits import ApiLimits
-    from lipsync_runner.serving.settings import ServiceSettings
-    from lipsync_runner.settings import RunnerSettings
+    from lipsync_runner.config import AuthSettings
+    from lipsync_runner.config import ApiLimits
+    from lipsync_runner.config import ServiceSettings
+    from lipsync_runner.config import RunnerSettings
 
     names: set[str] = set()
     for cls in (RunnerSettings, ServiceSettings, ApiLimits, AuthSettings):

@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync_runner.blend import blend_faces
-from lipsync_runner.detail import mouth_zone, restore_detail
+from lipsync_runner.render.blend import blend_faces
+from lipsync_runner.render.sharpen import mouth_zone, restore_detail
 from lipsync_runner.params import parse_fields
-from lipsync_runner.testing import face_image, synthetic_landmarks
+from lipsync_runner.media.samples import face_image, synthetic_landmarks
 from lipsync_runner.errors import InvalidInputError
 
 BOX = (384, 104, 896, 616)  # a 512x512 face box in a 720p frame: scale factor 2

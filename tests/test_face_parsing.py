@@ -13,10 +13,17 @@ import pytest
 import torch
 
 from lipsync_runner.errors import ModelFilesError
-from lipsync_runner.masks import (ContourMasks, ParsingMasks, box_mask, cone_kernel, expanded_crop_box,
-                                  load_mask_provider, select_classes)
+from lipsync_runner.render.masks import (
+    ContourMasks,
+    ParsingMasks,
+    box_mask,
+    cone_kernel,
+    expanded_crop_box,
+    load_mask_provider,
+    select_classes,
+)
 from lipsync_runner.models.face_parsing import BiSeNet, FaceParser, parsing_weights_present
-from lipsync_runner.testing import write_face_parsing
+from lipsync_runner.models.tiny import write_face_parsing
 
 
 def _bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
@@ -177,7 +184,7 @@ def test_box_mask_clears_the_upper_half_and_feathers_the_box_borders():
 
 
 def test_parsing_masks_on_a_real_face_are_box_sized_and_empty_above_the_middle(provider: ParsingMasks):
-    from lipsync_runner.testing import face_image
+    from lipsync_runner.media.samples import face_image
 
     frame = face_image()
     boxes = np.array([[170, 70, 280, 190], [-1, -1, -1, -1]])
@@ -194,9 +201,9 @@ def test_the_pipeline_blends_with_the_providers_masks_and_restores_detail_when_a
         model, media_dir: Path, tmp_path: Path, monkeypatch):
     """A provider whose masks are all zero leaves every frame as it was: the masks are used, not
     blend.py's own (which would paste the random model's grey mouth). `sharpen` reaches the blend."""
-    import lipsync_runner.pipeline as pipeline
+    import lipsync_runner.pipeline.job as pipeline
     from lipsync_runner.faces import HaarFaceDetector
-    from lipsync_runner.media import VideoReader
+    from lipsync_runner.media.ffmpeg import VideoReader
     from lipsync_runner.params import JobParams
 
     calls = []
@@ -211,7 +218,7 @@ def test_the_pipeline_blends_with_the_providers_masks_and_restores_detail_when_a
     detail_calls = []
     real_restore = pipeline.restore_detail
     monkeypatch.setattr(pipeline, "restore_detail", lambda *a: detail_calls.append(a[-1]) or real_restore(*a))
-    from lipsync_runner.testing import write_speech_like_audio
+    from lipsync_runner.media.samples import write_speech_like_audio
 
     speech = write_speech_like_audio(tmp_path / "speech.wav", seconds=0.4)  # 10 frames: enough to see the wiring
     out = tmp_path / "o.mp4"

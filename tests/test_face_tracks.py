@@ -31,7 +31,7 @@ from lipsync_runner.faces import (
     track_faces,
 )
 from lipsync_runner.params import parse_fields
-from lipsync_runner.testing import Actor, actor_frames, speech_like_signal, synthetic_landmarks, two_people
+from lipsync_runner.media.samples import Actor, actor_frames, speech_like_signal, synthetic_landmarks, two_people
 
 SIZE = (480, 270)  # width, height of the real-media clips
 HW = (SIZE[1], SIZE[0])
@@ -466,9 +466,9 @@ def test_the_cache_key_of_a_choice_changes_with_the_choice():
 
 @pytest.mark.parametrize("fields, who", [({"face_point": "{x:.0f},{y:.0f}"}, 1), ({"face_boxes": "{boxes}"}, 0)])
 def test_the_pipeline_dubs_the_chosen_person_and_leaves_the_other_untouched(model, haar, tmp_path, fields, who):
-    from lipsync_runner.media import VideoReader
-    from lipsync_runner.pipeline import PipelineOptions, run
-    from lipsync_runner.testing import write_actors_video, write_speech_like_audio
+    from lipsync_runner.media.ffmpeg import VideoReader
+    from lipsync_runner.pipeline.job import PipelineOptions, run
+    from lipsync_runner.media.samples import write_actors_video, write_speech_like_audio
 
     n = 12
     actors = two_people(n, SIZE)
@@ -504,10 +504,10 @@ def test_the_pipeline_dubs_the_chosen_person_and_leaves_the_other_untouched(mode
 
 def test_the_pipeline_dubs_the_speaker_found_from_the_audio_it_decodes(model, tmp_path):
     from lipsync_runner.faces import load_face_detector
-    from lipsync_runner.media import VideoReader
+    from lipsync_runner.media.ffmpeg import VideoReader
     from lipsync_runner.params import JobParams
-    from lipsync_runner.pipeline import PipelineOptions, run
-    from lipsync_runner.testing import write_actors_video, write_speech_like_audio
+    from lipsync_runner.pipeline.job import PipelineOptions, run
+    from lipsync_runner.media.samples import write_actors_video, write_speech_like_audio
 
     n = 50
     env = audio_envelope(speech_like_signal(n / 25), 25)  # the loudness of the audio file written below
@@ -548,7 +548,7 @@ def test_a_speaker_choice_is_cached_per_audio():
 
 
 def test_the_avatar_cache_keeps_the_face_summary_for_warm_jobs(tmp_path):
-    from lipsync_runner.avatar_cache import AvatarCache
+    from lipsync_runner.pipeline.avatar_cache import AvatarCache
 
     tracks = tracks_of([[[40, 50, 120, 130], [240, 50, 320, 130]]] * 6)
     track = choose_track(tracks, FaceChoice(face=1), (200, 400))
@@ -578,7 +578,7 @@ def test_a_summary_lists_the_chosen_and_the_longest_seen_when_there_are_many():
 
 
 def test_the_job_status_carries_the_face_summary(tmp_path):
-    from lipsync_runner.api.schemas import status_body
+    from lipsync_runner.jobs.schemas import status_body
     from lipsync_runner.jobs import OUTPUT_NAME, JobManager, JobOutcome, JobParams, JobStatus
 
     summary = tracks_of([[[40, 50, 120, 130]]] * 5).summary(chosen=[0])

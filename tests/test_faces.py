@@ -11,7 +11,7 @@ import pytest
 import skimage.data
 
 from lipsync_runner.errors import ModelFilesError, NoFaceError
-from lipsync_runner.testing import actor_frames, synthetic_landmarks, two_people
+from lipsync_runner.media.samples import actor_frames, synthetic_landmarks, two_people
 from lipsync_runner.faces import (
     FAN_FILENAME,
     S3FD_FILENAME,

@@ -17,12 +17,13 @@ import torch
 
 from lipsync_runner.errors import InsufficientStorageError, LipSyncError
 from lipsync_runner.jobs import JobParams
-from lipsync_runner.musetalk import MuseTalk
-from lipsync_runner.serving.api import ApiCore
+from lipsync_runner.models.musetalk import MuseTalk
+from lipsync_runner.serving.core import ServiceCore
+from lipsync_runner.config import Settings
 from lipsync_runner.serving.packing import pack_generate
 from lipsync_runner.serving.runner import RunnerCore
-from lipsync_runner.serving.settings import ServiceSettings
-from lipsync_runner.settings import RunnerSettings
+from lipsync_runner.config import ServiceSettings
+from lipsync_runner.config import RunnerSettings
 
 
 class OomAbove:
@@ -71,14 +72,15 @@ def test_out_of_memory_on_one_frame_fails_the_call_with_a_clear_error(model):
 
 @pytest.fixture
 def service(tmp_path, models_dir, model):
-    """ApiCore with a direct (in-process) runner; the caller picks the model wrapper."""
+    """ServiceCore with a direct (in-process) runner; the caller picks the model wrapper."""
     created = []
 
-    def make(runner_model=model, **settings) -> ApiCore:
+    def make(runner_model=model, **settings) -> ServiceCore:
         defaults = dict(data_dir=tmp_path / "data", job_workers=2, free_space_floor_mb=0, chunk_frames=4)
-        core = ApiCore(runner_with(runner_model), ServiceSettings(**{**defaults, **settings}),
-                       RunnerSettings(device="cpu", models_dir=models_dir, ffmpeg_timeout_s=settings.get(
-                           "ffmpeg_timeout_s", 3600)))
+        core = ServiceCore(runner_with(runner_model), Settings(
+            service=ServiceSettings(**{**defaults, **settings}),
+            runner=RunnerSettings(device="cpu", models_dir=models_dir,
+                                  ffmpeg_timeout_s=settings.get("ffmpeg_timeout_s", 3600))))
         core.start(None)
         created.append(core)
         return core
@@ -88,7 +90,7 @@ def service(tmp_path, models_dir, model):
         core.stop()
 
 
-def submit(core: ApiCore, media_dir: Path, audio: str = "speech_short.wav"):
+def submit(core: ServiceCore, media_dir: Path, audio: str = "speech_short.wav"):
     job_id, job_dir = core.manager.new_upload()
     (job_dir / "input_video.mp4").write_bytes((media_dir / "face.mp4").read_bytes())
     (job_dir / "input_audio.wav").write_bytes((media_dir / audio).read_bytes())
@@ -137,7 +139,7 @@ def test_a_full_disk_refuses_new_jobs_and_fails_running_ones_without_touching_fi
 @pytest.fixture
 def hanging_ffmpeg(tmp_path, monkeypatch) -> Path:
     """An ffmpeg that probes normally but hangs forever when asked to stream RGB frames."""
-    from lipsync_runner.media import ffmpeg_exe
+    from lipsync_runner.media.ffmpeg import ffmpeg_exe
 
     real = ffmpeg_exe()
     script = tmp_path / "ffmpeg"

@@ -31,9 +31,10 @@ from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from lipsync_runner.api import ApiLimits, create_rest_app  # noqa: E402
+from lipsync_runner.config import ApiLimits  # noqa: E402
+from lipsync_runner.api import create_rest_app
 from lipsync_runner.jobs import JobContext, JobManager, JobOutcome, JobStatus  # noqa: E402
-from lipsync_runner.testing import write_face_video, write_speech_like_audio  # noqa: E402
+from lipsync_runner.media.samples import write_face_video, write_speech_like_audio  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("LIP_SYNC_FUZZ_EXAMPLES", "30"))
 SUPPRESS = list(HealthCheck)
@@ -68,7 +69,17 @@ async def _health() -> dict:
 
 # Built at import, as schemathesis wants its schema when tests are collected; the manager behind
 # it comes from the fixture (the OpenAPI document does not depend on it).
-APP = create_rest_app(lambda: _STATE["manager"], _health, LIMITS)
+class _FixtureManager:
+    """The fixture's JobManager, behind the app built at import."""
+
+    def __getattr__(self, name: str):
+        return getattr(_STATE["manager"], name)
+
+    def submit(self, *args, **kwargs):
+        return _STATE["manager"].submit(*args, **kwargs)
+
+
+APP = create_rest_app(_FixtureManager(), _health, LIMITS)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=FUZZ_EXAMPLES)
 

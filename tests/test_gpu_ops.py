@@ -1,4 +1,4 @@
-"""Torch crop/resize and blend (lipsync_runner.gpu_ops): the numpy path's results within 1 of 255.
+"""Torch crop/resize and blend (lipsync_runner.render.torch_ops): the numpy path's results within 1 of 255.
 
 Run on torch CPU tensors (and on CUDA too where a GPU is present): the ops are the same code on
 either device.
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync_runner import blend, crops, gpu_ops
-from lipsync_runner.testing import landmarks_for_boxes
+from lipsync_runner.render import blend, crops, torch_ops as gpu_ops
+from lipsync_runner.media.samples import landmarks_for_boxes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

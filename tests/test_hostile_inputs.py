@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lipsync_runner.media import ffmpeg_exe
-from lipsync_runner.testing import write_face_video, write_speech_like_audio
+from lipsync_runner.media.ffmpeg import ffmpeg_exe
+from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
 from .hostile_media import ffconcat, hls_playlist, mkv_with_huge_metadata, mp4_with_sample_durations
 from .server import ROOT, Server, running_server
@@ -721,7 +721,8 @@ def test_tracebacks_appear_only_with_debug_on(tmp_path):
     """An unexpected error (a 500) says only 'Internal server error', unless LIP_SYNC_DEBUG is on."""
     from starlette.testclient import TestClient
 
-    from lipsync_runner.api import ApiLimits, create_rest_app
+    from lipsync_runner.config import ApiLimits
+    from lipsync_runner.api import create_rest_app
 
     secret_path = str(tmp_path / "internal" / "state.db")
 
@@ -733,7 +734,7 @@ def test_tracebacks_appear_only_with_debug_on(tmp_path):
         return {"status": "ready", "models_loaded": True}
 
     for debug in (False, True):
-        app = create_rest_app(lambda: Broken(), health, ApiLimits(debug=debug))
+        app = create_rest_app(Broken(), health, ApiLimits(), debug=debug)
         with TestClient(app, raise_server_exceptions=False) as c:
             r = c.get(f"/status/{uuid.uuid4()}")
         assert r.status_code == 500 and r.json()["error"] == "Internal server error"

@@ -1,4 +1,4 @@
-"""NVDEC/NVENC detection (lipsync_runner.hwcodecs) against fake ffmpeg binaries, and its wiring.
+"""NVDEC/NVENC detection (lipsync_runner.media.hwcodecs) against fake ffmpeg binaries, and its wiring.
 
 The fake lists the codecs it is told to and takes or refuses the trial frames, like an ffmpeg
 build on a machine with or without a usable GPU; every call is logged so the tests can tell what
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lipsync_runner import hwcodecs
-from lipsync_runner.hwcodecs import VideoCodecs, detect, video_codecs
+from lipsync_runner.media import hwcodecs
+from lipsync_runner.media.hwcodecs import VideoCodecs, detect, video_codecs
 
 FAKE_FFMPEG = r"""#!/bin/bash
 echo "$*" >> "$FAKE_LOG"
@@ -138,7 +138,7 @@ exec "$REAL_FFMPEG" "$@"
 @pytest.fixture
 def logged_ffmpeg(tmp_path, monkeypatch):
     """The real ffmpeg behind a wrapper that logs every command line."""
-    from lipsync_runner.media import ffmpeg_exe
+    from lipsync_runner.media.ffmpeg import ffmpeg_exe
 
     real = ffmpeg_exe()
     exe = tmp_path / "ffmpeg-logged"
@@ -153,7 +153,7 @@ def logged_ffmpeg(tmp_path, monkeypatch):
 
 
 def test_the_writer_maps_preset_and_quality_to_nvenc():
-    from lipsync_runner.media import _video_codec_args
+    from lipsync_runner.media.ffmpeg import _video_codec_args
 
     assert _video_codec_args("h264_nvenc", "veryfast", 18) == [
         "-c:v", "h264_nvenc", "-preset", "p2", "-tune", "hq", "-rc", "vbr", "-cq", "18", "-b:v", "0"]
@@ -163,7 +163,7 @@ def test_the_writer_maps_preset_and_quality_to_nvenc():
 
 
 def test_reader_and_writer_pass_hwaccel_codec_and_threads_to_ffmpeg(logged_ffmpeg, tmp_path):
-    from lipsync_runner.media import VideoReader, VideoWriter, probe_video
+    from lipsync_runner.media.ffmpeg import VideoReader, VideoWriter, probe_video
 
     out = tmp_path / "out.mp4"
     frames = np.full((3, 64, 80, 3), 120, np.uint8)
@@ -179,7 +179,7 @@ def test_reader_and_writer_pass_hwaccel_codec_and_threads_to_ffmpeg(logged_ffmpe
 
 class _NullModel:
     def audio_features(self, pcm):
-        from lipsync_runner import audio
+        from lipsync_runner.audio import windows as audio
 
         return np.zeros((audio.step_count(len(pcm)), 5, 384), np.float32)
 
@@ -192,7 +192,7 @@ class _NullModel:
 
 def test_the_pipeline_decodes_and_encodes_with_the_detected_codecs(logged_ffmpeg, media_dir, tmp_path):
     from lipsync_runner.faces import HaarFaceDetector
-    from lipsync_runner.pipeline import PipelineOptions, run
+    from lipsync_runner.pipeline.job import PipelineOptions, run
 
     codecs = VideoCodecs(encoder="libx264", hwaccel="none", reason="test", threads=2)
     result = run(_NullModel(), HaarFaceDetector(), media_dir / "face.mp4", media_dir / "speech_short.wav",

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from lipsync_runner.errors import InvalidInputError
-from lipsync_runner.idempotency import (
+from lipsync_runner.integration.idempotency import (
     IdempotencyConflictError,
     IdempotencyInProgressError,
     IdempotencyKeys,
@@ -45,7 +45,7 @@ def open_store(request, tmp_path):
     job_stores: list = []
     if request.param == "postgres":
         from lipsync_runner.jobs.postgres import PostgresJobStore
-        from lipsync_runner.jobs.postgres_integration import PostgresIdempotencyStore
+        from lipsync_runner.integration.postgres import PostgresIdempotencyStore
 
         url = request.getfixturevalue("pg_database")
         replicas = itertools.count(1)

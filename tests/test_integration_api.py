@@ -21,19 +21,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lipsync_runner.api import ApiLimits, create_rest_app
-from lipsync_runner.api.auth import AuthSettings, BearerAuthMiddleware, owner_of
-from lipsync_runner.api.integration import Integration, output_seconds
-from lipsync_runner.api.validation import validate_media
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.api import create_rest_app
+from lipsync_runner.serving.core import download_url
+from lipsync_runner.config import AuthSettings
+from lipsync_runner.api.auth import BearerAuthMiddleware, owner_of
+from lipsync_runner.integration.services import Integration, output_seconds
+from lipsync_runner.inputs.validation import validate_media
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError
 from lipsync_runner.inputs.reference import read_reference
-from lipsync_runner.inputs.sources import prepare_inputs
+from lipsync_runner.serving.job_inputs import prepare_inputs
 from lipsync_runner.jobs import JobFiles, JobManager, JobOutcome, JobStatus, SQLiteJobStore
 from lipsync_runner.jobs.records import JobRecord, utcnow
-from lipsync_runner.netguard import AddressPolicy, parse_allowlist
+from lipsync_runner.inputs.netguard import AddressPolicy, parse_allowlist
 from lipsync_runner.params import parse_fields
-from lipsync_runner.usage import UsageEntry
-from lipsync_runner.webhooks import WebhookSettings
+from lipsync_runner.integration.usage import UsageEntry
+from lipsync_runner.config import WebhookSettings
 
 from .loopback_http import LoopbackServer, Reply
 from .test_rest_api import FakeManager, _files, media  # noqa: F401 - the media fixture
@@ -53,20 +56,24 @@ async def _health() -> dict:
     return {"status": "ready", "models_loaded": True}
 
 
+DOWNLOAD_URL = download_url("/api/lip-sync")
+
+
 class Setup:
     def __init__(self, tmp_path: Path, *, secret: str = SECRET, limits: ApiLimits | None = None,
                  wrap=None) -> None:
         (tmp_path / "jobs").mkdir(parents=True, exist_ok=True)
         self.fake = FakeManager(tmp_path / "jobs")
-        self.integration = Integration(tmp_path / "data", workers=1, policy=LOOPBACK_OK,
-                                       webhooks=WebhookSettings(webhook_secret=secret))
+        self.integration = Integration(tmp_path / "data", records=self, download_url=DOWNLOAD_URL, workers=1,
+                                       policy=LOOPBACK_OK, webhooks=WebhookSettings(webhook_secret=secret))
         self.integration.start()
-        self.app = create_rest_app(lambda: self.fake, _health, limits or ApiLimits(), integration=self.integration)
-        ops = self.app.state.operations
-        self.integration.bind(lambda job_id: self.fake.jobs[job_id], self.list_records, ops.status_body)
+        self.app = create_rest_app(self.fake, _health, limits or ApiLimits(), integration=self.integration)
         self.asgi = wrap(self.app) if wrap else self.app
 
-    def list_records(self, owner=None, limit=100, statuses=None):
+    def get(self, job_id: str):
+        return self.fake.jobs.get(job_id)
+
+    def list(self, owner=None, limit=100, statuses=None):
         records = [r for r in self.fake.jobs.values() if statuses is None or r.status in statuses]
         return sorted(records, key=lambda r: r.created_at, reverse=True)[:limit]
 
@@ -244,7 +251,7 @@ async def test_a_refused_request_frees_its_key(setup, media):
 async def test_without_an_integration_a_key_is_refused_not_ignored(tmp_path, media):
     (tmp_path / "jobs").mkdir()
     fake = FakeManager(tmp_path / "jobs")
-    app = create_rest_app(lambda: fake, _health, ApiLimits())
+    app = create_rest_app(fake, _health, ApiLimits())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         resp = await c.post("/generate", files=_files(media), headers={"Idempotency-Key": "k"})
     assert resp.status_code == 400 and "not supported" in resp.json()["error"] and fake.submitted == []
@@ -331,7 +338,8 @@ def wait_for(predicate, timeout: float = 10.0):
 def test_job_events_feed_webhooks_usage_and_logs(tmp_path):
     """The manager's one hook: started, progress, the end, removal -- outbox rows, ledger rows, a clean slate."""
     seen: list[tuple[str, str]] = []
-    integration = Integration(tmp_path, workers=1, policy=LOOPBACK_OK,
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    integration = Integration(tmp_path, records=store, download_url=DOWNLOAD_URL, workers=1, policy=LOOPBACK_OK,
                               webhooks=WebhookSettings(webhook_secret=SECRET, webhook_progress_interval_s=0))
     integration.dispatcher = None  # deliveries stay in the outbox, to be looked at
 
@@ -339,10 +347,7 @@ def test_job_events_feed_webhooks_usage_and_logs(tmp_path):
         seen.append((job_id, event))
         integration.on_job_event(job_id, event)
 
-    manager = JobManager(SQLiteJobStore(tmp_path / "jobs.sqlite3"), JobFiles(tmp_path), Executor(), workers=1,
-                         on_event=on_event)
-    integration.bind(manager.get, manager.store.list,
-                     lambda r: {"job_id": r.job_id, "status": r.status.value, "progress": r.progress})
+    manager = JobManager(store, JobFiles(tmp_path), Executor(), workers=1, on_event=on_event)
     manager.start()
     hook = {"webhook_url": "http://127.0.0.1:9/hook"}
     try:
@@ -441,7 +446,7 @@ def test_the_worker_fetches_url_inputs_and_checks_them_like_uploads(tmp_path, me
 def test_service_only_parameters_stay_off_the_local_command_line():
     from lipsync_client.cli import build_parser as client_parser
     from lipsync_runner.cli import _parser as local_parser
-    from lipsync_runner.settings import RunnerSettings
+    from lipsync_runner.config import RunnerSettings
 
     def options(parser, command):
         sub = parser._subparsers._group_actions[0].choices[command]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync_runner import audio
-from lipsync_runner.musetalk import MuseTalk
+from lipsync_runner.audio import windows as audio
+from lipsync_runner.models.musetalk import MuseTalk
 
 TOL = 1e-4
 
@@ -46,8 +46,8 @@ def musetalk_face(model: MuseTalk, latents: np.ndarray, window: np.ndarray) -> n
 
 @pytest.fixture(scope="module")
 def crops() -> np.ndarray:
-    from lipsync_runner.crops import crop_faces
-    from lipsync_runner.testing import face_image
+    from lipsync_runner.render.crops import crop_faces
+    from lipsync_runner.media.samples import face_image
 
     img = face_image()
     boxes = np.array([[170, 60, 280, 190], [150, 40, 300, 200], [190, 100, 260, 185]])

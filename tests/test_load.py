@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from bench.bench_load import hammer, percentile, start_jobs, submit, table
-from lipsync_runner.testing import write_speech_like_audio
+from lipsync_runner.media.samples import write_speech_like_audio
 
 from .server import Server, running_server
 

@@ -16,8 +16,9 @@ import prometheus_client
 import pytest
 
 from lipsync_runner.jobs.records import JobRecord, JobStatus, new_job_id
-from lipsync_runner.logs import LogSettings, Redactor, configure_logging, log_job_event
-from lipsync_runner.usage import SQLiteUsageLedger, UsageEntry, account_job, default_window, usage_entry
+from lipsync_runner.config import LogSettings
+from lipsync_runner.jobs.logs import Redactor, configure_logging, log_job_event
+from lipsync_runner.integration.usage import SQLiteUsageLedger, UsageEntry, account_job, default_window, usage_entry
 
 DAY1 = datetime(2026, 3, 1, 10, 0, tzinfo=timezone.utc)
 
@@ -101,7 +102,7 @@ def open_ledger(request, tmp_path):
     job_stores: list = []
     if request.param == "postgres":
         from lipsync_runner.jobs.postgres import PostgresJobStore
-        from lipsync_runner.jobs.postgres_integration import PostgresUsageLedger
+        from lipsync_runner.integration.postgres import PostgresUsageLedger
 
         url = request.getfixturevalue("pg_database")
 

@@ -1,4 +1,4 @@
-"""Spec for lipsync_runner.media: probing, validation, streaming decode and encode.
+"""Spec for lipsync_runner.media.ffmpeg: probing, validation, streaming decode and encode.
 
 Inputs are synthesised with the same ffmpeg binary from lavfi sources (testsrc2,
 sine) at 160x120 so the whole file runs in seconds.
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lipsync_runner import media
+from lipsync_runner.media import ffmpeg as media
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError, MediaProcessingError
-from lipsync_runner.media import (
+from lipsync_runner.media.ffmpeg import (
     AudioInfo,
     MediaLimits,
     VideoInfo,

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from lipsync_runner.faces import FaceDetection, load_face_detector, musetalk_crop_box, track_faces
-from lipsync_runner.faces.mediapipe_detector import (IBUG68_FROM_MESH, MediaPipeFaceDetector, mesh_to_ibug68)
-from lipsync_runner.media import VideoReader, probe_video
-from lipsync_runner.testing import face_image, face_placement
+from lipsync_runner.faces.detectors.mediapipe import IBUG68_FROM_MESH, MediaPipeFaceDetector, mesh_to_ibug68
+from lipsync_runner.media.ffmpeg import VideoReader, probe_video
+from lipsync_runner.media.samples import face_image, face_placement
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "astronaut_dlib68.json").read_text())
 #: Each crop-box side within this fraction of the reference box's width (x) or height (y).
@@ -168,7 +168,7 @@ def test_auto_uses_mediapipe_without_fan_weights_and_haar_without_mediapipe(tmp_
     assert track.detector == "mediapipe" and track.has_face.all()
     assert track.landmarks is not None and np.isfinite(track.landmarks).all()
 
-    import lipsync_runner.faces.mediapipe_detector as mpd
+    import lipsync_runner.faces.detectors.mediapipe as mpd
 
     monkeypatch.setattr(mpd, "mediapipe_available", lambda: False)
     assert load_face_detector("auto", tmp_path).name == "haar"

@@ -6,7 +6,7 @@ import time
 
 import bentoml
 
-from lipsync_runner.serving import metrics
+from lipsync_runner.integration import metrics
 
 from .concurrency import raised, run_together
 

@@ -12,7 +12,7 @@ import torch
 from lipsync_runner.errors import ModelFilesError
 from lipsync_runner.models import resolve_layout
 from lipsync_runner.models.download import download_models, hub_files
-from lipsync_runner.musetalk import MuseTalk
+from lipsync_runner.models.musetalk import MuseTalk
 
 
 @pytest.fixture

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lipsync_runner.avatar_cache import AvatarCache
+from lipsync_runner.pipeline.avatar_cache import AvatarCache
 from lipsync_runner.errors import JobCancelledError, NoFaceError
 from lipsync_runner.faces import HaarFaceDetector, track_faces
-from lipsync_runner.framestore import FrameSource, FrameStore, pingpong_indices
-from lipsync_runner.media import VideoReader, probe_audio, probe_video
+from lipsync_runner.pipeline.framestore import FrameSource, FrameStore, pingpong_indices
+from lipsync_runner.media.ffmpeg import VideoReader, probe_audio, probe_video
 from lipsync_runner.params import JobParams
-from lipsync_runner.pipeline import PipelineOptions, run
-from lipsync_runner.plan import scratch_bytes
-from lipsync_runner.testing import write_face_video, write_speech_like_audio
+from lipsync_runner.pipeline.job import PipelineOptions, run
+from lipsync_runner.pipeline.plan import scratch_bytes
+from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
 from .plan_media import (FlatModel, frame_indices, magenta_share, pipeline_track, recorded,  # noqa: F401
                          write_indexed_video)
@@ -284,7 +284,7 @@ def test_a_detector_failing_mid_video_leaves_no_decode_or_spool_thread_behind(mo
 
 
 def test_how_often_faces_are_detected_is_a_deployment_setting(model, detector, tmp_path, monkeypatch):
-    from lipsync_runner.settings import RunnerSettings
+    from lipsync_runner.config import RunnerSettings
 
     video = write_face_video(tmp_path / "v.mp4", seconds=1, size=(160, 120))  # 25 frames
     audio = write_speech_like_audio(tmp_path / "a.wav", seconds=1)
@@ -405,7 +405,7 @@ def test_outside_segments_the_frames_are_the_source_frames_byte_for_byte(indexed
 
 
 def test_a_cold_job_decodes_the_video_once_and_a_warm_one_streams_it(indexed, tmp_path, monkeypatch):
-    import lipsync_runner.pipeline as pipeline
+    import lipsync_runner.pipeline.job as pipeline
 
     opened: list[Path] = []
     stores: list[int] = []
@@ -444,7 +444,7 @@ def test_a_cold_job_decodes_the_video_once_and_a_warm_one_streams_it(indexed, tm
 
 
 def test_a_video_too_large_to_keep_is_decoded_twice_with_the_same_result(indexed, tmp_path, monkeypatch, recorded):
-    import lipsync_runner.pipeline as pipeline
+    import lipsync_runner.pipeline.job as pipeline
 
     opened = []
     monkeypatch.setattr(pipeline, "VideoReader", lambda *a, **k: opened.append(1) or VideoReader(*a, **k))
@@ -460,10 +460,13 @@ def test_a_video_too_large_to_keep_is_decoded_twice_with_the_same_result(indexed
 def test_the_process_that_runs_the_pipeline_sets_opencvs_threads_from_the_settings(tmp_path: Path):
     import cv2
 
-    from lipsync_runner.serving.api import ApiCore
+    from lipsync_runner.serving.core import ServiceCore
+
+    from lipsync_runner.config import Settings
     from lipsync_runner.serving.runner import RunnerCore
-    from lipsync_runner.serving.settings import ServiceSettings
-    from lipsync_runner.settings import RunnerSettings, configure_opencv
+    from lipsync_runner.config import ServiceSettings
+    from lipsync_runner.config import RunnerSettings
+    from lipsync_runner.pipeline.job import configure_opencv
 
     before = cv2.getNumThreads()
     try:
@@ -471,8 +474,9 @@ def test_the_process_that_runs_the_pipeline_sets_opencvs_threads_from_the_settin
         configure_opencv(RunnerSettings(opencv_threads=0))  # 0: OpenCV's own choice, left alone
         assert cv2.getNumThreads() == 2
         assert RunnerSettings().opencv_threads == 1  # the default
-        ApiCore(RunnerCore(RunnerSettings(device="cpu"), load=False),
-                ServiceSettings(data_dir=tmp_path / "data", avatar_cache=False), RunnerSettings(device="cpu"))
+        ServiceCore(RunnerCore(RunnerSettings(device="cpu"), load=False),
+                    Settings(service=ServiceSettings(data_dir=tmp_path / "data", avatar_cache=False),
+                             runner=RunnerSettings(device="cpu")))
         assert cv2.getNumThreads() == 1
     finally:
         cv2.setNumThreads(before)

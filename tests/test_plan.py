@@ -10,11 +10,21 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from lipsync_runner.audio import SAMPLE_RATE, frame_count
+from lipsync_runner.audio.windows import SAMPLE_RATE, frame_count
 from lipsync_runner.errors import InvalidInputError
 from lipsync_runner.params import JobParams, form_properties, parse_fields
-from lipsync_runner.plan import (AudioPiece, build_plan, fade_out_of, fade_within, frame_at, needs_random_access,
-                                 output_length, scratch_bytes, source_frames, spools_frames)
+from lipsync_runner.audio.soundtrack import AudioPiece
+from lipsync_runner.pipeline.plan import (
+    build_plan,
+    fade_out_of,
+    fade_within,
+    frame_at,
+    needs_random_access,
+    output_length,
+    scratch_bytes,
+    source_frames,
+    spools_frames,
+)
 
 NTSC = Fraction(30000, 1001)
 
@@ -211,8 +221,8 @@ def test_the_sound_track_is_the_audio_file_unless_the_plan_cuts_pads_or_moves_it
 def test_the_laid_out_sound_track_has_each_piece_where_the_plan_puts_it(tmp_path):
     from scipy.io import wavfile
 
-    from lipsync_runner.media import decode_audio
-    from lipsync_runner.soundtrack import write_soundtrack
+    from lipsync_runner.media.ffmpeg import decode_audio
+    from lipsync_runner.audio.soundtrack import write_soundtrack
 
     rng = np.random.default_rng(0)
     pcm = (rng.uniform(-0.5, 0.5, 3 * SAMPLE_RATE) * 32767).astype(np.int16)  # 3 s of noise: no two stretches alike

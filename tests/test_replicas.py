@@ -20,7 +20,7 @@ import httpx
 import psycopg
 import pytest
 
-from lipsync_runner.media import probe_video
+from lipsync_runner.media.ffmpeg import probe_video
 
 from .backends import fleet_env, start_bento, wait_ready
 from .server import Server, stop_server
@@ -62,7 +62,7 @@ class Fleet:
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
     """Small inputs: the face clip at 160x120; 0.4 s of speech (10 frames) and 1.6 s (40 frames)."""
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     root = tmp_path_factory.mktemp("fleet-media")
     write_face_video(root / "face.mp4", seconds=1.0, size=(160, 120))

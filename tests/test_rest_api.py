@@ -16,8 +16,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from lipsync_runner.api import ApiLimits, BodySizeLimitMiddleware, create_rest_app
-from lipsync_runner.api.schemas import job_summary, status_body
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.api import BodySizeLimitMiddleware, create_rest_app
+from lipsync_runner.jobs.schemas import job_summary, status_body
 from lipsync_runner.errors import (
     InsufficientStorageError,
     ModelsNotReadyError,
@@ -25,8 +26,9 @@ from lipsync_runner.errors import (
     JobNotFoundError,
     QueueFullError,
 )
-from lipsync_runner.jobs.records import JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
-from lipsync_runner.media import ffmpeg_exe
+from lipsync_runner.jobs.records import JobParams, JobRecord, JobStatus, new_job_id, utcnow
+from lipsync_runner.params import is_job_id
+from lipsync_runner.media.ffmpeg import ffmpeg_exe
 from lipsync_runner.storage.local import LocalObject
 
 TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")  # ISO 8601, UTC, with its zone
@@ -238,7 +240,7 @@ def _client(app, seen: list[bytes], **kw) -> TestClient:
 
 @pytest.fixture
 def client(fake: FakeManager, health: Health, limits: ApiLimits, responses_seen) -> TestClient:
-    return _client(create_rest_app(lambda: fake, health, limits), responses_seen)
+    return _client(create_rest_app(fake, health, limits), responses_seen)
 
 
 def _files(media: dict[str, Path], video: str = "video", audio: str = "audio", **names: str) -> dict:
@@ -459,7 +461,7 @@ def anyio_backend() -> str:
 @pytest.mark.anyio
 async def test_oversized_part_is_cut_off_while_streaming(fake, health, responses_seen) -> None:
     limit, chunk, total = 100 * 1024, 16_384, 600_000
-    app = create_rest_app(lambda: fake, health, ApiLimits(max_video_bytes=limit, max_audio_bytes=limit))
+    app = create_rest_app(fake, health, ApiLimits(max_video_bytes=limit, max_audio_bytes=limit))
     fake.keep_discarded_dirs = True  # so the test sees what the upload itself left behind
     boundary = "b0undary"
     observed: list[int] = []
@@ -493,7 +495,7 @@ async def test_oversized_part_is_cut_off_while_streaming(fake, health, responses
 
 def test_content_length_over_limit_rejected_up_front(fake, health, responses_seen) -> None:
     limits = ApiLimits(max_video_bytes=1000, max_audio_bytes=1000)
-    client = _client(create_rest_app(lambda: fake, health, limits), responses_seen)
+    client = _client(create_rest_app(fake, health, limits), responses_seen)
     body = b"0" * (limits.max_request_bytes + 1)
     resp = client.post("/generate", content=body, headers={"content-type": "multipart/form-data; boundary=x"})
     assert resp.status_code == 413
@@ -612,14 +614,14 @@ def test_unknown_and_malformed_ids_are_404(client, job_id) -> None:
 
 
 def test_unhandled_error_is_500_without_internals(fake, health, limits, responses_seen, media) -> None:
-    client = _client(create_rest_app(lambda: fake, health, limits), responses_seen, raise_server_exceptions=False)
+    client = _client(create_rest_app(fake, health, limits), responses_seen, raise_server_exceptions=False)
     job_id = _queued(client, media)
     fake.raise_on_get = RuntimeError(f"disk on fire at {fake.root}")
     resp = client.get(f"/status/{job_id}")
     assert resp.status_code == 500 and resp.json() == {"error": "Internal server error"}
 
     debug = TestClient(
-        create_rest_app(lambda: fake, health, ApiLimits(debug=True)), raise_server_exceptions=False
+        create_rest_app(fake, health, ApiLimits(), debug=True), raise_server_exceptions=False
     )
     fake.raise_on_get = RuntimeError("kaboom")
     resp = debug.get(f"/status/{job_id}")
@@ -648,7 +650,7 @@ def test_limits_from_environment(monkeypatch) -> None:
 @pytest.mark.anyio
 async def test_generate_refuses_unknown_and_oversized_fields_while_streaming(fake, health, responses_seen) -> None:
     limits = ApiLimits(max_video_bytes=1000, max_audio_bytes=1000)
-    app = create_rest_app(lambda: fake, health, limits)
+    app = create_rest_app(fake, health, limits)
     boundary = "zz"
     pulled = 0
 
@@ -681,7 +683,7 @@ def test_ensure_ready_hook_refuses_uploads_with_503(fake, health, limits, respon
     async def not_ready() -> None:
         raise ModelsNotReadyError("models are still loading")
 
-    client = _client(create_rest_app(lambda: fake, health, limits, ensure_ready=not_ready), responses_seen)
+    client = _client(create_rest_app(fake, health, limits, ensure_ready=not_ready), responses_seen)
     resp = client.post("/generate", files=_files(media))
     assert resp.status_code == 503
     assert resp.json() == {"error": "Lip sync service not available", "details": "models are still loading"}
@@ -712,7 +714,7 @@ def test_plain_body_helpers(client, fake, media) -> None:
 
 def test_a_missing_bbox_shift_takes_the_deployments_default(monkeypatch, fake, health, responses_seen, media):
     monkeypatch.setenv("LIP_SYNC_BBOX_SHIFT", "-7")
-    client = _client(create_rest_app(lambda: fake, health, ApiLimits()), responses_seen)
+    client = _client(create_rest_app(fake, health, ApiLimits()), responses_seen)
     for data in ({}, {"bbox_shift": ""}, {"bbox_shift": "null"}, {"bbox_shift": "5"}):
         assert client.post("/generate", files=_files(media), data=data).status_code == 202
     assert [s["params"].bbox_shift for s in fake.submitted] == [-7, -7, -7, 5]

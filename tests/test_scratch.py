@@ -1,7 +1,7 @@
-"""Spec for lipsync_runner.scratch: a job's scratch estimate, the admission check, reservations.
+"""Spec for lipsync_runner.pipeline.scratch_disk: a job's scratch estimate, the admission check, reservations.
 
 Free space is faked (a ledger takes its `disk_usage`), so a 507 needs no full disk; the
-inputs are real probed files. The last tests run jobs in-process through ApiCore, as
+inputs are real probed files. The last tests run jobs in-process through ServiceCore, as
 tests/test_faults.py does, to show a reservation is held while a job runs and released
 however it ends.
 """
@@ -18,12 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from lipsync_runner.api.limits import ApiLimits
-from lipsync_runner.api.validation import validate_media
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.inputs.validation import validate_media
 from lipsync_runner.errors import InputTooLargeError, InsufficientStorageError, JobCancelledError
 from lipsync_runner.jobs import JobParams
-from lipsync_runner.media import AudioInfo, VideoInfo
-from lipsync_runner.scratch import ScratchLedger, check_admissible, directory_bytes, estimate
+from lipsync_runner.media.ffmpeg import AudioInfo, VideoInfo
+from lipsync_runner.pipeline.scratch_disk import ScratchLedger, check_admissible, directory_bytes, estimate
 
 from .concurrency import raised, run_together
 from .hostile_media import ffmpeg, mp4_with_sample_durations
@@ -194,16 +194,18 @@ def test_a_reservation_that_does_not_fit_waits_for_a_running_one_then_starts(tmp
 
 @pytest.fixture
 def core(tmp_path, models_dir, model):
-    from lipsync_runner.serving.api import ApiCore
+    from lipsync_runner.serving.core import ServiceCore
+    from lipsync_runner.config import Settings
     from lipsync_runner.serving.runner import RunnerCore
-    from lipsync_runner.serving.settings import ServiceSettings
-    from lipsync_runner.settings import RunnerSettings
+    from lipsync_runner.config import ServiceSettings
+    from lipsync_runner.config import RunnerSettings
 
     runner = RunnerCore(RunnerSettings(device="cpu"), load=False)
     runner.model, runner.state = model, "ready"
-    api = ApiCore(runner, ServiceSettings(data_dir=tmp_path / "data", job_workers=1, free_space_floor_mb=0,
-                                          chunk_frames=4, avatar_cache=False),
-                  RunnerSettings(device="cpu", models_dir=models_dir), limits=ApiLimits(max_audio_seconds=20))
+    api = ServiceCore(runner, Settings(
+        service=ServiceSettings(data_dir=tmp_path / "data", job_workers=1, free_space_floor_mb=0, chunk_frames=4,
+                                avatar_cache=False),
+        runner=RunnerSettings(device="cpu", models_dir=models_dir), limits=ApiLimits(max_audio_seconds=20)))
     api.start(None)
     reservations = []
     reserve = api.scratch.reserve

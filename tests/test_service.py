@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lipsync_runner.media import probe_audio, probe_video
-from lipsync_runner.testing import write_face_video, write_speech_like_audio
+from lipsync_runner.media.ffmpeg import probe_audio, probe_video
+from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
 from .server import Server, running_server, start_server, stop_server
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from lipsync_runner.faces import HaarFaceDetector
-from lipsync_runner.framestore import pingpong_indices
+from lipsync_runner.pipeline.framestore import pingpong_indices
 from lipsync_runner.params import JobParams
-from lipsync_runner.pipeline import PipelineOptions, run
-from lipsync_runner.settings import RunnerSettings
-from lipsync_runner.speech import SpeechSettings, hysteresis, speech_frames
+from lipsync_runner.pipeline.job import PipelineOptions, run
+from lipsync_runner.config import RunnerSettings
+from lipsync_runner.audio.speech import SpeechSettings, hysteresis, speech_frames
 
 from .plan_media import (FlatModel, Speech, magenta_share, pipeline_track, read_frames, recorded,  # noqa: F401
                          write_indexed_video, write_speech)
@@ -43,7 +43,7 @@ def pauses(s: Speech) -> list[tuple[float, float]]:
 # ------------------------------------------------------------------ speech activity
 
 def test_the_pauses_of_real_speech_are_silence_and_the_sentences_are_speech(speech):
-    from lipsync_runner.media import decode_audio
+    from lipsync_runner.media.ffmpeg import decode_audio
 
     flags = speech_frames(decode_audio(speech.path), FPS)
     assert len(flags) == int(speech.seconds * 25)

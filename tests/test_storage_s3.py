@@ -8,7 +8,6 @@ import os
 import time
 import tracemalloc
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +17,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from lipsync_runner.jobs import JobFiles, new_job_id
-from lipsync_runner.storage import LocalStorage, object_response, open_storage, parse_range
+from lipsync_runner.storage import LocalStorage, object_response, parse_range
+from lipsync_runner.storage.factory import open_storage
 from lipsync_runner.storage.http import RangeNotSatisfiable
 from lipsync_runner.storage.s3 import S3Storage, StorageUnavailableError
 
@@ -242,14 +242,12 @@ def test_a_url_jobs_fetched_inputs_and_thumbnail_are_stored_with_it(s3, bucket, 
     input playback and the thumbnail work afterwards, through any replica (the bucket, not this disk)."""
     import json
 
-    from lipsync_runner.api import ApiLimits, create_rest_app
-    from lipsync_runner.api.integration import Integration
-    from lipsync_runner.netguard import AddressPolicy, parse_allowlist
-    from lipsync_runner.serving.api import ApiCore
+    from lipsync_runner.serving.core import ServiceCore
+    from lipsync_runner.config import OutboundSettings, Settings
     from lipsync_runner.serving.runner import RunnerCore
-    from lipsync_runner.serving.settings import ServiceSettings
-    from lipsync_runner.settings import RunnerSettings
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.config import ServiceSettings
+    from lipsync_runner.config import RunnerSettings
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     from .loopback_http import LoopbackServer, Reply
 
@@ -258,14 +256,12 @@ def test_a_url_jobs_fetched_inputs_and_thumbnail_are_stored_with_it(s3, bucket, 
     runner = RunnerCore(RunnerSettings(device="cpu"), load=False)
     runner.model, runner.state = model, "ready"
     data, prefix = tmp_path / "data", f"url-job-{uuid.uuid4().hex[:8]}"
-    core = ApiCore(runner, ServiceSettings(data_dir=data, job_workers=1, free_space_floor_mb=0, chunk_frames=2,
-                                           avatar_cache=False, storage_url=f"s3://{bucket}/{prefix}",
-                                           s3_endpoint_url=s3.endpoint_url),
-                   RunnerSettings(device="cpu", models_dir=models_dir),
-                   integration=Integration(data, workers=1,
-                                           policy=AddressPolicy(allowlist=parse_allowlist("127.0.0.1"))))
-    rest = create_rest_app(None, None, ApiLimits())
-    rest.state.operations, rest.state.health = core.operations, core.health
+    core = ServiceCore(runner, Settings(
+        service=ServiceSettings(data_dir=data, job_workers=1, free_space_floor_mb=0, chunk_frames=2, avatar_cache=False,
+                                storage_url=f"s3://{bucket}/{prefix}", s3_endpoint_url=s3.endpoint_url),
+        outbound=OutboundSettings(url_allowlist="127.0.0.1"),
+        runner=RunnerSettings(device="cpu", models_dir=models_dir)))
+    rest = core.rest_app
     core.start(None)
     try:
         with LoopbackServer() as files, TestClient(rest) as api:

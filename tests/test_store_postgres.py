@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 import psycopg
 import pytest
 
-from lipsync_runner.jobs import JobRecord, JobStatus, new_job_id, open_store
+from lipsync_runner.jobs import JobRecord, JobStatus, new_job_id
+from lipsync_runner.jobs.store_factory import open_store
 from lipsync_runner.jobs.postgres import SCHEMA_VERSION, JobStoreUnavailableError, PostgresJobStore, describe
 from lipsync_runner.jobs.store import SQLiteJobStore
 
@@ -133,20 +134,21 @@ def test_finished_and_processing_counts_are_seen_by_every_replica(postgres):
 
 
 def test_api_replicas_keep_the_integration_tables_in_the_job_database(postgres, tmp_path):
-    """Two API replicas (ApiCore) on one database: the outbox, keys and usage are its tables (no SQLite
+    """Two API replicas (ServiceCore) on one database: the outbox, keys and usage are its tables (no SQLite
     file), shared: a key reserved by an upload streaming into A is in progress on B, also after B's
     start, as long as A's timer renews its lease; once A is gone, its key is free one lease later."""
-    from lipsync_runner.idempotency import IdempotencyInProgressError
-    from lipsync_runner.jobs.postgres_integration import PostgresIdempotencyStore
-    from lipsync_runner.serving.api import ApiCore
-    from lipsync_runner.serving.settings import ServiceSettings
-    from lipsync_runner.usage import UsageEntry
+    from lipsync_runner.integration.idempotency import IdempotencyInProgressError
+    from lipsync_runner.integration.postgres import PostgresIdempotencyStore
+    from lipsync_runner.serving.core import ServiceCore
+    from lipsync_runner.config import Settings
+    from lipsync_runner.config import ServiceSettings
+    from lipsync_runner.integration.usage import UsageEntry
 
     url = postgres.create_database()
 
-    def replica(name: str) -> ApiCore:
-        return ApiCore(None, ServiceSettings(data_dir=tmp_path / name, database_url=url, lease_s=1,
-                                             avatar_cache=False, free_space_floor_mb=0))
+    def replica(name: str) -> ServiceCore:
+        return ServiceCore(None, Settings(service=ServiceSettings(data_dir=tmp_path / name, database_url=url, lease_s=1,
+                                                                  avatar_cache=False, free_space_floor_mb=0)))
 
     a, b = replica("a"), replica("b")
     assert {"webhook_deliveries", "idempotency_keys", "usage_jobs"} <= tables(url)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lipsync_runner import __version__
-from lipsync_runner.media import probe_video
+from lipsync_runner.media.ffmpeg import probe_video
 from lipsync_runner.params import MODEL_VERSIONS_KEY, JobParams
 from lipsync_runner.serving.docs_page import BENTOML_TAG, INFRA_TAG, TITLE
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lipsync_runner.api.uploads import media_specs
+from lipsync_runner.inputs.files import media_specs
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError
-from lipsync_runner.inputs.fetch import FetchSettings, fetch_input
-from lipsync_runner.netguard import (
+from lipsync_runner.config import FetchSettings
+from lipsync_runner.inputs.fetch import fetch_input
+from lipsync_runner.inputs.netguard import (
     AddressPolicy,
     URLRefusedError,
     forbidden_class,

@@ -26,18 +26,18 @@ import pytest
 from lipsync_client import Job, WebhookVerificationError, verify_webhook
 from lipsync_runner.errors import InvalidInputError
 from lipsync_runner.jobs.records import JobRecord, JobStatus, new_job_id
-from lipsync_runner.netguard import AddressPolicy, parse_allowlist
+from lipsync_runner.inputs.netguard import AddressPolicy, parse_allowlist
 from lipsync_runner.params import JobParams, WebhookEvent, parse_fields
-from lipsync_runner.webhooks import (
+from lipsync_runner.integration.webhooks import (
     RetryPolicy,
     SQLiteWebhookOutbox,
     WebhookDelivery,
     WebhookDispatcher,
     WebhookNotifier,
-    WebhookSettings,
     deliveries_status,
     signature_header,
 )
+from lipsync_runner.config import WebhookSettings
 from tests.concurrency import raised, run_together
 from tests.loopback_http import LoopbackServer, Reply
 
@@ -74,7 +74,7 @@ def open_outbox(request, tmp_path):
     opened: list = []
     if request.param == "postgres":
         from lipsync_runner.jobs.postgres import PostgresJobStore
-        from lipsync_runner.jobs.postgres_integration import PostgresWebhookOutbox
+        from lipsync_runner.integration.postgres import PostgresWebhookOutbox
 
         url = request.getfixturevalue("pg_database")
         stores: list[PostgresJobStore] = []

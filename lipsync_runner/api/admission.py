@@ -40,19 +40,26 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InvalidInputError, JobNotFoundError, LipSyncError, QueueFullError
-from ..idempotency import REPLAYED_HEADER, IdempotencyInProgressError, Reservation, file_digest, request_fingerprint
-from ..inputs.reference import url_display_name, write_avatar_reference, write_reference
-from ..jobs.records import JobKind, JobRecord, JobStatus
-from ..logs import log_job_event
-from ..media import AudioInfo, VideoInfo
-from ..params import JobParams, parse_avatar_fields, parse_fields
-from ..scratch import ScratchLedger
-from . import avatars
-from .limits import ApiLimits
-from .schemas import AvatarAccepted, GenerateAccepted, GenerateResult, download_name
-from .thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
-from .uploads import (
+from lipsync_runner.errors import InvalidInputError, JobNotFoundError, LipSyncError, QueueFullError
+from lipsync_runner.integration.idempotency import (
+    REPLAYED_HEADER,
+    IdempotencyInProgressError,
+    Reservation,
+    file_digest,
+    request_fingerprint,
+)
+from lipsync_runner.inputs.validation import media_summary
+from lipsync_runner.inputs.reference import url_display_name, write_avatar_reference, write_reference
+from lipsync_runner.jobs.front import Manager
+from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus
+from lipsync_runner.jobs.logs import log_job_event
+from lipsync_runner.params import JobParams, parse_avatar_fields, parse_fields
+from lipsync_runner.pipeline.scratch_disk import ScratchLedger
+from lipsync_runner.jobs import avatars
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.jobs.schemas import AvatarAccepted, GenerateAccepted, GenerateResult, download_name
+from lipsync_runner.media.thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
+from lipsync_runner.api.uploads import (
     SavedFile,
     UploadGuard,
     is_json,
@@ -62,11 +69,10 @@ from .uploads import (
     receive_multipart,
     receive_urlencoded,
 )
-from .validation import validate_audio, validate_media, validate_video
+from lipsync_runner.inputs.validation import validate_audio, validate_media, validate_video
 
 if TYPE_CHECKING:
-    from .integration import Integration
-    from .operations import Manager
+    from lipsync_runner.integration.services import Integration
 
 log = logging.getLogger(__name__)
 events_log = logging.getLogger("lipsync_runner.jobs.events")
@@ -120,13 +126,13 @@ class UploadSlots:
 
 
 class Admission:
-    def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
+    def __init__(self, manager: Manager, limits: ApiLimits, *, defaults: dict[str, Any] | None = None,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
                  status_url: Callable[[str], str], download_url: Callable[[str], str],
                  integration: Integration | None = None, scratch: ScratchLedger | None = None,
                  avatar_url: Callable[[str], str] | None = None, avatars_enabled: bool = True,
                  avatar_room: Callable[[], None] | None = None) -> None:
-        self.get_manager = get_manager
+        self.manager = manager
         self.avatar_url = avatar_url or (lambda avatar_id: f"{limits.url_prefix.rstrip('/')}/avatars/{avatar_id}")
         self.avatars_enabled = avatars_enabled  # False without an avatar cache (where avatars are stored)
         self.avatar_room = avatar_room  # raises InsufficientStorageError (507) when no avatar fits any more
@@ -137,7 +143,7 @@ class Admission:
         self.download_url = download_url
         self.integration = integration  # None: no webhooks, no Idempotency-Key (refused with 400)
         self.slots = UploadSlots(limits.max_uploads_per_client, limits.max_concurrent_uploads)
-        self.defaults = {"bbox_shift": limits.bbox_shift}  # the deployment's LIP_SYNC_BBOX_SHIFT
+        self.defaults = dict(defaults or {})  # the deployment's own defaults (LIP_SYNC_BBOX_SHIFT)
 
     # ------------------------------------------------------------------ the two entries
 
@@ -198,7 +204,7 @@ class Admission:
                      kind: JobKind = JobKind.job) -> Response:
         if self.ensure_ready is not None and not ready:
             await self.ensure_ready()  # 503 before anything is stored or read
-        manager = self.get_manager()
+        manager = self.manager
         reservation = None
         if idempotency_key is not None:
             if self.integration is None:
@@ -417,18 +423,6 @@ def _parse_bool(value: Any, name: str) -> bool:
 def parse_wait(value: str | None) -> bool | None:
     """The `wait` query parameter (None: not given, the form field may say)."""
     return None if value is None else _parse_bool(value, "wait")
-
-
-def media_summary(video: VideoInfo | None, audio: AudioInfo | None) -> dict[str, Any]:
-    """What the job list shows of its inputs, and what the job need not probe again (what is known)."""
-    summary: dict[str, Any] = {}
-    if video is not None:
-        summary["video"] = {"duration_s": round(video.duration, 3),
-                            "fps": f"{video.fps.numerator}/{video.fps.denominator}", "width": video.width,
-                            "height": video.height, "frames": video.frame_count_estimate}
-    if audio is not None:
-        summary["audio"] = {"duration_s": round(audio.duration, 3)}
-    return summary
 
 
 def _inputs(files: Mapping[str, SavedFile], params: JobParams, avatar: JobRecord | None = None,

@@ -24,10 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import UNAUTHORIZED
+from lipsync_runner.api.errors import UNAUTHORIZED
+from lipsync_runner.config import AuthSettings, split_list
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +36,6 @@ OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/api/lip-sy
 # Path prefixes whose subtree is open (each ends with "/": "/ui" must not open "/uiX").
 OPEN_PREFIXES = ("/static_content/", "/ui/")
 TOKENS_RECHECK_S = 5.0  # the file is re-read at least this often, whatever its mtime says
-
-
-class AuthSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
-
-    api_tokens: str = Field(default="", description="Comma-separated bearer tokens; empty: auth off.")
-    api_tokens_file: Path | None = Field(default=None, description="File with one token per line.")
-    scope_jobs_to_token: bool = Field(default=False, description="Jobs are visible only to their creator's token.")
-    open_metrics: bool = Field(default=False, description="With auth on, serve /metrics without a token "
-                               "(its job counts are aggregates over all tenants).")
-
-    @model_validator(mode="after")
-    def _no_silent_off(self) -> "AuthSettings":
-        if self.api_tokens.strip() and not _split(self.api_tokens):
-            raise ValueError("LIP_SYNC_API_TOKENS is set but holds no token (only separators): refusing to start "
-                             "with auth silently off; unset it to run without auth")
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return bool(_split(self.api_tokens)) or self.api_tokens_file is not None
-
-
-def _split(text: str) -> set[str]:
-    return {t.strip() for t in text.split(",") if t.strip()}
 
 
 def owner_of(token: str) -> str:
@@ -74,7 +48,7 @@ class TokenSet:
 
     def __init__(self, settings: AuthSettings, clock=time.monotonic) -> None:
         self.settings = settings
-        self._static = _split(settings.api_tokens)
+        self._static = set(split_list(settings.api_tokens))
         self._file_tokens: set[str] = set()
         self._file_state: tuple | None = None
         self._checked_at = float("-inf")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import (
+from lipsync_runner.errors import (
     AvatarNotFoundError,
     InputTooLargeError,
     JobNotFoundError,
@@ -17,7 +17,7 @@ from ..errors import (
     ModelsNotReadyError,
     QueueFullError,
 )
-from .limits import too_large_body
+from lipsync_runner.api.limits import too_large_body
 
 JOB_NOT_FOUND = "Job not found"
 AVATAR_NOT_FOUND = "Avatar not found"

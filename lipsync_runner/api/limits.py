@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lipsync_runner.errors import InputTooLargeError
+from lipsync_runner.inputs.files import human_size
 
 MiB = 1024 * 1024
 
@@ -26,55 +25,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Room for the multipart framing and the small text fields on top of the two files.
-MULTIPART_OVERHEAD_BYTES = 1 * MiB
-
-
-class ApiLimits(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
-
-    max_video_bytes: int = Field(default=500 * MiB, gt=0, description="Largest accepted video upload.")
-    max_audio_bytes: int = Field(default=100 * MiB, gt=0, description="Largest accepted audio upload.")
-    max_video_seconds: float = Field(default=600.0, gt=0, description="Longest accepted video (413 above).")
-    max_audio_seconds: float = Field(default=600.0, gt=0, description="Longest accepted audio (413 above).")
-    max_video_pixels: int = Field(default=3840 * 2160, gt=0, description="Largest frame, width x height (413 above).")
-    max_fps: float = Field(default=120.0, gt=0, description="Highest accepted video frame rate (413 above).")
-    max_job_scratch_gb: float = Field(
-        default=200.0, ge=0, description="Most scratch disk one job may need: raw ping-pong frames plus the output "
-                                         "(413 above; 0: no cap).")
-    wait_timeout_s: float = Field(default=3600.0, gt=0, description="Longest a `wait=true` generate call blocks.")
-    bbox_shift: int = Field(default=0, ge=-100, le=100, description="bbox_shift of jobs that do not give one.")
-    debug: bool = Field(default=False, description="Add tracebacks to 500 responses (development only).")
-    max_uploads_per_client: int = Field(default=4, ge=1, description="Uploads one client (token, or address "
-                                        "without auth) may have in progress at once (429 beyond).")
-    max_concurrent_uploads: int = Field(default=32, ge=1, description="Uploads in progress at once (429 beyond).")
-    upload_idle_timeout_s: float = Field(default=30.0, gt=0, description="An upload with no data for this long "
-                                         "is cut off (408).")
-    upload_min_bytes_per_s: int = Field(default=32 * 1024, ge=0, description="Slowest average upload rate "
-                                        "accepted once the grace period has passed (408 below).")
-    upload_rate_grace_s: float = Field(default=20.0, ge=0, description="Seconds before the minimum rate applies.")
-    url_prefix: str = Field(
-        default="/api/lip-sync", description="Public path the API is mounted at (for status/download URLs)."
-    )
-
-    @property
-    def max_job_scratch_bytes(self) -> int | None:
-        return int(self.max_job_scratch_gb * 10**9) or None
-
-    @property
-    def max_request_bytes(self) -> int:
-        """Largest acceptable /generate body: both files plus the multipart framing."""
-        return self.max_video_bytes + self.max_audio_bytes + MULTIPART_OVERHEAD_BYTES
-
-
-def human_size(n: int) -> str:
-    if n >= MiB and n % MiB == 0:
-        return f"{n // MiB} MB"
-    if n >= MiB:
-        return f"{n / MiB:.1f} MB"
-    if n >= 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n} bytes"
 
 
 def too_large_body(message: str) -> dict[str, str]:

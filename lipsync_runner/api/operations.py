@@ -11,21 +11,23 @@ import mimetypes
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ..errors import InvalidInputError, JobNotFoundError
-from ..inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
-from ..jobs.records import JobKind, JobRecord, is_job_id
-from ..params import JobParams
-from ..scratch import ScratchLedger
-from ..storage import StoredObject, object_response
-from . import avatars
-from .admission import Admission
-from .limits import ApiLimits
-from .schemas import (
+from lipsync_runner.errors import InvalidInputError, JobNotFoundError
+from lipsync_runner.inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
+from lipsync_runner.jobs.records import JobKind, JobRecord
+from lipsync_runner.params import is_job_id
+from lipsync_runner.params import JobParams
+from lipsync_runner.pipeline.scratch_disk import ScratchLedger
+from lipsync_runner.storage import object_response
+from lipsync_runner.jobs import avatars
+from lipsync_runner.jobs.front import Manager
+from lipsync_runner.api.admission import Admission
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.jobs.schemas import (
     AvatarDeleted,
     AvatarListResponse,
     AvatarStatusResponse,
@@ -35,34 +37,13 @@ from .schemas import (
     JobSummary,
     download_name,
 )
-from .thumbnails import THUMBNAIL_NAME
+from lipsync_runner.media.thumbnails import THUMBNAIL_NAME
 
 if TYPE_CHECKING:
-    from .integration import Integration
+    from lipsync_runner.integration.services import Integration
 
 MAX_LIST_LIMIT = 1000
 INPUT_KINDS = ("video", "audio")
-
-
-class Manager(Protocol):
-    """The job manager as the API uses it (lipsync_runner.jobs.JobManager)."""
-
-    def new_upload(self) -> tuple[str, Path]: ...
-    def discard_upload(self, job_id: str) -> None: ...
-    def submit(self, job_id: str, *, video_file: str, audio_file: str | None, video_filename: str,
-               audio_filename: str | None, params: JobParams, owner: str | None = None, **extra: Any) -> JobRecord: ...
-    def get(self, job_id: str, owner: str | None = None) -> JobRecord: ...
-    def list(self, owner: str | None = None, limit: int = 100, **kind: Any) -> list[JobRecord]: ...
-    def output_path(self, job_id: str, owner: str | None = None) -> Path: ...
-    def open_output(self, job_id: str, owner: str | None = None) -> StoredObject: ...
-    def input_path(self, job_id: str, name: str, owner: str | None = None) -> Path: ...
-    def open_file(self, job_id: str, name: str, owner: str | None = None) -> StoredObject: ...
-    def cancel(self, job_id: str, owner: str | None = None) -> JobRecord: ...
-    def cleanup(self, job_id: str, owner: str | None = None) -> None: ...
-    async def wait_async(self, job_id: str, timeout: float | None = None) -> JobRecord: ...
-    def counts(self) -> dict[str, int]: ...
-    def check_free_space(self) -> None: ...
-    def extend_expiry(self, job_id: str) -> None: ...
 
 
 def checked_id(job_id: str) -> str:
@@ -73,16 +54,17 @@ def checked_id(job_id: str) -> str:
 
 
 class JobOperations:
-    def __init__(self, get_manager: Callable[[], Manager], limits: ApiLimits, *,
+    def __init__(self, manager: Manager, limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
                  integration: Integration | None = None, scratch: ScratchLedger | None = None,
-                 avatars_enabled: bool = True, avatar_room: Callable[[], None] | None = None) -> None:
-        self.get_manager = get_manager
+                 avatars_enabled: bool = True, avatar_room: Callable[[], None] | None = None,
+                 defaults: dict[str, Any] | None = None) -> None:
+        self.manager = manager
         self.limits = limits
         self.prefix = limits.url_prefix.rstrip("/")
-        self.integration = integration  # webhooks, Idempotency-Key, queue ETA, usage (api/integration.py)
+        self.integration = integration  # webhooks, Idempotency-Key, queue ETA, usage (integration/services.py)
         self.avatars_enabled = avatars_enabled  # False without an avatar cache: avatars are refused (400)
-        self.admission = Admission(get_manager, limits, ensure_ready=ensure_ready,
+        self.admission = Admission(manager, limits, defaults=defaults, ensure_ready=ensure_ready,
                                    status_url=self.status_url, download_url=self.download_url,
                                    integration=integration, scratch=scratch, avatar_url=self.avatar_url,
                                    avatars_enabled=avatars_enabled, avatar_room=avatar_room)
@@ -107,7 +89,7 @@ class JobOperations:
 
     def _job(self, job_id: str, owner: str | None) -> JobRecord:
         """The caller's job; 404 for an avatar's id too (avatars have their own routes)."""
-        record = self.get_manager().get(checked_id(job_id), owner)
+        record = self.manager.get(checked_id(job_id), owner)
         if record.kind is not JobKind.job:
             raise JobNotFoundError("Job not found")
         return record
@@ -118,14 +100,14 @@ class JobOperations:
     async def cancel(self, job_id: str, owner: str | None) -> dict[str, Any]:
         def cancel() -> dict[str, Any]:
             self._job(job_id, owner)
-            return self.status_body(self.get_manager().cancel(job_id, owner))
+            return self.status_body(self.manager.cancel(job_id, owner))
 
         return await run_in_threadpool(cancel)
 
     async def cleanup(self, job_id: str, owner: str | None) -> dict[str, Any]:
         def cleanup() -> None:
             self._job(job_id, owner)
-            self.get_manager().cleanup(job_id, owner)
+            self.manager.cleanup(job_id, owner)
 
         await run_in_threadpool(cleanup)
         return CleanupResponse(job_id=job_id).model_dump(mode="json")
@@ -139,7 +121,7 @@ class JobOperations:
     def _avatar(self, avatar_id: str, owner: str | None) -> JobRecord:
         if not self.avatars_enabled:
             raise InvalidInputError(avatars.DISABLED)
-        return avatars.find_avatar(self.get_manager(), avatar_id, owner)
+        return avatars.find_avatar(self.manager, avatar_id, owner)
 
     async def avatar(self, avatar_id: str, owner: str | None) -> dict[str, Any]:
         return await run_in_threadpool(lambda: self.avatar_body(self._avatar(avatar_id, owner)))
@@ -148,7 +130,7 @@ class JobOperations:
         limit = max(1, min(int(limit), MAX_LIST_LIMIT))
 
         def listed() -> dict[str, Any]:
-            records = self.get_manager().list(owner=owner, limit=limit, kind=JobKind.avatar)
+            records = self.manager.list(owner=owner, limit=limit, kind=JobKind.avatar)
             bodies = [AvatarStatusResponse.from_record(r, self.prefix) for r in records]
             return AvatarListResponse(total=len(bodies), avatars=bodies).model_dump(mode="json")
 
@@ -158,14 +140,14 @@ class JobOperations:
         """Remove the avatar (cancelled if still being prepared), its video and its cache entry."""
         def delete() -> None:
             self._avatar(avatar_id, owner)
-            self.get_manager().cleanup(avatar_id, owner)
+            self.manager.cleanup(avatar_id, owner)
 
         await run_in_threadpool(delete)
         return AvatarDeleted(avatar_id=avatar_id).model_dump(mode="json")
 
     async def jobs(self, owner: str | None, limit: int = 100) -> dict[str, Any]:
         limit = max(1, min(int(limit), MAX_LIST_LIMIT))
-        records = await run_in_threadpool(lambda: self.get_manager().list(owner=owner, limit=limit))
+        records = await run_in_threadpool(lambda: self.manager.list(owner=owner, limit=limit))
         return JobListResponse(total=len(records),
                                jobs=[JobSummary.from_record(r, self.prefix) for r in records]).model_dump(mode="json")
 
@@ -187,12 +169,12 @@ class JobOperations:
     async def download(self, job_id: str, owner: str | None, range_header: str | None = None) -> Response:
         """The result (Range and HEAD work; the same file name on both surfaces)."""
         await run_in_threadpool(self._job, job_id, owner)
-        stored = await run_in_threadpool(self.get_manager().open_output, checked_id(job_id), owner)
+        stored = await run_in_threadpool(self.manager.open_output, checked_id(job_id), owner)
         return object_response(stored, download_name(job_id), range_header=range_header)
 
     async def input_file(self, job_id: str, kind: str, owner: str | None, range_header: str | None = None) -> Response:
         """A job's uploaded video or audio, for playback next to the result."""
-        manager = self.get_manager()
+        manager = self.manager
         if kind not in INPUT_KINDS:
             raise JobNotFoundError("Job not found")
         record = await run_in_threadpool(manager.get, checked_id(job_id), owner)
@@ -218,5 +200,5 @@ class JobOperations:
         return object_response(stored, shown, range_header=range_header, media_type=media_type, inline=True)
 
     async def thumbnail(self, job_id: str, owner: str | None) -> Response:
-        stored = await run_in_threadpool(self.get_manager().open_file, checked_id(job_id), THUMBNAIL_NAME, owner)
+        stored = await run_in_threadpool(self.manager.open_file, checked_id(job_id), THUMBNAIL_NAME, owner)
         return object_response(stored, f"{job_id}.jpg", media_type="image/jpeg", inline=True)

@@ -30,15 +30,16 @@ from starlette.requests import ClientDisconnect
 from lipsync_runner import __version__
 from lipsync_runner.api.auth import is_authenticated, request_client, request_owner
 from lipsync_runner.errors import LipSyncError
-from lipsync_runner.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, parse_key
-from lipsync_runner.usage import UsageSummary
+from lipsync_runner.integration.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, parse_key
+from lipsync_runner.integration.usage import UsageSummary
 
-from ..jobs.records import JobKind
-from .admission import parse_wait
-from .errors import INTERNAL, error_body, error_headers, generic_error
-from .limits import ApiLimits, BodySizeLimitMiddleware
-from .operations import JobOperations, Manager
-from .schemas import (
+from lipsync_runner.jobs.records import JobKind
+from lipsync_runner.api.admission import parse_wait
+from lipsync_runner.api.errors import INTERNAL, error_body, error_headers, generic_error
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.api.limits import BodySizeLimitMiddleware
+from lipsync_runner.api.operations import JobOperations, Manager
+from lipsync_runner.jobs.schemas import (
     AvatarAccepted,
     AvatarDeleted,
     AvatarListResponse,
@@ -51,10 +52,10 @@ from .schemas import (
     JobListResponse,
     JobStatusResponse,
 )
-from ..params import avatar_request_fields, form_properties
+from lipsync_runner.params import avatar_request_fields, form_properties
 
 if TYPE_CHECKING:
-    from .integration import Integration
+    from lipsync_runner.integration.services import Integration
 
 log = logging.getLogger(__name__)
 
@@ -116,31 +117,30 @@ def avatar_request_body() -> dict[str, Any]:
 
 
 def create_rest_app(
-    get_manager: Callable[[], Manager] | None,
-    get_health: Callable[[], Awaitable[dict]] | None,
+    jobs: Manager | JobOperations,
+    get_health: Callable[[], Awaitable[dict]],
     settings: ApiLimits,
     *,
     ensure_ready: Callable[[], Awaitable[None]] | None = None,
     integration: Integration | None = None,
+    debug: bool = False,
 ) -> FastAPI:
     """The REST API, to be mounted at ``settings.url_prefix`` (default ``/api/lip-sync``).
 
-    The routes use ``app.state.operations`` (a JobOperations) and ``app.state.health`` (an async
-    callable returning the health body). With ``get_manager`` they are built here; without, the
-    owner of the app sets them (service.py does, when its worker starts).
-    ``ensure_ready``, when given, is awaited first thing in ``POST /generate``; it raises
-    (e.g. ModelsNotReadyError -> 503) to refuse uploads the service cannot process.
+    ``jobs`` is the service's :class:`JobOperations` (the service core builds it), or a job manager
+    to build them over (tests). ``get_health`` answers the health body. ``ensure_ready``, when
+    given, is awaited first thing in ``POST /generate``; it raises (e.g. ModelsNotReadyError ->
+    503) to refuse uploads the service cannot process. ``debug`` adds tracebacks to 500 answers.
     """
     app = FastAPI(
         title="Lip sync REST API",
         description="MuseTalk lip sync: upload a video and an audio track, poll the job, download the result.",
         version=__version__,
     )
-    if get_manager is not None:
-        app.state.operations = JobOperations(get_manager, settings, ensure_ready=ensure_ready,
-                                             integration=integration)
-    if get_health is not None:
-        app.state.health = get_health
+    is_manager = hasattr(type(jobs), "submit")  # the type's: a proxy's attributes resolve only per request
+    app.state.operations = (JobOperations(jobs, settings, ensure_ready=ensure_ready, integration=integration)
+                            if is_manager else jobs)
+    app.state.health = get_health
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate", "/avatars")
     )
@@ -172,7 +172,7 @@ def create_rest_app(
     async def unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         body: dict[str, Any] = {"error": INTERNAL}
-        if settings.debug:
+        if debug:
             body["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return JSONResponse(body, status_code=500)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import unicodedata
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,35 +30,15 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError, UploadTooSlowError
-from lipsync_runner.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 
-from .limits import ApiLimits, human_size
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.inputs.files import FileFieldSpec, human_size, media_specs, sanitize_filename
 
-MAX_DISPLAY_NAME_CHARS = 200
 MAX_TEXT_FIELD_BYTES = 256 * 1024  # a job parameter: a number, a word, or a JSON list (segments, key-frame boxes)
 MAX_PARTS = 32  # two files, the job parameters, and some slack for clients that send extras
 MAX_HEADER_BYTES = 8 * 1024
 MAX_JSON_BYTES = MAX_TEXT_FIELD_BYTES  # a JSON body holds only parameters (URLs, segments)
 SPACE_CHECK_BYTES = 8 * 2**20  # free space is re-checked every this many bytes received
-
-
-@dataclass(frozen=True)
-class FileFieldSpec:
-    """One accepted file field: where it goes and what it may be."""
-
-    field: str  # form field name ("video")
-    stem: str  # file name stem inside the job directory ("input_video")
-    kind: str  # for messages ("video")
-    hint_extensions: tuple[str, ...]  # kept on the stored name when the user's name has one (a hint to ffmpeg)
-    max_bytes: int
-
-
-def media_specs(max_video_bytes: int, max_audio_bytes: int) -> dict[str, FileFieldSpec]:
-    known = tuple(dict.fromkeys(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS))
-    return {
-        "video": FileFieldSpec("video", "input_video", "video", known, max_video_bytes),
-        "audio": FileFieldSpec("audio", "input_audio", "audio", known, max_audio_bytes),
-    }
 
 
 class UploadGuard:
@@ -196,20 +175,6 @@ def _decode(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
-
-
-def sanitize_filename(raw: str | None, default: str) -> str:
-    """A display-safe base name: no directories, control/format characters or excess length."""
-    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Zl", "Zp"))
-    name = name.strip()
-    if name in ("", ".", ".."):
-        return default
-    if len(name) > MAX_DISPLAY_NAME_CHARS:
-        stem, ext = os.path.splitext(name)
-        ext = ext if len(ext) <= 16 else ""
-        name = stem[: MAX_DISPLAY_NAME_CHARS - len(ext)] + ext
-    return name
 
 
 class _Part:

@@ -19,24 +19,22 @@ Frames are RGB uint8 numpy arrays ``[H, W, 3]``; batches are ``[B, H, W, 3]``.
   chosen person's :class:`FaceTrack` out (:func:`find_tracks` then :func:`choose_track`).
 """
 
-from .boxes import HAAR_CHIN_Y, HAAR_NOSE_BRIDGE_Y, HAAR_SIDE_INSET, musetalk_crop_box
-from .choice import FACE_RULES, FaceChoice, FaceTrack, choose_track, explicit_track
-from .detection import (
+from lipsync_runner.faces.boxes import HAAR_CHIN_Y, HAAR_NOSE_BRIDGE_Y, HAAR_SIDE_INSET, musetalk_crop_box
+from lipsync_runner.faces.choice import FACE_RULES, FaceChoice, FaceTrack, choose_track, explicit_track
+from lipsync_runner.faces.detectors.fan import (
     FACE_ALIGNMENT_DIR,
     FAN_FILENAME,
-    NUM_LANDMARKS,
     S3FD_FILENAME,
-    FaceDetection,
-    FaceDetector,
     FanFaceDetector,
-    HaarFaceDetector,
     fan_weights_present,
-    load_face_detector,
 )
-from .identity import FaceTracks, IdentityTrack, IdentityTracker, TrackerSettings
-from .smoothing import OneEuro, one_euro
-from .speaker import audio_envelope, mouth_measure, speech_correlation
-from .tracking import find_tracks, track_faces
+from lipsync_runner.faces.detectors.base import NUM_LANDMARKS, FaceDetection, FaceDetector
+from lipsync_runner.faces.detectors.haar import HaarFaceDetector
+from lipsync_runner.faces.detectors.load import load_face_detector
+from lipsync_runner.faces.identity import FaceTracks, IdentityTrack, IdentityTracker, TrackerSettings
+from lipsync_runner.faces.smoothing import OneEuro, one_euro
+from lipsync_runner.faces.speaker import audio_envelope, mouth_measure, speech_correlation
+from lipsync_runner.faces.tracking import find_tracks, track_faces
 
 __all__ = [
     "FACE_ALIGNMENT_DIR",

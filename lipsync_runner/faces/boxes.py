@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .detection import FaceDetection
+from lipsync_runner.faces.detectors.base import FaceDetection
 
 # Where a frontal face's landmarks fall relative to a Haar box, as fractions of the box size
 # (measured on frontal faces with OpenCV's frontalface cascades: the box runs from the forehead to

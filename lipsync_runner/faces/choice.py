@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, NoFaceError
-from ..params import FACE_RULES
-from .boxes import clamp_box
-from .detection import NUM_LANDMARKS
-from .identity import FaceTracks, IdentityTrack, iou
-from .smoothing import OneEuro, runs, smooth_runs
-from .speaker import speech_correlation
+from lipsync_runner.errors import InvalidInputError, NoFaceError
+from lipsync_runner.params import FACE_RULES
+from lipsync_runner.faces.boxes import clamp_box
+from lipsync_runner.faces.detectors.base import NUM_LANDMARKS
+from lipsync_runner.faces.identity import FaceTracks, IdentityTrack, iou
+from lipsync_runner.faces.smoothing import OneEuro, runs, smooth_runs
+from lipsync_runner.faces.speaker import speech_correlation
 
 #: A person on screen for less than this share of the longest-seen person's frames is not a
 #: candidate for largest / center / speaker (a passer-by, a face on a poster seen for a moment).

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .detection import NUM_LANDMARKS, FaceDetection
+from lipsync_runner.faces.detectors.base import NUM_LANDMARKS, FaceDetection
 
 _FORBIDDEN = 1e6  # cost of a pair outside the gates
 MAX_LISTED = 32  # tracks listed in a summary (a crowd or a long video with many cuts finds hundreds)

@@ -14,7 +14,7 @@ from fractions import Fraction
 import cv2
 import numpy as np
 
-from .detection import FaceDetection
+from lipsync_runner.faces.detectors.base import FaceDetection
 
 # iBUG 68 points (0-based): inner lips top / bottom middle, nose top, chin
 _INNER_TOP, _INNER_BOTTOM, _NOSE_TOP, _CHIN = 62, 66, 27, 8

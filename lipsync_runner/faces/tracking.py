@@ -12,13 +12,13 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..errors import NoFaceError
-from .boxes import musetalk_crop_box
-from .choice import FaceChoice, FaceTrack, choose_track
-from .detection import FaceDetection, FaceDetector, _as_batch
-from .identity import FaceTracks, IdentityTracker, TrackerSettings
-from .smoothing import OneEuro
-from .speaker import mouth_measure
+from lipsync_runner.errors import NoFaceError
+from lipsync_runner.faces.boxes import musetalk_crop_box
+from lipsync_runner.faces.choice import FaceChoice, FaceTrack, choose_track
+from lipsync_runner.faces.detectors.base import FaceDetection, FaceDetector, as_batch
+from lipsync_runner.faces.identity import FaceTracks, IdentityTracker, TrackerSettings
+from lipsync_runner.faces.smoothing import OneEuro
+from lipsync_runner.faces.speaker import mouth_measure
 
 __all__ = ["FaceTrack", "find_tracks", "track_faces"]
 
@@ -57,7 +57,7 @@ def find_tracks(
         tracker.update(index, dets, crops, [mouth_measure(frame, d, c) for d, c in zip(dets, crops)])
 
     for chunk in chunks:
-        chunk = _as_batch(chunk)
+        chunk = as_batch(chunk)
         if len(chunk) == 0:
             continue
         hw = (int(chunk.shape[1]), int(chunk.shape[2]))

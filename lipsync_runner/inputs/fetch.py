@@ -3,7 +3,7 @@
 The worker calls :func:`fetch_input` before the pipeline runs (never the request handler: a
 slow origin must not hold a connection open). What the fetch guarantees:
 
-* **Reachability:** only http and https, through :mod:`lipsync_runner.netguard` (no loopback,
+* **Reachability:** only http and https, through :mod:`lipsync_runner.inputs.netguard` (no loopback,
   private, link-local, CGNAT, multicast, metadata addresses, checked after DNS and on every
   redirect, connected to the vetted address), unless the host is allow-listed.
 * **Size:** the real bytes are counted as they arrive and the fetch stops with 413 one chunk
@@ -31,14 +31,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import httpx
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .. import __version__
-from ..api.limits import human_size
-from ..api.uploads import FileFieldSpec, sanitize_filename
-from ..errors import InputTooLargeError, InvalidInputError
-from ..netguard import AddressPolicy, URLRefusedError, default_policy, guarded_client, redact_url
+from lipsync_runner import __version__
+from lipsync_runner.inputs.files import human_size
+from lipsync_runner.inputs.files import FileFieldSpec, sanitize_filename
+from lipsync_runner.errors import InputTooLargeError, InvalidInputError
+from lipsync_runner.inputs.netguard import AddressPolicy, URLRefusedError, default_policy, guarded_client, redact_url
+from lipsync_runner.config import FetchSettings
 
 # What a server's Content-Type suggests, when the URL's path has no known extension (a hint only).
 CONTENT_TYPE_EXTENSIONS = {
@@ -50,18 +49,6 @@ CONTENT_TYPE_EXTENSIONS = {
 
 S3Reader = Callable[[str], Iterable[bytes]]
 """``s3://bucket/key`` -> its bytes in chunks (the storage layer's streamed GET)."""
-
-
-class FetchSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
-
-    url_connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect (and DNS) timeout of a URL input.")
-    url_read_timeout_s: float = Field(default=30.0, gt=0, description="Longest silence while a URL input downloads.")
-    url_max_redirects: int = Field(default=5, ge=0, le=20, description="Redirects followed for a URL input.")
-    url_max_fetch_s: float = Field(default=900.0, gt=0, description="Longest a URL input may take to download.")
-
-    def policy(self) -> AddressPolicy:
-        return default_policy(resolve_timeout_s=self.url_connect_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -148,7 +135,7 @@ def fetch_input(url: str, dest_dir: Path, spec: FileFieldSpec, *, settings: Fetc
     system resolver); tests pass one with their own resolver.
     """
     settings = settings or FetchSettings()
-    policy = policy or settings.policy()
+    policy = policy or default_policy(resolve_timeout_s=settings.url_connect_timeout_s)
     what = f"{spec.field}_url"
     deadline = time.monotonic() + settings.url_max_fetch_s
     scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..netguard import redact_url
+from lipsync_runner.inputs.netguard import redact_url
 
 REFERENCE_SUFFIX = ".url.json"
 AVATAR_REFERENCE = "input_video.avatar.json"
@@ -38,7 +38,7 @@ def is_reference(file_name: str) -> bool:
 
 def url_display_name(url: str, field: str) -> str:
     """What the job list shows for a URL input: the last path segment, sanitised (never the query)."""
-    from ..api.uploads import sanitize_filename  # here: the API package imports this module while it loads
+    from lipsync_runner.inputs.files import sanitize_filename  # here: the API package imports this module while it loads
 
     try:
         path = urlsplit(url).path

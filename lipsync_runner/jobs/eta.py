@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Optional
 
-from .records import JobRecord
+from lipsync_runner.jobs.records import JobRecord
 
 MIN_PROGRESS_FOR_EXTRAPOLATION = 0.1  # below this, early stages (decode, faces) say little about the rest
 

@@ -50,19 +50,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import (
+from lipsync_runner.errors import (
     JobCancelledError,
     JobNotFinishedError,
     JobNotFoundError,
     LipSyncError,
     QueueFullError,
 )
-from .files import OUTPUT_NAME, JobFiles, is_plain_name
-from .records import JobKind, JobParams, JobRecord, JobStatus, is_job_id, new_job_id, utcnow
-from .store import SQLITE_NAME, JobStore, SQLiteJobStore
+from lipsync_runner.jobs.front import Manager
+from lipsync_runner.storage.job_files import OUTPUT_NAME, JobFiles, is_plain_name
+from lipsync_runner.jobs.records import JobKind, JobParams, JobRecord, JobStatus, new_job_id, utcnow
+from lipsync_runner.params import is_job_id
+from lipsync_runner.jobs.store import SQLITE_NAME, JobStore, SQLiteJobStore
 
 if TYPE_CHECKING:
-    from ..storage import JobStorage, StoredObject
+    from lipsync_runner.storage import JobStorage, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class JobContext:
     work_dir: Path
     progress: Callable[[str, float], None]  # (stage, overall fraction 0..1); cheap, throttled by the manager
     should_cancel: Callable[[], bool]  # poll it; raise JobCancelledError when it says True
+    jobs: Manager  # the job front, for the records a job refers to (its avatar)
 
     @property
     def video_path(self) -> Path:
@@ -180,7 +183,7 @@ class JobManager:
         if lease_s <= 0 or poll_s <= 0:
             raise ValueError("lease_s and poll_s must be positive")
         if storage is None:
-            from ..storage.local import LocalStorage
+            from lipsync_runner.storage.local import LocalStorage
 
             storage = LocalStorage(files)
         self._store = store
@@ -882,6 +885,7 @@ class JobManager:
                 work_dir=work_dir,
                 progress=lambda stage, fraction: self._progress(run, stage, fraction),
                 should_cancel=run.cancel.is_set,
+                jobs=self,
             )
             self._stage_inputs(rec, work_dir, ctx)
             outcome = self._execute(ctx)

@@ -24,9 +24,9 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import JobNotFoundError, LipSyncError
-from .records import JobKind, JobRecord, JobStatus
-from .store import FINISHED, Change, claimed_fields, merge
+from lipsync_runner.errors import JobNotFoundError, LipSyncError
+from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus
+from lipsync_runner.jobs.store import FINISHED, Change, claimed_fields, merge
 
 log = logging.getLogger(__name__)
 

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
 
 from pydantic import BaseModel, Field
 
-from ..params import JobParams
+from lipsync_runner.params import JobParams
 
 # uuid4 in canonical form; anything else is "not found" without touching the filesystem
-JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-
-
 def new_job_id() -> str:
     return str(uuid.uuid4())
-
-
-def is_job_id(value: str) -> bool:
-    # fullmatch, not match: "$" would also accept a trailing newline
-    return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
 
 
 def utcnow() -> datetime:

@@ -24,8 +24,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..errors import JobNotFoundError
-from .records import JobKind, JobRecord, JobStatus, utcnow
+from lipsync_runner.errors import JobNotFoundError
+from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus, utcnow
 
 FINISHED = frozenset(s for s in JobStatus if s.finished)
 SQLITE_NAME = "jobs.sqlite3"
@@ -110,18 +110,6 @@ class JobStore(Protocol):
     def exclusive(self, name: str) -> contextlib.AbstractContextManager[bool]: ...
 
     def close(self) -> None: ...
-
-
-def open_store(database_url: str | None, data_dir: Path | str, *, pool_size: int = 8) -> JobStore:
-    """PostgreSQL when ``database_url`` is a ``postgresql://`` URL, else SQLite in the data directory."""
-    if database_url:
-        if not database_url.startswith(("postgresql://", "postgres://")):
-            raise ValueError("the database URL must start with postgresql:// (SQLite needs no URL: it is the "
-                             "default, in the data directory)")
-        from .postgres import PostgresJobStore  # psycopg only when asked for
-
-        return PostgresJobStore(database_url, pool_size=pool_size)
-    return SQLiteJobStore(Path(data_dir) / SQLITE_NAME)
 
 
 # ------------------------------------------------------------------ shared by both implementations

@@ -1,6 +1,6 @@
 """MuseTalk model files: layout, loading and download."""
 
-from .layout import ModelsLayout, resolve_layout
-from .loading import load_unet, load_vae, load_whisper_encoder
+from lipsync_runner.models.layout import ModelsLayout, resolve_layout
+from lipsync_runner.models.loading import load_unet, load_vae, load_whisper_encoder
 
 __all__ = ["ModelsLayout", "resolve_layout", "load_unet", "load_vae", "load_whisper_encoder"]

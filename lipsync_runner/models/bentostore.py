@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .layout import UNET_FILES, resolve_layout
+from lipsync_runner.models.layout import UNET_FILES, resolve_layout
 
 DEFAULT_MODEL_NAME = "musetalk"
 

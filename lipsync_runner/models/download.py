@@ -50,7 +50,7 @@ FACE_PARSING_URLS = {
 
 def _fetch_checkpoint(url: str, dst: Path, download_url: Callable[[str, str], None]) -> None:
     """Download to a temporary name and keep it only if it is not a web page (a quota or login page)."""
-    from ..errors import ModelFilesError
+    from lipsync_runner.errors import ModelFilesError
 
     part = dst.with_name(dst.name + ".part")
     download_url(url, str(part))

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelFilesError
-from .layout import FACE_PARSING_DIR as PARSING_DIR
+from lipsync_runner.errors import ModelFilesError
+from lipsync_runner.models.layout import FACE_PARSING_DIR as PARSING_DIR
 
 PARSING_WEIGHTS = "79999_iter.pth"
 RESNET_WEIGHTS = "resnet18-5c106cde.pth"

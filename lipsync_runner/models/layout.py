@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ModelFilesError
+from lipsync_runner.errors import ModelFilesError
 
 Version = Literal["v15", "v1"]
 

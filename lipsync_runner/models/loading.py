@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ModelFilesError
-from .layout import ModelsLayout
+from lipsync_runner.errors import ModelFilesError
+from lipsync_runner.models.layout import ModelsLayout
 
 if TYPE_CHECKING:
     import torch

@@ -17,8 +17,10 @@ One ASGI middleware over the whole `LipSync` app:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
-from ..api.errors import generic_error
+from lipsync_runner.api.errors import generic_error
 
 BENTOML_GENERATE = "/generate"
 PROBES = {"/readyz": ("ready", "not ready"), "/livez": ("alive", "not alive")}
@@ -87,3 +89,34 @@ def _rewrite(status: int, payload: bytes, content_type: bytes, probe: tuple[str,
             return json.dumps(generic_error(status, str(data["detail"]))).encode()
     text = payload.decode("utf-8", "replace").strip()
     return json.dumps(generic_error(status, text[:300] or None)).encode()
+
+
+class RunningCore:
+    """The running `LipSync` instance's core, for the REST app that BentoML mounts when the class is
+    defined, before any instance exists. BentoML's own FastAPI class views reach the instance the same
+    way (``bentoml.get_current_service()``); the core itself is built in one pass in ``__init__``."""
+
+    def __init__(self, attribute: str = "core") -> None:
+        self.attribute = attribute
+
+    def _core(self) -> Any:
+        import bentoml
+
+        return getattr(bentoml.get_current_service(), self.attribute)
+
+    @property
+    def operations(self) -> Any:
+        return _Forward(lambda: self._core().operations)
+
+    async def health(self, **kwargs: Any) -> dict[str, Any]:
+        return await self._core().health(**kwargs)
+
+
+class _Forward:
+    """Attribute access forwarded to the object ``target()`` returns at that moment."""
+
+    def __init__(self, target: Callable[[], Any]) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target(), name)

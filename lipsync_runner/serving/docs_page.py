@@ -25,8 +25,8 @@ import json
 from pathlib import Path
 from typing import Any, Awaitable, Callable, MutableMapping
 
-from .. import __version__
-from ..api.auth import OPEN_PATHS, OPEN_PREFIXES
+from lipsync_runner import __version__
+from lipsync_runner.api.auth import OPEN_PATHS, OPEN_PREFIXES
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -100,8 +100,8 @@ def _examples(rest_prefix: str) -> dict[str, Any]:
     """Response examples, made by the code that makes the real responses, so they cannot drift."""
     from datetime import datetime, timedelta, timezone
 
-    from ..api.schemas import CleanupResponse, GenerateAccepted, job_summary, status_body
-    from ..jobs.records import JobRecord, JobStatus
+    from lipsync_runner.jobs.schemas import CleanupResponse, GenerateAccepted, job_summary, status_body
+    from lipsync_runner.jobs.records import JobRecord, JobStatus
 
     job_id = "3f2c1a9e-8b7d-4c6e-9f01-2a3b4c5d6e7f"
     created = datetime(2026, 2, 10, 12, 0, 0, tzinfo=timezone.utc)

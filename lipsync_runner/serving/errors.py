@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from ..api.errors import error_body, error_headers
-from ..errors import LipSyncError
+from lipsync_runner.api.errors import error_body, error_headers
+from lipsync_runner.errors import LipSyncError
 
 
 def error_response(exc: LipSyncError, ctx=None):

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import audio
-from ..errors import LipSyncError, ModelsNotReadyError
-from .packing import pack_generate
+from lipsync_runner.audio import windows as audio
+from lipsync_runner.errors import LipSyncError, ModelsNotReadyError
+from lipsync_runner.serving.packing import pack_generate
 
 Submit = Callable[[str, np.ndarray], "Future[np.ndarray]"]
 
@@ -132,3 +132,38 @@ def _is_overloaded(message: str) -> bool:
     """BentoML's adaptive batcher refusing a request it could not serve within max_latency_ms."""
     return "overloaded" in message.lower()
 
+
+
+class RunnerLink:
+    """The API side's line to the GPU runner: its health (an unreachable runner is a health state,
+    not a crash) and how jobs submit arrays to it. ``loop`` is the server's event loop, known once
+    the service starts."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def submitter(self) -> Submit:
+        return runner_submitter(self.runner, self.loop)
+
+    async def health(self) -> dict[str, Any]:
+        if not hasattr(self.runner, "to_async"):
+            return self.runner.health()
+        # A pooled connection the runner closed just as we reused it is not an outage: ask again.
+        for attempt in range(3):
+            try:
+                return await asyncio.wait_for(self.runner.to_async.health(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - an unreachable runner is a health state, not a crash
+                if is_transport_error(exc) and attempt < 2:
+                    await asyncio.sleep(0.05 * (attempt + 1))
+                    continue
+                return {"status": "unavailable", "models_loaded": False, "device": None, "model_version": None,
+                        "error": f"model runner unreachable: {type(exc).__name__}"}
+        raise AssertionError("unreachable")
+
+    def health_sync(self) -> dict[str, Any]:
+        """From a job's thread: the health, asked on the server's loop."""
+        if hasattr(self.runner, "to_async"):
+            assert self.loop is not None
+            return asyncio.run_coroutine_threadsafe(self.health(), self.loop).result(timeout=30)
+        return self.runner.health()

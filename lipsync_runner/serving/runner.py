@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LipSyncError, ModelsNotReadyError
-from ..musetalk import MuseTalk
-from ..settings import RunnerSettings
-from .packing import unpack_generate
+from lipsync_runner.errors import LipSyncError, ModelsNotReadyError
+from lipsync_runner.models.musetalk import MuseTalk
+from lipsync_runner.config import RunnerSettings
+from lipsync_runner.serving.packing import unpack_generate
 
 log = logging.getLogger(__name__)
 

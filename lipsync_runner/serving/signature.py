@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from ..params import JobParams
+from lipsync_runner.params import JobParams
 
 INPUT_DESCRIPTIONS = {
     "video": "The video with the face (checked by content: mp4, mov, mkv, webm, avi); or give video_url.",

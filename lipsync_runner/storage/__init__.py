@@ -5,8 +5,9 @@ completes; workers stage the inputs to local scratch and run the pipeline there.
 replica can then serve a download (:class:`StoredObject`, :func:`object_response`).
 """
 
-from .base import JobStorage, StoredObject, open_storage
-from .http import object_response, parse_range
-from .local import LocalStorage
+from lipsync_runner.storage.base import JobStorage, StoredObject
+from lipsync_runner.storage.factory import open_storage
+from lipsync_runner.storage.http import object_response, parse_range
+from lipsync_runner.storage.local import LocalStorage
 
 __all__ = ["JobStorage", "LocalStorage", "StoredObject", "object_response", "open_storage", "parse_range"]

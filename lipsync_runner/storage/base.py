@@ -1,15 +1,12 @@
-"""The job-file storage interface and the chooser (``LIP_SYNC_STORAGE_URL``)."""
+"""The job-file storage interface (what the job manager needs of a place to keep files)."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Container, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-from urllib.parse import quote, urlparse
-
-if TYPE_CHECKING:
-    from ..jobs.files import JobFiles
+from typing import Protocol, runtime_checkable
+from urllib.parse import quote
 
 
 def content_disposition(disposition: str, filename: str) -> str:
@@ -72,25 +69,3 @@ class JobStorage(Protocol):
     def sweep_orphans(self, known_ids: Container[str], active_ids: Collection[str], min_age_s: float) -> int: ...
 
     def close(self) -> None: ...
-
-
-def open_storage(url: str | None, files: JobFiles, *, endpoint_url: str | None = None, region: str | None = None,
-                 presigned_downloads: bool = False, presign_expiry_s: int = 3600) -> JobStorage:
-    """The local data directory when ``url`` is empty, else ``s3://bucket[/prefix]``.
-
-    Credentials and region come from the standard AWS sources (``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, a mounted profile, an IAM role ...);
-    ``endpoint_url`` points at an S3-compatible store (MinIO, GCS's S3 endpoint, ...).
-    """
-    from .local import LocalStorage
-
-    if not url:
-        return LocalStorage(files)
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"unsupported storage URL {url!r}: expected s3://bucket[/prefix] (or nothing, for the "
-                         "local data directory)")
-    from .s3 import S3Storage  # boto3 only when asked for
-
-    return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url, region=region,
-                     presigned_downloads=presigned_downloads, presign_expiry_s=presign_expiry_s)

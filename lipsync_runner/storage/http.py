@@ -15,7 +15,7 @@ from email.utils import format_datetime
 import anyio
 from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
-from .base import StoredObject, content_disposition
+from lipsync_runner.storage.base import StoredObject, content_disposition
 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 

@@ -14,7 +14,7 @@ from collections.abc import Collection, Container, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..jobs.files import JobFiles
+from lipsync_runner.storage.job_files import JobFiles
 
 CHUNK = 1 << 20
 

@@ -24,10 +24,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..errors import LipSyncError
-from ..jobs.files import is_plain_name
-from ..jobs.records import is_job_id
-from .base import content_disposition
+from lipsync_runner.errors import LipSyncError
+from lipsync_runner.storage.job_files import is_plain_name
+from lipsync_runner.params import is_job_id
+from lipsync_runner.storage.base import content_disposition
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Audio: PCM windows for the Whisper encoder, speech activity, the output soundtrack."""

@@ -1,0 +1,304 @@
+"""Every setting of the service, in one tree, read from the environment in this one module.
+
+Each section is a pydantic-settings class with the ``LIP_SYNC_`` prefix (the seed guide's names,
+``MUSETALK_MODELS_DIR`` among them, so existing deployments keep working); :class:`Settings` holds
+them all. ``docs/configuration.md`` is generated from here (``python -m lipsync_runner.config``)
+and a test fails when the two differ.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+# Room for the multipart framing and the small text fields on top of the two files.
+MULTIPART_OVERHEAD_BYTES = 1 * MiB
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """A comma-separated setting's items (tokens, secrets, hosts), blanks dropped."""
+    return tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+
+
+class RunnerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    models_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MUSETALK_MODELS_DIR", "LIP_SYNC_MODELS_DIR"),
+        description="MuseTalk models directory (musetalkV15/, sd-vae/, whisper/, ...).",
+    )
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto (cuda when available).")
+    bbox_shift: int = Field(default=0, ge=-100, le=100, description="MuseTalk v1.0 mouth-box shift in pixels: the default of jobs that do not give one (v1.5 ignores it).")
+    batch_size: int = Field(default=8, ge=1, le=512, description="Frames per model call.")
+    model_version: Literal["auto", "v15", "v1"] = "auto"
+    face_detector: Literal["auto", "haar", "fan", "mediapipe"] = "auto"
+    extra_margin: int = Field(default=10, ge=0, le=100, description="v1.5: pixels added below the chin.")
+    crf: int = Field(default=18, ge=0, le=51, description="x264 quality of the output video.")
+    preset: str = Field(default="veryfast", description="x264 preset of the output video.")
+    ffmpeg_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one ffmpeg process.")
+    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
+    x264_threads: int = Field(
+        default=0, ge=0, le=64,
+        description="x264 threads per job; 0: x264's own choice (1.5 per core). 2 costs 13-28 % less CPU "
+                    "per frame on a 2-core machine (docs/benchmarks.md): use it when jobs run side by side.")
+    hw_codecs: Literal["auto", "off"] = Field(
+        default="auto", description="auto: NVDEC/NVENC when ffmpeg has them and a GPU takes a trial frame; off: never.")
+    # Speech activity of the new audio (silence=keep): lipsync_runner/audio/speech.py
+    vad_aggressiveness: int = Field(default=2, ge=0, le=3, description="WebRTC VAD mode: 0 lenient .. 3 strict.")
+    silence_floor_db: float = Field(default=-45.0, le=0, description="Quieter 10 ms frames (dBFS) are silence.")
+    min_silence_ms: int = Field(default=200, ge=0, le=5000, description="Shorter pauses count as speech.")
+    min_speech_ms: int = Field(default=60, ge=0, le=5000, description="Shorter bursts count as silence.")
+    speech_pad_ms: int = Field(default=60, ge=0, le=2000, description="Speech widened by this on both sides.")
+    fade_frames: int = Field(default=3, ge=0, le=50,
+                             description="Cross-fade frames at each edge of a kept silence or a segment.")
+    detect_every: int = Field(
+        default=2, ge=1, le=12,
+        description="Run the face detector on every k-th frame; the boxes between are interpolated, then smoothed. "
+                    "3 cuts the cold path's detector CPU by a third and changes the face track (docs/benchmarks.md).")
+    max_spool_gb: float = Field(default=20.0, ge=0,
+                                description="A cold job keeps its decoded frames on scratch disk up to this size "
+                                            "(one decode); larger videos are decoded twice instead.")
+    opencv_threads: int = Field(default=1, ge=0, le=256,
+                                description="OpenCV threads in the process that runs the pipeline (0: one per core). "
+                                            "Its resizes are small and its stages already run in parallel threads "
+                                            "beside ffmpeg, so more threads cost CPU in hand-offs (docs/benchmarks.md).")
+
+
+class ServiceSettings(BaseSettings):
+    """The API side: jobs, their store and storage, the GPU runner's batching."""
+
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("data"), description="Job records (SQLite) and job files.")
+    job_workers: int = Field(default=4, ge=1, le=64, description="Jobs processed at once (CPU side).")
+    retention_hours: float = Field(default=24.0, gt=0, description="Finished jobs are removed after this.")
+    sweep_interval_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=2, ge=1, description="Starts of a job, counting restarts of the server.")
+    max_queued_jobs: int = Field(default=100, ge=1, description="Beyond this, generate answers 429.")
+    free_space_floor_mb: int = Field(default=1024, ge=0, description="Refuse new jobs below this free space.")
+    debug: bool = Field(default=False, description="Tracebacks and internal messages in error responses "
+                                                   "(development only).")
+    avatar_cache: bool = Field(default=True, description="Reuse face tracks and latents of videos seen before.")
+    avatar_cache_dir: Path | None = Field(default=None, description="Default: <data_dir>/avatars.")
+    avatar_cache_gb: float = Field(default=20.0, gt=0, description="Size bound of the avatar cache (LRU).")
+
+    # More than one machine: every API replica shares one job store and one bucket (README).
+    database_url: SecretStr | None = Field(
+        default=None, description="postgresql://user:password@host/db: the job store (and queue) all replicas "
+                                  "share. Default: SQLite in the data directory, one process.")
+    storage_url: str | None = Field(
+        default=None, description="s3://bucket/prefix: job inputs and outputs in a bucket (AWS_* credentials). "
+                                  "Default: the data directory.")
+    s3_endpoint_url: str | None = Field(default=None, description="An S3-compatible store (MinIO, GCS, ...).")
+    presigned_downloads: bool = Field(default=False, description="Downloads redirect (307) to a presigned "
+                                                                 "bucket URL instead of streaming through the API.")
+    presigned_expiry_s: int = Field(default=3600, ge=60, le=7 * 86400, description="Lifetime of a presigned URL.")
+    lease_s: float = Field(default=30.0, ge=1, le=3600, description="A running job's lease: a replica that dies "
+                                                                    "loses its jobs to the others after this.")
+    queue_poll_s: float = Field(default=1.0, gt=0, le=60, description="Idle workers look at the shared queue this "
+                                                                      "often.")
+
+    # GPU runner: adaptive batching (read when service.py is imported: decorator arguments)
+    max_batch_size: int = Field(default=64, ge=2, description="Frames per GPU batch at most.")
+    # BentoML's batcher cancels a request that waited longer than this, and the caller only sees
+    # a 500. Under load (many jobs, a queue of chunks) that killed jobs; with the runner's own
+    # timeout as the bound, a busy GPU means waiting, not failing.
+    max_latency_ms: int = Field(default=600_000, ge=10, description="Longest a request may wait in the batcher.")
+    chunk_frames: int = Field(default=8, ge=1, le=256, description="Frames a job sends per runner call.")
+    runner_timeout_s: float = Field(default=600.0, gt=0)
+
+    @property
+    def retention_s(self) -> float:
+        return self.retention_hours * 3600
+
+
+class ApiLimits(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    max_video_bytes: int = Field(default=500 * MiB, gt=0, description="Largest accepted video upload.")
+    max_audio_bytes: int = Field(default=100 * MiB, gt=0, description="Largest accepted audio upload.")
+    max_video_seconds: float = Field(default=600.0, gt=0, description="Longest accepted video (413 above).")
+    max_audio_seconds: float = Field(default=600.0, gt=0, description="Longest accepted audio (413 above).")
+    max_video_pixels: int = Field(default=3840 * 2160, gt=0, description="Largest frame, width x height (413 above).")
+    max_fps: float = Field(default=120.0, gt=0, description="Highest accepted video frame rate (413 above).")
+    max_job_scratch_gb: float = Field(
+        default=200.0, ge=0, description="Most scratch disk one job may need: raw ping-pong frames plus the output "
+                                         "(413 above; 0: no cap).")
+    wait_timeout_s: float = Field(default=3600.0, gt=0, description="Longest a `wait=true` generate call blocks.")
+    max_uploads_per_client: int = Field(default=4, ge=1, description="Uploads one client (token, or address "
+                                        "without auth) may have in progress at once (429 beyond).")
+    max_concurrent_uploads: int = Field(default=32, ge=1, description="Uploads in progress at once (429 beyond).")
+    upload_idle_timeout_s: float = Field(default=30.0, gt=0, description="An upload with no data for this long "
+                                         "is cut off (408).")
+    upload_min_bytes_per_s: int = Field(default=32 * 1024, ge=0, description="Slowest average upload rate "
+                                        "accepted once the grace period has passed (408 below).")
+    upload_rate_grace_s: float = Field(default=20.0, ge=0, description="Seconds before the minimum rate applies.")
+    url_prefix: str = Field(
+        default="/api/lip-sync", description="Public path the API is mounted at (for status/download URLs)."
+    )
+
+    @property
+    def max_job_scratch_bytes(self) -> int | None:
+        return int(self.max_job_scratch_gb * 10**9) or None
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest acceptable /generate body: both files plus the multipart framing."""
+        return self.max_video_bytes + self.max_audio_bytes + MULTIPART_OVERHEAD_BYTES
+
+
+class AuthSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    api_tokens: str = Field(default="", description="Comma-separated bearer tokens; empty: auth off.")
+    api_tokens_file: Path | None = Field(default=None, description="File with one token per line.")
+    scope_jobs_to_token: bool = Field(default=False, description="Jobs are visible only to their creator's token.")
+    open_metrics: bool = Field(default=False, description="With auth on, serve /metrics without a token "
+                               "(its job counts are aggregates over all tenants).")
+
+    @model_validator(mode="after")
+    def _no_silent_off(self) -> "AuthSettings":
+        if self.api_tokens.strip() and not split_list(self.api_tokens):
+            raise ValueError("LIP_SYNC_API_TOKENS is set but holds no token (only separators): refusing to start "
+                             "with auth silently off; unset it to run without auth")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(split_list(self.api_tokens)) or self.api_tokens_file is not None
+
+
+class IntegrationSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    idempotency_ttl_hours: float = Field(default=24.0, gt=0, description="How long an Idempotency-Key names its job.")
+    usage_retention_days: int = Field(default=400, ge=1, description="Usage rows are kept this long.")
+    eta_history_jobs: int = Field(default=20, ge=1, le=1000, description="Recent completed jobs the ETA learns from.")
+
+
+class FetchSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    url_connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect (and DNS) timeout of a URL input.")
+    url_read_timeout_s: float = Field(default=30.0, gt=0, description="Longest silence while a URL input downloads.")
+    url_max_redirects: int = Field(default=5, ge=0, le=20, description="Redirects followed for a URL input.")
+    url_max_fetch_s: float = Field(default=900.0, gt=0, description="Longest a URL input may take to download.")
+
+
+
+class WebhookSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    webhook_secret: SecretStr = Field(default=SecretStr(""), description="HMAC secret(s) that sign deliveries; "
+                                      "comma-separated while rotating. Without one, webhook_url is refused.")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="How long a receiver has to answer.")
+    webhook_retry_first_s: float = Field(default=5.0, gt=0, description="Delay before the first retry (doubles).")
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0, description="Longest delay between two attempts.")
+    webhook_max_age_hours: float = Field(default=24.0, gt=0, description="Deliveries are given up this long after "
+                                         "their event.")
+    webhook_progress_interval_s: float = Field(default=10.0, ge=0, description="At most one progress event per job "
+                                               "per this many seconds.")
+    webhook_concurrency: int = Field(default=4, ge=1, le=64, description="Deliveries made at once.")
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return split_list(self.webhook_secret.get_secret_value())
+
+
+class OutboundSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    url_allowlist: str = Field(default="", description="Hosts (comma-separated; *.example.com for subdomains) that "
+                               "URL inputs and webhooks may reach even on loopback or private addresses.")
+
+
+class LogSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
+
+
+class MediaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    ffmpeg: Path | None = Field(default=None, description="The ffmpeg binary to run. Default: ffmpeg on PATH, "
+                                "else the one imageio-ffmpeg ships.")
+
+
+class BentoSettings(BaseSettings):
+    """How `service.py` finds the weights: a models directory (``MUSETALK_MODELS_DIR``) wins over the store."""
+
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    bento_model: str = Field(default="musetalk:latest", description="The BentoML model store tag of the weights, "
+                             "used when MUSETALK_MODELS_DIR is unset (a built Bento packs it).")
+
+
+class Settings(BaseModel):
+    """The whole tree: one instance per process, built at start and handed down."""
+
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    limits: ApiLimits = Field(default_factory=ApiLimits)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    integration: IntegrationSettings = Field(default_factory=IntegrationSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    logs: LogSettings = Field(default_factory=LogSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    bento: BentoSettings = Field(default_factory=BentoSettings)
+
+    @property
+    def models_from_store(self) -> bool:
+        return self.runner.models_dir is None
+
+
+def env_names(section: type[BaseSettings], field: str) -> tuple[str, ...]:
+    """The environment variables a field is read from (its aliases, else the prefixed name)."""
+    info = section.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return tuple(str(a) for a in alias.choices)
+    if isinstance(alias, str):
+        return (alias,)
+    return (f"{section.model_config.get('env_prefix', '')}{field}".upper(),)
+
+
+def _default(info) -> str:
+    if info.default_factory is not None:
+        return "(computed)"
+    value = info.default
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value is None or value == "":
+        return "(unset)"
+    return f"`{value}`"
+
+
+def settings_markdown() -> str:
+    """docs/configuration.md: every environment variable, by section, with its default and meaning."""
+    lines = ["# Configuration", "",
+             "Generated from `lipsync_runner/config.py` by `python -m lipsync_runner.config > docs/configuration.md`;",
+             "`tests/test_config.py` fails when this page and the code differ. Every variable is read there and",
+             "nowhere else. The client SDK and the `lipsync` CLI read `LIPSYNC_SERVER` and `LIPSYNC_TOKEN`.", ""]
+    for name, info in Settings.model_fields.items():
+        section = info.annotation
+        lines += [f"## {name}", "", (section.__doc__ or "").strip().splitlines()[0] if section.__doc__ else "", "",
+                  "| variable | default | meaning |", "| --- | --- | --- |"]
+        for field, finfo in section.model_fields.items():
+            names = " or ".join(f"`{n}`" for n in env_names(section, field))
+            desc = (finfo.description or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {names} | {_default(finfo)} | {desc} |")
+        lines.append("")
+    return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1])) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(settings_markdown())

@@ -1,0 +1,1 @@
+"""Around the jobs: webhooks, idempotency keys, usage accounting, URL-input policy (SQLite or PostgreSQL)."""

@@ -1,0 +1,558 @@
+"""One lip-sync job end to end: plan, then execute.
+
+    validate -> audio: PCM, speech activity -> one decode: track faces, keep the frames ->
+    plan (plan.py) -> audio features -> render: crop -> prepare (VAE encode) ->
+    generate (UNet + VAE decode) -> blend -> encode + mux
+
+The plan decides, before any frame is rendered, what every output frame shows (which source
+frame, generated or passed through and how much, which audio window); one render loop
+executes any plan. The video is decoded once: the frames decoded to track faces are kept in
+a scratch frame store and read back by the render (framestore.py explains the choice), and
+with a cached face track a forward plan renders from one straight decode.
+
+Frames flow through in chunks and are never all held in memory; only per-frame boxes (a few
+hundred bytes each), the plan (a few bytes per frame) and the audio features (384 KB per second
+of audio) are kept for the whole job. The model is anything with `audio_features`, `prepare`
+and `generate` (the local MuseTalk component, or the GPU service's client).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from lipsync_runner.audio import windows as audio_math
+from lipsync_runner.pipeline.avatar_cache import Avatar, AvatarCache, AvatarParams
+from lipsync_runner.render.blend import blend_faces
+from lipsync_runner.render.crops import crop_faces
+from lipsync_runner.render.sharpen import restore_detail
+from lipsync_runner.errors import InvalidInputError, JobCancelledError
+from lipsync_runner.faces import FaceChoice, FaceDetector, FaceTrack, audio_envelope, track_faces
+from lipsync_runner.pipeline.framestore import FrameSource, FrameStore
+from lipsync_runner.media.hwcodecs import VideoCodecs, video_codecs
+from lipsync_runner.render.masks import MaskProvider, masks_for
+from lipsync_runner.media.ffmpeg import (
+    PROBE_TIMEOUT_S,
+    AudioInfo,
+    MediaLimits,
+    VideoInfo,
+    VideoReader,
+    VideoWriter,
+    decode_audio,
+    probe_audio,
+    probe_video,
+)
+from lipsync_runner.models.musetalk import LipSyncModel
+from lipsync_runner.params import JobParams
+from lipsync_runner.pipeline.plan import DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, spools_frames
+from lipsync_runner.config import RunnerSettings
+from lipsync_runner.audio.soundtrack import write_soundtrack
+from lipsync_runner.audio.speech import SpeechSettings, speech_frames
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, float], None]
+"""Called with (stage, overall fraction done in 0..1)."""
+
+STAGES = ("audio", "speech", "decode", "spool", "store", "faces", "prepare", "generate", "blend", "encode")
+DETECT_CHUNK = 32  # frames per face-detection call
+FACES_SHARE = 0.2  # share of the progress bar given to decoding and face tracking
+DEFAULT_MAX_SPOOL_BYTES = 20 * 2**30
+
+
+
+def configure_opencv(settings: RunnerSettings) -> None:
+    """Apply `opencv_threads` (process-wide, so once where a process that runs the pipeline starts)."""
+    import cv2
+
+    if settings.opencv_threads > 0:
+        cv2.setNumThreads(settings.opencv_threads)
+
+
+@dataclass
+class PipelineOptions:
+    params: JobParams = field(default_factory=JobParams)  # what the user asked for
+    batch_size: int = 8
+    version: str = "v15"
+    extra_margin: int = 10
+    detect_every: int = 2  # face detection on every 2nd frame, interpolated between (then smoothed)
+    crf: int = 18
+    preset: str = "veryfast"
+    ffmpeg_timeout_s: float | None = None
+    speech: SpeechSettings = field(default_factory=SpeechSettings)
+    fade_frames: int = DEFAULT_FADE_FRAMES
+    max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
+    limits: MediaLimits = field(default_factory=MediaLimits)  # decoding stops (413) past these
+    codecs: VideoCodecs | None = None  # NVDEC/NVENC or software; None: hwcodecs.video_codecs() (detected once)
+
+    @classmethod
+    def from_settings(cls, settings: RunnerSettings, params: JobParams | None = None, **overrides) -> "PipelineOptions":
+        """Options from RunnerSettings (the deployment) and the job's parameters."""
+        values = dict(
+            params=params or JobParams(), batch_size=settings.batch_size, extra_margin=settings.extra_margin,
+            detect_every=settings.detect_every,
+            crf=settings.crf, preset=settings.preset, ffmpeg_timeout_s=settings.ffmpeg_timeout_s,
+            speech=SpeechSettings(aggressiveness=settings.vad_aggressiveness, floor_db=settings.silence_floor_db,
+                                  min_silence_ms=settings.min_silence_ms, min_speech_ms=settings.min_speech_ms,
+                                  pad_ms=settings.speech_pad_ms),
+            fade_frames=settings.fade_frames, max_spool_bytes=int(settings.max_spool_gb * 2**30))
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class JobResult:
+    output: Path
+    frames: int  # frames written
+    source_frames: int  # frames in the input video
+    face_frames: int  # input frames with a face
+    fps: Fraction
+    width: int
+    height: int
+    generated: int = 0  # output frames with a generated mouth (fully or cross-faded)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache_hit: bool | None = None  # None: no avatar cache in use
+    faces: dict | None = None  # FaceTrack.summary: the people found and who was dubbed (the job status)
+
+
+class StageClock:
+    """Wall time per stage; nested stages are not double counted by construction of the call sites."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+def validate_inputs(video: Path, audio: Path, timeout_s: float | None = None) -> tuple[VideoInfo, AudioInfo]:
+    """Check both files by content (not extension) before any work starts."""
+    bound = min(PROBE_TIMEOUT_S, timeout_s or PROBE_TIMEOUT_S)
+    return probe_video(video, timeout_s=bound), probe_audio(audio, timeout_s=bound)
+
+
+@dataclass
+class JobState:
+    """One job while it runs: its inputs and options, and what each step has found so far."""
+
+    model: LipSyncModel
+    detector: FaceDetector
+    video: Path
+    audio: Path | None  # None: preparing an avatar (prepare_avatar)
+    output: Path | None
+    info: VideoInfo
+    opts: PipelineOptions
+    clock: StageClock
+    report: ProgressCallback
+    should_cancel: Callable[[], bool] | None
+    work_dir: Path | None
+    frames: FrameSource
+    masks: MaskProvider | None = None  # blend masks (face parsing); None: blend.py's own mask
+    pcm: np.ndarray | None = None  # the new audio, 16 kHz mono
+    n_audio: int = 0  # A: output frames the audio covers
+    speech: np.ndarray | None = None  # [A] bool (silence=keep)
+    envelope: np.ndarray | None = None  # [A] audio RMS per frame (face=speaker: whose mouth moves with it)
+    track: FaceTrack | None = None
+    avatar: Avatar | None = None
+    plan: RenderPlan | None = None
+    steps: np.ndarray | None = None  # Whisper encoder states of the audio
+    sound: Path | None = None  # what the encoder muxes
+
+    @property
+    def params(self) -> JobParams:
+        return self.opts.params
+
+    @property
+    def face(self) -> FaceChoice:
+        """Whose face is dubbed (the job's face, face_point, face_boxes)."""
+        return FaceChoice.from_params(self.params)
+
+    def check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise JobCancelledError("the job was cancelled")
+
+    def new_store(self) -> FrameStore:
+        return FrameStore(self.info.height, self.info.width, self.work_dir)
+
+
+def run(
+    model: LipSyncModel,
+    detector: FaceDetector,
+    video: Path | str,
+    audio: Path | str,
+    output: Path | str,
+    options: PipelineOptions | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    work_dir: Path | str | None = None,
+    cache: AvatarCache | None = None,
+    video_info: VideoInfo | None = None,
+    masks: MaskProvider | None = None,
+) -> JobResult:
+    """Lip-sync `video` to `audio` and write an MP4 to `output` (atomically: all or nothing).
+
+    With an avatar cache, the face track and the face latents of a video seen before are reused.
+    `video_info`: the inputs were already checked with validate_inputs (do not probe them again).
+    `masks`: where the blend masks come from (masks.py: MuseTalk's face parsing, or the contour).
+    """
+    opts = options or PipelineOptions()
+    opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
+    video, audio, output = Path(video), Path(audio), Path(output)
+    info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s)[0]
+    clock = StageClock()
+    frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
+                                             max_frames=opts.limits.max_frames(info.fps),
+                                             hwaccel=opts.codecs.hwaccel),
+                         (info.height, info.width, 3), clock=clock, name=video.name)
+    job = JobState(model=model, detector=detector, video=video, audio=audio, output=output, info=info, opts=opts,
+                   clock=clock, report=progress or (lambda stage, fraction: None), should_cancel=should_cancel,
+                   work_dir=Path(work_dir) if work_dir is not None else None, frames=frames, masks=masks)
+    try:
+        _read_audio(job)
+        job.report("faces", 0.0)
+        with _prepared_video(job, cache) as hit:
+            job.plan = build_plan(job.params, n_video=len(job.track), n_audio=job.n_audio, fps=info.fps,
+                                  has_face=job.track.has_face, speech=job.speech, fade=opts.fade_frames)
+            _arrange_frames(job)
+            _audio_features(job)
+            result = _render(job)
+        result.cache_hit = hit if cache is not None else None
+    finally:
+        frames.close()
+        if job.sound is not None and job.sound != audio:
+            job.sound.unlink(missing_ok=True)
+    job.report("done", 1.0)
+    result.seconds = dict(clock.seconds)
+    return result
+
+
+def _read_audio(job: JobState) -> None:
+    """The new audio as PCM, its length in frames, and (silence=keep) where it is speech."""
+    job.report("audio", 0.0)
+    fps = job.info.fps
+    with job.clock("audio"):
+        job.pcm = decode_audio(job.audio, audio_math.SAMPLE_RATE, timeout_s=job.opts.ffmpeg_timeout_s,
+                               max_seconds=job.opts.limits.max_audio_seconds)
+        job.n_audio = audio_math.frame_count(len(job.pcm), fps)
+        if job.n_audio == 0:
+            raise InvalidInputError(f"{job.audio.name} is shorter than one video frame")
+    check_segments(job.params, n_video_estimate=job.info.frame_count_estimate, n_audio=job.n_audio, fps=fps)
+    if job.params.silence == "keep":
+        with job.clock("speech"):
+            job.speech = speech_frames(job.pcm, fps, job.opts.speech)
+    if job.face.needs_audio:  # on the video's timeline: source frame i against audio frame i
+        job.envelope = audio_envelope(job.pcm, fps, job.n_audio, audio_math.SAMPLE_RATE)
+    job.check_cancel()
+
+
+@contextmanager
+def _prepared_video(job: JobState, cache: AvatarCache | None) -> Iterator[bool]:
+    """Sets job.track (and job.avatar, where its latents live) from the cache or by tracking now;
+    yields whether it was a cache hit."""
+    if cache is None:
+        job.track = _track(job)
+        yield False
+        return
+    opts = job.opts
+    # Only what changes the track or the latents: sync mode, silence and segments do not.
+    params = AvatarParams(
+        bbox_shift=job.params.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
+        version=opts.version, extra_margin=opts.extra_margin, detector=job.detector.name,
+        detect_every=opts.detect_every, weights_id=str(getattr(job.model, "weights_id", "")),
+        face=job.face.key(job.envelope))
+    with job.clock("cache"):
+        key = params.key(cache.video_hash(job.video))
+    with cache.open(key, lambda: _track(job)) as (avatar, hit):
+        job.track, job.avatar = avatar.track, avatar
+        yield hit
+
+
+def _track(job: JobState) -> FaceTrack:
+    """Decode every frame once and find the face crop of each; keep the frames for the render when
+    that is the plan's policy (plan.spools_frames)."""
+    info, opts = job.info, job.opts
+    if spools_frames(job.params, n_video=info.frame_count_estimate, n_audio=job.n_audio, width=info.width,
+                     height=info.height, max_spool_bytes=opts.max_spool_bytes, cold=True):
+        job.frames.store = job.new_store()
+    expected = max(1, info.frame_count_estimate)
+
+    def chunks() -> Iterator[np.ndarray]:
+        with closing(job.frames.chunks(DETECT_CHUNK)) as decoded:
+            for chunk in decoded:
+                job.check_cancel()
+                job.report("faces", FACES_SHARE * min(1.0, job.frames.decoded / expected))
+                yield chunk
+
+    # Face detection time is the total minus what decoding and spooling took inside the generator.
+    before = job.clock.seconds["decode"] + job.clock.seconds["spool"]
+    start = time.perf_counter()
+    # closed here, not when garbage collected: a stop (cancel, no face) waits for the read-ahead and
+    # the store write in flight before the job closes the reader and the store under them
+    with closing(chunks()) as tracked:
+        track = track_faces(tracked, job.detector, bbox_shift=job.params.bbox_shift, version=opts.version,
+                            extra_margin=opts.extra_margin, detect_every=opts.detect_every, choice=job.face,
+                            audio_envelope=job.envelope, fps=info.fps)
+    io = job.clock.seconds["decode"] + job.clock.seconds["spool"] - before
+    job.clock.seconds["faces"] += time.perf_counter() - start - io
+    return track
+
+
+def _arrange_frames(job: JobState) -> None:
+    """Make the frame source able to serve the plan with as few decodes as possible."""
+    frames, plan = job.frames, job.plan
+    if frames.complete:  # decoded once into the store while tracking: everything is there
+        return
+    if frames.decoded == 0:  # face track from the cache: one straight decode, stored only if it goes back
+        if not plan.sequential:
+            frames.store = job.new_store()
+        return
+    # Tracked without keeping the frames (too large to spool): decode a second time.
+    frames.rewind(store=None if plan.sequential else job.new_store())
+
+
+def _audio_features(job: JobState) -> None:
+    """Whisper states of the audio, padded with silence as far as the generated frames read."""
+    job.report("audio", FACES_SHARE)
+    plan, fps = job.plan, job.info.fps
+    pcm = job.pcm
+    needed = plan.audio_frames_needed()
+    if needed > job.n_audio:  # cross-fades into sync_mode=silence's padded tail
+        samples = -(-(needed + 1) * audio_math.SAMPLE_RATE * fps.denominator // fps.numerator)
+        pcm = np.concatenate([pcm, np.zeros(max(0, samples - len(pcm)), np.float32)])
+    with job.clock("audio"):
+        job.steps = job.model.audio_features(pcm) if plan.generate.any() else None
+        if plan.sound_is_the_audio:
+            job.sound = job.audio
+        else:
+            handle = tempfile.NamedTemporaryFile(prefix="sound-", suffix=".wav", dir=job.work_dir, delete=False)
+            handle.close()
+            job.sound = Path(handle.name)
+            write_soundtrack(job.audio, plan.sound, job.sound, timeout_s=job.opts.ffmpeg_timeout_s)
+    job.pcm = None
+    job.check_cancel()
+
+
+@dataclass
+class _Pending:
+    """Generated faces waiting to be pasted into their frames."""
+
+    sel: np.ndarray
+    faces: np.ndarray
+    boxes: np.ndarray
+    landmarks: np.ndarray | None
+    weights: np.ndarray
+
+
+def _render(job: JobState) -> JobResult:
+    """Execute the plan in three overlapped stages: while the model works on chunk k, chunk k+1 is
+    read (decode or frame store) and chunk k-1 is blended and encoded. Each stage keeps its order;
+    at most three chunks are in memory; the first error from any stage stops the others and is raised."""
+    plan, info, opts = job.plan, job.info, job.opts
+    n_out = len(plan)
+    batch = opts.batch_size
+    starts = list(range(0, n_out, batch))
+    written = 0
+
+    def progress(fraction: float) -> None:
+        job.report("generate", FACES_SHARE + (1 - FACES_SHARE) * fraction)
+
+    def read(start: int) -> tuple[np.ndarray, np.ndarray]:
+        out_idx = np.arange(start, min(start + batch, n_out))
+        return out_idx, job.frames.take(plan.source[out_idx])
+
+    def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
+        if pending is not None:
+            with job.clock("blend"):
+                faces, frame_masks = pending.faces, None
+                if job.params.sharpen > 0 or job.masks is not None:  # these take the frames as one array
+                    source = frames[pending.sel]
+                    if job.params.sharpen > 0:
+                        faces = restore_detail(source, faces, pending.boxes, pending.landmarks, job.params.sharpen)
+                    frame_masks = masks_for(job.masks, source, pending.boxes, pending.landmarks)
+                # views of the chunk's frames: only the mask rectangles are written, no frame is copied
+                blend_faces([frames[i] for i in pending.sel], faces, pending.boxes, pending.landmarks,
+                            masks=frame_masks, weights=pending.weights, inplace=True)
+        with job.clock("encode"):
+            writer.write(frames)
+        return len(frames)
+
+    with VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
+                     preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
+                     threads=opts.codecs.threads) as writer, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
+        next_read = pool.submit(read, starts[0])
+        last_write: Future | None = None
+        for k in range(len(starts)):
+            job.check_cancel()
+            out_idx, frames = next_read.result()
+            if k + 1 < len(starts):
+                next_read = pool.submit(read, starts[k + 1])
+            pending = _generate_chunk(job, out_idx, frames)
+            if last_write is not None:
+                written += last_write.result()
+                progress(written / n_out)
+            last_write = pool.submit(finish, writer, frames, pending)
+        if last_write is not None:
+            written += last_write.result()
+            progress(written / n_out)
+        with job.clock("encode"):
+            writer.close()
+    track = job.track
+    return JobResult(output=job.output, frames=written, source_frames=len(track), face_frames=int(track.has_face.sum()),
+                     fps=info.fps, width=info.width, height=info.height, generated=int(plan.generate.sum()),
+                     faces=track.summary)
+
+
+def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray) -> _Pending | None:
+    """Crop, prepare (or take cached latents) and generate the faces of one chunk's generated frames."""
+    plan, track, model, clock = job.plan, job.track, job.model, job.clock
+    sel = np.flatnonzero(plan.generate[out_idx])
+    if len(sel) == 0:
+        return None
+    rows = out_idx[sel]
+    src = plan.source[rows]
+    boxes = track.boxes[src]
+    landmarks = track.landmarks[src] if track.landmarks is not None else None
+    if job.avatar is None:
+        with clock("prepare"):
+            latents = model.prepare(crop_faces([frames[i] for i in sel], boxes))
+    else:  # only frames no job has prepared before go through the VAE encoder
+        latents = _cached_latents(job, src, lambda todo: model.prepare(
+            crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
+    with clock("generate"):
+        windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
+        faces = model.generate(latents, windows)
+    return _Pending(sel, faces, boxes, landmarks, plan.weight[rows])
+
+
+def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Latents of source frames `src` from the job's avatar entry; `encode(positions)` VAE-encodes the
+    missing ones. Timed apart: "prepare" is VAE encoding only (absent when every latent was cached),
+    "cache" the reads of the entry, so a job's timings show whether it encoded anything."""
+    clock = job.clock
+
+    def timed(todo: np.ndarray) -> np.ndarray:
+        with clock("prepare"):
+            return encode(todo)
+
+    before = clock.seconds.get("prepare", 0.0)
+    start = time.perf_counter()
+    latents = job.avatar.latents_for(src, timed)
+    clock.seconds["cache"] += time.perf_counter() - start - (clock.seconds.get("prepare", 0.0) - before)
+    return latents
+
+
+# --------------------------------------------------------------------------- avatars
+
+
+@dataclass
+class AvatarResult:
+    frames: int  # source frames
+    face_frames: int  # frames with a face (their latents are in the entry)
+    fps: Fraction
+    width: int
+    height: int
+    encoded: int  # frames this call VAE-encoded (0 when the entry was complete already)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache_hit: bool = False  # the face track was in the cache already
+    faces: dict | None = None  # FaceTrack.summary: the people found and who is dubbed
+
+
+AVATAR_TRACK_SHARE = 0.5  # share of an avatar's progress bar given to face tracking (the rest: VAE encoding)
+
+
+def prepare_avatar(
+    model: LipSyncModel,
+    detector: FaceDetector,
+    video: Path | str,
+    cache: AvatarCache,
+    options: PipelineOptions | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    work_dir: Path | str | None = None,
+    video_info: VideoInfo | None = None,
+) -> AvatarResult:
+    """Prepare once, dub many: the face track and the latents of every face frame of `video`, into
+    its entry of `cache`, exactly as a job on this video with these options computes them (the same
+    key, the same batches of frames in order), so a later job skips face tracking and VAE encoding.
+
+    Only what shapes the preparation matters (options.params.bbox_shift, the model, the detector,
+    the margins); there is no audio and no output video.
+    """
+    opts = options or PipelineOptions()
+    opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
+    video = Path(video)
+    info = video_info or probe_video(video, timeout_s=min(PROBE_TIMEOUT_S, opts.ffmpeg_timeout_s or PROBE_TIMEOUT_S))
+    clock = StageClock()
+    report = progress or (lambda stage, fraction: None)
+    frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
+                                             max_frames=opts.limits.max_frames(info.fps),
+                                             hwaccel=opts.codecs.hwaccel),
+                         (info.height, info.width, 3), clock=clock, name=video.name)
+
+    def tracking(stage: str, fraction: float) -> None:  # _track reports "faces" up to FACES_SHARE
+        report(stage, AVATAR_TRACK_SHARE * min(1.0, fraction / FACES_SHARE))
+
+    job = JobState(model=model, detector=detector, video=video, audio=None, output=None, info=info, opts=opts,
+                   clock=clock, report=tracking, should_cancel=should_cancel,
+                   work_dir=Path(work_dir) if work_dir is not None else None, frames=frames)
+    try:
+        report("faces", 0.0)
+        with _prepared_video(job, cache) as hit:
+            encoded = _encode_all(job, lambda done: report("prepare", AVATAR_TRACK_SHARE
+                                                           + (1 - AVATAR_TRACK_SHARE) * done))
+    finally:
+        frames.close()
+    report("done", 1.0)
+    track = job.track
+    return AvatarResult(frames=len(track), face_frames=int(track.has_face.sum()), fps=info.fps, width=info.width,
+                        height=info.height, encoded=encoded, seconds=dict(clock.seconds), cache_hit=hit,
+                        faces=track.summary)
+
+
+def _encode_all(job: JobState, progress: Callable[[float], None]) -> int:
+    """The latents of every face frame into the avatar entry, in the batches a forward job uses
+    (consecutive source frames, batch_size at a time); returns how many were VAE-encoded."""
+    track, frames, batch = job.track, job.frames, job.opts.batch_size
+    n = len(track)
+    if job.avatar.prepared[track.has_face].all():  # prepared before (this video, these options): nothing to do
+        return 0
+    if not frames.complete and frames.decoded:  # tracked without keeping the frames: decode again
+        frames.rewind()
+    encoded = 0
+    for start in range(0, n, batch):
+        job.check_cancel()
+        idx = np.arange(start, min(start + batch, n))
+        sel = np.flatnonzero(track.has_face[idx])
+        if len(sel):
+            chunk = frames.take(idx)
+            src = idx[sel]
+            boxes = track.boxes[src]
+
+            def encode(todo: np.ndarray) -> np.ndarray:
+                nonlocal encoded
+                encoded += len(todo)
+                return job.model.prepare(crop_faces([chunk[i] for i in sel[todo]], boxes[todo]))
+
+            _cached_latents(job, src, encode)
+        elif not frames.complete:
+            frames.take(idx)  # keep the decoder in step
+        progress(min(1.0, (start + len(idx)) / max(1, n)))
+    return encoded

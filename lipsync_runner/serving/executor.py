@@ -1,0 +1,209 @@
+"""The executor: a claimed job becomes a pipeline run, or an avatar's preparation.
+
+The job manager's workers call it with a :class:`JobContext`; it fetches and checks the inputs,
+waits for the models, reserves scratch disk and runs the pipeline against the GPU runner. It never
+imports the HTTP layer (an import-linter contract holds it there): the worker path is
+jobs -> serving.executor -> pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lipsync_runner.config import Settings
+from lipsync_runner.errors import (
+    InsufficientStorageError,
+    JobCancelledError,
+    JobNotFoundError,
+    LipSyncError,
+    ModelsNotReadyError,
+    NoFaceError,
+)
+from lipsync_runner.faces import FaceDetector, load_face_detector
+from lipsync_runner.integration import metrics
+from lipsync_runner.integration.services import Integration
+from lipsync_runner.jobs import avatars as avatar_records
+from lipsync_runner.jobs.front import Manager
+from lipsync_runner.jobs.manager import JobContext, JobOutcome
+from lipsync_runner.jobs.records import JobKind
+from lipsync_runner.inputs.reference import write_json
+from lipsync_runner.inputs.validation import media_limits, media_summary, validate_media, validate_video
+from lipsync_runner.config import ApiLimits
+from lipsync_runner.media.ffmpeg import PROBE_TIMEOUT_S
+from lipsync_runner.media.thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
+from lipsync_runner.pipeline.avatar_cache import AvatarCache
+from lipsync_runner.pipeline.job import PipelineOptions, prepare_avatar, run
+from lipsync_runner.pipeline.scratch_disk import Reservation, ScratchLedger, estimate
+from lipsync_runner.serving.job_inputs import PreparedInputs, prepare_inputs
+from lipsync_runner.serving.packing import job_tag
+from lipsync_runner.serving.remote import RemoteModel, RunnerLink
+from lipsync_runner.storage.job_files import JobFiles
+
+log = logging.getLogger(__name__)
+
+MODEL_WAIT_S = 900  # a job recovered after a restart waits this long for the models to load
+AVATAR_MANIFEST = "avatar.json"  # what an avatar's preparation found (its record's output file)
+SCRATCH_WAIT_S = 600  # a job whose scratch does not fit waits this long for running jobs to release theirs
+
+
+class JobExecutor:
+    """``executor(ctx) -> JobOutcome``: one claimed job, run."""
+
+    def __init__(self, settings: Settings, *, runner: RunnerLink, files: JobFiles, scratch: ScratchLedger,
+                 integration: Integration, avatars: AvatarCache | None) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.files = files
+        self.scratch = scratch
+        self.integration = integration
+        self.avatars = avatars
+        self._detector: FaceDetector | None = None
+        self._detector_lock = threading.Lock()
+
+    def __call__(self, ctx: JobContext) -> JobOutcome:
+        if ctx.job.kind is JobKind.avatar:
+            return self._prepare_avatar(ctx)
+        return self._run_job(ctx)
+
+    # ------------------------------------------------------------------ one job
+
+    def _face_detector(self) -> FaceDetector:
+        with self._detector_lock:
+            if self._detector is None:
+                runner = self.settings.runner
+                self._detector = load_face_detector(runner.face_detector, runner.models_dir, "cpu")
+            return self._detector
+
+    def _wait_for_models(self, ctx: JobContext) -> dict[str, Any]:
+        deadline = time.monotonic() + MODEL_WAIT_S
+        while True:
+            health = self.runner.health_sync()
+            if health.get("models_loaded"):
+                return health
+            if health.get("status") == "error" or time.monotonic() > deadline:
+                raise ModelsNotReadyError(f"Models not loaded: {health.get('error') or 'timed out waiting'}")
+            if ctx.should_cancel():
+                return health
+            ctx.progress("waiting for models", 0.0)
+            time.sleep(1.0)
+
+    def _guard_disk(self, progress, reservation: Reservation | None = None):
+        """A progress callback that also fails the job cleanly when the disk fills up under it,
+        or when it writes past its scratch reservation and the disk has no more room for it."""
+        floor = self.settings.service.free_space_floor_mb * 2**20
+        last_check = 0.0
+
+        def guarded(stage: str, fraction: float) -> None:
+            nonlocal last_check
+            now = time.monotonic()
+            if now - last_check > 2.0:
+                last_check = now
+                if floor and self.files.free_bytes() < floor:
+                    raise InsufficientStorageError(
+                        "the server ran out of disk space while processing the job; try again later")
+                if reservation is not None:
+                    reservation.check()
+            progress(stage, fraction)
+
+        return guarded
+
+    def _inputs(self, ctx: JobContext) -> PreparedInputs:
+        """The job's inputs, ready: URL inputs are fetched here, by the worker, with the upload
+        limits; an avatar's video is read where the avatar stores it. Then every input is probed
+        once and checked like an upload (a refusal is the job's failure, with the same message):
+        the fetched ones for the first time, the uploads again, so a job queued before a restart
+        meets today's limits."""
+        probe_s = min(PROBE_TIMEOUT_S, self.settings.runner.ffmpeg_timeout_s)
+
+        def validate(video: Path, audio: Path | None, limits: ApiLimits):
+            if audio is None:  # an avatar: a video only
+                return validate_video(video, limits, timeout_s=probe_s), None
+            return validate_media(video, audio, limits, timeout_s=probe_s)
+
+        def avatar_video(avatar_id: str, owner: str | None) -> Path:
+            return _avatar_video(ctx.jobs, avatar_id, owner)
+
+        inputs = prepare_inputs(ctx.job, ctx.work_dir, self.settings.limits, validate=validate,
+                                settings=self.integration.fetch, policy=self.integration.policy,
+                                s3_reader=self.integration.s3_reader, avatar_video=avatar_video,
+                                progress=ctx.progress)
+        if "video" in inputs.fetched and write_thumbnail(inputs.video, ctx.work_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH,
+                                                         inputs.video_info.demuxer):
+            inputs.written.append(THUMBNAIL_NAME)
+        if ctx.should_cancel():
+            raise JobCancelledError("cancelled")
+        return inputs
+
+    def _options(self, ctx: JobContext) -> tuple[RemoteModel, PipelineOptions]:
+        health = self._wait_for_models(ctx)
+        service = self.settings.service
+        model = RemoteModel(self.runner.submitter(), chunk_frames=service.chunk_frames, tag=job_tag(ctx.job.job_id),
+                            timeout_s=service.runner_timeout_s, weights_id=health.get("weights_id") or "")
+        # one batch size for jobs and avatars: an avatar's latents are the ones a job would compute
+        options = PipelineOptions.from_settings(self.settings.runner, ctx.job.params,
+                                                version=health.get("model_version") or "v15",
+                                                batch_size=service.chunk_frames * 4,
+                                                limits=media_limits(self.settings.limits))
+        return model, options
+
+    def _run_job(self, ctx: JobContext) -> JobOutcome:
+        job = ctx.job
+        inputs = self._inputs(ctx)
+        model, options = self._options(ctx)
+        output = self.files.output_path(job.job_id)
+        start = time.perf_counter()
+        # The scratch reservation needs both probes (prepare_inputs made them; run() takes the video's).
+        need = estimate(inputs.video_info, inputs.audio_info, job.params, max_spool_bytes=options.max_spool_bytes).total
+        with self.scratch.reserve(need, directory=ctx.work_dir, wait_s=SCRATCH_WAIT_S,
+                                  should_cancel=ctx.should_cancel) as reservation:
+            result = run(model, self._face_detector(), inputs.video, inputs.audio, output, options,
+                         progress=self._guard_disk(ctx.progress, reservation), should_cancel=ctx.should_cancel,
+                         work_dir=ctx.work_dir, video_info=inputs.video_info,
+                         cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
+        metrics.job_finished(time.perf_counter() - start, result.frames)
+        self.integration.note_output(job.job_id, result.fps)  # usage: output seconds = frames / fps
+        return JobOutcome(output_file=output.name, frames=result.frames,
+                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
+                          media=media_summary(inputs.video_info, inputs.audio_info) if inputs.fetched else None,
+                          faces=result.faces, keep=inputs.written)
+
+    def _prepare_avatar(self, ctx: JobContext) -> JobOutcome:
+        """An avatar's work: its face track and every face frame's latents, into the avatar cache
+        entry it pins (jobs/avatars.py). Its "output" is a small manifest of what was prepared."""
+        avatar = ctx.job
+        if self.avatars is None:
+            raise LipSyncError(avatar_records.DISABLED)
+        inputs = self._inputs(ctx)
+        model, options = self._options(ctx)
+        try:
+            result = prepare_avatar(model, self._face_detector(), inputs.video,
+                                    self.avatars.for_job(avatar.job_id, avatar.owner, pin=True), options,
+                                    progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
+                                    work_dir=ctx.work_dir, video_info=inputs.video_info)
+        finally:
+            try:
+                ctx.jobs.get(avatar.job_id)
+            except JobNotFoundError:  # deleted while being prepared: nothing of it stays
+                self.avatars.release_job(avatar.job_id)
+        if result.face_frames == 0:
+            raise NoFaceError(f"no face found in {avatar.video_filename}")
+        manifest = ctx.work_dir / AVATAR_MANIFEST
+        write_json(manifest, {"frames": result.frames, "face_frames": result.face_frames,
+                              "fps": f"{result.fps.numerator}/{result.fps.denominator}",
+                              "encoded": result.encoded})
+        return JobOutcome(output_file=manifest.name, frames=result.frames,
+                          timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
+                          media=media_summary(inputs.video_info, None), faces=result.faces, keep=inputs.written)
+
+
+def _avatar_video(jobs: Manager, avatar_id: str, owner: str | None) -> Path:
+    """The stored video of a job's avatar; the job fails if the avatar went meanwhile."""
+    try:
+        avatar = avatar_records.ready_avatar(jobs, avatar_id, owner)
+        return avatar_records.stored_video(jobs, avatar, owner)
+    except JobNotFoundError:
+        raise LipSyncError(f"avatar {avatar_id} was deleted (or expired) before the job started") from None
