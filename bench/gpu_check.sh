@@ -120,7 +120,7 @@ if [[ -f "$MODELS/sd-vae/config.json" ]]; then
     log "# reusing the models dir $MODELS"
 else
     step models 90 torch,diffusers,transformers "$PY" -c \
-        "import sys; from lipsync_runner.testing import write_models_dir; write_models_dir(sys.argv[1], size=sys.argv[2]); print('wrote', sys.argv[1])" \
+        "import sys; from lipsync_runner.models.tiny import write_models_dir; write_models_dir(sys.argv[1], size=sys.argv[2]); print('wrote', sys.argv[1])" \
         "$MODELS" "$SIZE"
 fi
 FFMPEG_MOD=imageio_ffmpeg

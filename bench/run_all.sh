@@ -75,7 +75,7 @@ if [[ "$CUDA" == 1 ]]; then
     step core_full_gpu "$PY" bench/bench_core.py model --size full --batch-sizes 1 8 16 32 64 --repeats 3
     FULL=$(mktemp -d "${TMPDIR:-/tmp}/bench-full-models-XXXXXX")
     trap 'rm -rf "$FULL"' EXIT
-    step write_full_models "$PY" -c "from lipsync_runner.testing import write_models_dir; write_models_dir('$FULL', size='full')"
+    step write_full_models "$PY" -c "from lipsync_runner.models.tiny import write_models_dir; write_models_dir('$FULL', size='full')"
     step cache_full_gpu "$PY" bench/bench_cache.py --size full --models "$FULL" --batch-size 32 --repeats 2
     step service_full_gpu "$PY" bench/bench_service.py --models "$FULL" --device cuda --concurrency 1 4 16
 fi

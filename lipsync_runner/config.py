@@ -26,6 +26,8 @@ def split_list(text: str) -> tuple[str, ...]:
 
 
 class RunnerSettings(BaseSettings):
+    """The inference core: models, device, face detection, encoding, speech activity (CLI and GPU runner)."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     models_dir: Path | None = Field(
@@ -36,8 +38,11 @@ class RunnerSettings(BaseSettings):
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto (cuda when available).")
     bbox_shift: int = Field(default=0, ge=-100, le=100, description="MuseTalk v1.0 mouth-box shift in pixels: the default of jobs that do not give one (v1.5 ignores it).")
     batch_size: int = Field(default=8, ge=1, le=512, description="Frames per model call.")
-    model_version: Literal["auto", "v15", "v1"] = "auto"
-    face_detector: Literal["auto", "haar", "fan", "mediapipe"] = "auto"
+    model_version: Literal["auto", "v15", "v1"] = Field(default="auto", description="MuseTalk UNet version; auto: "
+                                                        "v1.5 when its weights are present, else v1.")
+    face_detector: Literal["auto", "haar", "fan", "mediapipe"] = Field(
+        default="auto", description="auto: S3FD+FAN when its weights are in the models directory, else MediaPipe, "
+                                    "else OpenCV Haar.")
     extra_margin: int = Field(default=10, ge=0, le=100, description="v1.5: pixels added below the chin.")
     crf: int = Field(default=18, ge=0, le=51, description="x264 quality of the output video.")
     preset: str = Field(default="veryfast", description="x264 preset of the output video.")
@@ -78,7 +83,8 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Field(default=Path("data"), description="Job records (SQLite) and job files.")
     job_workers: int = Field(default=4, ge=1, le=64, description="Jobs processed at once (CPU side).")
     retention_hours: float = Field(default=24.0, gt=0, description="Finished jobs are removed after this.")
-    sweep_interval_s: float = Field(default=300.0, gt=0)
+    sweep_interval_s: float = Field(default=300.0, gt=0, description="How often expired jobs and orphaned files "
+                                                                     "are swept.")
     max_attempts: int = Field(default=2, ge=1, description="Starts of a job, counting restarts of the server.")
     max_queued_jobs: int = Field(default=100, ge=1, description="Beyond this, generate answers 429.")
     free_space_floor_mb: int = Field(default=1024, ge=0, description="Refuse new jobs below this free space.")
@@ -88,7 +94,7 @@ class ServiceSettings(BaseSettings):
     avatar_cache_dir: Path | None = Field(default=None, description="Default: <data_dir>/avatars.")
     avatar_cache_gb: float = Field(default=20.0, gt=0, description="Size bound of the avatar cache (LRU).")
 
-    # More than one machine: every API replica shares one job store and one bucket (README).
+    # More than one machine: every API replica shares one job store and one bucket (docs/operations.md).
     database_url: SecretStr | None = Field(
         default=None, description="postgresql://user:password@host/db: the job store (and queue) all replicas "
                                   "share. Default: SQLite in the data directory, one process.")
@@ -111,7 +117,8 @@ class ServiceSettings(BaseSettings):
     # timeout as the bound, a busy GPU means waiting, not failing.
     max_latency_ms: int = Field(default=600_000, ge=10, description="Longest a request may wait in the batcher.")
     chunk_frames: int = Field(default=8, ge=1, le=256, description="Frames a job sends per runner call.")
-    runner_timeout_s: float = Field(default=600.0, gt=0)
+    runner_timeout_s: float = Field(default=600.0, gt=0, description="Longest one call to the GPU runner may "
+                                                                     "take.")
 
     @property
     def retention_s(self) -> float:
@@ -119,6 +126,8 @@ class ServiceSettings(BaseSettings):
 
 
 class ApiLimits(BaseSettings):
+    """What one request may bring: upload sizes, media limits, upload rates, the public URL prefix."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     max_video_bytes: int = Field(default=500 * MiB, gt=0, description="Largest accepted video upload.")
@@ -154,6 +163,8 @@ class ApiLimits(BaseSettings):
 
 
 class AuthSettings(BaseSettings):
+    """Bearer-token authentication and tenancy."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     api_tokens: str = Field(default="", description="Comma-separated bearer tokens; empty: auth off.")
@@ -175,6 +186,8 @@ class AuthSettings(BaseSettings):
 
 
 class IntegrationSettings(BaseSettings):
+    """Idempotency keys, the usage ledger and the queue ETA."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     idempotency_ttl_hours: float = Field(default=24.0, gt=0, description="How long an Idempotency-Key names its job.")
@@ -183,6 +196,8 @@ class IntegrationSettings(BaseSettings):
 
 
 class FetchSettings(BaseSettings):
+    """URL inputs: how long their download may take."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     url_connect_timeout_s: float = Field(default=10.0, gt=0, description="Connect (and DNS) timeout of a URL input.")
@@ -193,6 +208,8 @@ class FetchSettings(BaseSettings):
 
 
 class WebhookSettings(BaseSettings):
+    """Signed webhook deliveries and their retries."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     webhook_secret: SecretStr = Field(default=SecretStr(""), description="HMAC secret(s) that sign deliveries; "
@@ -212,6 +229,8 @@ class WebhookSettings(BaseSettings):
 
 
 class OutboundSettings(BaseSettings):
+    """Where the service's own outbound requests (URL inputs, webhooks) may go."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     url_allowlist: str = Field(default="", description="Hosts (comma-separated; *.example.com for subdomains) that "
@@ -219,16 +238,20 @@ class OutboundSettings(BaseSettings):
 
 
 class LogSettings(BaseSettings):
+    """The service's log lines."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
 
 
 class MediaSettings(BaseSettings):
+    """The ffmpeg the service runs."""
+
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
-    ffmpeg: Path | None = Field(default=None, description="The ffmpeg binary to run. Default: ffmpeg on PATH, "
-                                "else the one imageio-ffmpeg ships.")
+    ffmpeg: str | None = Field(default=None, description="The ffmpeg binary to run: a path, or a name on PATH. "
+                               "Default: the one imageio-ffmpeg ships.")
 
 
 class BentoSettings(BaseSettings):

@@ -19,7 +19,7 @@ Settings (environment):
   HOST                  the address to bind (default 0.0.0.0: every interface)
   MUSETALK_MODELS_DIR   a MuseTalk models directory (default: tiny random-weight models in demo/models)
   BENTOML_CONFIG        BentoML's settings file (default configuration.yaml)
-  LIP_SYNC_*            the service's settings, listed in README.md (data directory, limits, API tokens)
+  LIP_SYNC_*            the service's settings, listed in docs/configuration.md (data directory, limits, API tokens)
 USAGE
 }
 

@@ -37,14 +37,14 @@ warnings.filterwarnings("ignore", message=".*low cpu memory usage.*")
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny MuseTalk v1.5 + v1.0 directory (sd-vae, whisper, musetalkV15, musetalk)."""
-    from lipsync_runner.testing import write_models_dir
+    from lipsync_runner.models.tiny import write_models_dir
 
     return write_models_dir(tmp_path_factory.mktemp("models"), versions=("v15", "v1"))
 
 
 @pytest.fixture(scope="session")
 def model(models_dir: Path):
-    from lipsync_runner.musetalk import MuseTalk
+    from lipsync_runner.models.musetalk import MuseTalk
 
     return MuseTalk.from_pretrained(models_dir, device="cpu")
 
@@ -52,7 +52,7 @@ def model(models_dir: Path):
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """face.mp4 (2 s, 25 fps, 320x240), speech_short.wav (1.2 s), speech_long.wav (3.3 s)."""
-    from lipsync_runner.testing import write_face_video, write_speech_like_audio
+    from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 
     root = tmp_path_factory.mktemp("media")
     write_face_video(root / "face.mp4", seconds=2.0, fps=25, size=(320, 240))
@@ -92,10 +92,10 @@ def s3():
 def face_clip(tmp_path_factory: pytest.TempPathFactory):
     """16 frames of a 640x360 talking head (frame 8 without a face), their Haar crop boxes, and
     generated faces that differ from the frames everywhere."""
-    from lipsync_runner.crops import crop_faces
+    from lipsync_runner.render.crops import crop_faces
     from lipsync_runner.faces import HaarFaceDetector, track_faces
-    from lipsync_runner.media import VideoReader
-    from lipsync_runner.testing import write_face_video
+    from lipsync_runner.media.ffmpeg import VideoReader
+    from lipsync_runner.media.samples import write_face_video
 
     path = write_face_video(tmp_path_factory.mktemp("clip") / "face.mp4", seconds=0.64, size=(640, 360),
                             blank_frames=(8,))

@@ -199,26 +199,11 @@ def _bentocloud_env_names() -> set[str]:
 
 
 def _settings_env_names() -> set[str]:
-    """The variables our settings classes read (env prefix + field, or the field's aliases)."""
-    from pydantic import AliasChoices
+    """The variables the settings tree reads (lipsync_runner/config.py: every section, every field)."""
+    from lipsync_runner.config import Settings, env_names
 
-    from lipsync_runner.config import AuthSettings
-    from lipsync_runner.config import ApiLimits
-    from lipsync_runner.config import ServiceSettings
-    from lipsync_runner.config import RunnerSettings
-
-    names: set[str] = set()
-    for cls in (RunnerSettings, ServiceSettings, ApiLimits, AuthSettings):
-        prefix = cls.model_config.get("env_prefix", "")
-        for field_name, field in cls.model_fields.items():
-            alias = field.validation_alias
-            if isinstance(alias, AliasChoices):
-                names.update(c for c in alias.choices if isinstance(c, str))
-            elif isinstance(alias, str):
-                names.add(alias)
-            else:
-                names.add(f"{prefix}{field_name}")
-    return {n.upper() for n in names}
+    return {name.upper() for section in Settings.model_fields.values()
+            for field in section.annotation.model_fields for name in env_names(section.annotation, field)}
 
 
 _ENVIRON_READ = re.compile(r"""os\.(?:environ\.get|environ\s*\[|getenv)\(?\s*["']([A-Za-z0-9_]+)["']""")

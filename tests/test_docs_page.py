@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from lipsync_runner import __version__
-from lipsync_runner.api import schemas
+from lipsync_runner.jobs import schemas
 from lipsync_runner.api.auth import OPEN_PATHS
 from lipsync_runner.serving.docs_page import (
     BENTOML_TAG,

@@ -1,18 +1,26 @@
 """The README's examples run as pasted (issue 15), so the README cannot drift from the service.
 
-Convention, in README.md:
+The same holds for the pages in `docs/` that the README links to (issue 20: the README is short,
+the reference moved to `docs/`): a runnable block runs wherever it lives.
+
+Convention, in README.md and in every `docs/*.md` page:
 
 * `<!-- readme-test: run -->` on the line before a fenced ```bash or ```python block: this test runs it.
 * `<!-- readme-test: skip REASON -->` there: it does not (it starts the server, needs Docker, the
   internet, real weights...).
-* In the service section (`## The service`) every bash and python block carries one of the two, so
-  a new example cannot slip in unrun.
+* In the README's service section (`## The service`) and in the pages that hold the API's examples
+  (`MARKED_PAGES`), every bash and python block carries one of the two, so a new example cannot
+  slip in unrun.
+* The README stays a five-minute read (at most `README_MAX_LINES` lines), shows one curl and one SDK
+  example that run, and links every page in `docs/`; every relative link of the README and of
+  those pages leads to a file (and heading) that exists.
 
 How they run: against a real server (`bentoml serve`, tiny random-weight models, no tokens), from a
 temporary directory laid out like the checkout after `./scripts/demo.sh`: `demo/face.mp4` and
 `demo/speech.wav` (the demo's names; shorter clips than `make-test-assets` writes, so the jobs are
 quick) and `.venv`. The one edit made to the blocks: `http://localhost:3000` becomes the test
-server's address. The bash blocks run in order in one bash process, as if pasted into one terminal
+server's address. The bash blocks run in order (the README's first, then the docs pages' in
+name order) in one bash process, as if pasted into one terminal
 (so `$JOB` set in one block is there in the next), with `set -euo pipefail` and a `curl` that fails
 on an HTTP error status. Each python block runs in its own `.venv/bin/python`, the checkout
 importable as from the repository root, alongside the shell (they share nothing). Every MP4 the
@@ -30,11 +38,18 @@ from pathlib import Path
 
 import pytest
 
-from lipsync_runner.media import probe_audio, probe_video
+from lipsync_runner.media.ffmpeg import probe_audio, probe_video
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 SERVICE_SECTION = "The service"
+# docs pages whose every bash and python block is marked run or skip (the API's examples live there)
+MARKED_PAGES = ("docs/api.md", "docs/integration.md", "docs/operations.md", "docs/architecture.md")
+# every page the README must link (configuration.md is generated from lipsync_runner/config.py)
+DOCS_PAGES = ("docs/api.md", "docs/operations.md", "docs/architecture.md", "docs/integration.md",
+              "docs/configuration.md", "docs/benchmarks.md", "docs/reliability.md", "docs/look.md")
+README_MAX_LINES = 250
 LANGS = ("bash", "python")
 README_URL = "http://localhost:3000"
 RUN = "<!-- readme-test: run -->"
@@ -56,9 +71,14 @@ class Block:
     section: str  # the `## ` heading above it
     mark: str | None  # "run", "skip" or None
     reason: str = ""
+    page: str = "README.md"  # relative to the repository root
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
 
 
-def readme_blocks(text: str) -> list[Block]:
+def readme_blocks(text: str, page: str = "README.md") -> list[Block]:
     """Every fenced block with its language, section and mark (the line before the fence)."""
     lines = text.splitlines()
     blocks: list[Block] = []
@@ -76,13 +96,29 @@ def readme_blocks(text: str) -> list[Block]:
         skip = SKIP.match(previous)
         mark = "run" if previous == RUN else "skip" if skip else None
         blocks.append(Block(fence.group(1), "\n".join(lines[i + 1:end]) + "\n", i + 1, section, mark,
-                            skip.group(1) if skip else ""))
+                            skip.group(1) if skip else "", page))
         previous, i = "", end + 1
     return blocks
 
 
+def pages() -> list[Path]:
+    """The README first, then every docs page in name order: where runnable blocks may live."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def all_blocks() -> list[Block]:
+    return [b for path in pages() for b in readme_blocks(path.read_text(), path.relative_to(ROOT).as_posix())]
+
+
 def runnable(lang: str) -> list[Block]:
-    return [b for b in readme_blocks(README.read_text()) if b.mark == "run" and b.lang == lang]
+    return [b for b in all_blocks() if b.mark == "run" and b.lang == lang]
+
+
+def governed(block: Block) -> bool:
+    """Blocks that must be marked: the README's service section and the marked pages, whole."""
+    if block.page == "README.md":
+        return block.section == SERVICE_SECTION
+    return block.page in MARKED_PAGES
 
 
 # ------------------------------------------------------------------ the convention
@@ -100,17 +136,71 @@ def test_marks_are_read_from_the_line_before_each_block():
     assert blocks[2].code == "# a heading-like comment\nprint(2)\n"
 
 
-def test_every_example_of_the_service_section_is_run_or_says_why_not():
-    blocks = [b for b in readme_blocks(README.read_text()) if b.section == SERVICE_SECTION and b.lang in LANGS]
-    unmarked = [f"README.md:{b.line}" for b in blocks if b.mark is None]
+def test_every_example_of_the_service_section_and_the_api_pages_is_run_or_says_why_not():
+    for page in MARKED_PAGES:
+        assert (ROOT / page).is_file(), f"{page} is missing"
+    blocks = [b for b in all_blocks() if governed(b) and b.lang in LANGS]
+    unmarked = [b.where for b in blocks if b.mark is None]
     assert not unmarked, f"mark these blocks `{RUN}` or `<!-- readme-test: skip REASON -->`: {unmarked}"
-    run = [b for b in blocks if b.mark == "run"]
-    assert {b.lang for b in run} == set(LANGS), "the service section shows both shell and Python examples"
+    readme_run = [b for b in blocks if b.page == "README.md" and b.mark == "run"]
+    assert {b.lang for b in readme_run} == set(LANGS), "the README's service section shows a curl and an SDK example"
     # every example that talks to the service uses the one address the test replaces, and the demo's files
-    for b in run:
-        assert README_URL in b.code, f"README.md:{b.line} does not use {README_URL}"
-        assert "demo/face.mp4" in b.code or "generate" not in b.code, f"README.md:{b.line}: use the demo's files"
-        assert "<job_id>" not in b.code, f"README.md:{b.line}: a placeholder cannot be pasted"
+    for b in runnable("bash") + runnable("python"):
+        assert README_URL in b.code, f"{b.where} does not use {README_URL}"
+        assert "demo/face.mp4" in b.code or "generate" not in b.code, f"{b.where}: use the demo's files"
+        assert "<job_id>" not in b.code, f"{b.where}: a placeholder cannot be pasted"
+
+
+# ------------------------------------------------------------------ a short README that links the rest
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a page's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    anchors: set[str] = set()
+    in_fence = False
+    for line in text.splitlines():
+        if FENCE.match(line) or line.strip() == "```":
+            in_fence = not in_fence
+        elif not in_fence and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_heading_anchors_follow_github():
+    text = ("## Dubbing controls: sync modes, silence, segments\n```bash\n# not a heading\n```\n"
+            "### Python client and `lipsync` command\n")
+    assert heading_anchors(text) == {"dubbing-controls-sync-modes-silence-segments",
+                                     "python-client-and-lipsync-command"}
+
+
+def test_the_readme_is_a_five_minute_read_that_links_every_docs_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES, f"README.md has {len(text.splitlines())} lines"
+    for quick_start in ("./scripts/demo.sh", "./scripts/setup.sh dev && .venv/bin/python -m pytest -q -n 2"):
+        assert quick_start in text, f"the quick start's command `{quick_start}` is gone"
+    linked = {target.split("#")[0] for target in LINK.findall(text)}
+    present = {p.relative_to(ROOT).as_posix() for p in DOCS.glob("*.md")}
+    missing = sorted((set(DOCS_PAGES) | present) - linked)
+    assert not missing, f"README.md does not link {missing}"
+
+
+def test_the_links_of_the_readme_and_the_docs_pages_lead_somewhere():
+    broken = []
+    for page in [README, *(ROOT / p for p in MARKED_PAGES)]:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)} -> {target}"
+            if not file.exists():
+                broken.append(f"{where} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file.read_text()):
+                broken.append(f"{where} (no such heading)")
+    assert not broken, broken
 
 
 # ------------------------------------------------------------------ running them
@@ -135,19 +225,19 @@ class Run:
     err: Path
 
     def finish(self) -> str:
-        where = ", ".join(f"README.md:{b.line}" for b in self.blocks)
+        where = ", ".join(b.where for b in self.blocks)
         try:
             code = self.proc.wait(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
         output = f"--- stdout\n{self.out.read_text()[-4000:]}\n--- stderr\n{self.err.read_text()[-4000:]}"
-        assert code == 0, f"the README's blocks at {where} failed (exit {code}):\n{output}"
+        assert code == 0, f"the blocks at {where} failed (exit {code}):\n{output}"
         return self.out.read_text()
 
 
 def start(blocks: list[Block], command: list[str], script: str, cwd: Path, env: dict, logs: Path) -> Run:
-    name = f"line-{blocks[0].line}"
+    name = f"{blocks[0].page.replace('/', '-')}-line-{blocks[0].line}"
     (logs / f"{name}.in").write_text(script)
     out, err = logs / f"{name}.out", logs / f"{name}.err"
     with (logs / f"{name}.in").open() as stdin, out.open("w") as o, err.open("w") as e:
@@ -170,12 +260,13 @@ def test_the_readme_examples_run_as_pasted(open_server, media_dir, tmp_path):
         return code.replace(README_URL, open_server.url)
 
     bash, python = runnable("bash"), runnable("python")
-    assert bash and python
+    # what ran before the README was split: REST, wait=true and Idempotency-Key in the shell; BentoML and the SDK
+    assert len(bash) >= 3 and len(python) >= 2, [b.where for b in bash + python]
     logs = tmp_path / "logs"
     logs.mkdir()
     # The shell blocks in order in one shell; each Python block in its own interpreter, alongside
     # (they share nothing, and the overlap keeps this test short).
-    script = BASH_PRELUDE + "".join(f"echo '>>> README.md:{b.line}'\n{localize(b.code)}\n" for b in bash)
+    script = BASH_PRELUDE + "".join(f"echo '>>> {b.where}'\n{localize(b.code)}\n" for b in bash)
     runs = [start(bash, ["bash", "-s"], script, work, env, logs)]
     runs += [start([b], [str(ROOT / ".venv" / "bin" / "python"), "-"], localize(b.code), work, env, logs)
              for b in python]

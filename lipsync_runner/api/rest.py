@@ -137,9 +137,8 @@ def create_rest_app(
         description="MuseTalk lip sync: upload a video and an audio track, poll the job, download the result.",
         version=__version__,
     )
-    is_manager = hasattr(type(jobs), "submit")  # the type's: a proxy's attributes resolve only per request
-    app.state.operations = (JobOperations(jobs, settings, ensure_ready=ensure_ready, integration=integration)
-                            if is_manager else jobs)
+    app.state.operations = (jobs if isinstance(jobs, JobOperations)
+                            else JobOperations(jobs, settings, ensure_ready=ensure_ready, integration=integration))
     app.state.health = get_health
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate", "/avatars")

@@ -44,6 +44,7 @@ from typing import IO, Iterator, Sequence, Union
 
 import numpy as np
 
+from lipsync_runner.config import MediaSettings
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError, MediaProcessingError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -101,7 +102,7 @@ _STDERR_TAIL_LINES = 6
 
 def ffmpeg_exe() -> str:
     """Path of the ffmpeg binary: ``$LIP_SYNC_FFMPEG`` if set, else imageio-ffmpeg's."""
-    override = os.environ.get("LIP_SYNC_FFMPEG")
+    override = MediaSettings().ffmpeg  # read per call: tests and tools point it elsewhere
     if override:
         resolved = shutil.which(override)  # accepts a path or a name on $PATH
         if resolved is None:

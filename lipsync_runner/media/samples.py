@@ -81,7 +81,7 @@ def write_face_video(path: Path | str, *, seconds: float = 2.0, fps: Fraction | 
                      size: tuple[int, int] = (320, 240), face_px: int | None = None,
                      blank_frames: tuple[int, ...] = (), with_audio: bool = False) -> Path:
     """An H.264 talking-head clip; frames listed in blank_frames have no face (background only)."""
-    from lipsync_runner.media import VideoWriter
+    from lipsync_runner.media.ffmpeg import VideoWriter
 
     fps = Fraction(fps).limit_denominator(1001)
     n = int(seconds * fps)
@@ -117,7 +117,7 @@ def speech_like_signal(seconds: float, sample_rate: int = 16000, seed: int = 0) 
 
 def write_speech_like_audio(path: Path | str, *, seconds: float = 2.0, sample_rate: int = 44100) -> Path:
     """Write speech_like_signal to any format ffmpeg infers from the suffix (wav, mp3, m4a, aac, ogg)."""
-    from lipsync_runner.media import ffmpeg_exe
+    from lipsync_runner.media.ffmpeg import ffmpeg_exe
 
     path = Path(path)
     pcm = speech_like_signal(seconds, sample_rate)
@@ -133,7 +133,7 @@ def write_speech_like_audio(path: Path | str, *, seconds: float = 2.0, sample_ra
 
 
 def _has_encoder(name: str) -> bool:
-    from lipsync_runner.media import ffmpeg_exe
+    from lipsync_runner.media.ffmpeg import ffmpeg_exe
 
     out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
     return f" {name} " in out
@@ -225,7 +225,7 @@ def actor_frames(actors: list[Actor], n: int, size: tuple[int, int] = (480, 270)
 def write_actors_video(path: Path | str, actors: list[Actor], n: int, *, size: tuple[int, int] = (480, 270),
                        fps: Fraction | float = 25, audio: Path | str | None = None) -> Path:
     """An H.264 clip of actor_frames (optionally with a sound track muxed in)."""
-    from lipsync_runner.media import VideoWriter
+    from lipsync_runner.media.ffmpeg import VideoWriter
 
     path = Path(path)
     with VideoWriter(path, size[0], size[1], Fraction(fps).limit_denominator(1001), audio_path=audio,

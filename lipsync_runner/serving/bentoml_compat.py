@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lipsync_runner.api.errors import generic_error
+from lipsync_runner.api.operations import JobOperations
 
 BENTOML_GENERATE = "/generate"
 PROBES = {"/readyz": ("ready", "not ready"), "/livez": ("alive", "not alive")}
@@ -105,18 +106,20 @@ class RunningCore:
         return getattr(bentoml.get_current_service(), self.attribute)
 
     @property
-    def operations(self) -> Any:
-        return _Forward(lambda: self._core().operations)
+    def operations(self) -> JobOperations:
+        return _LiveOperations(lambda: self._core().operations)
 
     async def health(self, **kwargs: Any) -> dict[str, Any]:
         return await self._core().health(**kwargs)
 
 
-class _Forward:
-    """Attribute access forwarded to the object ``target()`` returns at that moment."""
+class _LiveOperations(JobOperations):
+    """Every attribute is the running core's JobOperations' (resolved per access, per request)."""
 
-    def __init__(self, target: Callable[[], Any]) -> None:
-        self._target = target
+    def __init__(self, target: Callable[[], JobOperations]) -> None:  # noqa: super().__init__ on purpose not called
+        object.__setattr__(self, "_target", target)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target(), name)
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("_target", "__class__"):
+            return object.__getattribute__(self, name)
+        return getattr(object.__getattribute__(self, "_target")(), name)

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 def load_face_detector(kind: str = "auto", models_dir: Path | str | None = None, device: str = "cpu") -> FaceDetector:
     """``auto``: FAN if its weight files are in ``models_dir``, else MediaPipe (real landmarks, no
     download) if it is installed, else Haar; or ``fan``, ``mediapipe``, ``haar`` by name."""
-    from lipsync_runner.faces.mediapipe_detector import MediaPipeFaceDetector, mediapipe_available
+    from lipsync_runner.faces.detectors.mediapipe import MediaPipeFaceDetector, mediapipe_available
 
     kind = (kind or "auto").lower()
     if kind == "auto":
