@@ -219,7 +219,7 @@ def test_an_entry_in_use_by_another_process_is_never_removed(tmp_path):
     with AvatarCache(root).open("shared", _track):
         pass
     go = tmp_path / "go"
-    code = (f"import time, pathlib; from lipsync_runner.avatar_cache import AvatarCache\n"
+    code = (f"import time, pathlib; from lipsync_runner.pipeline.avatar_cache import AvatarCache\n"
             f"from tests.test_avatar_cache import _track\n"
             f"with AvatarCache({str(root)!r}).open('shared', _track):\n"
             f"    pathlib.Path({str(tmp_path / 'opened')!r}).touch()\n"

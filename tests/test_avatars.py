@@ -144,7 +144,7 @@ async def test_a_generate_by_avatar_id_equals_the_uploaded_video_job_without_tra
 
         # each use keeps the avatar for another retention period; past it, the avatar and its entry go
         record = core.manager.get(avatar_id)
-        assert record.expires_at > utcnow() + timedelta(seconds=core.settings.retention_s - 60)
+        assert record.expires_at > utcnow() + timedelta(seconds=core.settings.service.retention_s - 60)
         entry = _entry_of(core.avatars, avatar_id)
         assert entry.is_dir()
         core.manager.sweep(now=record.expires_at + timedelta(seconds=1))

@@ -58,6 +58,8 @@ def test_bento_source_has_the_code_and_no_weights_or_data(bento: Path):
     files = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
     assert {"service.py", "configuration.yaml", "lipsync_runner/models/musetalk.py", "lipsync_runner/pipeline/job.py"} <= files
     # the pages' static files: the web page and the API reference at / (docs_page.py reads them at startup)
+    code = {str(p.relative_to(ROOT)) for p in (ROOT / "lipsync_runner").rglob("*.py") if "__pycache__" not in p.parts}
+    assert code <= files, sorted(code - files)  # every room's code, models/ included
     assert {"lipsync_runner/ui/static/app.js", "lipsync_runner/serving/docs_static/index.html",
             "lipsync_runner/serving/docs_static/docs.js"} <= files
     assert not [f for f in files if f.startswith(("tests/", "data/", "models/", "demo/"))]

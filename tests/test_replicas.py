@@ -51,6 +51,12 @@ class Fleet:
                 return server
         raise AssertionError(f"no replica has pid {pid}")
 
+    def replica_of_or_none(self, lease_owner: str) -> Server | None:
+        try:
+            return self.replica_of(lease_owner)
+        except AssertionError:
+            return None  # the killed replica's lease, not yet taken over
+
     def record(self, job_id: str) -> dict:
         with psycopg.connect(self.db_url) as conn:
             return conn.execute("SELECT body FROM lipsync_jobs WHERE job_id = %s", (job_id,)).fetchone()[0]
@@ -195,7 +201,13 @@ def test_sigkill_of_the_replica_running_a_job_lets_the_other_finish_it(fleet, me
     victim = fleet.replica_of(wait_until_at_work(fleet, job_id)["lease_owner"])
     survivor = fleet.b if victim is fleet.a else fleet.a
     victim.kill()  # mid-job, no shutdown hook runs
-    # the new pod of the rolling restart below boots meanwhile (the dead one is not replaced)
+    # The survivor takes the job over once the lease lapses. Only then does the new pod of the
+    # rolling restart below boot (the dead one is not replaced): started at once, it can boot within
+    # the lease and claim the job itself, which is right too, but not what this test is about.
+    deadline = time.monotonic() + 120
+    while (owner := fleet.record(job_id)["lease_owner"]) is None or fleet.replica_of_or_none(owner) is not survivor:
+        assert time.monotonic() < deadline, fleet.record(job_id)
+        time.sleep(0.1)
     fleet.extra.append(start_bento(fleet.workdir, "api-c", fleet.api_args, fleet.env))
 
     done = wait_for(survivor, job_id, timeout=600)  # generous: a new replica boots meanwhile

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from lipsync_runner.config import ApiLimits
+from lipsync_runner.config import ApiLimits, ServiceSettings
 from lipsync_runner.api import BodySizeLimitMiddleware, create_rest_app
 from lipsync_runner.jobs.schemas import job_summary, status_body
 from lipsync_runner.errors import (
@@ -643,7 +643,7 @@ def test_limits_from_environment(monkeypatch) -> None:
     monkeypatch.setenv("LIP_SYNC_MAX_VIDEO_BYTES", "1234")
     monkeypatch.setenv("LIP_SYNC_DEBUG", "true")
     limits = ApiLimits()
-    assert limits.max_video_bytes == 1234 and limits.debug is True
+    assert limits.max_video_bytes == 1234 and ServiceSettings().debug is True
     assert limits.max_audio_bytes == 100 * 1024 * 1024 and limits.wait_timeout_s == 3600
 
 

@@ -24,6 +24,7 @@ from lipsync_runner.inputs.fetch import fetch_input
 from lipsync_runner.inputs.netguard import (
     AddressPolicy,
     URLRefusedError,
+    default_policy,
     forbidden_class,
     guarded_client,
     parse_allowlist,
@@ -286,7 +287,7 @@ def test_s3_urls_need_object_storage_and_obey_the_same_limit(tmp_path):
 
 def test_allowlist_from_the_environment(monkeypatch):
     monkeypatch.setenv("LIP_SYNC_URL_ALLOWLIST", "files.internal, *.bucket.local ,127.0.0.1")
-    policy = FetchSettings().policy()
+    policy = default_policy(resolve_timeout_s=FetchSettings().url_connect_timeout_s)
     assert policy.allowlist == {"files.internal", "*.bucket.local", "127.0.0.1"}
     dns = FakeDNS({"files.internal": ["10.0.0.5"], "a.bucket.local": ["10.0.0.6"], "bucket.local": ["10.0.0.7"]})
     policy = AddressPolicy(allowlist=policy.allowlist, resolver=dns)

@@ -36,7 +36,7 @@ from lipsync_runner.integration.usage import UsageSummary
 from lipsync_runner.jobs.records import JobKind
 from lipsync_runner.api.admission import parse_wait
 from lipsync_runner.api.errors import INTERNAL, error_body, error_headers, generic_error
-from lipsync_runner.config import ApiLimits
+from lipsync_runner.config import ApiLimits, RunnerSettings
 from lipsync_runner.api.limits import BodySizeLimitMiddleware
 from lipsync_runner.api.operations import JobOperations, Manager
 from lipsync_runner.jobs.schemas import (
@@ -123,12 +123,14 @@ def create_rest_app(
     *,
     ensure_ready: Callable[[], Awaitable[None]] | None = None,
     integration: Integration | None = None,
+    defaults: dict[str, Any] | None = None,
     debug: bool = False,
 ) -> FastAPI:
     """The REST API, to be mounted at ``settings.url_prefix`` (default ``/api/lip-sync``).
 
     ``jobs`` is the service's :class:`JobOperations` (the service core builds it), or a job manager
-    to build them over (tests). ``get_health`` answers the health body. ``ensure_ready``, when
+    to build them over, with ``defaults`` for what a job does not give (default: the deployment's
+    ``LIP_SYNC_BBOX_SHIFT``). ``get_health`` answers the health body. ``ensure_ready``, when
     given, is awaited first thing in ``POST /generate``; it raises (e.g. ModelsNotReadyError ->
     503) to refuse uploads the service cannot process. ``debug`` adds tracebacks to 500 answers.
     """
@@ -138,7 +140,8 @@ def create_rest_app(
         version=__version__,
     )
     app.state.operations = (jobs if isinstance(jobs, JobOperations)
-                            else JobOperations(jobs, settings, ensure_ready=ensure_ready, integration=integration))
+                            else JobOperations(jobs, settings, ensure_ready=ensure_ready, integration=integration,
+                                               defaults=defaults or {"bbox_shift": RunnerSettings().bbox_shift}))
     app.state.health = get_health
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate", "/avatars")

@@ -26,9 +26,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from lipsync_runner.errors import JobNotFoundError, LipSyncError
 from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus
+from lipsync_runner.jobs.sql import POSTGRES, JobSQL
 from lipsync_runner.jobs.store import FINISHED, Change, claimed_fields, merge
 
 log = logging.getLogger(__name__)
+
+
+SQL = JobSQL(POSTGRES)
 
 
 class JobStoreUnavailableError(LipSyncError):
@@ -203,11 +207,7 @@ class PostgresJobStore:
                 record.lease_expires_at, Jsonb(record.model_dump(mode="json")))
 
     def _put(self, conn: psycopg.Connection, record: JobRecord) -> None:
-        conn.execute(
-            "UPDATE lipsync_jobs SET status = %s, owner = %s, created_at = %s, expires_at = %s, lease_owner = %s, "
-            "lease_expires_at = %s, body = %s WHERE job_id = %s",
-            (*self._columns(record), record.job_id),
-        )
+        conn.execute(SQL.update, (*self._columns(record), record.job_id))
 
     @staticmethod
     def _records(rows: Iterable[tuple]) -> list[JobRecord]:
@@ -218,18 +218,15 @@ class PostgresJobStore:
     def create(self, record: JobRecord) -> None:
         with self.transaction() as conn:
             try:
-                conn.execute(  # kind is set once: a record never changes kind
-                    "INSERT INTO lipsync_jobs (status, owner, created_at, expires_at, lease_owner, "
-                    "lease_expires_at, body, job_id, kind) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (*self._columns(record), record.job_id, record.kind.value),
-                )
+                # kind is set once: a record never changes kind
+                conn.execute(SQL.insert, (*self._columns(record), record.job_id, record.kind.value))
             except psycopg.errors.UniqueViolation as e:
                 raise ValueError(f"job {record.job_id} already exists") from e
-            conn.execute("DELETE FROM lipsync_uploads WHERE job_id = %s", (record.job_id,))
+            conn.execute(SQL.release_upload, (record.job_id,))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self.connection() as conn:
-            row = conn.execute("SELECT body FROM lipsync_jobs WHERE job_id = %s", (job_id,)).fetchone()
+            row = conn.execute(SQL.body, (job_id,)).fetchone()
         return JobRecord.model_validate(row[0]) if row else None
 
     def update(self, job_id: str, /, **fields: object) -> JobRecord:
@@ -253,56 +250,34 @@ class PostgresJobStore:
         self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None,
         kind: JobKind | None = None,
     ) -> list[JobRecord]:
-        where, args = [], []
-        if owner is not None:
-            where.append("owner = %s")
-            args.append(owner)
-        if kind is not None:
-            where.append("kind = %s")
-            args.append(JobKind(kind).value)
-        if statuses is not None:
-            values = sorted({JobStatus(s).value for s in statuses})
-            if not values:
-                return []
-            where.append("status = ANY(%s)")
-            args.append(values)
-        sql = "SELECT body FROM lipsync_jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, seq DESC"
-        if limit is not None:
-            sql += " LIMIT %s"
-            args.append(max(0, int(limit)))
+        query = SQL.listing(owner, limit, statuses, kind)
+        if query is None:
+            return []
         with self.connection() as conn:
-            return self._records(conn.execute(sql, args).fetchall())
+            return self._records(conn.execute(*query).fetchall())
 
     def delete(self, job_id: str) -> None:
         with self.connection() as conn:
-            conn.execute("DELETE FROM lipsync_jobs WHERE job_id = %s", (job_id,))
+            conn.execute(SQL.delete, (job_id,))
 
     def count_by_status(self) -> dict[str, int]:
         counts = {s.value: 0 for s in JobStatus}
         with self.connection() as conn:
-            for status, n in conn.execute("SELECT status, count(*) FROM lipsync_jobs GROUP BY status").fetchall():
+            for status, n in conn.execute(SQL.count_by_status).fetchall():
                 counts[status] = int(n)
         return counts
 
     def expired(self, now: datetime) -> list[JobRecord]:
         with self.connection() as conn:
-            return self._records(conn.execute(
-                "SELECT body FROM lipsync_jobs WHERE expires_at IS NOT NULL AND expires_at <= %s "
-                "AND status = ANY(%s) ORDER BY expires_at",
-                (now, sorted(s.value for s in FINISHED)),
-            ).fetchall())
+            return self._records(conn.execute(*SQL.expired(now, FINISHED)).fetchall())
 
     # -- the queue -------------------------------------------------------------------------
 
     def claim(self, holder: str, lease_s: float) -> JobRecord | None:
         with self.transaction() as conn:
-            row = conn.execute(
-                "SELECT body, clock_timestamp() FROM lipsync_jobs WHERE status = 'queued' "
-                "ORDER BY created_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
-            ).fetchone()
+            # the time with the row: a claim's lease starts on the database's clock, as every check of it does
+            row = conn.execute(SQL.next_queued.replace("SELECT body", "SELECT body, clock_timestamp()")
+                               + " FOR UPDATE SKIP LOCKED").fetchone()
             if row is None:
                 return None
             current = JobRecord.model_validate(row[0])
@@ -326,25 +301,18 @@ class PostgresJobStore:
 
     def lapsed(self) -> list[JobRecord]:
         with self.connection() as conn:
-            return self._records(conn.execute(
-                "SELECT body FROM lipsync_jobs WHERE status = 'processing' "
-                "AND (lease_expires_at IS NULL OR lease_expires_at < clock_timestamp()) ORDER BY created_at, seq"
-            ).fetchall())
+            return self._records(conn.execute(SQL.lapsed).fetchall())
 
     # -- uploads in progress ---------------------------------------------------------------
 
     def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float) -> tuple[bool, int]:
         with self.transaction() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADMISSION_LOCK,))
-            conn.execute("DELETE FROM lipsync_uploads WHERE expires_at < clock_timestamp()")
-            waiting = int(conn.execute(
-                "SELECT (SELECT count(*) FROM lipsync_jobs WHERE status = 'queued') "
-                "+ (SELECT count(*) FROM lipsync_uploads)"
-            ).fetchone()[0])
+            conn.execute(SQL.drop_lapsed_uploads)
+            waiting = int(conn.execute(SQL.waiting).fetchone()[0])
             if waiting >= max_waiting:
                 return False, waiting
-            conn.execute("INSERT INTO lipsync_uploads (job_id, holder, expires_at) "
-                         "VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s))",
+            conn.execute(SQL.insert_upload.format("clock_timestamp() + make_interval(secs => %s)"),
                          (job_id, holder, float(lease_s)))
         return True, waiting
 
@@ -357,11 +325,11 @@ class PostgresJobStore:
 
     def release_upload(self, job_id: str) -> None:
         with self.connection() as conn:
-            conn.execute("DELETE FROM lipsync_uploads WHERE job_id = %s", (job_id,))
+            conn.execute(SQL.release_upload, (job_id,))
 
     def uploads(self) -> set[str]:
         with self.connection() as conn:
-            rows = conn.execute("SELECT job_id FROM lipsync_uploads WHERE expires_at >= clock_timestamp()").fetchall()
+            rows = conn.execute(SQL.live_uploads).fetchall()
         return {job_id for (job_id,) in rows}
 
     @contextlib.contextmanager

@@ -49,6 +49,7 @@ class HealthResponse(BaseModel):
     status: str = Field(description="'ready' when jobs can run; anything else means not ready (HTTP 503).")
     models_loaded: bool
     device: Optional[str] = None
+    model_version: Optional[str] = Field(default=None, description="The MuseTalk version the runner loaded.")
     error: Optional[str] = None
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from lipsync_runner.errors import JobNotFoundError
+from lipsync_runner.jobs.sql import SQLITE, JobSQL
+from lipsync_runner.jobs.sqlite_file import open_sqlite
 from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus, utcnow
 
 FINISHED = frozenset(s for s in JobStatus if s.finished)
@@ -142,6 +144,8 @@ def _ts(value: datetime | None) -> float | None:
 
 # ------------------------------------------------------------------------------------- SQLite
 
+SQL = JobSQL(SQLITE)
+
 _SCHEMA_VERSION = 3
 _MIGRATIONS: dict[int, str] = {
     # user_version N -> the script that brings a database at N-1 to N
@@ -195,14 +199,9 @@ class SQLiteJobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
-        )
-        conn = self._conn
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
+        # the schema comes from the migrations (PRAGMA user_version), not from one script
+        self._conn: sqlite3.Connection | None = open_sqlite(self.path, "PRAGMA foreign_keys = ON;",
+                                                            busy_timeout_ms=busy_timeout_ms, synchronous="NORMAL")
         self._migrate()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -261,15 +260,11 @@ class SQLiteJobStore:
         )
 
     def _put(self, conn: sqlite3.Connection, record: JobRecord) -> None:
-        conn.execute(
-            "UPDATE jobs SET status = ?, owner = ?, created_at = ?, expires_at = ?, lease_owner = ?, "
-            "lease_expires = ?, body = ? WHERE job_id = ?",
-            (*self._columns(record), record.job_id),
-        )
+        conn.execute(SQL.update, (*self._columns(record), record.job_id))
 
     @staticmethod
     def _read(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
-        row = conn.execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = conn.execute(SQL.body, (job_id,)).fetchone()
         return JobRecord.model_validate_json(row[0]) if row else None
 
     # -- records ---------------------------------------------------------------------------
@@ -277,14 +272,11 @@ class SQLiteJobStore:
     def create(self, record: JobRecord) -> None:
         with self._write() as conn:
             try:
-                conn.execute(  # kind is set once: a record never changes kind
-                    "INSERT INTO jobs (status, owner, created_at, expires_at, lease_owner, lease_expires, body, "
-                    "job_id, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*self._columns(record), record.job_id, record.kind.value),
-                )
+                # kind is set once: a record never changes kind
+                conn.execute(SQL.insert, (*self._columns(record), record.job_id, record.kind.value))
             except sqlite3.IntegrityError as e:
                 raise ValueError(f"job {record.job_id} already exists") from e
-            conn.execute("DELETE FROM uploads WHERE job_id = ?", (record.job_id,))
+            conn.execute(SQL.release_upload, (record.job_id,))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -309,59 +301,35 @@ class SQLiteJobStore:
         self, owner: str | None = None, limit: int | None = 100, statuses: Iterable[JobStatus] | None = None,
         kind: JobKind | None = None,
     ) -> list[JobRecord]:
-        where, args = [], []
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
-        if kind is not None:
-            where.append("kind = ?")
-            args.append(JobKind(kind).value)
-        if statuses is not None:
-            values = sorted({JobStatus(s).value for s in statuses})
-            if not values:
-                return []
-            where.append(f"status IN ({', '.join('?' * len(values))})")
-            args.extend(values)
-        sql = "SELECT body FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(max(0, int(limit)))
+        query = SQL.listing(owner, limit, statuses, kind)
+        if query is None:
+            return []
         with self._lock:
-            rows = self._db().execute(sql, args).fetchall()
+            rows = self._db().execute(*query).fetchall()
         return [JobRecord.model_validate_json(body) for (body,) in rows]
 
     def delete(self, job_id: str) -> None:
         with self._lock:
-            self._db().execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+            self._db().execute(SQL.delete, (job_id,))
 
     def count_by_status(self) -> dict[str, int]:
         counts = {s.value: 0 for s in JobStatus}
         with self._lock:
-            rows = self._db().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+            rows = self._db().execute(SQL.count_by_status).fetchall()
         for status, n in rows:
             counts[status] = int(n)
         return counts
 
     def expired(self, now: datetime) -> list[JobRecord]:
-        finished = sorted(s.value for s in FINISHED)
         with self._lock:
-            rows = self._db().execute(
-                f"SELECT body FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ? "
-                f"AND status IN ({', '.join('?' * len(finished))}) ORDER BY expires_at",
-                (_ts(now), *finished),
-            ).fetchall()
+            rows = self._db().execute(*SQL.expired(_ts(now), FINISHED)).fetchall()
         return [JobRecord.model_validate_json(body) for (body,) in rows]
 
     # -- the queue -------------------------------------------------------------------------
 
     def claim(self, holder: str, lease_s: float) -> JobRecord | None:
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT body FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
-            ).fetchone()
+            row = conn.execute(SQL.next_queued).fetchone()
             if row is None:
                 return None
             current = JobRecord.model_validate_json(row[0])
@@ -385,11 +353,7 @@ class SQLiteJobStore:
 
     def lapsed(self) -> list[JobRecord]:
         with self._lock:
-            rows = self._db().execute(
-                "SELECT body FROM jobs WHERE status = 'processing' AND (lease_expires IS NULL OR lease_expires < ?) "
-                "ORDER BY created_at, rowid",
-                (_ts(utcnow()),),
-            ).fetchall()
+            rows = self._db().execute(SQL.lapsed, (_ts(utcnow()),)).fetchall()
         return [JobRecord.model_validate_json(body) for (body,) in rows]
 
     # -- uploads in progress ---------------------------------------------------------------
@@ -397,14 +361,11 @@ class SQLiteJobStore:
     def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float) -> tuple[bool, int]:
         with self._write() as conn:
             now = _ts(utcnow())
-            conn.execute("DELETE FROM uploads WHERE expires < ?", (now,))
-            queued = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-            uploading = conn.execute("SELECT COUNT(*) FROM uploads").fetchone()[0]
-            waiting = int(queued) + int(uploading)
+            conn.execute(SQL.drop_lapsed_uploads, (now,))
+            waiting = int(conn.execute(SQL.waiting).fetchone()[0])
             if waiting >= max_waiting:
                 return False, waiting
-            conn.execute("INSERT INTO uploads (job_id, holder, expires) VALUES (?, ?, ?)",
-                         (job_id, holder, now + lease_s))
+            conn.execute(SQL.insert_upload.format("?"), (job_id, holder, now + lease_s))
         return True, waiting
 
     def renew_uploads(self, holder: str, job_ids: Collection[str], lease_s: float) -> None:
@@ -417,11 +378,11 @@ class SQLiteJobStore:
 
     def release_upload(self, job_id: str) -> None:
         with self._lock:
-            self._db().execute("DELETE FROM uploads WHERE job_id = ?", (job_id,))
+            self._db().execute(SQL.release_upload, (job_id,))
 
     def uploads(self) -> set[str]:
         with self._lock:
-            rows = self._db().execute("SELECT job_id FROM uploads WHERE expires >= ?", (_ts(utcnow()),)).fetchall()
+            rows = self._db().execute(SQL.live_uploads, (_ts(utcnow()),)).fetchall()
         return {job_id for (job_id,) in rows}
 
     @contextlib.contextmanager

@@ -44,7 +44,8 @@ class ServiceCore:
         configure_opencv(settings.runner)  # this process runs the pipeline around the runner
         data_dir = Path(s.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.runner = RunnerLink(runner)
+        self.runner = runner
+        self.link = RunnerLink(runner)  # its health, and how jobs submit arrays to it
         self.files = JobFiles(data_dir)  # uploads in progress and the workers' scratch (always local)
         self.store = open_store(s.database_url.get_secret_value() if s.database_url else None, data_dir,
                                 pool_size=s.job_workers + 8)
@@ -64,7 +65,7 @@ class ServiceCore:
         # Disk held for running jobs' scratch (frame store, output): admission and job start check it.
         # Always the local data directory: with a bucket too, jobs run in local scratch.
         self.scratch = ScratchLedger(data_dir, floor_bytes=s.free_space_floor_mb * 2**20)
-        self.executor = JobExecutor(settings, runner=self.runner, files=self.files, scratch=self.scratch,
+        self.executor = JobExecutor(settings, runner=self.link, files=self.files, scratch=self.scratch,
                                     integration=self.integration, avatars=self.avatars)
         self.manager = JobManager(
             self.store, self.files, self.executor, storage=self.storage, workers=s.job_workers,
@@ -86,7 +87,7 @@ class ServiceCore:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.runner.loop = loop
+        self.link.loop = loop
         self.integration.start()  # before the manager: recovered jobs' events find it ready
         self.manager.start()
         if self.avatars is not None:  # every replica's own cache: expired here, not by the shared sweeper
@@ -112,11 +113,11 @@ class ServiceCore:
     # ------------------------------------------------------------------ health
 
     async def runner_health(self) -> dict[str, Any]:
-        return await self.runner.health()
+        return await self.link.health()
 
     async def health(self, *, authenticated: bool = True) -> dict[str, Any]:
         """The health body; job counts (all tenants') only for a caller with a token, or with auth off."""
-        runner = await self.runner.health()
+        runner = await self.link.health()
         body = {
             "status": "ready" if runner.get("models_loaded") else runner.get("status", "unavailable"),
             "models_loaded": bool(runner.get("models_loaded")),
@@ -134,7 +135,7 @@ class ServiceCore:
 
     async def ensure_ready(self) -> None:
         """503 (seed: 'Lip sync service not available') unless the models are loaded."""
-        runner = await self.runner.health()
+        runner = await self.link.health()
         if not runner.get("models_loaded"):
             reason = runner.get("error") or f"models are {runner.get('status', 'unavailable')}"
             raise ModelsNotReadyError(f"Models not loaded: {reason}")
