@@ -17,6 +17,7 @@ import bentoml
 import numpy as np
 
 from lipsync_runner.api.auth import BearerAuthMiddleware, is_authenticated, request_owner
+from lipsync_runner.api.body_guard import BodyGuard, BodySlots
 from lipsync_runner.api.rest import create_rest_app
 from lipsync_runner.config import Settings
 from lipsync_runner.errors import InvalidInputError
@@ -93,6 +94,8 @@ class MuseTalkRunner:
 # The REST routes, mounted when the class is defined; they reach the running instance's core
 # (built in one pass in LipSync.__init__) as BentoML's own class views do.
 RUNNING = RunningCore()
+# Request bodies being received (api/body_guard.py); readiness fails while every slot is taken.
+BODY_SLOTS = BodySlots(SETTINGS.limits.max_bodies_per_client, SETTINGS.limits.max_concurrent_bodies)
 rest_app = create_rest_app(RUNNING.operations, RUNNING.health, SETTINGS.limits, debug=SERVICE.debug)
 
 
@@ -124,6 +127,8 @@ class LipSync:
         self.core.stop()
 
     async def __is_ready__(self) -> bool:
+        if BODY_SLOTS.saturated:  # no request with a body can be read now
+            return False
         return bool((await self.core.runner_health()).get("models_loaded"))
 
     async def __metrics__(self, content: str) -> str:
@@ -204,9 +209,12 @@ def _day(value: str | None, name: str) -> date | None:
 
 
 # Outermost: the product's API reference at / and /docs.json (public, like BentoML's stock page it replaces).
-LipSync.add_asgi_middleware(DocsPage, rest_prefix=REST_PATH)
+LipSync.add_asgi_middleware(DocsPage, rest_prefix=REST_PATH, auth=SETTINGS.auth.enabled)
 # Then: requests without a valid token are refused before anything else runs.
 LipSync.add_asgi_middleware(BearerAuthMiddleware)
+# Then: every small body (JSON, forms) is read whole, promptly, in a bounded per-client slot.
+LipSync.add_asgi_middleware(BodyGuard, limits=SETTINGS.limits, slots=BODY_SLOTS)
 # BentoML's side answers like the REST API: its generate streams through the REST route (one
 # admission path, no buffered uploads), errors are JSON in one vocabulary, probes say what they mean.
-LipSync.add_asgi_middleware(BentoMLSurface, rest_generate_path=f"{REST_PATH}/generate")
+LipSync.add_asgi_middleware(BentoMLSurface, rest_generate_path=f"{REST_PATH}/generate",
+                            input_models={f"/{name}": api.input_spec for name, api in LipSync.apis.items()})

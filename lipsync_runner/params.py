@@ -48,6 +48,9 @@ MAX_SEGMENT_SECONDS = 86_400.0
 MAX_SEGMENTS = 1000
 
 
+#: Track ids are small counters per video: a larger number names nobody, and is refused at once.
+MAX_TRACK_ID = 9999
+
 # A job's (and an avatar's) id: a UUID4, the only form a path parameter may take.
 JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -187,7 +190,7 @@ class JobParams(BaseModel):
                 raise ValueError(f"segment {k} ({cur.start:g}-{cur.end:g} s) starts before segment {k - 1} "
                                  f"ends ({prev.end:g} s): segments must be ordered and must not overlap")
         return segments
-    face: Literal["largest", "center", "speaker"] | Annotated[int, Field(ge=0)] = Field(
+    face: Literal["largest", "center", "speaker"] | Annotated[int, Field(ge=0, le=MAX_TRACK_ID)] = Field(
         default="largest",
         description="Whose face is dubbed when several are on screen: largest (most screen area over "
                     "the video), center (nearest the frame's centre), speaker (the mouth that moves with "
@@ -259,7 +262,7 @@ class JobParams(BaseModel):
                     "t=...,v1=HMAC-SHA256 of 't.body'; verify with lipsync_client.verify_webhook). "
                     "Retried with back-off until a 2xx.")
     webhook_events: Annotated[Optional[list[WebhookEvent]], WithJsonSchema(
-        {"type": "array", "items": {"type": "string", "enum": [e.value for e in WebhookEvent]}})] = Field(
+        {"type": "array", "minItems": 1, "items": {"type": "string", "enum": [e.value for e in WebhookEvent]}})] = Field(
         default=None, json_schema_extra=SERVICE_ONLY,
         description="Which events to send to webhook_url: started, progress, completed, failed, cancelled "
                     "(a list, or comma-separated). Default: completed, failed, cancelled.")

@@ -145,6 +145,12 @@ def test_the_lock_marks_exactly_the_routes_that_ask_for_a_token(spec):
         assert path not in open_ones, path
 
 
+def test_without_tokens_no_route_is_marked_as_needing_one(stock_spec):
+    """With auth off (no LIP_SYNC_API_TOKENS), the document does not ask for an Authorization header."""
+    spec = product_openapi(stock_spec, auth=False)
+    assert not [path for _, path, op in operations(spec) if "security" in op]
+
+
 def test_the_rewrite_leaves_the_input_alone(stock_spec):
     before = json.dumps(stock_spec, sort_keys=True)
     product_openapi(stock_spec)

@@ -38,6 +38,13 @@ from lipsync_runner.media.samples import write_face_video, write_speech_like_aud
 
 FUZZ_EXAMPLES = int(os.environ.get("LIP_SYNC_FUZZ_EXAMPLES", "30"))
 SUPPRESS = list(HealthCheck)
+from schemathesis.checks import (  # noqa: E402
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+CONFORMANCE = [status_code_conformance, content_type_conformance, response_schema_conformance]
 SEEN: Counter = Counter()  # (operation, status) -> requests; printed at the end (-s)
 
 
@@ -119,6 +126,8 @@ def test_no_operation_answers_a_server_error(case, fuzz_env):
     SEEN[(f"{case.method} {case.path}", response.status_code)] += 1
     assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text}"
     assert_no_leak(response.text, fuzz_env["root"])
+    # and the answer is what the OpenAPI document says: a documented status, its content type and schema
+    case.validate_response(response, checks=CONFORMANCE)
 
 
 # ------------------------------------------------------------------ the upload form, by property

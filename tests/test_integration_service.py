@@ -163,7 +163,7 @@ def test_url_inputs_that_reach_loopback_without_the_allowlist_are_refused(api, f
                              audio_url=files.url("/bucket/speech"))
     assert job["status"] == "queued", job
     status = finished(api, job["job_id"])
-    assert status["status"] == "failed" and "resolves to a loopback address" in status["error"], status
+    assert status["status"] == "failed" and "localhost refused: it cannot be reached from this service" in status["error"], status
     assert [r.path for r in files.requests[before:]].count("/bucket/face.mp4") == 0
     # an address literal is refused by admission, at once
     resp = api.post(f"{API}/generate", json=url_job(files, video_url="http://127.0.0.9/face.mp4"))

@@ -718,3 +718,42 @@ def test_a_missing_bbox_shift_takes_the_deployments_default(monkeypatch, fake, h
     for data in ({}, {"bbox_shift": ""}, {"bbox_shift": "null"}, {"bbox_shift": "5"}):
         assert client.post("/generate", files=_files(media), data=data).status_code == 202
     assert [s["params"].bbox_shift for s in fake.submitted] == [-7, -7, -7, 5]
+
+
+# ------------------------------------------------------------------ the document matches behaviour (issue 24)
+
+
+def test_a_track_id_no_video_can_have_is_refused_at_admission(client, fake, media) -> None:
+    r = client.post("/generate", files=_files(media), data={"face": "1" * 29})
+    assert r.status_code == 400 and "face" in r.json()["error"]
+    assert fake.submitted == []  # refused before any job was made, not after tracking
+
+
+def test_an_empty_webhook_events_list_is_refused_by_the_document_too(client) -> None:
+    found = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("properties"), dict) and "webhook_events" in node["properties"]:
+                found.append(node["properties"]["webhook_events"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(client.get("/openapi.json").json())
+    assert found and all(e.get("minItems") == 1 for e in found), found
+    assert client.post("/generate", json={"video_url": "https://example.com/a.mp4", "audio_url":
+                       "https://example.com/a.wav", "webhook_url": "https://example.com/h",
+                       "webhook_events": []}).status_code == 400
+
+
+@pytest.mark.parametrize("query", ["until=0", "since=1", "until=2026-13-01", "since=20260101"])
+def test_usage_days_are_read_only_as_calendar_days(client, query) -> None:
+    r = client.get(f"/usage?{query}")
+    assert r.status_code == 400, r.text  # FastAPI's date would read `0` as a Unix time: 1970-01-01
+
+
+def test_usage_documents_its_404(client) -> None:
+    assert "404" in client.get("/openapi.json").json()["paths"]["/usage"]["get"]["responses"]

@@ -264,6 +264,13 @@ def test_metrics_expose_job_counts_durations_frames_and_batch_sizes(client):
     for name in ('lipsync_jobs{status="completed"}', "lipsync_job_duration_seconds", "lipsync_frames_generated",
                  "lipsync_runner_batch_size"):
         assert name in text, name
+    # jobs completed earlier in this module: their frames and their usage are counted, not just declared
+    frames = [float(v) for v in re.findall(r"^lipsync_frames_generated_total(?:\{[^}]*\})? (\S+)$", text, re.M)]
+    assert frames and sum(frames) > 0, frames
+    usage = [float(v) for v in re.findall(r'^lipsync_usage_jobs_total\{[^}]*status="completed"[^}]*\} (\S+)$', text,
+                                          re.M)]
+    assert usage and sum(usage) > 0, [line for line in text.splitlines() if "usage" in line][:10]
+    assert re.search(r"^lipsync_usage_frames_total\{", text, re.M)
 
 
 # ------------------------------------------------------------------ models not loaded

@@ -100,32 +100,58 @@ def test_without_the_allowlist_loopback_is_refused_before_any_request(server, tm
     assert server.paths() == [] and leftovers(tmp_path) == []
 
 
+UNREACHABLE = "refused: it cannot be reached from this service"
+
+
 def test_a_name_that_resolves_to_loopback_is_refused(server, tmp_path):
     """`localhost` through the system resolver (/etc/hosts), and a public-looking name our hook maps to 127.0.0.1."""
     dns = FakeDNS({"cdn.example.com": ["127.0.0.1"]})
     for host in ("localhost", "cdn.example.com"):
-        with pytest.raises(URLRefusedError, match=f"{host} refused: it resolves to a loopback address"):
+        with pytest.raises(URLRefusedError, match=f"^{host} {UNREACHABLE}$"):
             fetch(server.url("/face.mp4", host=host), tmp_path, AddressPolicy(resolver=dns))
     assert dns.asked == ["localhost", "cdn.example.com"]
     assert server.paths() == []
 
 
+def test_a_forbidden_name_and_a_name_that_does_not_resolve_get_the_same_answer(tmp_path, caplog):
+    """Two answers would let a caller probe internal DNS; the server's log keeps the reason, one line each."""
+    def slow(host: str, port: int) -> list[str]:
+        time.sleep(1)
+        return ["93.184.216.34"]
+
+    messages = {}
+    for host, resolver in (("db.internal", FakeDNS({"db.internal": ["10.0.0.5"]})), ("nosuch.internal", FakeDNS({})),
+                           ("empty.internal", FakeDNS({"empty.internal": []})), ("slow.internal", slow)):
+        with caplog.at_level("INFO", logger="lipsync_runner.inputs.netguard"), pytest.raises(URLRefusedError) as e:
+            fetch(f"http://{host}/a.mp4", tmp_path, AddressPolicy(resolver=resolver, resolve_timeout_s=0.2))
+        messages[host] = e.value.message.replace(host, "<host>")
+    assert set(messages.values()) == {f"<host> {UNREACHABLE}"}
+    logged = [r.getMessage() for r in caplog.records if r.name == "lipsync_runner.inputs.netguard"]
+    assert len(logged) == 4
+    assert "10.0.0.5, a private address" in logged[0] and "does not resolve" in logged[1]
+    assert "no address" in logged[2] and "did not resolve within 0.2 s" in logged[3]
+
+
 @pytest.mark.parametrize("address,klass", sorted(REFUSED.items()))
-def test_every_forbidden_address_class_is_refused_by_name_and_as_literal(address, klass, tmp_path):
+def test_every_forbidden_address_class_is_refused_by_name_and_as_literal(address, klass, tmp_path, caplog):
     assert forbidden_class(address) == klass
     dns = FakeDNS({"files.example.com": [address]})
-    with pytest.raises(URLRefusedError, match=f"resolves to a {klass} address"):
+    with caplog.at_level("INFO", logger="lipsync_runner.inputs.netguard"), \
+            pytest.raises(URLRefusedError, match=f"files.example.com {UNREACHABLE}"):
         fetch("http://files.example.com/a.mp4", tmp_path, AddressPolicy(resolver=dns))
+    assert f"a {klass} address" in caplog.text  # the class only in the server's log
     literal = f"[{address}]" if ":" in address else address
     with pytest.raises(URLRefusedError, match=klass):
         fetch(f"http://{literal}/a.mp4", tmp_path, AddressPolicy(resolver=dns))
     assert dns.asked == ["files.example.com"]  # the literal is judged without DNS
 
 
-def test_one_bad_address_among_good_ones_refuses_the_name(tmp_path):
+def test_one_bad_address_among_good_ones_refuses_the_name(tmp_path, caplog):
     dns = FakeDNS({"mixed.example.com": ["93.184.216.34", "10.0.0.8"]})
-    with pytest.raises(URLRefusedError, match="private"):
+    with caplog.at_level("INFO", logger="lipsync_runner.inputs.netguard"), \
+            pytest.raises(URLRefusedError, match=UNREACHABLE):
         fetch("https://mixed.example.com/a.mp4", tmp_path, AddressPolicy(resolver=dns))
+    assert "10.0.0.8, a private address" in caplog.text
 
 
 def test_public_addresses_are_not_refused():
@@ -143,8 +169,8 @@ def test_redirects_are_checked_on_every_hop(server, tmp_path):
                "/to-ok": server.url("/face.mp4", host="files.test")}
     for path, target in targets.items():
         server.routes[path] = lambda req, target=target: Reply(302, {"Location": target})
-    for path, klass in (("/to-literal", "loopback"), ("/to-name", "loopback"), ("/to-metadata", "metadata")):
-        with pytest.raises(URLRefusedError, match=klass):
+    for path, host in (("/to-literal", "127.0.0.1"), ("/to-name", "rebind.test"), ("/to-metadata", "meta.test")):
+        with pytest.raises(URLRefusedError, match=f"^{host} {UNREACHABLE}$"):
             fetch(server.url(path, host="files.test"), tmp_path, policy)
     assert server.paths() == ["/to-literal", "/to-name", "/to-metadata"]  # no redirect target was requested
     got = fetch(server.url("/to-ok", host="files.test"), tmp_path, policy)

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from lipsync_runner import __version__
 from lipsync_runner.api.auth import is_authenticated, request_client, request_owner
-from lipsync_runner.errors import LipSyncError
+from lipsync_runner.errors import InvalidInputError, LipSyncError
 from lipsync_runner.integration.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, parse_key
 from lipsync_runner.integration.usage import UsageSummary
 
@@ -58,6 +58,16 @@ if TYPE_CHECKING:
     from lipsync_runner.integration.services import Integration
 
 log = logging.getLogger(__name__)
+DAY_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+
+
+def _day(value: str | None, name: str) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidInputError(f"Invalid {name}: expected a UTC day as YYYY-MM-DD") from None
 
 TAG_JOBS = "Jobs (REST)"
 TAG_SERVICE = "Service (REST)"
@@ -267,15 +277,17 @@ def create_rest_app(
         return await ops(request).cancel(job_id, owner)
 
     @router.get("/usage", response_model=UsageSummary, summary="Your usage by UTC day", tags=[TAG_SERVICE],
+                responses={404: {"model": ErrorResponse, "description": "this server records no usage"}},
                 description="Jobs (by final status), output seconds and frames of the caller's own jobs (its "
                             "token's, with jobs scoped per token), between two UTC days; the last 30 by default.")
     async def usage(
         request: Request,
-        since: Optional[date] = Query(None, description="First UTC day, YYYY-MM-DD"),
-        until: Optional[date] = Query(None, description="Last UTC day, YYYY-MM-DD (default today)"),
+        since: Optional[str] = Query(None, pattern=DAY_PATTERN, description="First UTC day, YYYY-MM-DD"),
+        until: Optional[str] = Query(None, pattern=DAY_PATTERN, description="Last UTC day, YYYY-MM-DD (default today)"),
         owner: Optional[str] = Depends(get_owner),
     ) -> dict[str, Any]:
-        return await ops(request).usage(owner, since, until)
+        # strings, not dates: FastAPI would read `until=0` as a Unix time (1970-01-01)
+        return await ops(request).usage(owner, _day(since, "since"), _day(until, "until"))
 
     @router.post(
         "/avatars", status_code=202, response_model=AvatarAccepted,

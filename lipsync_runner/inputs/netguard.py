@@ -13,13 +13,24 @@ connect to is the one we checked: no second DNS lookup that a rebinding name cou
 differently. TLS still verifies the certificate against the URL's host name (httpcore passes
 it as the server name). Hosts in ``LIP_SYNC_URL_ALLOWLIST`` skip the address check (a bucket
 gateway on the private network; the tests' loopback file server).
+
+A name that does not resolve and one that resolves to a forbidden address get the same answer
+(``<host> refused: it cannot be reached from this service``): two answers would let a caller
+map internal DNS. The server's log keeps the reason.
+
+A :class:`SocketWatch` given to :func:`guarded_client` holds the sockets of one fetch, so that
+another thread can stop it at once (a cancelled job, a deadline): see :mod:`.fetch`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import math
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -33,6 +44,8 @@ import httpx
 
 from lipsync_runner.errors import InvalidInputError
 from lipsync_runner.config import OutboundSettings
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Sequence[str]]
@@ -58,6 +71,12 @@ _NAT64 = _net("64:ff9b::/96")
 
 class URLRefusedError(InvalidInputError):
     """A URL the server will not fetch (scheme, address class, allow-list); 400."""
+
+
+def _unreachable(host: str, reason: str) -> URLRefusedError:
+    """One answer whether the name does not resolve or resolves to a forbidden address; the reason is logged."""
+    log.info("outbound request to %s refused: %s", host, reason)
+    return URLRefusedError(f"{host} refused: it cannot be reached from this service")
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -156,18 +175,17 @@ class AddressPolicy:
             try:
                 addresses = list(future.result(timeout=self.resolve_timeout_s))
             except FutureTimeout:
-                raise URLRefusedError(f"{host}: the name did not resolve within {self.resolve_timeout_s:g} s") from None
-            except OSError:
-                raise URLRefusedError(f"{host}: the name does not resolve") from None
+                raise _unreachable(host, f"the name did not resolve within {self.resolve_timeout_s:g} s") from None
+            except OSError as e:
+                raise _unreachable(host, f"the name does not resolve ({e})") from None
             if not addresses:
-                raise URLRefusedError(f"{host}: the name does not resolve")
+                raise _unreachable(host, "the name resolves to no address")
         if host_allowed(host, self.allowlist):
             return addresses
         for address in addresses:
             reason = forbidden_class(address)
             if reason:
-                # the address itself is not shown: it would map the internal network for the caller
-                raise URLRefusedError(f"{host} refused: it resolves to a {reason} address")
+                raise _unreachable(host, f"it resolves to {address}, a {reason} address")
         return addresses
 
 
@@ -177,12 +195,65 @@ def default_policy(resolve_timeout_s: float = 10.0, outbound: OutboundSettings |
     return AddressPolicy(allowlist=parse_allowlist(outbound.url_allowlist), resolve_timeout_s=resolve_timeout_s)
 
 
-class GuardedBackend(httpcore.NetworkBackend):
-    """httpcore's TCP connect, to addresses the policy vetted (the check and the connect are one step)."""
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # not connected (yet, or any more): nothing to wake
+        pass
 
-    def __init__(self, policy: AddressPolicy, inner: httpcore.NetworkBackend | None = None) -> None:
+
+class SocketWatch:
+    """The sockets of one fetch, so that another thread can stop it now (a cancel, a deadline).
+
+    httpx's timeouts are per read: an origin that sends a byte every few seconds holds a read
+    open as long as it likes. :meth:`stop` shuts every socket down, and a read blocked on one
+    in another thread returns at once. Each socket is kept as a duplicate descriptor: TLS wraps
+    (and detaches) the socket object it is given, and a shutdown through any descriptor ends the
+    connection itself. :meth:`close` when the fetch is over (the duplicates hold the sockets open).
+    """
+
+    def __init__(self, deadline: float = math.inf) -> None:
+        self.deadline = deadline  # time.monotonic() by which the fetch must be over: no connect waits past it
+        self.error: Exception | None = None  # set by stop(): what the fetch raises
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.error is not None:  # stopped while it connected
+                _shutdown(self._socks[-1])
+
+    def stop(self, error: Exception) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            for sock in self._socks:
+                _shutdown(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
+
+
+class GuardedBackend(httpcore.NetworkBackend):
+    """httpcore's TCP connect, to addresses the policy vetted (the check and the connect are one step).
+
+    With a ``watch``, each socket is registered with it, and no connect starts after it stopped
+    or waits past its deadline.
+    """
+
+    def __init__(self, policy: AddressPolicy, inner: httpcore.NetworkBackend | None = None,
+                 watch: SocketWatch | None = None) -> None:
         self.policy = policy
         self.inner = inner or httpcore.SyncBackend()
+        self.watch = watch
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                     local_address: str | None = None, socket_options: Iterable[Any] | None = None
@@ -190,12 +261,19 @@ class GuardedBackend(httpcore.NetworkBackend):
         addresses = self.policy.vet(host, port)
         last: Exception | None = None
         for address in addresses:
+            if self.watch is not None:
+                self.watch.check()
+                left = max(0.05, self.watch.deadline - time.monotonic())  # never 0: that is non-blocking
+                timeout = left if timeout is None else min(timeout, left)
             try:
                 stream = self.inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
                                                 socket_options=socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
                 last = e
                 continue
+            sock = stream.get_extra_info("socket")
+            if self.watch is not None and isinstance(sock, socket.socket):
+                self.watch.add(sock)
             return stream
         assert last is not None
         raise last
@@ -223,10 +301,10 @@ class GuardedTransport(httpx.HTTPTransport):
     """
 
     def __init__(self, policy: AddressPolicy, *, ssl_context: ssl.SSLContext | None = None,
-                 limits: httpx.Limits = DEFAULT_LIMITS) -> None:
+                 limits: httpx.Limits = DEFAULT_LIMITS, watch: SocketWatch | None = None) -> None:
         ssl_context = ssl_context or _ssl_context()
         super().__init__(verify=ssl_context, trust_env=False, limits=limits)
-        self.backend = GuardedBackend(policy)
+        self.backend = GuardedBackend(policy, watch=watch)
         self._pool.close()
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context,
@@ -239,12 +317,13 @@ class GuardedTransport(httpx.HTTPTransport):
 
 def guarded_client(policy: AddressPolicy, *, timeout: httpx.Timeout, follow_redirects: bool = False,
                    max_redirects: int = 5, headers: dict[str, str] | None = None,
-                   ssl_context: ssl.SSLContext | None = None) -> httpx.Client:
+                   ssl_context: ssl.SSLContext | None = None, watch: SocketWatch | None = None) -> httpx.Client:
     """An ``httpx.Client`` that can reach only what ``policy`` allows, on every hop.
 
     ``ssl_context``: default, certifi's CAs with host name checks (tests pass one that trusts their CA).
+    ``watch``: registers the client's sockets, so that another thread can stop its requests.
     """
-    return httpx.Client(transport=GuardedTransport(policy, ssl_context=ssl_context), timeout=timeout,
+    return httpx.Client(transport=GuardedTransport(policy, ssl_context=ssl_context, watch=watch), timeout=timeout,
                         follow_redirects=follow_redirects,
                         max_redirects=max_redirects, headers=headers, trust_env=False)
 

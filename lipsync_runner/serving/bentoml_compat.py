@@ -17,8 +17,12 @@ One ASGI middleware over the whole `LipSync` app:
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Callable
 from typing import Any
+
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lipsync_runner.api.errors import generic_error
 from lipsync_runner.api.operations import JobOperations
@@ -26,18 +30,40 @@ from lipsync_runner.api.operations import JobOperations
 BENTOML_GENERATE = "/generate"
 PROBES = {"/readyz": ("ready", "not ready"), "/livez": ("alive", "not alive")}
 _JSON = b"application/json"
+log = logging.getLogger(__name__)
 
 
 class BentoMLSurface:
-    def __init__(self, app, rest_generate_path: str) -> None:
+    def __init__(self, app, rest_generate_path: str, input_models: dict[str, Any] | None = None) -> None:
         self.app = app
         self.rest_generate_path = rest_generate_path
+        # path -> the endpoint's input model: a body it refuses is a 400 answered here, in one log line
+        # (BentoML answers 400 too, but logs each one as an error with a traceback)
+        self.input_models = input_models or {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        problem = None
+        if path in _BENTOML_PATHS and scope.get("method") == "POST":
+            # The body is small (BodyGuard read it whole): check it here. BentoML's form parser raises
+            # on broken multipart framing (a 500 with a traceback in the log).
+            body = await _whole_body(receive)
+            receive = _replay(body, receive)
+            if _is_multipart(scope):
+                problem = _malformed_multipart(scope, body)
+            elif path in self.input_models:
+                problem = _invalid_json(self.input_models[path], body)
+        if problem is not None:
+            # BentoML's form parser raises on these (a 500 with a traceback in the log): answer for it
+            log.info("refused %s %s: %s", scope.get("method"), path, problem)
+            payload = json.dumps({"error": problem}).encode()
+            await send({"type": "http.response.start", "status": 400, "headers": [
+                (b"content-type", _JSON), (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
         if path == BENTOML_GENERATE and scope.get("method") == "POST":
             scope = {**scope, "path": self.rest_generate_path, "raw_path": self.rest_generate_path.encode()}
         probe = PROBES.get(path)
@@ -72,6 +98,81 @@ class BentoMLSurface:
 
 
 _BENTOML_PATHS = frozenset({"/status", "/download", "/cancel", "/cleanup", "/jobs", "/health", "/usage"})
+_BOUNDARY_RE = re.compile(rb"^[0-9A-Za-z'()+_,\-./:=? ]{1,70}$")  # RFC 2046's boundary characters
+
+
+def _invalid_json(model: Any, body: bytes) -> str | None:
+    """Why an endpoint's input model refuses a JSON body, in one line, or None."""
+    from pydantic import ValidationError
+
+    try:
+        model.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        first = exc.errors(include_context=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"Invalid request body: {where + ': ' if where else ''}{first.get('msg', 'invalid')}"
+    return None
+
+
+def _is_multipart(scope) -> bool:
+    return _content_type(scope).lower().startswith(b"multipart/")
+
+
+def _content_type(scope) -> bytes:
+    return next((v for k, v in scope.get("headers") or () if k.lower() == b"content-type"), b"")
+
+
+async def _whole_body(receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return bytes(body)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _malformed_multipart(scope, body: bytes) -> str | None:
+    """Why a multipart body's framing cannot be parsed (no boundary, an invalid one, parts that do not
+    follow it), or None."""
+    _, options = parse_options_header(_content_type(scope))
+    boundary = options.get(b"boundary", b"").strip(b'"')
+    if not boundary:
+        return "Malformed multipart body: the Content-Type has no boundary"
+    if not _BOUNDARY_RE.match(boundary) or boundary.endswith(b" "):
+        return "Malformed multipart body: the boundary is not valid"
+    ended = False
+
+    def on_end() -> None:
+        nonlocal ended
+        ended = True
+
+    try:
+        parser = MultipartParser(boundary, {"on_end": on_end})
+        parser.write(body)
+        parser.finalize()
+    except Exception:  # noqa: BLE001 - python-multipart's errors differ by version; any means malformed
+        return "Malformed multipart body: its parts do not follow the boundary"
+    return None if ended else "Malformed multipart body: it ends before its closing boundary"
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"").strip(b'"')
+    if not boundary:
+        return "Malformed multipart body: the Content-Type has no boundary"
+    if not _BOUNDARY_RE.match(boundary) or boundary.endswith(b" "):
+        return "Malformed multipart body: the boundary is not valid"
+    return None
 
 
 def _rewrite(status: int, payload: bytes, content_type: bytes, probe: tuple[str, str] | None) -> bytes:

@@ -218,8 +218,10 @@ def _tag_of(path: str, op: dict[str, Any], rest_prefix: str) -> str:
 
 
 def product_openapi(spec: dict[str, Any], *, version: str = __version__,
-                    rest_prefix: str = REST_PREFIX) -> dict[str, Any]:
-    """BentoML's OpenAPI document of the LipSync service, made the product's (a new dict)."""
+                    rest_prefix: str = REST_PREFIX, auth: bool = True) -> dict[str, Any]:
+    """BentoML's OpenAPI document of the LipSync service, made the product's (a new dict).
+
+    ``auth``: the service checks tokens; without them no operation is marked as needing one."""
     spec = copy.deepcopy(spec)
     spec.pop("servers", None)  # BentoML's [{"url": "."}]: the page's own origin, without a server picker
     spec["info"] = {"title": TITLE, "version": version, "description": description(version, rest_prefix)}
@@ -243,7 +245,7 @@ def product_openapi(spec: dict[str, Any], *, version: str = __version__,
                 _document_rest(op, method, path[len(rest_prefix):], examples)
             elif tag == BENTOML_TAG:
                 _document_bentoml(op, rest_prefix)
-            if not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):  # api/auth.py's rule
+            if auth and not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):  # api/auth.py's rule
                 op["security"] = [{SECURITY_SCHEME: []}]
     spec["tags"] = [
         *({"name": t, "description": f"The REST API under `{rest_prefix}` (the seed guide's contract): use this one."}
@@ -294,8 +296,10 @@ def _page(version: str) -> bytes:
 class DocsPage:
     """Serve our API reference at ``/`` and rewrite BentoML's ``/docs.json``; pass everything else on."""
 
-    def __init__(self, app: ASGIApp, version: str = __version__, rest_prefix: str = REST_PREFIX) -> None:
+    def __init__(self, app: ASGIApp, version: str = __version__, rest_prefix: str = REST_PREFIX,
+                 auth: bool = True) -> None:
         self.app = app
+        self.auth = auth
         self.version = version
         self.rest_prefix = rest_prefix
         self.page = _page(version)
@@ -330,7 +334,7 @@ class DocsPage:
         payload = bytes(body)
         if status == 200:
             payload = json.dumps(product_openapi(json.loads(payload), version=self.version,
-                                                 rest_prefix=self.rest_prefix)).encode()
+                                                 rest_prefix=self.rest_prefix, auth=self.auth)).encode()
         await _respond(scope, send, payload, "application/json", status=status)
 
 

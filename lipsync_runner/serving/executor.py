@@ -130,7 +130,7 @@ class JobExecutor:
         inputs = prepare_inputs(ctx.job, ctx.work_dir, self.settings.limits, validate=validate,
                                 settings=self.integration.fetch, policy=self.integration.policy,
                                 s3_reader=self.integration.s3_reader, avatar_video=avatar_video,
-                                progress=ctx.progress)
+                                progress=ctx.progress, should_cancel=ctx.should_cancel)
         if "video" in inputs.fetched and write_thumbnail(inputs.video, ctx.work_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH,
                                                          inputs.video_info.demuxer):
             inputs.written.append(THUMBNAIL_NAME)

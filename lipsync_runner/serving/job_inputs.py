@@ -48,12 +48,15 @@ AvatarVideo = Callable[[str, str | None], Path]
 def prepare_inputs(job: JobRecord, work_dir: Path, limits: ApiLimits, *, validate: Validate,
                    settings: FetchSettings | None = None, policy: AddressPolicy | None = None,
                    s3_reader: S3Reader | None = None, avatar_video: AvatarVideo | None = None,
-                   progress: Callable[[str, float], None] = lambda stage, fraction: None) -> PreparedInputs:
+                   progress: Callable[[str, float], None] = lambda stage, fraction: None,
+                   should_cancel: Callable[[], bool] = lambda: False) -> PreparedInputs:
     """Fetch the job's URL inputs into ``work_dir`` and check the inputs by content and limits.
 
     ``validate`` is admission's content check (``api.validation.validate_media``; called with
     ``None`` for an avatar's audio). Raises what a refused upload would: InvalidInputError
-    (400), InputTooLargeError (413), with the user's names for the inputs.
+    (400), InputTooLargeError (413), with the user's names for the inputs. ``should_cancel``
+    is the job's: a fetch in progress stops within a fraction of a second (JobCancelledError),
+    so a cancelled or cleaned-up job frees its worker even while an origin trickles its bytes.
     """
     specs = media_specs(limits.max_video_bytes, limits.max_audio_bytes)
     names = {"video": job.video_file, "audio": job.audio_file}
@@ -78,7 +81,8 @@ def prepare_inputs(job: JobRecord, work_dir: Path, limits: ApiLimits, *, validat
         if not url:
             raise LipSyncError(f"the job's {field} is a URL reference but has no {field}_url")
         progress(f"fetching {field}", 0.0)
-        got = fetch_input(url, work_dir, specs[field], settings=settings, policy=policy, s3_reader=s3_reader)
+        got = fetch_input(url, work_dir, specs[field], settings=settings, policy=policy, s3_reader=s3_reader,
+                          should_cancel=should_cancel)
         fetched[field] = got
         paths[field] = work_dir / got.file_name
         shown[field] = f"{field}_url ({got.display_name})"
