@@ -120,6 +120,29 @@ class ServiceSettings(BaseSettings):
     runner_timeout_s: float = Field(default=600.0, gt=0, description="Longest one call to the GPU runner may "
                                                                      "take.")
 
+    # Fairness between owners (API tokens with LIP_SYNC_SCOPE_JOBS_TO_TOKEN; everyone one owner without):
+    # one owner's backlog or avatars must not turn every other owner away (429, 507).
+    max_queued_jobs_per_owner: int | None = Field(
+        default=None, ge=1, description="Jobs one owner may have queued or uploading (over all replicas); beyond, "
+                                        "that owner gets 429, others not. Default: a fifth of "
+                                        "LIP_SYNC_MAX_QUEUED_JOBS.")
+    max_running_jobs_per_owner: int = Field(
+        default=0, ge=0, description="Jobs of one owner running at once over all replicas; 0: no cap. Either way "
+                                     "a free worker takes the job of the owner with the fewest running, then the "
+                                     "one served least recently.")
+    avatar_cache_gb_per_owner: float | None = Field(
+        default=None, gt=0, description="What one owner's avatars may keep in the avatar cache; beyond, that "
+                                        "owner's new avatar gets 507, others not. Default: a fifth of "
+                                        "LIP_SYNC_AVATAR_CACHE_GB.")
+
+    @property
+    def queued_jobs_per_owner(self) -> int:
+        return self.max_queued_jobs_per_owner or max(1, self.max_queued_jobs // 5)
+
+    @property
+    def avatar_cache_bytes_per_owner(self) -> int:
+        return int((self.avatar_cache_gb_per_owner or self.avatar_cache_gb / 5) * 2**30)
+
     @property
     def retention_s(self) -> float:
         return self.retention_hours * 3600
@@ -148,6 +171,12 @@ class ApiLimits(BaseSettings):
     upload_min_bytes_per_s: int = Field(default=32 * 1024, ge=0, description="Slowest average upload rate "
                                         "accepted once the grace period has passed (408 below).")
     upload_rate_grace_s: float = Field(default=20.0, ge=0, description="Seconds before the minimum rate applies.")
+    body_deadline_s: float = Field(default=30.0, gt=0, description="A request body that is not an upload (JSON or "
+                                   "form parameters) must arrive whole within this (408 past it).")
+    max_bodies_per_client: int = Field(default=8, ge=1, description="Such bodies one client may be sending at once "
+                                       "(429 beyond).")
+    max_concurrent_bodies: int = Field(default=128, ge=1, description="Such bodies being received at once in all "
+                                       "(429 beyond; readiness fails while every slot is taken).")
     url_prefix: str = Field(
         default="/api/lip-sync", description="Public path the API is mounted at (for status/download URLs)."
     )
@@ -222,6 +251,8 @@ class WebhookSettings(BaseSettings):
     webhook_progress_interval_s: float = Field(default=10.0, ge=0, description="At most one progress event per job "
                                                "per this many seconds.")
     webhook_concurrency: int = Field(default=4, ge=1, le=64, description="Deliveries made at once.")
+    webhook_per_host: int = Field(default=2, ge=1, le=64, description="Deliveries made at once to one receiver host "
+                                  "(name), so that a slow host cannot take every slot.")
 
     @property
     def secrets(self) -> tuple[str, ...]:
