@@ -278,7 +278,7 @@ def test_an_older_job_database_gains_the_kind_column_and_its_records_stay_jobs(t
     conn.commit()
     conn.close()
     store = SQLiteJobStore(db)
-    assert store.schema_version == 3
+    assert store.schema_version == 4
     assert store.get(record.job_id).kind is JobKind.job
     assert [r.job_id for r in store.list(kind=JobKind.job)] == [record.job_id] and store.list(kind=JobKind.avatar) == []
     store.close()

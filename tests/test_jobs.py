@@ -159,7 +159,7 @@ def backend(request) -> Backend:
     s3 = request.getfixturevalue("s3")
     with psycopg.connect(url, autocommit=True) as conn:  # every test starts from an empty queue
         if conn.execute("SELECT to_regclass('lipsync_jobs')").fetchone()[0] is not None:
-            conn.execute("TRUNCATE lipsync_jobs, lipsync_uploads")
+            conn.execute("TRUNCATE lipsync_jobs, lipsync_uploads, lipsync_owners")
     global _BUCKET
     if _BUCKET is None:
         _BUCKET = s3.create_bucket()
@@ -393,7 +393,7 @@ def test_store_is_wal_versioned_and_persistent(tmp_path):
     rec = record()
     store.create(rec)
     assert store.journal_mode == "wal"
-    assert store.schema_version == 3  # 2: the queue's leases; 3: the kind column (avatars)
+    assert store.schema_version == 4  # 2: the queue's leases; 3: the kind column (avatars); 4: owners' turns
     store.close()
     with pytest.raises(RuntimeError):
         store.get(rec.job_id)
@@ -427,7 +427,7 @@ def test_a_version_1_sqlite_store_is_migrated_with_its_records(tmp_path):
     conn.close()
 
     store = SQLiteJobStore(path)
-    assert store.schema_version == 3  # and the kind column (avatars)
+    assert store.schema_version == 4  # and the kind column (avatars), the owners' turns
     assert store.get(old.job_id) == old  # the new fields take their defaults
     assert [r.job_id for r in store.lapsed()] == [old.job_id]  # no lease: a dead process's job
     store.close()
@@ -547,20 +547,20 @@ def test_upload_reservations_count_towards_admission_until_they_end(make_store):
     queued = record()
     store.create(queued)
     ups = [new_job_id() for _ in range(3)]
-    assert store.reserve_upload(ups[0], "a", max_waiting=3, lease_s=30) == (True, 1)
-    assert other.reserve_upload(ups[1], "b", max_waiting=3, lease_s=30) == (True, 2)
-    assert store.reserve_upload(ups[2], "a", max_waiting=3, lease_s=30) == (False, 3)  # full, on every replica
+    assert store.reserve_upload(ups[0], "a", max_waiting=3, lease_s=30)[:2] == (True, 1)
+    assert other.reserve_upload(ups[1], "b", max_waiting=3, lease_s=30)[:2] == (True, 2)
+    assert store.reserve_upload(ups[2], "a", max_waiting=3, lease_s=30)[:2] == (False, 3)  # full, on every replica
     assert store.uploads() == {ups[0], ups[1]}
 
     other.release_upload(ups[1])  # discarded
-    assert store.reserve_upload(ups[2], "a", max_waiting=3, lease_s=0.3) == (True, 2)
+    assert store.reserve_upload(ups[2], "a", max_waiting=3, lease_s=0.3)[:2] == (True, 2)
     store.create(JobRecord(job_id=ups[0], video_filename="v", audio_filename="a", video_file="v.mp4",
                            audio_file="a.wav"))
     assert store.uploads() == {ups[2]}  # submitted: the reservation became the queued job
     store.renew_uploads("a", [ups[2]], lease_s=0.3)
     time.sleep(0.5)  # not renewed again: the uploading replica died
     assert store.uploads() == set()
-    assert store.reserve_upload(new_job_id(), "b", max_waiting=3, lease_s=30) == (True, 2)
+    assert store.reserve_upload(new_job_id(), "b", max_waiting=3, lease_s=30)[:2] == (True, 2)
 
 
 def test_exclusive_is_held_by_one_holder_at_a_time(backend, make_store):

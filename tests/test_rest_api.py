@@ -53,7 +53,7 @@ class FakeManager:
         self.finish_on_wait: JobStatus | None = JobStatus.completed
         self.raise_on_get: Exception | None = None
 
-    def new_upload(self) -> tuple[str, Path]:
+    def new_upload(self, owner: str | None = None) -> tuple[str, Path]:
         self.new_upload_calls += 1
         if self.fail_new_upload is not None:
             raise self.fail_new_upload
@@ -312,8 +312,9 @@ def test_generate_queues_job_and_stores_files_under_safe_names(client, fake, med
     assert sub["video_file"] == "input_video.mp4" and sub["audio_file"] == "input_audio.wav"
     assert sub["video_filename"] == "My Clip.MP4" and sub["audio_filename"] == "voice.wav"
     assert sub["params"].bbox_shift == -7 and sub["owner"] is None
-    assert sub["media"] == {"video": {"duration_s": 1.0, "fps": "10/1", "width": 64, "height": 64, "frames": 10},
-                            "audio": {"duration_s": 1.0}}
+    assert sub["media"] == {"video": {"duration_s": 1.0, "fps": "10/1", "width": 64, "height": 64, "frames": 10,
+                                      "demuxer": "mov"},
+                            "audio": {"duration_s": 1.0, "demuxer": "wav"}}
     assert fake.discarded == []
 
 

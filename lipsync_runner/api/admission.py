@@ -131,11 +131,11 @@ class Admission:
                  status_url: Callable[[str], str], download_url: Callable[[str], str],
                  integration: Integration | None = None, scratch: ScratchLedger | None = None,
                  avatar_url: Callable[[str], str] | None = None, avatars_enabled: bool = True,
-                 avatar_room: Callable[[], None] | None = None) -> None:
+                 avatar_room: Callable[[str | None], None] | None = None) -> None:
         self.manager = manager
         self.avatar_url = avatar_url or (lambda avatar_id: f"{limits.url_prefix.rstrip('/')}/avatars/{avatar_id}")
         self.avatars_enabled = avatars_enabled  # False without an avatar cache (where avatars are stored)
-        self.avatar_room = avatar_room  # raises InsufficientStorageError (507) when no avatar fits any more
+        self.avatar_room = avatar_room  # raises InsufficientStorageError (507) when no avatar of this owner fits
         self.scratch = scratch  # the data directory's scratch reservations (507 when a job cannot fit)
         self.limits = limits
         self.ensure_ready = ensure_ready
@@ -229,8 +229,10 @@ class Admission:
                                   reservation: Reservation | None, wait: bool | None,
                                   kind: JobKind = JobKind.job) -> tuple[JobRecord, bool]:
         if kind is JobKind.avatar and self.avatar_room is not None:
-            await run_in_threadpool(self.avatar_room)  # 507 before anything is stored or read
-        job_id, job_dir = await run_in_threadpool(manager.new_upload)  # 429 / 507 before the body
+            await run_in_threadpool(self.avatar_room, owner)  # 507 before anything is stored or read
+        # 429 / 507 before the body; an owner (a scoped token) meets its own share of the queue too,
+        # while an unscoped deployment (owner None: one tenant) meets only the global limit
+        job_id, job_dir = await run_in_threadpool(manager.new_upload, *(() if owner is None else (owner,)))
         job_dir = Path(job_dir)
         files: dict[str, SavedFile] = {}
         try:

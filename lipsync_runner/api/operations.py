@@ -7,7 +7,6 @@ with the same body (or the same file response), so the two surfaces cannot drift
 
 from __future__ import annotations
 
-import mimetypes
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
@@ -16,17 +15,13 @@ from typing import TYPE_CHECKING, Any
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from lipsync_runner.errors import InvalidInputError, JobNotFoundError
-from lipsync_runner.inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
-from lipsync_runner.jobs.records import JobKind, JobRecord
-from lipsync_runner.params import is_job_id
-from lipsync_runner.params import JobParams
-from lipsync_runner.pipeline.scratch_disk import ScratchLedger
-from lipsync_runner.storage import object_response
-from lipsync_runner.jobs import avatars
-from lipsync_runner.jobs.front import Manager
 from lipsync_runner.api.admission import Admission
 from lipsync_runner.config import ApiLimits
+from lipsync_runner.errors import InvalidInputError, JobNotFoundError
+from lipsync_runner.inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
+from lipsync_runner.jobs import avatars
+from lipsync_runner.jobs.front import Manager
+from lipsync_runner.jobs.records import JobKind, JobRecord
 from lipsync_runner.jobs.schemas import (
     AvatarDeleted,
     AvatarListResponse,
@@ -38,12 +33,20 @@ from lipsync_runner.jobs.schemas import (
     download_name,
 )
 from lipsync_runner.media.thumbnails import THUMBNAIL_NAME
+from lipsync_runner.params import JobParams, is_job_id
+from lipsync_runner.pipeline.scratch_disk import ScratchLedger
+from lipsync_runner.storage import object_response
 
 if TYPE_CHECKING:
     from lipsync_runner.integration.services import Integration
 
 MAX_LIST_LIMIT = 1000
 INPUT_KINDS = ("video", "audio")
+# The media type of an input, by the demuxer its probe settled on (inputs/validation.py's media
+# summary): the content decides, never the user's file name (clip.html may well be an MP4).
+INPUT_MEDIA_TYPES = {"mov": "video/mp4", "matroska": "video/webm", "avi": "video/x-msvideo", "mp3": "audio/mpeg",
+                     "wav": "audio/wav", "aac": "audio/aac", "ogg": "audio/ogg"}
+UNKNOWN_MEDIA_TYPE = "application/octet-stream"  # not probed (yet): a download, never shown
 
 
 def checked_id(job_id: str) -> str:
@@ -57,7 +60,7 @@ class JobOperations:
     def __init__(self, manager: Manager, limits: ApiLimits, *,
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
                  integration: Integration | None = None, scratch: ScratchLedger | None = None,
-                 avatars_enabled: bool = True, avatar_room: Callable[[], None] | None = None,
+                 avatars_enabled: bool = True, avatar_room: Callable[[str | None], None] | None = None,
                  defaults: dict[str, Any] | None = None) -> None:
         self.manager = manager
         self.limits = limits
@@ -196,9 +199,12 @@ class JobOperations:
             if name is None:
                 raise JobNotFoundError("Job input not found")
         stored = await run_in_threadpool(manager.open_file, job_id, name, owner)
-        media_type = mimetypes.guess_type(shown)[0] or ("video/mp4" if kind == "video" else "audio/wav")
+        # the job's own summary describes what it plays, an avatar's video included (admission probed it)
+        demuxer = ((record.media or {}).get(kind) or {}).get("demuxer")
+        media_type = INPUT_MEDIA_TYPES.get(str(demuxer), UNKNOWN_MEDIA_TYPE)
         return object_response(stored, shown, range_header=range_header, media_type=media_type, inline=True)
 
     async def thumbnail(self, job_id: str, owner: str | None) -> Response:
+        # always a JPEG: admission and the worker write it (media/thumbnails.py), never the user
         stored = await run_in_threadpool(self.manager.open_file, checked_id(job_id), THUMBNAIL_NAME, owner)
         return object_response(stored, f"{job_id}.jpg", media_type="image/jpeg", inline=True)

@@ -57,7 +57,8 @@ def media_summary(video: VideoInfo | None, audio: AudioInfo | None) -> dict[str,
     if video is not None:
         summary["video"] = {"duration_s": round(video.duration, 3),
                             "fps": f"{video.fps.numerator}/{video.fps.denominator}", "width": video.width,
-                            "height": video.height, "frames": video.frame_count_estimate}
+                            "height": video.height, "frames": video.frame_count_estimate,
+                            "demuxer": video.demuxer}  # what it is: the media type it is served as
     if audio is not None:
-        summary["audio"] = {"duration_s": round(audio.duration, 3)}
+        summary["audio"] = {"duration_s": round(audio.duration, 3), "demuxer": audio.demuxer}
     return summary

@@ -35,7 +35,7 @@ from lipsync_runner.integration.idempotency import (
 )
 from lipsync_runner.config import FetchSettings
 from lipsync_runner.inputs.fetch import S3Reader
-from lipsync_runner.jobs.eta import Estimate, estimate_from_records
+from lipsync_runner.jobs.eta import Estimate, claim_order, estimate_from_records
 from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus
 from lipsync_runner.jobs.schemas import JobStatusResponse
 from lipsync_runner.jobs.logs import log_job_event
@@ -183,8 +183,9 @@ class Integration:
             at, cached = self._eta
             if not refresh and now - at < ETA_CACHE_S:
                 return cached
-        queued = sorted(self.records.list(statuses={JobStatus.queued}, limit=None), key=lambda r: r.created_at)
         running = self.records.list(statuses={JobStatus.processing}, limit=None)
+        # in the order the workers will take them: owners take turns (jobs/sql.py's claim)
+        queued = claim_order(self.records.list(statuses={JobStatus.queued}, limit=None), running)
         recent = self.records.list(statuses={JobStatus.completed}, limit=self.settings.eta_history_jobs)
         frames = {r.job_id: n for r in (*queued, *running) if (n := expected_frames(r)) is not None}
         estimates = estimate_from_records(queued, running, recent, self.workers, datetime.now(timezone.utc), frames)

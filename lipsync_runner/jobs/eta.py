@@ -12,12 +12,15 @@
 * The queue is replayed over ``workers`` slots (earliest free slot takes the next job), so
   ETAs reflect parallel workers; ``eta_s`` is seconds until the job is expected to finish.
 * Without any history there is no estimate: ``eta_s`` is None, the position is still given.
+* Claims are not first come first served: owners take turns (jobs/sql.py). :func:`claim_order`
+  replays the turns to put the queued records in the order claims will take them.
 """
 
 from __future__ import annotations
 
 import heapq
 import statistics
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -110,6 +113,29 @@ def estimate_queue(queued: Sequence[QueuedJob], running: Sequence[RunningJob], r
 
 
 # -------------------------------------------------------------------------- from job records
+
+
+def claim_order(queued: Iterable[JobRecord], running: Iterable[JobRecord]) -> list[JobRecord]:
+    """``queued`` in the order claims take them, as the store picks (jobs/sql.py): the owner with the
+    fewest jobs running, then the one whose turn is longest ago, its oldest job; each job taken counts
+    as running from then on. Which owner the store served last before now is not in the records:
+    among owners not yet taken here, the one with the oldest job goes first."""
+    waiting: dict[str | None, deque[JobRecord]] = {}
+    for r in sorted(queued, key=lambda r: r.created_at):
+        waiting.setdefault(r.owner, deque()).append(r)
+    busy = Counter(r.owner for r in running)
+    owners = list(waiting)
+    # (jobs running, the step of the owner's last turn (-1: none here), its next job's age, the owner)
+    turns = [(busy[owner], -1, jobs[0].created_at, i) for i, (owner, jobs) in enumerate(waiting.items())]
+    heapq.heapify(turns)
+    order: list[JobRecord] = []
+    while turns:
+        n, _, _, i = heapq.heappop(turns)
+        jobs = waiting[owners[i]]
+        order.append(jobs.popleft())
+        if jobs:
+            heapq.heappush(turns, (n + 1, len(order), jobs[0].created_at, i))
+    return order
 
 
 def finished_job(record: JobRecord) -> Optional[FinishedJob]:

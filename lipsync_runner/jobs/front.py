@@ -14,8 +14,9 @@ import logging
 import math
 import time
 from datetime import datetime, timedelta
+from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from lipsync_runner.errors import JobNotFinishedError, JobNotFoundError, QueueFullError
 from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus, new_job_id
@@ -30,10 +31,22 @@ WAIT_POLL_S = 1.0  # waiters re-read the store at least this often (a change mad
 DEFAULT_JOB_SECONDS = 60.0  # assumed job duration for Retry-After before any job has finished
 
 
+class Unsaid(Enum):
+    """The type of :data:`UNSAID`."""
+
+    owner = "unsaid"
+
+
+#: ``new_upload()``'s caller did not say whose upload it is: only the global limit applies. Not
+#: None, which is an owner (jobs not scoped): counting unknown uploads as None's would refuse a
+#: scoped deployment's uploads once enough of them were in flight at once.
+UNSAID: Final = Unsaid.owner
+
+
 class Manager(Protocol):
     """The job manager as the API uses it (lipsync_runner.jobs.JobManager)."""
 
-    def new_upload(self) -> tuple[str, Path]: ...
+    def new_upload(self, owner: str | None | Unsaid = UNSAID) -> tuple[str, Path]: ...
     def discard_upload(self, job_id: str) -> None: ...
     def submit(self, job_id: str, *, video_file: str, audio_file: str | None, video_filename: str,
                audio_filename: str | None, params: JobParams, owner: str | None = None, **extra: Any) -> JobRecord: ...
@@ -54,31 +67,42 @@ class Manager(Protocol):
 class JobFront:
     """Admission, queries, waits, cancel and cleanup over the store (see :class:`Manager`)."""
 
-    def __init__(self, shared: SharedState, *, workers: int, max_queued: int, free_space_floor_bytes: int) -> None:
+    def __init__(self, shared: SharedState, *, workers: int, max_queued: int, free_space_floor_bytes: int,
+                 max_queued_per_owner: int | None = None) -> None:
         self._s = shared
         self.workers = workers  # only to spread a job's time over them in Retry-After
-        self.max_queued = max_queued  # counted over every replica
+        self.max_queued = max_queued  # counted over every replica: the last guard
+        self.max_queued_per_owner = max_queued_per_owner  # one owner's share of it (None: no share)
         self.free_space_floor_bytes = free_space_floor_bytes
 
     # -- uploads and submission ------------------------------------------------------------
 
-    def new_upload(self) -> tuple[str, Path]:
-        """A new job id and its (created, empty) local directory for the API to stream uploads into.
+    def new_upload(self, owner: str | None | Unsaid = UNSAID) -> tuple[str, Path]:
+        """A new job id and its (created, empty) local directory for the API to stream ``owner``'s
+        uploads into.
 
-        Raises InsufficientStorageError below the free-space floor and QueueFullError when
-        ``max_queued`` jobs are already waiting, counted over every replica (uploads in
-        progress count as waiting).
+        Raises InsufficientStorageError below the free-space floor, and QueueFullError when
+        ``owner`` has ``max_queued_per_owner`` jobs waiting (that owner only: others are still
+        admitted) or ``max_queued`` jobs are already waiting in all, counted over every replica
+        (uploads in progress count as waiting). ``owner`` None is one owner (jobs not scoped);
+        :data:`UNSAID`: only the global limit.
         """
         s = self._s
         s.files.check_free_space(self.free_space_floor_bytes)
         job_id = new_job_id()
+        who, share = (None, None) if isinstance(owner, Unsaid) else (owner, self.max_queued_per_owner)
         with s.files_lock:
-            admitted, waiting = s.store.reserve_upload(job_id, s.replica_id, self.max_queued, s.lease_s)
-            if not admitted:
+            got = s.store.reserve_upload(job_id, s.replica_id, self.max_queued, s.lease_s, owner=who,
+                                         max_owner_waiting=share)
+            if not got.admitted:
                 retry = self._retry_after_s()
-                raise QueueFullError(
-                    f"the server is busy ({waiting} jobs waiting); try again in about {retry} s", retry_after_s=retry
-                )
+                if share is not None and got.owners_waiting >= share:
+                    raise QueueFullError(
+                        f"too many of your jobs are waiting: {got.owners_waiting} queued or uploading, the limit of "
+                        f"one owner ({share}, LIP_SYNC_MAX_QUEUED_JOBS_PER_OWNER); try again in about {retry} s",
+                        retry_after_s=retry)
+                raise QueueFullError(f"the server is busy ({got.waiting} jobs waiting); try again in about {retry} s",
+                                     retry_after_s=retry)
             s.uploads[job_id] = time.monotonic()
             try:
                 directory = s.files.job_dir(job_id, create=True)

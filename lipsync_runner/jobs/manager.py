@@ -2,7 +2,7 @@
 
 The API layer owns one :class:`JobManager` per process. A request goes
 
-    new_upload() -> (job id, empty local directory)   # admission: free space, queue length
+    new_upload(owner) -> (job id, empty local directory)  # admission: free space, queue length (the owner's too)
     ... the API streams and validates the uploads into that directory ...
     submit(job id, file names, params, media=...)     # the directory's files -> storage, then 'queued'
     get / list / wait_async / open_output / output_path / open_file / input_path / cancel / cleanup
@@ -16,12 +16,13 @@ The manager composes, over one :class:`~lipsync_runner.jobs.shared.SharedState`,
 
 and owns what spans them: start (recovery first), stop and close.
 
-**The store is the queue.** Workers ``claim`` the oldest queued job from the
-:class:`JobStore`; with PostgreSQL every replica of the API claims from the same table, so
-any replica may run any job. A claimed job carries a lease that a heartbeat thread renews
-every few seconds; the same heartbeat reads back cancel requests made on other replicas and
-notices jobs that were removed. When a process dies its leases run out, and any replica
-puts those jobs back in the queue (or fails them once they have used ``max_attempts``).
+**The store is the queue.** Workers ``claim`` the next queued job from the
+:class:`JobStore` (owners take turns, the oldest job of each first); with PostgreSQL every
+replica of the API claims from the same table, so any replica may run any job. A claimed
+job carries a lease that a heartbeat thread renews every few seconds; the same heartbeat reads
+back cancel requests made on other replicas and notices jobs that were removed. When a process
+dies its leases run out, and any replica puts those jobs back in the queue (or fails them once
+they have used ``max_attempts``).
 
 **Files.** The upload directory and the workers' scratch are local (:class:`JobFiles`);
 the :class:`~lipsync_runner.storage.JobStorage` keeps inputs and outputs: in the data
@@ -54,7 +55,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lipsync_runner.jobs.front import JobFront
+from lipsync_runner.jobs.front import UNSAID, JobFront, Unsaid
 from lipsync_runner.jobs.records import JobKind, JobParams, JobRecord
 from lipsync_runner.jobs.shared import EventListener, Running, SharedState
 from lipsync_runner.jobs.store import SQLITE_NAME, JobStore, SQLiteJobStore
@@ -100,6 +101,8 @@ class JobManager:
         max_attempts: int = 2,
         sweep_interval_s: float = 300,
         max_queued: int = 100,
+        max_queued_per_owner: int | None = None,
+        max_running_per_owner: int = 0,
         free_space_floor_bytes: int = 0,
         debug: bool = False,
         orphan_grace_s: float = 600,
@@ -115,6 +118,8 @@ class JobManager:
             raise ValueError("max_attempts must be at least 1")
         if lease_s <= 0 or poll_s <= 0:
             raise ValueError("lease_s and poll_s must be positive")
+        if (max_queued_per_owner is not None and max_queued_per_owner < 1) or max_running_per_owner < 0:
+            raise ValueError("max_queued_per_owner must be at least 1, max_running_per_owner at least 0")
         if storage is None:
             from lipsync_runner.storage.local import LocalStorage
 
@@ -124,10 +129,12 @@ class JobManager:
             store, files, storage, replica_id=replica_id or default_replica_id(), lease_s=float(lease_s),
             retention_s=float(retention_s), on_removed=on_removed, on_event=on_event)
         self._front = JobFront(shared, workers=int(workers), max_queued=int(max_queued),
-                               free_space_floor_bytes=int(free_space_floor_bytes))
+                               free_space_floor_bytes=int(free_space_floor_bytes),
+                               max_queued_per_owner=None if max_queued_per_owner is None else int(max_queued_per_owner))
         # FINAL_WRITE_ATTEMPTS read here, from this module, at construction: a test may patch it
         self._worker = JobWorker(shared, execute, self._front, workers=int(workers), max_attempts=int(max_attempts),
-                                 poll_s=float(poll_s), debug=bool(debug), final_write_attempts=FINAL_WRITE_ATTEMPTS)
+                                 poll_s=float(poll_s), debug=bool(debug), final_write_attempts=FINAL_WRITE_ATTEMPTS,
+                                 max_running_per_owner=int(max_running_per_owner))
         self._sweeper = JobSweeper(shared, sweep_interval_s=float(sweep_interval_s),
                                    orphan_grace_s=float(orphan_grace_s))
 
@@ -195,6 +202,14 @@ class JobManager:
     @property
     def max_queued(self) -> int:
         return self._front.max_queued
+
+    @property
+    def max_queued_per_owner(self) -> int | None:
+        return self._front.max_queued_per_owner
+
+    @property
+    def max_running_per_owner(self) -> int:
+        return self._worker.max_running_per_owner
 
     @property
     def free_space_floor_bytes(self) -> int:
@@ -288,8 +303,8 @@ class JobManager:
 
     # -- the front (:class:`JobFront` has the details) -------------------------------------
 
-    def new_upload(self) -> tuple[str, Path]:
-        return self._front.new_upload()
+    def new_upload(self, owner: str | None | Unsaid = UNSAID) -> tuple[str, Path]:
+        return self._front.new_upload(owner)
 
     def check_free_space(self) -> None:
         self._front.check_free_space()

@@ -5,11 +5,14 @@ created and migrated when the store opens: versioned (table ``lipsync_schema``),
 migration in one transaction, and serialised by an advisory lock, so replicas that start
 together neither race nor apply a step twice.
 
-The queue: a claim is ``SELECT ... FOR UPDATE SKIP LOCKED`` on the oldest queued row, so
-workers on every replica take different jobs without waiting on each other. Leases use the
+The queue: a claim is ``SELECT ... FOR UPDATE SKIP LOCKED`` on the next queued row (owners
+take turns: :meth:`~lipsync_runner.jobs.sql.JobSQL.claim`), so a claim never waits on a row
+another transaction holds. Claims are serialised by a transaction-scoped advisory lock: each
+sees the running jobs and turns of the claims before it, so the turns and the per-owner cap
+hold across replicas (a claim is one short statement). Leases use the
 database's clock (``clock_timestamp()``), never a replica's, so clock skew between pods does
-not matter. Admission counts queued jobs plus live upload reservations in one snapshot,
-under a transaction-scoped advisory lock.
+not matter. Admission counts queued jobs plus live upload reservations in one snapshot (all of
+them, and the owner's), under a transaction-scoped advisory lock.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from lipsync_runner.errors import JobNotFoundError, LipSyncError
 from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus
 from lipsync_runner.jobs.sql import POSTGRES, JobSQL
-from lipsync_runner.jobs.store import FINISHED, Change, claimed_fields, merge
+from lipsync_runner.jobs.store import FINISHED, Admission, Change, admits, claimed_fields, merge, owner_key
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,9 @@ def _lock_key(name: str) -> int:
 
 MIGRATION_LOCK = _lock_key("migrations")
 ADMISSION_LOCK = _lock_key("admission")
+CLAIM_LOCK = _lock_key("claim")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIGRATIONS: dict[int, list[str]] = {
     # version N: the statements that bring a database at N-1 to N (one transaction)
     1: [
@@ -124,6 +128,14 @@ MIGRATIONS: dict[int, list[str]] = {
             frames         int NOT NULL
         )""",
         "CREATE INDEX usage_jobs_owner_day ON usage_jobs (owner, day)",
+    ],
+    # fairness between owners: whose uploads are in progress, and when each owner was last served
+    4: [
+        "ALTER TABLE lipsync_uploads ADD COLUMN owner text",
+        """CREATE TABLE lipsync_owners (
+            owner     text PRIMARY KEY,             -- '' when jobs are not scoped
+            served_at timestamptz NOT NULL          -- the owner's last claim
+        )""",
     ],
 }
 
@@ -273,16 +285,18 @@ class PostgresJobStore:
 
     # -- the queue -------------------------------------------------------------------------
 
-    def claim(self, holder: str, lease_s: float) -> JobRecord | None:
+    def claim(self, holder: str, lease_s: float, max_running_per_owner: int = 0) -> JobRecord | None:
         with self.transaction() as conn:
+            # one claim at a time: the next one's statement sees this one's running job and turn
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
             # the time with the row: a claim's lease starts on the database's clock, as every check of it does
-            row = conn.execute(SQL.next_queued.replace("SELECT body", "SELECT body, clock_timestamp()")
-                               + " FOR UPDATE SKIP LOCKED").fetchone()
+            row = conn.execute(SQL.claim(max_running_per_owner)).fetchone()
             if row is None:
                 return None
             current = JobRecord.model_validate(row[0])
             record = merge(current, claimed_fields(current, holder, row[1], lease_s))
             self._put(conn, record)
+            conn.execute(SQL.served, (owner_key(record.owner),))
         return record
 
     def renew(self, holder: str, job_ids: Collection[str], lease_s: float) -> dict[str, bool]:
@@ -305,16 +319,18 @@ class PostgresJobStore:
 
     # -- uploads in progress ---------------------------------------------------------------
 
-    def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float) -> tuple[bool, int]:
+    def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float, owner: str | None = None,
+                       max_owner_waiting: int | None = None) -> Admission:
         with self.transaction() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADMISSION_LOCK,))
             conn.execute(SQL.drop_lapsed_uploads)
-            waiting = int(conn.execute(SQL.waiting).fetchone()[0])
-            if waiting >= max_waiting:
-                return False, waiting
-            conn.execute(SQL.insert_upload.format("clock_timestamp() + make_interval(secs => %s)"),
-                         (job_id, holder, float(lease_s)))
-        return True, waiting
+            who = owner_key(owner)
+            got = admits(int(conn.execute(SQL.waiting).fetchone()[0]),
+                         int(conn.execute(SQL.owner_waiting, (who, who)).fetchone()[0]), max_waiting, max_owner_waiting)
+            if got.admitted:
+                conn.execute(SQL.insert_upload.format("clock_timestamp() + make_interval(secs => %s)"),
+                             (job_id, holder, owner, float(lease_s)))
+        return got
 
     def renew_uploads(self, holder: str, job_ids: Collection[str], lease_s: float) -> None:
         if not job_ids:

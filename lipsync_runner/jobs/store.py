@@ -3,11 +3,12 @@
 The store is also the queue. Every replica of the API shares one store (PostgreSQL, see
 :mod:`.postgres`) or, on one machine, one process owns it (SQLite, the embedded default):
 
-* ``claim`` hands the oldest queued job to one worker, atomically, with a lease;
+* ``claim`` hands a queued job to one worker, atomically, with a lease: owners take turns
+  (:meth:`~lipsync_runner.jobs.sql.JobSQL.claim`), the oldest job first within an owner;
 * the worker ``renew``\\ s its leases; a job whose lease ran out (its process died) shows up
   in ``lapsed`` and any replica may put it back in the queue;
 * uploads in progress hold a reservation (``reserve_upload``), so that admission counts
-  them on every replica, not just the one receiving them;
+  them on every replica, not just the one receiving them, globally and per owner;
 * ``exclusive(name)`` lets one replica at a time do housekeeping (the retention sweep).
 
 Records are whole :class:`JobRecord` documents; a store only indexes the few fields it
@@ -22,7 +23,7 @@ import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from lipsync_runner.errors import JobNotFoundError
 from lipsync_runner.jobs.sql import SQLITE, JobSQL
@@ -31,6 +32,14 @@ from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus, utcnow
 
 FINISHED = frozenset(s for s in JobStatus if s.finished)
 SQLITE_NAME = "jobs.sqlite3"
+
+class Admission(NamedTuple):
+    """What ``reserve_upload`` decided, and the counts it decided on (before this upload)."""
+
+    admitted: bool
+    waiting: int  # queued jobs plus uploads in progress, every owner's
+    owners_waiting: int  # the same for the upload's owner
+
 
 Change = Callable[[JobRecord, datetime], Mapping[str, object] | None]
 """For :meth:`JobStore.modify`: (current record, the store's clock) -> fields to set, or None."""
@@ -57,16 +66,19 @@ class JobStore(Protocol):
     * ``delete(job_id)``: remove the record; no error if it is already gone.
     * ``count_by_status()``: ``{status value: count}`` for every status (zeros included).
     * ``expired(now)``: finished records whose ``expires_at`` is at or before ``now``.
-    * ``claim(holder, lease_s)``: the oldest queued job, now 'processing' (stage 'starting',
-      attempts + 1, started now) and leased to ``holder`` for ``lease_s``; None if the
-      queue is empty. Two callers never get the same job.
+    * ``claim(holder, lease_s, max_running_per_owner=0)``: a queued job, now 'processing' (stage
+      'starting', attempts + 1, started now) and leased to ``holder`` for ``lease_s``; None if
+      nothing can be claimed. Owners take turns: the owner with the fewest jobs running, then the
+      one served least recently, its oldest job; owners running ``max_running_per_owner`` jobs
+      (0: no cap) are passed over. Two callers never get the same job.
     * ``renew(holder, job_ids, lease_s)``: extend the leases ``holder`` still has on those
       jobs; returns ``{job_id: cancel_requested}`` for each one still held (a missing id
       means the lease was lost: the record is gone, finished, or taken over).
     * ``lapsed()``: 'processing' records whose lease has run out (or that have none).
-    * ``reserve_upload(job_id, holder, max_waiting, lease_s)``: admit an upload if fewer
-      than ``max_waiting`` jobs are queued or being uploaded (all replicas); returns
-      ``(admitted, waiting)``. Reservations last ``lease_s`` unless renewed.
+    * ``reserve_upload(job_id, holder, max_waiting, lease_s, owner=None, max_owner_waiting=None)``:
+      admit an upload of ``owner`` if fewer than ``max_waiting`` jobs are queued or being uploaded
+      (all replicas), and fewer than ``max_owner_waiting`` (None: no limit) of that owner's; returns
+      an :class:`Admission`. Reservations last ``lease_s`` unless renewed.
     * ``renew_uploads(holder, job_ids, lease_s)``, ``release_upload(job_id)``,
       ``uploads()`` (ids of live reservations).
     * ``exclusive(name)``: a context manager yielding True in at most one process at a time
@@ -95,13 +107,14 @@ class JobStore(Protocol):
 
     def expired(self, now: datetime) -> list[JobRecord]: ...
 
-    def claim(self, holder: str, lease_s: float) -> JobRecord | None: ...
+    def claim(self, holder: str, lease_s: float, max_running_per_owner: int = 0) -> JobRecord | None: ...
 
     def renew(self, holder: str, job_ids: Collection[str], lease_s: float) -> dict[str, bool]: ...
 
     def lapsed(self) -> list[JobRecord]: ...
 
-    def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float) -> tuple[bool, int]: ...
+    def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float, owner: str | None = None,
+                       max_owner_waiting: int | None = None) -> Admission: ...
 
     def renew_uploads(self, holder: str, job_ids: Collection[str], lease_s: float) -> None: ...
 
@@ -134,6 +147,17 @@ def claimed_fields(current: JobRecord, holder: str, now: datetime, lease_s: floa
                 lease_expires_at=now + timedelta(seconds=lease_s), cancel_requested=False)
 
 
+def owner_key(owner: str | None) -> str:
+    """An owner as the fairness tables key it (:data:`~lipsync_runner.jobs.sql.WHO`): None is ''."""
+    return owner or ""
+
+
+def admits(waiting: int, owners_waiting: int, max_waiting: int, max_owner_waiting: int | None) -> Admission:
+    """Both limits of admission: the owner's share first, the global one as the last guard."""
+    return Admission(waiting < max_waiting and (max_owner_waiting is None or owners_waiting < max_owner_waiting),
+                     waiting, owners_waiting)
+
+
 def _ts(value: datetime | None) -> float | None:
     if value is None:
         return None
@@ -146,7 +170,7 @@ def _ts(value: datetime | None) -> float | None:
 
 SQL = JobSQL(SQLITE)
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _MIGRATIONS: dict[int, str] = {
     # user_version N -> the script that brings a database at N-1 to N
     1: """
@@ -179,6 +203,14 @@ _MIGRATIONS: dict[int, str] = {
     3: """
         ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'job';
         CREATE INDEX IF NOT EXISTS jobs_owner_kind_created ON jobs (owner, kind, created_at);
+    """,
+    # fairness between owners: whose uploads are in progress, and when each owner was last served
+    4: """
+        ALTER TABLE uploads ADD COLUMN owner TEXT;
+        CREATE TABLE IF NOT EXISTS owners (
+            owner     TEXT PRIMARY KEY,
+            served_at REAL NOT NULL
+        );
     """,
 }
 
@@ -327,14 +359,16 @@ class SQLiteJobStore:
 
     # -- the queue -------------------------------------------------------------------------
 
-    def claim(self, holder: str, lease_s: float) -> JobRecord | None:
+    def claim(self, holder: str, lease_s: float, max_running_per_owner: int = 0) -> JobRecord | None:
         with self._write() as conn:
-            row = conn.execute(SQL.next_queued).fetchone()
+            row = conn.execute(SQL.claim(max_running_per_owner)).fetchone()
             if row is None:
                 return None
+            now = utcnow()
             current = JobRecord.model_validate_json(row[0])
-            record = merge(current, claimed_fields(current, holder, utcnow(), lease_s))
+            record = merge(current, claimed_fields(current, holder, now, lease_s))
             self._put(conn, record)
+            conn.execute(SQL.served, (owner_key(record.owner), _ts(now)))
         return record
 
     def renew(self, holder: str, job_ids: Collection[str], lease_s: float) -> dict[str, bool]:
@@ -358,15 +392,17 @@ class SQLiteJobStore:
 
     # -- uploads in progress ---------------------------------------------------------------
 
-    def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float) -> tuple[bool, int]:
+    def reserve_upload(self, job_id: str, holder: str, max_waiting: int, lease_s: float, owner: str | None = None,
+                       max_owner_waiting: int | None = None) -> Admission:
         with self._write() as conn:
             now = _ts(utcnow())
             conn.execute(SQL.drop_lapsed_uploads, (now,))
-            waiting = int(conn.execute(SQL.waiting).fetchone()[0])
-            if waiting >= max_waiting:
-                return False, waiting
-            conn.execute(SQL.insert_upload.format("?"), (job_id, holder, now + lease_s))
-        return True, waiting
+            who = owner_key(owner)
+            got = admits(int(conn.execute(SQL.waiting).fetchone()[0]),
+                         int(conn.execute(SQL.owner_waiting, (who, who)).fetchone()[0]), max_waiting, max_owner_waiting)
+            if got.admitted:
+                conn.execute(SQL.insert_upload.format("?"), (job_id, holder, owner, now + lease_s))
+        return got
 
     def renew_uploads(self, holder: str, job_ids: Collection[str], lease_s: float) -> None:
         if not job_ids:

@@ -1,10 +1,11 @@
 """The job manager's worker: claims jobs from the shared queue, runs them here and records how they ended.
 
-Worker threads ``claim`` the oldest queued job (admitted by any replica), stage its stored inputs
-into local scratch, run the :data:`Executor` with a :class:`JobContext`, store what it made and
-then write the outcome, retried, while this replica still holds the job's lease. A heartbeat
-thread renews those leases (and the uploads' reservations), stops jobs cancelled or removed on
-other replicas, and puts back in the queue the jobs whose lease ran out anywhere (:meth:`JobWorker.beat`).
+Worker threads ``claim`` the next queued job (admitted by any replica; owners take turns), stage
+its stored inputs into local scratch, run the :data:`Executor` with a :class:`JobContext`, store
+what it made and then write the outcome, retried, while this replica still holds the job's lease.
+A heartbeat thread renews those leases (and the uploads' reservations), stops jobs cancelled or
+removed on other replicas, and puts back in the queue the jobs whose lease ran out anywhere
+(:meth:`JobWorker.beat`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class JobWorker:
         poll_s: float,
         debug: bool,
         final_write_attempts: int = FINAL_WRITE_ATTEMPTS,
+        max_running_per_owner: int = 0,
     ) -> None:
         self._s = shared
         self._execute = execute
@@ -96,6 +98,7 @@ class JobWorker:
         self.poll_s = poll_s  # idle workers look at the shared queue this often
         self.debug = debug  # internal errors' details in the job's error
         self.final_write_attempts = final_write_attempts
+        self.max_running_per_owner = max_running_per_owner  # over every replica; 0: no cap (turns still taken)
         # renewals (and cross-replica cancel checks) happen this often: a lease survives two missed beats
         self.heartbeat_s = min(2.0, shared.lease_s / 3)
         self._generation = 0  # bumped by stop(): workers of an older generation exit
@@ -265,7 +268,7 @@ class JobWorker:
                     return
                 seen = s.submits
             try:
-                rec = s.store.claim(s.replica_id, s.lease_s)
+                rec = s.store.claim(s.replica_id, s.lease_s, self.max_running_per_owner)
             except Exception:
                 log.warning("job worker: could not claim a job (retrying)", exc_info=True)
                 rec = None

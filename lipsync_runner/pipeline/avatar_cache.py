@@ -8,7 +8,7 @@ video's content hash and every parameter that changes those results (bbox_shift,
 version and weights, detector, margins, the choice of face; with face=speaker the audio
 too, since it picks the person), so a change of models or settings never reuses stale work.
 
-    <root>/<key>/meta.json      parameters, frame count, sizes
+    <root>/<key>/meta.json      frame count, when it was built, whose it is (owner)
     <root>/<key>/track.npz      FaceTrack
     <root>/<key>/faces.json     the chosen track's id and the summary of every face track
     <root>/<key>/latents.f32    [N, 8, 32, 32] float32, filled as frames are prepared
@@ -33,6 +33,13 @@ use: it lives as long as its avatar's record. When the avatar is deleted or expi
 (``release_job(avatar_id)``), its entry goes at once, whichever jobs used it, unless a job
 is using it right now (then it goes like an unpinned entry). A pin whose avatar no longer
 exists (a crash between the two) is dropped by ``expire(..., live=...)``.
+
+Room for avatars: since pinned entries are never evicted, a new avatar is refused (507) once the
+avatars kept fill the cache's bound, and, with ``max_owner_bytes``, once its owner's avatars fill
+that owner's share, so one owner cannot take the room every other owner needs
+(``check_room_for_avatar(owner)``: admission asks first, and an avatar about to pin a new entry
+asks again, since others may have filled the room while it waited). Owner None (jobs not scoped)
+is one owner.
 """
 
 from __future__ import annotations
@@ -129,10 +136,11 @@ class Avatar:
 
 
 class AvatarCache:
-    def __init__(self, root: Path | str, max_bytes: int = 20 * 2**30) -> None:
+    def __init__(self, root: Path | str, max_bytes: int = 20 * 2**30, max_owner_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.max_owner_bytes = max_owner_bytes  # what one owner's avatars may keep (None: only the bound)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -152,10 +160,11 @@ class AvatarCache:
         return JobAvatarCache(self, job_id, owner, pin=pin)
 
     @contextmanager
-    def open(self, key: str, build_track: Callable[[], FaceTrack], *,
-             job_id: str | None = None, pin: bool = False) -> Iterator[tuple[Avatar, bool]]:
-        """The entry for `key`, built with `build_track()` if absent; yields (avatar, was_it_a_hit).
-        ``pin`` (with ``job_id``): the entry now stores the avatar ``job_id``."""
+    def open(self, key: str, build_track: Callable[[], FaceTrack], *, job_id: str | None = None,
+             pin: bool = False, owner: str | None = None) -> Iterator[tuple[Avatar, bool]]:
+        """The entry for `key` (``owner``'s), built with `build_track()` if absent; yields (avatar,
+        was_it_a_hit). ``pin`` (with ``job_id``): the entry now stores the avatar ``job_id``; refused
+        (InsufficientStorageError) when that would pin a new entry and there is no room for it."""
         folder = self.root / key
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
@@ -163,8 +172,10 @@ class AvatarCache:
             with _flock(self.root / f"{key}.use", fcntl.LOCK_SH):  # nobody removes it while we use it
                 with lock, _flock(self.root / f"{key}.build", fcntl.LOCK_EX):  # one build
                     hit = (folder / "meta.json").is_file()
+                    if pin and job_id is not None and not _pinned(folder):
+                        self.check_room_for_avatar(owner)  # before the work of a build
                     if not hit:
-                        self._build(folder, build_track())
+                        self._build(folder, build_track(), owner)
                     track = _load_track(folder)
                     _touch(folder)
                     if job_id is not None:
@@ -177,7 +188,7 @@ class AvatarCache:
         finally:
             self.evict()
 
-    def _build(self, folder: Path, track: FaceTrack) -> None:
+    def _build(self, folder: Path, track: FaceTrack, owner: str | None) -> None:
         tmp = folder.with_name(f"{folder.name}{BUILD_SUFFIX}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -191,7 +202,7 @@ class AvatarCache:
         (tmp / "faces.json").write_text(json.dumps({"track_id": track.track_id, "summary": track.summary}))
         np.memmap(tmp / "latents.f32", dtype=np.float32, mode="w+", shape=(n, *LATENT_SHAPE)).flush()
         np.memmap(tmp / "prepared.u8", dtype=np.uint8, mode="w+", shape=(n,)).flush()
-        (tmp / "meta.json").write_text(json.dumps({"frames": n, "created": time.time()}))
+        (tmp / "meta.json").write_text(json.dumps({"frames": n, "created": time.time(), "owner": owner}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)  # an entry appears whole or not at all
         self.builds += 1
@@ -213,9 +224,25 @@ class AvatarCache:
         """What the avatars' entries take (they are never evicted: only deleting avatars frees it)."""
         return sum(size for _, folder, size in self._entries() if _pinned(folder))
 
-    def check_room_for_avatar(self) -> None:
-        """InsufficientStorageError (507) when the avatars' entries already fill the size bound: another
-        avatar could only push the cache past it, since eviction never takes an avatar's entry."""
+    def owners_pinned_bytes(self, owner: str | None) -> int:
+        """What ``owner``'s avatars' entries take (None: the unscoped owner; entries from before owners
+        were recorded count as its)."""
+        return sum(size for _, folder, size in self._entries() if _pinned(folder) and _owner(folder) == owner)
+
+    def check_room_for_avatar(self, owner: str | None = None) -> None:
+        """InsufficientStorageError (507) when ``owner``'s avatars already fill its share
+        (``max_owner_bytes``: that owner only is refused; owner None, an unscoped deployment's only
+        tenant, has the whole cache), or the avatars' entries of every owner
+        already fill the size bound: another avatar could only push the cache past it, since
+        eviction never takes an avatar's entry."""
+        if self.max_owner_bytes is not None and owner is not None:  # None: jobs not scoped, one tenant
+            mine = self.owners_pinned_bytes(owner)
+            if mine >= self.max_owner_bytes:
+                raise InsufficientStorageError(
+                    f"Cannot store another avatar: your avatars already fill your share of the avatar cache "
+                    f"({mine / 2**30:.2f} of {self.max_owner_bytes / 2**30:.2f} GB per owner, "
+                    "LIP_SYNC_AVATAR_CACHE_GB_PER_OWNER); delete avatars you no longer need "
+                    "(DELETE /api/lip-sync/avatars/{avatar_id}) and try again")
         pinned = self.pinned_bytes()
         if pinned >= self.max_bytes:
             raise InsufficientStorageError(
@@ -314,7 +341,8 @@ class JobAvatarCache:
 
     @contextmanager
     def open(self, key: str, build_track: Callable[[], FaceTrack]) -> Iterator[tuple[Avatar, bool]]:
-        with self.cache.open(owner_key(key, self.owner), build_track, job_id=self.job_id, pin=self.pin) as opened:
+        with self.cache.open(owner_key(key, self.owner), build_track, job_id=self.job_id, pin=self.pin,
+                             owner=self.owner) as opened:
             yield opened
 
 
@@ -334,6 +362,14 @@ def _pinned(folder: Path) -> bool:
         return any((folder / "pins").iterdir())
     except FileNotFoundError:
         return False
+
+
+def _owner(folder: Path) -> str | None:
+    """Whose entry this is, as its build recorded it."""
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("owner")
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _tree_bytes(path: Path) -> int:

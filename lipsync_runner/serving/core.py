@@ -52,7 +52,8 @@ class ServiceCore:
         self.storage = open_storage(s.storage_url, self.files, endpoint_url=s.s3_endpoint_url,
                                     presigned_downloads=s.presigned_downloads, presign_expiry_s=s.presigned_expiry_s)
         self.avatars = (AvatarCache(s.avatar_cache_dir or data_dir / "avatars",
-                                    max_bytes=int(s.avatar_cache_gb * 2**30))
+                                    max_bytes=int(s.avatar_cache_gb * 2**30),
+                                    max_owner_bytes=s.avatar_cache_bytes_per_owner)
                         if s.avatar_cache else None)
         replica_id = default_replica_id()
         # webhooks, Idempotency-Key, URL inputs' policy, queue ETA, usage: their own tables, in the
@@ -70,7 +71,9 @@ class ServiceCore:
         self.manager = JobManager(
             self.store, self.files, self.executor, storage=self.storage, workers=s.job_workers,
             retention_s=s.retention_s, max_attempts=s.max_attempts, sweep_interval_s=s.sweep_interval_s,
-            max_queued=s.max_queued_jobs, free_space_floor_bytes=s.free_space_floor_mb * 2**20, debug=s.debug,
+            max_queued=s.max_queued_jobs, max_queued_per_owner=s.queued_jobs_per_owner,
+            max_running_per_owner=s.max_running_jobs_per_owner,
+            free_space_floor_bytes=s.free_space_floor_mb * 2**20, debug=s.debug,
             lease_s=s.lease_s, poll_s=s.queue_poll_s, replica_id=replica_id,
             on_removed=self.avatars.release_job if self.avatars is not None else None,
             on_event=self.integration.on_job_event)
