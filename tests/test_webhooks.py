@@ -348,7 +348,7 @@ def test_permanent_refusals_are_not_retried(receiver, outbox):
             notifier.job_event(rec, WebhookEvent.completed)
         wait_for(lambda: all(outbox.for_job(rec.job_id)[0].attempts for rec in (refused, gone, moved)))
     by_job = {rec.job_id: outbox.for_job(rec.job_id)[0] for rec in (refused, gone, moved)}
-    assert by_job[refused.job_id].state == "failed" and "loopback" in by_job[refused.job_id].last_error
+    assert by_job[refused.job_id].state == "failed" and "cannot be reached" in by_job[refused.job_id].last_error
     assert by_job[gone.job_id].state == "failed" and by_job[gone.job_id].last_status == 410
     assert by_job[moved.job_id].state == "pending" and by_job[moved.job_id].last_error == "redirects are not followed"
     # the refused one never reached the receiver, and /elsewhere was never asked for

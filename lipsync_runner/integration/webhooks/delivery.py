@@ -7,6 +7,16 @@ attempt ``first_delay_s * factor**(attempts-1)`` later (capped, with jitter so t
 failed deliveries do not return at once) until ``max_age_s`` after the event, then the row
 is given up. A receiver address that netguard refuses, or an HTTP 410 (Gone), gives up at
 once: retrying cannot change the answer.
+
+One slow receiver must not hold up the others (issue 24):
+* an attempt has one deadline, ``webhook_timeout_s`` from its start, for everything: name
+  resolution, connect (each address gets only the time left), TLS, sending, and the answer's
+  headers. httpx's time-outs are per read, so a receiver that sends a byte a second never trips
+  them; a timer shuts the attempt's socket down instead (netguard's ``SocketWatch``);
+* attempts run side by side (``webhook_concurrency``), at most ``webhook_per_host`` of them to
+  one host name, and the dispatcher never waits for one: it keeps claiming due rows while slow
+  ones run. A claimed row whose host is busy waits its turn in memory while its lease leaves
+  time for an attempt, then it is let go (not recorded) and comes back due when the lease ends.
 """
 
 from __future__ import annotations
@@ -15,15 +25,24 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Optional
+from urllib.parse import urlsplit
 
 import httpx
 
 from lipsync_runner import __version__
-from lipsync_runner.inputs.netguard import AddressPolicy, URLRefusedError, default_policy, guarded_client, redact_url
+from lipsync_runner.inputs.netguard import (
+    AddressPolicy,
+    SocketWatch,
+    URLRefusedError,
+    default_policy,
+    guarded_client,
+    redact_url,
+)
 from lipsync_runner.integration.webhooks.outbox import WebhookDelivery, WebhookOutbox
 from lipsync_runner.integration.webhooks.signing import (
     EVENT_HEADER,
@@ -36,6 +55,10 @@ from lipsync_runner.config import WebhookSettings
 log = logging.getLogger(__name__)
 
 ATTEMPT_HEADER = "Lipsync-Attempt"
+STOPPED = "interrupted: the dispatcher stopped"
+_RECORD_S = 30.0  # time allowed to record an attempt's outcome, within its lease
+_MAX_WAITING = 1024  # claimed rows held for their host's turn; at this many, claiming pauses
+_USER_AGENT = {"User-Agent": f"lipsync-runner/{__version__} (webhooks)"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,25 @@ def retry_policy(settings: WebhookSettings) -> RetryPolicy:
                        max_age_s=settings.webhook_max_age_hours * 3600)
 
 
+def _host(url: str) -> str:
+    """The unit of the per-host bound: the host name (its ports share it, being one machine)."""
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
+class _Cut(Exception):
+    """Why a :class:`SocketWatch` stopped an attempt (its deadline, or the dispatcher's stop)."""
+
+
+@dataclass
+class _Claimed:
+    delivery: WebhookDelivery
+    host: str
+    until: float  # monotonic; past it the lease may run out mid-attempt, so the row is let go
+
+
 class WebhookDispatcher:
     """Delivers due outbox rows, in a background thread (``start``/``stop``) or one pass at a time (``run_once``)."""
 
@@ -88,12 +130,19 @@ class WebhookDispatcher:
         self.retry = retry or retry_policy(self.settings)
         self.poll_s = poll_s  # also the longest a row enqueued by another process waits to be seen
         self.clock = clock
-        timeout = self.settings.webhook_timeout_s
-        self.lease_s = 4 * timeout + 30  # connect + write + read + pool phases, with room to record the outcome
-        self._client = guarded_client(policy or default_policy(resolve_timeout_s=self.settings.webhook_timeout_s), timeout=httpx.Timeout(timeout),
-                                      follow_redirects=False,
-                                      headers={"User-Agent": f"lipsync-runner/{__version__} (webhooks)"})
-        self._pool = ThreadPoolExecutor(self.settings.webhook_concurrency, thread_name_prefix="webhook")
+        self.timeout_s = timeout = self.settings.webhook_timeout_s
+        self.slots, self.per_host = self.settings.webhook_concurrency, self.settings.webhook_per_host
+        # an attempt ends by its deadline; before it, a claimed row may wait up to 3x that for its host's turn
+        self.lease_s = 4 * timeout + _RECORD_S
+        self._late = f"no answer within {timeout:g} s"
+        policy = policy or default_policy(resolve_timeout_s=timeout)
+        self.policy = replace(policy, resolve_timeout_s=min(policy.resolve_timeout_s, timeout))  # within the deadline
+        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="webhook")
+        self._lock = threading.Lock()
+        self._running: dict[str, Future[Optional[WebhookDelivery]]] = {}  # delivery id -> its attempt
+        self._busy: Counter[str] = Counter()  # host -> attempts in flight
+        self._waiting: dict[str, _Claimed] = {}  # claimed, waiting for their host's turn, oldest first
+        self._watches: set[SocketWatch] = set()  # one per attempt in flight
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -101,6 +150,24 @@ class WebhookDispatcher:
     # -- one attempt -----------------------------------------------------------------------
 
     def attempt(self, delivery: WebhookDelivery) -> AttemptResult:
+        # a client per attempt, with no connection shared: the watch holds this attempt's socket only
+        watch = SocketWatch(deadline=time.monotonic() + self.timeout_s)
+        timer = threading.Timer(self.timeout_s, watch.stop, args=(_Cut(self._late),))
+        timer.daemon = True
+        with self._lock:
+            self._watches.add(watch)
+            if self._stop.is_set():  # stop() has cut the others already
+                watch.stop(_Cut(STOPPED))
+        timer.start()
+        try:
+            return self._post(delivery, watch)
+        finally:
+            timer.cancel()
+            watch.close()
+            with self._lock:
+                self._watches.discard(watch)
+
+    def _post(self, delivery: WebhookDelivery, watch: SocketWatch) -> AttemptResult:
         body = delivery.body.encode()
         headers = {
             "Content-Type": "application/json",
@@ -111,15 +178,19 @@ class WebhookDispatcher:
         }
         try:
             # the answer's body is never read: a receiver cannot make us hold megabytes
-            with self._client.stream("POST", delivery.url, content=body, headers=headers) as response:
+            with guarded_client(self.policy, timeout=httpx.Timeout(self.timeout_s), headers=_USER_AGENT,
+                                watch=watch) as client, \
+                    client.stream("POST", delivery.url, content=body, headers=headers) as response:
                 status = response.status_code
         except URLRefusedError as e:
             return AttemptResult(False, error=e.message, permanent=True)
-        except httpx.TimeoutException:
-            return AttemptResult(False, error=f"no answer within {self.settings.webhook_timeout_s:g} s")
-        except httpx.ConnectError:
-            return AttemptResult(False, error="could not connect")
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, _Cut) as e:
+            if watch.error is not None:  # whatever the shut socket made httpx say, this is why
+                return AttemptResult(False, error=str(watch.error))
+            if isinstance(e, httpx.TimeoutException):
+                return AttemptResult(False, error=self._late)
+            if isinstance(e, httpx.ConnectError):
+                return AttemptResult(False, error="could not connect")
             return AttemptResult(False, error=f"request failed ({type(e).__name__})")
         if 200 <= status < 300:
             return AttemptResult(True, status)
@@ -143,19 +214,74 @@ class WebhookDispatcher:
                         delivery.job_id, where, attempts, result.error)
         return row
 
+    def _run(self, delivery: WebhookDelivery, host: str) -> Optional[WebhookDelivery]:
+        try:
+            if self._stop.is_set():  # claimed as stop() began: not attempted, its lease runs out
+                return None
+            return self._deliver(delivery)
+        except Exception:
+            log.exception("webhook delivery %s failed to run (its lease runs out and it comes back)",
+                          delivery.delivery_id)
+            return None
+        finally:
+            with self._lock:
+                self._running.pop(delivery.delivery_id, None)
+                self._busy[host] -= 1
+                if not self._busy[host]:
+                    del self._busy[host]
+            self._wake.set()  # a slot is free
+
     # -- passes and the loop ---------------------------------------------------------------
 
+    def _start_or_wait(self, claimed: _Claimed) -> None:
+        """Under the lock: start its attempt if a slot and its host allow, else hold it back."""
+        if len(self._running) < self.slots and self._busy[claimed.host] < self.per_host:
+            self._busy[claimed.host] += 1
+            self._running[claimed.delivery.delivery_id] = self._pool.submit(self._run, claimed.delivery,
+                                                                            claimed.host)
+        else:
+            self._waiting[claimed.delivery.delivery_id] = claimed
+
+    def _pump(self) -> None:
+        """Start every attempt that may start now, waiting for none: rows held back first, then newly
+        claimed ones, until the slots are full or nothing is due."""
+        with self._lock:
+            now = time.monotonic()
+            held, self._waiting = self._waiting, {}
+            for claimed in held.values():
+                if claimed.until > now:  # else let go: its lease runs out and it comes back due
+                    self._start_or_wait(claimed)
+        while not self._stop.is_set():
+            with self._lock:
+                room = self.slots - len(self._running)
+                if room <= 0 or len(self._waiting) >= _MAX_WAITING:
+                    return
+            until = time.monotonic() + self.lease_s - self.timeout_s - _RECORD_S  # the lease starts in claim()
+            rows = self.outbox.claim(self.clock(), room, self.lease_s)
+            with self._lock:
+                for row in rows:
+                    # a row we still hold can come back only if its lease ran out while recording: skip it
+                    if row.delivery_id not in self._running and row.delivery_id not in self._waiting:
+                        self._start_or_wait(_Claimed(row, _host(row.url), until))
+            if len(rows) < room:
+                return
+
     def run_once(self) -> list[WebhookDelivery]:
-        """Claim what is due and attempt it; the rows as recorded afterwards."""
-        claimed = self.outbox.claim(self.clock(), self.settings.webhook_concurrency, self.lease_s)
-        rows = list(self._pool.map(self._deliver, claimed))
-        return [r for r in rows if r is not None]
+        """Start what is due and wait for those attempts; the rows as recorded (tools and tests: the
+        background loop never waits for an attempt)."""
+        self._pump()
+        with self._lock:
+            running = list(self._running.values())
+        return [row for future in running if (row := future.result()) is not None]
 
     def wake(self) -> None:
         """A delivery was enqueued: look now instead of at the next poll."""
         self._wake.set()
 
     def _wait_s(self) -> float:
+        with self._lock:
+            if len(self._running) >= self.slots or len(self._waiting) >= _MAX_WAITING:
+                return self.poll_s  # nothing more can start until an attempt ends, and that wakes us
         due = self.outbox.next_due()
         if due is None:
             return self.poll_s
@@ -165,8 +291,7 @@ class WebhookDispatcher:
         while not self._stop.is_set():
             self._wake.clear()  # before the pass: a wake during it makes the wait below return at once
             try:
-                if self.run_once():
-                    continue
+                self._pump()
                 wait = self._wait_s()
             except Exception:
                 log.exception("webhook dispatcher: pass failed (retrying)")
@@ -180,13 +305,18 @@ class WebhookDispatcher:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop at once: attempts in flight are cut and recorded (to be retried); rows held back are let go."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._lock:
+            self._waiting.clear()
+            watches = list(self._watches)
+        for watch in watches:
+            watch.stop(_Cut(STOPPED))
         self._pool.shutdown(wait=True)
-        self._client.close()
 
     def __enter__(self) -> "WebhookDispatcher":
         return self.start()
