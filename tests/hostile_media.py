@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 from lipsync_runner.media.ffmpeg import ffmpeg_exe
@@ -128,6 +129,55 @@ def mkv_with_huge_metadata(src: Path, dst: Path, *, lines: int) -> Path:
         ffmpeg("-i", src, "-i", meta, "-map", "0", "-map_metadata", "1", "-c", "copy", dst)
     finally:
         meta.unlink()
+    return dst
+
+
+# --------------------------------------------------------------------------- frame size and timestamps
+
+
+def flat_png(dst: Path, width: int, height: int, grey: int) -> Path:
+    """A flat grey PNG of any size, a few hundred KB at 16000x16000, built in well under a second and
+    without the picture in memory: the deflate stream of a block of rows, ended with a full flush, is
+    the same whenever that block is compressed again, so it is compressed once and repeated."""
+    row = b"\x00" + bytes([grey]) * width  # filter type 0, then the samples
+    rows = next(n for n in (1000, 100, 10, 1) if height % n == 0)
+    block = row * rows
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate; the zlib wrapper is written below
+    body = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(height // rows):
+        adler = zlib.adler32(block, adler)
+    idat = b"\x78\xda" + body * (height // rows) + deflate.flush() + struct.pack(">I", adler)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    dst.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return dst
+
+
+def mkv_of_huge_frames(dst: Path, width: int, height: int, *, frames: int = 2, audio_seconds: float = 2.0) -> Path:
+    """A Matroska file of `frames` flat `width` x `height` pictures (PNG, 1 fps, copied as they are)
+    with `audio_seconds` of AAC: two 16000x16000 frames make about 0.6 MB. (ffmpeg decodes a
+    picture once to mux it: a few seconds and 300 MB at that size.)"""
+    for i in range(frames):
+        flat_png(dst.with_name(f"{dst.stem}-{i + 1}.png"), width, height, 100 + 20 * i)
+    try:
+        ffmpeg("-framerate", "1", "-i", dst.with_name(f"{dst.stem}-%d.png"),
+               "-f", "lavfi", "-i", f"sine=frequency=440:duration={audio_seconds}",
+               "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", dst)
+    finally:
+        for i in range(frames):
+            dst.with_name(f"{dst.stem}-{i + 1}.png").unlink(missing_ok=True)
+    return dst
+
+
+def vfr_with_a_gap(src: Path, dst: Path, *, gap_s: float, frames: int = 2) -> Path:
+    """The first `frames` frames of `src` re-encoded into Matroska with `gap_s` seconds between
+    consecutive timestamps (a variable-rate file: ffmpeg still reads it as `src`'s frame rate)."""
+    ffmpeg("-i", src, "-frames:v", str(frames), "-vf", f"setpts=N*{gap_s}/TB", "-fps_mode", "vfr",
+           "-c:v", "libx264", "-preset", "ultrafast", "-an", dst)
     return dst
 
 

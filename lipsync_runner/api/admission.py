@@ -332,7 +332,8 @@ class Admission:
             video_info = validate_video(video_path, self.limits) if video_path is not None else None
             audio_info = validate_audio(job_dir / audio.file_name, self.limits) if audio else None
         if video is not None and video_info is not None:
-            write_thumbnail(job_dir / video.file_name, job_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH, video_info.demuxer)
+            write_thumbnail(job_dir / video.file_name, job_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH, video_info.demuxer,
+                            max_pixels=self.limits.max_video_pixels)
         elif avatar_thumbnail is not None:  # a job by avatar_id shows the avatar's picture
             shutil.copyfile(avatar_thumbnail, job_dir / THUMBNAIL_NAME)
         return media_summary(video_info, audio_info) if video_info or audio_info else None

@@ -24,14 +24,21 @@ Inputs are untrusted, so nothing a file says about itself is taken as a bound:
 * Decoding counts what really comes out (audio samples, video frames) against
   :class:`MediaLimits` and stops ffmpeg with :class:`InputTooLargeError` (413) the moment
   it passes them: durations in headers and packet timestamps are the uploader's to edit.
+* Frame size is bounded before any frame is decoded: every ffmpeg that opens an upload gets
+  ffmpeg's own ``-max_pixels`` (a decoder refuses a larger picture when it opens, before it
+  allocates one; an input read for its sound decodes no picture at all), the probe refuses a
+  size over the limit from the stream's header (413), and a probe's ffmpeg runs under a
+  memory rlimit. A 1.6 MB file of two 16000x16000 frames used to cost 1.5 GB per probe.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import os
 import re
+import resource
 import shutil
 import subprocess
 import threading
@@ -40,7 +47,7 @@ import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Iterator, Sequence, Union
+from typing import IO, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -54,6 +61,14 @@ AUDIO_EXTENSIONS = (".mp3", ".wav", ".m4a", ".aac", ".ogg")
 
 # Probing reads the whole file once (packet scan); a minute covers multi-GB files.
 PROBE_TIMEOUT_S = 60.0
+
+# Memory a probe's ffmpeg may use (RLIMIT_DATA): this much plus PROBE_BYTES_PER_PIXEL per pixel of its
+# decoders' cap (a decoder holds its reference frames, up to 16, at up to 6 bytes a pixel). A probe of an
+# allowed file uses well under 200 MB; the rlimit is the last bound should a decoder ignore the cap.
+PROBE_MEMORY_BYTES = 2 << 30
+PROBE_BYTES_PER_PIXEL = 64
+# -max_pixels for an input read only for its sound (a cover picture, a video track): no picture is decoded.
+AUDIO_INPUT_MAX_PIXELS = 1
 
 # The demuxers of the accepted formats (ffmpeg's names; "mov" also reads mp4/m4a, "matroska"
 # webm). Everything else is refused by content, whatever the file is called: above all the
@@ -148,6 +163,27 @@ _STDERR_NOISE_RE = re.compile(
 )
 
 
+class ProbeTimeoutError(MediaProcessingError):
+    """A probe that ran out of time. Files that are costly to read for their size are refused before
+    that (size, frame size, header length), so what is left is a server too busy to probe in time:
+    503 with Retry-After, not a 500."""
+
+    http_status = 503
+    retry_after_s = 30
+
+
+def decoder_max_pixels(max_pixels: int | None) -> int | None:
+    """ffmpeg's ``-max_pixels`` for a frame-size limit. Decoders check the padded picture (width
+    aligned to 64, macroblock rows) and a stream may grow mid-way (VideoReader scales it to the probed
+    size), so twice the limit plus 1 MP: still a small fraction of a 16000x16000 bomb."""
+    return None if max_pixels is None else min(2 * max_pixels + (1 << 20), 2**31 - 1)
+
+
+def _probe_memory(cap: int | None) -> int | None:
+    """RLIMIT_DATA of a probe's ffmpeg whose decoders are capped at ``cap`` pixels (None: no cap, no limit)."""
+    return None if cap is None else PROBE_MEMORY_BYTES + PROBE_BYTES_PER_PIXEL * cap
+
+
 def _stderr_tail(lines: Sequence[str], paths: dict[str, str]) -> str:
     lines = [ln.strip() for ln in lines if ln.strip()]
     kept = [ln for ln in lines if not _STDERR_NOISE_RE.search(ln)] or lines
@@ -163,6 +199,10 @@ class _FfmpegProcess:
     the first lines, up to that many bytes, until a line matches ``head_end``; if the cap is
     reached first, ffmpeg is killed (``head_overflow``): the caller cannot use a head it
     cannot read whole, and ffmpeg printing more of it only costs time.
+
+    ``memory``: RLIMIT_DATA for ffmpeg, in bytes (what it may write, unlike RLIMIT_AS, which also
+    counts the address space that thread stacks and malloc arenas reserve and grows with the cores).
+    ``timeout_error``: the error a timeout raises (default: MediaProcessingError, 500).
     """
 
     def __init__(
@@ -177,11 +217,14 @@ class _FfmpegProcess:
         watch: re.Pattern[str] | None = None,
         head_cap: int = 0,
         head_end: re.Pattern[str] | None = None,
+        memory: int | None = None,
+        timeout_error: Callable[[], MediaProcessingError] | None = None,
     ) -> None:
         self.what = what  # e.g. "decoding input.mp4", used in error messages
         self.paths = paths
         self.timeout_s = timeout_s
         self.timed_out = False
+        self._timeout_error = timeout_error
         self.watch_hits: list[str] = []
         self._watch = watch
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -191,8 +234,13 @@ class _FfmpegProcess:
         self._head_end = head_end
         self._head_open = head_cap > 0
         self._head_bytes = 0
+        # Set in the child between fork and exec. preexec_fn is unsafe with threads when it runs Python that
+        # takes locks; this is one C call with its arguments bound beforehand.
+        limit = None if memory is None else functools.partial(resource.setrlimit, resource.RLIMIT_DATA,
+                                                              (memory, memory))
         try:
-            self.proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+            self.proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                                         preexec_fn=limit)  # noqa: PLW1509
         except OSError as exc:
             raise MediaProcessingError(f"could not start ffmpeg ({exc.strerror})") from None
         self._drain = threading.Thread(target=self._drain_stderr, name="ffmpeg-stderr", daemon=True)
@@ -259,6 +307,8 @@ class _FfmpegProcess:
 
     def error(self, rc: int | None = None) -> MediaProcessingError:
         if self.timed_out:
+            if self._timeout_error is not None:
+                return self._timeout_error()
             return MediaProcessingError(f"ffmpeg timed out after {self.timeout_s:g} s while {self.what}")
         code = f" (exit code {rc})" if rc is not None else ""
         return MediaProcessingError(
@@ -335,6 +385,7 @@ class _Header:
     duration: float | None
     streams: tuple[_Stream, ...]
     reason: str  # ffmpeg's last words when it could not open the file
+    oversize: tuple[int, int] | None = None  # a picture size a decoder refused (-max_pixels) while opening
 
     def first(self, kind: str) -> _Stream | None:
         for s in self.streams:
@@ -347,6 +398,8 @@ _STREAM_RE = re.compile(r"^\s*Stream #0:\d+[^:]*: (Video|Audio|Subtitle|Data|Att
 _INPUT_RE = re.compile(r"^Input #0, (.+?), from '")
 _DURATION_RE = re.compile(r"Duration: (?:(\d+):(\d+):(\d+(?:\.\d+)?)|N/A)")
 _HEADER_END_RE = re.compile(r"Stream mapping:|Output #|Press \[q\]")  # what follows describes outputs
+# A decoder refusing a picture over -max_pixels when it opens. The stream's line then has no size.
+_OVERSIZE_RE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
 
 
 def _parse_header(lines: Sequence[str]) -> _Header:
@@ -355,9 +408,12 @@ def _parse_header(lines: Sequence[str]) -> _Header:
     streams: list[_Stream] = []
     cur: tuple[str, str, list[str]] | None = None
     opened = False
+    oversize: tuple[int, int] | None = None
     for line in lines:
         if _HEADER_END_RE.match(line):
             break  # what follows describes outputs, not the input
+        if oversize is None and (m := _OVERSIZE_RE.search(line)):
+            oversize = (int(m.group(1)), int(m.group(2)))
         if m := _INPUT_RE.match(line):
             opened, fmt = True, m.group(1)
             continue
@@ -378,7 +434,7 @@ def _parse_header(lines: Sequence[str]) -> _Header:
     if not opened:
         last = [ln for ln in lines if ln.strip() and "output file" not in ln]
         reason = last[-1].rsplit(": ", 1)[-1].strip() if last else ""
-    return _Header(opened, fmt, duration, tuple(streams), reason)
+    return _Header(opened, fmt, duration, tuple(streams), reason, oversize)
 
 
 _SIZE_RE = re.compile(r"(?<![\w/])([1-9]\d*)x([1-9]\d*)(?=[\s,\[]|$)")
@@ -445,16 +501,29 @@ class _Deadline:
             return None
         left = self._end - time.monotonic()
         if left <= 0:
-            raise MediaProcessingError(f"ffmpeg timed out after {self.timeout_s:g} s while {self.what}")
+            raise self.expired()
         return left
 
+    def expired(self) -> ProbeTimeoutError:
+        """The error of a step that ran out of the probe's time (it names the whole budget)."""
+        return ProbeTimeoutError(f"ffmpeg timed out after {self.timeout_s:g} s while {self.what}")
 
-def input_args(path: PathLike, demuxer: str, allowed: Sequence[str] = VIDEO_DEMUXERS) -> list[str]:
+
+def input_args(path: PathLike, demuxer: str, allowed: Sequence[str] = VIDEO_DEMUXERS, *,
+               max_pixels: int | None = None) -> list[str]:
     """``-i`` for an untrusted file: the file protocol only, whitelisted demuxers, and ``-f`` with
     the probed demuxer (VideoInfo.demuxer / AudioInfo.demuxer). Every ffmpeg call on an upload
-    takes its input through this."""
+    takes its input through this.
+
+    ``max_pixels``: ffmpeg's ``-max_pixels`` for every decoder of the input, the ones ffmpeg opens
+    to probe the streams included (``decoder_max_pixels`` of a frame limit). An input read for its
+    sound (``allowed`` = AUDIO_DEMUXERS) gets AUDIO_INPUT_MAX_PIXELS unless told otherwise: its
+    pictures, if any, are never needed, and each would be decoded at full size while ffmpeg probes."""
+    if max_pixels is None and tuple(allowed) == AUDIO_DEMUXERS:
+        max_pixels = AUDIO_INPUT_MAX_PIXELS
     forced = ["-f", demuxer] if demuxer else []
-    return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(allowed), *forced, "-i", _url(path)]
+    cap = ["-max_pixels", str(max_pixels)] if max_pixels is not None else []
+    return ["-protocol_whitelist", "file", "-format_whitelist", ",".join(allowed), *forced, *cap, "-i", _url(path)]
 
 
 @dataclass(frozen=True)
@@ -464,8 +533,8 @@ class _PacketScan:
     truncated: bool
 
 
-def _scan_packets(path: PathLike, stream_spec: str, demuxer: str, allowed: Sequence[str], *, what: str,
-                  timeout_s: float | None) -> _PacketScan:
+def _scan_packets(path: PathLike, stream_spec: str, demuxer: str, allowed: Sequence[str], deadline: _Deadline,
+                  max_pixels: int | None) -> _PacketScan:
     """Demux (no decode) one stream: exact packet count and duration, truncation check.
 
     Headers lie: WebM from browsers has no duration, raw AAC estimates it from the
@@ -473,10 +542,12 @@ def _scan_packets(path: PathLike, stream_spec: str, demuxer: str, allowed: Seque
     (Packet timestamps can lie too; decoding counts real samples, see decode_audio.)
     """
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *input_args(path, demuxer, allowed),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error",
+         *input_args(path, demuxer, allowed, max_pixels=max_pixels),
          "-map", stream_spec, "-c", "copy", "-f", "framecrc", "-"],
-        what=what, paths=_path_aliases(path), timeout_s=timeout_s,
-        stdout=subprocess.PIPE, watch=_TRUNCATION_RE,
+        what=deadline.what, paths=_path_aliases(path), timeout_s=deadline.left(),
+        stdout=subprocess.PIPE, watch=_TRUNCATION_RE, memory=_probe_memory(max_pixels),
+        timeout_error=deadline.expired,
     )  # fmt: skip
     count = 0
     tb = Fraction(0)
@@ -526,13 +597,13 @@ _NOT_WHITELISTED_RE = re.compile(r"Format not on whitelist")
 _PROBED_RE = re.compile(r"Format (\S+) (?:probed with size=|detected only with low score)")
 
 
-def _detected_demuxer(path: PathLike, allowed: Sequence[str], deadline: _Deadline) -> str:
+def _detected_demuxer(path: PathLike, allowed: Sequence[str], deadline: _Deadline, max_pixels: int | None) -> str:
     """The demuxer ffmpeg picks for a file it refused as not whitelisted (a debug-level rerun
     that stops right after the format probe)."""
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "debug", *input_args(path, "", allowed)],
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "debug", *input_args(path, "", allowed, max_pixels=max_pixels)],
         what=deadline.what, paths=_path_aliases(path), timeout_s=deadline.left(),
-        head_cap=64 * 1024, head_end=_NOT_WHITELISTED_RE,
+        head_cap=64 * 1024, head_end=_NOT_WHITELISTED_RE, memory=_probe_memory(max_pixels),
     )  # fmt: skip
     try:
         proc._reap()  # it stops right after the probe; the watchdog bounds it anyway
@@ -557,17 +628,21 @@ def _refuse_demuxer(name: str, kind: str, demuxer: str, allowed: Sequence[str]) 
 
 
 def _open_and_decode(
-    path: PathLike, kind: str, allowed: Sequence[str], output_args: list[str], deadline: _Deadline
+    path: PathLike, kind: str, allowed: Sequence[str], output_args: list[str], deadline: _Deadline,
+    max_pixels: int | None,
 ) -> tuple[_Header, bytes, str]:
     """``ffmpeg -i PATH <output_args> pipe:1`` at info level: the input summary, a little decoded
     data and the demuxer to name on later calls. Refuses (400) a demuxer off the whitelist,
-    and a summary longer than PROBE_STDERR_CAP_BYTES (it is not parsed, and ffmpeg is stopped)."""
+    and a summary longer than PROBE_STDERR_CAP_BYTES (it is not parsed, and ffmpeg is stopped).
+    ``max_pixels``: the decoders' cap (input_args); one decoder thread, so the memory a probe
+    needs does not grow with the cores (its rlimit does not either)."""
     name = _name(path)
     proc = _FfmpegProcess(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", *input_args(path, "", allowed),
-         *output_args, "pipe:1"],
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-threads", "1",
+         *input_args(path, "", allowed, max_pixels=max_pixels), *output_args, "pipe:1"],
         what=deadline.what, paths=_path_aliases(path), timeout_s=deadline.left(), stdout=subprocess.PIPE,
-        head_cap=PROBE_STDERR_CAP_BYTES, head_end=_HEADER_END_RE,
+        head_cap=PROBE_STDERR_CAP_BYTES, head_end=_HEADER_END_RE, memory=_probe_memory(max_pixels),
+        timeout_error=deadline.expired,
     )  # fmt: skip
     try:
         assert proc.proc.stdout is not None
@@ -581,7 +656,7 @@ def _open_and_decode(
             f"{name} is not a readable {kind} file: its header is too large (over "
             f"{PROBE_STDERR_CAP_BYTES // 1024} KB of metadata, chapters or streams)")
     if any(_NOT_WHITELISTED_RE.search(ln) for ln in proc.head):
-        raise _refuse_demuxer(name, kind, _detected_demuxer(path, allowed, deadline), allowed)
+        raise _refuse_demuxer(name, kind, _detected_demuxer(path, allowed, deadline, max_pixels), allowed)
     header = _parse_header(proc.head)
     demuxer = header.fmt.split(",")[0] if header.opened else ""
     if header.opened and demuxer not in allowed:  # the whitelist matched another name of a demuxer
@@ -646,11 +721,7 @@ class MediaLimits:
 
     def check_video(self, info: VideoInfo, name: str) -> None:
         """InputTooLargeError (413) for a probed video over a limit."""
-        pixels = info.width * info.height
-        if self.max_video_pixels is not None and pixels > self.max_video_pixels:
-            raise InputTooLargeError(
-                f"{name}: resolution {info.width}x{info.height} is above the limit of "
-                f"{self.max_video_pixels:,} pixels per frame")
+        _check_pixels(name, info.width, info.height, self.max_video_pixels)
         if info.fps > self.max_fps:
             raise InputTooLargeError(
                 f"{name}: its frame rate of {float(info.fps):g} fps is above the limit of {self.max_fps:g} fps")
@@ -672,29 +743,48 @@ class MediaLimits:
                 f"{name}: {info.duration:.1f} s of audio is over the limit of {self.max_audio_seconds:g} s")
 
 
-def probe_video(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) -> VideoInfo:
-    """Describe the first video stream; InvalidInputError if the file is not a usable video."""
+def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise InputTooLargeError(
+            f"{name}: resolution {width}x{height} is above the limit of {max_pixels:,} pixels per frame")
+
+
+def probe_video(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S,
+                max_pixels: int | None = None) -> VideoInfo:
+    """Describe the first video stream; InvalidInputError if the file is not a usable video.
+
+    ``max_pixels`` (MediaLimits.max_video_pixels): a larger frame size in the stream's header is
+    refused (InputTooLargeError, 413) before a frame of it is decoded; ffmpeg's decoders are capped
+    (decoder_max_pixels) and its memory bounded (PROBE_MEMORY_BYTES) while probing.
+    """
     name = _check_file(path, "video")
     not_readable = f"{name} is not a readable video file"
     deadline = _Deadline(timeout_s, f"probing {name}")
+    cap = decoder_max_pixels(max_pixels)
     # Decoding one tiny grey frame proves the codec is supported and the data decodes.
     header, first_frame, demuxer = _open_and_decode(
         path, "video", VIDEO_DEMUXERS,
         ["-map", "0:V:0", "-frames:v", "1", "-vf", "scale=8:8", "-f", "rawvideo", "-pix_fmt", "gray"],
-        deadline,
+        deadline, cap,
     )
     if not header.opened:
         raise InvalidInputError(f"{not_readable} ({header.reason})" if header.reason else not_readable)
     stream = header.first("Video")
     if stream is None:
         raise InvalidInputError(f"{name} is not a video file: it has no video stream")
+    rotation = _rotation_cw(stream)
     size = _SIZE_RE.search(stream.desc)
+    # The size from the header (or the one a capped decoder refused: the stream's line has none then)
+    # is checked before the decode's result: a frame over the cap never decoded, so it reads as broken.
+    coded = (int(size.group(1)), int(size.group(2))) if size else header.oversize
+    if coded is not None:
+        _check_pixels(name, *(coded[::-1] if rotation in (90, 270) else coded), max_pixels)
     if size is None:
         raise InvalidInputError(f"{not_readable}: its video stream has no frame size")
     if len(first_frame) != 64:
         raise InvalidInputError(f"{not_readable}: its {stream.codec} video stream could not be decoded")
 
-    scan = _scan_packets(path, "0:V:0", demuxer, VIDEO_DEMUXERS, what=deadline.what, timeout_s=deadline.left())
+    scan = _scan_packets(path, "0:V:0", demuxer, VIDEO_DEMUXERS, deadline, cap)
     if scan.truncated:
         raise InvalidInputError(f"{not_readable}: it is truncated or corrupt")
     if scan.count <= 1 and stream.codec in _IMAGE_CODECS:
@@ -716,7 +806,6 @@ def probe_video(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) ->
         raise InvalidInputError(f"{not_readable}: its frame rate is unknown")
 
     width, height = int(size.group(1)), int(size.group(2))
-    rotation = _rotation_cw(stream)
     if rotation in (90, 270):
         width, height = height, width
     return VideoInfo(
@@ -741,7 +830,8 @@ def probe_audio(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) ->
     name = _check_file(path, "audio")
     deadline = _Deadline(timeout_s, f"probing {name}")
     header, samples, demuxer = _open_and_decode(
-        path, "audio", AUDIO_DEMUXERS, ["-map", "0:a:0", "-t", "0.1", "-ac", "1", "-f", "s16le"], deadline)
+        path, "audio", AUDIO_DEMUXERS, ["-map", "0:a:0", "-t", "0.1", "-ac", "1", "-f", "s16le"], deadline,
+        AUDIO_INPUT_MAX_PIXELS)
     if not header.opened:
         msg = f"{name} is not a readable audio file"
         raise InvalidInputError(f"{msg} ({header.reason})" if header.reason else msg)
@@ -754,7 +844,7 @@ def probe_audio(path: PathLike, *, timeout_s: float | None = PROBE_TIMEOUT_S) ->
     if int(rate.group(1)) not in AUDIO_SAMPLE_RATES:
         raise InvalidInputError(
             f"{name} is not a readable audio file: its sample rate of {int(rate.group(1)):,} Hz is not an audio rate")
-    scan = _scan_packets(path, "0:a:0", demuxer, AUDIO_DEMUXERS, what=deadline.what, timeout_s=deadline.left())
+    scan = _scan_packets(path, "0:a:0", demuxer, AUDIO_DEMUXERS, deadline, AUDIO_INPUT_MAX_PIXELS)
     if scan.truncated:
         raise InvalidInputError(f"{name} is not a readable audio file: it is truncated or corrupt")
     duration = scan.duration if scan.duration else header.duration
@@ -823,16 +913,24 @@ class VideoReader:
     ``max_frames``: the read that would take the count past it kills ffmpeg and raises
     InputTooLargeError (413), whatever the probe said (timestamps that lie make ffmpeg's
     constant-rate output duplicate frames without end).
+
+    ``stop_after``: the video ends, for the reader, after that many frames (ffmpeg is stopped
+    there): a job reads only what its output shows (plan.frames_to_decode).
+
+    ``max_pixels``: the frame-size limit (MediaLimits.max_video_pixels); ffmpeg's decoder refuses
+    a picture over decoder_max_pixels of it, a size change mid-stream included.
     """
 
     def __init__(self, path: PathLike, info: VideoInfo | None = None, *, timeout_s: float | None = None,
-                 max_frames: int | None = None, hwaccel: str | None = None) -> None:
+                 max_frames: int | None = None, hwaccel: str | None = None, stop_after: int | None = None,
+                 max_pixels: int | None = None) -> None:
         self.path = os.fspath(path)
-        self.info = info if info is not None else probe_video(path)
+        self.info = info if info is not None else probe_video(path, max_pixels=max_pixels)
         self.width, self.height = self.info.width, self.info.height
         self._frame_bytes = self.width * self.height * 3
         fps = self.info.fps
         self.max_frames = max_frames
+        self.stop_after = stop_after
         self.frames_read = 0
         self._eof = False
         self._closed = False
@@ -841,7 +939,7 @@ class VideoReader:
         hw = ["-hwaccel", hwaccel] if hwaccel else []
         self._ff = _FfmpegProcess(
             [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *hw,
-             *input_args(self.path, self.info.demuxer, VIDEO_DEMUXERS),
+             *input_args(self.path, self.info.demuxer, VIDEO_DEMUXERS, max_pixels=decoder_max_pixels(max_pixels)),
              "-map", "0:V:0", "-an", "-sn", "-dn",
              # Pin the size to the probe: a mid-stream resolution change must not shear frames.
              "-vf", f"scale={self.width}:{self.height}",
@@ -855,6 +953,8 @@ class VideoReader:
         """Read whole frames into ``view``; returns the number of frames read."""
         if self._eof or self._closed:
             return 0
+        if self.stop_after is not None:
+            view = view[: (self.stop_after - self.frames_read) * self._frame_bytes]
         assert self._ff.proc.stdout is not None
         got = _read_exact(self._ff.proc.stdout, view)
         if got < len(view):  # EOF: a trailing partial frame is dropped
@@ -862,6 +962,9 @@ class VideoReader:
             self._ff.finish()  # raises if ffmpeg failed or timed out
         frames = got // self._frame_bytes
         self.frames_read += frames
+        if not self._eof and self.frames_read == self.stop_after:  # the end the caller set: stop ffmpeg now
+            self._eof = True
+            self._ff.abort()
         if self.max_frames is not None and self.frames_read > self.max_frames:
             self.close()
             raise InputTooLargeError(

@@ -6,7 +6,7 @@ import logging
 import subprocess
 from pathlib import Path
 
-from lipsync_runner.media.ffmpeg import ffmpeg_exe, input_args
+from lipsync_runner.media.ffmpeg import decoder_max_pixels, ffmpeg_exe, input_args
 
 log = logging.getLogger(__name__)
 
@@ -15,16 +15,17 @@ THUMBNAIL_WIDTH = 160
 TIMEOUT_S = 20.0
 
 
-def write_thumbnail(video: Path, dest: Path, width: int = THUMBNAIL_WIDTH, demuxer: str = "") -> bool:
+def write_thumbnail(video: Path, dest: Path, width: int = THUMBNAIL_WIDTH, demuxer: str = "", *,
+                    max_pixels: int | None = None) -> bool:
     """Write the first frame, `width` pixels wide, to `dest`; False (and no file) if that fails.
 
     A thumbnail is a convenience: a video that passed validation but cannot give one
-    still makes a job.
+    still makes a job. ``max_pixels``: the deployment's frame-size limit (ffmpeg's own cap from it).
     """
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
         result = subprocess.run(
-            [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *input_args(video, demuxer),
+            [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *input_args(video, demuxer, max_pixels=decoder_max_pixels(max_pixels)),
              "-map", "0:V:0", "-frames:v", "1", "-vf", f"scale={width}:-2", "-q:v", "4", "-f", "image2",
              "-c:v", "mjpeg", "-y", "file:" + str(tmp.resolve())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=TIMEOUT_S)

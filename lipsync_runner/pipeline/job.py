@@ -54,7 +54,8 @@ from lipsync_runner.media.ffmpeg import (
 )
 from lipsync_runner.models.musetalk import LipSyncModel
 from lipsync_runner.params import JobParams
-from lipsync_runner.pipeline.plan import DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, spools_frames
+from lipsync_runner.pipeline.plan import (DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, frames_to_decode,
+                                          spools_frames)
 from lipsync_runner.config import RunnerSettings
 from lipsync_runner.audio.soundtrack import write_soundtrack
 from lipsync_runner.audio.speech import SpeechSettings, speech_frames
@@ -140,10 +141,11 @@ class StageClock:
             self.seconds[stage] += time.perf_counter() - start
 
 
-def validate_inputs(video: Path, audio: Path, timeout_s: float | None = None) -> tuple[VideoInfo, AudioInfo]:
-    """Check both files by content (not extension) before any work starts."""
+def validate_inputs(video: Path, audio: Path, timeout_s: float | None = None,
+                    max_pixels: int | None = None) -> tuple[VideoInfo, AudioInfo]:
+    """Check both files by content (not extension) before any work starts; ``max_pixels``: the frame-size limit."""
     bound = min(PROBE_TIMEOUT_S, timeout_s or PROBE_TIMEOUT_S)
-    return probe_video(video, timeout_s=bound), probe_audio(audio, timeout_s=bound)
+    return probe_video(video, timeout_s=bound, max_pixels=max_pixels), probe_audio(audio, timeout_s=bound)
 
 
 @dataclass
@@ -165,6 +167,7 @@ class JobState:
     masks: MaskProvider | None = None  # blend masks (face parsing); None: blend.py's own mask
     pcm: np.ndarray | None = None  # the new audio, 16 kHz mono
     n_audio: int = 0  # A: output frames the audio covers
+    n_decode: int | None = None  # source frames read, from the first (plan.frames_to_decode); None: all
     speech: np.ndarray | None = None  # [A] bool (silence=keep)
     envelope: np.ndarray | None = None  # [A] audio RMS per frame (face=speaker: whose mouth moves with it)
     track: FaceTrack | None = None
@@ -214,17 +217,17 @@ def run(
     opts = options or PipelineOptions()
     opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
     video, audio, output = Path(video), Path(audio), Path(output)
-    info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s)[0]
+    info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s, opts.limits.max_video_pixels)[0]
     clock = StageClock()
-    frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
-                                             max_frames=opts.limits.max_frames(info.fps),
-                                             hwaccel=opts.codecs.hwaccel),
-                         (info.height, info.width, 3), clock=clock, name=video.name)
+    frames = FrameSource(lambda: _reader(video, info, opts, job.n_decode), (info.height, info.width, 3), clock=clock,
+                         name=video.name)
     job = JobState(model=model, detector=detector, video=video, audio=audio, output=output, info=info, opts=opts,
                    clock=clock, report=progress or (lambda stage, fraction: None), should_cancel=should_cancel,
                    work_dir=Path(work_dir) if work_dir is not None else None, frames=frames, masks=masks)
     try:
         _read_audio(job)
+        if job.n_decode is not None:  # a track of the first frames only is not the video's: not for the cache
+            cache = None
         job.report("faces", 0.0)
         with _prepared_video(job, cache) as hit:
             job.plan = build_plan(job.params, n_video=len(job.track), n_audio=job.n_audio, fps=info.fps,
@@ -242,6 +245,11 @@ def run(
     return result
 
 
+def _reader(video: Path, info: VideoInfo, opts: PipelineOptions, stop_after: int | None = None) -> VideoReader:
+    return VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s, max_frames=opts.limits.max_frames(info.fps),
+                       hwaccel=opts.codecs.hwaccel, stop_after=stop_after, max_pixels=opts.limits.max_video_pixels)
+
+
 def _read_audio(job: JobState) -> None:
     """The new audio as PCM, its length in frames, and (silence=keep) where it is speech."""
     job.report("audio", 0.0)
@@ -253,6 +261,10 @@ def _read_audio(job: JobState) -> None:
         if job.n_audio == 0:
             raise InvalidInputError(f"{job.audio.name} is shorter than one video frame")
     check_segments(job.params, n_video_estimate=job.info.frame_count_estimate, n_audio=job.n_audio, fps=fps)
+    info = job.info
+    n_decode = frames_to_decode(job.params.sync_mode, n_video=info.frame_count_estimate, n_held=info.packet_count,
+                                n_audio=job.n_audio, name=job.video.name)
+    job.n_decode = n_decode if n_decode < info.frame_count_estimate else None
     if job.params.silence == "keep":
         with job.clock("speech"):
             job.speech = speech_frames(job.pcm, fps, job.opts.speech)
@@ -287,10 +299,11 @@ def _track(job: JobState) -> FaceTrack:
     """Decode every frame once and find the face crop of each; keep the frames for the render when
     that is the plan's policy (plan.spools_frames)."""
     info, opts = job.info, job.opts
-    if spools_frames(job.params, n_video=info.frame_count_estimate, n_audio=job.n_audio, width=info.width,
+    n_video = info.frame_count_estimate if job.n_decode is None else job.n_decode
+    if spools_frames(job.params, n_video=n_video, n_audio=job.n_audio, width=info.width,
                      height=info.height, max_spool_bytes=opts.max_spool_bytes, cold=True):
         job.frames.store = job.new_store()
-    expected = max(1, info.frame_count_estimate)
+    expected = max(1, n_video)
 
     def chunks() -> Iterator[np.ndarray]:
         with closing(job.frames.chunks(DETECT_CHUNK)) as decoded:
@@ -499,13 +512,12 @@ def prepare_avatar(
     opts = options or PipelineOptions()
     opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
     video = Path(video)
-    info = video_info or probe_video(video, timeout_s=min(PROBE_TIMEOUT_S, opts.ffmpeg_timeout_s or PROBE_TIMEOUT_S))
+    info = video_info or probe_video(video, timeout_s=min(PROBE_TIMEOUT_S, opts.ffmpeg_timeout_s or PROBE_TIMEOUT_S),
+                                     max_pixels=opts.limits.max_video_pixels)
     clock = StageClock()
     report = progress or (lambda stage, fraction: None)
-    frames = FrameSource(lambda: VideoReader(video, info, timeout_s=opts.ffmpeg_timeout_s,
-                                             max_frames=opts.limits.max_frames(info.fps),
-                                             hwaccel=opts.codecs.hwaccel),
-                         (info.height, info.width, 3), clock=clock, name=video.name)
+    frames = FrameSource(lambda: _reader(video, info, opts), (info.height, info.width, 3), clock=clock,
+                         name=video.name)
 
     def tracking(stage: str, fraction: float) -> None:  # _track reports "faces" up to FACES_SHARE
         report(stage, AVATAR_TRACK_SHARE * min(1.0, fraction / FACES_SHARE))

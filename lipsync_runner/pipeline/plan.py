@@ -28,7 +28,7 @@ from fractions import Fraction
 import numpy as np
 
 from lipsync_runner.audio.soundtrack import AudioPiece
-from lipsync_runner.errors import InvalidInputError
+from lipsync_runner.errors import InputTooLargeError, InvalidInputError
 from lipsync_runner.pipeline.framestore import pingpong_indices, store_bytes
 from lipsync_runner.params import JobParams, Segment
 
@@ -36,6 +36,9 @@ from lipsync_runner.params import JobParams, Segment
 DEFAULT_FADE_FRAMES = 3
 #: A segment's audio may run this many frames past the end of the audio (rounding of its times).
 AUDIO_END_TOLERANCE = 1
+#: A video whose constant-rate decode repeats the frames it holds more than this many times on average
+#: is mostly gaps (see frames_to_decode). Constant and ordinary variable-rate video is at about 1.
+GAP_REPEATS = 4
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,32 @@ def source_frames(sync_mode: str, n_out: int, n_video: int) -> np.ndarray:
     if sync_mode == "remap":
         return ((2 * i + 1) * n_video) // (2 * n_out)
     raise ValueError(f"unknown sync_mode {sync_mode!r}")
+
+
+def frames_to_decode(sync_mode: str, *, n_video: int, n_held: int, n_audio: int, name: str = "the video") -> int:
+    """How many source frames, from the first, a job decodes and tracks: N, but for a video that is
+    mostly gaps.
+
+    N is the video's duration x fps; ``n_held`` the frames the file holds (its packets; 0: unknown).
+    A video whose timestamps lie far apart (two frames 590 s apart: 14,750 frames at 25 fps) holds
+    far fewer than N, and the constant-rate decode fills the gaps with repeats. Its claimed duration
+    does not set the work; the output does: the first A frames when the plan shows only those
+    (bounce, loop, cut_off with N >= A: the plan is the same for N or A frames), all N when the output
+    is about as long (silence; a video shorter than the audio), and InputTooLargeError (413) when the
+    plan would spread a short output over a far longer run of repeats (remap). Every other video gets
+    N: its face track stays the whole video's, as the avatar cache keeps it.
+    """
+    if not n_held or n_video <= GAP_REPEATS * n_held:
+        return n_video
+    n_out = output_length(sync_mode, n_video, n_audio)
+    if sync_mode in ("bounce", "loop", "cut_off") and n_video >= n_audio:
+        return n_audio
+    if n_video <= GAP_REPEATS * n_out:
+        return n_video
+    raise InputTooLargeError(
+        f"{name} holds {n_held:,} frames spread over {n_video:,} frame times (timestamps far apart): "
+        f"sync_mode={sync_mode} would read all of them for {n_out:,} output frames; "
+        "use a constant-frame-rate video or another sync mode")
 
 
 def needs_random_access(sync_mode: str, n_video: int, n_audio: int) -> bool:

@@ -34,7 +34,7 @@ from lipsync_runner.errors import InputTooLargeError, InsufficientStorageError, 
 from lipsync_runner.pipeline.framestore import store_bytes
 from lipsync_runner.media.ffmpeg import AudioInfo, VideoInfo
 from lipsync_runner.params import JobParams
-from lipsync_runner.pipeline.plan import needs_random_access, output_length, scratch_bytes, spools_frames
+from lipsync_runner.pipeline.plan import frames_to_decode, needs_random_access, output_length, scratch_bytes, spools_frames
 
 GB = 10**9
 
@@ -80,8 +80,10 @@ def estimate(video: VideoInfo, audio: AudioInfo, params: JobParams | None = None
     params = params or JobParams()
     spool = default_max_spool_bytes() if max_spool_bytes is None else int(max_spool_bytes)
     fps, width, height = video.fps, video.width, video.height
-    n_video = max(1, video.frame_count_estimate)
     n_audio = max(1, math.floor(audio.duration * fps))
+    # a video of timestamps far apart is read only as far as its output shows it (plan.frames_to_decode)
+    n_video = max(1, frames_to_decode(params.sync_mode, n_video=video.frame_count_estimate,
+                                      n_held=video.packet_count, n_audio=n_audio))
     stores = spools_frames(params, n_video=n_video, n_audio=n_audio, width=width, height=height,
                            max_spool_bytes=spool, cold=True)
     plan_total = scratch_bytes(params, n_video=n_video, width=width, height=height, fps=fps,

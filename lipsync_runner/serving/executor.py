@@ -132,7 +132,8 @@ class JobExecutor:
                                 s3_reader=self.integration.s3_reader, avatar_video=avatar_video,
                                 progress=ctx.progress, should_cancel=ctx.should_cancel)
         if "video" in inputs.fetched and write_thumbnail(inputs.video, ctx.work_dir / THUMBNAIL_NAME, THUMBNAIL_WIDTH,
-                                                         inputs.video_info.demuxer):
+                                                         inputs.video_info.demuxer,
+                                                         max_pixels=self.settings.limits.max_video_pixels):
             inputs.written.append(THUMBNAIL_NAME)
         if ctx.should_cancel():
             raise JobCancelledError("cancelled")
