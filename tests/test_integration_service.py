@@ -244,7 +244,7 @@ def test_a_pending_webhook_is_delivered_after_a_sigkill_and_a_restart(api, files
     delivered = wait_for(lambda: receiver.deliveries("/hooks/b")[len(refused):], timeout=120)
     event = verified(delivered[0])
     assert (event["job_id"], event["event"], delivered[0].headers["lipsync-event-id"]) == (job_id, "failed", event_id)
-    assert event["status"] == "failed" and "loopback" in event["error"]
+    assert event["status"] == "failed" and "cannot be reached" in event["error"]
     with httpx.Client(base_url=service["server"].url, timeout=60) as after:
         hooks = wait_for(lambda: after.get(f"{API}/status/{job_id}").json()["webhooks"][0]["state"] == "delivered"
                          and after.get(f"{API}/status/{job_id}").json()["webhooks"], timeout=30)

@@ -29,7 +29,7 @@ from lipsync_runner.integration.services import Integration
 from lipsync_runner.jobs import avatars as avatar_records
 from lipsync_runner.jobs.front import Manager
 from lipsync_runner.jobs.manager import JobContext, JobOutcome
-from lipsync_runner.jobs.records import JobKind
+from lipsync_runner.jobs.records import JobKind, JobRecord
 from lipsync_runner.inputs.reference import write_json
 from lipsync_runner.inputs.validation import media_limits, media_summary, validate_media, validate_video
 from lipsync_runner.config import ApiLimits
@@ -65,9 +65,13 @@ class JobExecutor:
         self._detector_lock = threading.Lock()
 
     def __call__(self, ctx: JobContext) -> JobOutcome:
-        if ctx.job.kind is JobKind.avatar:
-            return self._prepare_avatar(ctx)
-        return self._run_job(ctx)
+        try:
+            if ctx.job.kind is JobKind.avatar:
+                return self._prepare_avatar(ctx)
+            return self._run_job(ctx)
+        except LipSyncError as exc:
+            _name_what_the_user_sent(exc, ctx.job)
+            raise
 
     # ------------------------------------------------------------------ one job
 
@@ -208,3 +212,15 @@ def _avatar_video(jobs: Manager, avatar_id: str, owner: str | None) -> Path:
         return avatar_records.stored_video(jobs, avatar, owner)
     except JobNotFoundError:
         raise LipSyncError(f"avatar {avatar_id} was deleted (or expired) before the job started") from None
+
+
+def _name_what_the_user_sent(exc: LipSyncError, job: JobRecord) -> None:
+    """A failure names the files as the user sent them (clip.mp4), not as the job stores them
+    (input_video.mp4): the stored names mean nothing to the user and tell how the server keeps files."""
+    message = exc.message
+    for stored, shown in ((job.video_file, job.video_filename), (job.audio_file, job.audio_filename)):
+        if stored and shown and stored != shown:
+            message = message.replace(stored, shown)
+    if message != exc.message:
+        exc.message = message
+        exc.args = (message,)
