@@ -117,3 +117,11 @@ def open_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
 
     with running_server(tmp_path_factory.mktemp("open-server"), models_dir) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (tests/browser.py), one per test module."""
+    from .browser import launch_chromium
+
+    yield from launch_chromium()

@@ -9,7 +9,6 @@ live server and the script must not run.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -31,7 +30,6 @@ from lipsync_runner.storage import object_response
 from lipsync_runner.storage.local import LocalObject
 
 from .test_rest_api import FakeManager, Health
-from .test_ui import CHROMIUM_ARGS, find_chromium
 
 PREFIX = "/api/lip-sync"
 RAN = "script ran"
@@ -181,26 +179,6 @@ def test_a_redirect_to_the_bucket_carries_the_guards_too(tmp_path) -> None:
 # --------------------------------------------------------------------------- in a browser
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    """Debian's chromium through Playwright, as tests/test_ui.py: skipped without one, but not on CI."""
-    exe = find_chromium()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        exe, missing = None, "playwright is not installed (pip install -r requirements-dev.txt)"
-    else:
-        missing = "no chromium executable (apt-get install chromium, or set LIPSYNC_CHROMIUM)"
-    if exe is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"the browser test needs a browser on CI: {missing}")
-        pytest.skip(missing)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
 def live(tmp_path) -> Iterator[tuple[str, CountingManager]]:
     """The REST app where the service has it (under /api/lip-sync), on a loopback port."""
@@ -222,7 +200,7 @@ def live(tmp_path) -> Iterator[tuple[str, CountingManager]]:
     thread.join(10)
 
 
-def test_a_browser_opening_the_html_named_upload_runs_no_script(chromium, live, hostile) -> None:
+def test_a_browser_opening_the_html_named_upload_runs_no_script(browser, live, hostile) -> None:
     from playwright.sync_api import Error as PlaywrightError
 
     base, manager = live
@@ -230,7 +208,7 @@ def test_a_browser_opening_the_html_named_upload_runs_no_script(chromium, live, 
         job_id = _submit(http, hostile)
     listed_before = manager.list_calls
     inputs = f"{base}{PREFIX}/jobs/{job_id}/inputs"
-    context = chromium.new_context(accept_downloads=True)
+    context = browser.new_context(accept_downloads=True)
     page = context.new_page()
     try:
         response = page.goto(f"{inputs}/video")

@@ -26,37 +26,6 @@ from .server import Server, running_server
 API = "/api/lip-sync"
 TOKEN = "ui-test-token"
 MAX_AUDIO_BYTES = 200_000  # speech_short.wav (~106 KB) fits, speech_long.wav (~290 KB) gets 413
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def find_chromium() -> str | None:
-    for candidate in (os.environ.get("LIPSYNC_CHROMIUM"), "/usr/bin/chromium",
-                      shutil.which("chromium"), shutil.which("chromium-browser")):
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    exe = find_chromium()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        exe, missing = None, "playwright is not installed (pip install -r requirements-dev.txt)"
-    else:
-        missing = "no chromium executable (apt-get install chromium, or set LIPSYNC_CHROMIUM)"
-    if exe is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"UI tests need a browser on CI: {missing}")
-        pytest.skip(missing)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture(scope="module")
 def server(browser, tmp_path_factory, models_dir) -> Server:
     with running_server(tmp_path_factory.mktemp("ui-server"), models_dir, LIP_SYNC_API_TOKENS=TOKEN,
