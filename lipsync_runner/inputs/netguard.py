@@ -273,7 +273,11 @@ class GuardedBackend(httpcore.NetworkBackend):
                 continue
             sock = stream.get_extra_info("socket")
             if self.watch is not None and isinstance(sock, socket.socket):
-                self.watch.add(sock)
+                try:
+                    self.watch.add(sock)
+                except BaseException:  # out of descriptors, say: never leave the connection behind
+                    stream.close()
+                    raise
             return stream
         assert last is not None
         raise last

@@ -34,7 +34,6 @@ Inputs are untrusted, so nothing a file says about itself is taken as a bound:
 from __future__ import annotations
 
 import collections
-import functools
 import math
 import os
 import re
@@ -234,15 +233,18 @@ class _FfmpegProcess:
         self._head_end = head_end
         self._head_open = head_cap > 0
         self._head_bytes = 0
-        # Set in the child between fork and exec. preexec_fn is unsafe with threads when it runs Python that
-        # takes locks; this is one C call with its arguments bound beforehand.
-        limit = None if memory is None else functools.partial(resource.setrlimit, resource.RLIMIT_DATA,
-                                                              (memory, memory))
         try:
-            self.proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
-                                         preexec_fn=limit)  # noqa: PLW1509
+            self.proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
         except OSError as exc:
             raise MediaProcessingError(f"could not start ffmpeg ({exc.strerror})") from None
+        if memory is not None:
+            # Set on the child right after it starts (prlimit), not in a preexec_fn: that would make
+            # Popen fork the whole multi-threaded API process instead of spawning. ffmpeg allocates its
+            # frames only once it has read the input's headers, well after this.
+            try:
+                resource.prlimit(self.proc.pid, resource.RLIMIT_DATA, (memory, memory))
+            except (ProcessLookupError, PermissionError, OSError):
+                pass  # it has exited already (its exit status says why), or no limits here
         self._drain = threading.Thread(target=self._drain_stderr, name="ffmpeg-stderr", daemon=True)
         self._drain.start()
         self._timer: threading.Timer | None = None

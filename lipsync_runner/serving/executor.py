@@ -126,7 +126,7 @@ class JobExecutor:
         def validate(video: Path, audio: Path | None, limits: ApiLimits):
             if audio is None:  # an avatar: a video only
                 return validate_video(video, limits, timeout_s=probe_s), None
-            return validate_media(video, audio, limits, timeout_s=probe_s)
+            return validate_media(video, audio, limits, params=ctx.job.params, timeout_s=probe_s)
 
         def avatar_video(avatar_id: str, owner: str | None) -> Path:
             return _avatar_video(ctx.jobs, avatar_id, owner)

@@ -58,6 +58,8 @@ ATTEMPT_HEADER = "Lipsync-Attempt"
 STOPPED = "interrupted: the dispatcher stopped"
 _RECORD_S = 30.0  # time allowed to record an attempt's outcome, within its lease
 _MAX_WAITING = 1024  # claimed rows held for their host's turn; at this many, claiming pauses
+_HELD_PER_KEY = 64  # rows held back per host (and per owner): a burst to one receiver waits in memory
+_CLAIM_BATCH = 32  # rows claimed per query at least: a backlog of rows that cannot start is passed quickly
 _USER_AGENT = {"User-Agent": f"lipsync-runner/{__version__} (webhooks)"}
 
 
@@ -132,6 +134,8 @@ class WebhookDispatcher:
         self.clock = clock
         self.timeout_s = timeout = self.settings.webhook_timeout_s
         self.slots, self.per_host = self.settings.webhook_concurrency, self.settings.webhook_per_host
+        # one tenant's receivers (wildcard DNS gives it any number of host names) get half the slots at most
+        self.per_owner = max(1, self.slots // 2)
         # an attempt ends by its deadline; before it, a claimed row may wait up to 3x that for its host's turn
         self.lease_s = 4 * timeout + _RECORD_S
         self._late = f"no answer within {timeout:g} s"
@@ -140,7 +144,7 @@ class WebhookDispatcher:
         self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="webhook")
         self._lock = threading.Lock()
         self._running: dict[str, Future[Optional[WebhookDelivery]]] = {}  # delivery id -> its attempt
-        self._busy: Counter[str] = Counter()  # host -> attempts in flight
+        self._busy: Counter[str] = Counter()  # host, and owner (keys "owner:..."), -> attempts in flight
         self._waiting: dict[str, _Claimed] = {}  # claimed, waiting for their host's turn, oldest first
         self._watches: set[SocketWatch] = set()  # one per attempt in flight
         self._wake = threading.Event()
@@ -214,7 +218,7 @@ class WebhookDispatcher:
                         delivery.job_id, where, attempts, result.error)
         return row
 
-    def _run(self, delivery: WebhookDelivery, host: str) -> Optional[WebhookDelivery]:
+    def _run(self, delivery: WebhookDelivery, keys: tuple[str, ...]) -> Optional[WebhookDelivery]:
         try:
             if self._stop.is_set():  # claimed as stop() began: not attempted, its lease runs out
                 return None
@@ -226,20 +230,29 @@ class WebhookDispatcher:
         finally:
             with self._lock:
                 self._running.pop(delivery.delivery_id, None)
-                self._busy[host] -= 1
-                if not self._busy[host]:
-                    del self._busy[host]
+                for key in keys:
+                    self._busy[key] -= 1
+                    if not self._busy[key]:
+                        del self._busy[key]
             self._wake.set()  # a slot is free
 
     # -- passes and the loop ---------------------------------------------------------------
 
     def _start_or_wait(self, claimed: _Claimed) -> None:
-        """Under the lock: start its attempt if a slot and its host allow, else hold it back."""
-        if len(self._running) < self.slots and self._busy[claimed.host] < self.per_host:
-            self._busy[claimed.host] += 1
+        """Under the lock: start its attempt if a slot, its host and its owner allow; else hold it back,
+        a few per host and owner at most. The rest are let go (their lease brings them back due), so one
+        host's or one tenant's backlog never fills the hold-back and stops the claims for everyone."""
+        owner = claimed.delivery.owner  # None: jobs not scoped to tokens, one tenant: no owner bound
+        limits = {claimed.host: self.per_host, **({f"owner:{owner}": self.per_owner} if owner else {})}
+        if len(self._running) < self.slots and all(self._busy[k] < b for k, b in limits.items()):
+            for key in limits:
+                self._busy[key] += 1
             self._running[claimed.delivery.delivery_id] = self._pool.submit(self._run, claimed.delivery,
-                                                                            claimed.host)
-        else:
+                                                                            tuple(limits))
+            return
+        waiting = self._waiting.values()
+        if (sum(c.host == claimed.host for c in waiting) < _HELD_PER_KEY
+                and (not owner or sum(c.delivery.owner == owner for c in waiting) < _HELD_PER_KEY)):
             self._waiting[claimed.delivery.delivery_id] = claimed
 
     def _pump(self) -> None:
@@ -257,13 +270,14 @@ class WebhookDispatcher:
                 if room <= 0 or len(self._waiting) >= _MAX_WAITING:
                     return
             until = time.monotonic() + self.lease_s - self.timeout_s - _RECORD_S  # the lease starts in claim()
-            rows = self.outbox.claim(self.clock(), room, self.lease_s)
+            batch = max(room, _CLAIM_BATCH)  # more than the free slots: the extra ones are held back or let go
+            rows = self.outbox.claim(self.clock(), batch, self.lease_s)
             with self._lock:
                 for row in rows:
                     # a row we still hold can come back only if its lease ran out while recording: skip it
                     if row.delivery_id not in self._running and row.delivery_id not in self._waiting:
                         self._start_or_wait(_Claimed(row, _host(row.url), until))
-            if len(rows) < room:
+            if len(rows) < batch:
                 return
 
     def run_once(self) -> list[WebhookDelivery]:
