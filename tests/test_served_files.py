@@ -63,7 +63,7 @@ class Streamed:
         self.local_path: Path | None = None
         self.iter_range = local.iter_range
 
-    def redirect_url(self, filename: str, disposition: str = "attachment") -> str | None:
+    def redirect_url(self, filename: str, disposition: str = "attachment", media_type=None) -> str | None:
         return None
 
 
@@ -167,7 +167,7 @@ def test_a_redirect_to_the_bucket_carries_the_guards_too(tmp_path) -> None:
     path.write_bytes(b"\x00" * 16)
 
     class Presigned(Streamed):
-        def redirect_url(self, filename: str, disposition: str = "attachment") -> str | None:
+        def redirect_url(self, filename: str, disposition: str = "attachment", media_type=None) -> str | None:
             return f"http://127.0.0.1:9/bucket/x?disposition={disposition}"
 
     answer = object_response(Presigned(path), "clip.html", media_type="text/html", inline=True)

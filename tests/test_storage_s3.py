@@ -222,6 +222,21 @@ def test_presigned_downloads_redirect_to_the_bucket(s3, bucket, stored_output, s
     assert _download_app(storage, job, presigned=True).get("/d", follow_redirects=False).status_code == 200
 
 
+def test_a_presigned_redirect_carries_the_type_the_service_decided_not_the_names(s3, bucket, stored_output, storage):
+    """The bucket answers the presigned URL with the probed type: a name ending in .html decides nothing."""
+    job, _ = stored_output
+    presigning = S3Storage(bucket, storage.prefix, endpoint_url=s3.endpoint_url, client=s3.client(),
+                           presigned_downloads=True, presign_expiry_s=120)
+
+    async def download(request: Request):
+        return object_response(presigning.open(job, "output.mp4"), "clip.html", media_type="video/mp4")
+
+    answer = TestClient(Starlette(routes=[Route("/d", download)])).get("/d", follow_redirects=False)
+    assert answer.status_code == 307
+    fetched = httpx.get(answer.headers["location"])
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "video/mp4"
+
+
 def test_a_download_never_splices_two_versions_of_an_object(storage, stored_output, tmp_path):
     """The object is re-written (a re-run of the job) between two range reads: the read fails."""
     job, body = stored_output

@@ -30,7 +30,8 @@ class StoredObject(Protocol):
         """Bytes ``start`` up to (not including) ``stop``, in chunks, streamed from the store."""
         ...
 
-    def redirect_url(self, filename: str, disposition: str = "attachment") -> str | None:
+    def redirect_url(self, filename: str, disposition: str = "attachment",
+                     media_type: str | None = None) -> str | None:
         """A URL the client may fetch the object from itself (presigned), or None."""
         ...
 

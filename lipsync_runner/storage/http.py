@@ -104,7 +104,7 @@ def object_response(obj: StoredObject, filename: str, *, range_header: str | Non
     decides nothing. ``inline`` is honoured only for a playable ``media_type`` (audio, video, raster images).
     """
     disposition = "inline" if inline and _playable(media_type) else "attachment"
-    if allow_redirect and (url := obj.redirect_url(filename, disposition)):
+    if allow_redirect and (url := obj.redirect_url(filename, disposition, media_type)):
         return RedirectResponse(url, status_code=307, headers=FILE_HEADERS)
     if obj.local_path is not None:  # Starlette does Range (and HEAD) itself
         return _FileResponse(obj.local_path, media_type=media_type, filename=filename, headers=FILE_HEADERS,

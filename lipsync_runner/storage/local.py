@@ -39,7 +39,8 @@ class LocalObject:
                 left -= len(chunk)
                 yield chunk
 
-    def redirect_url(self, filename: str, disposition: str = "attachment") -> str | None:
+    def redirect_url(self, filename: str, disposition: str = "attachment",
+                     media_type: str | None = None) -> str | None:
         return None
 
 

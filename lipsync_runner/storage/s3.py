@@ -70,10 +70,12 @@ class S3Object:
         finally:
             body.close()
 
-    def redirect_url(self, filename: str, disposition: str = "attachment") -> str | None:
+    def redirect_url(self, filename: str, disposition: str = "attachment",
+                     media_type: str | None = None) -> str | None:
         if not self._s.presigned_downloads:
             return None
-        content_type = CONTENT_TYPES.get(Path(filename).suffix.lower(), "application/octet-stream")
+        # the type the service decided (from the probed content); the name's only for an older caller
+        content_type = media_type or CONTENT_TYPES.get(Path(filename).suffix.lower(), "application/octet-stream")
         return self._s.client.generate_presigned_url(
             "get_object", ExpiresIn=self._s.presign_expiry_s,
             Params={"Bucket": self._s.bucket, "Key": self.key,
