@@ -52,6 +52,15 @@ class MediaProcessingError(LipSyncError):
     http_status = 500
 
 
+class ProbeTimeoutError(MediaProcessingError):
+    """A probe that ran out of time. Files that are costly to read for their size are refused before
+    that (size, frame size, header length), so what is left is a server too busy to probe in time:
+    503 with Retry-After, not a 500."""
+
+    http_status = 503
+    retry_after_s = 30
+
+
 class JobCancelledError(LipSyncError):
     """The caller asked the pipeline to stop; nothing was written."""
 

@@ -25,7 +25,8 @@ from lipsync_runner.config import ApiLimits
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError, LipSyncError
 from lipsync_runner.faces import HaarFaceDetector
 from lipsync_runner.inputs.validation import validate_media
-from lipsync_runner.media.ffmpeg import ProbeTimeoutError, VideoReader, decode_audio, probe_audio, probe_video
+from lipsync_runner.errors import ProbeTimeoutError
+from lipsync_runner.media.ffmpeg import VideoReader, decode_audio, probe_audio, probe_video
 from lipsync_runner.media.samples import write_face_video, write_speech_like_audio
 from lipsync_runner.params import JobParams
 from lipsync_runner.pipeline.job import PipelineOptions, run

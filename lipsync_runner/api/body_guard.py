@@ -34,7 +34,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_SMALL_BODY_BYTES = 1024 * 1024  # job parameters and BentoML's JSON calls: far below this
-UPLOAD_ROUTES = ("/generate", "/avatars")  # REST and BentoML: where files come in
+UPLOAD_ROUTES = ("/generate", "/avatars")
+CLOSE = {"connection": "close"}  # a refusal here may leave the body unread: the connection cannot be reused  # REST and BentoML: where files come in
 
 
 class BodySlots:
@@ -76,12 +77,12 @@ class BodyGuard:
             return
         declared = _content_length(scope)
         if declared is not None and declared > MAX_SMALL_BODY_BYTES:
-            await _answer(send, 413, too_large_body(_too_large()))
+            await answer_json(send, 413, too_large_body(_too_large()), CLOSE)
             return
         client = request_client(scope)
         refusal = self.slots.refusal(client)
         if refusal is not None:
-            await _answer(send, 429, {"error": refusal}, {"retry-after": "5"})
+            await answer_json(send, 429, {"error": refusal}, {**CLOSE, "retry-after": "5"})
             return
         self.slots.by_client[client] += 1
         try:
@@ -92,9 +93,9 @@ class BodyGuard:
                 del self.slots.by_client[client]
         if problem is not None:
             status, message = problem
-            await _answer(send, status, too_large_body(message) if status == 413 else {"error": message})
+            await answer_json(send, status, too_large_body(message) if status == 413 else {"error": message}, CLOSE)
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)
 
     async def _read(self, receive: Receive) -> tuple[bytes, tuple[int, str] | None]:
         limits = self.limits
@@ -126,7 +127,7 @@ def _too_large() -> str:
     return f"Request body too large (at most {human_size(MAX_SMALL_BODY_BYTES)}; files go as multipart/form-data)"
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers") or ():
         if key.lower() == name:
             return value
@@ -134,7 +135,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
+    value = header(scope, b"content-length")
     try:
         return int(value) if value is not None else None
     except ValueError:
@@ -143,16 +144,17 @@ def _content_length(scope: Scope) -> int | None:
 
 def _has_body(scope: Scope) -> bool:
     length = _content_length(scope)
-    return bool(length) or _header(scope, b"transfer-encoding") is not None
+    return bool(length) or header(scope, b"transfer-encoding") is not None
 
 
 def _is_upload(scope: Scope) -> bool:
     """A multipart body to a route that takes files: the admission path's upload rules hold it."""
-    multipart = (_header(scope, b"content-type") or b"").lower().startswith(b"multipart/")
+    multipart = (header(scope, b"content-type") or b"").lower().startswith(b"multipart/")
     return multipart and scope.get("path", "").rstrip("/").endswith(UPLOAD_ROUTES)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` that gives ``body`` whole first (a body read ahead), then what comes after it."""
     sent = False
 
     async def replay() -> Message:
@@ -165,9 +167,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _answer(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+async def answer_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    """A whole JSON answer, sent before the app ran."""
     payload = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-           (b"connection", b"close"), *((k.encode(), v.encode()) for k, v in (headers or {}).items())]
+           *((k.encode(), v.encode()) for k, v in (headers or {}).items())]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": payload})

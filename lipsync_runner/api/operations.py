@@ -86,9 +86,11 @@ class JobOperations:
     # ------------------------------------------------------------------ bodies
 
     def status_body(self, record: JobRecord) -> dict[str, Any]:
-        """GET /status's body (also each webhook's); reads the queue and the outbox: call it off the loop."""
-        extras = self.integration.status_extras(record) if self.integration is not None else {}
-        return JobStatusResponse.from_record(record, self.download_url(record.job_id), **extras).model_dump(mode="json")
+        """GET /status's body, the one each webhook carries (integration builds it: with the queue
+        position, the ETA and the deliveries, so call it off the loop); without integration, the record's."""
+        if self.integration is not None:
+            return self.integration.status_body(record)
+        return JobStatusResponse.from_record(record, self.download_url(record.job_id)).model_dump(mode="json")
 
     def _job(self, job_id: str, owner: str | None) -> JobRecord:
         """The caller's job; 404 for an avatar's id too (avatars have their own routes)."""

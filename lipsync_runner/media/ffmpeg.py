@@ -51,7 +51,7 @@ from typing import IO, Callable, Iterator, Sequence, Union
 import numpy as np
 
 from lipsync_runner.config import MediaSettings
-from lipsync_runner.errors import InputTooLargeError, InvalidInputError, MediaProcessingError
+from lipsync_runner.errors import InputTooLargeError, InvalidInputError, MediaProcessingError, ProbeTimeoutError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -160,15 +160,6 @@ _STDERR_NOISE_RE = re.compile(
     r"|Nothing was written into output file|Last message repeated|Error sending frames to consumers"
     r"|Error (?:closing file|writing trailer)"
 )
-
-
-class ProbeTimeoutError(MediaProcessingError):
-    """A probe that ran out of time. Files that are costly to read for their size are refused before
-    that (size, frame size, header length), so what is left is a server too busy to probe in time:
-    503 with Retry-After, not a 500."""
-
-    http_status = 503
-    retry_after_s = 30
 
 
 def decoder_max_pixels(max_pixels: int | None) -> int | None:

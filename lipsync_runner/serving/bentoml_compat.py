@@ -24,6 +24,7 @@ from typing import Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from lipsync_runner.api.body_guard import answer_json, header, replay
 from lipsync_runner.api.errors import generic_error
 from lipsync_runner.api.operations import JobOperations
 
@@ -51,18 +52,14 @@ class BentoMLSurface:
             # The body is small (BodyGuard read it whole): check it here. BentoML's form parser raises
             # on broken multipart framing (a 500 with a traceback in the log).
             body = await _whole_body(receive)
-            receive = _replay(body, receive)
+            receive = replay(body, receive)
             if _is_multipart(scope):
                 problem = _malformed_multipart(scope, body)
             elif path in self.input_models:
                 problem = _invalid_json(self.input_models[path], body)
         if problem is not None:
-            # BentoML's form parser raises on these (a 500 with a traceback in the log): answer for it
             log.info("refused %s %s: %s", scope.get("method"), path, problem)
-            payload = json.dumps({"error": problem}).encode()
-            await send({"type": "http.response.start", "status": 400, "headers": [
-                (b"content-type", _JSON), (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
+            await answer_json(send, 400, {"error": problem})
             return
         if path == BENTOML_GENERATE and scope.get("method") == "POST":
             scope = {**scope, "path": self.rest_generate_path, "raw_path": self.rest_generate_path.encode()}
@@ -119,7 +116,7 @@ def _is_multipart(scope) -> bool:
 
 
 def _content_type(scope) -> bytes:
-    return next((v for k, v in scope.get("headers") or () if k.lower() == b"content-type"), b"")
+    return header(scope, b"content-type") or b""
 
 
 async def _whole_body(receive) -> bytes:
@@ -129,19 +126,6 @@ async def _whole_body(receive) -> bytes:
         body += message.get("body", b"")
         if message["type"] != "http.request" or not message.get("more_body"):
             return bytes(body)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def _malformed_multipart(scope, body: bytes) -> str | None:

@@ -21,10 +21,6 @@ EVENT_HEADER = "Lipsync-Event"  # started, progress, completed, failed, cancelle
 EVENT_ID_HEADER = "Lipsync-Event-Id"  # the same on every retry of one delivery: receivers dedupe on it
 
 
-def parse_secrets(value: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in value.split(",") if s.strip())
-
-
 def signature(secret: str, timestamp: int, body: bytes) -> str:
     return hmac.new(secret.encode(), f"{int(timestamp)}.".encode() + body, hashlib.sha256).hexdigest()
 
