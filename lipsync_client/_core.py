@@ -405,6 +405,10 @@ class ClientCore:
             raise LipSyncClientError("download did not produce a file")
         return result
 
+    def credentials(self, job_id: str) -> Op:
+        response = yield from self._call(Call("GET", self._job_path("jobs", job_id) + "/credentials", idempotent=True))
+        return _json(response)
+
     def cleanup(self, job_id: str) -> Op:
         response = yield from self._call(Call("DELETE", self._job_path("cleanup", job_id)))
         return parse(response, CleanupResult)

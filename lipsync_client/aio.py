@@ -74,6 +74,10 @@ class AsyncLipSyncClient(ClientBase):
     async def cancel(self, job_id: str) -> Job:
         return await self._run(self._core.cancel(job_id))
 
+    async def credentials(self, job_id: str) -> dict[str, Any]:
+        """The result's content credentials (C2PA manifest store as JSON); see LipSyncClient.credentials."""
+        return await self._run(self._core.credentials(job_id))
+
     async def jobs(self, limit: int = 100) -> JobList:
         return await self._run(self._core.jobs(limit))
 

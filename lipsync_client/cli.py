@@ -13,6 +13,8 @@
     lipsync cleanup JOB_ID
     lipsync health [--json]
     lipsync usage [--since YYYY-MM-DD] [--until YYYY-MM-DD] [--json]
+    lipsync credentials JOB_ID                (the result's C2PA manifest, as the server read it back)
+    lipsync verify OUT.mp4 [--trust-anchors CA.pem] [--json]   (checks a file locally; needs c2pa-python)
 
 Results go to stdout (``generate``/``download`` print only the output path), progress bars and
 ``error: ...`` lines to stderr.
@@ -44,6 +46,7 @@ from .errors import (
     Unauthorized,
     WaitTimeout,
 )
+from .credentials import verify_file
 from .errors import AvatarFailed
 from .models import Avatar, Job
 
@@ -317,6 +320,47 @@ def cmd_usage(client: LipSyncClient, args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_credentials(client: LipSyncClient, args: argparse.Namespace) -> int:
+    _print_json(client.credentials(args.job_id))
+    return OK
+
+
+def cmd_verify(client: LipSyncClient, args: argparse.Namespace) -> int:
+    """Exit 0: intact (signature and content hashes match); 1: changed since it was signed; 3: no manifest."""
+    result = verify_file(args.file, args.trust_anchors)
+    if args.json:
+        _print_json({"validation_state": result.state, "failures": result.failures, "manifest": result.manifest})
+    elif result.state is None:
+        print(f"{args.file}: no content credentials")
+    else:
+        job, agent = result.job, _edit_agent(result.manifest)
+        signer = result.manifest.get("signature_info") or {}
+        print(f"{args.file}: {result.state}" + ("" if result.intact else " (changed since it was signed)"))
+        print(f"  signed by: {signer.get('common_name', '?')} ({signer.get('issuer', '?')})"
+              + ("" if result.state == "Trusted" else ", not on a trust list here"))
+        if job:
+            print(f"  job: {job.get('job_id')}  model: {job.get('model')} {job.get('model_version')}  "
+                  f"software: {job.get('software')}")
+        if agent:
+            print(f"  AI alteration: {agent}")
+        for ing in result.manifest.get("ingredients", []):
+            print(f"  ingredient: {ing.get('title')} ({ing.get('relationship')})")
+        for failure in result.mismatches:
+            print(f"  failure: {failure.get('code')}: {failure.get('explanation', '')}")
+    if result.state is None:
+        return NOT_FOUND
+    return OK if result.intact else JOB_FAILED
+
+
+def _edit_agent(manifest: dict[str, Any]) -> str:
+    for assertion in manifest.get("assertions", []):
+        if str(assertion.get("label", "")).startswith("c2pa.actions"):
+            for action in (assertion.get("data") or {}).get("actions", []):
+                if action.get("digitalSourceType"):
+                    return f"{action.get('action')} ({action['digitalSourceType'].rsplit('/', 1)[-1]})"
+    return ""
+
+
 def _print_avatar(avatar: Avatar) -> None:
     rows = [("avatar_id", avatar.avatar_id), ("status", avatar.status), ("ready", "yes" if avatar.ready else "no"),
             ("stage", avatar.stage or "-"), ("progress", f"{avatar.progress * 100:.0f}%"),
@@ -501,6 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(sub)
     sub = avatar_command("delete", cmd_avatar_delete, "delete an avatar and its prepared data")
     sub.add_argument("avatar_id")
+    json_flag(sub)
+
+    sub = command("credentials", cmd_credentials, "print a completed job's content credentials (C2PA manifest, JSON)")
+    sub.add_argument("job_id")
+
+    sub = command("verify", cmd_verify, "check a file's content credentials locally (needs c2pa-python); exit 0 "
+                                        "intact, 1 changed since signed, 3 none")
+    sub.add_argument("file", help="a result (e.g. OUT.mp4)")
+    sub.add_argument("--trust-anchors", metavar="CA.pem", help="PEM CA certificates to trust (e.g. the server's "
+                                                               "<data_dir>/signing-dev/ca.pem)")
     json_flag(sub)
 
     sub = command("usage", cmd_usage, "your jobs, output seconds and frames by UTC day")

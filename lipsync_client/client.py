@@ -77,6 +77,11 @@ class LipSyncClient(ClientBase):
         ``progress(bytes_done, total_or_None)``. No partial file is left behind on error."""
         return self._run(self._core.download(job_id, path, progress))
 
+    def credentials(self, job_id: str) -> dict[str, Any]:
+        """The result's content credentials: its C2PA manifest store as JSON (``active_manifest``,
+        ``manifests``, ``validation_state``). NotFound when it carries none; NotFinished before it completes."""
+        return self._run(self._core.credentials(job_id))
+
     def cleanup(self, job_id: str) -> CleanupResult:
         return self._run(self._core.cleanup(job_id))
 

@@ -285,6 +285,21 @@ class MediaSettings(BaseSettings):
                                "Default: the one imageio-ffmpeg ships.")
 
 
+class CredentialsSettings(BaseSettings):
+    """Content credentials: the signed C2PA manifest in each MP4 output (lipsync_runner/media/credentials.py)."""
+
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
+
+    content_credentials: bool = Field(default=True, description="Sign every MP4 output with a C2PA manifest (the "
+                                      "AI alteration, the model, the job, the inputs); false: outputs carry none.")
+    signing_cert: Path | None = Field(default=None, description="PEM certificate chain: the signing (end-entity) "
+                                      "certificate first, then its intermediates, not the root. Unset (with "
+                                      "signing_key): a development pair is made under <data_dir>/signing-dev.")
+    signing_key: Path | None = Field(default=None, description="PEM private key of the signing certificate.")
+    signing_alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = Field(
+        default="es256", description="The signature algorithm; it must fit the key.")
+
+
 class BentoSettings(BaseSettings):
     """How `service.py` finds the weights: a models directory (``MUSETALK_MODELS_DIR``) wins over the store."""
 
@@ -308,6 +323,7 @@ class Settings(BaseModel):
     logs: LogSettings = Field(default_factory=LogSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     bento: BentoSettings = Field(default_factory=BentoSettings)
+    credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
 
     @property
     def models_from_store(self) -> bool:

@@ -48,6 +48,13 @@ MAX_SEGMENT_SECONDS = 86_400.0
 MAX_SEGMENTS = 1000
 
 
+#: output_height's range (pixels, even): 8K's height at most.
+MIN_OUTPUT_HEIGHT, MAX_OUTPUT_HEIGHT = 16, 4320
+#: The named output qualities (`quality`); media/ffmpeg.py maps each to the encoders' rate control.
+QUALITIES = ("draft", "standard", "high")
+#: The file type of each output_format.
+OUTPUT_MEDIA_TYPES = {"mp4": "video/mp4", "webm": "video/webm"}
+
 #: Track ids are small counters per video: a larger number names nobody, and is refused at once.
 MAX_TRACK_ID = 9999
 
@@ -278,6 +285,21 @@ class JobParams(BaseModel):
         description="Dub a prepared avatar (POST /api/lip-sync/avatars) instead of a video: give only the "
                     "audio. Its face track and latents are reused (no face tracking, no VAE encoding); its "
                     "bbox_shift applies. It must be yours and ready (404 / 409 otherwise).")
+    # What comes out: applied at encode time, after the blend at the video's own size.
+    output_height: Optional[int] = Field(
+        default=None, ge=MIN_OUTPUT_HEIGHT, le=MAX_OUTPUT_HEIGHT, multiple_of=2,
+        description="Scale the output down to this height in pixels (even); the width follows the aspect ratio, "
+                    "rounded to even. Never scales up: a video this high or lower keeps its size. "
+                    "Default: the video's own size.")
+    quality: Literal["draft", "standard", "high"] = Field(  # QUALITIES
+        default="standard",
+        description="Encoder rate control. draft: small files, visible loss (x264 CRF +10, VP9 CRF 44); standard: "
+                    "the server's CRF (18 unless its operator set another; VP9 CRF 32); high: larger files "
+                    "(x264 CRF -4, VP9 CRF 24). Audio: AAC 96/128/192 kbit/s or Opus 48/96/128 kbit/s.")
+    output_format: Literal["mp4", "webm"] = Field(
+        default="mp4",
+        description="mp4: H.264 video and AAC audio; webm: VP9 and Opus (slower to encode; carries no content "
+                    "credentials: C2PA defines no WebM embedding). The download's name and type follow it.")
 
     @field_validator("webhook_url")
     @classmethod

@@ -387,7 +387,7 @@ class Admission:
         result = GenerateResult(
             success=ok, job_id=job_id, status=record.status,
             message="Lip sync completed successfully" if ok else error,
-            output_path=download_name(job_id) if ok else None,
+            output_path=download_name(job_id, record.params.output_format) if ok else None,
             download_url=self.download_url(job_id) if ok else None,
             status_url=self.status_url(job_id), error=error)
         return Response(200, result.model_dump(mode="json"), {})

@@ -7,6 +7,7 @@ with the same body (or the same file response), so the two surfaces cannot drift
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
@@ -17,11 +18,11 @@ from starlette.responses import Response
 
 from lipsync_runner.api.admission import Admission
 from lipsync_runner.config import ApiLimits
-from lipsync_runner.errors import InvalidInputError, JobNotFoundError
+from lipsync_runner.errors import InvalidInputError, JobNotFinishedError, JobNotFoundError
 from lipsync_runner.inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
 from lipsync_runner.jobs import avatars
 from lipsync_runner.jobs.front import Manager
-from lipsync_runner.jobs.records import JobKind, JobRecord
+from lipsync_runner.jobs.records import JobKind, JobRecord, JobStatus
 from lipsync_runner.jobs.schemas import (
     AvatarDeleted,
     AvatarListResponse,
@@ -33,9 +34,10 @@ from lipsync_runner.jobs.schemas import (
     download_name,
 )
 from lipsync_runner.media.thumbnails import THUMBNAIL_NAME
-from lipsync_runner.params import JobParams, is_job_id
+from lipsync_runner.params import OUTPUT_MEDIA_TYPES, JobParams, is_job_id
 from lipsync_runner.pipeline.scratch_disk import ScratchLedger
 from lipsync_runner.storage import object_response
+from lipsync_runner.storage.job_files import CREDENTIALS_NAME
 
 if TYPE_CHECKING:
     from lipsync_runner.integration.services import Integration
@@ -172,10 +174,11 @@ class JobOperations:
     # with LIP_SYNC_PRESIGNED_DOWNLOADS, a redirect to the bucket; `range_header`: the request's Range.
 
     async def download(self, job_id: str, owner: str | None, range_header: str | None = None) -> Response:
-        """The result (Range and HEAD work; the same file name on both surfaces)."""
-        await run_in_threadpool(self._job, job_id, owner)
+        """The result (Range and HEAD work; the same file name on both surfaces; name and type by its format)."""
+        output_format = (await run_in_threadpool(self._job, job_id, owner)).params.output_format
         stored = await run_in_threadpool(self.manager.open_output, checked_id(job_id), owner)
-        return object_response(stored, download_name(job_id), range_header=range_header)
+        return object_response(stored, download_name(job_id, output_format), range_header=range_header,
+                               media_type=OUTPUT_MEDIA_TYPES[output_format])
 
     async def input_file(self, job_id: str, kind: str, owner: str | None, range_header: str | None = None) -> Response:
         """A job's uploaded video or audio, for playback next to the result."""
@@ -205,6 +208,21 @@ class JobOperations:
         demuxer = ((record.media or {}).get(kind) or {}).get("demuxer")
         media_type = INPUT_MEDIA_TYPES.get(str(demuxer), UNKNOWN_MEDIA_TYPE)
         return object_response(stored, shown, range_header=range_header, media_type=media_type, inline=True)
+
+    async def credentials(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        """The result's content credentials (the manifest the worker read back after signing)."""
+        def read() -> dict[str, Any]:
+            record = self._job(job_id, owner)
+            if record.status is not JobStatus.completed:
+                raise JobNotFinishedError(f"the job is {record.status.value}: its credentials come with its result")
+            try:
+                path = self.manager.input_path(job_id, CREDENTIALS_NAME, owner)
+            except JobNotFoundError:
+                raise JobNotFoundError("this job's result carries no content credentials (off on this server, "
+                                       "or a webm output: C2PA defines no WebM embedding)") from None
+            return json.loads(Path(path).read_text())
+
+        return await run_in_threadpool(read)
 
     async def thumbnail(self, job_id: str, owner: str | None) -> Response:
         # always a JPEG: admission and the worker write it (media/thumbnails.py), never the user

@@ -258,7 +258,7 @@ def create_rest_app(
     @router.get(
         "/download/{job_id}",
         response_class=FileResponse,
-        responses={200: {"content": {"video/mp4": {}}}, 206: {"description": "a byte range (Range header)"},
+        responses={200: {"content": {"video/mp4": {}, "video/webm": {}}}, 206: {"description": "a byte range (Range header)"},
                    404: errors[404], 409: errors[409]},
         summary="Download the result video", tags=[TAG_JOBS],
     )
@@ -356,6 +356,15 @@ def create_rest_app(
                       responses=job_errors, summary="A JPEG of the job's video", tags=[TAG_JOBS])
     async def thumbnail(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> Response:
         return await ops(request).thumbnail(job_id, owner)
+
+    @router.get("/jobs/{job_id}/credentials", responses={404: errors[404], 409: errors[409]},
+                summary="The result's content credentials (C2PA manifest)", tags=[TAG_JOBS],
+                description="The signed C2PA manifest store embedded in the result, as c2pa reads it back: "
+                            "`active_manifest`, `manifests` (actions, ingredients, the job's assertion "
+                            "`org.lipsync.job`, `signature_info`) and `validation_state`. 404 when the result "
+                            "carries none (credentials off, or a webm output); 409 until the job completes.")
+    async def credentials(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
+        return await ops(request).credentials(job_id, owner)
 
     app.include_router(router)
     return app

@@ -2,7 +2,7 @@
 
 Timestamps are ISO 8601 in UTC with their zone (``2026-02-10T12:00:00Z``): the seed's form
 plus the ``Z`` that says which time it is. ``output_path`` is the name the result downloads
-as (``lip_sync_<job_id>.mp4``), never a server path. Progress is rounded to 0.1 %.
+as (``lip_sync_<job_id>.mp4``, ``.webm`` for a webm job), never a server path. Progress is rounded to 0.1 %.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def round_progress(value: float) -> float:
     return round(float(value), PROGRESS_DIGITS)
 
 
-def download_name(job_id: str) -> str:
-    return f"lip_sync_{job_id}.mp4"
+def download_name(job_id: str, output_format: str = "mp4") -> str:
+    return f"lip_sync_{job_id}.{output_format}"
 
 
 class ErrorResponse(BaseModel):
@@ -160,7 +160,7 @@ class JobStatusResponse(BaseModel):
             status=record.status,
             created_at=format_time(record.created_at),
             completed_at=format_time(record.completed_at),
-            output_path=download_name(record.job_id) if record.status == JobStatus.completed else None,
+            output_path=download_name(record.job_id, record.params.output_format) if record.status == JobStatus.completed else None,
             stage=record.stage,
             progress=round_progress(record.progress),
             error=record.error,

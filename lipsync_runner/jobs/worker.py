@@ -23,7 +23,7 @@ from lipsync_runner.errors import JobCancelledError, JobNotFoundError, LipSyncEr
 from lipsync_runner.jobs.front import Manager
 from lipsync_runner.jobs.records import JobRecord, JobStatus, utcnow
 from lipsync_runner.jobs.shared import CANCELLED_MESSAGE, LOG_NAME, Running, SharedState
-from lipsync_runner.storage.job_files import OUTPUT_NAME, is_plain_name
+from lipsync_runner.storage.job_files import is_plain_name, output_name
 
 log = logging.getLogger(LOG_NAME)  # the manager's logger: one for all its parts
 
@@ -54,7 +54,7 @@ class JobContext:
     @property
     def output_path(self) -> Path:
         """Where the result should go (write atomically: temp file + rename)."""
-        return self.work_dir / OUTPUT_NAME
+        return self.work_dir / output_name(self.job.params.output_format)
 
 
 @dataclass

@@ -1003,7 +1003,34 @@ class VideoReader:
 
 # --------------------------------------------------------------------------- writing
 
-_MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+_MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
+
+
+@dataclass(frozen=True)
+class EncodeQuality:
+    """One named output quality (JobParams.quality) as each encoder's rate control."""
+
+    crf_step: int  # added to the writer's x264/NVENC CRF (the operator's LIP_SYNC_CRF): standard is that CRF
+    vp9_crf: int  # libvpx-vp9's constant quality (0-63; with -b:v 0 the bitrate is unbounded)
+    aac_kbps: int
+    opus_kbps: int
+
+
+ENCODE_QUALITIES = {"draft": EncodeQuality(10, 44, 96, 48), "standard": EncodeQuality(0, 32, 128, 96),
+                    "high": EncodeQuality(-4, 24, 192, 128)}
+# VP9 in software: "good" with cpu-used 5 and row threading keeps a 720p encode within a few times
+# x264 veryfast's time (realtime mode loses more quality than it saves time at these CRFs).
+_VP9_SPEED = ["-deadline", "good", "-cpu-used", "5", "-row-mt", "1"]
+
+
+def scaled_size(width: int, height: int, output_height: int | None) -> tuple[int, int]:
+    """The encoded frame size: ``output_height`` (even) when it is smaller than the video, the width
+    following the aspect ratio rounded to even; otherwise the video's size padded to even."""
+    even_w, even_h = width + width % 2, height + height % 2
+    if output_height is None or output_height >= even_h:
+        return even_w, even_h
+    out_h = max(2, output_height - output_height % 2)
+    return max(2, round(width * out_h / height / 2) * 2), out_h
 
 # x264 preset -> NVENC preset (p1 fastest .. p7 best) of about the same place on the speed scale.
 _NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p4",
@@ -1037,6 +1064,10 @@ class VideoWriter:
     * ``codec``: ``libx264`` (``preset``, ``crf``) or ``h264_nvenc`` (the preset mapped to NVENC's
       p1..p7, ``crf`` as its constant-quality level; see hwcodecs.py); ``threads``: encoder
       threads (None: ffmpeg's choice).
+    * The container follows ``path``'s suffix: ``.webm`` is VP9 + Opus (libvpx-vp9, libopus), the
+      others H.264 + AAC. ``quality``: a name of :data:`ENCODE_QUALITIES` (``crf`` is standard's
+      x264/NVENC CRF). ``output_height``: frames are scaled down to it at encode time
+      (:func:`scaled_size`; never up); :attr:`output_size` is the encoded size.
     """
 
     def __init__(
@@ -1052,6 +1083,8 @@ class VideoWriter:
         timeout_s: float | None = None,
         codec: str = "libx264",
         threads: int | None = None,
+        quality: str = "standard",
+        output_height: int | None = None,
     ) -> None:
         if int(width) <= 0 or int(height) <= 0:
             raise ValueError(f"invalid frame size {width}x{height}")
@@ -1077,11 +1110,21 @@ class VideoWriter:
         args += ["-map", "0:v:0"]
         if audio_path is not None:
             args += ["-map", "1:a:0"]
-        args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", *_video_codec_args(codec, preset, crf), "-pix_fmt", "yuv420p"]
+        rate = ENCODE_QUALITIES[quality]
+        self.output_size = scaled_size(self.width, self.height, output_height)
+        if self.output_size[1] < self.height - self.height % 2:  # area averaging: no aliasing when shrinking
+            args += ["-vf", "scale={}:{}:flags=area".format(*self.output_size)]
+        else:
+            args += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
+        if muxer == "webm":
+            args += ["-c:v", "libvpx-vp9", "-crf", str(rate.vp9_crf), "-b:v", "0", *_VP9_SPEED, "-pix_fmt", "yuv420p"]
+        else:
+            args += [*_video_codec_args(codec, preset, min(51, max(0, crf + rate.crf_step))), "-pix_fmt", "yuv420p"]
         if threads and codec == "libx264":
             args += ["-threads", str(int(threads))]
         if audio_path is not None:
-            args += ["-c:a", "aac", "-b:a", "128k"]
+            args += (["-c:a", "libopus", "-b:a", f"{rate.opus_kbps}k"] if muxer == "webm"
+                     else ["-c:a", "aac", "-b:a", f"{rate.aac_kbps}k"])
         if muxer in ("mp4", "mov"):
             args += ["-movflags", "+faststart"]  # index up front: playback starts before download ends
         args += ["-f", muxer, _url(self._tmp)]

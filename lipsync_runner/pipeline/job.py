@@ -407,7 +407,8 @@ def _render(job: JobState) -> JobResult:
 
     with VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
                      preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
-                     threads=opts.codecs.threads) as writer, \
+                     threads=opts.codecs.threads, quality=job.params.quality,
+                     output_height=job.params.output_height) as writer, \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
         next_read = pool.submit(read, starts[0])
         last_write: Future | None = None

@@ -28,6 +28,7 @@ from lipsync_runner.jobs.store_factory import open_store
 from lipsync_runner.pipeline.avatar_cache import AvatarCache
 from lipsync_runner.pipeline.job import configure_opencv
 from lipsync_runner.pipeline.scratch_disk import ScratchLedger
+from lipsync_runner.media.credentials import ContentSigner
 from lipsync_runner.serving.executor import JobExecutor
 from lipsync_runner.serving.remote import RunnerLink
 from lipsync_runner.storage.factory import open_storage
@@ -67,7 +68,8 @@ class ServiceCore:
         # Always the local data directory: with a bucket too, jobs run in local scratch.
         self.scratch = ScratchLedger(data_dir, floor_bytes=s.free_space_floor_mb * 2**20)
         self.executor = JobExecutor(settings, runner=self.link, files=self.files, scratch=self.scratch,
-                                    integration=self.integration, avatars=self.avatars)
+                                    integration=self.integration, avatars=self.avatars,
+                                    credentials=ContentSigner.from_settings(settings.credentials, data_dir))
         self.manager = JobManager(
             self.store, self.files, self.executor, storage=self.storage, workers=s.job_workers,
             retention_s=s.retention_s, max_attempts=s.max_attempts, sweep_interval_s=s.sweep_interval_s,

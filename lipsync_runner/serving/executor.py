@@ -33,6 +33,8 @@ from lipsync_runner.jobs.records import JobKind, JobRecord
 from lipsync_runner.inputs.reference import write_json
 from lipsync_runner.inputs.validation import media_limits, media_summary, validate_media, validate_video
 from lipsync_runner.config import ApiLimits
+from lipsync_runner import __version__
+from lipsync_runner.media.credentials import ContentSigner, Ingredient, Provenance, can_sign
 from lipsync_runner.media.ffmpeg import PROBE_TIMEOUT_S
 from lipsync_runner.media.thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
 from lipsync_runner.pipeline.avatar_cache import AvatarCache
@@ -41,12 +43,13 @@ from lipsync_runner.pipeline.scratch_disk import Reservation, ScratchLedger, est
 from lipsync_runner.serving.job_inputs import PreparedInputs, prepare_inputs
 from lipsync_runner.serving.packing import job_tag
 from lipsync_runner.serving.remote import RemoteModel, RunnerLink
-from lipsync_runner.storage.job_files import JobFiles
+from lipsync_runner.storage.job_files import CREDENTIALS_NAME, JobFiles
 
 log = logging.getLogger(__name__)
 
 MODEL_WAIT_S = 900  # a job recovered after a restart waits this long for the models to load
 AVATAR_MANIFEST = "avatar.json"  # what an avatar's preparation found (its record's output file)
+MODEL_VERSIONS = {"v15": "v1.5", "v1": "v1.0"}  # the runner's names -> MuseTalk's
 SCRATCH_WAIT_S = 600  # a job whose scratch does not fit waits this long for running jobs to release theirs
 
 
@@ -54,13 +57,15 @@ class JobExecutor:
     """``executor(ctx) -> JobOutcome``: one claimed job, run."""
 
     def __init__(self, settings: Settings, *, runner: RunnerLink, files: JobFiles, scratch: ScratchLedger,
-                 integration: Integration, avatars: AvatarCache | None) -> None:
+                 integration: Integration, avatars: AvatarCache | None,
+                 credentials: ContentSigner | None = None) -> None:
         self.settings = settings
         self.runner = runner
         self.files = files
         self.scratch = scratch
         self.integration = integration
         self.avatars = avatars
+        self.credentials = credentials  # signs each MP4 output (content credentials); None: off
         self._detector: FaceDetector | None = None
         self._detector_lock = threading.Lock()
 
@@ -159,7 +164,7 @@ class JobExecutor:
         job = ctx.job
         inputs = self._inputs(ctx)
         model, options = self._options(ctx)
-        output = self.files.output_path(job.job_id)
+        output = self.files.output_path(job.job_id, job.params.output_format)
         start = time.perf_counter()
         # The scratch reservation needs both probes (prepare_inputs made them; run() takes the video's).
         need = estimate(inputs.video_info, inputs.audio_info, job.params, max_spool_bytes=options.max_spool_bytes).total
@@ -171,10 +176,26 @@ class JobExecutor:
                          cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
         metrics.job_finished(time.perf_counter() - start, result.frames)
         self.integration.note_output(job.job_id, result.fps)  # usage: output seconds = frames / fps
+        signed = self._sign(ctx, output, inputs, options.version)
         return JobOutcome(output_file=output.name, frames=result.frames,
                           timings={k: round(v, 3) for k, v in result.seconds.items()}, cache_hit=result.cache_hit,
                           media=media_summary(inputs.video_info, inputs.audio_info) if inputs.fetched else None,
-                          faces=result.faces, keep=inputs.written)
+                          faces=result.faces, keep=[*inputs.written, *signed])
+
+    def _sign(self, ctx: JobContext, output: Path, inputs: PreparedInputs, version: str) -> list[str]:
+        """Content credentials into the finished output; the manifest read back is kept beside it for
+        GET .../credentials. Returns the files to keep (none when off, or for a WebM output)."""
+        if self.credentials is None or not can_sign(output):
+            return []
+        job = ctx.job
+        manifest = self.credentials.sign(output, Provenance(
+            job_id=job.job_id, model="MuseTalk", model_version=MODEL_VERSIONS.get(version, version),
+            software="lipsync-runner", software_version=__version__), [
+            Ingredient("video", inputs.video, job.video_filename or inputs.video.name, inputs.video_info.demuxer),
+            Ingredient("audio", inputs.audio, job.audio_filename or inputs.audio.name,
+                       inputs.audio_info.demuxer if inputs.audio_info is not None else None)])
+        write_json(ctx.work_dir / CREDENTIALS_NAME, manifest)
+        return [CREDENTIALS_NAME]
 
     def _prepare_avatar(self, ctx: JobContext) -> JobOutcome:
         """An avatar's work: its face track and every face frame's latents, into the avatar cache

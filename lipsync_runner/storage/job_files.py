@@ -22,8 +22,9 @@ from lipsync_runner.params import is_job_id
 log = logging.getLogger(__name__)
 
 JOBS_DIRNAME = "jobs"
-OUTPUT_NAME = "output.mp4"
+OUTPUT_NAME = "output.mp4"  # an mp4 job's result; others: output_name(format)
 LOCK_NAME = "jobs.lock"
+CREDENTIALS_NAME = "credentials.json"  # the output's content credentials (C2PA manifest store) as read back
 # Scratch files a crashed run may leave in a job directory: the video writer's hidden
 # ".<name>.<hex>.part", the frame store's "frames-*.rgb", and our own ".*.tmp".
 TEMP_PATTERNS = (".*.part", "frames-*.rgb", ".*.tmp")
@@ -35,6 +36,11 @@ def _format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"  # pragma: no cover
+
+
+def output_name(output_format: str = "mp4") -> str:
+    """The result's file name in a job's directory: its suffix is the format (output.webm)."""
+    return f"output.{output_format}"
 
 
 def is_plain_name(name: str) -> bool:
@@ -77,9 +83,9 @@ class JobFiles:
             raise ValueError(f"not a plain file name: {name!r}")
         return directory / name
 
-    def output_path(self, job_id: str) -> Path:
+    def output_path(self, job_id: str, output_format: str = "mp4") -> Path:
         """Where the result goes (the pipeline's writer renames its temp file onto it)."""
-        return self.job_dir(job_id) / OUTPUT_NAME
+        return self.job_dir(job_id) / output_name(output_format)
 
     def temp_output_path(self, job_id: str) -> Path:
         """A scratch name for executors that do not write atomically themselves: write here,
