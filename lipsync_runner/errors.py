@@ -73,6 +73,12 @@ class JobNotFoundError(LipSyncError):
     http_status = 404
 
 
+class NoCredentialsError(LipSyncError):
+    """The caller's completed job whose result carries no content credentials (off, or a webm output)."""
+
+    http_status = 404
+
+
 class JobNotFinishedError(LipSyncError):
     """The job has no result yet (or failed / was cancelled): nothing to download."""
 

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from lipsync_runner.api.admission import Admission
 from lipsync_runner.config import ApiLimits
-from lipsync_runner.errors import InvalidInputError, JobNotFinishedError, JobNotFoundError
+from lipsync_runner.errors import InvalidInputError, JobNotFinishedError, JobNotFoundError, NoCredentialsError
 from lipsync_runner.inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
 from lipsync_runner.jobs import avatars
 from lipsync_runner.jobs.front import Manager
@@ -218,7 +218,7 @@ class JobOperations:
             try:
                 path = self.manager.input_path(job_id, CREDENTIALS_NAME, owner)
             except JobNotFoundError:
-                raise JobNotFoundError("this job's result carries no content credentials (off on this server, "
+                raise NoCredentialsError("this job's result carries no content credentials (off on this server, "
                                        "or a webm output: C2PA defines no WebM embedding)") from None
             return json.loads(Path(path).read_text())
 
