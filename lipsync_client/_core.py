@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Generator, Mapping
@@ -394,8 +395,12 @@ class ClientCore:
     def download(self, job_id: str, path: Union[str, "os.PathLike[str]"],
                  on_bytes: Optional[BytesCallback] = None) -> Op:
         target = Path(path).expanduser()
-        if target.is_dir():
-            target = target / f"lip_sync_{job_id}.mp4"
+        if target.is_dir():  # the server's download name: its suffix is the job's output_format
+            job = yield from self.status(job_id)
+            name = f"lip_sync_{job_id}.mp4"
+            if job.output_path and re.fullmatch(r"lip_sync_[0-9a-f-]+\.(mp4|webm)", job.output_path):
+                name = job.output_path
+            target = target / name
         if not target.parent.is_dir():
             raise FileNotFoundError(f"output directory does not exist: {target.parent}")
         call = Call("GET", self._job_path("download", job_id), idempotent=True, download_to=target,

@@ -73,7 +73,7 @@ class LipSyncClient(ClientBase):
 
     def download(self, job_id: str, path: Union[str, "os.PathLike[str]"],
                  progress: Optional[BytesCallback] = None) -> Path:
-        """Stream the result to ``path`` (a file, or a directory to put ``lip_sync_<id>.mp4`` in).
+        """Stream the result to ``path`` (a file, or a directory to put ``lip_sync_<id>.mp4`` or ``.webm`` in).
         ``progress(bytes_done, total_or_None)``. No partial file is left behind on error."""
         return self._run(self._core.download(job_id, path, progress))
 

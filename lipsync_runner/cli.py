@@ -31,7 +31,7 @@ def _parser(settings: RunnerSettings) -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="lip-sync a video to an audio track")
     gen.add_argument("--video", type=Path, required=True, help="input video (mp4, avi, mov, mkv, webm)")
     gen.add_argument("--audio", type=Path, required=True, help="speech (mp3, wav, m4a, aac, ogg, or a video)")
-    gen.add_argument("--output", "-o", type=Path, required=True, help="output MP4")
+    gen.add_argument("--output", "-o", type=Path, required=True, help="output file: .mp4, or .webm with --output-format webm")
     gen.add_argument("--models-dir", type=Path, default=settings.models_dir,
                      help="MuseTalk models directory (default: $MUSETALK_MODELS_DIR)")
     gen.add_argument("--device", default=settings.device, help="cpu, cuda, cuda:N or auto ($LIP_SYNC_DEVICE)")
@@ -85,6 +85,9 @@ def _generate(args: argparse.Namespace, settings: RunnerSettings) -> int:
     from lipsync_runner.pipeline.job import PipelineOptions, run, validate_inputs
 
     params = from_cli_args(args, _param_defaults(settings))  # bad options: exit 2 before any work
+    if args.output.suffix.lower() != f".{params.output_format}":  # the writer's container follows the name
+        raise SystemExit(f"error: --output-format {params.output_format} writes a .{params.output_format} file; "
+                         f"name the output so (got {args.output.name})")
     video_info, _ = validate_inputs(args.video, args.audio)  # fail fast, before loading models
     model = MuseTalk.from_pretrained(args.models_dir, device=args.device, version=args.version,
                                      compile=settings.compile)

@@ -97,7 +97,8 @@ def test_a_webm_job_downloads_as_webm_with_vp9_and_opus(client, server, media_di
     assert (video.codec, audio.codec, video.demuxer) == ("vp9", "opus", "matroska")
     assert (video.width, video.height) == (320, 240)
     assert video.duration == pytest.approx(SPEECH_S, abs=0.05) and audio.duration == pytest.approx(SPEECH_S, abs=0.05)
-    assert client.status(job.job_id).output_path.endswith(".webm")
+    into_folder = client.download(job.job_id, tmp_path)  # a directory: the server's name, with its suffix
+    assert into_folder == tmp_path / f"lip_sync_{job.job_id}.webm" and into_folder.read_bytes() == answer.content
 
 
 def test_output_height_gives_that_height_and_the_mp4_carries_no_manifest_with_credentials_off(
