@@ -46,7 +46,7 @@ from .errors import (
     Unauthorized,
     WaitTimeout,
 )
-from .credentials import verify_file
+from .credentials import CredentialsUnavailable, verify_file
 from .errors import AvatarFailed
 from .models import Avatar, Job
 
@@ -83,7 +83,7 @@ def exit_code(exc: BaseException) -> int:
     """The exit code for an error (see EXIT_CODES)."""
     if isinstance(exc, (JobFailed, AvatarFailed)):
         return JOB_FAILED
-    if isinstance(exc, (BadRequest, PayloadTooLarge, IdempotencyConflict)):
+    if isinstance(exc, (BadRequest, PayloadTooLarge, IdempotencyConflict, CredentialsUnavailable)):
         return BAD_INPUT
     if isinstance(exc, (NotFound, NotFinished)):
         return NOT_FOUND
@@ -229,7 +229,10 @@ def cmd_generate(client: LipSyncClient, args: argparse.Namespace) -> int:
             _require_file(given, kind)
     target = _output_target(args.output)
     show = not (args.quiet or args.no_progress)
-    parse_fields(fields)  # refuse a bad parameter here (exit 2), before a long upload
+    output_format = parse_fields(fields).output_format  # refuse a bad parameter here (exit 2), before a long upload
+    if not target.is_dir() and target.suffix.lower() in (".mp4", ".webm") and target.suffix.lower() != f".{output_format}":
+        raise _UsageError(f"the result is a .{output_format} file (--output-format {output_format}): "
+                          f"name the output so (got {target.name})")
     sources = [Path(f).name for f in (args.video, args.audio) if f is not None]
     _note(args, f"uploading {' and '.join(sources)} to {client.base_url}" if sources
           else f"submitting to {client.base_url} (inputs by URL)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import c2pa
 import pytest
 
-from lipsync_client import LipSyncClient
+from lipsync_client import LipSyncClient, NotFound
 from lipsync_client.credentials import verify_file
 from lipsync_runner.media.credentials import DIGITAL_SOURCE_TYPE, JOB_ASSERTION, read_manifest
 from lipsync_runner.media.samples import write_speech_like_audio
@@ -120,3 +120,21 @@ def test_lipsync_verify_checks_a_file(signed_job, tmp_path, media_dir):
     assert changed.returncode == 1 and json.loads(changed.stdout)["validation_state"] == "Invalid"
     unsigned = lipsync("verify", str(media_dir / "face.mp4"))
     assert unsigned.returncode == 3 and "no content credentials" in unsigned.stdout
+
+
+def test_a_webm_result_carries_none_and_its_credentials_say_why(server, media_dir, signed_job):
+    with LipSyncClient(server.url, timeout=120) as client:
+        job = client.generate(media_dir / "face.mp4", media_dir / "speech_short.wav", wait=True,
+                              output_format="webm", quality="draft", output_height=120)
+        assert job.completed
+        with pytest.raises(NotFound, match="webm"):
+            client.credentials(job.job_id)
+
+
+def test_verify_without_c2pa_says_what_to_install(monkeypatch, media_dir, capsys):
+    from lipsync_client import cli
+    from lipsync_client.credentials import INSTALL_HINT
+
+    monkeypatch.setitem(sys.modules, "c2pa", None)  # as if c2pa-python were not installed: its import fails
+    assert cli.main(["verify", str(media_dir / "face.mp4")]) == cli.BAD_INPUT
+    assert capsys.readouterr().err.strip() == f"error: {INSTALL_HINT}"
