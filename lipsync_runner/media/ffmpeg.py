@@ -1018,9 +1018,10 @@ class EncodeQuality:
 
 ENCODE_QUALITIES = {"draft": EncodeQuality(10, 44, 96, 48), "standard": EncodeQuality(0, 32, 128, 96),
                     "high": EncodeQuality(-4, 24, 192, 128)}
-# VP9 in software: "good" with cpu-used 5 and row threading keeps a 720p encode within a few times
-# x264 veryfast's time (realtime mode loses more quality than it saves time at these CRFs).
-_VP9_SPEED = ["-deadline", "good", "-cpu-used", "5", "-row-mt", "1"]
+# VP9 in software. On a 720p clip at CRF 32 (docs/benchmarks.md): "good" (cpu-used 5, its fastest)
+# took 24 s for 45.8 dB PSNR; "realtime" with cpu-used 6 took 1.2 s for 45.1 dB and an 18 % larger
+# file: about x264 veryfast's time. Row threading uses every core.
+_VP9_SPEED = ["-deadline", "realtime", "-cpu-used", "6", "-row-mt", "1"]
 
 
 def scaled_size(width: int, height: int, output_height: int | None) -> tuple[int, int]:
