@@ -36,6 +36,22 @@ TFLOP_PER_FRAME = {"unet": 0.178, "vae_decode": 0.622, "vae_encode_x2": 0.545}
 MODULES = ("numpy", "torch")
 
 
+def _record_imports() -> None:
+    """GPU_CHECK_TRACE_IMPORTS=1: at exit, list the top-level modules this step loaded (tests compare
+    them with the step's MODULES)."""
+    import __main__
+
+    step = (getattr(__main__, "__spec__", None) and __main__.__spec__.name or "main").rsplit(".", 1)[-1]
+    names = sorted({m.split(".", 1)[0] for m in list(sys.modules) if not m.startswith("_")})
+    (WORK / f"imports-{step}.txt").write_text("\n".join(names) + "\n")
+
+
+if os.environ.get("GPU_CHECK_TRACE_IMPORTS") == "1":
+    import atexit
+
+    atexit.register(_record_imports)
+
+
 def left_s() -> float:
     return DEADLINE - time.time()
 
