@@ -37,9 +37,15 @@ mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
 echo "# the 5 largest:"; ls -S "$KIT"/*.whl | head -5 | while read -r w; do du -h "$w"; done
 echo "# kit: $count wheels, $mib MiB in $KIT (limit $MAX_MIB MiB)"
 if ((bytes > MAX_MIB * 1048576)); then echo "error: the kit is over $MAX_MIB MiB" >&2; exit 1; fi
+# What travels: the working tree (tracked and untracked-not-ignored files) plus the carried kit.
+tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+echo "# with the working tree ($(awk -v b="$tree" 'BEGIN { printf "%.1f", b / 1048576 }') MiB):" \
+     "$(awk -v b="$((tree + bytes))" 'BEGIN { printf "%.1f", b / 1048576 }') MiB travel (limit 64 MiB)"
+if ((tree + bytes > 64 * 1048576)); then echo "error: over the 64 MiB that may travel" >&2; exit 1; fi
 cat <<RUN
 
-# On a task that is lent a GPU, this one call runs the whole check (about 7 minutes of device time;
-# the results come back as at most 3 files from \$OUT):
+# On a task that is lent a GPU, this one call runs the whole check: gpu_check.sh installs the kit
+# (pip install --no-index --no-deps --target <scratch>/site $KIT/*.whl, then PYTHONPATH), runs the
+# preflight and the four steps within 420 s, and leaves log.txt, results.jsonl and summary.txt in \$OUT:
 run(command="bash bench/gpu_check.sh", carry=["$KIT"], timeout_s=540)
 RUN

@@ -58,7 +58,11 @@ say "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) smoke=$SMOKE budget ${BUDGET_S} 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
 # ------------------------------------------------------------------ 0. the kit, and nothing else
-if ls "$KIT"/*.whl >/dev/null 2>&1; then
+if [[ "$SMOKE" == 1 ]]; then
+    # The kit is CPython 3.12 wheels for the lent machine; a smoke run uses this Python's packages
+    # (tests/test_device_kit.py runs it in a venv of the lent image's packages plus the kit's).
+    say "# kit: not installed in smoke mode (this Python's own packages are used)"
+elif ls "$KIT"/*.whl >/dev/null 2>&1; then
     SITE="$GPU_CHECK_WORK/site"
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$KIT"/*.whl; then
         export PYTHONPATH="$PYTHONPATH:$SITE"
@@ -66,10 +70,8 @@ if ls "$KIT"/*.whl >/dev/null 2>&1; then
         find "$SITE" -path '*/imageio_ffmpeg/binaries/ffmpeg-*' -exec chmod +x {} + 2>/dev/null
         say "# kit: $(ls "$KIT"/*.whl | wc -l) wheels from $KIT installed into $SITE"
     else
-        say "# kit: pip could not install $KIT/*.whl; the steps that need them will be skipped"
+        say "# kit: pip could not install $KIT/*.whl; the preflight will name what is missing"
     fi
-elif [[ "$SMOKE" == 1 ]]; then
-    say "# kit: none at $KIT (smoke: this Python's own packages are used)"
 else
     say "# kit: none at $KIT: run 'bash bench/device_kit.sh' where pip works and carry $KIT"
 fi
