@@ -102,6 +102,12 @@ def test_every_requirement_of_every_kit_wheel_is_lent_or_in_the_kit():
             assert norm(req.name) in available, f"{name} requires {req.name}: add it to kit.txt"
 
 
+def test_the_kit_holds_nothing_the_steps_do_not_need():
+    declared = {d for step in STEPS for m in step_modules(step) for d in distribution_of(m)}
+    unneeded = set(kit_pins()) - kit_closure(declared)
+    assert not unneeded, f"kit.txt lists {sorted(unneeded)}, which no step imports or requires"
+
+
 def test_kit_pins_are_the_products_pins():
     pins = {norm(m.group(1)): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s#;]+)",
                                                               (ROOT / "requirements.txt").read_text(), re.M)}
@@ -154,8 +160,7 @@ def test_the_smoke_check_runs_on_lent_packages_and_the_kit_alone(lent_venv, tmp_
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))},
            "PYTHON": str(lent_venv), "OUT": str(out), "GPU_CHECK_WORK": str(work), "GPU_CHECK_SMOKE": "1",
-           "GPU_CHECK_STEPS": "numerics core pipeline", "GPU_CHECK_TRACE_IMPORTS": "1",
-           "GPU_KIT": str(tmp_path / "no-kit")}
+           "GPU_CHECK_STEPS": "numerics core pipeline", "GPU_CHECK_TRACE_IMPORTS": "1"}
     done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
