@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -36,7 +37,28 @@ def main() -> int:
         cmd += ["--no-warmup"]
     else:
         cmd += ["--start-timeout", str(max(30, int(common.left_s() * 0.6))), "--round-timeout", "90"]
-    rc = subprocess.run(cmd, cwd=common.ROOT, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}).returncode
+    proc = subprocess.Popen(cmd, cwd=common.ROOT, env=os.environ.copy())
+    try:
+        rc = proc.wait(timeout=max(10.0, common.left_s() - 15))
+    except subprocess.TimeoutExpired:
+        # The server's processes run in their own session: the shell's kill of this step would
+        # leave them holding the GPU. SIGINT lets bench_service stop the server; whatever is
+        # still alive after that is killed.
+        import psutil
+
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        common.emit(STEP, {"error": "out of the step's time: bench_service.py and its server stopped"})
     if result_file.exists():
         common.emit(STEP, json.loads(result_file.read_text()))
     else:
