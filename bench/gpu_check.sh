@@ -1,137 +1,111 @@
 #!/usr/bin/env bash
-# The prepared GPU benchmark: the whole full-size set in under 8 minutes on an H100.
+# The GPU check for a lent device machine, as it is: no registry is reachable there, so it installs
+# only from the device kit (bench/device_kit.sh builds it here and prints the one `run` command).
 #
-#   bash bench/gpu_check.sh                 # on a GPU machine; results also go to $OUT (if set)
-#   SMOKE=1 bash bench/gpu_check.sh         # the same steps with tiny sizes on the CPU (a dry run)
+#   bash bench/gpu_check.sh                    # there: kit install, preflight, the four steps
+#   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh  # here: the same steps, tiny models on the CPU
+#   bash bench/gpu_check.sh --smoke            # the same
 #
-# Steps (each under its own time cap, all under BUDGET_S seconds, default 450):
-#   0. header: nvidia-smi, torch/CUDA versions, CPUs
-#   1. core_full:  full-size MuseTalk (random weights, fp16) generate/prepare frames/s at batch sizes
-#                  1 8 16 32 64                                     (bench/bench_core.py model)
-#   2. models:     write the full-size random-weight models dir once (~3.5 GB, MuseTalk's layout)
-#   3. cache_full: 10 s 720p 25 fps clip, cold and with a warm avatar cache, batch 32, stage shares,
-#                  peak GPU memory                                   (bench/bench_cache.py)
-#   4. service_full: the real server on the GPU with those weights, 1, 4 and 16 concurrent jobs:
-#                  frames/s summed, mean runner batch size, peak GPU memory (bench/bench_service.py)
-#   5. nvidia-smi again
-# A step that runs out of time or fails is reported and the next one still runs; the exit status is
-# the number of failed steps. Every step's output is also written to $OUT/<step>.txt, and all the
-# JSON result lines to $OUT/results.jsonl.
+# 0. install bench/kit/*.whl with pip --no-index --no-deps --target (nothing else is fetched);
+# 1. preflight  (bench/gpu_steps/preflight.py): imports exactly what each step imports, torch /
+#    CUDA / cuDNN / driver versions, ffmpeg and libx264, NVENC/NVDEC with the reason; decides
+#    which steps run and why the others are skipped;
+# 2. numerics   GPU fp16 channels-last vs GPU fp32 vs CPU fp32 (full-size random weights);
+# 3. core       UNet, VAE decode, VAE encodes apart; batch 1-128; NCHW vs channels-last; CUDA graphs;
+# 4. pipeline   a 10 s 720p clip in process, cold then warm, stage split;
+# 5. service    upload to download through `bentoml serve`, 1 and 4 concurrent jobs.
+# One budget (BUDGET_S, default 420 s) for all of it; each step has a cap inside what is left.
+# A step that fails, times out or is skipped is reported and the next one still runs.
+# Results: at most 6 files under $OUT (default bench/out/gpu_check): log.txt (everything printed),
+# results.jsonl (one JSON record per measurement), summary.txt (step verdicts and times).
 #
-# The device machines' image has torch, transformers, opencv, scikit-image, httpx and psutil, but
-# not diffusers, imageio-ffmpeg, pydantic-settings or bentoml (and some of bentoml's own needs).
-# Carry them as wheels (see the device README): put them in .whl/ (or WHEELS=dir) and they are
-# installed into /tmp/site first. LIP_SYNC_FFMPEG may name a system ffmpeg instead of imageio-ffmpeg.
-# Steps whose imports are missing are skipped with the reason.
-#
-# Environment: PYTHON (default: .venv/bin/python if it runs, else python3), BUDGET_S, OUT, WHEELS,
-# SMOKE=1, KEEP_MODELS=dir (reuse or keep the full-size models dir there).
+# Environment: PYTHON (default python3), BUDGET_S, OUT, GPU_KIT (default bench/kit),
+# GPU_CHECK_WORK (scratch; default a fresh temporary folder, removed at the end),
+# GPU_CHECK_STEPS (default all: "preflight numerics core pipeline service"; the preflight always runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+[[ "${1:-}" == "--smoke" ]] && export GPU_CHECK_SMOKE=1
+export GPU_CHECK_SMOKE=${GPU_CHECK_SMOKE:-0}
+SMOKE=$GPU_CHECK_SMOKE
 START=$SECONDS
-BUDGET_S=${BUDGET_S:-450}
-SMOKE=${SMOKE:-0}
-OUT=${OUT:-}
-[[ -n "$OUT" ]] && mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true TOKENIZERS_PARALLELISM=false
-
-PY=${PYTHON:-}
-if [[ -z "$PY" ]]; then
-    if [[ -x .venv/bin/python ]] && .venv/bin/python -c 'import torch' 2>/dev/null; then PY=.venv/bin/python
-    else PY=python3; fi
+if [[ "$SMOKE" == 1 ]]; then
+    BUDGET_S=${BUDGET_S:-600}
+    # Tiny models on a shared CPU: one intra-op thread each. Two threads that spin-wait for each
+    # other on busy cores made the tiny UNet 10x slower (2.4 s against 0.25 s per call, load 15).
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+    BUDGET_S=${BUDGET_S:-420}
 fi
-WHEELS=${WHEELS:-.whl}
-if [[ -d "$WHEELS" ]] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "# installing carried wheels from $WHEELS into /tmp/site"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-bench/out/gpu_check}
+mkdir -p "$OUT"
+: >"$OUT/log.txt"; : >"$OUT/results.jsonl"; : >"$OUT/summary.txt"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+PY=${PYTHON:-python3}
+KIT=${GPU_KIT:-bench/kit}
+if [[ -z "${GPU_CHECK_WORK:-}" ]]; then
+    GPU_CHECK_WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-XXXXXX")
+    trap 'rm -rf "$GPU_CHECK_WORK"' EXIT
+fi
+mkdir -p "$GPU_CHECK_WORK"
+export GPU_CHECK_WORK GPU_CHECK_RESULTS="$PWD/$OUT/results.jsonl"
+[[ "$OUT" = /* ]] && GPU_CHECK_RESULTS="$OUT/results.jsonl"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+left() { echo $((BUDGET_S - (SECONDS - START))); }
+say() { echo "$*"; echo "$*" >>"$OUT/summary.txt"; }
+say "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) smoke=$SMOKE budget ${BUDGET_S} s; $(nproc) CPUs; $(uname -r)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
+# ------------------------------------------------------------------ 0. the kit, and nothing else
+if [[ "$SMOKE" == 1 ]]; then
+    # The kit is CPython 3.12 wheels for the lent machine; a smoke run uses this Python's packages
+    # (tests/test_device_kit.py runs it in a venv of the lent image's packages plus the kit's).
+    say "# kit: not installed in smoke mode (this Python's own packages are used)"
+elif ls "$KIT"/*.whl >/dev/null 2>&1; then
+    SITE="$GPU_CHECK_WORK/site"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$KIT"/*.whl; then
+        export PYTHONPATH="$PYTHONPATH:$SITE"
+        # pip keeps the wheel's mode bits, but a binary that lost its x bit fails late: set it now.
+        find "$SITE" -path '*/imageio_ffmpeg/binaries/ffmpeg-*' -exec chmod +x {} + 2>/dev/null
+        say "# kit: $(ls "$KIT"/*.whl | wc -l) wheels from $KIT installed into $SITE"
+    else
+        say "# kit: pip could not install $KIT/*.whl; the preflight will name what is missing"
+    fi
+else
+    say "# kit: none at $KIT: run 'bash bench/device_kit.sh' where pip works and carry $KIT"
 fi
 
 FAILED=0
-log() { echo "$*"; [[ -n "$OUT" ]] && echo "$*" >>"$OUT/summary.txt"; return 0; }
-left() { echo $((BUDGET_S - (SECONDS - START))); }
-
-step() {  # step NAME CAP_S MODULES COMMAND...   (MODULES: comma-separated imports the step needs)
-    local name=$1 cap=$2 mods=$3; shift 3
-    local remaining; remaining=$(left)
-    local limit=$((cap < remaining - 5 ? cap : remaining - 5))
-    echo
-    log "=================== $name (cap ${limit} s, $(left) s of the budget left): $*"
-    if ((limit < 20)); then log "=================== $name: SKIPPED, out of time"; FAILED=$((FAILED + 1)); return; fi
-    local missing
-    missing=$("$PY" - "$mods" <<'EOF'
-import importlib.util, sys
-print(" ".join(m for m in sys.argv[1].split(",") if m and importlib.util.find_spec(m) is None))
-EOF
-)
-    if [[ -n "$missing" ]]; then
-        log "=================== $name: SKIPPED, missing Python modules: $missing"; FAILED=$((FAILED + 1)); return
+step() {  # step NAME CAP_S
+    local name=$1 cap=$2 remaining limit t0 rc verdict
+    remaining=$(left)
+    limit=$((cap < remaining - 5 ? cap : remaining - 5))
+    if [[ "$name" != preflight ]]; then
+        if [[ " ${GPU_CHECK_STEPS:-$name} " != *" $name "* ]]; then say "== $name: not selected (GPU_CHECK_STEPS)"; return; fi
+        verdict=$(grep "^$name " "$GPU_CHECK_WORK/steps.txt" 2>/dev/null | cut -d' ' -f2-)
+        if [[ -z "$verdict" ]]; then
+            say "# $name: no preflight verdict (the preflight failed): running it anyway"
+        elif [[ "$verdict" != run ]]; then
+            say "== $name: SKIPPED: ${verdict#skip }"; FAILED=$((FAILED + 1)); return
+        fi
     fi
-    local t0=$SECONDS rc file=/dev/null
-    [[ -n "$OUT" ]] && file="$OUT/$name.txt"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E 'Writing model shards|Loading weights' \
-        | tee "$file"
-    rc=${PIPESTATUS[0]}
-    [[ -n "$OUT" ]] && grep -E '^\{' "$file" | sed "s/^/{\"step\": \"$name\", \"line\": /; s/\$/}/" >>"$OUT/results.jsonl"
-    if [[ $rc -eq 124 || $rc -eq 137 ]]; then log "=================== $name: TIMED OUT after $((SECONDS - t0)) s"
-    else log "=================== $name: exit $rc after $((SECONDS - t0)) s"; fi
+    if ((limit < 15)); then say "== $name: SKIPPED: out of the budget ($remaining s left)"; FAILED=$((FAILED + 1)); return; fi
+    echo; echo "== $name (cap ${limit} s; $remaining s of the budget left)"
+    t0=$SECONDS
+    GPU_CHECK_DEADLINE=$(($(date +%s) + limit - 5)) timeout --kill-after=10 "$limit" "$PY" -m "bench.gpu_steps.$name"
+    rc=$?
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then say "== $name: TIMED OUT after $((SECONDS - t0)) s"
+    else say "== $name: exit $rc after $((SECONDS - t0)) s"; fi
     [[ $rc -eq 0 ]] || FAILED=$((FAILED + 1))
 }
 
-# ------------------------------------------------------------------ 0. header
-{
-    echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) SMOKE=$SMOKE budget ${BUDGET_S} s; $(nproc) CPUs; $(uname -r)"
-    echo "# uptime:$(uptime)"
-    if command -v nvidia-smi >/dev/null; then
-        nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm --format=csv
-        nvidia-smi | head -15
-    else
-        echo "# no nvidia-smi"
-    fi
-    "$PY" -c 'import sys, torch; print(f"# python {sys.version.split()[0]} torch {torch.__version__} cuda {torch.version.cuda} available {torch.cuda.is_available()}" + (f" device {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))'
-} 2>&1 | tee ${OUT:+"$OUT/header.txt"}
-
-CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
-if [[ "$SMOKE" != 1 && "$CUDA" != 1 ]]; then
-    log "# no CUDA device: this is the GPU script (SMOKE=1 runs its steps with tiny sizes on the CPU)"
-    exit 2
-fi
-
 if [[ "$SMOKE" == 1 ]]; then
-    SIZE=tiny; DEVICE=cpu; BS="1 2"; REPEATS=1
-    CACHE_ARGS=(--seconds 2 --width 320 --height 240 --batch-size 8 --repeats 1 --device cpu)
-    SERVICE_ARGS=(--device cpu --concurrency 1 2 --video-seconds 1)
+    step preflight 120; step numerics 150; step core 120; step pipeline 150; step service 200
 else
-    SIZE=full; DEVICE=cuda; BS="1 8 16 32 64"; REPEATS=3
-    CACHE_ARGS=(--batch-size 32 --repeats 2)
-    SERVICE_ARGS=(--device cuda --concurrency 1 4 16 --start-timeout 150 --round-timeout 120)
+    # Caps sum past the budget on purpose: a step that ends early leaves its time to the next ones.
+    step preflight 60; step numerics 110; step core 130; step pipeline 100; step service 130
 fi
-
-MODELS=${KEEP_MODELS:-}
-if [[ -z "$MODELS" ]]; then
-    MODELS=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-models-XXXXXX")
-    trap 'rm -rf "$MODELS"' EXIT
-fi
-
-# ------------------------------------------------------------------ 1-4
-# shellcheck disable=SC2086
-step core_full 110 torch,diffusers "$PY" bench/bench_core.py model --size $SIZE --batch-sizes $BS --repeats $REPEATS
-if [[ -f "$MODELS/sd-vae/config.json" ]]; then
-    log "# reusing the models dir $MODELS"
-else
-    step models 90 torch,diffusers,transformers "$PY" -c \
-        "import sys; from lipsync_runner.models.tiny import write_models_dir; write_models_dir(sys.argv[1], size=sys.argv[2]); print('wrote', sys.argv[1])" \
-        "$MODELS" "$SIZE"
-fi
-FFMPEG_MOD=imageio_ffmpeg
-[[ -n "${LIP_SYNC_FFMPEG:-}" ]] && FFMPEG_MOD=""
-step cache_full 130 torch,diffusers,transformers,pydantic_settings,cv2,$FFMPEG_MOD \
-    "$PY" bench/bench_cache.py --size $SIZE --models "$MODELS" "${CACHE_ARGS[@]}"
-step service_full 190 torch,diffusers,transformers,cv2,$FFMPEG_MOD,bentoml,pydantic_settings,fastapi,multipart,httpx,psutil \
-    "$PY" bench/bench_service.py --models "$MODELS" "${SERVICE_ARGS[@]}"
-
-# ------------------------------------------------------------------ 5.
-echo
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,temperature.gpu --format=csv
-log "# gpu_check done in $((SECONDS - START)) s; $FAILED step(s) failed or skipped; uptime:$(uptime)"
+say "# gpu_check done in $((SECONDS - START)) s; $FAILED step(s) failed or skipped"
 exit $FAILED

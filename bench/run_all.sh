@@ -15,7 +15,7 @@
 #   5. bench_cache.py --size full: 10 s 720p cold and warm, batch 32 (random full-size weights,
 #      ~3.5 GB, written once to a temporary dir)
 #   6. bench_service.py with those full-size weights on the GPU, 1, 4 and 16 concurrent jobs
-# (bench/gpu_check.sh is the same GPU set under a time limit, for a lent GPU machine.)
+# (bench/gpu_check.sh is the GPU check for a lent machine, under a time limit: see its header.)
 #
 # --quick: bench_core on the 10 s clip only, full-size CPU rates at batch size 1 only.
 # Environment: PYTHON (default .venv/bin/python, else python3), RESULTS (a directory: each step's
