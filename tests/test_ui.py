@@ -9,7 +9,9 @@ set) for a reviewer to look at.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -70,6 +72,13 @@ def open_ui(page, server: Server, token: str | None = TOKEN) -> None:
         page.click("text=Use token")
         expect(page.locator("#jobs-error")).to_have_text("")
         expect(page.locator("#token-error")).to_have_text("")
+
+
+def open_options(page) -> None:
+    """Unfold the options (every parameter but the video, the audio and the stage's two)."""
+    if not page.eval_on_selector("#options", "d => d.open"):
+        page.click("#options > summary")
+    expect(page.locator("#params")).to_be_visible()
 
 
 def drop_file(page, zone: str, path: Path, mime: str) -> None:
@@ -262,6 +271,7 @@ def test_api_errors_show_the_servers_message_next_to_the_field(page, server, med
         if shift:  # bbox_shift is offered for MuseTalk v1.0 only
             as_model(page, server, "v1")
             page.reload()
+            open_options(page)
             expect(page.locator("#param-bbox_shift")).to_be_visible()
         page.set_input_files("#video", video)
         page.set_input_files("#audio", audio)
@@ -317,6 +327,7 @@ def test_a_generate_by_avatar_id_sends_the_audio_without_a_video(page, server, m
     page.click("#submit")
     expect(page.locator("#video-error")).to_have_text("Choose a video file, or give an avatar_id.")
     page.set_input_files("#video", media_dir / "face.mp4")  # chosen, but the avatar_id wins
+    open_options(page)
     page.fill("#param-avatar_id", "0b7e3f52-5c1d-4f7a-9a0e-2d6c8b4e1f93")
     page.evaluate("""() => {  // the form's field names as the page sends them (the browser hides a file body)
         const send = XMLHttpRequest.prototype.send;
@@ -354,12 +365,20 @@ def test_the_page_offers_only_the_parameters_of_the_loaded_model(page, server):
 
     as_model(page, server, "v1")
     page.reload()
+    expect(page.locator("#options")).not_to_have_attribute("open", "")  # folded: video, audio and Generate first
+    expect(page.locator("#param-bbox_shift")).to_be_hidden()
+    open_options(page)
     expect(page.locator("#param-bbox_shift")).to_be_visible()
     assert shown_params(page, "v1") == params_for("v1")
     expect(page.locator("#params-note")).to_be_hidden()
-    # rendered from the schema: its description and range, the default as the placeholder
+    # rendered from the schema: its description and range (one line: behind "?", and as the tooltip),
+    # the default as the placeholder
     prop = JobParams.model_json_schema()["properties"]["bbox_shift"]
+    expect(page.locator("#param-bbox_shift-help")).to_be_hidden()
+    page.click("#param-bbox_shift ~ details.about > summary")
+    expect(page.locator("#param-bbox_shift-help")).to_be_visible()
     expect(page.locator("#param-bbox_shift-help")).to_contain_text(prop["description"])
+    expect(page.locator("#param-bbox_shift")).to_have_attribute("title", re.compile(re.escape(prop["description"])))
     expect(page.locator("#param-bbox_shift-help")).to_contain_text(f"From {prop['minimum']} to {prop['maximum']}")
     expect(page.locator("#param-bbox_shift")).to_have_attribute("placeholder", str(prop["default"]))
     expect(page.locator("label[for='param-bbox_shift']")).to_contain_text("bbox_shift")
