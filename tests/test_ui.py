@@ -497,3 +497,251 @@ def test_the_api_reference_is_the_products(page, server, tmp_path):
     page.click("#ui-link")
     expect(page.locator("#health")).to_contain_text("Ready")
     assert page.url == server.url + "/ui/"
+
+
+# ------------------------------------------------------------------ the stage: face, segments, preview
+
+TWO_PEOPLE_SIZE = (480, 270)
+TWO_PEOPLE_FRAMES = 50  # 2 s at 25 fps
+
+
+@pytest.fixture(scope="module")
+def two_people_clip(tmp_path_factory):
+    """The face-choice tests' clip: Grace Hopper on the left, the astronaut on the right (real photos)."""
+    from lipsync_runner.media.samples import two_people, write_actors_video
+
+    actors = two_people(TWO_PEOPLE_FRAMES, TWO_PEOPLE_SIZE)
+    path = write_actors_video(tmp_path_factory.mktemp("two-people") / "two_people.mp4", actors, TWO_PEOPLE_FRAMES,
+                              size=TWO_PEOPLE_SIZE)
+    return path, {"hopper": actors[0], "astronaut": actors[1]}
+
+
+def choose_clip(page, clip: Path, audio: Path) -> None:
+    page.set_input_files("#video", clip)
+    page.set_input_files("#audio", audio)
+    expect(page.locator("#stage")).to_have_attribute("data-ready", "strip", timeout=30_000)  # every thumbnail drawn
+
+
+def click_frame(page, x: float, y: float) -> None:
+    """Click the first frame where the video's pixel (x, y) is shown."""
+    page.locator("#frame").scroll_into_view_if_needed()
+    box = page.locator("#frame").bounding_box()
+    page.mouse.click(box["x"] + (x + 0.5) * box["width"] / TWO_PEOPLE_SIZE[0],
+                     box["y"] + (y + 0.5) * box["height"] / TWO_PEOPLE_SIZE[1])
+
+
+def drag_strip(page, start_s: float, end_s: float, duration_s: float = TWO_PEOPLE_FRAMES / 25) -> None:
+    """Press on the strip at start_s, move to end_s, release (the mouse, as a person draws)."""
+    page.locator("#strip").scroll_into_view_if_needed()
+    box = page.locator("#strip").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * start_s / duration_s, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * end_s / duration_s, y, steps=8)
+    page.mouse.up()
+
+
+def point_of(text: str) -> tuple[int, int]:
+    x, y = text.split(",")
+    return int(x), int(y)
+
+
+def inside(point: tuple[int, int], box: tuple[int, int, int, int]) -> bool:
+    return box[0] <= point[0] < box[2] and box[1] <= point[1] < box[3]
+
+
+def test_a_click_on_a_face_of_the_first_frame_sets_that_persons_point(page, server, media_dir, two_people_clip):
+    clip, people = two_people_clip
+    open_ui(page, server)
+    choose_clip(page, clip, media_dir / "speech_short.wav")
+    # the first frame, drawn from the local file at the video's own size; ten thumbnails under it
+    assert page.eval_on_selector("#frame", "c => [c.width, c.height]") == list(TWO_PEOPLE_SIZE)
+    thumbs = page.eval_on_selector_all("#thumbs canvas", """cs => cs.map((c) => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let sum = 0; for (let i = 0; i < d.length; i += 4) sum += d[i] + d[i + 1] + d[i + 2];
+        return sum / (d.length / 4) / 3; })""")
+    assert len(thumbs) == 10 and all(mean > 40 for mean in thumbs), thumbs  # frames, not black canvases
+
+    for name in ("astronaut", "hopper"):
+        person, other = people[name], people["hopper" if name == "astronaut" else "astronaut"]
+        fx, fy = person.face_center(0)
+        click_frame(page, fx, fy)
+        sent = point_of(page.input_value("#param-face_point"))  # the folded option it fills
+        assert inside(sent, person.tile(0)) and not inside(sent, other.tile(0)), (name, sent)
+        assert abs(sent[0] - fx) <= 2 and abs(sent[1] - fy) <= 2, (sent, (fx, fy))
+        expect(page.locator(".marker.job")).to_have_attribute("data-point", f"{sent[0]},{sent[1]}")
+        expect(page.locator("#face-choice")).to_contain_text(f"{sent[0]}, {sent[1]}")
+
+    page.click("#face-clear")
+    expect(page.locator("#param-face_point")).to_have_value("")
+    expect(page.locator(".marker.job")).to_have_count(0)
+
+
+def test_a_segment_drawn_on_the_strip_and_the_folded_options_reach_the_job(page, server, media_dir,
+                                                                           two_people_clip, tmp_path):
+    """Against the real service: what the stage and the options set is what the job was given."""
+    clip, people = two_people_clip
+    open_ui(page, server)
+    choose_clip(page, clip, media_dir / "speech_short.wav")
+    drag_strip(page, 0.2, 0.8)
+    expect(page.locator("#segments li")).to_have_count(1)
+    drawn = json.loads(page.input_value("#param-segments"))
+    assert len(drawn) == 1 and abs(drawn[0]["start"] - 0.2) < 0.03 and abs(drawn[0]["end"] - 0.8) < 0.03, drawn
+    expect(page.locator("#strip-segments .strip-segment")).to_have_count(1)
+    hx, hy = people["hopper"].face_center(0)
+    page.keyboard.press("Escape")  # no segment selected: the click picks the job's face
+    click_frame(page, hx, hy)
+    point = page.input_value("#param-face_point")
+    open_options(page)
+    page.select_option("#param-sync_mode", "loop")
+    page.select_option("#param-silence", "generate")
+    shot = tmp_path / "ui-stage.png"
+    page.screenshot(path=str(shot), full_page=True)
+    save_artifact(shot)
+
+    with page.expect_response(lambda r: r.url.endswith(f"{API}/generate")) as response:
+        page.click("#submit")
+    assert response.value.status == 202, response.value.text()
+    job_id = response.value.json()["job_id"]
+    try:
+        with api_client(server) as api:
+            params = api.get(f"{API}/status/{job_id}").json()["params"]
+        assert [(s["start"], s["end"]) for s in params["segments"]] == [(s["start"], s["end"]) for s in drawn]
+        assert params["face_point"] == list(map(float, point_of(point)))  # parsed by the service
+        assert inside(point_of(point), people["hopper"].tile(0))
+        assert (params["sync_mode"], params["silence"]) == ("loop", "generate")
+    finally:
+        with api_client(server) as api:
+            api.delete(f"{API}/cleanup/{job_id}")
+
+
+def with_segment_speakers(page, server: Server) -> None:
+    """The parameter schema with a face per segment (the speakers' Segment fields), whether or not this
+    service has them yet: the page offers what the schema says."""
+    def params(route):
+        response = route.fetch()
+        schema = response.json()
+        segment = schema["$defs"]["Segment"]["properties"]
+        segment.setdefault("face", {"anyOf": [{"enum": ["largest", "center", "speaker"], "type": "string"},
+                                              {"type": "integer", "minimum": 0}], "default": None})
+        segment.setdefault("face_point", {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None})
+        route.fulfill(response=response, json=schema)
+
+    page.route(f"{server.url}{API}/params", params)
+
+
+PREVIEW_FACES = {"count": 2, "frames": TWO_PEOPLE_FRAMES, "chosen": [1], "tracks": [
+    {"id": 0, "first_frame": 0, "last_frame": 49, "frames": 50, "box": [45, 60, 215, 230]},
+    {"id": 1, "first_frame": 0, "last_frame": 49, "frames": 50, "box": [280, 70, 420, 205]},
+]}
+
+
+def test_preview_sends_the_stage_and_marks_who_is_who(page, server, media_dir, two_people_clip, tmp_path):
+    """Preview is routed to a canned answer (a video, the face summary, the stretch): what matters here
+    is the request the page makes and what it shows of the answer."""
+    clip, people = two_people_clip
+    sent: list[dict] = []
+
+    def preview(route):
+        sent.append(page.evaluate("window.lastForm"))
+        route.fulfill(status=200, body=clip.read_bytes(), headers={
+            "Content-Type": "video/mp4", "X-Lip-Sync-Faces": json.dumps(PREVIEW_FACES, separators=(",", ":")),
+            "X-Lip-Sync-Preview": "start=1.00;end=2.00"})
+
+    with_segment_speakers(page, server)
+    page.route(f"{server.url}{API}/preview", preview)
+    open_ui(page, server)
+    page.evaluate("""() => {  // the form's text fields and file names as the page sends them
+        const fetch0 = window.fetch;
+        window.fetch = (url, init) => {
+            if (init && init.body instanceof FormData) {
+                window.lastForm = Object.fromEntries([...init.body.entries()]
+                    .map(([k, v]) => [k, typeof v === "string" ? v : `file:${v.name}`]));
+            }
+            return fetch0(url, init);
+        };
+    }""")
+    choose_clip(page, clip, media_dir / "speech_short.wav")
+
+    # segment 1: the astronaut, clicked while the segment is selected (a new segment is)
+    drag_strip(page, 0.2, 0.8)
+    ax, ay = people["astronaut"].face_center(0)
+    click_frame(page, ax, ay)
+    expect(page.locator("#segments li").nth(0).locator(".segment-speaker")).to_have_value("point")
+    expect(page.locator(".marker.segment")).to_have_text("S1")
+    expect(page.locator("#param-face_point")).to_have_value("")  # the job's face is untouched
+    # segment 2: whoever speaks
+    drag_strip(page, 1.0, 1.6)
+    page.locator("#segments li").nth(1).locator(".segment-speaker").select_option("speaker")
+    open_options(page)
+    page.select_option("#param-sync_mode", "loop")
+
+    with page.expect_response(lambda r: r.url.endswith(f"{API}/preview")):
+        page.click("#preview")
+    form = sent[-1]
+    assert form["video"] == "file:two_people.mp4" and form["audio"] == "file:speech_short.wav"
+    assert form["at"] == "1"  # the selected segment's start
+    assert form["sync_mode"] == "loop"
+    segments = json.loads(form["segments"])
+    assert [(s["start"], s["end"]) for s in segments] == [(0.2, 0.8), (1.0, 1.6)] or all(
+        abs(a - b) < 0.03 for s, want in zip(segments, [(0.2, 0.8), (1.0, 1.6)]) for a, b in
+        zip((s["start"], s["end"]), want)), segments
+    assert inside(point_of(segments[0]["face_point"]), people["astronaut"].tile(0)) and "face" not in segments[0]
+    assert segments[1]["face"] == "speaker" and "face_point" not in segments[1]
+
+    # the answer: the video plays, its stretch is named, and the tracks are marked who is who
+    page.wait_for_function("() => document.getElementById('preview-video').readyState >= 1")
+    expect(page.locator("#preview-note")).to_have_text("Preview of 1.00–2.00 s.")
+    boxes = page.locator(".track-box")
+    expect(boxes).to_have_count(2)
+    expect(boxes.nth(0)).to_have_text("Person 0")
+    expect(boxes.nth(1)).to_have_text("Person 1 · dubbed")
+    frame = page.locator("#frame").bounding_box()
+    right = boxes.nth(1).bounding_box()  # [280, 70, 420, 205] of 480x270, drawn where it is
+    assert abs(right["x"] - (frame["x"] + 280 / 480 * frame["width"])) < 2
+    assert abs(right["width"] - 140 / 480 * frame["width"]) < 2
+    # the tracks are choices too: a segment may name one
+    options = page.locator("#segments li").nth(1).locator(".segment-speaker option")
+    expect(options).to_contain_text(["person 0", "person 1"])
+
+    # keyboard: with no segment selected, Enter on a track box dubs that person (its box's centre)
+    page.focus("#strip")
+    page.keyboard.press("Escape")
+    page.focus(".track-box[data-track='0']")
+    page.keyboard.press("Enter")
+    expect(page.locator("#param-face_point")).to_have_value("130,145")
+    shot = tmp_path / "ui-preview.png"
+    page.screenshot(path=str(shot), full_page=True)
+    save_artifact(shot)
+
+
+def test_a_running_job_with_progressive_output_is_handed_to_the_player_script(page, server, media_dir):
+    """The hook for progressive.js: a `<video id="live-video">` and one attach() call per job."""
+    job_id = submit_job(server.url, media_dir, {"Authorization": f"Bearer {TOKEN}"})
+
+    def status(route):
+        response = route.fetch()
+        body = {**response.json(), "status": "processing", "stage": "generate", "progress": 0.5,
+                "progressive": {"playlist": f"{API}/jobs/{job_id}/live/index.m3u8", "playable_seconds": 0.8,
+                                "ended": False}}
+        route.fulfill(response=response, json=body)
+
+    try:
+        page.route(f"{server.url}{API}/status/{job_id}", status)
+        page.add_init_script("""window.LipSyncProgressive = { calls: [],
+            attach(video, playlist, token) { this.calls.push([video.id, playlist, token]); } };""")
+        open_ui(page, server)
+        page.locator(f'#jobs li[data-job-id="{job_id}"] button:has-text("Show")').click()
+        expect(page.locator("#live-note")).to_have_text("playable: 0.8 s")
+        expect(page.locator("#live-video")).to_be_visible()
+        page.wait_for_timeout(1500)  # several polls (every 0.5 s): still attached once
+        calls = page.evaluate("window.LipSyncProgressive.calls")
+        assert calls == [["live-video", f"{server.url}{API}/jobs/{job_id}/live/index.m3u8", TOKEN]], calls
+    finally:
+        with api_client(server) as api:
+            api.delete(f"{API}/cleanup/{job_id}")
+
+
+def test_the_header_links_to_the_live_page(page, server):
+    open_ui(page, server)
+    expect(page.locator("header nav a", has_text="Live")).to_have_attribute("href", "live.html")

@@ -777,10 +777,10 @@ function showProgressive(job, st) {
   if (!running) return;
   const playable = Number(live.playable_seconds) || 0;
   $("live-note").textContent = `playable: ${playable.toFixed(1)} s${live.ended ? " (all of it)" : ""}`;
-  const attach = window.LipSyncProgressive && window.LipSyncProgressive.attach;
-  if (!job.liveAttached && typeof attach === "function") {
+  const player = window.LipSyncProgressive;
+  if (!job.liveAttached && player && typeof player.attach === "function") {
     job.liveAttached = true; // once per job; until the script is there, the next poll tries again
-    attach($("live-video"), new URL(live.playlist, document.baseURI).href, token());
+    player.attach($("live-video"), new URL(live.playlist, document.baseURI).href, token());
   }
 }
 
