@@ -208,7 +208,15 @@ def test_generate_watch_play_download_and_clean_up(page, server, media_dir, tmp_
     page.wait_for_function("() => document.getElementById('input-video').readyState >= 2")
     expect(page.locator(f'#jobs li[data-job-id="{job_id}"] .badge')).to_have_text("completed")
     with api_client(server) as api:
-        assert api.get(f"{API}/status/{job_id}").json()["bbox_shift"] == 0  # not offered, not sent: the default
+        st = api.get(f"{API}/status/{job_id}").json()
+    assert st["bbox_shift"] == 0  # not offered, not sent: the default
+    # the finished job's face tracks, marked on the first frame of the video still chosen
+    assert st["faces"]["tracks"], st["faces"]
+    boxes = page.locator(".track-box")
+    expect(boxes).to_have_count(len(st["faces"]["tracks"]))
+    for track in st["faces"]["tracks"]:
+        dubbed = " · dubbed" if track["id"] in st["faces"]["chosen"] else ""
+        expect(page.locator(f".track-box[data-track='{track['id']}']")).to_have_text(f"Person {track['id']}{dubbed}")
 
     shot = tmp_path / "ui-completed.png"
     page.screenshot(path=str(shot), full_page=True)
