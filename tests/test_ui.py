@@ -353,12 +353,15 @@ def test_a_generate_by_avatar_id_sends_the_audio_without_a_video(page, server, m
     expect(page.locator("#job")).to_be_hidden()
 
 
-def test_every_control_has_a_label(page, server):
-    open_ui(page, server)
-    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, button, select, textarea')]
+def unlabelled_controls(page) -> list[str]:
+    return page.evaluate("""() => [...document.querySelectorAll('input, button, select, textarea')]
         .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
         .map((el) => el.id || el.outerHTML)""")
-    assert unlabelled == []
+
+
+def test_every_control_has_a_label(page, server):
+    open_ui(page, server)
+    assert unlabelled_controls(page) == []
     page.set_viewport_size({"width": 375, "height": 812})
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
 
@@ -583,6 +586,24 @@ def test_a_click_on_a_face_of_the_first_frame_sets_that_persons_point(page, serv
     page.click("#face-clear")
     expect(page.locator("#param-face_point")).to_have_value("")
     expect(page.locator(".marker.job")).to_have_count(0)
+    open_options(page)  # typed into the option, the point shows on the frame too
+    page.fill("#param-face_point", "100,120")
+    expect(page.locator(".marker.job")).to_have_attribute("data-point", "100,120")
+
+    # by keyboard: the strip is a slider (arrows move the cursor, Shift: 1 s), Enter adds a 1 s segment
+    page.focus("#strip")
+    page.keyboard.press("Shift+ArrowRight")
+    for _ in range(2):
+        page.keyboard.press("ArrowLeft")
+    expect(page.locator("#strip")).to_have_attribute("aria-valuenow", "0.8")
+    page.keyboard.press("Enter")
+    assert json.loads(page.input_value("#param-segments")) == [{"start": 0.8, "end": 1.8}]
+    page.fill("#segments li .segment-end", "1.5")  # the times can be edited
+    page.locator("#segments li .segment-end").dispatch_event("change")
+    assert json.loads(page.input_value("#param-segments")) == [{"start": 0.8, "end": 1.5}]
+    assert unlabelled_controls(page) == []
+    page.click("#segments li .segment-remove")
+    expect(page.locator("#param-segments")).to_have_value("")
 
 
 def test_a_segment_drawn_on_the_strip_and_the_folded_options_reach_the_job(page, server, media_dir,
@@ -722,6 +743,15 @@ def test_preview_sends_the_stage_and_marks_who_is_who(page, server, media_dir, t
     page.screenshot(path=str(shot), full_page=True)
     save_artifact(shot)
 
+    # a phone-sized screen: the frame, the preview and the strip stack, nothing wider than the viewport
+    page.set_viewport_size({"width": 375, "height": 812})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    frame, preview = page.locator("#frame").bounding_box(), page.locator("#preview-video").bounding_box()
+    assert abs(frame["x"] - preview["x"]) < 1 and preview["y"] > frame["y"]
+    narrow = tmp_path / "ui-preview-narrow.png"
+    page.screenshot(path=str(narrow), full_page=True)
+    save_artifact(narrow)
+
 
 def test_a_running_job_with_progressive_output_is_handed_to_the_player_script(page, server, media_dir):
     """The hook for progressive.js: a `<video id="live-video">` and one attach() call per job."""
@@ -742,7 +772,9 @@ def test_a_running_job_with_progressive_output_is_handed_to_the_player_script(pa
         page.locator(f'#jobs li[data-job-id="{job_id}"] button:has-text("Show")').click()
         expect(page.locator("#live-note")).to_have_text("playable: 0.8 s")
         expect(page.locator("#live-video")).to_be_visible()
-        page.wait_for_timeout(1500)  # several polls (every 0.5 s): still attached once
+        for _ in range(3):  # three more polls, each with `progressive`: still attached once
+            with page.expect_response(lambda r: r.url.endswith(f"/status/{job_id}")):
+                pass
         calls = page.evaluate("window.LipSyncProgressive.calls")
         assert calls == [["live-video", f"{server.url}{API}/jobs/{job_id}/live/index.m3u8", TOKEN]], calls
     finally:
