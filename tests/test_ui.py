@@ -662,7 +662,7 @@ def with_segment_speakers(page, server: Server) -> None:
 PREVIEW_FACES = {"count": 2, "frames": TWO_PEOPLE_FRAMES, "chosen": [1], "tracks": [
     {"id": 0, "first_frame": 0, "last_frame": 49, "frames": 50, "box": [45, 60, 215, 230]},
     {"id": 1, "first_frame": 0, "last_frame": 49, "frames": 50, "box": [280, 70, 420, 205]},
-]}
+], "segments": [{"segment": 0, "chosen": [1]}, {"segment": 1, "chosen": [0]}]}  # who each segment dubbed
 
 
 def test_preview_sends_the_stage_and_marks_who_is_who(page, server, media_dir, two_people_clip, tmp_path):
@@ -729,6 +729,8 @@ def test_preview_sends_the_stage_and_marks_who_is_who(page, server, media_dir, t
     right = boxes.nth(1).bounding_box()  # [280, 70, 420, 205] of 480x270, drawn where it is
     assert abs(right["x"] - (frame["x"] + 280 / 480 * frame["width"])) < 2
     assert abs(right["width"] - 140 / 480 * frame["width"]) < 2
+    rows = page.locator("#segments li .segment-who")
+    expect(rows).to_have_text(["preview dubbed person 1", "preview dubbed person 0"])
     # the tracks are choices too: a segment may name one
     options = page.locator("#segments li").nth(1).locator(".segment-speaker option")
     expect(options).to_contain_text(["person 0", "person 1"])

@@ -593,7 +593,7 @@ $("preview").addEventListener("click", async () => {
   $("preview-state").textContent = "";
   try {
     const faces = JSON.parse(res.headers.get("X-Lip-Sync-Faces") || "null");
-    if (faces && stage.isShowing(files.video)) stage.showTracks(faces);
+    if (faces && stage.isShowing(files.video)) stage.showTracks(faces, form.get("segments") || "null");
   } catch {
     // no face summary: the boxes stay as they were
   }

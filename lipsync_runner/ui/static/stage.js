@@ -80,7 +80,8 @@ export function createStage({ onChange, announce }) {
   let selected = null; // a segment of `segments`
   let cursor = 0;
   let cursorSet = false; // the user moved it (else the service picks the preview's stretch)
-  let tracks = null; // the last face summary shown: {tracks, chosen}
+  let tracks = null; // the last face summary shown: {tracks, chosen, segments?: [{segment, chosen}]}
+  let tracksSent = null; // the segments (as sent) that summary's per-segment choices belong to
   let speakerChoices = { faces: [], point: false }; // what a segment may name (from the schema)
 
   // ---------------------------------------------------------------- loading a video
@@ -186,9 +187,19 @@ export function createStage({ onChange, announce }) {
     return m ? [Math.round(Number(m[1])), Math.round(Number(m[2]))] : null;
   }
 
-  function showTracks(faces) {
+  /** A face summary (a preview's or a job's); `sent`: the segments value it was made for, when known,
+   * so that who each segment dubbed is shown while the segments stay as they were. */
+  function showTracks(faces, sent = null) {
     tracks = faces && Array.isArray(faces.tracks) ? faces : null;
+    tracksSent = sent;
     render();
+  }
+
+  /** Who a segment dubbed in the last preview (its summary's `segments`), while they are unchanged. */
+  function dubbedIn(index) {
+    if (!tracks || !Array.isArray(tracks.segments) || tracksSent !== JSON.stringify(sentSegments())) return null;
+    const entry = tracks.segments.find((e) => e.segment === index);
+    return entry && Array.isArray(entry.chosen) ? entry.chosen : null;
   }
 
   // ---------------------------------------------------------------- the strip
@@ -340,7 +351,11 @@ export function createStage({ onChange, announce }) {
         b.dataset.center = `${Math.round(clamp((x1 + x2) / 2, 0, size.width - 1))},${
           Math.round(clamp((y1 + y2) / 2, 0, size.height - 1))}`;
         b.classList.toggle("chosen", chosen.has(t.id));
-        b.textContent = `Person ${t.id}${chosen.has(t.id) ? " · dubbed" : ""}`;
+        b.classList.toggle("label-inside", y1 < 0.08 * size.height); // no room above it in the frame
+        const label = document.createElement("span"); // above the box: a small face stays visible
+        label.className = "track-label";
+        label.textContent = `Person ${t.id}${chosen.has(t.id) ? " · dubbed" : ""}`;
+        b.append(label);
         b.setAttribute("aria-label", `Person ${t.id}${chosen.has(t.id) ? ", dubbed last time" : ""}: choose this face`);
         b.style.left = pct(x1, size.width);
         b.style.top = pct(y1, size.height);
@@ -455,6 +470,13 @@ export function createStage({ onChange, announce }) {
       remove.setAttribute("aria-label", `Remove segment ${n}`);
       remove.addEventListener("click", () => removeSegment(s));
       li.append(pick, remove);
+      const who = dubbedIn(i);
+      if (who) {
+        const note = document.createElement("span");
+        note.className = "hint segment-who";
+        note.textContent = who.length ? `preview dubbed person ${who.join(", ")}` : "preview dubbed nobody";
+        li.append(note);
+      }
       list.append(li);
     });
   }
