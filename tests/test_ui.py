@@ -673,6 +673,9 @@ def test_preview_sends_the_stage_and_marks_who_is_who(page, server, media_dir, t
 
     def preview(route):
         sent.append(page.evaluate("window.lastForm"))
+        if len(sent) == 1:  # the first one: the service is busy with other previews
+            route.fulfill(status=429, headers={"Retry-After": "2"}, json={"error": "Too many previews at once"})
+            return
         route.fulfill(status=200, body=clip.read_bytes(), headers={
             "Content-Type": "video/mp4", "X-Lip-Sync-Faces": json.dumps(PREVIEW_FACES, separators=(",", ":")),
             "X-Lip-Sync-Preview": "start=1.00;end=2.00"})
@@ -707,6 +710,12 @@ def test_preview_sends_the_stage_and_marks_who_is_who(page, server, media_dir, t
 
     with page.expect_response(lambda r: r.url.endswith(f"{API}/preview")):
         page.click("#preview")
+    expect(page.locator("#preview-error")).to_have_text("No preview: Too many previews at once. Try again in 2 s.")
+    expect(page.locator("#preview-box")).to_be_hidden()
+    with page.expect_response(lambda r: r.url.endswith(f"{API}/preview")):
+        page.click("#preview")
+    expect(page.locator("#preview-error")).to_have_text("")
+    assert sent[0] == sent[1]  # the same form again
     form = sent[-1]
     assert form["video"] == "file:two_people.mp4" and form["audio"] == "file:speech_short.wav"
     assert form["at"] == "1"  # the selected segment's start
