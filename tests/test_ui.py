@@ -9,7 +9,9 @@ set) for a reviewer to look at.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -70,6 +72,13 @@ def open_ui(page, server: Server, token: str | None = TOKEN) -> None:
         page.click("text=Use token")
         expect(page.locator("#jobs-error")).to_have_text("")
         expect(page.locator("#token-error")).to_have_text("")
+
+
+def open_options(page) -> None:
+    """Unfold the options (every parameter but the video, the audio and the stage's two)."""
+    if not page.eval_on_selector("#options", "d => d.open"):
+        page.click("#options > summary")
+    expect(page.locator("#params")).to_be_visible()
 
 
 def drop_file(page, zone: str, path: Path, mime: str) -> None:
@@ -199,7 +208,15 @@ def test_generate_watch_play_download_and_clean_up(page, server, media_dir, tmp_
     page.wait_for_function("() => document.getElementById('input-video').readyState >= 2")
     expect(page.locator(f'#jobs li[data-job-id="{job_id}"] .badge')).to_have_text("completed")
     with api_client(server) as api:
-        assert api.get(f"{API}/status/{job_id}").json()["bbox_shift"] == 0  # not offered, not sent: the default
+        st = api.get(f"{API}/status/{job_id}").json()
+    assert st["bbox_shift"] == 0  # not offered, not sent: the default
+    # the finished job's face tracks, marked on the first frame of the video still chosen
+    assert st["faces"]["tracks"], st["faces"]
+    boxes = page.locator(".track-box")
+    expect(boxes).to_have_count(len(st["faces"]["tracks"]))
+    for track in st["faces"]["tracks"]:
+        dubbed = " · dubbed" if track["id"] in st["faces"]["chosen"] else ""
+        expect(page.locator(f".track-box[data-track='{track['id']}']")).to_have_text(f"Person {track['id']}{dubbed}")
 
     shot = tmp_path / "ui-completed.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -262,6 +279,7 @@ def test_api_errors_show_the_servers_message_next_to_the_field(page, server, med
         if shift:  # bbox_shift is offered for MuseTalk v1.0 only
             as_model(page, server, "v1")
             page.reload()
+            open_options(page)
             expect(page.locator("#param-bbox_shift")).to_be_visible()
         page.set_input_files("#video", video)
         page.set_input_files("#audio", audio)
@@ -317,6 +335,7 @@ def test_a_generate_by_avatar_id_sends_the_audio_without_a_video(page, server, m
     page.click("#submit")
     expect(page.locator("#video-error")).to_have_text("Choose a video file, or give an avatar_id.")
     page.set_input_files("#video", media_dir / "face.mp4")  # chosen, but the avatar_id wins
+    open_options(page)
     page.fill("#param-avatar_id", "0b7e3f52-5c1d-4f7a-9a0e-2d6c8b4e1f93")
     page.evaluate("""() => {  // the form's field names as the page sends them (the browser hides a file body)
         const send = XMLHttpRequest.prototype.send;
@@ -334,12 +353,15 @@ def test_a_generate_by_avatar_id_sends_the_audio_without_a_video(page, server, m
     expect(page.locator("#job")).to_be_hidden()
 
 
-def test_every_control_has_a_label(page, server):
-    open_ui(page, server)
-    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, button, select, textarea')]
+def unlabelled_controls(page) -> list[str]:
+    return page.evaluate("""() => [...document.querySelectorAll('input, button, select, textarea')]
         .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
         .map((el) => el.id || el.outerHTML)""")
-    assert unlabelled == []
+
+
+def test_every_control_has_a_label(page, server):
+    open_ui(page, server)
+    assert unlabelled_controls(page) == []
     page.set_viewport_size({"width": 375, "height": 812})
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
 
@@ -354,12 +376,20 @@ def test_the_page_offers_only_the_parameters_of_the_loaded_model(page, server):
 
     as_model(page, server, "v1")
     page.reload()
+    expect(page.locator("#options")).not_to_have_attribute("open", "")  # folded: video, audio and Generate first
+    expect(page.locator("#param-bbox_shift")).to_be_hidden()
+    open_options(page)
     expect(page.locator("#param-bbox_shift")).to_be_visible()
     assert shown_params(page, "v1") == params_for("v1")
     expect(page.locator("#params-note")).to_be_hidden()
-    # rendered from the schema: its description and range, the default as the placeholder
+    # rendered from the schema: its description and range (one line: behind "?", and as the tooltip),
+    # the default as the placeholder
     prop = JobParams.model_json_schema()["properties"]["bbox_shift"]
+    expect(page.locator("#param-bbox_shift-help")).to_be_hidden()
+    page.click("#param-bbox_shift ~ details.about > summary")
+    expect(page.locator("#param-bbox_shift-help")).to_be_visible()
     expect(page.locator("#param-bbox_shift-help")).to_contain_text(prop["description"])
+    expect(page.locator("#param-bbox_shift")).to_have_attribute("title", re.compile(re.escape(prop["description"])))
     expect(page.locator("#param-bbox_shift-help")).to_contain_text(f"From {prop['minimum']} to {prop['maximum']}")
     expect(page.locator("#param-bbox_shift")).to_have_attribute("placeholder", str(prop["default"]))
     expect(page.locator("label[for='param-bbox_shift']")).to_contain_text("bbox_shift")
@@ -478,3 +508,291 @@ def test_the_api_reference_is_the_products(page, server, tmp_path):
     page.click("#ui-link")
     expect(page.locator("#health")).to_contain_text("Ready")
     assert page.url == server.url + "/ui/"
+
+
+# ------------------------------------------------------------------ the stage: face, segments, preview
+
+TWO_PEOPLE_SIZE = (480, 270)
+TWO_PEOPLE_FRAMES = 50  # 2 s at 25 fps
+
+
+@pytest.fixture(scope="module")
+def two_people_clip(tmp_path_factory):
+    """The face-choice tests' clip: Grace Hopper on the left, the astronaut on the right (real photos)."""
+    from lipsync_runner.media.samples import two_people, write_actors_video
+
+    actors = two_people(TWO_PEOPLE_FRAMES, TWO_PEOPLE_SIZE)
+    path = write_actors_video(tmp_path_factory.mktemp("two-people") / "two_people.mp4", actors, TWO_PEOPLE_FRAMES,
+                              size=TWO_PEOPLE_SIZE)
+    return path, {"hopper": actors[0], "astronaut": actors[1]}
+
+
+def choose_clip(page, clip: Path, audio: Path) -> None:
+    page.set_input_files("#video", clip)
+    page.set_input_files("#audio", audio)
+    expect(page.locator("#stage")).to_have_attribute("data-ready", "strip", timeout=30_000)  # every thumbnail drawn
+
+
+def click_frame(page, x: float, y: float) -> None:
+    """Click the first frame where the video's pixel (x, y) is shown."""
+    page.locator("#frame").scroll_into_view_if_needed()
+    box = page.locator("#frame").bounding_box()
+    page.mouse.click(box["x"] + (x + 0.5) * box["width"] / TWO_PEOPLE_SIZE[0],
+                     box["y"] + (y + 0.5) * box["height"] / TWO_PEOPLE_SIZE[1])
+
+
+def drag_strip(page, start_s: float, end_s: float, duration_s: float = TWO_PEOPLE_FRAMES / 25) -> None:
+    """Press on the strip at start_s, move to end_s, release (the mouse, as a person draws)."""
+    page.locator("#strip").scroll_into_view_if_needed()
+    box = page.locator("#strip").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * start_s / duration_s, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * end_s / duration_s, y, steps=8)
+    page.mouse.up()
+
+
+def point_of(text: str) -> tuple[int, int]:
+    x, y = text.split(",")
+    return int(x), int(y)
+
+
+def inside(point: tuple[int, int], box: tuple[int, int, int, int]) -> bool:
+    return box[0] <= point[0] < box[2] and box[1] <= point[1] < box[3]
+
+
+def test_a_click_on_a_face_of_the_first_frame_sets_that_persons_point(page, server, media_dir, two_people_clip):
+    clip, people = two_people_clip
+    open_ui(page, server)
+    choose_clip(page, clip, media_dir / "speech_short.wav")
+    # the first frame, drawn from the local file at the video's own size; ten thumbnails under it
+    assert page.eval_on_selector("#frame", "c => [c.width, c.height]") == list(TWO_PEOPLE_SIZE)
+    thumbs = page.eval_on_selector_all("#thumbs canvas", """cs => cs.map((c) => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let sum = 0; for (let i = 0; i < d.length; i += 4) sum += d[i] + d[i + 1] + d[i + 2];
+        return sum / (d.length / 4) / 3; })""")
+    assert len(thumbs) == 10 and all(mean > 40 for mean in thumbs), thumbs  # frames, not black canvases
+
+    for name in ("astronaut", "hopper"):
+        person, other = people[name], people["hopper" if name == "astronaut" else "astronaut"]
+        fx, fy = person.face_center(0)
+        click_frame(page, fx, fy)
+        sent = point_of(page.input_value("#param-face_point"))  # the folded option it fills
+        assert inside(sent, person.tile(0)) and not inside(sent, other.tile(0)), (name, sent)
+        assert abs(sent[0] - fx) <= 2 and abs(sent[1] - fy) <= 2, (sent, (fx, fy))
+        expect(page.locator(".marker.job")).to_have_attribute("data-point", f"{sent[0]},{sent[1]}")
+        expect(page.locator("#face-choice")).to_contain_text(f"{sent[0]}, {sent[1]}")
+
+    page.click("#face-clear")
+    expect(page.locator("#param-face_point")).to_have_value("")
+    expect(page.locator(".marker.job")).to_have_count(0)
+    open_options(page)  # typed into the option, the point shows on the frame too
+    page.fill("#param-face_point", "100,120")
+    expect(page.locator(".marker.job")).to_have_attribute("data-point", "100,120")
+
+    # by keyboard: the strip is a slider (arrows move the cursor, Shift: 1 s), Enter adds a 1 s segment
+    page.focus("#strip")
+    page.keyboard.press("Shift+ArrowRight")
+    for _ in range(2):
+        page.keyboard.press("ArrowLeft")
+    expect(page.locator("#strip")).to_have_attribute("aria-valuenow", "0.8")
+    page.keyboard.press("Enter")
+    assert json.loads(page.input_value("#param-segments")) == [{"start": 0.8, "end": 1.8}]
+    page.fill("#segments li .segment-end", "1.5")  # the times can be edited
+    page.locator("#segments li .segment-end").dispatch_event("change")
+    assert json.loads(page.input_value("#param-segments")) == [{"start": 0.8, "end": 1.5}]
+    assert unlabelled_controls(page) == []
+    page.click("#segments li .segment-remove")
+    expect(page.locator("#param-segments")).to_have_value("")
+
+
+def test_a_segment_drawn_on_the_strip_and_the_folded_options_reach_the_job(page, server, media_dir,
+                                                                           two_people_clip, tmp_path):
+    """Against the real service: what the stage and the options set is what the job was given."""
+    clip, people = two_people_clip
+    open_ui(page, server)
+    choose_clip(page, clip, media_dir / "speech_short.wav")
+    drag_strip(page, 0.2, 0.8)
+    expect(page.locator("#segments li")).to_have_count(1)
+    drawn = json.loads(page.input_value("#param-segments"))
+    assert len(drawn) == 1 and abs(drawn[0]["start"] - 0.2) < 0.03 and abs(drawn[0]["end"] - 0.8) < 0.03, drawn
+    expect(page.locator("#strip-segments .strip-segment")).to_have_count(1)
+    hx, hy = people["hopper"].face_center(0)
+    page.keyboard.press("Escape")  # no segment selected: the click picks the job's face
+    click_frame(page, hx, hy)
+    point = page.input_value("#param-face_point")
+    open_options(page)
+    page.select_option("#param-sync_mode", "loop")
+    page.select_option("#param-silence", "generate")
+    shot = tmp_path / "ui-stage.png"
+    page.screenshot(path=str(shot), full_page=True)
+    save_artifact(shot)
+
+    with page.expect_response(lambda r: r.url.endswith(f"{API}/generate")) as response:
+        page.click("#submit")
+    assert response.value.status == 202, response.value.text()
+    job_id = response.value.json()["job_id"]
+    try:
+        with api_client(server) as api:
+            params = api.get(f"{API}/status/{job_id}").json()["params"]
+        assert [(s["start"], s["end"]) for s in params["segments"]] == [(s["start"], s["end"]) for s in drawn]
+        assert params["face_point"] == list(map(float, point_of(point)))  # parsed by the service
+        assert inside(point_of(point), people["hopper"].tile(0))
+        assert (params["sync_mode"], params["silence"]) == ("loop", "generate")
+    finally:
+        with api_client(server) as api:
+            api.delete(f"{API}/cleanup/{job_id}")
+
+
+def with_segment_speakers(page, server: Server) -> None:
+    """The parameter schema with a face per segment (the speakers' Segment fields), whether or not this
+    service has them yet: the page offers what the schema says."""
+    def params(route):
+        response = route.fetch()
+        schema = response.json()
+        segment = schema["$defs"]["Segment"]["properties"]
+        segment.setdefault("face", {"anyOf": [{"enum": ["largest", "center", "speaker"], "type": "string"},
+                                              {"type": "integer", "minimum": 0}], "default": None})
+        segment.setdefault("face_point", {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None})
+        route.fulfill(response=response, json=schema)
+
+    page.route(f"{server.url}{API}/params", params)
+
+
+PREVIEW_FACES = {"count": 2, "frames": TWO_PEOPLE_FRAMES, "chosen": [1], "tracks": [
+    {"id": 0, "first_frame": 0, "last_frame": 49, "frames": 50, "box": [45, 60, 215, 230]},
+    {"id": 1, "first_frame": 0, "last_frame": 49, "frames": 50, "box": [280, 70, 420, 205]},
+], "segments": [{"segment": 0, "chosen": [1]}, {"segment": 1, "chosen": [0]}]}  # who each segment dubbed
+
+
+def test_preview_sends_the_stage_and_marks_who_is_who(page, server, media_dir, two_people_clip, tmp_path):
+    """Preview is routed to a canned answer (a video, the face summary, the stretch): what matters here
+    is the request the page makes and what it shows of the answer."""
+    clip, people = two_people_clip
+    sent: list[dict] = []
+
+    def preview(route):
+        sent.append(page.evaluate("window.lastForm"))
+        if len(sent) == 1:  # the first one: the service is busy with other previews
+            route.fulfill(status=429, headers={"Retry-After": "2"}, json={"error": "Too many previews at once"})
+            return
+        route.fulfill(status=200, body=clip.read_bytes(), headers={
+            "Content-Type": "video/mp4", "X-Lip-Sync-Faces": json.dumps(PREVIEW_FACES, separators=(",", ":")),
+            "X-Lip-Sync-Preview": "start=1.00;end=2.00"})
+
+    with_segment_speakers(page, server)
+    page.route(f"{server.url}{API}/preview", preview)
+    open_ui(page, server)
+    page.evaluate("""() => {  // the form's text fields and file names as the page sends them
+        const fetch0 = window.fetch;
+        window.fetch = (url, init) => {
+            if (init && init.body instanceof FormData) {
+                window.lastForm = Object.fromEntries([...init.body.entries()]
+                    .map(([k, v]) => [k, typeof v === "string" ? v : `file:${v.name}`]));
+            }
+            return fetch0(url, init);
+        };
+    }""")
+    choose_clip(page, clip, media_dir / "speech_short.wav")
+
+    # segment 1: the astronaut, clicked while the segment is selected (a new segment is)
+    drag_strip(page, 0.2, 0.8)
+    ax, ay = people["astronaut"].face_center(0)
+    click_frame(page, ax, ay)
+    expect(page.locator("#segments li").nth(0).locator(".segment-speaker")).to_have_value("point")
+    expect(page.locator(".marker.segment")).to_have_text("S1")
+    expect(page.locator("#param-face_point")).to_have_value("")  # the job's face is untouched
+    # segment 2: whoever speaks
+    drag_strip(page, 1.0, 1.6)
+    page.locator("#segments li").nth(1).locator(".segment-speaker").select_option("speaker")
+    open_options(page)
+    page.select_option("#param-sync_mode", "loop")
+
+    with page.expect_response(lambda r: r.url.endswith(f"{API}/preview")):
+        page.click("#preview")
+    expect(page.locator("#preview-error")).to_have_text("No preview: Too many previews at once. Try again in 2 s.")
+    expect(page.locator("#preview-box")).to_be_hidden()
+    with page.expect_response(lambda r: r.url.endswith(f"{API}/preview")):
+        page.click("#preview")
+    expect(page.locator("#preview-error")).to_have_text("")
+    assert sent[0] == sent[1]  # the same form again
+    form = sent[-1]
+    assert form["video"] == "file:two_people.mp4" and form["audio"] == "file:speech_short.wav"
+    assert form["at"] == "1"  # the selected segment's start
+    assert form["sync_mode"] == "loop"
+    segments = json.loads(form["segments"])
+    assert [(s["start"], s["end"]) for s in segments] == [(0.2, 0.8), (1.0, 1.6)] or all(
+        abs(a - b) < 0.03 for s, want in zip(segments, [(0.2, 0.8), (1.0, 1.6)]) for a, b in
+        zip((s["start"], s["end"]), want)), segments
+    assert inside(point_of(segments[0]["face_point"]), people["astronaut"].tile(0)) and "face" not in segments[0]
+    assert segments[1]["face"] == "speaker" and "face_point" not in segments[1]
+
+    # the answer: the video plays, its stretch is named, and the tracks are marked who is who
+    page.wait_for_function("() => document.getElementById('preview-video').readyState >= 1")
+    expect(page.locator("#preview-note")).to_have_text("Preview of 1.00–2.00 s.")
+    boxes = page.locator(".track-box")
+    expect(boxes).to_have_count(2)
+    expect(boxes.nth(0)).to_have_text("Person 0")
+    expect(boxes.nth(1)).to_have_text("Person 1 · dubbed")
+    frame = page.locator("#frame").bounding_box()
+    right = boxes.nth(1).bounding_box()  # [280, 70, 420, 205] of 480x270, drawn where it is
+    assert abs(right["x"] - (frame["x"] + 280 / 480 * frame["width"])) < 2
+    assert abs(right["width"] - 140 / 480 * frame["width"]) < 2
+    rows = page.locator("#segments li .segment-who")
+    expect(rows).to_have_text(["preview dubbed person 1", "preview dubbed person 0"])
+    # the tracks are choices too: a segment may name one
+    options = page.locator("#segments li").nth(1).locator(".segment-speaker option")
+    expect(options).to_contain_text(["person 0", "person 1"])
+
+    # keyboard: with no segment selected, Enter on a track box dubs that person (its box's centre)
+    page.focus("#strip")
+    page.keyboard.press("Escape")
+    page.focus(".track-box[data-track='0']")
+    page.keyboard.press("Enter")
+    expect(page.locator("#param-face_point")).to_have_value("130,145")
+    shot = tmp_path / "ui-preview.png"
+    page.screenshot(path=str(shot), full_page=True)
+    save_artifact(shot)
+
+    # a phone-sized screen: the frame, the preview and the strip stack, nothing wider than the viewport
+    page.set_viewport_size({"width": 375, "height": 812})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    frame, preview = page.locator("#frame").bounding_box(), page.locator("#preview-video").bounding_box()
+    assert abs(frame["x"] - preview["x"]) < 1 and preview["y"] > frame["y"]
+    narrow = tmp_path / "ui-preview-narrow.png"
+    page.screenshot(path=str(narrow), full_page=True)
+    save_artifact(narrow)
+
+
+def test_a_running_job_with_progressive_output_is_handed_to_the_player_script(page, server, media_dir):
+    """The hook for progressive.js: a `<video id="live-video">` and one attach() call per job."""
+    job_id = submit_job(server.url, media_dir, {"Authorization": f"Bearer {TOKEN}"})
+
+    def status(route):
+        response = route.fetch()
+        body = {**response.json(), "status": "processing", "stage": "generate", "progress": 0.5,
+                "progressive": {"playlist": f"{API}/jobs/{job_id}/live/index.m3u8", "playable_seconds": 0.8,
+                                "ended": False}}
+        route.fulfill(response=response, json=body)
+
+    try:
+        page.route(f"{server.url}{API}/status/{job_id}", status)
+        page.add_init_script("""window.LipSyncProgressive = { calls: [],
+            attach(video, playlist, token) { this.calls.push([video.id, playlist, token]); } };""")
+        open_ui(page, server)
+        page.locator(f'#jobs li[data-job-id="{job_id}"] button:has-text("Show")').click()
+        expect(page.locator("#live-note")).to_have_text("playable: 0.8 s")
+        expect(page.locator("#live-video")).to_be_visible()
+        for _ in range(3):  # three more polls, each with `progressive`: still attached once
+            with page.expect_response(lambda r: r.url.endswith(f"/status/{job_id}")):
+                pass
+        calls = page.evaluate("window.LipSyncProgressive.calls")
+        assert calls == [["live-video", f"{server.url}{API}/jobs/{job_id}/live/index.m3u8", TOKEN]], calls
+    finally:
+        with api_client(server) as api:
+            api.delete(f"{API}/cleanup/{job_id}")
+
+
+def test_the_header_links_to_the_live_page(page, server):
+    open_ui(page, server)
+    expect(page.locator("header nav a", has_text="Live")).to_have_attribute("href", "live.html")

@@ -8,12 +8,22 @@
 //   DELETE {API}/cleanup/{job_id}  cancel if running, delete the files and the record
 //   POST   {API}/cancel/{job_id}   stop a queued or running job
 //   GET    {API}/params            the job parameters' JSON schema (the form's controls)
+//   POST   {API}/preview           generate's form plus `at` (s) -> a short video/mp4; headers
+//                                  X-Lip-Sync-Faces (a job status' `faces`, JSON) and
+//                                  X-Lip-Sync-Preview: start=<s>;end=<s>
 //   GET    {API}/health            open; 503 while the models load; model_version, auth
 //
 // Errors are JSON {"error": ..., "message"?: ..., "details"?: ...}. With auth on, every call but
 // health needs "Authorization: Bearer <token>"; the token lives in sessionStorage (this tab only).
 // The page shows only what applies: the token card when the service requires a token, and the
 // parameters that the loaded model uses (a parameter's "x-model-versions" in the schema).
+// The chosen video's first frame and a strip of its thumbnails (stage.js) set face_point and segments.
+//
+// Hooks for other pages' scripts: a running job whose status has `progressive: {playlist,
+// playable_seconds, ended}` is handed to window.LipSyncProgressive.attach(videoEl, playlistUrl, token)
+// once (progressive.js); the header links to live.html.
+
+import { createStage } from "./stage.js";
 
 const API = new URL(document.querySelector('meta[name="lipsync-api"]').content, document.baseURI)
   .pathname.replace(/\/+$/, "");
@@ -24,6 +34,8 @@ const FINISHED = new Set(["completed", "failed", "cancelled"]);
 const MODEL_VERSIONS_KEY = "x-model-versions"; // lipsync_runner/params.py
 
 const $ = (id) => document.getElementById(id);
+const FACE_POINT = "face_point"; // the parameters the stage sets (lipsync_runner/params.py)
+const SEGMENTS = "segments";
 
 // ------------------------------------------------------------------ API access
 
@@ -155,7 +167,14 @@ function showApiError(err, files) {
     return;
   }
   setFieldError(field, err.message);
+  reveal(field);
   $(field).focus();
+}
+
+/** Unfold the options when a field in them is to be seen (an error, a focus). */
+function reveal(field) {
+  const folded = $(field).closest("details");
+  if (folded) folded.open = true;
 }
 
 function showTokenError(text) {
@@ -323,20 +342,28 @@ function renderParams() {
     ? `Not offered for the loaded model (${service.modelVersion}): ${notOffered.join(", ")}.`
     : "";
   note.hidden = !note.textContent;
+  stage.setSpeakerChoices(segmentSpeakerChoices());
 }
 
-/** One labelled control: a select for enums and booleans (first option: the default), else a text field. */
+/** Set a parameter's field (or the value it gets when the controls are rendered). */
+function setParamValue(name, value) {
+  paramValues.set(name, value);
+  const el = $(paramId(name));
+  if (el) {
+    el.value = value;
+    setFieldError(paramId(name), "");
+  }
+}
+
+/** One line per parameter: its name, a control (a select for enums and booleans, first option the
+ * default; else a text field with the default as placeholder), and "?" that unfolds its description. */
 function paramField(name, prop) {
   const id = paramId(name);
   const field = document.createElement("div");
   field.className = "field param-field";
   const label = document.createElement("label");
   label.htmlFor = id;
-  label.textContent = `${name} `;
-  const optional = document.createElement("span");
-  optional.className = "hint";
-  optional.textContent = "(optional)";
-  label.append(optional);
+  label.textContent = name;
 
   const hasDefault = prop.default !== undefined && prop.default !== null;
   const choices = Array.isArray(prop.enum) ? prop.enum : prop.type === "boolean" ? [true, false] : null;
@@ -365,20 +392,48 @@ function paramField(name, prop) {
   input.dataset.param = name;
   input.setAttribute("aria-describedby", `${id}-help ${id}-error`);
   input.value = paramValues.get(name) || "";
-  input.addEventListener(choices ? "change" : "input", () => setFieldError(id, ""));
+  input.addEventListener(choices ? "change" : "input", () => {
+    setFieldError(id, "");
+    if (name === FACE_POINT) stage.setFacePointFromText(input.value);
+    if (name === SEGMENTS) stage.setSegmentsFromText(input.value);
+  });
 
+  const range = [prop.minimum, prop.maximum].every((v) => typeof v === "number")
+    ? ` From ${prop.minimum} to ${prop.maximum}.` : "";
+  const description = `${prop.description || ""}${range}`.trim();
+  label.title = input.title = description; // the whole description on hover
+  const about = document.createElement("details");
+  about.className = "about";
+  const summary = document.createElement("summary");
+  summary.textContent = "?";
+  summary.setAttribute("aria-label", `About ${name}`);
   const help = document.createElement("p");
   help.id = `${id}-help`;
   help.className = "hint";
-  const range = [prop.minimum, prop.maximum].every((v) => typeof v === "number")
-    ? ` From ${prop.minimum} to ${prop.maximum}.` : "";
-  help.textContent = `${prop.description || ""}${range}`.trim();
+  help.textContent = description;
+  about.append(summary, help);
   const error = document.createElement("p");
   error.id = `${id}-error`;
   error.className = "field-error";
   error.setAttribute("aria-live", "assertive");
-  field.append(label, input, help, error);
+  field.append(label, input, about, error);
   return field;
+}
+
+/** What a segment may name as its face, from the schema's Segment item (the speakers' fields). */
+function segmentSpeakerChoices() {
+  const defs = (paramSchema && paramSchema.$defs) || {};
+  const segmentsProp = paramSchema && paramSchema.properties && paramSchema.properties[SEGMENTS];
+  const item = segmentsProp ? resolveProp(segmentsProp, defs).items : null;
+  const props = (item ? resolveProp(item, defs).properties : null) || {};
+  const faces = [];
+  if (props.face) {
+    const face = resolveProp(props.face, defs);
+    for (const option of [face, ...(face.anyOf || face.oneOf || [])]) {
+      if (Array.isArray(option.enum)) faces.push(...option.enum.filter((v) => !faces.includes(v)));
+    }
+  }
+  return { faces, point: Boolean(props[FACE_POINT]) };
 }
 
 // ------------------------------------------------------------------ file fields, drag and drop
@@ -393,6 +448,13 @@ function showFileInfo(kind) {
   const file = $(kind).files[0];
   $(`${kind}-info`).textContent = file ? `${file.name} · ${formatBytes(file.size)}` : "";
   setFieldError(kind, "");
+  if (kind === "video") {
+    stage.load(file || null);
+    if (file) { // a new video: a point or segments chosen on another one mean nothing here
+      setParamValue(FACE_POINT, "");
+      setParamValue(SEGMENTS, "");
+    }
+  }
 }
 
 function putFile(kind, file) {
@@ -433,9 +495,11 @@ window.addEventListener("drop", (e) => {
 
 // ------------------------------------------------------------------ submitting
 
-$("job-form").addEventListener("submit", async (e) => {
-  e.preventDefault();
+/** The multipart form of generate (and preview): the files and every parameter given; null (with
+ * the fields' errors shown) when a file is missing. */
+function buildForm() {
   clearFormErrors();
+  $("preview-error").textContent = "";
   // With an avatar_id the prepared avatar is the video: only the audio is uploaded.
   const avatar = $(paramId("avatar_id"));
   const byAvatar = Boolean(avatar && avatar.value.trim());
@@ -446,7 +510,7 @@ $("job-form").addEventListener("submit", async (e) => {
   }
   if (missing.length) {
     $(missing[0]).focus();
-    return;
+    return null;
   }
   const form = new FormData();
   for (const el of $("params").querySelectorAll("[data-param]")) {
@@ -455,6 +519,14 @@ $("job-form").addEventListener("submit", async (e) => {
   }
   if (files.video) form.append("video", files.video, files.video.name);
   form.append("audio", files.audio, files.audio.name);
+  return { form, files };
+}
+
+$("job-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const built = buildForm();
+  if (!built) return;
+  const { form, files } = built;
   const previews = files.video ? files : null; // by avatar: the service plays the inputs back
 
   const button = $("submit");
@@ -476,9 +548,61 @@ $("job-form").addEventListener("submit", async (e) => {
   }
 });
 
+// ------------------------------------------------------------------ preview
+
+let previewUrl = null;
+
+/** "start=1.0;end=2.0" -> [1, 2]; null when absent or malformed. */
+function previewRange(header) {
+  const m = /start=([\d.]+)\s*;\s*end=([\d.]+)/.exec(header || "");
+  return m ? [Number(m[1]), Number(m[2])] : null;
+}
+
+$("preview").addEventListener("click", async () => {
+  const built = buildForm();
+  if (!built) return;
+  const { form, files } = built;
+  const at = stage.at();
+  if (at !== null) form.append("at", String(at));
+  const button = $("preview");
+  button.disabled = true;
+  $("preview-state").textContent = "Rendering a preview…";
+  let res;
+  try {
+    res = await fetch(`${API}/preview`, {
+      method: "POST", body: form, headers: { Accept: "video/mp4", ...authHeaders() }, cache: "no-store",
+    });
+    if (!res.ok) throw new ApiError(res.status, await readJson(res), res.headers.get("Retry-After"));
+    const blob = await res.blob();
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = URL.createObjectURL(blob);
+  } catch (err) {
+    $("preview-state").textContent = "";
+    const e = err instanceof ApiError ? err : new ApiError(0, { error: "Cannot reach the service (network error)" });
+    if (errorField(e, files) === "top") $("preview-error").textContent = `No preview: ${e.message}`;
+    else showApiError(e, files);
+    return;
+  } finally {
+    button.disabled = false;
+  }
+  $("preview-box").hidden = false;
+  $("preview-video").src = previewUrl;
+  const range = previewRange(res.headers.get("X-Lip-Sync-Preview"));
+  const note = range ? `Preview of ${range[0].toFixed(2)}–${range[1].toFixed(2)} s.` : "Preview.";
+  $("preview-note").textContent = note;
+  $("preview-state").textContent = "";
+  try {
+    const faces = JSON.parse(res.headers.get("X-Lip-Sync-Faces") || "null");
+    if (faces && stage.isShowing(files.video)) stage.showTracks(faces, form.get("segments") || "null");
+  } catch {
+    // no face summary: the boxes stay as they were
+  }
+  announce(`${note} The face tracks are marked on the first frame.`);
+});
+
 // ------------------------------------------------------------------ the job panel
 
-let current = null; // {id, files, timer, resultUrl, inputUrls, finished, lastStatus}
+let current = null; // {id, files, timer, resultUrl, inputUrls, finished, lastStatus, liveAttached}
 
 function humanStage(stage) {
   return (stage || "").replace(/[_-]+/g, " ");
@@ -495,7 +619,8 @@ function setStatus(text) {
 /** Show the job panel for a job (id null: still uploading), with the input previews when we have the files. */
 function showJob(id, files) {
   closeJob();
-  current = { id, files: files || null, timer: null, resultUrl: null, inputUrls: [], finished: false, lastStatus: null };
+  current = { id, files: files || null, timer: null, resultUrl: null, inputUrls: [], finished: false, lastStatus: null,
+    liveAttached: false };
   const panel = $("job");
   panel.hidden = false;
   panel.dataset.status = id ? "" : "uploading";
@@ -504,6 +629,7 @@ function showJob(id, files) {
   $("cancel").hidden = true;
   $("download").hidden = true;
   $("result-video").hidden = true;
+  $("live-video").hidden = $("live-note").hidden = true;
   $("result-note").hidden = false;
   setProgress(0);
   setStatus(id ? "Loading the job…" : "Uploading…");
@@ -567,7 +693,7 @@ function closeJob() {
   if (!current) return;
   clearTimeout(current.timer);
   for (const url of [current.resultUrl, ...current.inputUrls]) if (url) URL.revokeObjectURL(url);
-  for (const id of ["input-video", "input-audio", "result-video"]) {
+  for (const id of ["input-video", "input-audio", "result-video", "live-video"]) {
     const media = $(id);
     media.removeAttribute("src");
     media.load();
@@ -613,6 +739,8 @@ async function poll(job) {
   }
   if (current !== job) return;
   renderStatus(st);
+  showProgressive(job, st);
+  if (st.faces && job.files && stage.isShowing(job.files.video)) stage.showTracks(st.faces);
   if (st.status !== job.lastStatus) {
     job.lastStatus = st.status;
     refreshJobs();
@@ -641,6 +769,21 @@ function renderStatus(st) {
   $("job-error").textContent = st.status === "failed" && st.error ? `The job failed: ${st.error}` : "";
 }
 
+/** A running job's playable part (engineer hls: progressive.js defines window.LipSyncProgressive). */
+function showProgressive(job, st) {
+  const live = st.progressive;
+  const running = !FINISHED.has(st.status) && live && typeof live.playlist === "string";
+  $("live-video").hidden = $("live-note").hidden = !running;
+  if (!running) return;
+  const playable = Number(live.playable_seconds) || 0;
+  $("live-note").textContent = `playable: ${playable.toFixed(1)} s${live.ended ? " (all of it)" : ""}`;
+  const player = window.LipSyncProgressive;
+  if (!job.liveAttached && player && typeof player.attach === "function") {
+    job.liveAttached = true; // once per job; until the script is there, the next poll tries again
+    player.attach($("live-video"), new URL(live.playlist, document.baseURI).href, token());
+  }
+}
+
 /** " · 3rd in line · about 2 min left" from the status's queue_position and eta_s (either may be null). */
 function queueText(st) {
   let text = "";
@@ -667,7 +810,9 @@ async function loadResult(job, st) {
     return;
   }
   if (current !== job) return;
-  if (blob.type !== "video/mp4") blob = new Blob([blob], { type: "video/mp4" });
+  const name = st.output_path || `lip_sync_${job.id}.mp4`;
+  const ext = (/\.(\w+)$/.exec(name) || [null, "mp4"])[1].toLowerCase();
+  if (!blob.type.startsWith("video/")) blob = new Blob([blob], { type: `video/${ext}` });
   job.resultUrl = URL.createObjectURL(blob);
   const video = $("result-video");
   video.src = job.resultUrl;
@@ -675,8 +820,8 @@ async function loadResult(job, st) {
   $("result-note").hidden = true;
   const link = $("download");
   link.href = job.resultUrl;
-  link.download = st.output_path || `lip_sync_${job.id}.mp4`;
-  link.textContent = `Download MP4 (${formatBytes(blob.size)})`;
+  link.download = name;
+  link.textContent = `Download ${ext.toUpperCase()} (${formatBytes(blob.size)})`;
   link.hidden = false;
   announce("The lip-synced video is ready.");
 }
@@ -845,6 +990,15 @@ async function cleanup(id, btn) {
 $("jobs-refresh").addEventListener("click", () => refreshJobs());
 
 // ------------------------------------------------------------------ start
+
+const stage = createStage({
+  announce,
+  onChange({ facePoint, segments }) {
+    setParamValue(FACE_POINT, facePoint);
+    setParamValue(SEGMENTS, segments ? JSON.stringify(segments) : "");
+    if (facePoint) setParamValue("face", ""); // face_point is instead of face
+  },
+});
 
 $("token").value = token();
 showTokenState();
