@@ -72,6 +72,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FPS = 25
+# The clips' x264 quality: about 5 Mbit/s at 720p, a phone's upload, with the frames' sensor-like
+# noise kept. (At crf 18 the noise is dropped: 0.17 Mbit/s, far cheaper to decode and to re-encode
+# than real video; at crf 12, 13 Mbit/s.)
+SOURCE_CRF = 14
 STAGES = ("decode", "spool", "faces", "crop", "transport", "blend", "encode", "audio", "cache", "api", "probe",
           "other", "unsampled")
 CLIENT_PREFIX = "bench-client"
@@ -359,19 +363,19 @@ class Wire:
 # ------------------------------------------------------------------ media
 
 
-def clip(media_dir: Path, height: int, seconds: float, seed: int) -> tuple[Path, Path]:
+def clip(media_dir: Path, height: int, seconds: float, seed: int, crf: int = SOURCE_CRF) -> tuple[Path, Path]:
     """A 16:9 talking head at `height` (noise seed `seed`: its own avatar) and speech as long."""
     from lipsync_runner.media.ffmpeg import VideoWriter
     from lipsync_runner.media.samples import face_frames, write_speech_like_audio
 
     width = (height * 16 // 9) // 2 * 2
-    video = media_dir / f"face-{height}p-{seconds:g}s-{seed}.mp4"
+    video = media_dir / f"face-{height}p-{seconds:g}s-crf{crf}-{seed}.mp4"
     audio = media_dir / f"speech-{seconds:g}s.wav"
     if not audio.exists():
         write_speech_like_audio(audio, seconds=seconds)
     if not video.exists():
         part = video.with_suffix(".part.mp4")
-        with VideoWriter(part, width, height, FPS, crf=18) as writer:
+        with VideoWriter(part, width, height, FPS, crf=crf) as writer:
             for frame in face_frames(int(seconds * FPS), (width, height), face_px=int(height * 0.6), seed=seed):
                 writer.write(frame)
         part.rename(video)
@@ -480,7 +484,7 @@ def measure(args) -> dict[str, Any]:
 
     media_dir = Path(args.media_dir)
     media_dir.mkdir(parents=True, exist_ok=True)
-    clips = [clip(media_dir, args.height, args.seconds, seed) for seed in range(args.jobs)]
+    clips = [clip(media_dir, args.height, args.seconds, seed, args.source_crf) for seed in range(args.jobs)]
     mode = "warm" if args.warm else "cold"
     _record_children()
     with tempfile.TemporaryDirectory(prefix="bench-feed-") as tmp:
@@ -544,6 +548,8 @@ def measure(args) -> dict[str, Any]:
     bound = "CPU" if cpu_fps < gpu_fps else "GPU (modelled)"
     result = {
         "config": {"jobs": args.jobs, "height": args.height, "seconds": args.seconds, "mode": mode,
+                   "source_crf": args.source_crf,
+                   "source_mbit_s": round(clips[0][0].stat().st_size * 8 / args.seconds / 1e6, 2),
                    "detector": detector, "job_workers": args.job_workers or args.jobs,
                    "efficiency": args.efficiency, "interval_ms": args.interval_ms},
         "machine": machine(), "load_before": [round(x, 2) for x in load_before],
@@ -575,7 +581,8 @@ def measure(args) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     c = r["config"]
-    lines = [f"# {c['jobs']} jobs, {c['height']}p, {c['seconds']:g} s, {c['mode']}, detector {c['detector']}; "
+    lines = [f"# {c['jobs']} jobs, {c['height']}p, {c['seconds']:g} s ({c['source_mbit_s']} Mbit/s), {c['mode']}, "
+             f"detector {c['detector']}; "
              f"{r['machine']}; load {r['load_before']} -> {r['load_after']}",
              f"frames {r['frames']}, wall {r['wall_s']} s, {r['fps_here']} frames/s here; "
              f"CPU {r['cpu_ms_per_frame']} ms per output frame (Python {r['python_cpu_s']} s + ffmpeg "
@@ -595,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--warm", action="store_true", help="measure a second run of each clip (avatar cache hits)")
     mode.add_argument("--cold", action="store_true", help="a fresh avatar cache (the default)")
+    parser.add_argument("--source-crf", type=int, default=SOURCE_CRF,
+                        help="x264 quality of the synthetic clips (14: about 5 Mbit/s at 720p)")
     parser.add_argument("--detector", default="auto", choices=["auto", "haar", "mediapipe", "fan"],
                         help="the service's face detector (auto: what the service loads here)")
     parser.add_argument("--job-workers", type=int, default=0, help="LIP_SYNC_JOB_WORKERS (default: --jobs)")
