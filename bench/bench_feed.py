@@ -42,6 +42,10 @@ Whisper's log-mel on the runner, audio windows), cache (avatar cache reads), api
 downloads, job store, workers), probe (ffprobe-like runs, thumbnails), other (the rest of the
 pipeline's Python).
 
+Every other setting comes from the environment as the service reads it (``LIP_SYNC_X264_THREADS``,
+``LIP_SYNC_MAX_SPOOL_GB``, ``LIP_SYNC_DETECT_EVERY``, ``LIP_SYNC_CHUNK_FRAMES``, ...), so a ceiling
+removed or a setting changed is measured by running this again.
+
 The projection for a node: ``cores * 1000 / (CPU ms per output frame)`` frames/s if the CPU
 bounds it, against the GPU's modelled frames/s at ``--gpu-batch`` (warm: generate only; cold:
 prepare + generate per frame); the lower of the two is the projection, and the line says which
