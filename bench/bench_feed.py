@@ -69,8 +69,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -585,15 +583,14 @@ def measure(args) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     c = r["config"]
-    lines = [f"# {c['jobs']} jobs, {c['height']}p, {c['seconds']:g} s ({c['source_mbit_s']} Mbit/s), {c['mode']}, "
-             f"detector {c['detector']}; "
-             f"{r['machine']}; load {r['load_before']} -> {r['load_after']}",
-             f"frames {r['frames']}, wall {r['wall_s']} s, {r['fps_here']} frames/s here; "
-             f"CPU {r['cpu_ms_per_frame']} ms per output frame (Python {r['python_cpu_s']} s + ffmpeg "
-             f"{r['ffmpeg_cpu_s']} s; left out: {r['left_out_cpu_s']})",
+    lines = [(f"# {c['jobs']} jobs, {c['height']}p, {c['seconds']:g} s ({c['source_mbit_s']} Mbit/s), {c['mode']}, "
+              f"detector {c['detector']}; {r['machine']}; load {r['load_before']} -> {r['load_after']}"),
+             (f"frames {r['frames']}, wall {r['wall_s']} s, {r['fps_here']} frames/s here; "
+              f"CPU {r['cpu_ms_per_frame']} ms per output frame (Python {r['python_cpu_s']} s + ffmpeg "
+              f"{r['ffmpeg_cpu_s']} s; left out: {r['left_out_cpu_s']})"),
              "CPU ms per output frame: " + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_frame_by_stage"].items()),
-             f"modelled GPU busy {r['gpu_busy_s_modelled']} s ({100 * r['gpu_busy_share_here']:.0f} % of the wall time); "
-             f"transport bytes per frame {r['transport_bytes_per_frame']}",
+             (f"modelled GPU busy {r['gpu_busy_s_modelled']} s ({100 * r['gpu_busy_share_here']:.0f} % of the wall "
+              f"time); transport bytes per frame {r['transport_bytes_per_frame']}"),
              "projection: " + r["projection"]["arithmetic"]]
     return "\n".join(lines)
 
