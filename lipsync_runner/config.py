@@ -317,7 +317,8 @@ class Settings(BaseModel):
 
     @property
     def models_from_store(self) -> bool:
-        return self.runner.models_dir is None
+        # the timed runner loads no weights: nothing to take from the store
+        return self.runner.models_dir is None and self.runner.runner_model != "timed"
 
 
 def env_names(section: type[BaseSettings], field: str) -> tuple[str, ...]:

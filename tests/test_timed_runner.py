@@ -116,6 +116,16 @@ def test_the_runner_serves_the_timed_model_when_the_setting_says_so(monkeypatch)
     assert core.stats.as_dict()["rows"] == {"prepare": 3, "generate": 3}
 
 
+def test_the_timed_runner_needs_no_weights(monkeypatch):
+    from lipsync_runner.config import Settings
+
+    monkeypatch.delenv("MUSETALK_MODELS_DIR", raising=False)
+    monkeypatch.delenv("LIP_SYNC_MODELS_DIR", raising=False)
+    assert Settings().models_from_store  # the real models: from the BentoML store when no directory is set
+    monkeypatch.setenv("LIP_SYNC_RUNNER_MODEL", "timed")
+    assert not Settings().models_from_store  # service.py asks the store for nothing
+
+
 def test_a_job_runs_end_to_end_against_it(tmp_path):
     """Everything around the model runs for real: the grey faces are blended into the output."""
     from lipsync_runner.faces import HaarFaceDetector
