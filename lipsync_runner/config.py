@@ -48,6 +48,12 @@ class RunnerSettings(BaseSettings):
     preset: str = Field(default="veryfast", description="x264 preset of the output video.")
     ffmpeg_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one ffmpeg process.")
     compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
+    runner_model: Literal["musetalk", "timed"] = Field(
+        default="musetalk", description="musetalk: the real networks; timed: a stand-in whose calls take the time one "
+                                        "H100 would and compute nothing (models/timed.py), to measure the API side "
+                                        "without a GPU (bench/bench_feed.py).")
+    timed_efficiency: float = Field(default=0.5, gt=0, le=1, description="timed runner: the share of the H100's "
+                                    "790 TFLOP/s (bf16) that MuseTalk's networks are assumed to reach.")
     x264_threads: int = Field(
         default=0, ge=0, le=64,
         description="x264 threads per job; 0: x264's own choice (1.5 per core). 2 costs 13-28 % less CPU "
@@ -327,7 +333,8 @@ class Settings(BaseModel):
 
     @property
     def models_from_store(self) -> bool:
-        return self.runner.models_dir is None
+        # the timed runner loads no weights: nothing to take from the store
+        return self.runner.models_dir is None and self.runner.runner_model != "timed"
 
 
 def env_names(section: type[BaseSettings], field: str) -> tuple[str, ...]:

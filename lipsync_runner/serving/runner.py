@@ -71,6 +71,12 @@ class RunnerCore:
             threading.Thread(target=self._load, name="musetalk-load", daemon=True).start()
 
     def _load(self) -> None:
+        if self.settings.runner_model == "timed":  # no GPU work: an H100's latency (models/timed.py)
+            from lipsync_runner.models.timed import LatencyModel, TimedMuseTalk
+
+            self.model = TimedMuseTalk(LatencyModel(efficiency=self.settings.timed_efficiency))
+            self.state, self.loaded_at = "ready", time.time()
+            return
         start = time.perf_counter()
         try:
             self.model = MuseTalk.from_pretrained(self.settings.models_dir, device=self.settings.device,
