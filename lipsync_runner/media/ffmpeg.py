@@ -52,6 +52,7 @@ import numpy as np
 
 from lipsync_runner.config import MediaSettings
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError, MediaProcessingError, ProbeTimeoutError
+from lipsync_runner.media.hls import HlsOutput, SegmentPublisher, tee_escape
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -1020,6 +1021,14 @@ def _video_codec_args(codec: str, preset: str, crf: int) -> list[str]:
     raise ValueError(f"unsupported video encoder {codec!r} (libx264, h264_nvenc)")
 
 
+def _hls_tee_args(hls: HlsOutput, muxer: str, tmp: Path, *, audio: bool) -> list[str]:
+    """The encoded streams to both the file and the HLS playlist (media/hls.py): ffmpeg's ``tee`` muxer.
+    Its outputs get the codecs' headers out of band (global_header), as an MP4 of its own would."""
+    flags = ["-flags:v", "+global_header"] + (["-flags:a", "+global_header"] if audio else [])
+    main = f"[f={muxer}:movflags=+faststart]{tee_escape(_url(tmp), slave=True)}"
+    return [*hls.force_key_frames(), *flags, "-f", "tee", f"{main}|{hls.tee_slave()}"]
+
+
 class VideoWriter:
     """Encode RGB frames to H.264 (yuv420p) with an optional AAC audio track.
 
@@ -1037,6 +1046,8 @@ class VideoWriter:
     * ``codec``: ``libx264`` (``preset``, ``crf``) or ``h264_nvenc`` (the preset mapped to NVENC's
       p1..p7, ``crf`` as its constant-quality level; see hwcodecs.py); ``threads``: encoder
       threads (None: ffmpeg's choice).
+    * ``hls``: also write the same encoded stream as a growing HLS playlist of fMP4 segments
+      (media/hls.py: one encode, ffmpeg's ``tee`` muxer), published as it goes and ended on close or abort.
     """
 
     def __init__(
@@ -1052,6 +1063,7 @@ class VideoWriter:
         timeout_s: float | None = None,
         codec: str = "libx264",
         threads: int | None = None,
+        hls: HlsOutput | None = None,
     ) -> None:
         if int(width) <= 0 or int(height) <= 0:
             raise ValueError(f"invalid frame size {width}x{height}")
@@ -1082,9 +1094,12 @@ class VideoWriter:
             args += ["-threads", str(int(threads))]
         if audio_path is not None:
             args += ["-c:a", "aac", "-b:a", "128k"]
-        if muxer in ("mp4", "mov"):
-            args += ["-movflags", "+faststart"]  # index up front: playback starts before download ends
-        args += ["-f", muxer, _url(self._tmp)]
+        if hls is not None and muxer in ("mp4", "mov"):
+            args += _hls_tee_args(hls, muxer, self._tmp, audio=audio_path is not None)
+        else:
+            if muxer in ("mp4", "mov"):
+                args += ["-movflags", "+faststart"]  # index up front: playback starts before download ends
+            args += ["-f", muxer, _url(self._tmp)]
 
         paths = _path_aliases(self._tmp, out.name) | _path_aliases(out)
         if audio_path is not None:
@@ -1092,6 +1107,7 @@ class VideoWriter:
         self._ff = _FfmpegProcess(
             args, what=f"encoding {out.name}", paths=paths, timeout_s=timeout_s, stdin=subprocess.PIPE
         )
+        self._hls = SegmentPublisher(hls) if hls is not None and muxer in ("mp4", "mov") else None
 
     def write(self, frames: np.ndarray) -> None:
         """Append one frame [H, W, 3] or a batch [B, H, W, 3] of uint8 RGB."""
@@ -1118,6 +1134,7 @@ class VideoWriter:
         self._closed = True
         self._ff.abort()
         self._remove_tmp()
+        self._end_hls()
         raise self._ff.error(self._ff.proc.returncode) from None
 
     def _remove_tmp(self) -> None:
@@ -1125,6 +1142,13 @@ class VideoWriter:
             self._tmp.unlink()
         except FileNotFoundError:
             pass
+
+    def _end_hls(self) -> None:
+        """ffmpeg has exited: publish its last segments and end the playlist (whatever the outcome)."""
+        if self._hls is not None:
+            self._hls.finish()
+            for left in self._hls.out.directory.glob("live-*.tmp"):  # a segment cut short by a kill
+                left.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Finish encoding and move the file into place; raises MediaProcessingError on failure."""
@@ -1146,12 +1170,15 @@ class VideoWriter:
             self._ff.abort()
             self._remove_tmp()
             raise
+        finally:
+            self._end_hls()
 
     def abort(self) -> None:
         """Kill ffmpeg and discard the partial output; never raises."""
         self._closed = True
         self._ff.abort()
         self._remove_tmp()
+        self._end_hls()
 
     def __enter__(self) -> VideoWriter:
         return self

@@ -566,6 +566,7 @@ async function loadInputs(job) {
 function closeJob() {
   if (!current) return;
   clearTimeout(current.timer);
+  stopLive(current);
   for (const url of [current.resultUrl, ...current.inputUrls]) if (url) URL.revokeObjectURL(url);
   for (const id of ["input-video", "input-audio", "result-video"]) {
     const media = $(id);
@@ -613,6 +614,7 @@ async function poll(job) {
   }
   if (current !== job) return;
   renderStatus(st);
+  watchLive(job, st);
   if (st.status !== job.lastStatus) {
     job.lastStatus = st.status;
     refreshJobs();
@@ -654,6 +656,20 @@ function queueText(st) {
   return text;
 }
 
+/** A running job's progressive output (status.progressive), played in the result's player until the MP4 is in. */
+function watchLive(job, st) {
+  if (job.live || !st.progressive || FINISHED.has(st.status) || !window.LipSyncProgressive) return;
+  job.live = window.LipSyncProgressive.attach($("result-video"), st.progressive.playlist, token());
+  if (!job.live) return;
+  $("result-video").hidden = false;
+  $("result-note").hidden = true;
+}
+
+function stopLive(job) {
+  if (job.live) job.live.detach();
+  job.live = null;
+}
+
 /** Fetch the MP4 with the auth header, and use one blob URL for the player and the download link. */
 async function loadResult(job, st) {
   let blob;
@@ -669,6 +685,7 @@ async function loadResult(job, st) {
   if (current !== job) return;
   if (blob.type !== "video/mp4") blob = new Blob([blob], { type: "video/mp4" });
   job.resultUrl = URL.createObjectURL(blob);
+  stopLive(job);
   const video = $("result-video");
   video.src = job.resultUrl;
   video.hidden = false;
