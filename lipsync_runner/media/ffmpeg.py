@@ -1104,10 +1104,13 @@ class VideoWriter:
         paths = _path_aliases(self._tmp, out.name) | _path_aliases(out)
         if audio_path is not None:
             paths |= _path_aliases(audio_path)
+        tee_hls = hls is not None and muxer in ("mp4", "mov")
+        if tee_hls:
+            hls.clear()
         self._ff = _FfmpegProcess(
             args, what=f"encoding {out.name}", paths=paths, timeout_s=timeout_s, stdin=subprocess.PIPE
         )
-        self._hls = SegmentPublisher(hls) if hls is not None and muxer in ("mp4", "mov") else None
+        self._hls = SegmentPublisher(hls) if tee_hls else None
 
     def write(self, frames: np.ndarray) -> None:
         """Append one frame [H, W, 3] or a batch [B, H, W, 3] of uint8 RGB."""
@@ -1147,8 +1150,6 @@ class VideoWriter:
         """ffmpeg has exited: publish its last segments and end the playlist (whatever the outcome)."""
         if self._hls is not None:
             self._hls.finish()
-            for left in self._hls.out.directory.glob("live-*.tmp"):  # a segment cut short by a kill
-                left.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Finish encoding and move the file into place; raises MediaProcessingError on failure."""

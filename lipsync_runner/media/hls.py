@@ -69,6 +69,10 @@ class HlsOutput:
     def local(self, served: str) -> Path:
         return self.directory / (STORED_PREFIX + served)
 
+    def clear(self) -> None:
+        """Forget ffmpeg's playlist of an earlier attempt in this directory (its segments are overwritten)."""
+        (self.directory / LOCAL_PLAYLIST).unlink(missing_ok=True)
+
     def force_key_frames(self) -> list[str]:
         """x264/NVENC keyframes at every segment boundary (the hls muxer cuts only on keyframes)."""
         return ["-force_key_frames", f"expr:gte(t,n_forced*{self.segment_s:g})"]
@@ -201,10 +205,13 @@ class SegmentPublisher:
                 self.out.progress(self.playable_s, ended)
 
     def finish(self) -> None:
-        """Stop watching, publish what ffmpeg listed last and end the list; never raises."""
+        """Stop watching, publish what ffmpeg listed last and end the list; never raises. ffmpeg's own
+        files that are not published (its playlist, a segment cut short) go."""
         self._stop.set()
         self._thread.join(timeout=30)
         try:
             self._pass(ended=True)
         except Exception:
             log.warning("ending the progressive output's playlist failed", exc_info=True)
+        for left in [self.out.directory / LOCAL_PLAYLIST, *self.out.directory.glob(f"{STORED_PREFIX}*.tmp")]:
+            left.unlink(missing_ok=True)

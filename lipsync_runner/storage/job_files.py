@@ -25,8 +25,9 @@ JOBS_DIRNAME = "jobs"
 OUTPUT_NAME = "output.mp4"
 LOCK_NAME = "jobs.lock"
 # Scratch files a crashed run may leave in a job directory: the video writer's hidden
-# ".<name>.<hex>.part", the frame store's "frames-*.rgb", and our own ".*.tmp".
-TEMP_PATTERNS = (".*.part", "frames-*.rgb", ".*.tmp")
+# ".<name>.<hex>.part", the frame store's "frames-*.rgb", our own ".*.tmp", and the progressive
+# output's segment cut short (ffmpeg's "live-seg*.m4s.tmp", media/hls.py).
+TEMP_PATTERNS = (".*.part", "frames-*.rgb", ".*.tmp", "live-*.tmp")
 
 
 def _format_bytes(n: float) -> str:
