@@ -17,7 +17,9 @@ the test suite checks decodes), `first_fetch_s` (the playlist and its first segm
 segment's bytes in hand), `mp4_s` (the status says completed: the MP4 is downloadable) and their
 ratio. The server's segment length is --segment-s (LIP_SYNC_PROGRESSIVE_SEGMENT_S). The machine's
 load is printed (os.getloadavg at the start and the end) since on a shared machine it moves the
-figures. The last line is the whole result as JSON.
+figures. It also encodes the clip's frames with the service's writer twice, with and without the
+progressive copy, and reports the MP4's size and the encode's wall time for each: the keyframes forced
+at every segment cut are the price of one shared encode. The last line is the whole result as JSON.
 """
 
 from __future__ import annotations
@@ -73,6 +75,26 @@ def one_job(client: httpx.Client, video: Path, audio: Path, poll_s: float, timeo
         time.sleep(poll_s)
 
 
+def mp4_cost(video: Path, work: Path, segment_s: float) -> dict:
+    """The MP4 the service's writer makes of the clip's frames, without and with the progressive copy."""
+    from lipsync_runner.media.ffmpeg import VideoReader, VideoWriter
+    from lipsync_runner.media.hls import HlsOutput
+
+    out: dict[str, dict] = {}
+    for label, hls in (("mp4_only", None), ("with_progressive", HlsOutput(work / "hls", segment_s))):
+        if hls is not None:
+            hls.directory.mkdir(exist_ok=True)
+        path = work / f"{label}.mp4"
+        t0 = time.perf_counter()
+        with VideoReader(video) as reader, VideoWriter(path, reader.width, reader.height, reader.info.fps,
+                                                       hls=hls) as writer:
+            while len(chunk := reader.read_chunk(32)):
+                writer.write(chunk)
+        out[label] = {"bytes": path.stat().st_size, "wall_s": round(time.perf_counter() - t0, 2)}
+    out["size_ratio"] = round(out["with_progressive"]["bytes"] / out["mp4_only"]["bytes"], 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=os.environ.get("MUSETALK_MODELS_DIR") or None,
@@ -123,7 +145,9 @@ def main() -> None:
                     print(json.dumps(run), flush=True)
         finally:
             stop_server(server)
-    result = {**header, "load_after": [round(x, 1) for x in os.getloadavg()], "runs": runs}
+        cost = mp4_cost(video, work, args.segment_s)
+        print("# mp4 " + json.dumps(cost), flush=True)
+    result = {**header, "load_after": [round(x, 1) for x in os.getloadavg()], "runs": runs, "mp4": cost}
     print(f"\n{'run':5} {'first segment s':>16} {'first fetched s':>16} {'MP4 s':>8} {'ratio':>6}")
     for r in runs:
         print(f"{r['run']:5} {r['first_segment_s']!s:>16} {r['first_fetch_s']!s:>16} {r['mp4_s']:>8} "

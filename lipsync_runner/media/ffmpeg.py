@@ -1107,6 +1107,7 @@ class VideoWriter:
         tee_hls = hls is not None and muxer in ("mp4", "mov")
         if tee_hls:
             hls.clear()
+            paths[os.path.abspath(hls.directory) + os.sep] = ""  # its segments by their own names in errors
         self._ff = _FfmpegProcess(
             args, what=f"encoding {out.name}", paths=paths, timeout_s=timeout_s, stdin=subprocess.PIPE
         )
