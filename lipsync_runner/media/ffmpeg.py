@@ -1094,7 +1094,8 @@ class VideoWriter:
             args += ["-threads", str(int(threads))]
         if audio_path is not None:
             args += ["-c:a", "aac", "-b:a", "128k"]
-        if hls is not None and muxer in ("mp4", "mov"):
+        hls = hls if muxer in ("mp4", "mov") else None  # HLS carries fMP4 (H.264): not beside another container
+        if hls is not None:
             args += _hls_tee_args(hls, muxer, self._tmp, audio=audio_path is not None)
         else:
             if muxer in ("mp4", "mov"):
@@ -1104,14 +1105,13 @@ class VideoWriter:
         paths = _path_aliases(self._tmp, out.name) | _path_aliases(out)
         if audio_path is not None:
             paths |= _path_aliases(audio_path)
-        tee_hls = hls is not None and muxer in ("mp4", "mov")
-        if tee_hls:
+        if hls is not None:
             hls.clear()
             paths[os.path.abspath(hls.directory) + os.sep] = ""  # its segments by their own names in errors
         self._ff = _FfmpegProcess(
             args, what=f"encoding {out.name}", paths=paths, timeout_s=timeout_s, stdin=subprocess.PIPE
         )
-        self._hls = SegmentPublisher(hls) if tee_hls else None
+        self._hls = SegmentPublisher(hls) if hls is not None else None
 
     def write(self, frames: np.ndarray) -> None:
         """Append one frame [H, W, 3] or a batch [B, H, W, 3] of uint8 RGB."""
@@ -1149,8 +1149,9 @@ class VideoWriter:
 
     def _end_hls(self) -> None:
         """ffmpeg has exited: publish its last segments and end the playlist (whatever the outcome)."""
-        if self._hls is not None:
-            self._hls.finish()
+        publisher, self._hls = self._hls, None
+        if publisher is not None:
+            publisher.finish()
 
     def close(self) -> None:
         """Finish encoding and move the file into place; raises MediaProcessingError on failure."""
