@@ -75,6 +75,11 @@ class RunnerSettings(BaseSettings):
     max_spool_gb: float = Field(default=20.0, ge=0,
                                 description="A cold job keeps its decoded frames on scratch disk up to this size "
                                             "(one decode); larger videos are decoded twice instead.")
+    # Progressive output (media/hls.py): a running job's video as a growing HLS playlist
+    progressive: bool = Field(default=True, description="Publish each job's video as it renders: an HLS playlist of "
+                                                         "fMP4 segments at /jobs/{id}/live.m3u8 (the same encode as the MP4).")
+    progressive_segment_s: float = Field(default=2.0, ge=0.5, le=10.0,
+                                         description="Length of a progressive segment; keyframes are forced at each cut.")
     opencv_threads: int = Field(default=1, ge=0, le=256,
                                 description="OpenCV threads in the process that runs the pipeline (0: one per core). "
                                             "Its resizes are small and its stages already run in parallel threads "

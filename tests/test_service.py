@@ -319,9 +319,12 @@ def test_a_job_survives_a_killed_server_and_finished_jobs_stay_downloadable(tmp_
             out = tmp_path / "after_restart.mp4"
             out.write_bytes(r.content)
             assert abs(probe_video(out).duration - 6) <= 0.05
-        # nothing of the killed attempt is left behind: no partial output, no frame scratch file
+        # nothing of the killed attempt is left behind: no partial output, no frame scratch file (beside
+        # the files, the progressive output: live.m3u8 and its segments, test_progressive.py)
         job_dir = server.data_dir / "jobs" / running
-        assert sorted(p.name for p in job_dir.iterdir()) == ["input_audio.wav", "input_video.mp4", "output.mp4",
-                                                             "thumbnail.jpg"]
+        names = sorted(p.name for p in job_dir.iterdir())
+        assert [n for n in names if not n.startswith("live")] == ["input_audio.wav", "input_video.mp4", "output.mp4",
+                                                                  "thumbnail.jpg"]
+        assert "live.m3u8" in names and not [n for n in names if n.endswith(".tmp")]
     finally:
         stop_server(server)

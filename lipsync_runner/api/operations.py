@@ -33,6 +33,7 @@ from lipsync_runner.jobs.schemas import (
     JobSummary,
     download_name,
 )
+from lipsync_runner.media import hls
 from lipsync_runner.media.thumbnails import THUMBNAIL_NAME
 from lipsync_runner.params import OUTPUT_MEDIA_TYPES, JobParams, is_job_id
 from lipsync_runner.pipeline.scratch_disk import ScratchLedger
@@ -223,6 +224,24 @@ class JobOperations:
             return json.loads(Path(path).read_text())
 
         return await run_in_threadpool(read)
+    async def live_file(self, job_id: str, name: str, owner: str | None, range_header: str | None = None) -> Response:
+        """The progressive output (media/hls.py): ``live.m3u8``, or a segment under ``live/`` by its served name.
+        404 until the first segment is stored. Always streamed through this replica (never a presigned
+        redirect: a player sends its token with each request, and a bucket refuses a token it did not sign)."""
+        stored = hls.PLAYLIST_NAME if name == hls.PLAYLIST_NAME else hls.stored_name(name)
+        if stored is None:
+            raise JobNotFoundError("No such file of the job's progressive output")
+        await run_in_threadpool(self._job, job_id, owner)
+        try:
+            obj = await run_in_threadpool(self.manager.open_file, job_id, stored, owner)
+        except JobNotFoundError:
+            raise JobNotFoundError("The job has no playable output yet") from None
+        playlist = stored == hls.PLAYLIST_NAME
+        response = object_response(obj, stored, range_header=range_header, allow_redirect=False, inline=True,
+                                   media_type=hls.PLAYLIST_MEDIA_TYPE if playlist else hls.SEGMENT_MEDIA_TYPE)
+        # the playlist grows (read it afresh each time); a listed segment never changes
+        response.headers["cache-control"] = "no-cache" if playlist else "private, max-age=86400, immutable"
+        return response
 
     async def thumbnail(self, job_id: str, owner: str | None) -> Response:
         # always a JPEG: admission and the worker write it (media/thumbnails.py), never the user

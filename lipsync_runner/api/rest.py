@@ -365,6 +365,20 @@ def create_rest_app(
                             "carries none (credentials off, or a webm output); 409 until the job completes.")
     async def credentials(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> dict[str, Any]:
         return await ops(request).credentials(job_id, owner)
+    @router.get("/jobs/{job_id}/live.m3u8", response_class=FileResponse, responses=job_errors, tags=[TAG_JOBS],
+                summary="The video rendered so far, as HLS (while the job runs)",
+                description="An HLS event playlist of fMP4 segments that grows as the job renders (the same "
+                            "encode as the MP4) and ends with `#EXT-X-ENDLIST` when the job ends. 404 until the "
+                            "first segment is ready; the status's `progressive` says how far it goes.")
+    async def live_playlist(request: Request, job_id: str, owner: Optional[str] = Depends(get_owner)) -> Response:
+        return await ops(request).live_file(job_id, "live.m3u8", owner)
+
+    @router.get("/jobs/{job_id}/live/{name}", response_class=FileResponse, responses=job_errors, tags=[TAG_JOBS],
+                summary="A segment of the progressive output",
+                description="`init.mp4` or a `segNNNNN.m4s` the playlist lists; final once listed.")
+    async def live_segment(request: Request, job_id: str, name: str,
+                           owner: Optional[str] = Depends(get_owner)) -> Response:
+        return await ops(request).live_file(job_id, name, owner, range_header=request.headers.get("range"))
 
     app.include_router(router)
     return app

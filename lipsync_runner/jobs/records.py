@@ -55,6 +55,7 @@ class JobRecord(BaseModel):
     media: dict | None = None  # what admission learnt of the inputs: durations, size, fps (api/admission.py)
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, plus queue/total
     faces: dict | None = None  # the face tracks found, who was dubbed (faces.FaceTracks.summary); when completed
+    live: dict | None = None  # progressive output published so far: {"seconds": float, "ended": bool}
     attempts: int = 0  # times a worker started it (restarts re-queue)
     # The queue's bookkeeping (any replica may run any job): while 'processing', the job is held
     # by one worker whose lease it renews; past lease_expires_at any replica may take it again.

@@ -121,6 +121,24 @@ class WebhookDeliveryStatus(BaseModel):
     next_attempt_at: Optional[str] = Field(default=None, description="ISO 8601, UTC; when pending.")
 
 
+class Progressive(BaseModel):
+    """How far a job's progressive output goes (the web page plays ``playlist`` while the job runs)."""
+
+    playlist: str = Field(description="The HLS playlist (fMP4 segments) of the video rendered so far; the same "
+                                      "auth as the job's other reads.")
+    playable_seconds: float = Field(description="Seconds of video the listed segments hold.")
+    ended: bool = Field(description="The playlist is final (#EXT-X-ENDLIST): the job finished, failed or was "
+                                    "cancelled.")
+
+    @classmethod
+    def from_record(cls, record: JobRecord, url_prefix: str) -> Optional["Progressive"]:
+        live = record.live
+        if not live:
+            return None
+        return cls(playlist=f"{url_prefix}/jobs/{record.job_id}/live.m3u8",
+                   playable_seconds=round(float(live.get("seconds", 0.0)), 3), ended=bool(live.get("ended")))
+
+
 class JobStatusResponse(BaseModel):
     job_id: str
     status: JobStatus
@@ -151,6 +169,10 @@ class JobStatusResponse(BaseModel):
                                    "finishes, from recent throughput; null until there is any.")
     webhooks: Optional[list[WebhookDeliveryStatus]] = Field(
         default=None, description="With webhook_url: each delivery (event, state, attempts, last_status, ...).")
+    progressive: Optional[Progressive] = Field(
+        default=None, description="Once the first segment of the video is playable: its HLS playlist, how many "
+                                  "seconds it holds and whether it has ended; null before (and for jobs whose "
+                                  "output is not H.264 MP4).")
 
     @classmethod
     def from_record(cls, record: JobRecord, download_url: str, **extras: Any) -> "JobStatusResponse":
@@ -174,6 +196,7 @@ class JobStatusResponse(BaseModel):
             inputs=JobInputs.from_record(record, download_url.rsplit("/download/", 1)[0]),
             avatar_cache=record.avatar_cache,
             faces=record.faces,
+            progressive=Progressive.from_record(record, download_url.rsplit("/download/", 1)[0]),
             **extras,
         )
 

@@ -144,7 +144,8 @@ def claimed_fields(current: JobRecord, holder: str, now: datetime, lease_s: floa
     """What a claim sets on a queued record."""
     return dict(status=JobStatus.processing, stage="starting", progress=0.0, started_at=now,
                 attempts=current.attempts + 1, error=None, lease_owner=holder,
-                lease_expires_at=now + timedelta(seconds=lease_s), cancel_requested=False)
+                lease_expires_at=now + timedelta(seconds=lease_s), cancel_requested=False,
+                live=None)  # a new attempt starts its progressive output over
 
 
 def owner_key(owner: str | None) -> str:

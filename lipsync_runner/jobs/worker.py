@@ -42,6 +42,10 @@ class JobContext:
     progress: Callable[[str, float], None]  # (stage, overall fraction 0..1); cheap, throttled by the manager
     should_cancel: Callable[[], bool]  # poll it; raise JobCancelledError when it says True
     jobs: Manager  # the job front, for the records a job refers to (its avatar)
+    # progressive output (media/hls.py): store a finished file of the job where every replica reads it,
+    # and record how much of it is playable (seconds, whether the playlist has ended)
+    publish: Callable[[str, Path], None] | None = None
+    note_live: Callable[[float, bool], None] | None = None
 
     @property
     def video_path(self) -> Path:
@@ -304,6 +308,8 @@ class JobWorker:
                 progress=lambda stage, fraction: self._progress(run, stage, fraction),
                 should_cancel=run.cancel.is_set,
                 jobs=self._jobs,
+                publish=lambda name, path: s.storage.put(job_id, name, path),
+                note_live=lambda seconds, ended: self._note_live(run, seconds, ended),
             )
             self._stage_inputs(rec, work_dir, ctx)
             outcome = self._execute(ctx)
@@ -377,6 +383,24 @@ class JobWorker:
             log.warning("job %s: could not record progress", run.job_id, exc_info=True)
             return
         s.emit(run.job_id, "progress")
+
+    def _note_live(self, run: Running, seconds: float, ended: bool) -> None:
+        """Record the playable part of the progressive output (the status shows it on every replica)."""
+        s = self._s
+
+        def change(current: JobRecord, _now: datetime) -> dict[str, object] | None:
+            if current.status is not JobStatus.processing or current.lease_owner != s.replica_id:
+                return None
+            return {"live": {"seconds": round(float(seconds), 3), "ended": bool(ended)}}
+
+        try:
+            s.store.modify(run.job_id, change)
+        except JobNotFoundError:
+            return
+        except Exception:
+            log.warning("job %s: could not record its progressive output", run.job_id, exc_info=True)
+            return
+        s.notify(run.job_id)
 
     # -- the end of a job ------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ import numpy as np
 
 from lipsync_runner.config import MediaSettings
 from lipsync_runner.errors import InputTooLargeError, InvalidInputError, MediaProcessingError, ProbeTimeoutError
+from lipsync_runner.media.hls import HlsOutput, SegmentPublisher, tee_escape
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -1048,6 +1049,14 @@ def _video_codec_args(codec: str, preset: str, crf: int) -> list[str]:
     raise ValueError(f"unsupported video encoder {codec!r} (libx264, h264_nvenc)")
 
 
+def _hls_tee_args(hls: HlsOutput, muxer: str, tmp: Path, *, audio: bool) -> list[str]:
+    """The encoded streams to both the file and the HLS playlist (media/hls.py): ffmpeg's ``tee`` muxer.
+    Its outputs get the codecs' headers out of band (global_header), as an MP4 of its own would."""
+    flags = ["-flags:v", "+global_header"] + (["-flags:a", "+global_header"] if audio else [])
+    main = f"[f={muxer}:movflags=+faststart]{tee_escape(_url(tmp), slave=True)}"
+    return [*hls.force_key_frames(), *flags, "-f", "tee", f"{main}|{hls.tee_slave()}"]
+
+
 class VideoWriter:
     """Encode RGB frames to H.264 (yuv420p) with an optional AAC audio track.
 
@@ -1069,6 +1078,8 @@ class VideoWriter:
       others H.264 + AAC. ``quality``: a name of :data:`ENCODE_QUALITIES` (``crf`` is standard's
       x264/NVENC CRF). ``output_height``: frames are scaled down to it at encode time
       (:func:`scaled_size`; never up); :attr:`output_size` is the encoded size.
+    * ``hls``: also write the same encoded stream as a growing HLS playlist of fMP4 segments
+      (media/hls.py: one encode, ffmpeg's ``tee`` muxer), published as it goes and ended on close or abort.
     """
 
     def __init__(
@@ -1086,6 +1097,7 @@ class VideoWriter:
         threads: int | None = None,
         quality: str = "standard",
         output_height: int | None = None,
+        hls: HlsOutput | None = None,
     ) -> None:
         if int(width) <= 0 or int(height) <= 0:
             raise ValueError(f"invalid frame size {width}x{height}")
@@ -1126,16 +1138,24 @@ class VideoWriter:
         if audio_path is not None:
             args += (["-c:a", "libopus", "-b:a", f"{rate.opus_kbps}k"] if muxer == "webm"
                      else ["-c:a", "aac", "-b:a", f"{rate.aac_kbps}k"])
-        if muxer in ("mp4", "mov"):
-            args += ["-movflags", "+faststart"]  # index up front: playback starts before download ends
-        args += ["-f", muxer, _url(self._tmp)]
+        hls = hls if muxer in ("mp4", "mov") else None  # HLS carries fMP4 (H.264): not beside another container
+        if hls is not None:
+            args += _hls_tee_args(hls, muxer, self._tmp, audio=audio_path is not None)
+        else:
+            if muxer in ("mp4", "mov"):
+                args += ["-movflags", "+faststart"]  # index up front: playback starts before download ends
+            args += ["-f", muxer, _url(self._tmp)]
 
         paths = _path_aliases(self._tmp, out.name) | _path_aliases(out)
         if audio_path is not None:
             paths |= _path_aliases(audio_path)
+        if hls is not None:
+            hls.clear()
+            paths[os.path.abspath(hls.directory) + os.sep] = ""  # its segments by their own names in errors
         self._ff = _FfmpegProcess(
             args, what=f"encoding {out.name}", paths=paths, timeout_s=timeout_s, stdin=subprocess.PIPE
         )
+        self._hls = SegmentPublisher(hls) if hls is not None else None
 
     def write(self, frames: np.ndarray) -> None:
         """Append one frame [H, W, 3] or a batch [B, H, W, 3] of uint8 RGB."""
@@ -1162,6 +1182,7 @@ class VideoWriter:
         self._closed = True
         self._ff.abort()
         self._remove_tmp()
+        self._end_hls()
         raise self._ff.error(self._ff.proc.returncode) from None
 
     def _remove_tmp(self) -> None:
@@ -1169,6 +1190,12 @@ class VideoWriter:
             self._tmp.unlink()
         except FileNotFoundError:
             pass
+
+    def _end_hls(self) -> None:
+        """ffmpeg has exited: publish its last segments and end the playlist (whatever the outcome)."""
+        publisher, self._hls = self._hls, None
+        if publisher is not None:
+            publisher.finish()
 
     def close(self) -> None:
         """Finish encoding and move the file into place; raises MediaProcessingError on failure."""
@@ -1190,12 +1217,15 @@ class VideoWriter:
             self._ff.abort()
             self._remove_tmp()
             raise
+        finally:
+            self._end_hls()
 
     def abort(self) -> None:
         """Kill ffmpeg and discard the partial output; never raises."""
         self._closed = True
         self._ff.abort()
         self._remove_tmp()
+        self._end_hls()
 
     def __enter__(self) -> VideoWriter:
         return self

@@ -39,6 +39,7 @@ from lipsync_runner.render.sharpen import restore_detail
 from lipsync_runner.errors import InvalidInputError, JobCancelledError
 from lipsync_runner.faces import FaceChoice, FaceDetector, FaceTrack, audio_envelope, track_faces
 from lipsync_runner.pipeline.framestore import FrameSource, FrameStore
+from lipsync_runner.media.hls import HlsOutput
 from lipsync_runner.media.hwcodecs import VideoCodecs, video_codecs
 from lipsync_runner.render.masks import MaskProvider, masks_for
 from lipsync_runner.media.ffmpeg import (
@@ -95,6 +96,7 @@ class PipelineOptions:
     max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
     limits: MediaLimits = field(default_factory=MediaLimits)  # decoding stops (413) past these
     codecs: VideoCodecs | None = None  # NVDEC/NVENC or software; None: hwcodecs.video_codecs() (detected once)
+    hls: HlsOutput | None = None  # progressive output: the encode also published as HLS (media/hls.py)
 
     @classmethod
     def from_settings(cls, settings: RunnerSettings, params: JobParams | None = None, **overrides) -> "PipelineOptions":
@@ -408,7 +410,7 @@ def _render(job: JobState) -> JobResult:
     with VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
                      preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
                      threads=opts.codecs.threads, quality=job.params.quality,
-                     output_height=job.params.output_height) as writer, \
+                     output_height=job.params.output_height, hls=opts.hls) as writer, \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
         next_read = pool.submit(read, starts[0])
         last_write: Future | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from lipsync_runner.config import ApiLimits
 from lipsync_runner import __version__
 from lipsync_runner.media.credentials import ContentSigner, Ingredient, Provenance, can_sign
 from lipsync_runner.media.ffmpeg import PROBE_TIMEOUT_S
+from lipsync_runner.media.hls import HlsOutput
 from lipsync_runner.media.thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
 from lipsync_runner.pipeline.avatar_cache import AvatarCache
 from lipsync_runner.pipeline.job import PipelineOptions, prepare_avatar, run
@@ -164,6 +166,9 @@ class JobExecutor:
         job = ctx.job
         inputs = self._inputs(ctx)
         model, options = self._options(ctx)
+        if self.settings.runner.progressive and ctx.publish is not None:
+            options = replace(options, hls=HlsOutput(ctx.work_dir, self.settings.runner.progressive_segment_s,
+                                                     publish=ctx.publish, progress=ctx.note_live))
         output = self.files.output_path(job.job_id, job.params.output_format)
         start = time.perf_counter()
         # The scratch reservation needs both probes (prepare_inputs made them; run() takes the video's).

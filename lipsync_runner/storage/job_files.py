@@ -26,8 +26,9 @@ OUTPUT_NAME = "output.mp4"  # an mp4 job's result; others: output_name(format)
 LOCK_NAME = "jobs.lock"
 CREDENTIALS_NAME = "credentials.json"  # the output's content credentials (C2PA manifest store) as read back
 # Scratch files a crashed run may leave in a job directory: the video writer's hidden
-# ".<name>.<hex>.part", the frame store's "frames-*.rgb", and our own ".*.tmp".
-TEMP_PATTERNS = (".*.part", "frames-*.rgb", ".*.tmp")
+# ".<name>.<hex>.part", the frame store's "frames-*.rgb", our own ".*.tmp", and the progressive
+# output's segment cut short (ffmpeg's "live-seg*.m4s.tmp", media/hls.py).
+TEMP_PATTERNS = (".*.part", "frames-*.rgb", ".*.tmp", "live-*.tmp")
 
 
 def _format_bytes(n: float) -> str:

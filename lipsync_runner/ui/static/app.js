@@ -692,6 +692,7 @@ async function loadInputs(job) {
 function closeJob() {
   if (!current) return;
   clearTimeout(current.timer);
+  stopLive(current);
   for (const url of [current.resultUrl, ...current.inputUrls]) if (url) URL.revokeObjectURL(url);
   for (const id of ["input-video", "input-audio", "result-video", "live-video"]) {
     const media = $(id);
@@ -769,18 +770,22 @@ function renderStatus(st) {
   $("job-error").textContent = st.status === "failed" && st.error ? `The job failed: ${st.error}` : "";
 }
 
-/** A running job's playable part (engineer hls: progressive.js defines window.LipSyncProgressive). */
+/** A running job's playable part: progressive.js (window.LipSyncProgressive) plays status.progressive's
+ * playlist in #live-video until the MP4 is in; "playable: N s" says how far it goes. */
 function showProgressive(job, st) {
   const live = st.progressive;
   const running = !FINISHED.has(st.status) && live && typeof live.playlist === "string";
   $("live-video").hidden = $("live-note").hidden = !running;
-  if (!running) return;
+  if (!running) {
+    stopLive(job);
+    return;
+  }
   const playable = Number(live.playable_seconds) || 0;
   $("live-note").textContent = `playable: ${playable.toFixed(1)} s${live.ended ? " (all of it)" : ""}`;
   const player = window.LipSyncProgressive;
   if (!job.liveAttached && player && typeof player.attach === "function") {
     job.liveAttached = true; // once per job; until the script is there, the next poll tries again
-    player.attach($("live-video"), new URL(live.playlist, document.baseURI).href, token());
+    job.live = player.attach($("live-video"), new URL(live.playlist, document.baseURI).href, token()) || null;
   }
 }
 
@@ -795,6 +800,11 @@ function queueText(st) {
     text += ` · about ${s < 90 ? `${s} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`} left`;
   }
   return text;
+}
+
+function stopLive(job) {
+  if (job.live && typeof job.live.detach === "function") job.live.detach();
+  job.live = null;
 }
 
 /** Fetch the MP4 with the auth header, and use one blob URL for the player and the download link. */
@@ -814,6 +824,7 @@ async function loadResult(job, st) {
   const ext = (/\.(\w+)$/.exec(name) || [null, "mp4"])[1].toLowerCase();
   if (!blob.type.startsWith("video/")) blob = new Blob([blob], { type: `video/${ext}` });
   job.resultUrl = URL.createObjectURL(blob);
+  stopLive(job);
   const video = $("result-video");
   video.src = job.resultUrl;
   video.hidden = false;
