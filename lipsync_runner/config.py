@@ -54,10 +54,11 @@ def job_workers_for(cores: int) -> int:
     return max(2, cores // 2)
 
 
-def x264_threads_for(cores: int) -> int:
-    """x264 threads per job: the job's share of the cores (cores / job workers), 1 to 4. x264's own
-    choice (1.5 per core of the node) oversubscribes a node that runs many jobs (docs/benchmarks.md)."""
-    return max(1, min(4, cores // job_workers_for(cores)))
+def x264_threads_for(cores: int, job_workers: int) -> int:
+    """x264 threads per job: the job's share of the cores (cores / job workers), 2 to 4. x264's own
+    choice (1.5 per core of the node) oversubscribes a node that runs many jobs; 2 threads cost the
+    least CPU per frame on 2 cores (docs/benchmarks.md)."""
+    return max(2, min(4, cores // max(1, job_workers)))
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -93,7 +94,7 @@ class RunnerSettings(BaseSettings):
     x264_threads: int = Field(
         default=0, ge=0, le=64,
         description="x264 threads per job; 0: derived from the replica's cores (cgroup-aware): cores / job workers, "
-                    "1 to 4. 2 costs 13-28 % less CPU per frame than x264's own choice on a 2-core machine "
+                    "2 to 4. 2 costs 13-28 % less CPU per frame than x264's own choice on a 2-core machine "
                     "(docs/benchmarks.md).")
     face_detector_device: str = Field(
         default="auto", description="Where S3FD+FAN run: cpu, cuda, cuda:N, or auto (cuda when the FAN weights are "
@@ -128,8 +129,8 @@ class RunnerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _threads_from_cores(self) -> "RunnerSettings":
-        if self.x264_threads == 0:  # a setting wins; else the replica's cores decide
-            self.x264_threads = x264_threads_for(available_cores())
+        if self.x264_threads == 0:  # a setting wins; else the replica's cores (and its job workers) decide
+            self.x264_threads = x264_threads_for(available_cores(), ServiceSettings().job_workers)
         self.buckets  # noqa: B018 - a bad LIP_SYNC_BATCH_BUCKETS fails at start, not at the first batch
         return self
 

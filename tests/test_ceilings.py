@@ -124,6 +124,8 @@ class Sizes:
     """A model whose every output row is a function of its input row alone (so padding that leaked
     into the results would show), recording the batch sizes it sees; out of memory above `limit`."""
 
+    info = "a row-wise stand-in on the CPU"
+
     def __init__(self, limit: int | None = None) -> None:
         self.limit, self.seen = limit, []
         self.unet = type("Unet", (), {"config": type("Config", (), {"cross_attention_dim": 384})()})()
@@ -246,6 +248,29 @@ def test_a_job_without_cached_latents_makes_one_round_trip_of_uint8_crops(media_
         assert RENDER_ROW_BYTES * rows <= size <= RENDER_ROW_BYTES * rows + 1024  # the rows' bytes, and a header
 
 
+def test_with_the_avatar_cache_a_cold_frame_makes_one_round_trip_and_its_latents_come_back(media_dir, tmp_path,
+                                                                                           recorded):
+    from lipsync_runner.pipeline.avatar_cache import AvatarCache
+
+    cache = AvatarCache(tmp_path / "avatars")
+    video, audio = media_dir / "face.mp4", media_dir / "speech_short.wav"
+    options = PipelineOptions(batch_size=8, chunks_in_flight=2)
+    cold = Wire(runner_with(Sizes()))
+    first = run(RemoteModel(cold.submit, chunk_frames=4), HaarFaceDetector(), video, audio, tmp_path / "a.mp4",
+                options, cache=cache)
+    cold_frames = [f.copy() for f in recorded]
+    recorded.clear()
+    assert first.cache_hit is False
+    sent = {s[0] for s in cold.sent} - {"audio_pieces"}
+    assert "prepare_generate_latents" in sent and "prepare" not in sent  # encode and generate: one trip
+    warm = Wire(runner_with(Sizes()))
+    second = run(RemoteModel(warm.submit, chunk_frames=4), HaarFaceDetector(), video, audio, tmp_path / "b.mp4",
+                 options, cache=cache)
+    assert second.cache_hit is True
+    assert {s[0] for s in warm.sent} - {"audio_pieces"} == {"generate"}  # the latents came back and were kept
+    assert all(np.array_equal(a, b) for a, b in zip(recorded, cold_frames)) and len(recorded) == len(cold_frames)
+
+
 def test_uint8_rows_carry_the_crop_as_it_is_and_the_window_exactly():
     rng = np.random.default_rng(3)
     crops = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
@@ -324,15 +349,20 @@ def test_cores_are_the_affinity_bounded_by_the_cgroup_quota(tmp_path, monkeypatc
 def test_job_workers_and_x264_threads_follow_the_cores_and_settings_win(monkeypatch, tmp_path):
     monkeypatch.delenv("LIP_SYNC_JOB_WORKERS", raising=False)
     monkeypatch.delenv("LIP_SYNC_X264_THREADS", raising=False)
-    for cores, workers, threads in ((16, 8, 2), (4, 2, 2), (2, 2, 1), (1, 2, 1)):
+    for cores, workers, threads in ((16, 8, 2), (4, 2, 2), (2, 2, 2), (1, 2, 2)):
         monkeypatch.setattr(config, "available_cores", lambda: cores)
         assert (ServiceSettings().job_workers, RunnerSettings().x264_threads) == (workers, threads), cores
-    monkeypatch.setattr(config, "available_cores", lambda: 16)
-    monkeypatch.setenv("LIP_SYNC_JOB_WORKERS", "3")
+    monkeypatch.setattr(config, "available_cores", lambda: 12)
+    monkeypatch.setenv("LIP_SYNC_JOB_WORKERS", "4")  # fewer jobs: each encoder gets a larger share
+    assert ServiceSettings().job_workers == 4 and RunnerSettings().x264_threads == 3
+    monkeypatch.setenv("LIP_SYNC_JOB_WORKERS", "1")
+    assert RunnerSettings().x264_threads == 4
     monkeypatch.setenv("LIP_SYNC_X264_THREADS", "6")
-    assert ServiceSettings().job_workers == 3 and RunnerSettings().x264_threads == 6
+    assert RunnerSettings().x264_threads == 6
 
     # the encoder gets them: ffmpeg's arguments carry x264's thread count
+    monkeypatch.setattr(config, "available_cores", lambda: 16)
+    monkeypatch.delenv("LIP_SYNC_JOB_WORKERS")
     monkeypatch.delenv("LIP_SYNC_X264_THREADS")
     codecs = video_codecs("off")
     assert codecs.threads == 2
@@ -369,17 +399,24 @@ def test_the_image_exposes_nvdec_and_has_a_compiler():
         "compute,utility,video"
 
 
-def test_compile_without_a_c_compiler_is_refused_with_the_reason(models_dir, monkeypatch):
+def test_compile_without_a_c_compiler_is_refused_with_the_reason(tmp_path, monkeypatch):
     from lipsync_runner.serving import runner as runner_module
 
-    settings = RunnerSettings(device="cpu", compile=True).model_copy(update={"models_dir": models_dir})
+    loads = []
+    monkeypatch.setattr(runner_module.MuseTalk, "from_pretrained",
+                        classmethod(lambda cls, models_dir, **kw: loads.append(kw) or Sizes()))
+    settings = RunnerSettings(device="cpu", compile=True).model_copy(update={"models_dir": tmp_path})
     monkeypatch.setattr(runner_module.shutil, "which", lambda name: None)
     core = RunnerCore(settings, load=False)
     core._load()
     assert core.state == "error" and "needs a C compiler" in core.error and "LIP_SYNC_COMPILE=false" in core.error
-    assert core.health()["status"] == "error"
+    assert core.health()["status"] == "error" and loads == []  # refused before any weight is read
 
     monkeypatch.setattr(runner_module.shutil, "which", lambda name: f"/usr/bin/{name}")
     core = RunnerCore(settings, load=False)
     core._load()
-    assert core.state == "ready", core.error
+    assert core.state == "ready" and loads[0]["compile"] is True
+    core = RunnerCore(settings.model_copy(update={"compile": False}), load=False)
+    monkeypatch.setattr(runner_module.shutil, "which", lambda name: None)
+    core._load()
+    assert core.state == "ready"  # no compiler needed without compile

@@ -35,7 +35,7 @@ import numpy as np
 from lipsync_runner.audio import windows as audio_math
 from lipsync_runner.pipeline.avatar_cache import Avatar, AvatarCache, AvatarParams
 from lipsync_runner.render.blend import blend_faces
-from lipsync_runner.render.crops import crop_faces
+from lipsync_runner.render.crops import CROP_SIZE, crop_faces
 from lipsync_runner.render.sharpen import restore_detail
 from lipsync_runner.errors import InvalidInputError, JobCancelledError
 from lipsync_runner.faces import FaceChoice, FaceDetector, FaceTrack, audio_envelope, track_faces
@@ -142,8 +142,11 @@ class StageClock:
         try:
             yield
         finally:
-            with self._lock:
-                self.seconds[stage] += time.perf_counter() - start
+            self.add(stage, time.perf_counter() - start)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
 
 
 def validate_inputs(video: Path, audio: Path, timeout_s: float | None = None,
@@ -453,12 +456,13 @@ def _render(job: JobState) -> JobResult:
 
 
 def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray, calls: Executor) -> Future:
-    """Crop and (cached latents aside) hand one chunk's generated frames to the model on `calls`;
-    the future gives the faces to paste (a _Pending, or None: nothing generated in this chunk).
+    """Hand one chunk's generated frames to the model on `calls`; the future gives the faces to paste
+    (a _Pending, or None: nothing generated in this chunk).
 
-    Without an avatar entry the crops go to the model's prepare_generate where it has one (one round
-    trip to the runner, the latents stay there); with one, the latents are read or prepared here,
-    in chunk order, and only generate runs on `calls`."""
+    Where the model has the runner's combined calls, a frame that needs both prepare and generate
+    makes one round trip: prepare_generate (the latents stay on the runner), or with an avatar entry
+    prepare_generate_latents (they come back, for the next job); frames whose latents are cached
+    only generate."""
     plan, track, model, clock = job.plan, job.track, job.model, job.clock
     sel = np.flatnonzero(plan.generate[out_idx])
     if len(sel) == 0:
@@ -471,42 +475,70 @@ def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray, call
     landmarks = track.landmarks[src] if track.landmarks is not None else None
     windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
     weights = plan.weight[rows]
-    both = getattr(model, "prepare_generate", None)
-    if job.avatar is None and both is not None:
-        with clock("prepare"):  # the crops; their VAE encode runs on the runner with generate
-            crops = crop_faces([frames[i] for i in sel], boxes)
 
-        def call() -> _Pending:
-            with clock("generate"):
-                return _Pending(sel, both(crops, windows), boxes, landmarks, weights)
-        return calls.submit(call)
+    def crops(positions: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return crop_faces([frames[i] for i in sel[positions]], boxes[positions])
+
     if job.avatar is None:
-        with clock("prepare"):
-            latents = model.prepare(crop_faces([frames[i] for i in sel], boxes))
-    else:  # only frames no job has prepared before go through the VAE encoder
-        latents = _cached_latents(job, src, lambda todo: model.prepare(
-            crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
+        both = getattr(model, "prepare_generate", None)
+        if both is not None:
+            with clock("prepare"):  # the crops; their VAE encode runs on the runner, with generate
+                cropped = crops()
 
-    def generate() -> _Pending:
-        with clock("generate"):
-            return _Pending(sel, model.generate(latents, windows), boxes, landmarks, weights)
-    return calls.submit(generate)
+            def call() -> _Pending:
+                with clock("generate"):
+                    return _Pending(sel, both(cropped, windows), boxes, landmarks, weights)
+            return calls.submit(call)
+        with clock("prepare"):
+            latents = model.prepare(crops())
+
+        def generate() -> _Pending:
+            with clock("generate"):
+                return _Pending(sel, model.generate(latents, windows), boxes, landmarks, weights)
+        return calls.submit(generate)
+
+    keep = getattr(model, "prepare_generate_latents", None)
+
+    def from_cache() -> _Pending:
+        faces = np.empty((len(sel), CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        fresh = np.zeros(len(sel), bool)
+
+        def encode(todo: np.ndarray) -> np.ndarray:  # only frames no job has prepared before
+            if keep is None:
+                return model.prepare(crops(todo))
+            faces[todo], latents = keep(crops(todo), windows[todo])
+            fresh[todo] = True
+            return latents
+
+        latents = _cached_latents(job, src, encode)
+        rest = np.flatnonzero(~fresh)
+        if len(rest):
+            with clock("generate"):
+                faces[rest] = model.generate(latents[rest], windows[rest])
+        return _Pending(sel, faces, boxes, landmarks, weights)
+    return calls.submit(from_cache)
 
 
 def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Latents of source frames `src` from the job's avatar entry; `encode(positions)` VAE-encodes the
-    missing ones. Timed apart: "prepare" is VAE encoding only (absent when every latent was cached),
-    "cache" the reads of the entry, so a job's timings show whether it encoded anything."""
+    missing ones (in the service, in the same round trip as their generate). Timed apart: "prepare"
+    is that encoding only (absent when every latent was cached), "cache" the reads of the entry, so a
+    job's timings show whether it encoded anything."""
     clock = job.clock
+    encoding = 0.0
 
     def timed(todo: np.ndarray) -> np.ndarray:
-        with clock("prepare"):
-            return encode(todo)
+        nonlocal encoding
+        start = time.perf_counter()
+        try:
+            with clock("prepare"):
+                return encode(todo)
+        finally:
+            encoding += time.perf_counter() - start
 
-    before = clock.seconds.get("prepare", 0.0)
     start = time.perf_counter()
     latents = job.avatar.latents_for(src, timed)
-    clock.seconds["cache"] += time.perf_counter() - start - (clock.seconds.get("prepare", 0.0) - before)
+    clock.add("cache", time.perf_counter() - start - encoding)
     return latents
 
 

@@ -14,7 +14,11 @@ path                      to the runner, per frame     back, per frame
 ========================  ==========================  ===============================
 prepare, then generate    196,608 + 109,572 B          32,768 + 196,608 B (535,556 B)
 prepare_generate          273,416 B (RENDER_ROW_BYTES)  196,608 B (470,024 B in all)
+prepare_generate_latents  273,416 B                   229,376 B: the face and its latents
 ========================  ==========================  ===============================
+
+`prepare_generate_latents` is the avatar cache's form: a cold frame's latents come back with its face
+(one uint8 row, unpack_faces_latents) so that the next job on the video skips its VAE encode.
 """
 
 from __future__ import annotations
@@ -81,3 +85,24 @@ def unpack_render(packed: np.ndarray, d_model: int) -> tuple[np.ndarray, np.ndar
     crops = packed[:, RENDER_HEADER_BYTES : RENDER_HEADER_BYTES + CROP_BYTES].reshape(b, 256, 256, 3)
     windows = packed[:, RENDER_HEADER_BYTES + CROP_BYTES :].copy().view(np.float32).reshape(b, -1, d_model)
     return tags, crops, windows
+
+
+FACE_BYTES = CROP_BYTES  # a generated 256x256 RGB face, uint8
+LATENT_BYTES = LATENT_SIZE * 4  # its float32 latents
+
+
+def pack_faces_latents(faces: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    """[B, 256, 256, 3] uint8 + [B, 8, 32, 32] float32 -> [B, 196608 + 32768] uint8."""
+    b = len(faces)
+    out = np.empty((b, FACE_BYTES + LATENT_BYTES), np.uint8)
+    out[:, :FACE_BYTES] = np.asarray(faces, np.uint8).reshape(b, -1)
+    out[:, FACE_BYTES:] = np.ascontiguousarray(latents, dtype=np.float32).reshape(b, -1).view(np.uint8)
+    return out
+
+
+def unpack_faces_latents(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of pack_faces_latents: (faces [B, 256, 256, 3] uint8, latents [B, 8, 32, 32] float32)."""
+    rows = np.ascontiguousarray(rows)
+    b = len(rows)
+    return (rows[:, :FACE_BYTES].reshape(b, 256, 256, 3),
+            rows[:, FACE_BYTES:].copy().view(np.float32).reshape(b, *LATENT_SHAPE))

@@ -20,7 +20,7 @@ import numpy as np
 from lipsync_runner.errors import LipSyncError, ModelsNotReadyError
 from lipsync_runner.models.musetalk import MuseTalk
 from lipsync_runner.config import RunnerSettings
-from lipsync_runner.serving.packing import unpack_generate, unpack_render
+from lipsync_runner.serving.packing import pack_faces_latents, unpack_generate, unpack_render
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +143,23 @@ class RunnerCore:
     def prepare_generate(self, packed: np.ndarray) -> np.ndarray:
         """Prepare and generate in one round trip (packing.pack_render rows): the latents stay here.
         Counted as a prepare batch and a generate batch, as if sent apart."""
+        return self._prepare_generate(packed)[0]
+
+    def prepare_generate_latents(self, packed: np.ndarray) -> np.ndarray:
+        """prepare_generate that also returns each frame's latents, for the avatar cache
+        (packing.pack_faces_latents rows)."""
+        return pack_faces_latents(*self._prepare_generate(packed))
+
+    def _prepare_generate(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         model = self.require()
         tags, crops, windows = unpack_render(packed, int(model.unet.config.cross_attention_dim))
         start = time.perf_counter()
         latents = self._fit_in_memory("prepare", model.prepare, crops)
         self._served("prepare", len(crops), start)
         start = time.perf_counter()
-        out = self._fit_in_memory("generate", model.generate, latents, windows)
+        faces = self._fit_in_memory("generate", model.generate, latents, windows)
         self._served("generate", len(packed), start, jobs=len(np.unique(tags)))
-        return out
+        return faces, latents
 
     def audio_pieces(self, pieces: np.ndarray) -> np.ndarray:
         model = self.require()
