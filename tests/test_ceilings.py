@@ -350,7 +350,7 @@ def test_job_workers_and_x264_threads_follow_the_cores_and_settings_win(monkeypa
     monkeypatch.delenv("LIP_SYNC_JOB_WORKERS", raising=False)
     monkeypatch.delenv("LIP_SYNC_X264_THREADS", raising=False)
     for cores, workers, threads in ((16, 8, 2), (4, 2, 2), (2, 2, 2), (1, 2, 2)):
-        monkeypatch.setattr(config, "available_cores", lambda: cores)
+        monkeypatch.setattr(config, "available_cores", lambda cores=cores: cores)
         assert (ServiceSettings().job_workers, RunnerSettings().x264_threads) == (workers, threads), cores
     monkeypatch.setattr(config, "available_cores", lambda: 12)
     monkeypatch.setenv("LIP_SYNC_JOB_WORKERS", "4")  # fewer jobs: each encoder gets a larger share
