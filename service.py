@@ -84,6 +84,20 @@ class MuseTalkRunner:
         """[B, 1 + 8*32*32 + 50*384] float32 (job tag, latents, audio window) -> [B, 256, 256, 3] uint8."""
         return self.core.generate(packed)
 
+    @bentoml.api(**BATCHING)
+    @bentoml_errors
+    def prepare_generate(self, packed: np.ndarray) -> np.ndarray:
+        """[B, 8 + 256*256*3 + 50*384*4] uint8 (job tag, face crop, audio window's float32 bytes) ->
+        [B, 256, 256, 3] uint8: prepare and generate in one round trip (serving/packing.py)."""
+        return self.core.prepare_generate(packed)
+
+    @bentoml.api(**BATCHING)
+    @bentoml_errors
+    def prepare_generate_latents(self, packed: np.ndarray) -> np.ndarray:
+        """prepare_generate's rows -> [B, 256*256*3 + 8*32*32*4] uint8: each face and its float32 latents'
+        bytes (the avatar cache keeps the latents)."""
+        return self.core.prepare_generate_latents(packed)
+
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=8, max_latency_ms=SERVICE.max_latency_ms)
     @bentoml_errors
     def audio_pieces(self, pieces: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ and a test fails when the two differ.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -18,6 +20,45 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 # Room for the multipart framing and the small text fields on top of the two files.
 MULTIPART_OVERHEAD_BYTES = 1 * MiB
+
+
+def available_cores(cgroup_root: Path | str = "/sys/fs/cgroup") -> int:
+    """The cores this replica may use: its CPU affinity, bounded by a cgroup CPU quota (a container's
+    ``--cpus`` or a pod's CPU limit: cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``), at least 1.
+    ``os.cpu_count()`` would count the node's cores, not the container's."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    root = Path(cgroup_root)
+    quota = period = None
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if text and text[0] != "max":
+            quota, period = float(text[0]), float(text[1])
+    except (OSError, ValueError, IndexError):
+        try:
+            q = float((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            if q > 0:
+                quota, period = q, float((root / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota and period:
+        cores = min(cores, math.ceil(quota / period))
+    return max(1, cores)
+
+
+def job_workers_for(cores: int) -> int:
+    """Jobs a replica runs at once: one per two cores (a job keeps about two busy: decode, faces, blend
+    and x264 overlap), at least 2 so that one long job never holds the replica alone."""
+    return max(2, cores // 2)
+
+
+def x264_threads_for(cores: int, job_workers: int) -> int:
+    """x264 threads per job: the job's share of the cores (cores / job workers), 2 to 4. x264's own
+    choice (1.5 per core of the node) oversubscribes a node that runs many jobs; 2 threads cost the
+    least CPU per frame on 2 cores (docs/benchmarks.md)."""
+    return max(2, min(4, cores // max(1, job_workers)))
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -47,7 +88,9 @@ class RunnerSettings(BaseSettings):
     crf: int = Field(default=18, ge=0, le=51, description="x264 quality of the output video.")
     preset: str = Field(default="veryfast", description="x264 preset of the output video.")
     ffmpeg_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one ffmpeg process.")
-    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only).")
+    compile: bool = Field(default=False, description="torch.compile the UNet and VAE decoder (CUDA only; needs a C "
+                                                     "compiler, which the image has: the runner refuses to load "
+                                                     "without one).")
     runner_model: Literal["musetalk", "timed"] = Field(
         default="musetalk", description="musetalk: the real networks; timed: a stand-in whose calls take the time one "
                                         "H100 would and compute nothing (models/timed.py), to measure the API side "
@@ -56,8 +99,18 @@ class RunnerSettings(BaseSettings):
                                     "790 TFLOP/s (bf16) that MuseTalk's networks are assumed to reach.")
     x264_threads: int = Field(
         default=0, ge=0, le=64,
-        description="x264 threads per job; 0: x264's own choice (1.5 per core). 2 costs 13-28 % less CPU "
-                    "per frame on a 2-core machine (docs/benchmarks.md): use it when jobs run side by side.")
+        description="x264 threads per job; 0: derived from the replica's cores (cgroup-aware): cores / job workers, "
+                    "2 to 4. 2 costs 13-28 % less CPU per frame than x264's own choice on a 2-core machine "
+                    "(docs/benchmarks.md).")
+    face_detector_device: str = Field(
+        default="auto", description="Where S3FD+FAN run: cpu, cuda, cuda:N, or auto (cuda when the FAN weights are "
+                                    "present and a CUDA GPU is visible, else cpu). Haar and MediaPipe always run on "
+                                    "the CPU.")
+    batch_buckets: str = Field(
+        default="auto", description="Batch sizes the runner's model sees (comma-separated, e.g. 8,16,32,64): a batch "
+                                    "is padded to the next one and the padding dropped, a larger one split, so "
+                                    "cuDNN plans and CUDA graphs are reused; auto: 8,16,32,64 on a GPU, none on the "
+                                    "CPU; off: none.")
     hw_codecs: Literal["auto", "off"] = Field(
         default="auto", description="auto: NVDEC/NVENC when ffmpeg has them and a GPU takes a trial frame; off: never.")
     # Speech activity of the new audio (silence=keep): lipsync_runner/audio/speech.py
@@ -85,6 +138,30 @@ class RunnerSettings(BaseSettings):
                                             "Its resizes are small and its stages already run in parallel threads "
                                             "beside ffmpeg, so more threads cost CPU in hand-offs (docs/benchmarks.md).")
 
+    @model_validator(mode="after")
+    def _threads_from_cores(self) -> "RunnerSettings":
+        if self.x264_threads == 0:  # a setting wins; else the replica's cores (and its job workers) decide
+            self.x264_threads = x264_threads_for(available_cores(), ServiceSettings().job_workers)
+        self.buckets  # noqa: B018 - a bad LIP_SYNC_BATCH_BUCKETS fails at start, not at the first batch
+        return self
+
+    @property
+    def buckets(self) -> tuple[int, ...] | None:
+        """The batch buckets asked for: None for auto (the runner decides by its device), () for none."""
+        text = self.batch_buckets.strip().lower()
+        if text == "auto":
+            return None
+        if text in ("off", "", "none"):
+            return ()
+        try:
+            sizes = sorted({int(t) for t in split_list(text)})
+        except ValueError:
+            raise ValueError(f"LIP_SYNC_BATCH_BUCKETS={self.batch_buckets!r}: expected auto, off or sizes like "
+                             "8,16,32,64") from None
+        if sizes[0] < 1:
+            raise ValueError(f"LIP_SYNC_BATCH_BUCKETS={self.batch_buckets!r}: sizes must be 1 or more")
+        return tuple(sizes)
+
 
 class ServiceSettings(BaseSettings):
     """The API side: jobs, their store and storage, the GPU runner's batching."""
@@ -92,7 +169,11 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIP_SYNC_", extra="ignore")
 
     data_dir: Path = Field(default=Path("data"), description="Job records (SQLite) and job files.")
-    job_workers: int = Field(default=4, ge=1, le=64, description="Jobs processed at once (CPU side).")
+    job_workers: int = Field(default=0, ge=0, le=64, description="Jobs processed at once (CPU side); 0: derived "
+                             "from the replica's cores (cgroup-aware): one per two cores, at least 2.")
+    chunks_in_flight: int = Field(default=2, ge=1, le=8, description="Chunks of one job at the runner at once: the "
+                                  "crop and upload of the next overlap the GPU work on the previous (1: one after "
+                                  "another).")
     retention_hours: float = Field(default=24.0, gt=0, description="Finished jobs are removed after this.")
     sweep_interval_s: float = Field(default=300.0, gt=0, description="How often expired jobs and orphaned files "
                                                                      "are swept.")
@@ -145,6 +226,12 @@ class ServiceSettings(BaseSettings):
         default=None, gt=0, description="What one owner's avatars may keep in the avatar cache; beyond, that "
                                         "owner's new avatar gets 507, others not. Default: a fifth of "
                                         "LIP_SYNC_AVATAR_CACHE_GB.")
+
+    @model_validator(mode="after")
+    def _workers_from_cores(self) -> "ServiceSettings":
+        if self.job_workers == 0:  # a setting wins; else the replica's cores decide
+            self.job_workers = job_workers_for(available_cores())
+        return self
 
     @property
     def queued_jobs_per_owner(self) -> int:

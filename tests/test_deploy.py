@@ -49,6 +49,7 @@ THIRD_PARTY_ENV = {
     "HF_HUB_OFFLINE",  # huggingface_hub: the image sets it, the model download initContainer clears it
     "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",  # boto3: the bucket's region and credentials
     "POSTGRES_USER", "POSTGRES_DB", "POSTGRES_PASSWORD", "PGDATA",  # the postgres image (components/postgres)
+    "NVIDIA_DRIVER_CAPABILITIES",  # the NVIDIA container runtime: "video" mounts the NVDEC/NVENC libraries
 }
 
 

@@ -687,7 +687,7 @@ class _Unpickled:
 
 
 @pytest.mark.parametrize("route", ["/prepare", "/generate", "/audio_pieces", "/stats", "/api/lip-sync/prepare",
-                                   "/MuseTalkRunner/prepare"])
+                                   "/MuseTalkRunner/prepare", "/prepare_generate", "/prepare_generate_latents"])
 @pytest.mark.parametrize("content_type", ["application/vnd.bentoml+pickle", "application/vnd.bentoml.pickle"])
 def test_the_runners_pickle_endpoints_are_not_reachable_on_the_api_port(server, tmp_path, route, content_type):
     marker = tmp_path / "unpickled"

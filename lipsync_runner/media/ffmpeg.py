@@ -1039,10 +1039,13 @@ _NVENC_PRESETS = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faste
                   "medium": "p5", "slow": "p6", "slower": "p7", "veryslow": "p7", "placebo": "p7"}
 
 
-def _video_codec_args(codec: str, preset: str, crf: int) -> list[str]:
-    """Encoder options: x264 preset + CRF, or NVENC's constant-quality mode at the same number."""
+def _video_codec_args(codec: str, preset: str, crf: int, threads: int | None = None) -> list[str]:
+    """Encoder options: x264 preset + CRF (+ its threads: LIP_SYNC_X264_THREADS, by default derived from
+    the replica's cores, not x264's 1.5 per core of the node), or NVENC's constant-quality mode at the
+    same number."""
     if codec == "libx264":
-        return ["-c:v", "libx264", "-preset", preset, "-crf", str(int(crf))]
+        return ["-c:v", "libx264", "-preset", preset, "-crf", str(int(crf)),
+                *(["-threads", str(int(threads))] if threads else [])]
     if codec == "h264_nvenc":
         return ["-c:v", "h264_nvenc", "-preset", _NVENC_PRESETS.get(preset, "p4"), "-tune", "hq",
                 "-rc", "vbr", "-cq", str(int(crf)), "-b:v", "0"]
@@ -1132,9 +1135,8 @@ class VideoWriter:
         if muxer == "webm":
             args += ["-c:v", "libvpx-vp9", "-crf", str(rate.vp9_crf), "-b:v", "0", *_VP9_SPEED, "-pix_fmt", "yuv420p"]
         else:
-            args += [*_video_codec_args(codec, preset, min(51, max(0, crf + rate.crf_step))), "-pix_fmt", "yuv420p"]
-        if threads and codec == "libx264":
-            args += ["-threads", str(int(threads))]
+            args += [*_video_codec_args(codec, preset, min(51, max(0, crf + rate.crf_step)), threads),
+                     "-pix_fmt", "yuv420p"]
         if audio_path is not None:
             args += (["-c:a", "libopus", "-b:a", f"{rate.opus_kbps}k"] if muxer == "webm"
                      else ["-c:a", "aac", "-b:a", f"{rate.aac_kbps}k"])

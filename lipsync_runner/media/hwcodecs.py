@@ -165,8 +165,9 @@ def video_codecs(mode: str | None = None, ffmpeg: str | None = None, *, x264_thr
         if ffmpeg not in _cache:
             _cache[ffmpeg] = detect(ffmpeg)
             log.info("video codecs: %s", _cache[ffmpeg].reason)
-        found = _cache[ffmpeg]
-    return found if found.threads == threads else replace(found, threads=threads)
+        if _cache[ffmpeg].threads != threads:  # kept with the threads asked: one object per setting
+            _cache[ffmpeg] = replace(_cache[ffmpeg], threads=threads)
+        return _cache[ffmpeg]
 
 
 def clear_cache() -> None:

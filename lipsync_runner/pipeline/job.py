@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -34,7 +35,7 @@ import numpy as np
 from lipsync_runner.audio import windows as audio_math
 from lipsync_runner.pipeline.avatar_cache import Avatar, AvatarCache, AvatarParams
 from lipsync_runner.render.blend import blend_faces
-from lipsync_runner.render.crops import crop_faces
+from lipsync_runner.render.crops import CROP_SIZE, crop_faces
 from lipsync_runner.render.sharpen import restore_detail
 from lipsync_runner.errors import InvalidInputError, JobCancelledError
 from lipsync_runner.faces import FaceChoice, FaceDetector, FaceTrack, audio_envelope, track_faces
@@ -95,6 +96,7 @@ class PipelineOptions:
     fade_frames: int = DEFAULT_FADE_FRAMES
     max_spool_bytes: int = DEFAULT_MAX_SPOOL_BYTES
     limits: MediaLimits = field(default_factory=MediaLimits)  # decoding stops (413) past these
+    chunks_in_flight: int = 1  # chunks at the model at once (the service: LIP_SYNC_CHUNKS_IN_FLIGHT)
     codecs: VideoCodecs | None = None  # NVDEC/NVENC or software; None: hwcodecs.video_codecs() (detected once)
     hls: HlsOutput | None = None  # progressive output: the encode also published as HLS (media/hls.py)
 
@@ -129,10 +131,12 @@ class JobResult:
 
 
 class StageClock:
-    """Wall time per stage; nested stages are not double counted by construction of the call sites."""
+    """Wall time per stage; nested stages are not double counted by construction of the call sites.
+    With chunks in flight, "generate" sums the model calls that overlapped (it may exceed the wall time)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()  # chunks in flight time their model calls from several threads
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -140,7 +144,11 @@ class StageClock:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - start
+            self.add(stage, time.perf_counter() - start)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
 
 
 def validate_inputs(video: Path, audio: Path, timeout_s: float | None = None,
@@ -375,13 +383,16 @@ class _Pending:
 
 
 def _render(job: JobState) -> JobResult:
-    """Execute the plan in three overlapped stages: while the model works on chunk k, chunk k+1 is
-    read (decode or frame store) and chunk k-1 is blended and encoded. Each stage keeps its order;
-    at most three chunks are in memory; the first error from any stage stops the others and is raised."""
+    """Execute the plan in overlapped stages: while the model works on the last ``chunks_in_flight``
+    chunks, the next is read (decode or frame store) and cropped, and the one before them is blended
+    and encoded. Each stage keeps its order (outputs are written in plan order, identical to one chunk
+    at a time); at most chunks_in_flight + 2 chunks are in memory; the first error from any stage stops
+    the others and is raised."""
     plan, info, opts = job.plan, job.info, job.opts
     n_out = len(plan)
     batch = opts.batch_size
     starts = list(range(0, n_out, batch))
+    in_flight = max(1, opts.chunks_in_flight)
     written = 0
 
     def progress(fraction: float) -> None:
@@ -411,19 +422,31 @@ def _render(job: JobState) -> JobResult:
                      preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
                      threads=opts.codecs.threads, quality=job.params.quality,
                      output_height=job.params.output_height, hls=opts.hls) as writer, \
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool, \
+            ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="lipsync-model") as calls:
         next_read = pool.submit(read, starts[0])
+        at_model: deque[tuple[np.ndarray, Future]] = deque()  # (chunk's frames, its faces to come), in order
         last_write: Future | None = None
+
+        def hand_oldest_to_writer() -> None:
+            nonlocal last_write, written
+            frames, generated = at_model.popleft()
+            pending = generated.result()
+            if last_write is not None:
+                written += last_write.result()
+                progress(written / n_out)
+            last_write = pool.submit(finish, writer, frames, pending)
+
         for k in range(len(starts)):
             job.check_cancel()
             out_idx, frames = next_read.result()
             if k + 1 < len(starts):
                 next_read = pool.submit(read, starts[k + 1])
-            pending = _generate_chunk(job, out_idx, frames)
-            if last_write is not None:
-                written += last_write.result()
-                progress(written / n_out)
-            last_write = pool.submit(finish, writer, frames, pending)
+            at_model.append((frames, _generate_chunk(job, out_idx, frames, calls)))
+            while len(at_model) >= in_flight:
+                hand_oldest_to_writer()
+        while at_model:
+            hand_oldest_to_writer()
         if last_write is not None:
             written += last_write.result()
             progress(written / n_out)
@@ -435,42 +458,90 @@ def _render(job: JobState) -> JobResult:
                      faces=track.summary)
 
 
-def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray) -> _Pending | None:
-    """Crop, prepare (or take cached latents) and generate the faces of one chunk's generated frames."""
+def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray, calls: Executor) -> Future:
+    """Hand one chunk's generated frames to the model on `calls`; the future gives the faces to paste
+    (a _Pending, or None: nothing generated in this chunk).
+
+    Where the model has the runner's combined calls, a frame that needs both prepare and generate
+    makes one round trip: prepare_generate (the latents stay on the runner), or with an avatar entry
+    prepare_generate_latents (they come back, for the next job); frames whose latents are cached
+    only generate."""
     plan, track, model, clock = job.plan, job.track, job.model, job.clock
     sel = np.flatnonzero(plan.generate[out_idx])
     if len(sel) == 0:
-        return None
+        done: Future = Future()
+        done.set_result(None)
+        return done
     rows = out_idx[sel]
     src = plan.source[rows]
     boxes = track.boxes[src]
     landmarks = track.landmarks[src] if track.landmarks is not None else None
+    windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
+    weights = plan.weight[rows]
+
+    def crops(positions: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return crop_faces([frames[i] for i in sel[positions]], boxes[positions])
+
     if job.avatar is None:
+        both = getattr(model, "prepare_generate", None)
+        if both is not None:
+            with clock("prepare"):  # the crops; their VAE encode runs on the runner, with generate
+                cropped = crops()
+
+            def call() -> _Pending:
+                with clock("generate"):
+                    return _Pending(sel, both(cropped, windows), boxes, landmarks, weights)
+            return calls.submit(call)
         with clock("prepare"):
-            latents = model.prepare(crop_faces([frames[i] for i in sel], boxes))
-    else:  # only frames no job has prepared before go through the VAE encoder
-        latents = _cached_latents(job, src, lambda todo: model.prepare(
-            crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
-    with clock("generate"):
-        windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
-        faces = model.generate(latents, windows)
-    return _Pending(sel, faces, boxes, landmarks, plan.weight[rows])
+            latents = model.prepare(crops())
+
+        def generate() -> _Pending:
+            with clock("generate"):
+                return _Pending(sel, model.generate(latents, windows), boxes, landmarks, weights)
+        return calls.submit(generate)
+
+    keep = getattr(model, "prepare_generate_latents", None)
+
+    def from_cache() -> _Pending:
+        faces = np.empty((len(sel), CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        fresh = np.zeros(len(sel), bool)
+
+        def encode(todo: np.ndarray) -> np.ndarray:  # only frames no job has prepared before
+            if keep is None:
+                return model.prepare(crops(todo))
+            faces[todo], latents = keep(crops(todo), windows[todo])
+            fresh[todo] = True
+            return latents
+
+        latents = _cached_latents(job, src, encode)
+        rest = np.flatnonzero(~fresh)
+        if len(rest):
+            with clock("generate"):
+                faces[rest] = model.generate(latents[rest], windows[rest])
+        return _Pending(sel, faces, boxes, landmarks, weights)
+    return calls.submit(from_cache)
 
 
 def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Latents of source frames `src` from the job's avatar entry; `encode(positions)` VAE-encodes the
-    missing ones. Timed apart: "prepare" is VAE encoding only (absent when every latent was cached),
-    "cache" the reads of the entry, so a job's timings show whether it encoded anything."""
+    missing ones (in the service, in the same round trip as their generate). Timed apart: "prepare"
+    is that encoding only (absent when every latent was cached), "cache" the reads of the entry, so a
+    job's timings show whether it encoded anything."""
     clock = job.clock
+    encoding = 0.0
 
     def timed(todo: np.ndarray) -> np.ndarray:
-        with clock("prepare"):
-            return encode(todo)
+        nonlocal encoding
+        start = time.perf_counter()
+        try:
+            with clock("prepare"):
+                return encode(todo)
+        finally:
+            encoding += time.perf_counter() - start
 
-    before = clock.seconds.get("prepare", 0.0)
     start = time.perf_counter()
     latents = job.avatar.latents_for(src, timed)
-    clock.seconds["cache"] += time.perf_counter() - start - (clock.seconds.get("prepare", 0.0) - before)
+    clock.add("cache", time.perf_counter() - start - encoding)
     return latents
 
 

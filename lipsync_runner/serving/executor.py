@@ -9,7 +9,6 @@ jobs -> serving.executor -> pipeline.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from lipsync_runner.errors import (
     NoFaceError,
 )
 from lipsync_runner.faces import FaceDetector, load_face_detector
+from lipsync_runner.faces.detectors.pool import DetectorPool, detector_device
 from lipsync_runner.integration import metrics
 from lipsync_runner.integration.services import Integration
 from lipsync_runner.jobs import avatars as avatar_records
@@ -68,8 +68,8 @@ class JobExecutor:
         self.integration = integration
         self.avatars = avatars
         self.credentials = credentials  # signs each MP4 output (content credentials); None: off
-        self._detector: FaceDetector | None = None
-        self._detector_lock = threading.Lock()
+        # one detector per running job (built when first needed), not one per process behind a lock
+        self.detectors = DetectorPool(self._load_detector, size=settings.service.job_workers)
 
     def __call__(self, ctx: JobContext) -> JobOutcome:
         try:
@@ -82,12 +82,10 @@ class JobExecutor:
 
     # ------------------------------------------------------------------ one job
 
-    def _face_detector(self) -> FaceDetector:
-        with self._detector_lock:
-            if self._detector is None:
-                runner = self.settings.runner
-                self._detector = load_face_detector(runner.face_detector, runner.models_dir, "cpu")
-            return self._detector
+    def _load_detector(self) -> FaceDetector:
+        runner = self.settings.runner
+        device = detector_device(runner.face_detector_device, runner.face_detector, runner.models_dir)
+        return load_face_detector(runner.face_detector, runner.models_dir, device)
 
     def _wait_for_models(self, ctx: JobContext) -> dict[str, Any]:
         deadline = time.monotonic() + MODEL_WAIT_S
@@ -159,6 +157,7 @@ class JobExecutor:
         options = PipelineOptions.from_settings(self.settings.runner, ctx.job.params,
                                                 version=health.get("model_version") or "v15",
                                                 batch_size=service.chunk_frames * 4,
+                                                chunks_in_flight=service.chunks_in_flight,
                                                 limits=media_limits(self.settings.limits))
         return model, options
 
@@ -174,8 +173,8 @@ class JobExecutor:
         # The scratch reservation needs both probes (prepare_inputs made them; run() takes the video's).
         need = estimate(inputs.video_info, inputs.audio_info, job.params, max_spool_bytes=options.max_spool_bytes).total
         with self.scratch.reserve(need, directory=ctx.work_dir, wait_s=SCRATCH_WAIT_S,
-                                  should_cancel=ctx.should_cancel) as reservation:
-            result = run(model, self._face_detector(), inputs.video, inputs.audio, output, options,
+                                  should_cancel=ctx.should_cancel) as reservation, self.detectors.lease() as detector:
+            result = run(model, detector, inputs.video, inputs.audio, output, options,
                          progress=self._guard_disk(ctx.progress, reservation), should_cancel=ctx.should_cancel,
                          work_dir=ctx.work_dir, video_info=inputs.video_info,
                          cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
@@ -211,10 +210,11 @@ class JobExecutor:
         inputs = self._inputs(ctx)
         model, options = self._options(ctx)
         try:
-            result = prepare_avatar(model, self._face_detector(), inputs.video,
-                                    self.avatars.for_job(avatar.job_id, avatar.owner, pin=True), options,
-                                    progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
-                                    work_dir=ctx.work_dir, video_info=inputs.video_info)
+            with self.detectors.lease() as detector:
+                result = prepare_avatar(model, detector, inputs.video,
+                                        self.avatars.for_job(avatar.job_id, avatar.owner, pin=True), options,
+                                        progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
+                                        work_dir=ctx.work_dir, video_info=inputs.video_info)
         finally:
             try:
                 ctx.jobs.get(avatar.job_id)

@@ -17,7 +17,7 @@ import numpy as np
 
 from lipsync_runner.audio import windows as audio
 from lipsync_runner.errors import LipSyncError, ModelsNotReadyError
-from lipsync_runner.serving.packing import pack_generate
+from lipsync_runner.serving.packing import pack_generate, pack_render, unpack_faces_latents
 
 Submit = Callable[[str, np.ndarray], "Future[np.ndarray]"]
 
@@ -103,6 +103,17 @@ class RemoteModel:
     def generate(self, latents: np.ndarray, audio_windows: np.ndarray) -> np.ndarray:
         packed = pack_generate(latents, audio_windows, self.tag)
         return self._call_chunked("generate", packed, self.chunk_frames)
+
+    def prepare_generate(self, crops: np.ndarray, audio_windows: np.ndarray) -> np.ndarray:
+        """prepare then generate in one round trip: uint8 crops and audio windows in (packing.pack_render),
+        faces out; the latents stay on the runner."""
+        packed = pack_render(crops, audio_windows, self.tag)
+        return self._call_chunked("prepare_generate", packed, self.chunk_frames)
+
+    def prepare_generate_latents(self, crops: np.ndarray, audio_windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """prepare_generate that also brings the latents back (the avatar cache keeps them): (faces, latents)."""
+        packed = pack_render(crops, audio_windows, self.tag)
+        return unpack_faces_latents(self._call_chunked("prepare_generate_latents", packed, self.chunk_frames))
 
 
 def is_transport_error(exc: BaseException) -> bool:

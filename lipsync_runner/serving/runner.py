@@ -8,6 +8,7 @@ health says "loading", or "error" with the reason when loading failed).
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections import Counter
@@ -19,9 +20,12 @@ import numpy as np
 from lipsync_runner.errors import LipSyncError, ModelsNotReadyError
 from lipsync_runner.models.musetalk import MuseTalk
 from lipsync_runner.config import RunnerSettings
-from lipsync_runner.serving.packing import unpack_generate
+from lipsync_runner.serving.packing import pack_faces_latents, unpack_generate, unpack_render
 
 log = logging.getLogger(__name__)
+
+GPU_BUCKETS = (8, 16, 32, 64)  # batch_buckets=auto on a GPU: few shapes, each with its cuDNN plans (and graphs)
+C_COMPILERS = ("cc", "gcc", "clang")
 
 
 @dataclass
@@ -79,6 +83,8 @@ class RunnerCore:
             return
         start = time.perf_counter()
         try:
+            if self.settings.compile:
+                require_c_compiler()
             self.model = MuseTalk.from_pretrained(self.settings.models_dir, device=self.settings.device,
                                                   version=self.settings.model_version, compile=self.settings.compile)
             self.state = "ready"
@@ -140,14 +146,63 @@ class RunnerCore:
         self._served("generate", len(packed), start, jobs=len(np.unique(tags)))
         return out
 
+    def prepare_generate(self, packed: np.ndarray) -> np.ndarray:
+        """Prepare and generate in one round trip (packing.pack_render rows): the latents stay here.
+        Counted as a prepare batch and a generate batch, as if sent apart."""
+        return self._prepare_generate(packed)[0]
+
+    def prepare_generate_latents(self, packed: np.ndarray) -> np.ndarray:
+        """prepare_generate that also returns each frame's latents, for the avatar cache
+        (packing.pack_faces_latents rows)."""
+        return pack_faces_latents(*self._prepare_generate(packed))
+
+    def _prepare_generate(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        model = self.require()
+        tags, crops, windows = unpack_render(packed, int(model.unet.config.cross_attention_dim))
+        start = time.perf_counter()
+        latents = self._fit_in_memory("prepare", model.prepare, crops)
+        self._served("prepare", len(crops), start)
+        start = time.perf_counter()
+        faces = self._fit_in_memory("generate", model.generate, latents, windows)
+        self._served("generate", len(packed), start, jobs=len(np.unique(tags)))
+        return faces, latents
+
     def audio_pieces(self, pieces: np.ndarray) -> np.ndarray:
         model = self.require()
         start = time.perf_counter()
-        out = self._fit_in_memory("audio_pieces", model.encode_pieces, pieces)
+        out = self._fit_in_memory("audio_pieces", model.encode_pieces, pieces, bucketed=False)
         self._served("audio_pieces", len(pieces), start)
         return out
 
-    def _fit_in_memory(self, endpoint: str, fn, *arrays: np.ndarray) -> np.ndarray:
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The batch sizes the model sees (() for any): the setting, else GPU_BUCKETS on a GPU only
+        (on the CPU no plan is cached, and padding would only cost)."""
+        asked = self.settings.buckets
+        if asked is not None:
+            return asked
+        device = getattr(getattr(self.model, "info", None), "device", None) or self.settings.device
+        return GPU_BUCKETS if str(device).startswith("cuda") else ()
+
+    def _bucketed(self, endpoint: str, fn, arrays: tuple[np.ndarray, ...]) -> np.ndarray:
+        """fn on the rows, padded with zero rows to the next bucket (the padding's results dropped), or
+        split into the largest bucket; buckets above the size that fits in memory are not used."""
+        cap = self._row_cap.get(endpoint)
+        buckets = [b for b in self.buckets if cap is None or b <= cap]
+        n = len(arrays[0])
+        if not buckets or n == 0:
+            return fn(*arrays)
+        top = buckets[-1]
+        if n > top:
+            return np.concatenate([self._bucketed(endpoint, fn, tuple(a[i : i + top] for a in arrays))
+                                   for i in range(0, n, top)])
+        size = next(b for b in buckets if b >= n)
+        if size == n:
+            return fn(*arrays)
+        padded = (np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)]) for a in arrays)
+        return fn(*padded)[:n]
+
+    def _fit_in_memory(self, endpoint: str, fn, *arrays: np.ndarray, bucketed: bool = True) -> np.ndarray:
         """Run fn on the rows; on out-of-memory, retry in halves (and remember the smaller size).
 
         The batcher may merge more frames than the GPU holds next to another tenant's work.
@@ -157,10 +212,10 @@ class RunnerCore:
         n = len(arrays[0])
         cap = self._row_cap.get(endpoint)
         if cap is not None and n > cap:
-            return np.concatenate([self._fit_in_memory(endpoint, fn, *(a[i : i + cap] for a in arrays))
-                                   for i in range(0, n, cap)])
+            return np.concatenate([self._fit_in_memory(endpoint, fn, *(a[i : i + cap] for a in arrays),
+                                                       bucketed=bucketed) for i in range(0, n, cap)])
         try:
-            return fn(*arrays)
+            return self._bucketed(endpoint, fn, arrays) if bucketed else fn(*arrays)
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
@@ -172,8 +227,17 @@ class RunnerCore:
                 self.stats.oom_splits += 1
                 self._row_cap[endpoint] = min(self._row_cap.get(endpoint, n), half)
             log.warning("%s: out of memory on %d rows, retrying in batches of %d", endpoint, n, half)
-            return np.concatenate([self._fit_in_memory(endpoint, fn, *(a[:half] for a in arrays)),
-                                   self._fit_in_memory(endpoint, fn, *(a[half:] for a in arrays))])
+            return np.concatenate([self._fit_in_memory(endpoint, fn, *(a[:half] for a in arrays), bucketed=bucketed),
+                                   self._fit_in_memory(endpoint, fn, *(a[half:] for a in arrays), bucketed=bucketed)])
+
+
+def require_c_compiler() -> None:
+    """torch.compile (LIP_SYNC_COMPILE) builds kernels with a C compiler: refuse at load, with the reason,
+    rather than fail inside the first batch of the first job."""
+    if not any(shutil.which(name) for name in C_COMPILERS):
+        raise LipSyncError(
+            "LIP_SYNC_COMPILE=true needs a C compiler (torch.compile builds its kernels with one) and none is on "
+            f"PATH ({', '.join(C_COMPILERS)}): install one (the Bento's image has gcc) or set LIP_SYNC_COMPILE=false")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
