@@ -3,7 +3,7 @@
 One ffmpeg reads the frames from its stdin and the PCM from a second pipe, encodes H.264
 (baseline, zero latency: no B-frames, no look-ahead, so a frame leaves the encoder as soon as it
 enters) and AAC, and writes fragmented MP4 (``frag_keyframe+empty_moov+default_base_moof``, a
-fragment per frame) to its stdout. What comes out is cut at top-level box boundaries: first the
+fragment per frame's duration) to its stdout. What comes out is cut at top-level box boundaries: first the
 init segment (``ftyp`` + ``moov``), then media fragments (``moof`` + ``mdat``, with any ``styp``
 or ``sidx`` before them), each delivered whole to ``on_segment`` -- exactly what Media Source
 Extensions' ``appendBuffer`` takes (the ``mime`` below names the codecs for ``addSourceBuffer``).
@@ -58,7 +58,9 @@ class FragmentedMp4Stream:
                "-c:v", "libx264", "-preset", preset, "-tune", "zerolatency", "-crf", str(crf),
                "-profile:v", "baseline", "-level:v", "4.0", "-pix_fmt", "yuv420p", "-g", str(gop),
                "-c:a", "aac", "-b:a", "64k", "-ar", "48000",
-               "-f", "mp4", "-movflags", "frag_keyframe+empty_moov+default_base_moof+frag_every_frame",
+               # a fragment per frame's duration (frag_every_frame breaks the audio's timing on read-back)
+               "-f", "mp4", "-frag_duration", str(round(1e6 / self.fps)),
+               "-movflags", "frag_keyframe+empty_moov+default_base_moof",
                "pipe:1"]
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

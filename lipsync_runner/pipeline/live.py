@@ -21,6 +21,7 @@ reported), so a client that stops reading costs a bounded amount of memory.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = audio_math.SAMPLE_RATE
 CONTEXT_S = 1.0  # audio before a batch that Whisper sees too (its states depend on their surroundings)
-LOOKAHEAD_S = 0.5  # and after it, when it has arrived
+MAX_ENCODED_S = 28.0  # audio encoded at once at most (Whisper's piece is 30 s: one call)
 STEP_SAMPLES = SAMPLE_RATE // audio_math.STEPS_PER_SECOND  # 320: one Whisper step
 
 
@@ -131,6 +132,8 @@ class LiveSession:
         self._dropped_reported = 0
         self._last_drop_report = 0.0
         self.muxer: FragmentedMp4Stream | None = None
+        self._steps: tuple[int, int, np.ndarray] | None = None  # (first step, end step, Whisper states)
+        self._left_steps = _left_padding(self.fps)
 
     # ------------------------------------------------------------------ the transport's side
 
@@ -207,8 +210,8 @@ class LiveSession:
                     self._wake.wait(due + jitter - now)
                     continue
             ahead = int((now + lead - start) / period) - k + 1  # frames due within the lead
-            if ready > 0:
-                n = max(1, min(ready, batch, ahead))
+            if ready > 0:  # behind the clock (a slow runner, a backlog): bigger batches, fewer calls
+                n = max(1, min(ready, max(batch, min(ahead, 4 * batch))))
                 self._speech(k, j, n)
             else:  # no speech in time for the frames whose deadline has passed: idle frames
                 late = int((now - jitter - start) / period) - k + 1
@@ -223,24 +226,19 @@ class LiveSession:
         rows = pingpong_indices(out_idx, len(src.track))
         frames = src.frames.take(rows)
         first, last = self._sample(j), self._sample(j + n)
-        with self._wake:  # the received audio around the batch: context before, look-ahead after
-            lo = max(self._base, first - int(CONTEXT_S * SAMPLE_RATE)) // STEP_SAMPLES * STEP_SAMPLES
-            lo = max(lo, self._base + (-self._base) % STEP_SAMPLES)
-            hi = min(self._received, last + int(LOOKAHEAD_S * SAMPLE_RATE))
-            pcm16 = np.frombuffer(bytes(self._pcm[2 * (lo - self._base): 2 * (hi - self._base)]), dtype="<i2")
+        with self._wake:
+            sound = np.frombuffer(bytes(self._pcm[2 * (first - self._base): 2 * (last - self._base)]), dtype="<i2")
             arrived = self._arrival_of(last)
         sel = np.flatnonzero(src.track.has_face[rows])
         if len(sel):
-            steps = model.audio_features(pcm16.astype(np.float32) / 32768.0)
-            windows = audio_math.frame_windows(steps, np.arange(j, j + n)[sel], self.fps,
-                                               first_step=lo // STEP_SAMPLES)
+            steps, first_step = self._features(j, n)
+            windows = audio_math.frame_windows(steps, np.arange(j, j + n)[sel], self.fps, first_step=first_step)
             boxes = src.track.boxes[rows[sel]]
             latents = src.avatar.latents_for(rows[sel], lambda todo: model.prepare(
                 crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
             faces = model.generate(latents, windows)
             landmarks = src.track.landmarks[rows[sel]] if src.track.landmarks is not None else None
             blend_faces([frames[i] for i in sel], faces, boxes, landmarks, inplace=True)
-        sound = pcm16[first - lo:]
         now = self.clock()
         for i in range(n):
             a, b = self._sample(j + i) - first, self._sample(j + i + 1) - first
@@ -248,6 +246,30 @@ class LiveSession:
         self.stats.speech_frames += n
         self.stats.latencies_s.append(now - arrived)
         self._trim()
+
+    def _features(self, j: int, n: int) -> tuple[np.ndarray, int]:
+        """Whisper states covering the windows of speech frames j..j+n-1, and the step the first one is.
+
+        Whisper encodes 30 s at a time whatever it is given, so one call serves as many batches as the
+        audio received allows: states are encoded again only when a window reaches past them and more
+        audio has arrived since (a client sending in real time: about once a batch)."""
+        starts = audio_math.window_starts(np.array([j, j + n - 1]), self.fps)
+        left = starts[0] - self._left_steps
+        right = starts[1] - self._left_steps + audio_math.WINDOW_STEPS  # steps read: [left, right)
+        with self._wake:
+            received = self._received
+            cached = self._steps
+            if cached is not None:
+                c_first, c_end, c_steps = cached
+                if c_first <= max(0, left) and c_end * STEP_SAMPLES >= min(received, right * STEP_SAMPLES):
+                    return c_steps, c_first
+            lo = max(self._base, self._sample(j) - int(CONTEXT_S * SAMPLE_RATE))
+            lo = -(-lo // STEP_SAMPLES) * STEP_SAMPLES  # the first whole step at or after it
+            hi = min(received, lo + int(MAX_ENCODED_S * SAMPLE_RATE))
+            pcm16 = np.frombuffer(bytes(self._pcm[2 * (lo - self._base): 2 * (hi - self._base)]), dtype="<i2")
+        steps = self.model.audio_features(pcm16.astype(np.float32) / 32768.0)
+        self._steps = (lo // STEP_SAMPLES, lo // STEP_SAMPLES + len(steps), steps)
+        return steps, lo // STEP_SAMPLES
 
     def _idle(self, k: int, n: int) -> None:
         rows = pingpong_indices(np.arange(k, k + n), len(self.source.track))
@@ -289,6 +311,11 @@ class LiveSession:
             self._dropped_reported = self.stats.dropped
             self._last_drop_report = now
             self.on_event({"type": "dropped", "frames": new, "total": self.stats.dropped})
+
+
+def _left_padding(fps: Fraction) -> int:
+    """Steps a frame's window reaches back before its own start (MuseTalk's left padding)."""
+    return math.ceil(Fraction(audio_math.STEPS_PER_SECOND) / fps) * audio_math.PADDING_LEFT
 
 
 def ready_message(source: LiveSource) -> dict:
