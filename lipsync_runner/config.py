@@ -302,7 +302,7 @@ class LiveSettings(BaseSettings):
                               "latency; more, fewer calls.")
     jitter_ms: int = Field(default=200, ge=0, le=5000, description="Audio waited for before a frame without it "
                            "becomes an idle frame (the avatar's own mouth).")
-    send_buffer_bytes: int = Field(default=2 * 2**20, ge=64 * 1024, description="Media queued for a client that "
+    send_buffer_bytes: int = Field(default=2 * 2**20, ge=16 * 1024, description="Media queued for a client that "
                                    "reads slowly; above it, frames are dropped (reported), so memory stays bounded.")
     max_buffered_audio_s: float = Field(default=30.0, gt=0, description="Speech received ahead of the video at most; "
                                         "beyond it the server stops reading the socket until the video catches up.")

@@ -166,7 +166,7 @@ async def _serve(websocket: WebSocket, gateway: LiveGateway, settings: LiveSetti
                 on_event(ready_message(source))
                 stats = session.run()
             end = {"type": "end", "frames": stats.frames, "speech_frames": stats.speech_frames,
-                   "idle_frames": stats.idle_frames, "dropped": stats.dropped, "latency_ms": stats.latency_ms(),
+                   "silent_frames": stats.silent_frames, "idle_frames": stats.idle_frames, "dropped": stats.dropped, "latency_ms": stats.latency_ms(),
                    "send_buffer_peak": outbox.peak}
             return CLOSE_NORMAL, "", end
         except JobCancelledError:

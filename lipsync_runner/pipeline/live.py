@@ -27,13 +27,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from lipsync_runner.audio import windows as audio_math
+from lipsync_runner.audio.speech import SpeechSettings, speech_frames
 from lipsync_runner.config import LiveSettings
 from lipsync_runner.errors import JobCancelledError
 from lipsync_runner.faces import FaceDetector, FaceTrack
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = audio_math.SAMPLE_RATE
 CONTEXT_S = 1.0  # audio before a batch that Whisper sees too (its states depend on their surroundings)
+VAD_CONTEXT_S = 0.5  # audio before a batch that the speech detector sees too
 MAX_ENCODED_S = 28.0  # audio encoded at once at most (Whisper's piece is 30 s: one call)
 STEP_SAMPLES = SAMPLE_RATE // audio_math.STEPS_PER_SECOND  # 320: one Whisper step
 
@@ -65,6 +67,7 @@ class LiveSource:
     fps: Fraction
     width: int
     height: int
+    speech: SpeechSettings = field(default_factory=SpeechSettings)  # silent stretches keep the source mouth
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -87,7 +90,7 @@ def open_live_source(model: LipSyncModel, detector: FaceDetector, video: Path, i
     try:
         with _prepared_video(job, cache):
             yield LiveSource(frames=frames, track=job.track, avatar=job.avatar, fps=info.fps, width=info.width,
-                             height=info.height)
+                             height=info.height, speech=opts.speech)
     finally:
         frames.close()
 
@@ -95,8 +98,9 @@ def open_live_source(model: LipSyncModel, detector: FaceDetector, video: Path, i
 @dataclass
 class SessionStats:
     frames: int = 0  # output frames sent to the encoder
-    speech_frames: int = 0
-    idle_frames: int = 0
+    speech_frames: int = 0  # frames of received audio (silent_frames of them without speech)
+    silent_frames: int = 0  # received audio without speech (VAD): the source mouth, as silence=keep
+    idle_frames: int = 0  # no audio in time: the avatar's own frame and silence
     dropped: int = 0  # frames not encoded: the client's send buffer was full
     latencies_s: deque = None  # speech frames: the arrival of their last sample -> into the encoder
 
@@ -229,7 +233,15 @@ class LiveSession:
         with self._wake:
             sound = np.frombuffer(bytes(self._pcm[2 * (first - self._base): 2 * (last - self._base)]), dtype="<i2")
             arrived = self._arrival_of(last)
-        sel = np.flatnonzero(src.track.has_face[rows])
+            j0 = max(0, j - math.ceil(VAD_CONTEXT_S * self.fps))  # the detector's smoothing needs what came before
+            while self._sample(j0) < self._base:
+                j0 += 1
+            context = np.frombuffer(bytes(self._pcm[2 * (self._sample(j0) - self._base): 2 * (first - self._base)]),
+                                    dtype="<i2")
+        heard = np.concatenate([context, sound]).astype(np.float32) / 32768.0
+        speaking = speech_frames(heard, self.fps, src.speech)[j - j0:]
+        self.stats.silent_frames += int(n - speaking.sum())
+        sel = np.flatnonzero(src.track.has_face[rows] & speaking)
         if len(sel):
             steps, first_step = self._features(j, n)
             windows = audio_math.frame_windows(steps, np.arange(j, j + n)[sel], self.fps, first_step=first_step)
