@@ -71,7 +71,9 @@ def server(core):
     from starlette.routing import Mount
 
     rest = create_rest_app(core.operations, core.health, ApiLimits(), live=lambda: core.live)
-    app = BearerAuthMiddleware(Starlette(routes=[Mount("/api/lip-sync", rest)]), AuthSettings(api_tokens=f"{TOKEN_A},{TOKEN_B}", scope_jobs_to_token=True))
+    from lipsync_runner.ui import create_ui_app
+
+    app = BearerAuthMiddleware(Starlette(routes=[Mount("/api/lip-sync", rest), Mount("/ui", create_ui_app())]), AuthSettings(api_tokens=f"{TOKEN_A},{TOKEN_B}", scope_jobs_to_token=True))
     listener = socket.socket()
     # small kernel send buffers (accepted sockets inherit them): a client that stops reading fills them
     # at once, and the server's own bound is what is left to hold the rest
@@ -297,3 +299,35 @@ def test_the_cli_streams_a_file_and_saves_the_video_and_the_async_client_does_th
 
     end = asyncio.run(live_async())
     assert end["speech_frames"] == FPS and decoded(tmp_path / "async.mp4")[0] == end["frames"]
+
+
+def test_the_web_page_plays_a_live_session_from_a_file(server, avatar_id, media, browser, tmp_path):
+    """live.html in headless Chromium: the token as a WebSocket subprotocol (the page's CSP allows the
+    same-origin ws: with connect-src 'self'), a file as the speech, Media Source Extensions playing it."""
+    import wave
+
+    short = tmp_path / "two.wav"
+    with wave.open(str(short), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(read_pcm(media["speech"])[: 2 * 16000 * 2])
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.goto(server + "/ui/live.html")
+    page.fill("#live-token", TOKEN_A)
+    page.click("#live-refresh")
+    page.wait_for_function("() => document.querySelector('#live-avatar').options.length > 0")
+    page.select_option("#live-avatar", avatar_id)
+    page.check('input[name="live-source"][value="file"]')
+    page.set_input_files("#live-file", str(short))
+    page.click("#live-start")
+    page.wait_for_function("() => document.querySelector('#live-status').dataset.frames !== undefined",
+                           timeout=120_000)
+    frames = int(page.get_attribute("#live-status", "data-frames"))
+    assert frames >= 2 * FPS - 2  # the two seconds of speech, give or take the capture's last block
+    buffered = page.evaluate("() => { const b = document.querySelector('#live-video').buffered;"
+                             " return b.length ? b.end(b.length - 1) : 0 }")
+    assert buffered >= 1.9, buffered  # the media element holds the session's video
+    assert page.evaluate("() => document.querySelector('#live-video').error") is None
+    assert page.is_hidden("#live-error") and not problems, problems
+    page.close()

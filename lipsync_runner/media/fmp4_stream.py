@@ -60,7 +60,7 @@ class FragmentedMp4Stream:
                "-c:a", "aac", "-b:a", "64k", "-ar", "48000",
                # a fragment per frame's duration (frag_every_frame breaks the audio's timing on read-back)
                "-f", "mp4", "-frag_duration", str(round(1e6 / self.fps)),
-               "-movflags", "frag_keyframe+empty_moov+default_base_moof",
+               "-movflags", "frag_keyframe+empty_moov+default_base_moof+skip_trailer",  # no mfra index at the end
                "pipe:1"]
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
