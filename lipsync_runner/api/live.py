@@ -34,6 +34,7 @@ from starlette.websockets import WebSocket
 
 from lipsync_runner.api.auth import request_client, request_owner
 from lipsync_runner.config import LiveSettings
+from lipsync_runner.integration import metrics
 from lipsync_runner.errors import (AvatarNotFoundError, AvatarNotReadyError, JobCancelledError, LipSyncError,
                                    ModelsNotReadyError)
 from lipsync_runner.models.musetalk import LipSyncModel
@@ -212,6 +213,11 @@ async def _serve(websocket: WebSocket, gateway: LiveGateway, settings: LiveSetti
         code, reason, end = await engine_task
         if reason_code is not None:
             code, reason = reason_code
+        session = holder.get("session")
+        if session is not None:
+            stats = session.stats
+            metrics.live_session_ended(code, {"speech": stats.speech_frames, "silent": stats.silent_frames,
+                                              "idle": stats.idle_frames, "dropped": stats.dropped})
         if end is not None:
             outbox.put({"type": "websocket.send", "text": json.dumps(end)})
         outbox.put({"type": "close", "code": code, "reason": reason[:120]})
