@@ -13,7 +13,9 @@ one avatar (a --width x --height talking-head clip of --avatar-seconds) and then
 - **sustained frames/s of one session**: the same speech sent at once; speech frames over the
   seconds from the first media fragment to the end message (pacing caps it at the avatar's fps);
 - **sessions at once**: N sessions fed in real time together; a session holds real time when its
-  p99 latency stays under --hold-ms and it dropped nothing.
+  p99 latency stays under --hold-ms and it dropped nothing. With each round, from /metrics: the
+  runner's generate batches, their mean rows and how many sessions each mixed (frames of concurrent
+  sessions share batches: they call the same runner endpoints through its adaptive batcher).
 
 The last line is the whole result as JSON.
 """
@@ -84,6 +86,9 @@ def main() -> int:
     parser.add_argument("--models", type=Path, help="models directory (default: tiny random weights)")
     args = parser.parse_args()
 
+    import httpx
+
+    from bench.bench_service import scrape
     from lipsync_client import LipSyncClient
     from lipsync_runner.media.samples import write_face_video
     from tests.server import running_server
@@ -114,7 +119,9 @@ def main() -> int:
             result["sustained_fps"] = round(fast["speech_frames"] / max(fast["media_s"], 1e-6), 1)
             result["fast_session"] = fast
             rounds = []
+            metrics = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
             for n in args.sessions:
+                before = scrape(metrics)
                 ends: list[dict] = []
                 threads = [threading.Thread(target=lambda: ends.append(one_session(server.url, avatar_id, pcm, True)))
                            for _ in range(n)]
@@ -122,9 +129,18 @@ def main() -> int:
                     t.start()
                 for t in threads:
                     t.join()
+                after = scrape(metrics)
+                batches = after["jobs_count"] - before["jobs_count"]
                 rounds.append({"sessions": n, "holding": sum(holds(e, args.hold_ms) for e in ends),
                                "p99_ms": [(e.get("latency_ms") or {}).get("p99") for e in ends],
-                               "idle": [e.get("idle_frames") for e in ends]})
+                               "idle": [e.get("idle_frames") for e in ends],
+                               # the runner's generate batches in the round: how many sessions each mixed
+                               "sessions_per_batch": round((after["jobs_sum"] - before["jobs_sum"]) / max(batches, 1), 2),
+                               "mixed_batches": round(1 - (after["jobs_single"] - before["jobs_single"])
+                                                      / max(batches, 1), 2),
+                               "frames_per_batch": round((after["generate_sum"] - before["generate_sum"])
+                                                         / max(after["generate_count"] - before["generate_count"], 1),
+                                                         1)})
                 print(f"{n} sessions: {rounds[-1]}", file=sys.stderr)
             result["rounds"] = rounds
     result["load_after"] = os.getloadavg()[0]
