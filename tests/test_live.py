@@ -58,7 +58,8 @@ def core(tmp_path_factory, models_dir, model):
     api = ServiceCore(runner, Settings(
         service=ServiceSettings(data_dir=tmp_path_factory.mktemp("live-service"), job_workers=1,
                                 free_space_floor_mb=0, chunk_frames=4),
-        runner=RunnerSettings(device="cpu", models_dir=models_dir), live=LIVE))
+        runner=RunnerSettings(device="cpu", models_dir=models_dir), live=LIVE,
+        auth=AuthSettings(api_tokens=f"{TOKEN_A},{TOKEN_B}", scope_jobs_to_token=True)))
     api.start(None)
     yield api
     api.stop()
@@ -73,7 +74,8 @@ def server(core):
     rest = create_rest_app(core.operations, core.health, ApiLimits(), live=lambda: core.live)
     from lipsync_runner.ui import create_ui_app
 
-    app = BearerAuthMiddleware(Starlette(routes=[Mount("/api/lip-sync", rest), Mount("/ui", create_ui_app())]), AuthSettings(api_tokens=f"{TOKEN_A},{TOKEN_B}", scope_jobs_to_token=True))
+    app = BearerAuthMiddleware(Starlette(routes=[Mount("/api/lip-sync", rest), Mount("/ui", create_ui_app())]),
+                               core.settings.auth)
     listener = socket.socket()
     # small kernel send buffers (accepted sockets inherit them): a client that stops reading fills them
     # at once, and the server's own bound is what is left to hold the rest

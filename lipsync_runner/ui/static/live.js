@@ -164,4 +164,12 @@ $("live-token").value = sessionStorage.getItem(TOKEN_KEY) || "";
 $("live-form").addEventListener("submit", start);
 $("live-stop").addEventListener("click", () => session?.stop());
 $("live-refresh").addEventListener("click", loadAvatars);
-loadAvatars();
+
+/** List the avatars at once, unless the service wants a token and none is known yet (health says so). */
+async function init() {
+  const health = await fetch(new URL("health", API)).then((r) => r.json()).catch(() => ({}));
+  const needsToken = health.auth === true || health.auth?.enabled === true;
+  if (needsToken && !token()) status("Enter your API token, then Refresh the avatars.");
+  else loadAvatars();
+}
+init();
