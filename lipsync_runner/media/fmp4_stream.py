@@ -80,7 +80,8 @@ class FragmentedMp4Stream:
         """One frame ([H, W, 3] uint8 RGB) and its audio (int16 samples of the frame's span)."""
         try:
             self._proc.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
-            os.write(self._audio, np.ascontiguousarray(pcm, dtype="<i2").tobytes()) if len(pcm) else None
+            if len(pcm):  # a blocking pipe: os.write takes it all (or fails)
+                os.write(self._audio, np.ascontiguousarray(pcm, dtype="<i2").tobytes())
         except (BrokenPipeError, OSError) as exc:
             raise MediaProcessingError(f"the live encoder stopped: {self._error_tail() or exc}") from None
         self.frames += 1
@@ -134,8 +135,7 @@ class FragmentedMp4Stream:
                 if size == 1 and len(pending) >= 16:
                     size = struct.unpack(">Q", pending[8:16])[0]
                 elif size < 8:  # 0 (to the end) never appears in a fragmented stream; anything else is broken
-                    raise_later = f"unexpected MP4 box size {size}"
-                    self._stderr += raise_later.encode()
+                    self._stderr += f"unexpected MP4 box size {size}".encode()
                     return
                 if len(pending) < size:
                     break
