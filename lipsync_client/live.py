@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 from urllib.parse import urlencode
 
-import httpx
 import httpx_ws
 from wsproto.events import BytesMessage, TextMessage
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import httpx_ws
-import numpy as np
 import pytest
 import uvicorn
 from wsproto import ConnectionType, WSConnection
