@@ -335,3 +335,28 @@ def test_the_web_page_plays_a_live_session_from_a_file(server, avatar_id, media,
     assert page.evaluate("() => document.querySelector('#live-video').error") is None
     assert page.is_hidden("#live-error") and not problems, problems
     page.close()
+
+
+# --------------------------------------------------------------------------- the engine's audio windows
+
+
+def test_windows_from_the_recent_audio_only_equal_those_of_the_whole():
+    """A session encodes only its recent audio: the windows read from states that start at step k
+    (first_step=k) are the windows read from the whole sequence, for every frame whose window starts
+    at or after k."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from lipsync_runner.audio.windows import frame_windows, window_starts
+
+    rng = np.random.default_rng(0)
+    steps = rng.standard_normal((500, 5, 8)).astype(np.float32)
+    for fps in (Fraction(25), Fraction(30000, 1001)):
+        k = 120
+        frames = np.arange(0, 140)
+        frames = frames[window_starts(frames, fps) - 4 >= k]  # MuseTalk's left padding: 2 x ceil(50/fps) = 4 steps
+        assert len(frames) > 50
+        whole = frame_windows(steps, frames, fps)
+        recent = frame_windows(steps[k:], frames, fps, first_step=k)
+        assert np.array_equal(whole, recent)
