@@ -360,3 +360,15 @@ def test_windows_from_the_recent_audio_only_equal_those_of_the_whole():
         whole = frame_windows(steps, frames, fps)
         recent = frame_windows(steps[k:], frames, fps, first_step=k)
         assert np.array_equal(whole, recent)
+
+
+def test_a_session_ends_at_its_longest_with_what_it_received(server, avatar_id, media, core):
+    """LIP_SYNC_LIVE_MAX_SESSION_S: then the input ends as if the client had sent end (flush, end, 1000)."""
+    core.live.settings = LIVE.model_copy(update={"max_session_s": 2.0})
+    try:
+        with LipSyncClient(server, TOKEN_A) as c, c.live(avatar_id) as session:
+            session.send(read_pcm(media["speech"])[: 16000 * 2])  # 1 s, and no end
+            end = [m for m in session if isinstance(m, dict)][-1]
+    finally:
+        core.live.settings = LIVE
+    assert end["type"] == "end" and end["speech_frames"] == FPS, end
