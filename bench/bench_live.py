@@ -135,7 +135,8 @@ def main() -> int:
                                "p99_ms": [(e.get("latency_ms") or {}).get("p99") for e in ends],
                                "idle": [e.get("idle_frames") for e in ends],
                                # the runner's generate batches in the round: how many sessions each mixed
-                               "sessions_per_batch": round((after["jobs_sum"] - before["jobs_sum"]) / max(batches, 1), 2),
+                               "sessions_per_batch": round((after["jobs_sum"] - before["jobs_sum"])
+                                                           / max(batches, 1), 2),
                                "mixed_batches": round(1 - (after["jobs_single"] - before["jobs_single"])
                                                       / max(batches, 1), 2),
                                "frames_per_batch": round((after["generate_sum"] - before["generate_sum"])

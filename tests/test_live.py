@@ -104,8 +104,8 @@ def avatar_id(server, media) -> str:
 def decoded(path: Path) -> tuple[int, float, float]:
     """(video frames, video seconds, audio seconds) of an MP4, by decoding it."""
     info = probe_video(path)
-    frames = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:v", "-fps_mode", "passthrough", "-f", "rawvideo",
-                             "-pix_fmt", "gray", "-"], capture_output=True, check=True).stdout
+    frames = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:v", "-fps_mode", "passthrough",
+                             "-f", "rawvideo", "-pix_fmt", "gray", "-"], capture_output=True, check=True).stdout
     n = len(frames) // (info.width * info.height)
     pcm = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a", "-f", "s16le", "-ac", "1",
                           "-ar", "16000", "-"], capture_output=True, check=True).stdout

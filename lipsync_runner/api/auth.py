@@ -36,8 +36,8 @@ OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/api/lip-sy
                         "/docs.json", "/", "/api/lip-sync/openapi.json", "/api/lip-sync/params", "/ui"})
 # Path prefixes whose subtree is open (each ends with "/": "/ui" must not open "/uiX").
 OPEN_PREFIXES = ("/static_content/", "/ui/")
-TOKENS_RECHECK_S = 5.0
-WEBSOCKET_BEARER = "bearer."  # a WebSocket subprotocol carrying the token (browsers): "bearer.<token>"  # the file is re-read at least this often, whatever its mtime says
+TOKENS_RECHECK_S = 5.0  # the file is re-read at least this often, whatever its mtime says
+WEBSOCKET_BEARER = "bearer."  # browsers: the token as the WebSocket subprotocol "bearer.<token>"
 
 
 def owner_of(token: str) -> str:

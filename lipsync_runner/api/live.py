@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 SUBPROTOCOL = "lipsync.live"
 BEARER_PREFIX = "bearer."
 CLOSE_NORMAL, CLOSE_ERROR = 1000, 1011
-CLOSE_BAD, CLOSE_NOT_FOUND, CLOSE_NOT_READY, CLOSE_IDLE, CLOSE_BUSY, CLOSE_NO_MODELS = 4400, 4404, 4409, 4408, 4429, 4503
+CLOSE_BAD, CLOSE_NOT_FOUND, CLOSE_NOT_READY = 4400, 4404, 4409
+CLOSE_IDLE, CLOSE_BUSY, CLOSE_NO_MODELS = 4408, 4429, 4503
 MAX_TEXT_BYTES = 4096
 
 
@@ -167,7 +168,8 @@ async def _serve(websocket: WebSocket, gateway: LiveGateway, settings: LiveSetti
                 on_event(ready_message(source))
                 stats = session.run()
             end = {"type": "end", "frames": stats.frames, "speech_frames": stats.speech_frames,
-                   "silent_frames": stats.silent_frames, "idle_frames": stats.idle_frames, "dropped": stats.dropped, "latency_ms": stats.latency_ms(),
+                   "silent_frames": stats.silent_frames, "idle_frames": stats.idle_frames, "dropped": stats.dropped,
+                   "latency_ms": stats.latency_ms(),
                    "send_buffer_peak": outbox.peak}
             return CLOSE_NORMAL, "", end
         except JobCancelledError:
