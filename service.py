@@ -110,7 +110,7 @@ class MuseTalkRunner:
 RUNNING = RunningCore()
 # Request bodies being received (api/body_guard.py); readiness fails while every slot is taken.
 BODY_SLOTS = BodySlots(SETTINGS.limits.max_bodies_per_client, SETTINGS.limits.max_concurrent_bodies)
-rest_app = create_rest_app(RUNNING.operations, RUNNING.health, SETTINGS.limits, debug=SERVICE.debug)
+rest_app = create_rest_app(RUNNING.operations, RUNNING.health, SETTINGS.limits, debug=SERVICE.debug, live=RUNNING.live)
 
 
 @bentoml.service(

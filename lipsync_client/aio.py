@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from contextlib import ExitStack
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import httpx
+import httpx_ws
 
 from ._core import (
     BytesCallback,
@@ -22,6 +24,7 @@ from ._core import (
     ProgressCallback,
     Sleep,
 )
+from .live import AsyncLiveSession, connect_options, live_url
 from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
 
 
@@ -113,6 +116,14 @@ class AsyncLipSyncClient(ClientBase):
                     until: Optional[Union[str, date]] = None) -> Usage:
         """Your own usage (your token's jobs) by UTC day between ``since`` and ``until`` (default: 30 days)."""
         return await self._run(self._core.usage(since, until))
+
+    @asynccontextmanager
+    async def live(self, avatar_id: str) -> AsyncIterator[AsyncLiveSession]:
+        """The async twin of ``LipSyncClient.live``."""
+        async with httpx_ws.aconnect_ws(live_url(self.api_url, avatar_id), self._http, **connect_options()) as ws:
+            session = AsyncLiveSession(ws)
+            await session._open()
+            yield session
 
     async def aclose(self) -> None:
         await self._http.aclose()

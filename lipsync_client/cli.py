@@ -32,12 +32,14 @@ from tqdm import tqdm
 
 from . import __version__
 from .client import LipSyncClient
+from .live import read_pcm, sender_thread
 from .errors import (
     BadRequest,
     ConnectionFailed,
     IdempotencyConflict,
     JobFailed,
     LipSyncClientError,
+    LiveSessionClosed,
     NotFinished,
     NotFound,
     PayloadTooLarge,
@@ -87,8 +89,10 @@ def exit_code(exc: BaseException) -> int:
         return BAD_INPUT
     if isinstance(exc, (NotFound, NotFinished)):
         return NOT_FOUND
-    if isinstance(exc, Unauthorized):
+    if isinstance(exc, Unauthorized) or (isinstance(exc, LiveSessionClosed) and exc.code == 4401):
         return UNAUTHORIZED
+    if isinstance(exc, LiveSessionClosed) and exc.code in (4404, 4409):
+        return NOT_FOUND
     if isinstance(exc, WaitTimeout):
         return TIMED_OUT
     if isinstance(exc, (ServerError, TooManyRequests, ConnectionFailed, LipSyncClientError)):
@@ -377,6 +381,31 @@ def _print_avatar(avatar: Avatar) -> None:
         print(f"{key + ':':<14}{value}")
 
 
+def cmd_live(client: LipSyncClient, args: argparse.Namespace) -> int:
+    """Stream a WAV file into a live session at the pace of speech; save what comes back as an MP4."""
+    _require_file(args.speech, "speech")
+    pcm = read_pcm(Path(args.speech).expanduser())
+    with client.live(args.avatar) as session:
+        ready = session.ready
+        _note(args, f"live: {ready['width']}x{ready['height']} at {ready['fps']:g} fps; streaming "
+                    f"{len(pcm) / 32000:.1f} s of speech{'' if args.fast else ' in real time'}")
+        sender = sender_thread(session, pcm, realtime=not args.fast)
+        with open(args.output, "wb") as out:
+            for message in session:
+                if isinstance(message, bytes):
+                    out.write(message)
+                elif message.get("type") == "dropped":
+                    _note(args, f"live: {message['frames']} frames dropped (reading too slowly)")
+        sender.join()
+    end = session.end_message or {}
+    if args.json:
+        _print_json(end)
+    else:
+        _note(args, f"live: {end.get('frames', 0)} frames ({end.get('idle_frames', 0)} idle, "
+                    f"{end.get('dropped', 0)} dropped) -> {args.output}")
+    return OK
+
+
 def cmd_avatar_create(client: LipSyncClient, args: argparse.Namespace) -> int:
     fields = cli_fields(args)
     if (args.video is None) == ("video_url" not in fields):
@@ -488,6 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the same KEY and request within 24 h gives the original job instead of a new one "
                           "(retry a generate safely)")
     no_progress(sub)
+
+    sub = command("live", cmd_live, "a real-time session: stream a speech WAV (16 kHz mono) to an avatar at the "
+                                    "pace of speech, save the talking video that comes back")
+    sub.add_argument("--avatar", required=True, metavar="ID", help="a ready avatar's id (lipsync avatar create)")
+    sub.add_argument("speech", help="16 kHz mono 16-bit WAV (ffmpeg -i IN -ar 16000 -ac 1 OUT.wav)")
+    sub.add_argument("-o", "--output", default="live.mp4", metavar="OUT.mp4", help="where to save (default live.mp4)")
+    sub.add_argument("--fast", action="store_true", help="send the speech at once instead of in real time")
+    json_flag(sub)
 
     sub = command("status", cmd_status, "show a job's status")
     sub.add_argument("job_id")

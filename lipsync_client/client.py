@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import httpx
+import httpx_ws
 
 from ._core import (
     BytesCallback,
@@ -21,6 +23,7 @@ from ._core import (
     ProgressCallback,
     Sleep,
 )
+from .live import LiveSession, connect_options, live_url
 from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
 
 
@@ -125,6 +128,15 @@ class LipSyncClient(ClientBase):
         return self._run(self._core.usage(since, until))
 
     # -- lifecycle
+
+    @contextmanager
+    def live(self, avatar_id: str) -> Iterator[LiveSession]:
+        """A real-time session on a ready avatar (lipsync_client/live.py): ``send`` speech, ``end``, iterate
+        over what comes back. Opens once the server is ready (``session.ready``)."""
+        with httpx_ws.connect_ws(live_url(self.api_url, avatar_id), self._http, **connect_options()) as ws:
+            session = LiveSession(ws)
+            session._open()
+            yield session
 
     def close(self) -> None:
         self._http.close()

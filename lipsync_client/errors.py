@@ -16,7 +16,8 @@
     ├── UnexpectedResponse         a 2xx body that is not what the API sends (wrong URL?)
     ├── JobFailed                  ``wait`` saw the job end failed or cancelled (``.job``)
     ├── AvatarFailed               ``wait_avatar`` saw the preparation fail (``.avatar``)
-    └── WaitTimeout                ``wait`` gave up; also a TimeoutError (``.job``: last seen)
+    ├── WaitTimeout                ``wait`` gave up; also a TimeoutError (``.job``: last seen)
+    └── LiveSessionClosed          a live session closed by the server with a code other than 1000 (``.code``)
 """
 
 from __future__ import annotations
@@ -153,3 +154,12 @@ def error_class(status_code: int) -> type[LipSyncClientError]:
     if status_code >= 500:
         return ServerError
     return LipSyncClientError
+
+
+class LiveSessionClosed(LipSyncClientError):
+    """A live session the server closed abnormally; ``code`` says why (4401 token, 4404 avatar, 4409 avatar
+    not ready, 4429 too many sessions, 4408 idle, 4400 bad message, 4503 models not loaded, 1011 error)."""
+
+    def __init__(self, message: str, code: Optional[int]) -> None:
+        super().__init__(message)
+        self.code = code

@@ -398,6 +398,29 @@ class CredentialsSettings(BaseSettings):
         default="es256", description="The signature algorithm; it must fit the key.")
 
 
+class LiveSettings(BaseSettings):
+    """Real-time sessions (`WS /api/lip-sync/live`): speech streamed in, a talking avatar streamed out."""
+
+    model_config = SettingsConfigDict(env_prefix="LIP_SYNC_LIVE_", extra="ignore")
+
+    sessions_per_client: int = Field(default=2, ge=1, description="Live sessions one client (token, or address "
+                                     "without auth) may hold at once (close code 4429 beyond).")
+    max_sessions: int = Field(default=16, ge=1, description="Live sessions the replica holds at once, all clients "
+                              "together (close code 4429 beyond).")
+    idle_timeout_s: float = Field(default=30.0, gt=0, description="A session whose client sends nothing for this "
+                                  "long is closed (close code 4408).")
+    max_session_s: float = Field(default=3600.0, gt=0, description="Longest a session lasts: then its input ends "
+                                 "as if the client had sent {\"type\": \"end\"}.")
+    batch_frames: int = Field(default=5, ge=1, le=64, description="Frames generated per runner call: fewer, lower "
+                              "latency; more, fewer calls.")
+    jitter_ms: int = Field(default=200, ge=0, le=5000, description="Audio waited for before a frame without it "
+                           "becomes an idle frame (the avatar's own mouth).")
+    send_buffer_bytes: int = Field(default=2 * 2**20, ge=16 * 1024, description="Media queued for a client that "
+                                   "reads slowly; above it, frames are dropped (reported), so memory stays bounded.")
+    max_buffered_audio_s: float = Field(default=30.0, gt=0, description="Speech received ahead of the video at most; "
+                                        "beyond it the server stops reading the socket until the video catches up.")
+
+
 class BentoSettings(BaseSettings):
     """How `service.py` finds the weights: a models directory (``MUSETALK_MODELS_DIR``) wins over the store."""
 
@@ -422,6 +445,7 @@ class Settings(BaseModel):
     media: MediaSettings = Field(default_factory=MediaSettings)
     bento: BentoSettings = Field(default_factory=BentoSettings)
     credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
+    live: LiveSettings = Field(default_factory=LiveSettings)
 
     @property
     def models_from_store(self) -> bool:

@@ -98,13 +98,18 @@ def test_open_paths_are_exact_and_websockets_need_a_token():
         assert c.get(closed).status_code == 401, closed
     assert c.get("/metrics", headers={"Authorization": f"Bearer {A}"}).status_code == 200
     assert c.get("/api/lip-sync/openapi.json").status_code == 200  # the schema is open, as documented
-    with pytest.raises(WebSocketDisconnect) as refused:
-        with c.websocket_connect("/anything"):
-            pass
-    assert refused.value.code == 1008
+    # refused with a close code that says why (a close before the handshake is a bare HTTP 403)
+    for offered in ([], ["lipsync.live", "bearer.wrong"]):
+        with c.websocket_connect("/anything", subprotocols=offered) as ws:
+            with pytest.raises(WebSocketDisconnect) as refused:
+                ws.receive_text()
+        assert refused.value.code == 4401
     with c.websocket_connect("/anything", headers={"Authorization": f"Bearer {A}"}):
         pass
-    assert seen.count("/anything") == 1  # only the authenticated websocket reached the app
+    # a browser cannot set headers on a WebSocket: it offers the token as the subprotocol bearer.<token>
+    with c.websocket_connect("/anything", subprotocols=["lipsync.live", f"bearer.{A}"]):
+        pass
+    assert seen.count("/anything") == 2  # only the authenticated websockets reached the app
     open_metrics, _ = _asgi_app_behind_auth(open_metrics=True)
     assert TestClient(open_metrics).get("/metrics").status_code == 200
 

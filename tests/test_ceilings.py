@@ -78,6 +78,17 @@ def test_a_job_beyond_the_pool_waits_for_a_detector_to_come_back():
     assert got.is_set() and pool.created == 1
 
 
+def test_a_short_use_beside_busy_jobs_gets_a_spare_and_never_waits():
+    """A live session opening its avatar while every job holds a detector: a spare, dropped after."""
+    pool = DetectorPool(HaarFaceDetector, size=1)
+    with pool.lease() as held:
+        with pool.lease_or_spare() as spare:  # would block forever if it waited for the job's
+            assert spare is not held
+    assert pool.created == 1
+    with pool.lease_or_spare() as idle:  # the pool's own when one is idle
+        assert idle is held
+
+
 def test_the_executor_sizes_its_detectors_to_the_job_workers():
     settings = Settings(service=ServiceSettings(job_workers=5), runner=RunnerSettings(face_detector="haar"))
     executor = JobExecutor(settings, runner=None, files=None, scratch=None, integration=None, avatars=None)

@@ -3,7 +3,8 @@
 Off unless tokens are configured (`LIP_SYNC_API_TOKENS`, comma-separated, and/or
 `LIP_SYNC_API_TOKENS_FILE`, one per line: a mounted Kubernetes Secret, re-read when it
 changes). Probes, health, the API schema, the docs page and the web page stay open;
-everything else needs `Authorization: Bearer <token>`, websockets included. With
+everything else needs `Authorization: Bearer <token>`, websockets included (a browser, which
+cannot set that header on a WebSocket, offers the subprotocol `bearer.<token>`; refused: close 4401). With
 `LIP_SYNC_SCOPE_JOBS_TO_TOKEN=true` each job belongs to the token that created it: other
 tokens get 404 for it, as if it did not exist.
 
@@ -36,6 +37,7 @@ OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/api/lip-sy
 # Path prefixes whose subtree is open (each ends with "/": "/ui" must not open "/uiX").
 OPEN_PREFIXES = ("/static_content/", "/ui/")
 TOKENS_RECHECK_S = 5.0  # the file is re-read at least this often, whatever its mtime says
+WEBSOCKET_BEARER = "bearer."  # browsers: the token as the WebSocket subprotocol "bearer.<token>"
 
 
 def owner_of(token: str) -> str:
@@ -139,7 +141,7 @@ class BearerAuthMiddleware:
                 state["lipsync_owner"] = owner_of(token)
         if not valid and not self._is_open(scope):
             if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})  # policy violation, before accept
+                await _refuse_websocket(scope, receive, send)
             else:
                 await _unauthorized(send)
             return
@@ -157,7 +159,24 @@ def _bearer(scope) -> str:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else ""
+    if scope["type"] == "websocket":  # browsers cannot set headers on a WebSocket: "bearer.<token>" subprotocol
+        for protocol in scope.get("subprotocols") or ():
+            if protocol.startswith(WEBSOCKET_BEARER):
+                return protocol[len(WEBSOCKET_BEARER):]
     return ""
+
+
+async def _refuse_websocket(scope, receive, send) -> None:
+    """Accept, then close with 4401: a close before the handshake reaches the client as a bare HTTP 403,
+    which says nothing about why (browsers do not even show it)."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    offered = scope.get("subprotocols") or []
+    accept = {"type": "websocket.accept"}
+    if offered:  # a browser that offered subprotocols fails the handshake unless one comes back
+        accept["subprotocol"] = "lipsync.live" if "lipsync.live" in offered else offered[0]
+    await send(accept)
+    await send({"type": "websocket.close", "code": 4401, "reason": UNAUTHORIZED[:120]})
 
 
 async def _unauthorized(send) -> None:

@@ -38,6 +38,7 @@ from lipsync_runner.api.admission import parse_wait
 from lipsync_runner.api.errors import INTERNAL, error_body, error_headers, generic_error
 from lipsync_runner.config import ApiLimits, RunnerSettings
 from lipsync_runner.api.limits import BodySizeLimitMiddleware
+from lipsync_runner.api.live import LiveGateway, add_live_route
 from lipsync_runner.api.operations import JobOperations, Manager
 from lipsync_runner.jobs.schemas import (
     AvatarAccepted,
@@ -135,6 +136,7 @@ def create_rest_app(
     integration: Integration | None = None,
     defaults: dict[str, Any] | None = None,
     debug: bool = False,
+    live: Callable[[], LiveGateway | None] | None = None,
 ) -> FastAPI:
     """The REST API, to be mounted at ``settings.url_prefix`` (default ``/api/lip-sync``).
 
@@ -143,6 +145,7 @@ def create_rest_app(
     ``LIP_SYNC_BBOX_SHIFT``). ``get_health`` answers the health body. ``ensure_ready``, when
     given, is awaited first thing in ``POST /generate``; it raises (e.g. ModelsNotReadyError ->
     503) to refuse uploads the service cannot process. ``debug`` adds tracebacks to 500 answers.
+    ``live()`` gives the real-time sessions' gateway (api/live.py; default: ``app.state.live``).
     """
     app = FastAPI(
         title="Lip sync REST API",
@@ -381,4 +384,5 @@ def create_rest_app(
         return await ops(request).live_file(job_id, name, owner, range_header=request.headers.get("range"))
 
     app.include_router(router)
+    add_live_route(app, live or (lambda: getattr(app.state, "live", None)))
     return app

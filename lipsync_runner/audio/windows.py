@@ -55,17 +55,19 @@ def window_starts(frame_indices: np.ndarray, fps: Fraction | float) -> np.ndarra
     return (idx * STEPS_PER_SECOND * fps.denominator) // fps.numerator
 
 
-def frame_windows(steps: np.ndarray, frame_indices: np.ndarray, fps: Fraction | float) -> np.ndarray:
+def frame_windows(steps: np.ndarray, frame_indices: np.ndarray, fps: Fraction | float,
+                  first_step: int = 0) -> np.ndarray:
     """Audio windows for the given output frames.
 
-    steps: [S, L, D] encoder hidden states (L = layers + 1, D = 384), real audio only.
+    steps: [S, L, D] encoder hidden states (L = layers + 1, D = 384), real audio only; ``first_step``:
+    the step of the audio that steps[0] is (a live session encodes only its recent audio).
     Returns [len(frame_indices), WINDOW_STEPS * L, D] float32, time-major (token = t * L + layer),
     without positional encoding (the model adds it, as MuseTalk's script does before the UNet).
     """
     fps = Fraction(fps)
     left, right = _padding_steps(fps)
     n_steps, layers, dim = steps.shape
-    starts = window_starts(frame_indices, fps)
+    starts = window_starts(frame_indices, fps) - first_step
     # Index the padded sequence without materialising it: padded[k] = steps[k - left] or 0.
     if starts.size and starts.max() > n_steps + left:
         raise ValueError("frame index beyond the end of the audio")

@@ -43,6 +43,10 @@ def _build() -> dict:
                                                  documentation="Seconds of lip-synced video written, by owner"),
         "usage_frames": bentoml.metrics.Counter(name="lipsync_usage_frames", labelnames=["owner"],
                                                 documentation="Frames of lip-synced video written, by owner"),
+        "live_sessions": bentoml.metrics.Counter(name="lipsync_live_sessions", labelnames=["close_code"],
+                                                 documentation="Finished live sessions by close code"),
+        "live_frames": bentoml.metrics.Counter(name="lipsync_live_frames", labelnames=["kind"],
+                                               documentation="Live sessions' frames: speech, silent, idle, dropped"),
     }
 
 
@@ -60,6 +64,15 @@ def usage_recorded(owner: str, status: str, output_seconds: float, frames: int) 
         m["usage_seconds"].labels(owner=owner).inc(output_seconds)
     if frames > 0:
         m["usage_frames"].labels(owner=owner).inc(frames)
+
+
+def live_session_ended(close_code: int, frames: dict[str, int]) -> None:
+    """One live session closed; ``frames``: its frame counts by kind (speech, silent, idle, dropped)."""
+    m = _instruments()
+    m["live_sessions"].labels(close_code=str(close_code)).inc()
+    for kind, count in frames.items():
+        if count > 0:
+            m["live_frames"].labels(kind=kind).inc(count)
 
 
 def batch_served(endpoint: str, rows: int, jobs: int) -> None:

@@ -190,6 +190,10 @@ class RunningCore:
     async def health(self, **kwargs: Any) -> dict[str, Any]:
         return await self._core().health(**kwargs)
 
+    def live(self) -> Any:
+        """The live sessions' gateway (serving/live.py), per session."""
+        return self._core().live
+
 
 class _LiveOperations(JobOperations):
     """Every attribute is the running core's JobOperations' (resolved per access, per request)."""

@@ -30,6 +30,7 @@ from lipsync_runner.pipeline.job import configure_opencv
 from lipsync_runner.pipeline.scratch_disk import ScratchLedger
 from lipsync_runner.media.credentials import ContentSigner
 from lipsync_runner.serving.executor import JobExecutor
+from lipsync_runner.serving.live import LiveSources
 from lipsync_runner.serving.remote import RunnerLink
 from lipsync_runner.storage.factory import open_storage
 from lipsync_runner.storage.job_files import JobFiles
@@ -84,7 +85,10 @@ class ServiceCore:
                                         integration=self.integration, scratch=self.scratch,
                                         avatars_enabled=self.avatars is not None, avatar_room=avatar_room,
                                         defaults={"bbox_shift": settings.runner.bbox_shift})
-        self.rest_app: FastAPI = create_rest_app(self.operations, self.health, settings.limits, debug=s.debug)
+        self.live = LiveSources(settings, link=self.link, manager=self.manager, avatars=self.avatars,
+                                detectors=self.executor.detectors, scratch_dir=data_dir / "live")
+        self.rest_app: FastAPI = create_rest_app(self.operations, self.health, settings.limits, debug=s.debug,
+                                                 live=lambda: self.live)
         self.auth_enabled = settings.auth.enabled
         self._stop = threading.Event()
         self._started = time.time()

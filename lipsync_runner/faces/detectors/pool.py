@@ -63,6 +63,19 @@ class DetectorPool:
                 self._idle.append(detector)
                 self._cond.notify()
 
+    @contextmanager
+    def lease_or_spare(self) -> Iterator[FaceDetector]:
+        """An idle detector of the pool, else a spare built for this caller and dropped after: for short
+        uses (a live session opening its avatar) that must not wait for a job to end."""
+        with self._cond:
+            spare = not self._idle and self.created >= self.size
+        if not spare:
+            with self.lease() as detector:
+                yield detector
+            return
+        log.info("face detector pool busy (%d leased): a spare for a short use", self.created)
+        yield self._make()
+
     def _acquire(self) -> FaceDetector:
         with self._cond:
             while not self._idle and self.created >= self.size:
