@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -37,7 +37,8 @@ from lipsync_runner.render.blend import blend_faces
 from lipsync_runner.render.crops import crop_faces
 from lipsync_runner.render.sharpen import restore_detail
 from lipsync_runner.errors import InvalidInputError, JobCancelledError
-from lipsync_runner.faces import FaceChoice, FaceDetector, FaceTrack, audio_envelope, track_faces
+from lipsync_runner.faces import (FaceChoice, FaceDetector, FaceTrack, FaceTracks, audio_envelope, choose_track,
+                                  find_tracks, segment_envelope)
 from lipsync_runner.pipeline.framestore import FrameSource, FrameStore
 from lipsync_runner.media.hwcodecs import VideoCodecs, video_codecs
 from lipsync_runner.render.masks import MaskProvider, masks_for
@@ -54,8 +55,8 @@ from lipsync_runner.media.ffmpeg import (
 )
 from lipsync_runner.models.musetalk import LipSyncModel
 from lipsync_runner.params import JobParams
-from lipsync_runner.pipeline.plan import (DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, frames_to_decode,
-                                          spools_frames)
+from lipsync_runner.pipeline.plan import (DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, frame_at,
+                                          frames_to_decode, spools_frames)
 from lipsync_runner.config import RunnerSettings
 from lipsync_runner.audio.soundtrack import write_soundtrack
 from lipsync_runner.audio.speech import SpeechSettings, speech_frames
@@ -169,9 +170,15 @@ class JobState:
     n_audio: int = 0  # A: output frames the audio covers
     n_decode: int | None = None  # source frames read, from the first (plan.frames_to_decode); None: all
     speech: np.ndarray | None = None  # [A] bool (silence=keep)
-    envelope: np.ndarray | None = None  # [A] audio RMS per frame (face=speaker: whose mouth moves with it)
-    track: FaceTrack | None = None
-    avatar: Avatar | None = None
+    # The faces the job dubs: the job's choice (when some output frame uses it) and each segment's own,
+    # each distinct one once; with face=speaker, the audio envelope it judges (per source frame).
+    choices: list[FaceChoice] = field(default_factory=list)
+    envelopes: list[np.ndarray | None] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # the parameter each choice comes from, for errors
+    segment_face: list[int | None] | None = None  # per segment: its index in `choices` (None: no segments)
+    found: FaceTracks | None = None  # everyone in the video (one detection pass, whatever the choices)
+    tracks: list[FaceTrack] = field(default_factory=list)  # per choice
+    avatars: list[Avatar | None] = field(default_factory=list)  # per choice, with the avatar cache
     plan: RenderPlan | None = None
     steps: np.ndarray | None = None  # Whisper encoder states of the audio
     sound: Path | None = None  # what the encoder muxes
@@ -184,6 +191,15 @@ class JobState:
     def face(self) -> FaceChoice:
         """Whose face is dubbed (the job's face, face_point, face_boxes)."""
         return FaceChoice.from_params(self.params)
+
+    @property
+    def track(self) -> FaceTrack:
+        """The first face's track (the only one unless segments name their own)."""
+        return self.tracks[0]
+
+    @property
+    def avatar(self) -> Avatar | None:
+        return self.avatars[0] if self.avatars else None
 
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -231,7 +247,8 @@ def run(
         job.report("faces", 0.0)
         with _prepared_video(job, cache) as hit:
             job.plan = build_plan(job.params, n_video=len(job.track), n_audio=job.n_audio, fps=info.fps,
-                                  has_face=job.track.has_face, speech=job.speech, fade=opts.fade_frames)
+                                  has_face=np.stack([t.has_face for t in job.tracks]), speech=job.speech,
+                                  fade=opts.fade_frames, segment_face=job.segment_face)
             _arrange_frames(job)
             _audio_features(job)
             result = _render(job)
@@ -268,35 +285,95 @@ def _read_audio(job: JobState) -> None:
     if job.params.silence == "keep":
         with job.clock("speech"):
             job.speech = speech_frames(job.pcm, fps, job.opts.speech)
-    if job.face.needs_audio:  # on the video's timeline: source frame i against audio frame i
-        job.envelope = audio_envelope(job.pcm, fps, job.n_audio, audio_math.SAMPLE_RATE)
+    _choose_faces(job)
     job.check_cancel()
+
+
+def _choose_faces(job: JobState) -> None:
+    """The faces the job dubs (JobState.choices): the job's, unless every segment names its own, and
+    each segment's own; equal choices once (one track, one cache entry)."""
+    params, fps = job.params, job.info.fps
+    segments = params.segments or []
+    keys: dict[str, int] = {}
+    full: np.ndarray | None = None
+
+    def add(choice: FaceChoice, label: str, start: int = 0, stop: int | None = None, shift: int = 0) -> int:
+        nonlocal full
+        envelope = None
+        if choice.needs_audio:
+            if full is None:  # on the video's timeline: source frame i against audio frame i
+                full = audio_envelope(job.pcm, fps, job.n_audio, audio_math.SAMPLE_RATE)
+            envelope = full if stop is None else segment_envelope(full, start, stop, shift)
+        key = choice.key(envelope)
+        if key not in keys:
+            keys[key] = len(job.choices)
+            job.choices.append(choice)
+            job.envelopes.append(envelope)
+            job.labels.append(label)
+        return keys[key]
+
+    job_face = None
+    if not segments or not all(seg.chooses_face for seg in segments):
+        job_face = add(job.face, "")
+    if not segments:
+        return
+    job.segment_face = []
+    for k, seg in enumerate(segments):
+        if not seg.chooses_face:
+            job.segment_face.append(job_face)
+            continue
+        start, stop = frame_at(seg.start, fps), frame_at(seg.end, fps)
+        shift = 0 if seg.audio_start is None else frame_at(seg.audio_start, fps) - start
+        job.segment_face.append(add(FaceChoice.from_params(seg), f"segments[{k}]", start, stop, shift))
 
 
 @contextmanager
 def _prepared_video(job: JobState, cache: AvatarCache | None) -> Iterator[bool]:
     """Sets job.track (and job.avatar, where its latents live) from the cache or by tracking now;
     yields whether it was a cache hit."""
+    if not job.choices:  # an avatar's preparation: the job's face only, no audio
+        job.choices, job.envelopes, job.labels = [job.face], [None], [""]
     if cache is None:
-        job.track = _track(job)
+        job.tracks = [_track(job, k) for k in range(len(job.choices))]
+        job.avatars = [None] * len(job.choices)
         yield False
         return
     opts = job.opts
-    # Only what changes the track or the latents: sync mode, silence and segments do not.
-    params = AvatarParams(
-        bbox_shift=job.params.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
-        version=opts.version, extra_margin=opts.extra_margin, detector=job.detector.name,
-        detect_every=opts.detect_every, weights_id=str(getattr(job.model, "weights_id", "")),
-        face=job.face.key(job.envelope))
     with job.clock("cache"):
-        key = params.key(cache.video_hash(job.video))
-    with cache.open(key, lambda: _track(job)) as (avatar, hit):
-        job.track, job.avatar = avatar.track, avatar
-        yield hit
+        video_hash = cache.video_hash(job.video)
+    # One entry per face: a segment's own face is its own preparation (track and latents), the job's
+    # keeps the key it always had (an avatar's, a job's without segment faces).
+    hits = []
+    with ExitStack() as entries:
+        for k, choice in enumerate(job.choices):
+            # Only what changes the track or the latents: sync mode, silence and segments do not.
+            params = AvatarParams(
+                bbox_shift=job.params.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
+                version=opts.version, extra_margin=opts.extra_margin, detector=job.detector.name,
+                detect_every=opts.detect_every, weights_id=str(getattr(job.model, "weights_id", "")),
+                face=choice.key(job.envelopes[k]))
+            avatar, hit = entries.enter_context(cache.open(params.key(video_hash), lambda k=k: _track(job, k)))
+            job.tracks.append(avatar.track)
+            job.avatars.append(avatar)
+            hits.append(hit)
+        yield all(hits)
 
 
-def _track(job: JobState) -> FaceTrack:
-    """Decode every frame once and find the face crop of each; keep the frames for the render when
+def _track(job: JobState, k: int) -> FaceTrack:
+    """The track of the job's k-th face: everyone found (one decode for all the faces), then the choice."""
+    if job.found is None:
+        job.found = _find(job)
+    start = time.perf_counter()
+    try:
+        return choose_track(job.found, job.choices[k], job.found.frame_hw, job.envelopes[k], job.info.fps)
+    except InvalidInputError as exc:  # which parameter named nobody
+        raise InvalidInputError(f"{job.labels[k]}: {exc}" if job.labels[k] else str(exc)) from None
+    finally:
+        job.clock.seconds["faces"] += time.perf_counter() - start
+
+
+def _find(job: JobState) -> FaceTracks:
+    """Decode every frame once and find every face on each; keep the frames for the render when
     that is the plan's policy (plan.spools_frames)."""
     info, opts = job.info, job.opts
     n_video = info.frame_count_estimate if job.n_decode is None else job.n_decode
@@ -317,13 +394,13 @@ def _track(job: JobState) -> FaceTrack:
     start = time.perf_counter()
     # closed here, not when garbage collected: a stop (cancel, no face) waits for the read-ahead and
     # the store write in flight before the job closes the reader and the store under them
+    detector = job.detector if any(c.needs_detection for c in job.choices) else None  # boxes only: no detection
     with closing(chunks()) as tracked:
-        track = track_faces(tracked, job.detector, bbox_shift=job.params.bbox_shift, version=opts.version,
-                            extra_margin=opts.extra_margin, detect_every=opts.detect_every, choice=job.face,
-                            audio_envelope=job.envelope, fps=info.fps)
+        found = find_tracks(tracked, detector, bbox_shift=job.params.bbox_shift, version=opts.version,
+                            extra_margin=opts.extra_margin, detect_every=opts.detect_every)
     io = job.clock.seconds["decode"] + job.clock.seconds["spool"] - before
     job.clock.seconds["faces"] += time.perf_counter() - start - io
-    return track
+    return found
 
 
 def _arrange_frames(job: JobState) -> None:
@@ -426,35 +503,71 @@ def _render(job: JobState) -> JobResult:
             progress(written / n_out)
         with job.clock("encode"):
             writer.close()
-    track = job.track
-    return JobResult(output=job.output, frames=written, source_frames=len(track), face_frames=int(track.has_face.sum()),
+    has_face = np.any([t.has_face for t in job.tracks], axis=0)
+    return JobResult(output=job.output, frames=written, source_frames=len(job.track), face_frames=int(has_face.sum()),
                      fps=info.fps, width=info.width, height=info.height, generated=int(plan.generate.sum()),
-                     faces=track.summary)
+                     faces=faces_summary(job))
+
+
+def faces_summary(job: JobState) -> dict | None:
+    """The job status' ``faces``: everyone found and who was dubbed (``chosen``: every track dubbed);
+    with segments that name their own face, ``segments``: per such segment, the tracks it dubs."""
+    summary = job.track.summary
+    if summary is None or not any(seg.chooses_face for seg in job.params.segments or ()):
+        return summary
+    summary = dict(summary)
+    chosen: list[int] = []
+    segments = []
+    for k, row in enumerate(job.segment_face):
+        ids = list((job.tracks[row].summary or {}).get("chosen", [])) if row is not None else []
+        chosen += [i for i in ids if i not in chosen]
+        if job.params.segments[k].chooses_face:
+            segments.append({"segment": k, "chosen": ids})
+    summary["chosen"] = chosen
+    summary["segments"] = segments
+    return summary
 
 
 def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray) -> _Pending | None:
     """Crop, prepare (or take cached latents) and generate the faces of one chunk's generated frames."""
-    plan, track, model, clock = job.plan, job.track, job.model, job.clock
+    plan, model, clock = job.plan, job.model, job.clock
     sel = np.flatnonzero(plan.generate[out_idx])
     if len(sel) == 0:
         return None
     rows = out_idx[sel]
     src = plan.source[rows]
-    boxes = track.boxes[src]
-    landmarks = track.landmarks[src] if track.landmarks is not None else None
-    if job.avatar is None:
-        with clock("prepare"):
-            latents = model.prepare(crop_faces([frames[i] for i in sel], boxes))
-    else:  # only frames no job has prepared before go through the VAE encoder
-        latents = _cached_latents(job, src, lambda todo: model.prepare(
-            crop_faces([frames[i] for i in sel[todo]], boxes[todo])))
+    whose = plan.face[rows]
+    groups = [np.flatnonzero(whose == k) for k in np.unique(whose)]  # one per face in the chunk (mostly one)
+    boxes = np.empty((len(rows), 4), np.int32)
+    landmarks = None
+    if all(job.tracks[whose[g[0]]].landmarks is not None for g in groups):
+        landmarks = np.empty((len(rows), *job.tracks[whose[0]].landmarks.shape[1:]), np.float32)
+    parts = []
+    for g in groups:
+        track, avatar = job.tracks[whose[g[0]]], job.avatars[whose[g[0]]]
+        boxes[g] = track.boxes[src[g]]
+        if landmarks is not None:
+            landmarks[g] = track.landmarks[src[g]]
+        if avatar is None:
+            with clock("prepare"):
+                parts.append(model.prepare(crop_faces([frames[i] for i in sel[g]], boxes[g])))
+        else:  # only frames no job has prepared before go through the VAE encoder
+            parts.append(_cached_latents(job, src[g], lambda todo, g=g: model.prepare(
+                crop_faces([frames[i] for i in sel[g][todo]], boxes[g][todo])), avatar))
+    if len(groups) == 1:
+        latents = parts[0]
+    else:  # back in the chunk's order
+        latents = np.empty((len(rows), *parts[0].shape[1:]), parts[0].dtype)
+        for g, part in zip(groups, parts):
+            latents[g] = part
     with clock("generate"):
         windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
         faces = model.generate(latents, windows)
     return _Pending(sel, faces, boxes, landmarks, plan.weight[rows])
 
 
-def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray], np.ndarray],
+                    avatar: Avatar | None = None) -> np.ndarray:
     """Latents of source frames `src` from the job's avatar entry; `encode(positions)` VAE-encodes the
     missing ones. Timed apart: "prepare" is VAE encoding only (absent when every latent was cached),
     "cache" the reads of the entry, so a job's timings show whether it encoded anything."""
@@ -466,7 +579,7 @@ def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray
 
     before = clock.seconds.get("prepare", 0.0)
     start = time.perf_counter()
-    latents = job.avatar.latents_for(src, timed)
+    latents = (avatar or job.avatar).latents_for(src, timed)
     clock.seconds["cache"] += time.perf_counter() - start - (clock.seconds.get("prepare", 0.0) - before)
     return latents
 
