@@ -58,7 +58,7 @@ from lipsync_runner.params import JobParams
 from lipsync_runner.pipeline.plan import (DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, frame_at,
                                           frames_to_decode, spools_frames)
 from lipsync_runner.config import RunnerSettings
-from lipsync_runner.audio.soundtrack import write_soundtrack
+from lipsync_runner.audio.soundtrack import AudioPiece, write_soundtrack
 from lipsync_runner.audio.speech import SpeechSettings, speech_frames
 
 log = logging.getLogger(__name__)
@@ -449,21 +449,24 @@ class _Pending:
     weights: np.ndarray
 
 
-def _render(job: JobState) -> JobResult:
+def _render(job: JobState, window: tuple[int, int] | None = None, sink=None) -> JobResult:
     """Execute the plan in three overlapped stages: while the model works on chunk k, chunk k+1 is
     read (decode or frame store) and chunk k-1 is blended and encoded. Each stage keeps its order;
-    at most three chunks are in memory; the first error from any stage stops the others and is raised."""
+    at most three chunks are in memory; the first error from any stage stops the others and is raised.
+    ``window``: output frames [start, stop) only (a preview); ``sink``: where frames go instead of
+    the job's VideoWriter (anything with write and close)."""
     plan, info, opts = job.plan, job.info, job.opts
-    n_out = len(plan)
+    first, end = window or (0, len(plan))
+    n_out = end - first
     batch = opts.batch_size
-    starts = list(range(0, n_out, batch))
+    starts = list(range(first, end, batch))
     written = 0
 
     def progress(fraction: float) -> None:
         job.report("generate", FACES_SHARE + (1 - FACES_SHARE) * fraction)
 
     def read(start: int) -> tuple[np.ndarray, np.ndarray]:
-        out_idx = np.arange(start, min(start + batch, n_out))
+        out_idx = np.arange(start, min(start + batch, end))
         return out_idx, job.frames.take(plan.source[out_idx])
 
     def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
@@ -482,9 +485,9 @@ def _render(job: JobState) -> JobResult:
             writer.write(frames)
         return len(frames)
 
-    with VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
-                     preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
-                     threads=opts.codecs.threads) as writer, \
+    with sink or VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
+                             preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
+                             threads=opts.codecs.threads) as writer, \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool:
         next_read = pool.submit(read, starts[0])
         last_write: Future | None = None
@@ -681,3 +684,130 @@ def _encode_all(job: JobState, progress: Callable[[float], None]) -> int:
             frames.take(idx)  # keep the decoder in step
         progress(min(1.0, (start + len(idx)) / max(1, n)))
     return encoded
+
+
+# --------------------------------------------------------------------------- preview
+
+
+@dataclass
+class PreviewResult:
+    frames: np.ndarray  # [k, H, W, 3] RGB: output frames start..stop-1, as the full job renders them
+    start: int  # first output frame
+    stop: int  # exclusive
+    fps: Fraction
+    output: Path | None  # the stretch as an MP4 (with its sound), when asked for
+    faces: dict | None  # as JobResult.faces
+    cache_hit: bool | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Collect:
+    """A render sink that keeps the frames (a preview's stretch is short)."""
+
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+
+    def __enter__(self) -> "_Collect":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def write(self, frames: np.ndarray) -> None:
+        self.frames.extend(np.array(f) for f in frames)
+
+    def close(self) -> None:
+        pass
+
+
+def preview(
+    model: LipSyncModel,
+    detector: FaceDetector,
+    video: Path | str,
+    audio: Path | str,
+    options: PipelineOptions | None = None,
+    *,
+    at: float | None = None,
+    seconds: float = 1.5,
+    output: Path | str | None = None,
+    cache: AvatarCache | None = None,
+    work_dir: Path | str | None = None,
+    video_info: VideoInfo | None = None,
+    masks: MaskProvider | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> PreviewResult:
+    """A short stretch of the job `run` would do with these inputs and options: the same plan (faces,
+    segments, sync mode, audio windows over the whole audio), rendered for output frames
+    [at, at + seconds) only. ``at`` (seconds of the output): default, where the dubbing starts (the
+    first generated frame: the first speech, with silence=keep). With a cache, the face track is
+    built (or found) for the whole video, so the job that follows does not track again.
+    ``output``: also write the stretch, with its sound, as an MP4 there."""
+    opts = options or PipelineOptions()
+    opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
+    video, audio = Path(video), Path(audio)
+    info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s, opts.limits.max_video_pixels)[0]
+    clock = StageClock()
+    frames = FrameSource(lambda: _reader(video, info, opts, job.n_decode), (info.height, info.width, 3), clock=clock,
+                         name=video.name)
+    job = JobState(model=model, detector=detector, video=video, audio=audio, output=None, info=info, opts=opts,
+                   clock=clock, report=lambda stage, fraction: None, should_cancel=should_cancel,
+                   work_dir=Path(work_dir) if work_dir is not None else None, frames=frames, masks=masks)
+    sound: Path | None = None
+    try:
+        _read_audio(job)
+        if job.n_decode is not None:
+            cache = None
+        with _prepared_video(job, cache) as hit:
+            job.plan = plan = build_plan(job.params, n_video=len(job.track), n_audio=job.n_audio, fps=info.fps,
+                                         has_face=np.stack([t.has_face for t in job.tracks]), speech=job.speech,
+                                         fade=opts.fade_frames, segment_face=job.segment_face)
+            start, stop = preview_window(plan, at, seconds)
+            _arrange_frames(job)
+            _audio_features(job)
+            collected = _Collect()
+            _render(job, (start, stop), collected)
+        stretch = np.stack(collected.frames)
+        out = None
+        if output is not None:
+            out = Path(output)
+            sound = out.with_name(out.stem + "-sound.wav")
+            write_soundtrack(audio, stretch_sound(plan, start, stop), sound, timeout_s=opts.ffmpeg_timeout_s)
+            with clock("encode"), VideoWriter(out, info.width, info.height, info.fps, audio_path=sound, crf=opts.crf,
+                                              preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s,
+                                              codec=opts.codecs.encoder, threads=opts.codecs.threads) as writer:
+                writer.write(stretch)
+    finally:
+        frames.close()
+        if job.sound is not None and job.sound != audio:
+            job.sound.unlink(missing_ok=True)
+        if sound is not None:
+            sound.unlink(missing_ok=True)
+    return PreviewResult(frames=stretch, start=start, stop=stop, fps=info.fps, output=out, faces=faces_summary(job),
+                         cache_hit=hit if cache is not None else None, seconds=dict(clock.seconds))
+
+
+def preview_window(plan: RenderPlan, at: float | None, seconds: float) -> tuple[int, int]:
+    """Output frames [start, stop) of a preview: from ``at`` (or the first generated frame), ``seconds``
+    long, within the output; InvalidInputError (400) for an ``at`` past the output's end."""
+    n_out = len(plan)
+    if at is None:
+        generated = np.flatnonzero(plan.generate)
+        start = int(generated[0]) if len(generated) else 0
+    else:
+        start = frame_at(at, plan.fps)
+        if start >= n_out:
+            raise InvalidInputError(f"at: {at:g} s is past the end of the output ({float(plan.duration):.3f} s)")
+    length = max(1, round(seconds * plan.fps))
+    start = max(0, min(start, n_out - length))  # a full-length stretch where the output allows
+    return start, min(n_out, start + length)
+
+
+def stretch_sound(plan: RenderPlan, start: int, stop: int) -> tuple[AudioPiece, ...]:
+    """The output's sound for frames [start, stop), on the stretch's own timeline (from 0)."""
+    a, b = Fraction(start) / plan.fps, Fraction(stop) / plan.fps
+    pieces = []
+    for p in plan.sound:
+        lo, hi = max(a, p.out_start), min(b, p.out_start + p.duration)
+        if hi > lo:
+            pieces.append(AudioPiece(lo - a, p.src_start + (lo - p.out_start), hi - lo))
+    return tuple(pieces)

@@ -36,6 +36,7 @@ from lipsync_runner.config import ApiLimits
 from lipsync_runner.media.ffmpeg import PROBE_TIMEOUT_S
 from lipsync_runner.media.thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
 from lipsync_runner.pipeline.avatar_cache import AvatarCache
+from lipsync_runner.params import JobParams
 from lipsync_runner.pipeline.job import PipelineOptions, prepare_avatar, run
 from lipsync_runner.pipeline.scratch_disk import Reservation, ScratchLedger, estimate
 from lipsync_runner.serving.job_inputs import PreparedInputs, prepare_inputs
@@ -75,7 +76,7 @@ class JobExecutor:
 
     # ------------------------------------------------------------------ one job
 
-    def _face_detector(self) -> FaceDetector:
+    def face_detector(self) -> FaceDetector:
         with self._detector_lock:
             if self._detector is None:
                 runner = self.settings.runner
@@ -144,12 +145,21 @@ class JobExecutor:
         return inputs
 
     def _options(self, ctx: JobContext) -> tuple[RemoteModel, PipelineOptions]:
-        health = self._wait_for_models(ctx)
+        return self.model_and_options(ctx.job.params, ctx.job.job_id, self._wait_for_models(ctx))
+
+    def model_and_options(self, params: JobParams, tag: str, health: dict[str, Any] | None = None
+                          ) -> tuple[RemoteModel, PipelineOptions]:
+        """The runner's model and the pipeline options for a job's parameters (a preview's too: the same
+        options, so it renders what the job will); ``health``: the runner's, asked now if not given."""
+        if health is None:
+            health = self.runner.health_sync()
+            if not health.get("models_loaded"):
+                raise ModelsNotReadyError(f"Models not loaded: {health.get('error') or health.get('status')}")
         service = self.settings.service
-        model = RemoteModel(self.runner.submitter(), chunk_frames=service.chunk_frames, tag=job_tag(ctx.job.job_id),
+        model = RemoteModel(self.runner.submitter(), chunk_frames=service.chunk_frames, tag=job_tag(tag),
                             timeout_s=service.runner_timeout_s, weights_id=health.get("weights_id") or "")
         # one batch size for jobs and avatars: an avatar's latents are the ones a job would compute
-        options = PipelineOptions.from_settings(self.settings.runner, ctx.job.params,
+        options = PipelineOptions.from_settings(self.settings.runner, params,
                                                 version=health.get("model_version") or "v15",
                                                 batch_size=service.chunk_frames * 4,
                                                 limits=media_limits(self.settings.limits))
@@ -165,7 +175,7 @@ class JobExecutor:
         need = estimate(inputs.video_info, inputs.audio_info, job.params, max_spool_bytes=options.max_spool_bytes).total
         with self.scratch.reserve(need, directory=ctx.work_dir, wait_s=SCRATCH_WAIT_S,
                                   should_cancel=ctx.should_cancel) as reservation:
-            result = run(model, self._face_detector(), inputs.video, inputs.audio, output, options,
+            result = run(model, self.face_detector(), inputs.video, inputs.audio, output, options,
                          progress=self._guard_disk(ctx.progress, reservation), should_cancel=ctx.should_cancel,
                          work_dir=ctx.work_dir, video_info=inputs.video_info,
                          cache=self.avatars.for_job(job.job_id, job.owner) if self.avatars is not None else None)
@@ -185,7 +195,7 @@ class JobExecutor:
         inputs = self._inputs(ctx)
         model, options = self._options(ctx)
         try:
-            result = prepare_avatar(model, self._face_detector(), inputs.video,
+            result = prepare_avatar(model, self.face_detector(), inputs.video,
                                     self.avatars.for_job(avatar.job_id, avatar.owner, pin=True), options,
                                     progress=self._guard_disk(ctx.progress), should_cancel=ctx.should_cancel,
                                     work_dir=ctx.work_dir, video_info=inputs.video_info)
