@@ -7,6 +7,7 @@ Timestamps arrive as ISO 8601 in UTC (``YYYY-MM-DDTHH:MM:SSZ``) and become timez
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -188,3 +189,19 @@ class CleanupResult(_Body):
 
 
 Job.model_rebuild()
+
+
+class Preview(BaseModel):
+    """POST /preview's answer: the stretch (an MP4 with its sound, or a JPEG strip of its frames side by
+    side), who was found and dubbed (as a job status' ``faces``), and where the stretch lies."""
+
+    content: bytes
+    media_type: str  # video/mp4 or image/jpeg
+    faces: Optional[dict[str, Any]] = None
+    start: float  # seconds of the output
+    end: float
+
+    def save(self, path: "str | Path") -> Path:
+        target = Path(path).expanduser()
+        target.write_bytes(self.content)
+        return target
