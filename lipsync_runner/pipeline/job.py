@@ -366,8 +366,10 @@ def _track(job: JobState, k: int) -> FaceTrack:
     start = time.perf_counter()
     try:
         return choose_track(job.found, job.choices[k], job.found.frame_hw, job.envelopes[k], job.info.fps)
-    except InvalidInputError as exc:  # which parameter named nobody
-        raise InvalidInputError(f"{job.labels[k]}: {exc}" if job.labels[k] else str(exc)) from None
+    except InvalidInputError as exc:  # which parameter named nobody (NoFaceError stays what it is)
+        if not job.labels[k]:
+            raise
+        raise type(exc)(f"{job.labels[k]}: {exc}") from None
     finally:
         job.clock.seconds["faces"] += time.perf_counter() - start
 
