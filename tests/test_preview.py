@@ -170,3 +170,45 @@ async def test_the_sdk_preview_returns_the_bytes_and_the_faces(app, core, clip, 
         with core.previewer.slot(), pytest.raises(TooManyRequests) as busy:
             await sdk.preview(clip["video"], clip["audio"])
         assert busy.value.retry_after >= 1
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    """The same app on a loopback port, for the synchronous SDK and the `lipsync` command."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    mounted = Starlette(routes=[Mount("/api/lip-sync", app=app)])  # where the clients look for it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(mounted, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_lipsync_preview_writes_the_stretch_and_prints_the_faces(server, clip, tmp_path, capsys):
+    from lipsync_client import LipSyncClient, cli
+
+    with LipSyncClient(server) as sdk:  # the synchronous client
+        shown = sdk.preview(clip["video"], clip["audio"], at=0.4, silence="generate")
+        assert (shown.start, shown.end) == (0.4, 0.8) and shown.faces["count"] == 1
+
+    out = tmp_path / "strip.jpg"  # a .jpg name asks for the strip
+    code = cli.main(["--server", server, "preview", str(clip["video"]), str(clip["audio"]), "-o", str(out),
+                     "--at", "0.4", "--silence", "generate", "-q"])
+    assert code == 0 and out.read_bytes()[:2] == b"\xff\xd8"
+    assert json.loads(capsys.readouterr().out) == shown.faces
+    code = cli.main(["--server", server, "preview", str(clip["video"]), str(clip["audio"]), "--sync-mode", "x"])
+    assert code == 2  # refused by the schema before any upload
