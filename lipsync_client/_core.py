@@ -40,7 +40,7 @@ from .errors import (
     WaitTimeout,
     error_class,
 )
-from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
+from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Preview, Usage
 
 DEFAULT_SERVER = "http://localhost:3000"
 API_PREFIX = "/api/lip-sync"
@@ -348,6 +348,27 @@ class ClientCore:
         if wait:
             job = yield from self.wait(job.job_id, progress=progress, timeout=timeout)
         return job
+
+    def preview(self, video: Optional[FileInput], audio: FileInput, params: Mapping[str, Any],
+                at: Optional[float] = None, image: bool = False) -> Op:
+        """POST /preview: a short stretch of what generate would make, rendered at once (files only)."""
+        if video is None and params.get("avatar_id") is None:
+            raise ValueError("video: give a file (or avatar_id)")
+        if audio is None:
+            raise ValueError("audio: give a file")
+        files = {name: value for name, value in (("video", video), ("audio", audio)) if value is not None}
+        data = form_fields({**params, "at": at})
+        accept = "image/jpeg" if image else "video/mp4"
+        response = yield from self._call(Call("POST", "/preview", data=data, files=files, headers={"Accept": accept}))
+        stretch = dict(part.split("=", 1) for part in response.headers.get("x-lip-sync-preview", "").split(";")
+                       if "=" in part)
+        try:
+            return Preview(content=response.content, media_type=response.headers.get("content-type", accept),
+                           faces=json.loads(response.headers.get("x-lip-sync-faces") or "null"),
+                           start=float(stretch["start"]), end=float(stretch["end"]))
+        except (KeyError, ValueError):
+            raise UnexpectedResponse(f"unexpected response from {response.request.url}: no preview headers; "
+                                     "is this a lip-sync server?", response.status_code) from None
 
     def _post(self, path: str, files: dict[str, FileInput], params: Mapping[str, Any],
               idempotency_key: Optional[str]) -> Call:

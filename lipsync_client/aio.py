@@ -25,7 +25,7 @@ from ._core import (
     Sleep,
 )
 from .live import AsyncLiveSession, connect_options, live_url
-from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
+from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Preview, Usage
 
 
 class AsyncLipSyncClient(ClientBase):
@@ -59,6 +59,11 @@ class AsyncLipSyncClient(ClientBase):
         409 (``NotFinished``). With ``wait=True``, poll until it completes and return the finished job."""
         params = {"bbox_shift": bbox_shift, **params}
         return await self._run(self._core.generate(video, audio, params, wait, progress, timeout, idempotency_key))
+
+    async def preview(self, video: Optional[FileInput] = None, audio: Optional[FileInput] = None, *,
+                      at: Optional[float] = None, image: bool = False, **params: Any) -> Preview:
+        """As LipSyncClient.preview: a short stretch rendered at once, and the faces found."""
+        return await self._run(self._core.preview(video, audio, params, at, image))
 
     async def status(self, job_id: str) -> Job:
         return await self._run(self._core.status(job_id))

@@ -254,6 +254,25 @@ def cmd_generate(client: LipSyncClient, args: argparse.Namespace) -> int:
     return _download(client, args, job.job_id, target, show, cleanup=args.cleanup)
 
 
+def cmd_preview(client: LipSyncClient, args: argparse.Namespace) -> int:
+    fields = cli_fields(args)
+    if "avatar_id" in fields and args.audio is None:
+        args.video, args.audio = None, args.video  # `--avatar-id ID speech.wav`
+    if args.audio is None or (args.video is None and "avatar_id" not in fields):
+        raise _UsageError("give the video and the audio as files (or the video as --avatar-id)")
+    for kind in ("video", "audio"):
+        if getattr(args, kind) is not None:
+            _require_file(getattr(args, kind), kind)
+    parse_fields(fields)  # refuse a bad parameter here (exit 2), before the upload
+    image = args.jpeg or str(args.output).lower().endswith((".jpg", ".jpeg"))
+    _note(args, f"rendering a preview on {client.base_url}")
+    shown = client.preview(args.video, args.audio, at=args.at, image=image, **fields)
+    path = shown.save(args.output)
+    _note(args, f"preview {shown.start:.2f}-{shown.end:.2f} s written to {path}")
+    print(json.dumps(shown.faces, indent=2))
+    return OK
+
+
 def _download(client: LipSyncClient, args: argparse.Namespace, job_id: str, target: Path, show: bool,
               cleanup: bool = False) -> int:
     bar = ByteProgress(show, "download")
@@ -525,6 +544,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", default="live.mp4", metavar="OUT.mp4", help="where to save (default live.mp4)")
     sub.add_argument("--fast", action="store_true", help="send the speech at once instead of in real time")
     json_flag(sub)
+    sub = command("preview", cmd_preview, "render a short stretch at once (same inputs and parameters as "
+                                          "generate), write it, print the faces found")
+    sub.add_argument("video", nargs="?", help="input video (a face); or --avatar-id")
+    sub.add_argument("audio", nargs="?", help="audio track to lip-sync to")
+    sub.add_argument("-o", "--output", default="preview.mp4", metavar="OUT",
+                     help="where to write it (default preview.mp4; a .jpg name asks for the JPEG strip)")
+    sub.add_argument("--at", type=float, metavar="S", help="start of the stretch, in seconds of the output "
+                                                           "(default: where the dubbing starts)")
+    sub.add_argument("--jpeg", action="store_true", help="a JPEG strip of the frames instead of an MP4")
+    add_cli_arguments(sub, surface="service")
 
     sub = command("status", cmd_status, "show a job's status")
     sub.add_argument("job_id")

@@ -24,7 +24,7 @@ from ._core import (
     Sleep,
 )
 from .live import LiveSession, connect_options, live_url
-from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Usage
+from .models import Avatar, AvatarDeleted, AvatarList, CleanupResult, Health, Job, JobList, Preview, Usage
 
 
 class LipSyncClient(ClientBase):
@@ -66,6 +66,14 @@ class LipSyncClient(ClientBase):
         409 (``NotFinished``). With ``wait=True``, poll until it completes and return the finished job."""
         params = {"bbox_shift": bbox_shift, **params}
         return self._run(self._core.generate(video, audio, params, wait, progress, timeout, idempotency_key))
+
+    def preview(self, video: Optional[FileInput] = None, audio: Optional[FileInput] = None, *,
+                at: Optional[float] = None, image: bool = False, **params: Any) -> Preview:
+        """Render a short stretch of what ``generate`` would make with these files and parameters, at once
+        (``at``: seconds of the output; default where the dubbing starts). Returns the MP4's bytes (a JPEG
+        strip of the frames with ``image=True``) and ``faces``, as a job status' (who was found and
+        dubbed). The face tracking is cached: a generate that follows does not track again."""
+        return self._run(self._core.preview(video, audio, params, at, image))
 
     def status(self, job_id: str) -> Job:
         return self._run(self._core.status(job_id))

@@ -7,6 +7,7 @@ Timestamps arrive as ISO 8601 in UTC (``YYYY-MM-DDTHH:MM:SSZ``) and become timez
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -58,6 +59,8 @@ class Job(_Timestamps):
     queue_position: Optional[int] = Field(default=None, description="Queued: 1 for the job that starts next.")
     eta_s: Optional[float] = Field(default=None, description="Queued or processing: expected seconds to the end.")
     webhooks: Optional[list["WebhookDelivery"]] = Field(default=None, description="Each webhook delivery's outcome.")
+    progressive: Optional["Progressive"] = Field(default=None, description="While it renders (and after): the HLS "
+                                                 "playlist of the video so far, and how far it goes.")
 
     @property
     def finished(self) -> bool:
@@ -71,6 +74,14 @@ class Job(_Timestamps):
     def failed(self) -> bool:
         """Ended without a result: failed or cancelled."""
         return self.status in (FAILED, CANCELLED)
+
+
+class Progressive(_Body):
+    """A job's progressive output: an HLS playlist of fMP4 segments that grows as the job renders."""
+
+    playlist: str = Field(description="URL path of the playlist (same auth as the job).")
+    playable_seconds: float = 0.0
+    ended: bool = Field(default=False, description="The playlist is final (#EXT-X-ENDLIST).")
 
 
 class WebhookDelivery(_Body):
@@ -188,3 +199,19 @@ class CleanupResult(_Body):
 
 
 Job.model_rebuild()
+
+
+class Preview(BaseModel):
+    """POST /preview's answer: the stretch (an MP4 with its sound, or a JPEG strip of its frames side by
+    side), who was found and dubbed (as a job status' ``faces``), and where the stretch lies."""
+
+    content: bytes
+    media_type: str  # video/mp4 or image/jpeg
+    faces: Optional[dict[str, Any]] = None
+    start: float  # seconds of the output
+    end: float
+
+    def save(self, path: "str | Path") -> Path:
+        target = Path(path).expanduser()
+        target.write_bytes(self.content)
+        return target

@@ -211,6 +211,12 @@ class ServiceSettings(BaseSettings):
     chunk_frames: int = Field(default=8, ge=1, le=256, description="Frames a job sends per runner call.")
     runner_timeout_s: float = Field(default=600.0, gt=0, description="Longest one call to the GPU runner may "
                                                                      "take.")
+    # POST /api/lip-sync/preview: rendered at once, beside the job workers (not in their queue).
+    preview_seconds: float = Field(default=1.5, gt=0, le=10, description="Length of the stretch a preview renders.")
+    max_concurrent_previews: int = Field(
+        default=1, ge=0, le=64, description="Previews rendered at once (each holds a CPU thread and shares the GPU "
+                                            "runner with jobs); beyond, preview answers 429 with Retry-After. 0 "
+                                            "turns previews off (503).")
 
     # Fairness between owners (API tokens with LIP_SYNC_SCOPE_JOBS_TO_TOKEN; everyone one owner without):
     # one owner's backlog or avatars must not turn every other owner away (429, 507).

@@ -33,7 +33,8 @@ from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema,
+                      field_validator, model_validator)
 
 from lipsync_runner.errors import InvalidInputError
 
@@ -67,6 +68,81 @@ def is_job_id(value: str) -> bool:
     return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
 
 
+FACE_RULES = ("largest", "center", "speaker")
+_POINT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*[,; ]\s*(\d+(?:\.\d*)?)\s*$")
+
+
+class FaceBox(BaseModel):
+    """One explicit crop box of the person to dub, on one frame."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frame: int = Field(ge=0, le=10_000_000, description="Frame index in the video, from 0.")
+    box: tuple[int, int, int, int] | None = Field(
+        description="x1, y1, x2, y2 in pixels (end-exclusive): the region re-generated, as in the job "
+                    "status' track boxes (jaw to jaw, nose bridge to below the chin; the mouth is in its "
+                    "lower half). null: the person is not on screen from this frame on.")
+
+    @field_validator("box")
+    @classmethod
+    def _box_is_a_box(cls, box: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if box is not None and (min(box) < 0 or box[2] <= box[0] or box[3] <= box[1]):
+            raise ValueError(f"{list(box)} is not a box: expected 0 <= x1 < x2 and 0 <= y1 < y2")
+        return box
+
+
+def _face_rule_or_id(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in FACE_RULES:
+            return text
+        if text.isdigit():
+            return int(text)
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"{value!r} is not a face choice: expected largest, center, speaker or a track id "
+                     "(an integer >= 0)")
+
+
+def _point_from_text(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        m = _POINT_RE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a point: expected x,y in pixels (e.g. 320,180)")
+        return float(m.group(1)), float(m.group(2))
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value):
+        return value
+    raise ValueError(f"{value!r} is not a point: expected x,y in pixels (e.g. 320,180)")
+
+
+def _one_box_per_frame(boxes: list[FaceBox] | None) -> list[FaceBox] | None:
+    if boxes is None:
+        return None
+    frames = [b.frame for b in boxes]
+    if len(set(frames)) != len(frames):
+        raise ValueError("each frame may have one box only")
+    return sorted(boxes, key=lambda b: b.frame)
+
+
+def _one_way_to_choose_a_face(face_given: bool, face_point: Any, face_boxes: Any) -> None:
+    given = [name for name, on in (("face", face_given), ("face_point", face_point is not None),
+                                   ("face_boxes", face_boxes is not None)) if on]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} both choose the face: give only one of them")
+
+
+# The three ways to choose a face, as types: the job's fields and a segment's share them (and their checks).
+FaceSpec = Annotated[Literal["largest", "center", "speaker"] | Annotated[int, Field(ge=0, le=MAX_TRACK_ID)],
+                     BeforeValidator(_face_rule_or_id)]
+FacePoint = Annotated[tuple[float, float] | None, BeforeValidator(_point_from_text), WithJsonSchema(
+    {"type": "string", "pattern": _POINT_RE.pattern, "examples": ["320,180"]})]
+FaceBoxes = Annotated[list[FaceBox] | None, Field(min_length=1, max_length=100_000),
+                      AfterValidator(_one_box_per_frame)]
+
+
 class Segment(BaseModel):
     """One stretch of the output where the mouth is re-synced (seconds; start inclusive, end exclusive)."""
 
@@ -80,12 +156,25 @@ class Segment(BaseModel):
         default=None, ge=0, le=MAX_SEGMENT_SECONDS,
         description="Where in the audio this segment's speech starts (seconds). Default: `start`, i.e. the "
                     "audio is laid on the video's timeline. Rounded to whole frames.")
+    face: FaceSpec | None = Field(
+        default=None,
+        description="Whose face this segment dubs, as the job's `face` (a track id, largest, center), or "
+                    "speaker: the person whose mouth moves with the new audio within this segment. "
+                    "Default: the job's choice.")
+    face_point: FacePoint = Field(default=None, description="As the job's `face_point`, for this segment.")
+    face_boxes: FaceBoxes = Field(default=None, description="As the job's `face_boxes`, for this segment.")
 
     @model_validator(mode="after")
     def _end_after_start(self) -> "Segment":
         if self.end <= self.start:
             raise ValueError(f"end ({self.end:g} s) must be after start ({self.start:g} s)")
+        _one_way_to_choose_a_face(self.face is not None, self.face_point, self.face_boxes)
         return self
+
+    @property
+    def chooses_face(self) -> bool:
+        """The segment names its own person (else the job's choice applies)."""
+        return self.face is not None or self.face_point is not None or self.face_boxes is not None
 
 
 Surface = Literal["local", "service"]
@@ -127,29 +216,6 @@ def _check_url(value: Optional[str], schemes: tuple[str, ...]) -> Optional[str]:
     return value
 
 
-FACE_RULES = ("largest", "center", "speaker")
-_POINT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*[,; ]\s*(\d+(?:\.\d*)?)\s*$")
-
-
-class FaceBox(BaseModel):
-    """One explicit crop box of the person to dub, on one frame."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    frame: int = Field(ge=0, le=10_000_000, description="Frame index in the video, from 0.")
-    box: tuple[int, int, int, int] | None = Field(
-        description="x1, y1, x2, y2 in pixels (end-exclusive): the region re-generated, as in the job "
-                    "status' track boxes (jaw to jaw, nose bridge to below the chin; the mouth is in its "
-                    "lower half). null: the person is not on screen from this frame on.")
-
-    @field_validator("box")
-    @classmethod
-    def _box_is_a_box(cls, box: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
-        if box is not None and (min(box) < 0 or box[2] <= box[0] or box[3] <= box[1]):
-            raise ValueError(f"{list(box)} is not a box: expected 0 <= x1 < x2 and 0 <= y1 < y2")
-        return box
-
-
 class JobParams(BaseModel):
     """What the user asked for: everything that changes the result."""
 
@@ -181,11 +247,13 @@ class JobParams(BaseModel):
                     "cross-fade at each boundary; generate: the model's mouth everywhere (MuseTalk).")
     segments: list[Segment] | None = Field(
         default=None, max_length=MAX_SEGMENTS,
-        description='JSON list of {"start", "end"[, "audio_start"]} in seconds: the mouth is re-synced only '
-                    "inside these stretches of the output (its timeline is the video's unless the audio is "
-                    "longer under bounce, loop or remap); outside, frames pass through untouched. The output "
-                    "keeps the new audio; a segment with audio_start plays the audio from there. "
-                    "Ordered and non-overlapping. Default: the whole output.")
+        description='JSON list of {"start", "end"[, "audio_start"][, "face" | "face_point" | "face_boxes"]} in '
+                    "seconds: the mouth is re-synced only inside these stretches of the output (its timeline is "
+                    "the video's unless the audio is longer under bounce, loop or remap); outside, frames pass "
+                    "through untouched. The output keeps the new audio; a segment with audio_start plays the "
+                    "audio from there. A segment with its own face dubs that person (face: speaker, whoever "
+                    "speaks within it); the others dub the job's. Ordered and non-overlapping. Default: the "
+                    "whole output.")
     @field_validator("segments")
     @classmethod
     def _ordered_segments(cls, segments: list[Segment] | None) -> list[Segment] | None:
@@ -197,70 +265,27 @@ class JobParams(BaseModel):
                 raise ValueError(f"segment {k} ({cur.start:g}-{cur.end:g} s) starts before segment {k - 1} "
                                  f"ends ({prev.end:g} s): segments must be ordered and must not overlap")
         return segments
-    face: Literal["largest", "center", "speaker"] | Annotated[int, Field(ge=0, le=MAX_TRACK_ID)] = Field(
+    face: FaceSpec = Field(
         default="largest",
         description="Whose face is dubbed when several are on screen: largest (most screen area over "
                     "the video), center (nearest the frame's centre), speaker (the mouth that moves with "
                     "the new audio), or a track id from an earlier job's status (`faces.tracks[].id`) for "
                     "the same video. Frames where that person is not seen pass through.",
         json_schema_extra={PREPARES_VIDEO: True})
-    face_point: Annotated[tuple[float, float] | None, WithJsonSchema(
-        {"type": "string", "pattern": _POINT_RE.pattern, "examples": ["320,180"]})] = Field(
+    face_point: FacePoint = Field(
         default=None,
         description="x,y in pixels: dub the face under this point, on the first frame that face "
                     "appears in. Instead of `face`.", json_schema_extra={PREPARES_VIDEO: True})
-    face_boxes: list[FaceBox] | None = Field(
-        default=None, min_length=1, max_length=100_000,
+    face_boxes: FaceBoxes = Field(
+        default=None,
         description='Explicit crop boxes, JSON: [{"frame": 0, "box": [x1, y1, x2, y2]}, ...]. No face '
                     "detection runs. A box holds until the next given frame, moving linearly towards its "
                     "box (the last one holds to the end); a null box ends a stretch; frames before the "
                     "first given one pass through. Instead of `face`.", json_schema_extra={PREPARES_VIDEO: True})
 
-    @field_validator("face", mode="before")
-    @classmethod
-    def _face_rule_or_id(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in FACE_RULES:
-                return text
-            if text.isdigit():
-                return int(text)
-        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        raise ValueError(f"{value!r} is not a face choice: expected largest, center, speaker or a track id "
-                         "(an integer >= 0)")
-
-    @field_validator("face_point", mode="before")
-    @classmethod
-    def _point_from_text(cls, value: Any) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            m = _POINT_RE.match(value)
-            if not m:
-                raise ValueError(f"{value!r} is not a point: expected x,y in pixels (e.g. 320,180)")
-            return float(m.group(1)), float(m.group(2))
-        if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value):
-            return value
-        raise ValueError(f"{value!r} is not a point: expected x,y in pixels (e.g. 320,180)")
-
-    @field_validator("face_boxes")
-    @classmethod
-    def _one_box_per_frame(cls, boxes: list[FaceBox] | None) -> list[FaceBox] | None:
-        if boxes is None:
-            return None
-        frames = [b.frame for b in boxes]
-        if len(set(frames)) != len(frames):
-            raise ValueError("each frame may have one box only")
-        return sorted(boxes, key=lambda b: b.frame)
-
     @model_validator(mode="after")
     def _one_way_to_choose_a_face(self) -> JobParams:
-        given = [name for name, on in (("face", self.face != "largest"), ("face_point", self.face_point is not None),
-                                       ("face_boxes", self.face_boxes is not None)) if on]
-        if len(given) > 1:
-            raise ValueError(f"{' and '.join(given)} both choose the face: give only one of them")
+        _one_way_to_choose_a_face(self.face != "largest", self.face_point, self.face_boxes)
         return self
 
     webhook_url: Optional[str] = Field(

@@ -89,10 +89,11 @@ def test_a_short_use_beside_busy_jobs_gets_a_spare_and_never_waits():
         assert idle is held
 
 
-def test_the_executor_sizes_its_detectors_to_the_job_workers():
-    settings = Settings(service=ServiceSettings(job_workers=5), runner=RunnerSettings(face_detector="haar"))
+def test_the_executor_sizes_its_detectors_to_the_job_workers_and_the_preview_slots():
+    settings = Settings(service=ServiceSettings(job_workers=5, max_concurrent_previews=2),
+                        runner=RunnerSettings(face_detector="haar"))
     executor = JobExecutor(settings, runner=None, files=None, scratch=None, integration=None, avatars=None)
-    assert executor.detectors.size == 5
+    assert executor.detectors.size == 7
     with executor.detectors.lease() as a, executor.detectors.lease() as b:
         assert a is not b and isinstance(a, HaarFaceDetector)
 

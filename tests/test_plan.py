@@ -205,7 +205,8 @@ def test_the_form_schema_spells_out_segments_without_references():
     props = form_properties()  # multipart form docs have no $defs to point into
     assert "$ref" not in json.dumps(props)
     item = props["segments"]["anyOf"][0]["items"]
-    assert set(item["properties"]) == {"start", "end", "audio_start"} and item["additionalProperties"] is False
+    assert set(item["properties"]) == {"start", "end", "audio_start", "face", "face_point", "face_boxes"}
+    assert item["additionalProperties"] is False
     assert props["sync_mode"]["enum"] == ["bounce", "loop", "cut_off", "silence", "remap"]
 
 

@@ -777,8 +777,10 @@ def test_a_running_job_with_progressive_output_is_handed_to_the_player_script(pa
 
     try:
         page.route(f"{server.url}{API}/status/{job_id}", status)
-        page.add_init_script("""window.LipSyncProgressive = { calls: [],
-            attach(video, playlist, token) { this.calls.push([video.id, playlist, token]); } };""")
+        # the player script itself (progressive.js, tested with hls.js in test_progressive.py) stands aside
+        page.route("**/ui/progressive.js", lambda route: route.fulfill(
+            content_type="text/javascript", body="""window.LipSyncProgressive = { calls: [],
+            attach(video, playlist, token) { this.calls.push([video.id, playlist, token]); return null; } };"""))
         open_ui(page, server)
         page.locator(f'#jobs li[data-job-id="{job_id}"] button:has-text("Show")').click()
         expect(page.locator("#live-note")).to_have_text("playable: 0.8 s")

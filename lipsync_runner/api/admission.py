@@ -94,6 +94,18 @@ class Response:
     headers: dict[str, str]
 
 
+@dataclass
+class PreviewRequest:
+    """A preview's checked inputs (Admission.receive_preview)."""
+
+    video: Path
+    audio: Path
+    params: JobParams
+    at: float | None  # seconds of the output; None: where the dubbing starts
+    video_name: str | None  # as the user sent them (for messages)
+    audio_name: str | None
+
+
 class UploadSlots:
     """Uploads in progress, bounded per client and in all (429 beyond).
 
@@ -196,6 +208,41 @@ class Admission:
 
         return await self._admit(receive, owner=owner, client=owner or "local", wait=wait,
                                  idempotency_key=idempotency_key)
+
+    async def receive_preview(self, stream: AsyncIterator[bytes], content_type: str | None, job_dir: Path, *,
+                              owner: str | None, client: str) -> PreviewRequest:
+        """A preview's request (POST /preview): generate's multipart body plus ``at``, received into
+        ``job_dir`` and checked exactly as generate's (503, 429, 400, 408, 413, 507; the caller's ready
+        avatar by avatar_id, 404/409), but nothing is submitted: the caller renders it at once."""
+        if self.ensure_ready is not None:
+            await self.ensure_ready()
+        if not is_multipart(content_type):
+            raise InvalidInputError("Expected a multipart/form-data request with 'video' and 'audio' files "
+                                    "(or avatar_id for the video)")
+        files: dict[str, SavedFile] = {}
+        try:
+            with self.slots.hold(client):
+                guard = UploadGuard(self.limits, check_space=self.manager.check_free_space)
+                upload = await receive_multipart(stream, content_type, job_dir, guard=guard,
+                                                 text_fields=_TEXT_FIELDS | {"at"}, required_files=())
+            files, fields = upload.files, dict(upload.fields)
+            at = _parse_at(fields.pop("at", None))
+            _, _, avatar, params = await self._request(self.manager, files, fields, None, JobKind.job, owner)
+            inputs = _inputs(files, params, avatar, JobKind.job)
+            urls = [f"{field}_url" for field, given in inputs.items() if isinstance(given, str)]
+            if urls:  # a preview answers at once: no fetching of URLs on the request's time
+                raise InvalidInputError(f"{urls[0]}: a preview takes uploaded files (and avatar_id), not URLs")
+            avatar_video = None
+            if avatar is not None:
+                avatar_video = await run_in_threadpool(avatars.stored_video, self.manager, avatar, owner)
+            await anyio.to_thread.run_sync(self._check_uploads, job_dir, files, params, avatar_video, None)
+        except LipSyncError as exc:
+            _scrub(exc, job_dir, files)
+            raise
+        video = job_dir / files[VIDEO_FIELD].file_name if VIDEO_FIELD in files else avatar_video
+        return PreviewRequest(video=video, audio=job_dir / files[AUDIO_FIELD].file_name, params=params, at=at,
+                              video_name=files[VIDEO_FIELD].display_name if VIDEO_FIELD in files else None,
+                              audio_name=files[AUDIO_FIELD].display_name)
 
     # ------------------------------------------------------------------ the path
 
@@ -421,6 +468,22 @@ def _parse_bool(value: Any, name: str) -> bool:
     if v in _FALSE:
         return False
     raise InvalidInputError(f"Invalid {name}: expected true or false, got {str(value)[:20]!r}")
+
+
+MAX_AT_SECONDS = 86_400.0
+
+
+def _parse_at(value: Any) -> float | None:
+    """A preview's ``at`` field: seconds of the output, >= 0 (None: not given)."""
+    if value in (None, "", "null"):
+        return None
+    try:
+        at = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"Invalid parameters: at: {str(value)[:20]!r} is not a number of seconds") from None
+    if not 0 <= at <= MAX_AT_SECONDS:  # NaN fails both
+        raise InvalidInputError(f"Invalid parameters: at: {at:g} must be between 0 and {MAX_AT_SECONDS:g} seconds")
+    return at
 
 
 def parse_wait(value: str | None) -> bool | None:

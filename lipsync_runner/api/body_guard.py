@@ -34,7 +34,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_SMALL_BODY_BYTES = 1024 * 1024  # job parameters and BentoML's JSON calls: far below this
-UPLOAD_ROUTES = ("/generate", "/avatars")
+UPLOAD_ROUTES = ("/generate", "/avatars", "/preview")
 CLOSE = {"connection": "close"}  # a refusal here may leave the body unread: the connection cannot be reused  # REST and BentoML: where files come in
 
 

@@ -8,7 +8,7 @@ with the same body (or the same file response), so the two surfaces cannot drift
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,8 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from lipsync_runner.api.admission import Admission
+from lipsync_runner.api.preview import PreviewAnswer, Previewer, run_preview
 from lipsync_runner.config import ApiLimits
-from lipsync_runner.errors import InvalidInputError, JobNotFinishedError, JobNotFoundError, NoCredentialsError
+from lipsync_runner.errors import (InvalidInputError, JobNotFinishedError, JobNotFoundError, ModelsNotReadyError,
+                                   NoCredentialsError)
 from lipsync_runner.inputs.reference import fetched_file, is_avatar_reference, is_reference, read_reference
 from lipsync_runner.jobs import avatars
 from lipsync_runner.jobs.front import Manager
@@ -64,8 +66,9 @@ class JobOperations:
                  ensure_ready: Callable[[], Awaitable[None]] | None = None,
                  integration: Integration | None = None, scratch: ScratchLedger | None = None,
                  avatars_enabled: bool = True, avatar_room: Callable[[str | None], None] | None = None,
-                 defaults: dict[str, Any] | None = None) -> None:
+                 defaults: dict[str, Any] | None = None, previewer: Previewer | None = None) -> None:
         self.manager = manager
+        self.previewer = previewer  # POST /preview (None: this server renders no previews, 503)
         self.limits = limits
         self.prefix = limits.url_prefix.rstrip("/")
         self.integration = integration  # webhooks, Idempotency-Key, queue ETA, usage (integration/services.py)
@@ -74,6 +77,14 @@ class JobOperations:
                                    status_url=self.status_url, download_url=self.download_url,
                                    integration=integration, scratch=scratch, avatar_url=self.avatar_url,
                                    avatars_enabled=avatars_enabled, avatar_room=avatar_room)
+
+    async def preview(self, stream: AsyncIterator[bytes], content_type: str | None, *, owner: str | None,
+                      client: str, accept: str | None) -> PreviewAnswer:
+        """POST /preview (api/preview.py): generate's request, a short stretch rendered at once."""
+        if self.previewer is None:
+            raise ModelsNotReadyError("this server renders no previews")
+        return await run_preview(self.admission, self.previewer, stream, content_type, owner=owner, client=client,
+                                 accept=accept)
 
     # ------------------------------------------------------------------ urls
 

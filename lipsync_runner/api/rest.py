@@ -35,6 +35,7 @@ from lipsync_runner.integration.usage import UsageSummary
 
 from lipsync_runner.jobs.records import JobKind
 from lipsync_runner.api.admission import parse_wait
+from lipsync_runner.api.preview import FACES_HEADER, JPEG, MP4, RANGE_HEADER
 from lipsync_runner.api.errors import INTERNAL, error_body, error_headers, generic_error
 from lipsync_runner.config import ApiLimits, RunnerSettings
 from lipsync_runner.api.limits import BodySizeLimitMiddleware
@@ -109,6 +110,18 @@ def generate_request_body() -> dict[str, Any]:
     }
 
 
+def preview_request_body() -> dict[str, Any]:
+    """The body of POST /preview: generate's form (uploads or avatar_id) plus `at`."""
+    schema = generate_request_body()["content"]["multipart/form-data"]["schema"]
+    properties = {k: v for k, v in schema["properties"].items() if k not in ("wait", "video_url", "audio_url")}
+    properties["at"] = {"type": "number", "minimum": 0,
+                        "description": "Where the stretch starts, in seconds of the output. Default: where the "
+                                       "dubbing starts (the first speech)."}
+    return {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "description": "The video as a file or avatar_id, the audio as a file.",
+        "properties": properties}}}}
+
+
 def avatar_request_body() -> dict[str, Any]:
     """The bodies of POST /avatars: a video (upload or video_url) and the parameters that shape its
     preparation (params.avatar_fields), from JobParams."""
@@ -157,7 +170,7 @@ def create_rest_app(
                                                defaults=defaults or {"bbox_shift": RunnerSettings().bbox_shift}))
     app.state.health = get_health
     app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate", "/avatars")
+        BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes, paths_prefixes=("/generate", "/avatars", "/preview")
     )
 
     # ------------------------------------------------------------------ errors
@@ -251,6 +264,28 @@ def create_rest_app(
             request.stream(), request.headers.get("content-type"), owner=owner,
             client=request_client(request.scope), wait=parse_wait(wait), idempotency_key=parse_key(idempotency_key))
         return JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
+
+    @router.post(
+        "/preview",
+        response_class=Response,
+        responses={
+            200: {"content": {MP4: {}, JPEG: {}},
+                  "description": f"The stretch: an MP4 with its sound, or with `Accept: {JPEG}` a JPEG strip of its "
+                                 f"frames side by side. `{FACES_HEADER}`: the face-track summary (compact JSON, as "
+                                 f"a job status' `faces`); `{RANGE_HEADER}`: `start=<s>;end=<s>` of the output."},
+            **{code: errors[code] for code in (404, 408, 409, 413, 429, 503, 507)},
+        },
+        summary="Render a short stretch now (a preview)", tags=[TAG_JOBS],
+        description="Takes what `POST /generate` takes (uploads or avatar_id, every parameter), plus `at`; renders "
+                    "about a second and a half of the output synchronously. The face tracking goes through the "
+                    "avatar cache: a generate that follows does not track again.",
+        openapi_extra={"requestBody": preview_request_body()},
+    )
+    async def preview(request: Request, owner: Optional[str] = Depends(get_owner)) -> Response:
+        answer = await ops(request).preview(request.stream(), request.headers.get("content-type"), owner=owner,
+                                            client=request_client(request.scope),
+                                            accept=request.headers.get("accept"))
+        return Response(answer.body, media_type=answer.media_type, headers=answer.headers())
 
     @router.get("/status/{job_id}", response_model=JobStatusResponse, responses=job_errors, summary="Job status",
                 tags=[TAG_JOBS])

@@ -20,7 +20,7 @@ Frames are RGB uint8 numpy arrays ``[H, W, 3]``; batches are ``[B, H, W, 3]``.
 """
 
 from lipsync_runner.faces.boxes import HAAR_CHIN_Y, HAAR_NOSE_BRIDGE_Y, HAAR_SIDE_INSET, musetalk_crop_box
-from lipsync_runner.faces.choice import FACE_RULES, FaceChoice, FaceTrack, choose_track, explicit_track
+from lipsync_runner.faces.choice import FACE_RULES, FaceChoice, FaceTrack, choose_track, explicit_track, segment_envelope
 from lipsync_runner.faces.detectors.fan import (
     FACE_ALIGNMENT_DIR,
     FAN_FILENAME,
@@ -65,6 +65,7 @@ __all__ = [
     "mouth_measure",
     "musetalk_crop_box",
     "one_euro",
+    "segment_envelope",
     "speech_correlation",
     "track_faces",
 ]

@@ -231,7 +231,12 @@ def ranked(tracks: FaceTracks, rule: str, frame_hw: tuple[int, int],
     """Every track, best first by ``rule``; tracks seen too briefly to be candidates come last."""
     if rule not in FACE_RULES:
         raise ValueError(f"unknown face rule {rule!r} (expected one of {FACE_RULES} or a track id)")
-    cands = {t.id for t in candidates(tracks)}
+    judged = None  # a segment's speaker: only who is on screen where the audio is judged may be chosen
+    if rule == "speaker" and audio_envelope is not None and not np.isfinite(audio_envelope).all():
+        judged = np.zeros(tracks.n_frames, bool)
+        k = min(tracks.n_frames, len(audio_envelope))
+        judged[:k] = np.isfinite(audio_envelope[:k])
+    cands = {t.id for t in candidates(tracks, judged)}
     dense = {t.id: tracks.dense(t) for t in tracks.tracks}
     area = {t.id: _screen_area(dense[t.id][0], dense[t.id][2]) for t in tracks.tracks}
     if rule == "largest" or (rule == "speaker" and len(cands) == 1):
@@ -251,11 +256,25 @@ def ranked(tracks: FaceTracks, rule: str, frame_hw: tuple[int, int],
     return sorted(tracks.tracks, key=lambda t: (t.id not in cands, -score[t.id], -area[t.id], t.id))
 
 
-def candidates(tracks: FaceTracks) -> list[IdentityTrack]:
-    """Tracks on screen long enough to be chosen by a rule (see MIN_SCREEN_SHARE)."""
-    counts = {t.id: int(tracks.dense(t)[2].sum()) for t in tracks.tracks}
+def candidates(tracks: FaceTracks, within: np.ndarray | None = None) -> list[IdentityTrack]:
+    """Tracks on screen long enough to be chosen by a rule (see MIN_SCREEN_SHARE); ``within``: counting
+    only these frames ([N] bool, a segment's)."""
+    counts = {t.id: int((tracks.dense(t)[2] if within is None else tracks.dense(t)[2] & within).sum())
+              for t in tracks.tracks}
     longest = max(counts.values())
     return [t for t in tracks.tracks if counts[t.id] >= MIN_SCREEN_SHARE * longest]
+
+
+def segment_envelope(envelope: np.ndarray, start: int, stop: int, shift: int = 0) -> np.ndarray:
+    """The audio envelope a segment's ``face=speaker`` judges: source frames [start, stop) against the
+    audio frames that drive them (``shift``: the segment's audio_start), NaN everywhere else, so
+    speech_correlation and the candidates see the segment only (and the cache key differs per segment)."""
+    out = np.full(max(stop, 0), np.nan)
+    idx = np.arange(max(start, 0), max(stop, 0))
+    src = idx + shift
+    ok = (src >= 0) & (src < len(envelope))
+    out[idx[ok]] = np.asarray(envelope, np.float64)[src[ok]]
+    return out
 
 
 def _screen_area(crops: np.ndarray, present: np.ndarray) -> float:

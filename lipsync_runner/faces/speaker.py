@@ -77,6 +77,7 @@ def speech_correlation(frames: np.ndarray, mouth: np.ndarray, envelope: np.ndarr
     mouth = np.asarray(mouth, np.float64)
     envelope = np.asarray(envelope, np.float64)
     ok = (frames < len(envelope)) & np.isfinite(mouth)
+    ok[ok] &= np.isfinite(envelope[frames[ok]])  # NaN: a frame the audio does not judge (outside a segment)
     if ok.sum() < MIN_SAMPLES:
         return 0.0
     a, b = mouth[ok], envelope[frames[ok]]

@@ -333,7 +333,8 @@ class AvatarCache:
 class JobAvatarCache:
     """What the pipeline sees of the cache for one job (the same calls as AvatarCache)."""
 
-    def __init__(self, cache: AvatarCache, job_id: str, owner: str | None, *, pin: bool = False) -> None:
+    def __init__(self, cache: AvatarCache, job_id: str | None, owner: str | None, *, pin: bool = False) -> None:
+        # job_id None: a preview, which uses an entry without being recorded as one of its jobs
         self.cache, self.job_id, self.owner, self.pin = cache, job_id, owner, pin
 
     def video_hash(self, path: Path) -> str:

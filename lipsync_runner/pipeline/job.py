@@ -25,7 +25,7 @@ import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -38,7 +38,8 @@ from lipsync_runner.render.blend import blend_faces
 from lipsync_runner.render.crops import CROP_SIZE, crop_faces
 from lipsync_runner.render.sharpen import restore_detail
 from lipsync_runner.errors import InvalidInputError, JobCancelledError
-from lipsync_runner.faces import FaceChoice, FaceDetector, FaceTrack, audio_envelope, track_faces
+from lipsync_runner.faces import (FaceChoice, FaceDetector, FaceTrack, FaceTracks, audio_envelope, choose_track,
+                                  find_tracks, segment_envelope)
 from lipsync_runner.pipeline.framestore import FrameSource, FrameStore
 from lipsync_runner.media.hls import HlsOutput
 from lipsync_runner.media.hwcodecs import VideoCodecs, video_codecs
@@ -56,10 +57,10 @@ from lipsync_runner.media.ffmpeg import (
 )
 from lipsync_runner.models.musetalk import LipSyncModel
 from lipsync_runner.params import JobParams
-from lipsync_runner.pipeline.plan import (DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, frames_to_decode,
-                                          spools_frames)
+from lipsync_runner.pipeline.plan import (DEFAULT_FADE_FRAMES, RenderPlan, build_plan, check_segments, frame_at,
+                                          frames_to_decode, spools_frames)
 from lipsync_runner.config import RunnerSettings
-from lipsync_runner.audio.soundtrack import write_soundtrack
+from lipsync_runner.audio.soundtrack import AudioPiece, write_soundtrack
 from lipsync_runner.audio.speech import SpeechSettings, speech_frames
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,15 @@ class JobState:
     n_audio: int = 0  # A: output frames the audio covers
     n_decode: int | None = None  # source frames read, from the first (plan.frames_to_decode); None: all
     speech: np.ndarray | None = None  # [A] bool (silence=keep)
-    envelope: np.ndarray | None = None  # [A] audio RMS per frame (face=speaker: whose mouth moves with it)
-    track: FaceTrack | None = None
-    avatar: Avatar | None = None
+    # The faces the job dubs: the job's choice (when some output frame uses it) and each segment's own,
+    # each distinct one once; with face=speaker, the audio envelope it judges (per source frame).
+    choices: list[FaceChoice] = field(default_factory=list)
+    envelopes: list[np.ndarray | None] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # the parameter each choice comes from, for errors
+    segment_face: list[int | None] | None = None  # per segment: its index in `choices` (None: no segments)
+    found: FaceTracks | None = None  # everyone in the video (one detection pass, whatever the choices)
+    tracks: list[FaceTrack] = field(default_factory=list)  # per choice
+    avatars: list[Avatar | None] = field(default_factory=list)  # per choice, with the avatar cache
     plan: RenderPlan | None = None
     steps: np.ndarray | None = None  # Whisper encoder states of the audio
     sound: Path | None = None  # what the encoder muxes
@@ -194,6 +201,15 @@ class JobState:
     def face(self) -> FaceChoice:
         """Whose face is dubbed (the job's face, face_point, face_boxes)."""
         return FaceChoice.from_params(self.params)
+
+    @property
+    def track(self) -> FaceTrack:
+        """The first face's track (the only one unless segments name their own)."""
+        return self.tracks[0]
+
+    @property
+    def avatar(self) -> Avatar | None:
+        return self.avatars[0] if self.avatars else None
 
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -241,7 +257,8 @@ def run(
         job.report("faces", 0.0)
         with _prepared_video(job, cache) as hit:
             job.plan = build_plan(job.params, n_video=len(job.track), n_audio=job.n_audio, fps=info.fps,
-                                  has_face=job.track.has_face, speech=job.speech, fade=opts.fade_frames)
+                                  has_face=np.stack([t.has_face for t in job.tracks]), speech=job.speech,
+                                  fade=opts.fade_frames, segment_face=job.segment_face)
             _arrange_frames(job)
             _audio_features(job)
             result = _render(job)
@@ -278,35 +295,97 @@ def _read_audio(job: JobState) -> None:
     if job.params.silence == "keep":
         with job.clock("speech"):
             job.speech = speech_frames(job.pcm, fps, job.opts.speech)
-    if job.face.needs_audio:  # on the video's timeline: source frame i against audio frame i
-        job.envelope = audio_envelope(job.pcm, fps, job.n_audio, audio_math.SAMPLE_RATE)
+    _choose_faces(job)
     job.check_cancel()
+
+
+def _choose_faces(job: JobState) -> None:
+    """The faces the job dubs (JobState.choices): the job's, unless every segment names its own, and
+    each segment's own; equal choices once (one track, one cache entry)."""
+    params, fps = job.params, job.info.fps
+    segments = params.segments or []
+    keys: dict[str, int] = {}
+    full: np.ndarray | None = None
+
+    def add(choice: FaceChoice, label: str, start: int = 0, stop: int | None = None, shift: int = 0) -> int:
+        nonlocal full
+        envelope = None
+        if choice.needs_audio:
+            if full is None:  # on the video's timeline: source frame i against audio frame i
+                full = audio_envelope(job.pcm, fps, job.n_audio, audio_math.SAMPLE_RATE)
+            envelope = full if stop is None else segment_envelope(full, start, stop, shift)
+        key = choice.key(envelope)
+        if key not in keys:
+            keys[key] = len(job.choices)
+            job.choices.append(choice)
+            job.envelopes.append(envelope)
+            job.labels.append(label)
+        return keys[key]
+
+    job_face = None
+    if not segments or not all(seg.chooses_face for seg in segments):
+        job_face = add(job.face, "")
+    if not segments:
+        return
+    job.segment_face = []
+    for k, seg in enumerate(segments):
+        if not seg.chooses_face:
+            job.segment_face.append(job_face)
+            continue
+        start, stop = frame_at(seg.start, fps), frame_at(seg.end, fps)
+        shift = 0 if seg.audio_start is None else frame_at(seg.audio_start, fps) - start
+        job.segment_face.append(add(FaceChoice.from_params(seg), f"segments[{k}]", start, stop, shift))
 
 
 @contextmanager
 def _prepared_video(job: JobState, cache: AvatarCache | None) -> Iterator[bool]:
     """Sets job.track (and job.avatar, where its latents live) from the cache or by tracking now;
     yields whether it was a cache hit."""
+    if not job.choices:  # an avatar's preparation: the job's face only, no audio
+        job.choices, job.envelopes, job.labels = [job.face], [None], [""]
     if cache is None:
-        job.track = _track(job)
+        job.tracks = [_track(job, k) for k in range(len(job.choices))]
+        job.avatars = [None] * len(job.choices)
         yield False
         return
     opts = job.opts
-    # Only what changes the track or the latents: sync mode, silence and segments do not.
-    params = AvatarParams(
-        bbox_shift=job.params.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
-        version=opts.version, extra_margin=opts.extra_margin, detector=job.detector.name,
-        detect_every=opts.detect_every, weights_id=str(getattr(job.model, "weights_id", "")),
-        face=job.face.key(job.envelope))
     with job.clock("cache"):
-        key = params.key(cache.video_hash(job.video))
-    with cache.open(key, lambda: _track(job)) as (avatar, hit):
-        job.track, job.avatar = avatar.track, avatar
-        yield hit
+        video_hash = cache.video_hash(job.video)
+    # One entry per face: a segment's own face is its own preparation (track and latents), the job's
+    # keeps the key it always had (an avatar's, a job's without segment faces).
+    hits = []
+    with ExitStack() as entries:
+        for k, choice in enumerate(job.choices):
+            # Only what changes the track or the latents: sync mode, silence and segments do not.
+            params = AvatarParams(
+                bbox_shift=job.params.bbox_shift if opts.version == "v1" else 0,  # v1.5 ignores bbox_shift
+                version=opts.version, extra_margin=opts.extra_margin, detector=job.detector.name,
+                detect_every=opts.detect_every, weights_id=str(getattr(job.model, "weights_id", "")),
+                face=choice.key(job.envelopes[k]))
+            avatar, hit = entries.enter_context(cache.open(params.key(video_hash), lambda k=k: _track(job, k)))
+            job.tracks.append(avatar.track)
+            job.avatars.append(avatar)
+            hits.append(hit)
+        yield all(hits)
 
 
-def _track(job: JobState) -> FaceTrack:
-    """Decode every frame once and find the face crop of each; keep the frames for the render when
+def _track(job: JobState, k: int) -> FaceTrack:
+    """The track of the job's k-th face: everyone found (one decode for all the faces), then the choice."""
+    if job.found is None:
+        job.found = _find(job)
+    start = time.perf_counter()
+    try:
+        return choose_track(job.found, job.choices[k], job.found.frame_hw, job.envelopes[k], job.info.fps)
+    except InvalidInputError as exc:  # which parameter named nobody (NoFaceError stays what it is)
+        if not job.labels[k]:
+            raise
+        raise type(exc)(f"{job.labels[k]}: {exc}") from None
+    finally:
+        job.clock.seconds["faces"] += time.perf_counter() - start
+
+
+def _find(job: JobState) -> FaceTracks:
+    """Decode every frame once and find every face on each; keep the frames for the render when
     that is the plan's policy (plan.spools_frames)."""
     info, opts = job.info, job.opts
     n_video = info.frame_count_estimate if job.n_decode is None else job.n_decode
@@ -327,13 +406,13 @@ def _track(job: JobState) -> FaceTrack:
     start = time.perf_counter()
     # closed here, not when garbage collected: a stop (cancel, no face) waits for the read-ahead and
     # the store write in flight before the job closes the reader and the store under them
+    detector = job.detector if any(c.needs_detection for c in job.choices) else None  # boxes only: no detection
     with closing(chunks()) as tracked:
-        track = track_faces(tracked, job.detector, bbox_shift=job.params.bbox_shift, version=opts.version,
-                            extra_margin=opts.extra_margin, detect_every=opts.detect_every, choice=job.face,
-                            audio_envelope=job.envelope, fps=info.fps)
+        found = find_tracks(tracked, detector, bbox_shift=job.params.bbox_shift, version=opts.version,
+                            extra_margin=opts.extra_margin, detect_every=opts.detect_every)
     io = job.clock.seconds["decode"] + job.clock.seconds["spool"] - before
     job.clock.seconds["faces"] += time.perf_counter() - start - io
-    return track
+    return found
 
 
 def _arrange_frames(job: JobState) -> None:
@@ -382,16 +461,18 @@ class _Pending:
     weights: np.ndarray
 
 
-def _render(job: JobState) -> JobResult:
+def _render(job: JobState, window: tuple[int, int] | None = None, sink=None) -> JobResult:
     """Execute the plan in overlapped stages: while the model works on the last ``chunks_in_flight``
     chunks, the next is read (decode or frame store) and cropped, and the one before them is blended
     and encoded. Each stage keeps its order (outputs are written in plan order, identical to one chunk
     at a time); at most chunks_in_flight + 2 chunks are in memory; the first error from any stage stops
-    the others and is raised."""
+    the others and is raised. ``window``: output frames [start, stop) only (a preview); ``sink``: where
+    frames go instead of the job's VideoWriter (anything with write and close)."""
     plan, info, opts = job.plan, job.info, job.opts
-    n_out = len(plan)
+    first, end = window or (0, len(plan))
+    n_out = end - first
     batch = opts.batch_size
-    starts = list(range(0, n_out, batch))
+    starts = list(range(first, end, batch))
     in_flight = max(1, opts.chunks_in_flight)
     written = 0
 
@@ -399,7 +480,7 @@ def _render(job: JobState) -> JobResult:
         job.report("generate", FACES_SHARE + (1 - FACES_SHARE) * fraction)
 
     def read(start: int) -> tuple[np.ndarray, np.ndarray]:
-        out_idx = np.arange(start, min(start + batch, n_out))
+        out_idx = np.arange(start, min(start + batch, end))
         return out_idx, job.frames.take(plan.source[out_idx])
 
     def finish(writer: VideoWriter, frames: np.ndarray, pending: _Pending | None) -> int:
@@ -418,10 +499,10 @@ def _render(job: JobState) -> JobResult:
             writer.write(frames)
         return len(frames)
 
-    with VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
-                     preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
-                     threads=opts.codecs.threads, quality=job.params.quality,
-                     output_height=job.params.output_height, hls=opts.hls) as writer, \
+    with sink or VideoWriter(job.output, info.width, info.height, info.fps, audio_path=job.sound, crf=opts.crf,
+                             preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s, codec=opts.codecs.encoder,
+                             threads=opts.codecs.threads, quality=job.params.quality,
+                             output_height=job.params.output_height, hls=opts.hls) as writer, \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="lipsync-io") as pool, \
             ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="lipsync-model") as calls:
         next_read = pool.submit(read, starts[0])
@@ -452,21 +533,41 @@ def _render(job: JobState) -> JobResult:
             progress(written / n_out)
         with job.clock("encode"):
             writer.close()
-    track = job.track
-    return JobResult(output=job.output, frames=written, source_frames=len(track), face_frames=int(track.has_face.sum()),
+    has_face = np.any([t.has_face for t in job.tracks], axis=0)
+    return JobResult(output=job.output, frames=written, source_frames=len(job.track), face_frames=int(has_face.sum()),
                      fps=info.fps, width=info.width, height=info.height, generated=int(plan.generate.sum()),
-                     faces=track.summary)
+                     faces=faces_summary(job))
+
+
+def faces_summary(job: JobState) -> dict | None:
+    """The job status' ``faces``: everyone found and who was dubbed (``chosen``: every track dubbed);
+    with segments that name their own face, ``segments``: per such segment, the tracks it dubs."""
+    summary = job.track.summary
+    if summary is None or not any(seg.chooses_face for seg in job.params.segments or ()):
+        return summary
+    summary = dict(summary)
+    chosen: list[int] = []
+    segments = []
+    for k, row in enumerate(job.segment_face):
+        ids = list((job.tracks[row].summary or {}).get("chosen", [])) if row is not None else []
+        chosen += [i for i in ids if i not in chosen]
+        if job.params.segments[k].chooses_face:
+            segments.append({"segment": k, "chosen": ids})
+    summary["chosen"] = chosen
+    summary["segments"] = segments
+    return summary
 
 
 def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray, calls: Executor) -> Future:
     """Hand one chunk's generated frames to the model on `calls`; the future gives the faces to paste
     (a _Pending, or None: nothing generated in this chunk).
 
+    A chunk's frames are grouped by whose face they dub (a speaker per segment: mostly one group).
     Where the model has the runner's combined calls, a frame that needs both prepare and generate
     makes one round trip: prepare_generate (the latents stay on the runner), or with an avatar entry
     prepare_generate_latents (they come back, for the next job); frames whose latents are cached
     only generate."""
-    plan, track, model, clock = job.plan, job.track, job.model, job.clock
+    plan, model, clock = job.plan, job.model, job.clock
     sel = np.flatnonzero(plan.generate[out_idx])
     if len(sel) == 0:
         done: Future = Future()
@@ -474,55 +575,71 @@ def _generate_chunk(job: JobState, out_idx: np.ndarray, frames: np.ndarray, call
         return done
     rows = out_idx[sel]
     src = plan.source[rows]
-    boxes = track.boxes[src]
-    landmarks = track.landmarks[src] if track.landmarks is not None else None
+    whose = plan.face[rows]
+    groups = [np.flatnonzero(whose == k) for k in np.unique(whose)]  # one per face in the chunk (mostly one)
+    boxes = np.empty((len(rows), 4), np.int32)
+    landmarks = None
+    if all(job.tracks[whose[g[0]]].landmarks is not None for g in groups):
+        landmarks = np.empty((len(rows), *job.tracks[whose[0]].landmarks.shape[1:]), np.float32)
+    for g in groups:
+        track = job.tracks[whose[g[0]]]
+        boxes[g] = track.boxes[src[g]]
+        if landmarks is not None:
+            landmarks[g] = track.landmarks[src[g]]
     windows = audio_math.frame_windows(job.steps, plan.audio[rows], job.info.fps)
     weights = plan.weight[rows]
-
-    def crops(positions: np.ndarray | slice = slice(None)) -> np.ndarray:
-        return crop_faces([frames[i] for i in sel[positions]], boxes[positions])
-
-    if job.avatar is None:
-        both = getattr(model, "prepare_generate", None)
-        if both is not None:
-            with clock("prepare"):  # the crops; their VAE encode runs on the runner, with generate
-                cropped = crops()
-
-            def call() -> _Pending:
-                with clock("generate"):
-                    return _Pending(sel, both(cropped, windows), boxes, landmarks, weights)
-            return calls.submit(call)
-        with clock("prepare"):
-            latents = model.prepare(crops())
-
-        def generate() -> _Pending:
-            with clock("generate"):
-                return _Pending(sel, model.generate(latents, windows), boxes, landmarks, weights)
-        return calls.submit(generate)
-
+    both = getattr(model, "prepare_generate", None)
     keep = getattr(model, "prepare_generate_latents", None)
 
-    def from_cache() -> _Pending:
-        faces = np.empty((len(sel), CROP_SIZE, CROP_SIZE, 3), np.uint8)
-        fresh = np.zeros(len(sel), bool)
+    def crops(g: np.ndarray, positions: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return crop_faces([frames[i] for i in sel[g][positions]], boxes[g][positions])
 
-        def encode(todo: np.ndarray) -> np.ndarray:  # only frames no job has prepared before
-            if keep is None:
-                return model.prepare(crops(todo))
-            faces[todo], latents = keep(crops(todo), windows[todo])
-            fresh[todo] = True
-            return latents
+    # per group, what runs on `calls` and fills faces[g]; crops and a local prepare stay on this thread
+    faces = np.empty((len(sel), CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    work: list[Callable[[], None]] = []
+    for g in groups:
+        avatar = job.avatars[whose[g[0]]]
+        if avatar is None and both is not None:
+            with clock("prepare"):  # the crops; their VAE encode runs on the runner, with generate
+                cropped = crops(g)
 
-        latents = _cached_latents(job, src, encode)
-        rest = np.flatnonzero(~fresh)
-        if len(rest):
-            with clock("generate"):
-                faces[rest] = model.generate(latents[rest], windows[rest])
+            def call(g: np.ndarray = g, cropped: np.ndarray = cropped) -> None:
+                with clock("generate"):
+                    faces[g] = both(cropped, windows[g])
+        elif avatar is None:
+            with clock("prepare"):
+                latents = model.prepare(crops(g))
+
+            def call(g: np.ndarray = g, latents: np.ndarray = latents) -> None:
+                with clock("generate"):
+                    faces[g] = model.generate(latents, windows[g])
+        else:
+            def call(g: np.ndarray = g, avatar: Avatar = avatar) -> None:
+                fresh = np.zeros(len(g), bool)
+
+                def encode(todo: np.ndarray) -> np.ndarray:  # only frames no job has prepared before
+                    if keep is None:
+                        return model.prepare(crops(g, todo))
+                    faces[g[todo]], latents = keep(crops(g, todo), windows[g[todo]])
+                    fresh[todo] = True
+                    return latents
+
+                latents = _cached_latents(job, src[g], encode, avatar)
+                rest = np.flatnonzero(~fresh)
+                if len(rest):
+                    with clock("generate"):
+                        faces[g[rest]] = model.generate(latents[rest], windows[g[rest]])
+        work.append(call)
+
+    def run_all() -> _Pending:
+        for call in work:
+            call()
         return _Pending(sel, faces, boxes, landmarks, weights)
-    return calls.submit(from_cache)
+    return calls.submit(run_all)
 
 
-def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray], np.ndarray],
+                    avatar: Avatar | None = None) -> np.ndarray:
     """Latents of source frames `src` from the job's avatar entry; `encode(positions)` VAE-encodes the
     missing ones (in the service, in the same round trip as their generate). Timed apart: "prepare"
     is that encoding only (absent when every latent was cached), "cache" the reads of the entry, so a
@@ -540,7 +657,7 @@ def _cached_latents(job: JobState, src: np.ndarray, encode: Callable[[np.ndarray
             encoding += time.perf_counter() - start
 
     start = time.perf_counter()
-    latents = job.avatar.latents_for(src, timed)
+    latents = (avatar or job.avatar).latents_for(src, timed)
     clock.add("cache", time.perf_counter() - start - encoding)
     return latents
 
@@ -642,3 +759,130 @@ def _encode_all(job: JobState, progress: Callable[[float], None]) -> int:
             frames.take(idx)  # keep the decoder in step
         progress(min(1.0, (start + len(idx)) / max(1, n)))
     return encoded
+
+
+# --------------------------------------------------------------------------- preview
+
+
+@dataclass
+class PreviewResult:
+    frames: np.ndarray  # [k, H, W, 3] RGB: output frames start..stop-1, as the full job renders them
+    start: int  # first output frame
+    stop: int  # exclusive
+    fps: Fraction
+    output: Path | None  # the stretch as an MP4 (with its sound), when asked for
+    faces: dict | None  # as JobResult.faces
+    cache_hit: bool | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Collect:
+    """A render sink that keeps the frames (a preview's stretch is short)."""
+
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+
+    def __enter__(self) -> "_Collect":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def write(self, frames: np.ndarray) -> None:
+        self.frames.extend(np.array(f) for f in frames)
+
+    def close(self) -> None:
+        pass
+
+
+def preview(
+    model: LipSyncModel,
+    detector: FaceDetector,
+    video: Path | str,
+    audio: Path | str,
+    options: PipelineOptions | None = None,
+    *,
+    at: float | None = None,
+    seconds: float = 1.5,
+    output: Path | str | None = None,
+    cache: AvatarCache | None = None,
+    work_dir: Path | str | None = None,
+    video_info: VideoInfo | None = None,
+    masks: MaskProvider | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> PreviewResult:
+    """A short stretch of the job `run` would do with these inputs and options: the same plan (faces,
+    segments, sync mode, audio windows over the whole audio), rendered for output frames
+    [at, at + seconds) only. ``at`` (seconds of the output): default, where the dubbing starts (the
+    first generated frame: the first speech, with silence=keep). With a cache, the face track is
+    built (or found) for the whole video, so the job that follows does not track again.
+    ``output``: also write the stretch, with its sound, as an MP4 there."""
+    opts = options or PipelineOptions()
+    opts = opts if opts.codecs is not None else replace(opts, codecs=video_codecs())
+    video, audio = Path(video), Path(audio)
+    info = video_info or validate_inputs(video, audio, opts.ffmpeg_timeout_s, opts.limits.max_video_pixels)[0]
+    clock = StageClock()
+    frames = FrameSource(lambda: _reader(video, info, opts, job.n_decode), (info.height, info.width, 3), clock=clock,
+                         name=video.name)
+    job = JobState(model=model, detector=detector, video=video, audio=audio, output=None, info=info, opts=opts,
+                   clock=clock, report=lambda stage, fraction: None, should_cancel=should_cancel,
+                   work_dir=Path(work_dir) if work_dir is not None else None, frames=frames, masks=masks)
+    sound: Path | None = None
+    try:
+        _read_audio(job)
+        if job.n_decode is not None:
+            cache = None
+        with _prepared_video(job, cache) as hit:
+            job.plan = plan = build_plan(job.params, n_video=len(job.track), n_audio=job.n_audio, fps=info.fps,
+                                         has_face=np.stack([t.has_face for t in job.tracks]), speech=job.speech,
+                                         fade=opts.fade_frames, segment_face=job.segment_face)
+            start, stop = preview_window(plan, at, seconds)
+            _arrange_frames(job)
+            _audio_features(job)
+            collected = _Collect()
+            _render(job, (start, stop), collected)
+        stretch = np.stack(collected.frames)
+        out = None
+        if output is not None:
+            out = Path(output)
+            sound = out.with_name(out.stem + "-sound.wav")
+            write_soundtrack(audio, stretch_sound(plan, start, stop), sound, timeout_s=opts.ffmpeg_timeout_s)
+            with clock("encode"), VideoWriter(out, info.width, info.height, info.fps, audio_path=sound, crf=opts.crf,
+                                              preset=opts.preset, timeout_s=opts.ffmpeg_timeout_s,
+                                              codec=opts.codecs.encoder, threads=opts.codecs.threads) as writer:
+                writer.write(stretch)
+    finally:
+        frames.close()
+        if job.sound is not None and job.sound != audio:
+            job.sound.unlink(missing_ok=True)
+        if sound is not None:
+            sound.unlink(missing_ok=True)
+    return PreviewResult(frames=stretch, start=start, stop=stop, fps=info.fps, output=out, faces=faces_summary(job),
+                         cache_hit=hit if cache is not None else None, seconds=dict(clock.seconds))
+
+
+def preview_window(plan: RenderPlan, at: float | None, seconds: float) -> tuple[int, int]:
+    """Output frames [start, stop) of a preview: from ``at`` (or the first generated frame), ``seconds``
+    long, within the output; InvalidInputError (400) for an ``at`` past the output's end."""
+    n_out = len(plan)
+    if at is None:
+        generated = np.flatnonzero(plan.generate)
+        start = int(generated[0]) if len(generated) else 0
+    else:
+        start = frame_at(at, plan.fps)
+        if start >= n_out:
+            raise InvalidInputError(f"at: {at:g} s is past the end of the output ({float(plan.duration):.3f} s)")
+    length = max(1, round(seconds * plan.fps))
+    start = max(0, min(start, n_out - length))  # a full-length stretch where the output allows
+    return start, min(n_out, start + length)
+
+
+def stretch_sound(plan: RenderPlan, start: int, stop: int) -> tuple[AudioPiece, ...]:
+    """The output's sound for frames [start, stop), on the stretch's own timeline (from 0)."""
+    a, b = Fraction(start) / plan.fps, Fraction(stop) / plan.fps
+    pieces = []
+    for p in plan.sound:
+        lo, hi = max(a, p.out_start), min(b, p.out_start + p.duration)
+        if hi > lo:
+            pieces.append(AudioPiece(lo - a, p.src_start + (lo - p.out_start), hi - lo))
+    return tuple(pieces)

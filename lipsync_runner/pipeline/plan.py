@@ -50,6 +50,7 @@ class RenderPlan:
     fps: Fraction
     n_audio: int  # A: frames the new audio covers
     sound: tuple[AudioPiece, ...]
+    face: np.ndarray  # [T] int: whose face frame i dubs (a row of build_plan's has_face: a segment's own face)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -266,17 +267,21 @@ def sound_pieces(n_out: int, fps: Fraction, segments: Sequence[SegmentFrames] | 
 
 
 def build_plan(params: JobParams, *, n_video: int, n_audio: int, fps: Fraction, has_face: np.ndarray,
-               speech: np.ndarray | None = None, fade: int = DEFAULT_FADE_FRAMES) -> RenderPlan:
+               speech: np.ndarray | None = None, fade: int = DEFAULT_FADE_FRAMES,
+               segment_face: Sequence[int | None] | None = None) -> RenderPlan:
     """The plan for one job.
 
     n_video: N, frames of the video (the face track's length); n_audio: A; has_face: [N] bool of the
-    chosen face track; speech: [A] bool per audio frame (speech.speech_frames), needed for
-    silence=keep. Frames whose audio lies past the end of the new audio (sync_mode=silence's padded
-    tail) are silence in both silence modes: there is no speech to drive them.
+    chosen face track, or [K, N]: one row per face the job dubs (segments with their own face);
+    segment_face[k]: the row segment k dubs (None or absent: row 0, the job's face); speech: [A] bool
+    per audio frame (speech.speech_frames), needed for silence=keep. Frames whose audio lies past the
+    end of the new audio (sync_mode=silence's padded tail) are silence in both silence modes: there
+    is no speech to drive them.
     """
     fps = Fraction(fps)
-    if len(has_face) != n_video:
-        raise ValueError(f"face track of {len(has_face)} frames for a video of {n_video}")
+    has_face = np.atleast_2d(np.asarray(has_face, bool))
+    if has_face.shape[1] != n_video:
+        raise ValueError(f"face track of {has_face.shape[1]} frames for a video of {n_video}")
     n_out = output_length(params.sync_mode, n_video, n_audio)
     source = source_frames(params.sync_mode, n_out, n_video)
     segs = segment_frames(params.segments, fps, n_out, n_audio) if params.segments else None
@@ -294,9 +299,13 @@ def build_plan(params: JobParams, *, n_video: int, n_audio: int, fps: Fraction, 
     weight = fade_out_of(talking, fade)
     if segs is not None:
         weight *= fade_within(inside_segments(n_out, segs), fade)
-    generate = (weight > 0) & np.asarray(has_face, bool)[source]
+    face = np.zeros(n_out, np.int64)
+    for seg, row in zip(segs or (), segment_face or ()):
+        if row is not None:
+            face[seg.start : seg.stop] = row
+    generate = (weight > 0) & has_face[face, source]
     return RenderPlan(source=source, weight=weight, audio=audio, generate=generate, fps=fps, n_audio=n_audio,
-                      sound=sound_pieces(n_out, fps, segs))
+                      sound=sound_pieces(n_out, fps, segs), face=face)
 
 
 def check_segments(params: JobParams, *, n_video_estimate: int, n_audio: int, fps: Fraction) -> None:

@@ -2,6 +2,8 @@
 
 One ASGI middleware over the whole `LipSync` app:
 
+* `POST /preview` is served by the REST route `POST /api/lip-sync/preview` (its answer is a
+  file with headers, which BentoML's endpoint model cannot express).
 * `POST /generate` (BentoML's endpoint) is served by the REST route `POST
   /api/lip-sync/generate`: BentoML would read the whole multipart body into memory and a
   temp dir before our code runs; the REST route streams it through the one admission path.
@@ -29,6 +31,7 @@ from lipsync_runner.api.errors import generic_error
 from lipsync_runner.api.operations import JobOperations
 
 BENTOML_GENERATE = "/generate"
+BENTOML_PREVIEW = "/preview"  # served by the REST route POST /api/lip-sync/preview (multipart, binary answer)
 PROBES = {"/readyz": ("ready", "not ready"), "/livez": ("alive", "not alive")}
 _JSON = b"application/json"
 log = logging.getLogger(__name__)
@@ -63,6 +66,9 @@ class BentoMLSurface:
             return
         if path == BENTOML_GENERATE and scope.get("method") == "POST":
             scope = {**scope, "path": self.rest_generate_path, "raw_path": self.rest_generate_path.encode()}
+        elif path == BENTOML_PREVIEW and scope.get("method") == "POST":  # the REST route, as generate's
+            rest = self.rest_generate_path.rsplit("/", 1)[0] + BENTOML_PREVIEW
+            scope = {**scope, "path": rest, "raw_path": rest.encode()}
         probe = PROBES.get(path)
 
         held: dict = {}

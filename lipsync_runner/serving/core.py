@@ -31,6 +31,7 @@ from lipsync_runner.pipeline.scratch_disk import ScratchLedger
 from lipsync_runner.media.credentials import ContentSigner
 from lipsync_runner.serving.executor import JobExecutor
 from lipsync_runner.serving.live import LiveSources
+from lipsync_runner.serving.preview import Previewer
 from lipsync_runner.serving.remote import RunnerLink
 from lipsync_runner.storage.factory import open_storage
 from lipsync_runner.storage.job_files import JobFiles
@@ -81,10 +82,12 @@ class ServiceCore:
             on_removed=self.avatars.release_job if self.avatars is not None else None,
             on_event=self.integration.on_job_event)
         avatar_room = None if self.avatars is None else self.avatars.check_room_for_avatar
+        self.previewer = Previewer(settings, self.executor)  # POST /preview: beside the workers, bounded
         self.operations = JobOperations(self.manager, settings.limits, ensure_ready=self.ensure_ready,
                                         integration=self.integration, scratch=self.scratch,
                                         avatars_enabled=self.avatars is not None, avatar_room=avatar_room,
-                                        defaults={"bbox_shift": settings.runner.bbox_shift})
+                                        defaults={"bbox_shift": settings.runner.bbox_shift},
+                                        previewer=self.previewer)
         self.live = LiveSources(settings, link=self.link, manager=self.manager, avatars=self.avatars,
                                 detectors=self.executor.detectors, scratch_dir=data_dir / "live")
         self.rest_app: FastAPI = create_rest_app(self.operations, self.health, settings.limits, debug=s.debug,

@@ -40,6 +40,7 @@ from lipsync_runner.media.ffmpeg import PROBE_TIMEOUT_S
 from lipsync_runner.media.hls import HlsOutput
 from lipsync_runner.media.thumbnails import THUMBNAIL_NAME, THUMBNAIL_WIDTH, write_thumbnail
 from lipsync_runner.pipeline.avatar_cache import AvatarCache
+from lipsync_runner.params import JobParams
 from lipsync_runner.pipeline.job import PipelineOptions, prepare_avatar, run
 from lipsync_runner.pipeline.scratch_disk import Reservation, ScratchLedger, estimate
 from lipsync_runner.serving.job_inputs import PreparedInputs, prepare_inputs
@@ -69,7 +70,9 @@ class JobExecutor:
         self.avatars = avatars
         self.credentials = credentials  # signs each MP4 output (content credentials); None: off
         # one detector per running job (built when first needed), not one per process behind a lock
-        self.detectors = DetectorPool(self._load_detector, size=settings.service.job_workers)
+        # ... plus one per preview slot (previews render beside the workers, bounded): neither waits on the other
+        self.detectors = DetectorPool(self._load_detector,
+                                      size=settings.service.job_workers + settings.service.max_concurrent_previews)
 
     def __call__(self, ctx: JobContext) -> JobOutcome:
         try:
@@ -149,12 +152,21 @@ class JobExecutor:
         return inputs
 
     def _options(self, ctx: JobContext) -> tuple[RemoteModel, PipelineOptions]:
-        health = self._wait_for_models(ctx)
+        return self.model_and_options(ctx.job.params, ctx.job.job_id, self._wait_for_models(ctx))
+
+    def model_and_options(self, params: JobParams, tag: str, health: dict[str, Any] | None = None
+                          ) -> tuple[RemoteModel, PipelineOptions]:
+        """The runner's model and the pipeline options for a job's parameters (a preview's too: the same
+        options, so it renders what the job will); ``health``: the runner's, asked now if not given."""
+        if health is None:
+            health = self.runner.health_sync()
+            if not health.get("models_loaded"):
+                raise ModelsNotReadyError(f"Models not loaded: {health.get('error') or health.get('status')}")
         service = self.settings.service
-        model = RemoteModel(self.runner.submitter(), chunk_frames=service.chunk_frames, tag=job_tag(ctx.job.job_id),
+        model = RemoteModel(self.runner.submitter(), chunk_frames=service.chunk_frames, tag=job_tag(tag),
                             timeout_s=service.runner_timeout_s, weights_id=health.get("weights_id") or "")
         # one batch size for jobs and avatars: an avatar's latents are the ones a job would compute
-        options = PipelineOptions.from_settings(self.settings.runner, ctx.job.params,
+        options = PipelineOptions.from_settings(self.settings.runner, params,
                                                 version=health.get("model_version") or "v15",
                                                 batch_size=service.chunk_frames * 4,
                                                 chunks_in_flight=service.chunks_in_flight,
