@@ -135,6 +135,14 @@ def wait_until_at_work(fleet: Fleet, job_id: str, timeout: float = 120) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+
+def job_files(fleet, job_id: str) -> list[str]:
+    """A job's files in the bucket, beside its progressive output (live.m3u8 and its segments, published
+    to the bucket as they are made: test_progressive.py), which every finished job also has."""
+    names = sorted(k.rsplit("/", 1)[1] for k in fleet.keys(job_id))
+    assert "live.m3u8" in names, names
+    return [n for n in names if not n.startswith("live")]
+
 def test_the_api_reaches_the_runner_through_the_dependency_mapping(fleet):
     for api in (fleet.a, fleet.b):
         body = httpx.get(f"{api.url}{API}/health", timeout=30).json()
@@ -159,8 +167,8 @@ def test_eight_jobs_submitted_to_one_replica_run_on_both_and_are_served_by_the_o
     assert set(ran_on.values()) == {fleet.a.url, fleet.b.url}, ran_on
 
     ran_on_a = next(j for j, url in ran_on.items() if url == fleet.a.url)
-    assert sorted(k.rsplit("/", 1)[1] for k in fleet.keys(ran_on_a)) == ["input_audio.wav", "input_video.mp4",
-                                                                        "output.mp4", "thumbnail.jpg"]
+    assert job_files(fleet, ran_on_a) == ["credentials.json", "input_audio.wav", "input_video.mp4", "output.mp4",
+                                          "thumbnail.jpg"]
     whole = httpx.get(f"{fleet.b.url}{API}/download/{ran_on_a}", timeout=60)  # from the bucket, through B
     assert whole.status_code == 200 and whole.headers["content-type"] == "video/mp4"
     out = tmp_path / "out.mp4"
@@ -213,8 +221,8 @@ def test_sigkill_of_the_replica_running_a_job_lets_the_other_finish_it(fleet, me
     done = wait_for(survivor, job_id, timeout=600)  # generous: a new replica boots meanwhile
     assert done["status"] == "completed" and done["attempts"] == 2, done
     assert fleet.replica_of(fleet.record(job_id)["lease_owner"]) is survivor
-    assert sorted(k.rsplit("/", 1)[1] for k in fleet.keys(job_id)) == ["input_audio.wav", "input_video.mp4",
-                                                                      "output.mp4", "thumbnail.jpg"]  # one output
+    assert job_files(fleet, job_id) == ["credentials.json", "input_audio.wav", "input_video.mp4", "output.mp4",
+                                        "thumbnail.jpg"]  # one output
     uploads = fleet.s3.client().list_multipart_uploads(Bucket=fleet.bucket).get("Uploads", [])
     assert uploads == []
     with psycopg.connect(fleet.db_url) as conn:

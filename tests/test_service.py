@@ -323,8 +323,9 @@ def test_a_job_survives_a_killed_server_and_finished_jobs_stay_downloadable(tmp_
         # the files, the progressive output: live.m3u8 and its segments, test_progressive.py)
         job_dir = server.data_dir / "jobs" / running
         names = sorted(p.name for p in job_dir.iterdir())
-        assert [n for n in names if not n.startswith("live")] == ["input_audio.wav", "input_video.mp4", "output.mp4",
-                                                                  "thumbnail.jpg"]
+        # (and the result's content credentials, test_credentials.py)
+        assert [n for n in names if not n.startswith("live")] == ["credentials.json", "input_audio.wav",
+                                                                  "input_video.mp4", "output.mp4", "thumbnail.jpg"]
         assert "live.m3u8" in names and not [n for n in names if n.endswith(".tmp")]
     finally:
         stop_server(server)
