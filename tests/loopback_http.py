@@ -6,10 +6,12 @@ or an iterable of chunks (sent chunked, one by one: slow and endless bodies are 
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -98,3 +100,26 @@ class LoopbackServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(5)
+
+
+@contextmanager
+def serve_asgi(app, *, listener: socket.socket | None = None, **config) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a loopback port, in a thread: yields its base URL.
+    ``listener``: a socket already bound (to tune its options); ``config``: more uvicorn.Config."""
+    import uvicorn
+
+    if listener is None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -290,27 +290,13 @@ def test_an_older_job_database_gains_the_kind_column_and_its_records_stay_jobs(t
 @pytest.fixture(scope="module")
 def server(app):
     """The same app on a loopback port, for the synchronous SDK and the `lipsync` command."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
-    mounted = Starlette(routes=[Mount("/api/lip-sync", app=app)])  # where the clients look for it
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(mounted, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    from .loopback_http import serve_asgi
+
+    with serve_asgi(Starlette(routes=[Mount("/api/lip-sync", app=app)])) as url:  # where the clients look
+        yield url
 
 
 def test_the_sdk_and_the_cli_create_list_use_and_delete_avatars(server, clip, tmp_path, capsys):

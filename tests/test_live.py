@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import httpx_ws
 import pytest
-import uvicorn
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
@@ -31,6 +30,8 @@ from lipsync_runner.config import (ApiLimits, AuthSettings, LiveSettings, Runner
 from lipsync_runner.media.ffmpeg import ffmpeg_exe, probe_video
 from lipsync_runner.serving.core import ServiceCore
 from lipsync_runner.serving.runner import RunnerCore
+
+from .loopback_http import serve_asgi
 
 FPS = 25
 TOKEN_A, TOKEN_B = "tok-a", "tok-b"
@@ -80,16 +81,8 @@ def server(core):
     # at once, and the server's own bound is what is left to hold the rest
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
     listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, ws="wsproto", log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
+    with serve_asgi(app, listener=listener, ws="wsproto") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

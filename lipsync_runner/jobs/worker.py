@@ -369,38 +369,33 @@ class JobWorker:
         if stage == run.written_stage and now - run.written_at < PROGRESS_WRITE_INTERVAL_S:
             return
         run.written_stage, run.written_at = stage, now
-
-        def change(current: JobRecord, _now: datetime) -> dict[str, object] | None:
-            if current.status is not JobStatus.processing or current.lease_owner != s.replica_id:
-                return None
-            return {"stage": stage, "progress": fraction}
-
-        try:
-            s.store.modify(run.job_id, change)
-        except JobNotFoundError:
-            return
-        except Exception:
-            log.warning("job %s: could not record progress", run.job_id, exc_info=True)
-            return
-        s.emit(run.job_id, "progress")
+        if self._record_running(run, {"stage": stage, "progress": fraction}, "progress"):
+            s.emit(run.job_id, "progress")
 
     def _note_live(self, run: Running, seconds: float, ended: bool) -> None:
         """Record the playable part of the progressive output (the status shows it on every replica)."""
+        if self._record_running(run, {"live": {"seconds": round(float(seconds), 3), "ended": bool(ended)}},
+                                "its progressive output"):
+            self._s.notify(run.job_id)
+
+    def _record_running(self, run: Running, fields: dict[str, object], what: str) -> bool:
+        """Write fields of a job this replica still runs (not after it ended or was taken over); a
+        failed write is logged, never raised into the render. True when written."""
         s = self._s
 
         def change(current: JobRecord, _now: datetime) -> dict[str, object] | None:
             if current.status is not JobStatus.processing or current.lease_owner != s.replica_id:
                 return None
-            return {"live": {"seconds": round(float(seconds), 3), "ended": bool(ended)}}
+            return fields
 
         try:
             s.store.modify(run.job_id, change)
         except JobNotFoundError:
-            return
+            return False
         except Exception:
-            log.warning("job %s: could not record its progressive output", run.job_id, exc_info=True)
-            return
-        s.notify(run.job_id)
+            log.warning("job %s: could not record %s", run.job_id, what, exc_info=True)
+            return False
+        return True
 
     # -- the end of a job ------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ WebM output is left unsigned (:func:`can_sign`).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lipsync_runner.config import CredentialsSettings
+from lipsync_runner.media.digests import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ SIGNABLE = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime"}
 # the others are described without their bytes (title, format and hash in JOB_ASSERTION).
 _INGREDIENT_TYPES = {"mov": "video/mp4", "avi": "video/x-msvideo", "mp3": "audio/mpeg", "wav": "audio/wav",
                      "flac": "audio/flac"}
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -72,14 +71,6 @@ class Provenance:
 
 def can_sign(path: Path) -> bool:
     return Path(path).suffix.lower() in SIGNABLE
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ContentSigner:
@@ -114,7 +105,7 @@ class ContentSigner:
         """Embed a signed manifest in ``output`` (replaced atomically) and return it as read back."""
         output = Path(output)
         media_type = SIGNABLE[output.suffix.lower()]
-        hashes_ = {i.role: _sha256(i.path) for i in ingredients}
+        hashes_ = {i.role: file_sha256(i.path) for i in ingredients}
         definition = {
             "claim_generator_info": [{"name": provenance.software, "version": provenance.software_version}],
             "title": output.name,

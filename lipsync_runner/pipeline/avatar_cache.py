@@ -61,6 +61,7 @@ import numpy as np
 
 from lipsync_runner.errors import InsufficientStorageError
 from lipsync_runner.faces import FaceTrack
+from lipsync_runner.media.digests import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,6 @@ def owner_key(key: str, owner: str | None) -> str:
     if owner is None:
         return key
     return hashlib.sha256(f"{key}/{owner}".encode()).hexdigest()[:32]
-
-
-def file_sha256(path: Path, chunk: int = 4 * 2**20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Avatar:
