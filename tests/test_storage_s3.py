@@ -292,7 +292,11 @@ def test_a_url_jobs_fetched_inputs_and_thumbnail_are_stored_with_it(s3, bucket, 
                 assert time.monotonic() < deadline, status
                 time.sleep(0.1)
             assert status["status"] == "completed", status
-            assert not (data / "jobs" / job_id).exists()  # the worker's scratch is gone: only the bucket has them
+            # the worker's scratch goes right after the job's final status is written: only the bucket has them
+            scratch, gone_by = data / "jobs" / job_id, time.monotonic() + 30
+            while scratch.exists():
+                assert time.monotonic() < gone_by, sorted(p.name for p in scratch.iterdir())
+                time.sleep(0.05)
             stored = {k.rsplit("/", 1)[1] for k in s3.keys(bucket, f"{prefix}/jobs/{job_id}/")}
             assert {"input_video.mp4", "input_audio.wav", "input_video.url.json", "input_audio.url.json",
                     "thumbnail.jpg", "output.mp4"} <= stored, stored
