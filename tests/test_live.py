@@ -198,6 +198,24 @@ def test_tenancy_and_tokens(server, avatar_id):
         ws.send_text(json.dumps({"type": "end"}))
 
 
+def test_a_session_reserves_its_frames_on_the_jobs_disk_ledger(server, avatar_id, core):
+    """The session's frame store counts against the disk jobs use: without room, 4507 (a job's 507)."""
+    ledger = core.executor.scratch
+    floor = ledger.floor_bytes
+    ledger.floor_bytes = ledger.free_bytes()  # nothing above the floor is left
+    try:
+        refused = closed(server, TOKEN_A, avatar_id)
+    finally:
+        ledger.floor_bytes = floor
+    assert refused.code == 4507 and "disk space" in refused.message
+    assert ledger.reserved_bytes == 0  # nothing held after the refusal
+    with LipSyncClient(server, TOKEN_A) as c, c.live(avatar_id) as session:  # with room again, it opens
+        assert session.ready["type"] == "ready"
+        session.end()
+        for _ in session:
+            pass
+
+
 def test_session_limits_and_idle_timeout(server, avatar_id, core):
     with LipSyncClient(server, TOKEN_A) as a1, a1.live(avatar_id), LipSyncClient(server, TOKEN_A) as a2, \
             a2.live(avatar_id):

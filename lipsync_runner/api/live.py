@@ -11,7 +11,7 @@ Protocol (docs/api.md, "Live sessions"):
   "frames": N, ...}`` and a normal close (1000).
 * close codes: 4400 bad request or message, 4401 no valid token (api/auth.py), 4404 no such avatar
   (or another owner's), 4409 avatar not ready, 4429 too many sessions, 4408 idle timeout, 4503 models
-  not loaded, 1011 server error.
+  not loaded, 4507 not enough disk for the session's frames (as a job's 507), 1011 server error.
 
 Auth: ``Authorization: Bearer <token>``, or, from a browser (which cannot set headers on a
 WebSocket), the subprotocols ``["lipsync.live", "bearer.<token>"]``; the server answers with
@@ -35,8 +35,8 @@ from starlette.websockets import WebSocket
 from lipsync_runner.api.auth import request_client, request_owner
 from lipsync_runner.config import LiveSettings
 from lipsync_runner.integration import metrics
-from lipsync_runner.errors import (AvatarNotFoundError, AvatarNotReadyError, JobCancelledError, LipSyncError,
-                                   ModelsNotReadyError)
+from lipsync_runner.errors import (AvatarNotFoundError, AvatarNotReadyError, InsufficientStorageError,
+                                   JobCancelledError, LipSyncError, ModelsNotReadyError)
 from lipsync_runner.models.musetalk import LipSyncModel
 from lipsync_runner.pipeline.live import LiveSession, LiveSource, ready_message
 
@@ -46,7 +46,7 @@ SUBPROTOCOL = "lipsync.live"
 BEARER_PREFIX = "bearer."
 CLOSE_NORMAL, CLOSE_ERROR = 1000, 1011
 CLOSE_BAD, CLOSE_NOT_FOUND, CLOSE_NOT_READY = 4400, 4404, 4409
-CLOSE_IDLE, CLOSE_BUSY, CLOSE_NO_MODELS = 4408, 4429, 4503
+CLOSE_IDLE, CLOSE_BUSY, CLOSE_NO_MODELS, CLOSE_NO_SPACE = 4408, 4429, 4503, 4507
 MAX_TEXT_BYTES = 4096
 
 
@@ -180,6 +180,8 @@ async def _serve(websocket: WebSocket, gateway: LiveGateway, settings: LiveSetti
             return CLOSE_NOT_READY, str(exc), None
         except ModelsNotReadyError as exc:
             return CLOSE_NO_MODELS, str(exc), None
+        except InsufficientStorageError as exc:
+            return CLOSE_NO_SPACE, str(exc), None
         except LipSyncError as exc:
             log.warning("live session %s failed: %s", session_id, exc)
             return CLOSE_ERROR, str(exc), None

@@ -89,7 +89,8 @@ class ServiceCore:
                                         defaults={"bbox_shift": settings.runner.bbox_shift},
                                         previewer=self.previewer)
         self.live = LiveSources(settings, link=self.link, manager=self.manager, avatars=self.avatars,
-                                detectors=self.executor.detectors, scratch_dir=data_dir / "live")
+                                detectors=self.executor.detectors, scratch=self.executor.scratch,
+                                scratch_dir=data_dir / "live")
         self.rest_app: FastAPI = create_rest_app(self.operations, self.health, settings.limits, debug=s.debug,
                                                  live=lambda: self.live)
         self.auth_enabled = settings.auth.enabled

@@ -25,17 +25,18 @@ from lipsync_runner.models.musetalk import LipSyncModel
 from lipsync_runner.pipeline.avatar_cache import AvatarCache
 from lipsync_runner.pipeline.job import PipelineOptions
 from lipsync_runner.pipeline.live import LiveSource, open_live_source
+from lipsync_runner.pipeline.scratch_disk import ScratchLedger
 from lipsync_runner.serving.packing import job_tag
 from lipsync_runner.serving.remote import RemoteModel, RunnerLink
 
 
 class LiveSources:
     def __init__(self, settings: Settings, *, link: RunnerLink, manager: Manager, avatars: AvatarCache | None,
-                 detectors: DetectorPool, scratch_dir: Path) -> None:
+                 detectors: DetectorPool, scratch: ScratchLedger, scratch_dir: Path) -> None:
         self.all_settings = settings
         self.settings: LiveSettings = settings.live
         self.link, self.manager, self.avatars, self.detectors = link, manager, avatars, detectors
-        self.scratch_dir = scratch_dir
+        self.scratch, self.scratch_dir = scratch, scratch_dir
 
     @contextmanager
     def open(self, avatar_id: str, owner: str | None, session_id: str) -> Iterator[tuple[LiveSource, LipSyncModel]]:
@@ -56,7 +57,12 @@ class LiveSources:
                                                 batch_size=s.service.chunk_frames * 4, limits=media_limits(s.limits))
         info = probe_video(video, timeout_s=PROBE_TIMEOUT_S, max_pixels=s.limits.max_video_pixels)
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="live-", dir=self.scratch_dir) as work, ExitStack() as stack:
+        # the session's frame store holds the avatar's decoded frames (cycled): reserved on the jobs' disk
+        # ledger like a job's scratch, so sessions never fill the disk under running jobs (507 -> 4507)
+        frames = max(1, info.packet_count or info.frame_count_estimate)
+        need = frames * info.width * info.height * 3
+        with tempfile.TemporaryDirectory(prefix="live-", dir=self.scratch_dir) as work, \
+                self.scratch.reserve(need, directory=work), ExitStack() as stack:
             # the jobs' detector pool, lent only while the source opens (the cache key names the detector;
             # a ready avatar's track comes from the cache); a spare when every job holds one, so a session
             # never waits for another tenant's job, nor holds a detector for its length
