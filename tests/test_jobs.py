@@ -979,7 +979,8 @@ def test_queued_jobs_are_requeued_in_creation_order(backend, data, make_manager,
     interrupted = fake_crash(backend, data, JobStatus.processing, attempts=1, created_at=base)
     manager = make_manager(data, workers=1)
     for r in (*recs, interrupted):
-        assert manager.wait(r.job_id, timeout=5).status is JobStatus.completed
+        done = manager.wait(r.job_id, timeout=5)
+        assert done.status is JobStatus.completed, (done.status, done.error, done.attempts)  # why, if not
     assert executor.calls == [interrupted.job_id, recs[1].job_id, recs[2].job_id, recs[0].job_id]
 
 
