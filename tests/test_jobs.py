@@ -1195,6 +1195,35 @@ def test_the_sweep_runs_on_one_replica_at_a_time(replicas, backend):
     assert backend.all_stored(None) == set()
 
 
+
+def test_a_job_claimed_while_the_sweep_lists_scratch_keeps_its_scratch(backend, data, make_manager):
+    """With a bucket, a replica's sweep removes the local scratch of jobs it does not run. A worker
+    that claims a job between the sweep's look at what runs and the removal keeps its directory (with
+    no grace, as the tests run the sweep, this raced a just-claimed job's staged inputs away)."""
+    if not backend.bucket:
+        pytest.skip("with local storage the job directories are the storage, never swept as scratch")
+    from lipsync_runner.jobs.shared import Running
+
+    manager = make_manager(data, start=False)
+    s = manager._shared
+    claimed, idle = new_job_id(), new_job_id()
+    for job_id in (claimed, idle):
+        (s.files.job_dir(job_id, create=True) / "video.mp4").write_bytes(b"video")
+    listed = s.files.orphans
+
+    def orphans_while_a_worker_claims(*args, **kwargs):
+        found = listed(*args, **kwargs)
+        with s.lock:
+            s.running[claimed] = Running(claimed)  # a worker claims it now, as a worker does
+        return found
+
+    s.files.orphans = orphans_while_a_worker_claims
+    manager._sweeper._remove_local_orphans(0.0)
+    assert (s.files.job_dir(claimed) / "video.mp4").read_bytes() == b"video"
+    assert not s.files.job_dir(idle).exists()  # scratch of a job nobody runs here still goes
+    s.running.pop(claimed)
+
+
 # -- expiry ----------------------------------------------------------------------------------
 
 

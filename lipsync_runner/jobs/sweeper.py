@@ -123,12 +123,18 @@ class JobSweeper:
                 return removed  # the local directories are the storage: see _remove_stored_orphans
             active = set(s.uploads) | set(s.running)
             for path in s.files.orphans(active, active, min_age_s=grace_s):
-                try:
-                    s.files.remove_orphan(path)
-                    removed += 1
-                    log.info("removed local scratch %s", path)
-                except OSError:
-                    log.exception("could not remove %s", path)
+                job_id = path.name if path.parent == s.files.root else path.parent.name
+                # a worker registers a job in `running` (under s.lock) before it makes the job's scratch:
+                # checked again under that lock, a job claimed since `active` was taken keeps its scratch
+                with s.lock:
+                    if job_id in s.running or job_id in s.uploads:
+                        continue
+                    try:
+                        s.files.remove_orphan(path)
+                        removed += 1
+                        log.info("removed local scratch %s", path)
+                    except OSError:
+                        log.exception("could not remove %s", path)
         return removed
 
     def _remove_stored_orphans(self, grace_s: float) -> int:
