@@ -383,9 +383,11 @@ class JobFront:
         s = self._s
         self._lookup(job_id, owner)
         with s.changed:
-            self._lookup(job_id, owner)
+            rec = self._lookup(job_id, owner)
             s.store.delete(job_id)
             run = s.running.get(job_id)
+            if run is not None and rec.status.finished:
+                run = None  # its worker wrote the end and stores nothing more: the files go now, here
             if run is not None:
                 run.doomed = True
                 run.cancel.set()

@@ -413,17 +413,22 @@ class JobWorker:
             if not self._write_final(rec.job_id, final):
                 run.doomed = run.doomed or self._store_says_gone(rec.job_id)
         try:
-            if run.doomed:
-                s.remove_files(rec.job_id)  # removed while it ran: what it stored is an orphan
-            elif not s.storage.is_local:
+            if not run.doomed and not s.storage.is_local:
                 s.files.remove(rec.job_id)  # scratch
         except Exception:
-            log.exception("job %s: could not remove its files (the sweeper will)", rec.job_id)
-        if run.doomed:  # what the run itself left here (its avatar refs) outlived the cleanup's hook
-            s.removed(rec.job_id)
+            log.exception("job %s: could not remove its scratch (the sweeper will)", rec.job_id)
+        # whether it was removed while it ran is read as it leaves `running`, under the lock cleanup
+        # marks it with: a cleanup before this leaves the files to this worker, one after removes them
         with s.changed:
+            doomed = run.doomed
             s.running.pop(rec.job_id, None)
             s.durations.append(time.monotonic() - run.started)
+        if doomed:
+            try:
+                s.remove_files(rec.job_id)  # removed while it ran: what it stored is an orphan
+            except Exception:
+                log.exception("job %s: could not remove its files (the sweeper will)", rec.job_id)
+            s.removed(rec.job_id)  # what the run itself left here (its avatar refs) outlived the cleanup's hook
         s.notify(rec.job_id)
         self.release_if_idle()
         log.info("job %s: %s%s", rec.job_id, "removed while running" if run.doomed else
