@@ -88,9 +88,7 @@ class ServiceCore:
                                         avatars_enabled=self.avatars is not None, avatar_room=avatar_room,
                                         defaults={"bbox_shift": settings.runner.bbox_shift},
                                         previewer=self.previewer)
-        self.live = LiveSources(settings, link=self.link, manager=self.manager, avatars=self.avatars,
-                                detectors=self.executor.detectors, scratch=self.executor.scratch,
-                                scratch_dir=data_dir / "live")
+        self.live = LiveSources(settings, executor=self.executor, manager=self.manager, scratch_dir=data_dir / "live")
         self.rest_app: FastAPI = create_rest_app(self.operations, self.health, settings.limits, debug=s.debug,
                                                  live=lambda: self.live)
         self.auth_enabled = settings.auth.enabled

@@ -154,17 +154,19 @@ class JobExecutor:
     def _options(self, ctx: JobContext) -> tuple[RemoteModel, PipelineOptions]:
         return self.model_and_options(ctx.job.params, ctx.job.job_id, self._wait_for_models(ctx))
 
-    def model_and_options(self, params: JobParams, tag: str, health: dict[str, Any] | None = None
-                          ) -> tuple[RemoteModel, PipelineOptions]:
-        """The runner's model and the pipeline options for a job's parameters (a preview's too: the same
-        options, so it renders what the job will); ``health``: the runner's, asked now if not given."""
+    def model_and_options(self, params: JobParams, tag: str, health: dict[str, Any] | None = None, *,
+                          chunk_frames: int | None = None) -> tuple[RemoteModel, PipelineOptions]:
+        """The runner's model and the pipeline options for a job's parameters (a preview's and a live
+        session's too: the same options, so the same avatar-cache key and render); ``health``: the
+        runner's, asked now if not given; ``chunk_frames``: frames per runner call (default the jobs')."""
         if health is None:
             health = self.runner.health_sync()
             if not health.get("models_loaded"):
                 raise ModelsNotReadyError(f"Models not loaded: {health.get('error') or health.get('status')}")
         service = self.settings.service
-        model = RemoteModel(self.runner.submitter(), chunk_frames=service.chunk_frames, tag=job_tag(tag),
-                            timeout_s=service.runner_timeout_s, weights_id=health.get("weights_id") or "")
+        model = RemoteModel(self.runner.submitter(), chunk_frames=chunk_frames or service.chunk_frames,
+                            tag=job_tag(tag), timeout_s=service.runner_timeout_s,
+                            weights_id=health.get("weights_id") or "")
         # one batch size for jobs and avatars: an avatar's latents are the ones a job would compute
         options = PipelineOptions.from_settings(self.settings.runner, params,
                                                 version=health.get("model_version") or "v15",

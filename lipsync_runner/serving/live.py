@@ -15,46 +15,34 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from lipsync_runner.config import LiveSettings, Settings
-from lipsync_runner.errors import LipSyncError, ModelsNotReadyError
-from lipsync_runner.faces.detectors.pool import DetectorPool
-from lipsync_runner.inputs.validation import media_limits
+from lipsync_runner.errors import LipSyncError
 from lipsync_runner.jobs import avatars as avatar_records
 from lipsync_runner.jobs.front import Manager
 from lipsync_runner.media.ffmpeg import PROBE_TIMEOUT_S, probe_video
 from lipsync_runner.models.musetalk import LipSyncModel
-from lipsync_runner.pipeline.avatar_cache import AvatarCache
-from lipsync_runner.pipeline.job import PipelineOptions
 from lipsync_runner.pipeline.live import LiveSource, open_live_source
-from lipsync_runner.pipeline.scratch_disk import ScratchLedger
-from lipsync_runner.serving.packing import job_tag
-from lipsync_runner.serving.remote import RemoteModel, RunnerLink
+from lipsync_runner.serving.executor import JobExecutor
 
 
 class LiveSources:
-    def __init__(self, settings: Settings, *, link: RunnerLink, manager: Manager, avatars: AvatarCache | None,
-                 detectors: DetectorPool, scratch: ScratchLedger, scratch_dir: Path) -> None:
+    def __init__(self, settings: Settings, *, executor: JobExecutor, manager: Manager, scratch_dir: Path) -> None:
         self.all_settings = settings
         self.settings: LiveSettings = settings.live
-        self.link, self.manager, self.avatars, self.detectors = link, manager, avatars, detectors
-        self.scratch, self.scratch_dir = scratch, scratch_dir
+        # the jobs' runner link, avatar cache, detector pool and disk ledger, through their executor
+        self.executor, self.manager, self.scratch_dir = executor, manager, scratch_dir
 
     @contextmanager
     def open(self, avatar_id: str, owner: str | None, session_id: str) -> Iterator[tuple[LiveSource, LipSyncModel]]:
         """From a worker thread: the session's source and model (AvatarNotFoundError, AvatarNotReadyError,
         ModelsNotReadyError as a generate by avatar_id would raise them)."""
-        if self.avatars is None:
+        executor = self.executor
+        if executor.avatars is None:
             raise LipSyncError(avatar_records.DISABLED)
         record = avatar_records.ready_avatar(self.manager, avatar_id, owner)
         video = avatar_records.stored_video(self.manager, record, owner)
-        health = self.link.health_sync()
-        if not health.get("models_loaded"):
-            raise ModelsNotReadyError(f"Models not loaded: {health.get('error') or health.get('status')}")
-        s = self.all_settings
-        model = RemoteModel(self.link.submitter(), chunk_frames=self.settings.batch_frames, tag=job_tag(session_id),
-                            timeout_s=s.service.runner_timeout_s, weights_id=health.get("weights_id") or "")
         # the options the avatar was prepared with (serving/executor.py): its cache key is this session's
-        options = PipelineOptions.from_settings(s.runner, record.params, version=health.get("model_version") or "v15",
-                                                batch_size=s.service.chunk_frames * 4, limits=media_limits(s.limits))
+        model, options = executor.model_and_options(record.params, session_id, chunk_frames=self.settings.batch_frames)
+        s = self.all_settings
         info = probe_video(video, timeout_s=PROBE_TIMEOUT_S, max_pixels=s.limits.max_video_pixels)
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
         # the session's frame store holds the avatar's decoded frames (cycled): reserved on the jobs' disk
@@ -62,13 +50,13 @@ class LiveSources:
         frames = max(1, info.packet_count or info.frame_count_estimate)
         need = frames * info.width * info.height * 3
         with tempfile.TemporaryDirectory(prefix="live-", dir=self.scratch_dir) as work, \
-                self.scratch.reserve(need, directory=work), ExitStack() as stack:
+                executor.scratch.reserve(need, directory=work), ExitStack() as stack:
             # the jobs' detector pool, lent only while the source opens (the cache key names the detector;
             # a ready avatar's track comes from the cache); a spare when every job holds one, so a session
             # never waits for another tenant's job, nor holds a detector for its length
-            with self.detectors.lease_or_spare() as detector:
+            with executor.detectors.lease_or_spare() as detector:
                 source = stack.enter_context(open_live_source(model, detector, video, info,
-                                                              self.avatars.for_job(avatar_id, owner, pin=True),
+                                                              executor.avatars.for_job(avatar_id, owner, pin=True),
                                                               options, Path(work)))
             self.manager.extend_expiry(avatar_id)  # a use, like a generate by avatar_id
             yield source, model
